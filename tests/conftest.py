@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random-initialised timm models and images (no network)."""
+
+from __future__ import annotations
+
+import os
+
+# Tests never touch the network: make the Hugging Face hub fail fast and offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+
+def make_vit(**kw):
+    torch.manual_seed(kw.pop("seed", 0))
+    args = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=48, depth=3, num_heads=3)
+    args.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+
+
+def make_swin(**kw):
+    torch.manual_seed(kw.pop("seed", 0))
+    args = dict(img_size=64, patch_size=4, window_size=4, num_classes=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4))
+    args.update(kw)
+    return timm.create_model("swin_tiny_patch4_window7_224", **args).eval()
+
+
+@pytest.fixture(scope="session")
+def vit():
+    return make_vit()
+
+
+@pytest.fixture(scope="session")
+def swin():
+    return make_swin()
+
+
+@pytest.fixture(scope="session")
+def deit_distilled():
+    torch.manual_seed(1)
+    return timm.create_model(
+        "deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, num_classes=5, embed_dim=48, depth=2, num_heads=3
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def vit_registers():
+    return make_vit(reg_tokens=2, seed=2)
+
+
+@pytest.fixture(scope="session")
+def vit_avg():
+    return make_vit(global_pool="avg", class_token=False, seed=3)
+
+
+def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, size, size, 3)).astype(np.float32)
+
+
+@pytest.fixture
+def images32():
+    return random_images(3, 32)
+
+
+@pytest.fixture
+def images64():
+    return random_images(2, 64)

@@ -1,0 +1,159 @@
+"""Tests of the shipped shapes models (vitlens.zoo) and their training script."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from timm.models.swin_transformer import PatchMerging, SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+
+from vitlens.datasets import CLASS_NAMES
+from vitlens.errors import ModelLoadError, OptionError, VitlensError
+from vitlens.zoo import ZOO_DIR, available, load_shipped
+from vitlens.zoo.train import EVAL_SEED, VAL_SEED, evaluate_shipped, main, train, train_seed
+
+NAMES = ["vit-shapes", "swin-shapes"]
+MAX_BYTES = 10 * 1024 * 1024
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def shipped(request):
+    return request.param, load_shipped(request.param)
+
+
+def test_available_lists_both_with_scores():
+    models = available()
+    assert set(NAMES) <= set(models)
+    for name in NAMES:
+        cfg = models[name]
+        for key in ("family", "timm_class", "kwargs", "class_names", "input_size", "mean", "std", "scores", "train"):
+            assert key in cfg, (name, key)
+        assert cfg["class_names"] == list(CLASS_NAMES)
+        assert cfg["input_size"] == [3, 64, 64]
+        assert 0.0 <= cfg["scores"]["one_object_top1"] <= 1.0
+        for key in ("seed", "steps", "wall_seconds", "command"):
+            assert key in cfg["train"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_file_sizes(name):
+    for suffix in (".safetensors", ".json"):
+        path = ZOO_DIR / f"{name}{suffix}"
+        assert path.is_file(), path
+        assert path.stat().st_size <= MAX_BYTES, path
+
+
+def test_loaded_model_metadata(shipped):
+    name, model = shipped
+    assert not model.training
+    assert model.vitlens_name == name
+    assert model.vitlens_class_names == list(CLASS_NAMES)
+    for cfg in (model.pretrained_cfg, model.default_cfg):
+        assert cfg["input_size"] == (3, 64, 64)
+        assert cfg["interpolation"] == "bilinear" and cfg["crop_pct"] == 1.0
+        assert cfg["num_classes"] == 8 and len(cfg["mean"]) == 3 and len(cfg["std"]) == 3
+    # timm's own data config resolves to the shipped normalisation
+    from timm.data import resolve_data_config
+
+    data_cfg = resolve_data_config({}, model=model)
+    assert data_cfg["input_size"] == (3, 64, 64)
+    assert tuple(data_cfg["mean"]) == tuple(model.pretrained_cfg["mean"])
+    assert data_cfg["crop_pct"] == 1.0 and data_cfg["interpolation"] == "bilinear"
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 8)
+
+
+def test_vit_architecture():
+    model = load_shipped("vit-shapes")
+    assert type(model) is VisionTransformer
+    grid = model.patch_embed.grid_size
+    assert grid[0] >= 8 and grid[1] >= 8
+    assert model.cls_token is not None and model.num_prefix_tokens == 1
+    assert len(model.blocks) >= 6
+    assert all(block.attn.num_heads >= 4 for block in model.blocks)
+    assert model.global_pool == "token"
+    assert isinstance(model.patch_embed.proj, torch.nn.Conv2d)  # plain linear patch embedding
+
+
+def test_swin_architecture():
+    model = load_shipped("swin-shapes")
+    assert type(model) is SwinTransformer
+    assert len(model.layers) >= 2
+    merges = [stage.downsample for stage in model.layers[1:]]
+    assert all(isinstance(m, PatchMerging) for m in merges)
+    for stage in model.layers:
+        res = stage.blocks[0].input_resolution
+        shifts = [block.shift_size for block in stage.blocks]
+        assert any(max(s) > 0 for s in shifts), f"no shifted window in stage at {res}"
+        for block in stage.blocks:
+            assert block.window_size[0] < res[0] and block.window_size[1] < res[1]
+
+
+def test_unknown_name_lists_available():
+    with pytest.raises(ModelLoadError) as info:
+        load_shipped("vit-circles")
+    assert isinstance(info.value, VitlensError)
+    assert "vit-shapes" in str(info.value) and "swin-shapes" in str(info.value)
+
+
+def test_seeds_are_disjoint():
+    seeds = {train_seed(s, c) for s in range(3) for c in range(2000)}
+    assert not seeds & {EVAL_SEED, EVAL_SEED + 1, VAL_SEED, VAL_SEED + 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_held_out_targets(name):
+    """>= 95 % one-object top-1, >= 90 % two-object both-in-top-2 on fresh images."""
+    model = load_shipped(name)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    scores = evaluate_shipped(model, n=400, seed=EVAL_SEED)
+    assert scores["one_object_top1"] >= 0.95, scores
+    assert scores["two_object_both_in_top2"] >= 0.90, scores
+    # the shipped json records matching held-out numbers
+    cfg = available()[name]["scores"]
+    assert cfg["one_object_top1"] >= 0.95 and cfg["two_object_both_in_top2"] >= 0.90
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_tiny_run_writes_loadable_files(name, tmp_path):
+    info = train(name, steps=3, batch_size=8, chunk_size=16, val_every=2, val_n=8, eval_n=8,
+                 out_dir=tmp_path, progress=False)
+    assert info["train"]["steps"] == 3 and len(info["train"]["curve"]) == 2
+    assert (tmp_path / f"{name}.safetensors").is_file()
+    cfg = json.loads((tmp_path / f"{name}.json").read_text())
+    assert set(cfg["scores"]) >= {"one_object_top1", "two_object_both_in_top2"}
+    model = load_shipped(name, directory=tmp_path)
+    assert type(model).__name__ == ("VisionTransformer" if name == "vit-shapes" else "SwinTransformer")
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 8)
+    # the shipped files are untouched
+    assert (ZOO_DIR / f"{name}.safetensors").is_file()
+
+
+def test_train_is_reproducible(tmp_path):
+    kw = dict(steps=2, batch_size=4, chunk_size=8, val_every=5, val_n=4, eval_n=4, progress=False)
+    a = train("swin-shapes", out_dir=tmp_path / "a", **kw)
+    b = train("swin-shapes", out_dir=tmp_path / "b", **kw)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "a" / "swin-shapes.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "swin-shapes.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["scores"] == b["scores"]
+
+
+def test_cli_and_bad_options(tmp_path, capsys):
+    assert main(["--model", "vit-shapes", "--steps", "2", "--batch-size", "4", "--eval-n", "4",
+                 "--val-every", "5", "--out", str(tmp_path), "--quiet"]) == 0
+    assert (tmp_path / "vit-shapes.json").is_file()
+    cfg = json.loads((tmp_path / "vit-shapes.json").read_text())
+    assert cfg["train"]["command"].startswith("python -m vitlens.zoo.train --model vit-shapes")
+    with pytest.raises(SystemExit):
+        main(["--model", "resnet"])
+    with pytest.raises(OptionError):
+        train("resnet", steps=1)
+    with pytest.raises(OptionError):
+        evaluate_shipped(load_shipped("vit-shapes"), n=0)

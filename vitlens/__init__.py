@@ -1,0 +1,56 @@
+"""vitlens — open Vision Transformers up inside Jupyter.
+
+Capture a timm ViT, DeiT or Swin model's internals into labeled xarray data,
+compute explanation maps from that one capture, and explore them live.
+
+Examples
+--------
+>>> import vitlens as vl
+>>> vl.METHODS[:2]
+('attention', 'rollout')
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import datasets, models
+from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
+from .errors import (
+    CaptureFormatError,
+    ImageError,
+    ModelLoadError,
+    OptionError,
+    TargetError,
+    UnsupportedModelError,
+    VitlensError,
+)
+from .models import load_model
+
+METHODS: tuple[str, ...] = (
+    "attention",
+    "rollout",
+    "gradcam",
+    "transformer_attribution",
+    "generic_attention",
+    "lnstat",
+    "tokentm",
+)
+
+__all__ = [
+    "KEEP_GROUPS",
+    "METHODS",
+    "CaptureFormatError",
+    "ImageError",
+    "ModelLoadError",
+    "OptionError",
+    "TargetError",
+    "UnsupportedModelError",
+    "VitlensError",
+    "capture",
+    "datasets",
+    "load_model",
+    "models",
+    "open",
+    "save",
+]

@@ -1,0 +1,405 @@
+"""``vl.capture``: run the model once, keep everything labeled."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from ..errors import ImageError, OptionError, TargetError
+from ..models import adapter_for
+from ..models.adapter import Adapter, StageInfo
+from .hooks import Recorder
+from .images import prepare
+from .windows import window_tokens
+
+#: What ``capture(keep=...)`` can store. ``"all"`` (default) stores everything.
+KEEP_GROUPS = ("attention", "attention_grad", "attention_relevance", "ln", "norms", "features")
+
+_TOKEN_VARS = (
+    "token_norm",
+    "attn_value_norm",
+    "attn_value_cos",
+    "attn_out_norm",
+    "mlp_in_norm",
+    "mlp_out_norm",
+    "mlp_cos",
+    "block_out_norm",
+)
+
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _resolve_keep(keep: str | Iterable[str], grads: bool) -> set[str]:
+    if isinstance(keep, str):
+        keep = KEEP_GROUPS if keep == "all" else (keep,)
+    chosen = set(keep)
+    unknown = chosen - set(KEEP_GROUPS)
+    if unknown:
+        raise OptionError(f"keep= got {sorted(unknown)}; choose from {list(KEEP_GROUPS)} or 'all'.")
+    if not chosen:
+        raise OptionError(f"keep= is empty; choose from {list(KEEP_GROUPS)} or 'all'.")
+    if not grads:
+        chosen -= {"attention_grad", "attention_relevance"}
+    return chosen
+
+
+def class_names(model: nn.Module, num_classes: int) -> list[str]:
+    """Human-readable class names: shipped models carry them; ImageNet models via timm."""
+    names = getattr(model, "vitlens_class_names", None)
+    if names is not None and len(names) == num_classes:
+        return [str(n) for n in names]
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if subset:
+            info = ImageNetInfo(subset)
+            if info.num_classes() == num_classes:
+                return [info.index_to_description(i) for i in range(num_classes)]
+    except Exception:  # class names are a nicety; never fail a capture over them
+        pass
+    return [str(i) for i in range(num_classes)]
+
+
+def _resolve_target(target: Any, n: int, names: Sequence[str]) -> np.ndarray | None:
+    if target is None:
+        return None
+    if isinstance(target, (str, int, np.integer)):
+        target = [target] * n
+    values = list(np.asarray(target, dtype=object).ravel()) if not isinstance(target, list) else target
+    if len(values) != n:
+        raise TargetError(f"got {len(values)} targets for {n} images; pass one int per image, one int, or None.")
+    out = []
+    for v in values:
+        if isinstance(v, str):
+            if v not in names:
+                raise TargetError(f"unknown class name {v!r}; the model's classes are {list(names)[:10]}...")
+            out.append(list(names).index(v))
+            continue
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise TargetError(f"targets must be class indices (int) or names; got {v!r}.")
+        if not 0 <= int(v) < len(names):
+            raise TargetError(f"target {int(v)} is out of range: the model has {len(names)} classes (0..{len(names) - 1}).")
+        out.append(int(v))
+    return np.asarray(out, dtype=np.int64)
+
+
+def _attention_array(stage: StageInfo, t: torch.Tensor, batch: int) -> np.ndarray:
+    """(B[·nW], H, Q, K) → (B, H, Q, K) or (B, H, nW, Q, K) float32 numpy."""
+    a = t.detach().float()
+    if stage.window is not None:
+        nw = a.shape[0] // batch
+        a = a.reshape(batch, nw, *a.shape[1:]).transpose(1, 2)
+    return a.cpu().numpy()
+
+
+def _model_name(model: nn.Module) -> str:
+    name = getattr(model, "vitlens_name", None)
+    if name:
+        return str(name)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
+def capture(
+    model: nn.Module,
+    images: Any,
+    target: int | str | Sequence[int | str] | None = None,
+    *,
+    grads: bool = True,
+    keep: str | Iterable[str] = "all",
+    dtype: str = "float32",
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> xr.DataTree:
+    """Run ``model`` once on ``images`` and record its internals into a labeled DataTree.
+
+    One forward and one backward pass (of the target logit, per image) record
+    everything the seven explanation methods need; methods, metrics and widgets
+    then work on the returned tree without running the model again.
+
+    Parameters
+    ----------
+    model
+        A timm ViT / DeiT / Swin model (see :func:`vitlens.load_model`).
+    images
+        A path or list of paths, PIL image(s), arrays ``(H, W, 3)`` or
+        ``(sample, H, W, 3)`` in [0, 1] or uint8 (xarray too), or a ready,
+        normalised tensor ``(B, 3, H, W)``. Arrays at the model's input size are
+        only normalised; others go through timm's eval transform for the model.
+    target
+        Class to explain: ``None`` (each image's predicted class), one int or
+        class name for all images, or one per image.
+    grads
+        Run the backward pass (needed by gradient-based methods and LRP).
+    keep
+        ``"all"`` or a subset of :data:`KEEP_GROUPS` to bound storage.
+    dtype
+        ``"float32"`` or ``"float16"`` for the stored floating-point arrays.
+    batch_size
+        Images per forward pass (default: 32).
+    device
+        Where to run (default: where the model's parameters are).
+    progress
+        Show a progress bar (default: when there is more than one batch).
+
+    Returns
+    -------
+    xarray.DataTree
+        Root: ``image``, ``logits``, ``target``; one child per stage
+        (``stage0``…) with ``attention``, ``attention_grad``, ``ln_mean``,
+        ``ln_std``, token norms and value-path quantities, labeled by
+        ``layer``, ``head``, ``token`` (with ``row``, ``col``, ``kind``).
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)))
+    >>> cap["stage0"].attention.dims
+    ('sample', 'layer', 'head', 'query', 'key')
+    """
+    adapter = adapter_for(model)
+    kept = _resolve_keep(keep, grads)
+    if dtype not in _DTYPES:
+        raise OptionError(f"dtype={dtype!r}; choose 'float32' or 'float16'.")
+    if batch_size is None:
+        batch_size = 32
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
+
+    batch = prepare(images, adapter)
+    n = batch.pixels.shape[0]
+    num_classes = adapter.num_classes
+    names = class_names(model, num_classes)
+    targets = _resolve_target(target, n, names)
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+
+    relevance = "attention_relevance" in kept
+    stores: dict[str, list[np.ndarray]] = defaultdict(list)
+    starts = range(0, n, int(batch_size))
+    if progress is None:
+        progress = len(starts) > 1
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="capture", unit="batch")
+
+    with Recorder(adapter, keep_block_inputs=relevance) as rec:
+        for start in starts:
+            rec.reset()
+            x = batch.pixels[start : start + batch_size].to(device)
+            _run_batch(adapter, rec, x, targets, start, kept, grads, relevance, stores)
+
+    return _assemble(adapter, model, batch, stores, names, kept, dtype, grads)
+
+
+def _run_batch(
+    adapter: Adapter,
+    rec: Recorder,
+    x: torch.Tensor,
+    targets: np.ndarray | None,
+    start: int,
+    kept: set[str],
+    grads: bool,
+    relevance: bool,
+    stores: dict[str, list[np.ndarray]],
+) -> None:
+    b = x.shape[0]
+    grad_ctx = torch.enable_grad() if grads else torch.no_grad()
+    with torch.inference_mode(False), grad_ctx:
+        if grads:
+            x = x.clone().requires_grad_(True)  # a graph exists even for frozen models
+        logits = adapter.model(x)
+        if logits.ndim != 2 or logits.shape[0] != b:
+            raise ImageError(f"the model returned logits of shape {tuple(logits.shape)}; expected ({b}, classes).")
+        if targets is None:
+            tgt = logits.detach().argmax(-1)
+        else:
+            tgt = torch.as_tensor(targets[start : start + b], device=logits.device)
+        layers = list(range(len(adapter.blocks)))
+        attn = [rec.attention[l] for l in layers]
+        if grads:
+            y = logits.gather(1, tgt[:, None]).sum()  # sum over images: each keeps its own gradient
+            outs = torch.autograd.grad(y, attn + [rec.features], allow_unused=True)
+            attn_grads, feat_grad = list(outs[:-1]), outs[-1]
+
+    stores["logits"].append(logits.detach().float().cpu().numpy())
+    stores["target"].append(tgt.cpu().numpy().astype(np.int64))
+    if relevance:
+        from .relevance import attention_relevance
+
+        rel = attention_relevance(adapter, rec, tgt)
+    for stage in adapter.stages:
+        key = stage.name
+        if "attention" in kept:
+            stores[f"{key}/attention"].append(np.stack([_attention_array(stage, attn[l], b) for l in stage.layers], 1))
+        if grads and "attention_grad" in kept:
+            stores[f"{key}/attention_grad"].append(
+                np.stack([_attention_array(stage, attn_grads[l], b) for l in stage.layers], 1)
+            )
+        if relevance:
+            stores[f"{key}/attention_relevance"].append(
+                np.stack([_attention_array(stage, rel[l], b) for l in stage.layers], 1)
+            )
+        recs = [rec.records[l] for l in stage.layers]
+        if "ln" in kept:
+            for stat in ("mean", "std"):
+                per_layer = [torch.stack([r[f"ln1_{stat}"], r[f"ln2_{stat}"]], 1) for r in recs]
+                stores[f"{key}/ln_{stat}"].append(torch.stack(per_layer, 1).cpu().numpy())
+        if "norms" in kept:
+            for var in _TOKEN_VARS:
+                stores[f"{key}/{var}"].append(torch.stack([r[var] for r in recs], 1).cpu().numpy())
+    if "features" in kept:
+        last = adapter.stages[-1].name
+        stores[f"{last}/features"].append(adapter.tokens(rec.features).detach().float().cpu().numpy())
+        if grads and feat_grad is not None:
+            stores[f"{last}/features_grad"].append(adapter.tokens(feat_grad).detach().float().cpu().numpy())
+
+
+_DIMS = {
+    "attention": ("sample", "layer", "head", "query", "key"),
+    "ln_mean": ("sample", "layer", "norm", "token"),
+    "ln_std": ("sample", "layer", "norm", "token"),
+    "features": ("sample", "token", "feature"),
+    "features_grad": ("sample", "token", "feature"),
+}
+
+
+def _dims(var: str, windowed: bool) -> tuple[str, ...]:
+    if var.startswith("attention"):
+        d = _DIMS["attention"]
+        return d[:3] + ("window",) + d[3:] if windowed else d
+    return _DIMS.get(var, ("sample", "layer", "token"))
+
+
+def _assemble(
+    adapter: Adapter,
+    model: nn.Module,
+    batch: Any,
+    stores: dict[str, list[np.ndarray]],
+    names: list[str],
+    kept: set[str],
+    dtype: str,
+    grads: bool,
+) -> xr.DataTree:
+    np_dtype = _DTYPES[dtype]
+    n = batch.display.shape[0]
+    h, w = adapter.input_size
+    options = {"grads": grads, "keep": sorted(kept), "dtype": dtype}
+    root = xr.Dataset(
+        {
+            "image": (("sample", "y", "x", "channel"), batch.display.astype(np_dtype)),
+            "logits": (("sample", "class"), np.concatenate(stores["logits"]).astype(np.float32)),
+            "target": ("sample", np.concatenate(stores["target"])),
+        },
+        coords={
+            "sample": np.arange(n),
+            "y": np.arange(h),
+            "x": np.arange(w),
+            "channel": ["r", "g", "b"],
+            "class": np.arange(len(names)),
+            "class_name": ("class", np.array(names, dtype=str)),
+        },
+        attrs={
+            "model": _model_name(model),
+            **adapter.describe(),
+            "num_prefix_tokens": adapter.stages[0].num_prefix,
+            "class_names": list(names),
+            "mean": list(batch.mean),
+            "std": list(batch.std),
+            "vitlens_version": _version(),
+            "options": json.dumps(options, sort_keys=True),
+        },
+    )
+    root["image"].attrs["description"] = "model input shown as an RGB picture in [0, 1] (after resize/crop)"
+    root["logits"].attrs["description"] = "pre-softmax class scores"
+    root["target"].attrs["description"] = "class explained for each image (gradients and LRP are of this logit)"
+
+    tree: dict[str, xr.Dataset] = {"/": root}
+    for stage in adapter.stages:
+        windowed = stage.window is not None
+        data_vars = {}
+        for key, parts in stores.items():
+            prefix, _, var = key.partition("/")
+            if prefix != stage.name:
+                continue
+            arr = np.concatenate(parts)
+            if arr.dtype.kind == "f":
+                arr = arr.astype(np_dtype)
+            data_vars[var] = (_dims(var, windowed), arr)
+        coords: dict[str, Any] = {
+            "layer": np.asarray(stage.layers, dtype=np.int64),
+            "head": np.arange(stage.num_heads),
+            "token": np.arange(stage.num_tokens),
+            "norm": ["norm1", "norm2"],
+            **stage.token_coords(),
+        }
+        attrs: dict[str, Any] = {
+            "stage": stage.index,
+            "grid": list(stage.grid),
+            "stride": list(stage.stride),
+            "num_heads": stage.num_heads,
+            "num_prefix_tokens": stage.num_prefix,
+        }
+        if windowed:
+            assert stage.window is not None
+            size = stage.window[0] * stage.window[1]
+            coords["query"] = np.arange(size)
+            coords["key"] = np.arange(size)
+            wt = np.stack([window_tokens(stage.grid, stage.window, s) for s in stage.shifts])
+            coords["window"] = np.arange(wt.shape[1])
+            data_vars["window_token"] = (("layer", "window", "query"), wt.astype(np.int64))
+            attrs["window_size"] = list(stage.window)
+            attrs["shift_size"] = [list(s) for s in stage.shifts]
+        else:
+            coords["query"] = np.arange(stage.num_tokens)
+            coords["key"] = np.arange(stage.num_tokens)
+        ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+        _describe_stage(ds)
+        tree[stage.name] = ds
+    return xr.DataTree.from_dict(tree)
+
+
+_DESCRIPTIONS = {
+    "attention": "post-softmax attention probabilities (rows: queries, sum to 1)",
+    "attention_grad": "gradient of the target logit w.r.t. the attention probabilities",
+    "attention_relevance": "LRP relevance (Chefer et al. 2021 rules) arriving at the attention probabilities",
+    "ln_mean": "per-token mean over channels of the input of the block's LayerNorms",
+    "ln_std": "per-token standard deviation (biased, no eps) of the input of the block's LayerNorms",
+    "token_norm": "L2 norm of each token entering the block",
+    "attn_value_norm": "L2 norm of the token's value path W_O·v (no bias, no attention mixing)",
+    "attn_value_cos": "cosine between the token's value path and the token entering the block",
+    "attn_out_norm": "L2 norm of the attention branch output added to the residual stream",
+    "mlp_in_norm": "L2 norm of the token entering the MLP branch (before norm2)",
+    "mlp_out_norm": "L2 norm of the MLP branch output",
+    "mlp_cos": "cosine between the MLP output and the token entering the MLP branch",
+    "block_out_norm": "L2 norm of each token leaving the block",
+    "features": "output of the model's final norm, one vector per token",
+    "features_grad": "gradient of the target logit w.r.t. the final norm's output",
+    "window_token": "stage token index of each window position (after the cyclic shift)",
+}
+
+
+def _describe_stage(ds: xr.Dataset) -> None:
+    for name, text in _DESCRIPTIONS.items():
+        if name in ds:
+            ds[name].attrs["description"] = text

@@ -1,0 +1,193 @@
+"""Turn whatever the user holds into a model-ready batch.
+
+Arrays and images already at the model's input size are only normalised (so maps
+align with their pixels); anything else goes through timm's own eval transform
+for the model (``resolve_data_config`` / ``create_transform``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ImageError
+from ..models.adapter import Adapter
+
+
+@dataclass
+class Batch:
+    """Normalised model input and the [0, 1] picture it shows."""
+
+    pixels: torch.Tensor  # (B, 3, H, W), normalised with mean/std
+    display: np.ndarray  # (B, H, W, 3) float32 in [0, 1]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def data_config(adapter: Adapter) -> dict[str, Any]:
+    """timm's data config with the model's *real* input size (not the pretrained one)."""
+    from timm.data import resolve_data_config
+
+    h, w = adapter.input_size
+    return resolve_data_config({"input_size": (3, h, w)}, model=adapter.model)
+
+
+def _as_rgb_float(array: np.ndarray, where: str) -> np.ndarray:
+    """(H, W[, C]) array → (H, W, 3) float32 in [0, 1]; checks values."""
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ImageError(
+            f"{where}: expected an image of shape (H, W, 3) (or (H, W), (H, W, 1), (H, W, 4)); "
+            f"got shape {array.shape}. Channels go last."
+        )
+    if array.dtype == np.bool_:
+        raise ImageError(f"{where}: boolean arrays are masks, not images.")
+    if np.issubdtype(array.dtype, np.integer):
+        if array.min() < 0 or array.max() > 255:
+            raise ImageError(f"{where}: integer images must hold values 0..255.")
+        out = array.astype(np.float32) / 255.0
+    elif np.issubdtype(array.dtype, np.floating):
+        out = array.astype(np.float32)
+        if not np.isfinite(out).all():
+            raise ImageError(f"{where}: the image contains NaN or infinite pixels.")
+        lo, hi = float(out.min()), float(out.max())
+        if lo < -1e-4 or hi > 1 + 1e-4:
+            raise ImageError(
+                f"{where}: float images must lie in [0, 1]; got values in [{lo:.3g}, {hi:.3g}]. "
+                "Divide uint8 pictures by 255 (or pass them as uint8)."
+            )
+        out = np.clip(out, 0.0, 1.0)
+    else:
+        raise ImageError(f"{where}: unsupported pixel type {array.dtype}.")
+    if out.shape[-1] == 1:
+        out = np.repeat(out, 3, axis=-1)
+    elif out.shape[-1] == 4:
+        out = out[..., :3]  # drop alpha, as PIL's convert("RGB") does
+    return out
+
+
+def _open(path: str | os.PathLike) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ImageError(f"{str(p)!r}: no such image file.")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageError(f"{str(p)!r} is not a readable image ({exc}).") from exc
+
+
+def _split(images: Any) -> list[Any]:
+    """A list of single images (paths, PIL images, (H, W, C) arrays)."""
+    import xarray as xr
+
+    if isinstance(images, xr.DataArray):
+        dims = images.dims
+        if "sample" in dims or images.ndim == 4:
+            order = [d for d in ("sample", "y", "x", "channel") if d in dims]
+            arr = images.transpose(*order).values if len(order) == images.ndim else images.values
+            return list(arr)
+        return [images.values]
+    if isinstance(images, xr.Dataset):
+        if "image" not in images:
+            raise ImageError("a Dataset of images needs an 'image' variable (sample, y, x, channel).")
+        return _split(images["image"])
+    if isinstance(images, (str, os.PathLike)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4:
+            return list(images)
+        return [images]
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    try:
+        from PIL import Image
+
+        if isinstance(images, Image.Image):
+            return [images]
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        pass
+    raise ImageError(
+        f"cannot read images from a {type(images).__name__}; pass a path, a list of paths, "
+        "PIL images, arrays (H, W, 3) / (sample, H, W, 3) in [0, 1] or uint8, or a tensor."
+    )
+
+
+def prepare(images: Any, adapter: Adapter) -> Batch:
+    """Model-ready batch for ``images`` (see :func:`vitlens.capture`)."""
+    cfg = data_config(adapter)
+    mean = tuple(float(m) for m in cfg["mean"])
+    std = tuple(float(s) for s in cfg["std"])
+    h, w = adapter.input_size
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+
+    if isinstance(images, torch.Tensor):
+        x = images.detach()
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ImageError(
+                f"a tensor is taken as a ready, normalised batch (B, 3, {h}, {w}); got shape "
+                f"{tuple(images.shape)}."
+            )
+        if x.shape[0] == 0:
+            raise ImageError("empty batch: pass at least one image.")
+        if tuple(x.shape[-2:]) != (h, w):
+            raise ImageError(
+                f"this model takes {h}×{w} inputs; the tensor is {x.shape[-2]}×{x.shape[-1]}. "
+                "Resize it, or pass the picture as an array or PIL image so vitlens applies "
+                "the model's own transform."
+            )
+        x = x.float().cpu()
+        if not torch.isfinite(x).all():
+            raise ImageError("the input tensor contains NaN or infinite values.")
+        display = (x * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        return Batch(x, np.ascontiguousarray(display, dtype=np.float32), mean, std)
+
+    items = _split(images)
+    if not items:
+        raise ImageError("empty batch: pass at least one image.")
+    transform = None
+    pixels, displays = [], []
+    for i, item in enumerate(items):
+        where = f"image {i}"
+        if isinstance(item, (str, os.PathLike)):
+            where = f"image {i} ({item})"
+            item = _open(item)
+        if isinstance(item, torch.Tensor):
+            item = item.detach().cpu().numpy()
+        if not isinstance(item, np.ndarray):
+            from PIL import Image
+
+            if not isinstance(item, Image.Image):
+                raise ImageError(f"{where}: cannot read a {type(item).__name__} as an image.")
+            item = np.asarray(item.convert("RGB"))
+        rgb = _as_rgb_float(np.asarray(item), where)
+        if rgb.shape[:2] == (h, w):
+            t = (torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0) - mean_t) / std_t
+            pixels.append(t)
+            displays.append(rgb[None])
+            continue
+        else:
+            if transform is None:
+                from timm.data import create_transform
+
+                transform = create_transform(**cfg, is_training=False)
+            from PIL import Image
+
+            pil = Image.fromarray(np.round(rgb * 255).astype(np.uint8))
+            t = transform(pil).unsqueeze(0).float()
+        pixels.append(t)
+        displays.append((t * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+    x = torch.cat(pixels)
+    return Batch(x, np.ascontiguousarray(np.concatenate(displays), dtype=np.float32), mean, std)

@@ -1,0 +1,46 @@
+"""Exceptions raised by vitlens.
+
+Every error vitlens raises on purpose is a :class:`VitlensError`, so that a
+notebook can catch them all with one ``except`` and so that each message can say
+what went wrong *and* what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "VitlensError",
+    "UnsupportedModelError",
+    "ImageError",
+    "TargetError",
+    "CaptureFormatError",
+    "ModelLoadError",
+    "OptionError",
+]
+
+
+class VitlensError(Exception):
+    """Base class of every error vitlens raises deliberately."""
+
+
+class UnsupportedModelError(VitlensError, TypeError):
+    """The model is not a Vision Transformer family vitlens can explain."""
+
+
+class ImageError(VitlensError, ValueError):
+    """Images cannot be read or do not fit the model (size, values, layout)."""
+
+
+class TargetError(VitlensError, ValueError):
+    """The class(es) to explain are missing, out of range or of the wrong count."""
+
+
+class CaptureFormatError(VitlensError, ValueError):
+    """A stored file or object is not a vitlens capture (or lacks what is needed)."""
+
+
+class ModelLoadError(VitlensError, RuntimeError):
+    """A model or its weights could not be loaded."""
+
+
+class OptionError(VitlensError, ValueError):
+    """An option has a value vitlens does not know (method name, variant, selection)."""

@@ -1,0 +1,76 @@
+"""LRP rules of Chefer, Gur & Wolf (CVPR 2021), as pure tensor functions.
+
+These are the rules METHODS.md lists for ``transformer_attribution``; the walk
+over a model that applies them lives in :mod:`vitlens.capture.relevance`. Every
+rule conserves relevance: what enters a rule sums (per image) to what leaves it,
+up to the safe-division leak where a denominator is exactly zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-9
+
+
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` with ``|den|`` clamped to at least 1e-9 and 0 where ``den == 0``."""
+    clamped = torch.where(den.abs() < EPS, torch.full_like(den, EPS) * torch.where(den < 0, -1.0, 1.0), den)
+    return num / clamped * (den != 0)
+
+
+def linear_alphabeta(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """αβ rule with α=1, β=0 for ``y = x Wᵀ (+ b)``; the bias takes no relevance.
+
+    ``Z = W⁺x⁺ + W⁻x⁻``; ``R_in = x⁺⊙W⁺ᵀ(R/Z) + x⁻⊙W⁻ᵀ(R/Z)``.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[1.0, -2.0]])
+    >>> w = torch.tensor([[1.0, 1.0], [2.0, -1.0], [-1.0, 0.5]])
+    >>> linear_alphabeta(x, w, torch.tensor([[1.0, 1.0, 1.0]]))
+    tensor([[1.5000, 0.5000]])
+    """
+    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    z = xp @ wp.T + xn @ wn.T
+    s = safe_div(relevance, z)
+    return xp * (s @ wp) + xn * (s @ wn)
+
+
+def matmul_lrp0(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor, z: torch.Tensor | None = None):
+    """LRP-0 for the bilinear ``Z = a @ b``, each operand's share halved.
+
+    ``z`` may be given when the product feeds an addition of constants (Swin's
+    relative-position bias and shift mask): the relevance those constants would
+    take is then dropped (a documented leak).
+    Returns ``(R_a, R_b)``.
+    """
+    s = safe_div(relevance, a @ b if z is None else z)
+    r_a = a * (s @ b.transpose(-2, -1))
+    r_b = b * (a.transpose(-2, -1) @ s)
+    return r_a / 2, r_b / 2
+
+
+def _per_image_sum(r: torch.Tensor) -> torch.Tensor:
+    return r.reshape(r.shape[0], -1).sum(1).reshape(-1, *([1] * (r.ndim - 1)))
+
+
+def residual_add(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relevance of ``out = a + b``: LRP-0 shares, rescaled per image.
+
+    Each branch keeps its share of ``|Σ|`` and together they conserve the
+    incoming total of *each image* (images of a batch never mix).
+    """
+    s = safe_div(relevance, a + b)
+    r_a, r_b = a * s, b * s
+    sa, sb, total = _per_image_sum(r_a), _per_image_sum(r_b), _per_image_sum(relevance)
+    frac_a = safe_div(sa.abs(), sa.abs() + sb.abs())
+    frac_b = safe_div(sb.abs(), sa.abs() + sb.abs())
+    return r_a * safe_div(frac_a * total, sa), r_b * safe_div(frac_b * total, sb)
+
+
+def mean_lrp0(x: torch.Tensor, relevance: torch.Tensor, dim: int) -> torch.Tensor:
+    """LRP-0 through a mean over ``dim`` (global average pooling)."""
+    z = x.mean(dim, keepdim=True)
+    return (x / x.shape[dim]) * safe_div(relevance.unsqueeze(dim), z)

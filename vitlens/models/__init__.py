@@ -1,0 +1,23 @@
+"""Model loading and the adapters that give capture one surface over ViT and Swin."""
+
+from __future__ import annotations
+
+from .adapter import Adapter, StageInfo
+from .loading import adapter_for, load_model
+
+
+def available() -> dict[str, dict]:
+    """Shipped models by name, with their configuration and held-out scores.
+
+    Examples
+    --------
+    >>> import vitlens as vl
+    >>> sorted(vl.models.available())
+    ['swin-shapes', 'vit-shapes']
+    """
+    from .. import zoo
+
+    return zoo.available()
+
+
+__all__ = ["Adapter", "StageInfo", "adapter_for", "available", "load_model"]

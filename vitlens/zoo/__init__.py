@@ -1,0 +1,231 @@
+"""Small Vision Transformers trained on :func:`vitlens.datasets.shapes`, shipped offline.
+
+Each model is a plain timm class (``VisionTransformer`` or ``SwinTransformer``)
+stored as ``<name>.safetensors`` (state dict) beside ``<name>.json`` (constructor
+kwargs, class names, normalisation, held-out scores and how it was trained).
+:mod:`vitlens.zoo.train` rebuilds them.
+
+Examples
+--------
+>>> from vitlens.zoo import available, load_shipped
+>>> sorted(available())
+['swin-shapes', 'vit-shapes']
+>>> model = load_shipped("vit-shapes")
+>>> model.vitlens_class_names[:2], model.pretrained_cfg["input_size"]
+(['disk', 'ring'], (3, 64, 64))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitlens.errors import ModelLoadError
+
+__all__ = ["ZOO_DIR", "TIMM_CLASSES", "available", "load_shipped", "build_from_config", "data_config"]
+
+#: Folder holding the shipped ``.safetensors`` / ``.json`` pairs.
+ZOO_DIR = Path(__file__).resolve().parent
+
+#: The only classes a zoo json may name (nothing else is imported from a json).
+TIMM_CLASSES: dict[str, tuple[str, str]] = {
+    "timm.models.vision_transformer.VisionTransformer": ("timm.models.vision_transformer", "VisionTransformer"),
+    "timm.models.swin_transformer.SwinTransformer": ("timm.models.swin_transformer", "SwinTransformer"),
+}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(
+            f"cannot read the zoo config {path}: {exc}. Reinstall vitlens or retrain the "
+            f"model with `vitlens train-zoo --model {path.stem} --out {path.parent}`."
+        ) from exc
+
+
+def available(directory: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Shipped model names and their configs.
+
+    Parameters
+    ----------
+    directory : str or Path, optional
+        Folder to look in; defaults to the package folder :data:`ZOO_DIR`.
+
+    Returns
+    -------
+    dict of str to dict
+        ``{name: config}`` for every ``<name>.json`` with a ``<name>.safetensors``
+        beside it.  ``config["scores"]`` holds the held-out accuracies.
+
+    Examples
+    --------
+    >>> from vitlens.zoo import available
+    >>> available()["vit-shapes"]["family"]
+    'vit'
+    """
+    folder = Path(directory) if directory is not None else ZOO_DIR
+    found: dict[str, dict[str, Any]] = {}
+    for cfg_path in sorted(folder.glob("*.json")):
+        if cfg_path.with_suffix(".safetensors").is_file():
+            found[cfg_path.stem] = _read_json(cfg_path)
+    return found
+
+
+def data_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The timm ``pretrained_cfg`` a zoo model carries (what timm's transforms read).
+
+    Parameters
+    ----------
+    config : dict
+        A zoo json (see :func:`available`).
+
+    Returns
+    -------
+    dict
+        ``input_size``, ``mean``, ``std``, ``interpolation="bilinear"``,
+        ``crop_pct=1.0``, ``num_classes`` and related keys.
+
+    Examples
+    --------
+    >>> from vitlens.zoo import available, data_config
+    >>> data_config(available()["swin-shapes"])["crop_pct"]
+    1.0
+    """
+    family = config.get("family")
+    names = list(config["class_names"])
+    return {
+        "architecture": config.get("name"),
+        "input_size": tuple(int(v) for v in config["input_size"]),
+        "fixed_input_size": True,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": tuple(float(v) for v in config["mean"]),
+        "std": tuple(float(v) for v in config["std"]),
+        "num_classes": len(names),
+        "label_names": tuple(names),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head.fc" if family == "swin" else "head",
+        "license": "mit",
+        "description": "vitlens shapes model (see vitlens/zoo/TRAINING.md)",
+    }
+
+
+def build_from_config(config: dict[str, Any]) -> torch.nn.Module:
+    """Construct the (untrained) timm model a zoo json describes.
+
+    Parameters
+    ----------
+    config : dict
+        Must hold ``timm_class`` (one of :data:`TIMM_CLASSES`) and ``kwargs``.
+
+    Returns
+    -------
+    torch.nn.Module
+        A freshly initialised model, with ``pretrained_cfg``/``default_cfg`` and
+        ``vitlens_class_names`` attached.
+
+    Examples
+    --------
+    >>> from vitlens.zoo import available, build_from_config
+    >>> type(build_from_config(available()["vit-shapes"])).__name__
+    'VisionTransformer'
+    """
+    import importlib
+
+    cls_name = config.get("timm_class")
+    if cls_name not in TIMM_CLASSES:
+        raise ModelLoadError(
+            f"zoo config names timm_class={cls_name!r}; only {sorted(TIMM_CLASSES)} can be "
+            f"built. Fix the json or retrain with `vitlens train-zoo`."
+        )
+    module_name, attr = TIMM_CLASSES[cls_name]
+    cls = getattr(importlib.import_module(module_name), attr)
+    kwargs = dict(config.get("kwargs", {}))
+    for key in ("depths", "num_heads"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    try:
+        model = cls(**kwargs)
+    except TypeError as exc:
+        raise ModelLoadError(
+            f"timm's {attr} rejected the stored kwargs ({exc}); the installed timm "
+            f"version may be too old or new. Retrain with `vitlens train-zoo`."
+        ) from exc
+    cfg = data_config(config)
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg
+    model.vitlens_class_names = list(config["class_names"])
+    model.vitlens_name = config.get("name")
+    return model
+
+
+def load_shipped(name: str, *, directory: str | Path | None = None) -> torch.nn.Module:
+    """Load a shipped, trained shapes model (offline), in eval mode.
+
+    Parameters
+    ----------
+    name : str
+        ``"vit-shapes"`` or ``"swin-shapes"`` (see :func:`available`).
+    directory : str or Path, optional
+        Folder with ``<name>.json`` / ``<name>.safetensors``; defaults to the
+        package folder (use it for models retrained with ``--out``).
+
+    Returns
+    -------
+    torch.nn.Module
+        A plain timm ``VisionTransformer`` / ``SwinTransformer`` on CPU in eval mode,
+        with ``pretrained_cfg`` / ``default_cfg`` (mean, std, input size,
+        ``interpolation="bilinear"``, ``crop_pct=1.0``), ``vitlens_class_names`` and
+        ``vitlens_name`` attached.
+
+    Raises
+    ------
+    vitlens.errors.ModelLoadError
+        If the name is unknown (the message lists the available names) or the files
+        cannot be read.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from vitlens.zoo import load_shipped
+    >>> model = load_shipped("swin-shapes")
+    >>> model(torch.zeros(1, 3, 64, 64)).shape
+    torch.Size([1, 8])
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(directory) if directory is not None else ZOO_DIR
+    models = available(folder)
+    if not isinstance(name, str) or name not in models:
+        listed = ", ".join(repr(k) for k in models) or "none"
+        raise ModelLoadError(
+            f"no shipped model named {name!r} in {folder}; available: {listed}. "
+            f"For a timm model use its timm name (e.g. 'vit_base_patch16_224')."
+        )
+    config = dict(models[name])
+    config.setdefault("name", name)
+    model = build_from_config(config)
+    weights_path = folder / f"{name}.safetensors"
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelLoadError(
+            f"cannot read weights {weights_path}: {exc}. Reinstall vitlens or retrain with "
+            f"`vitlens train-zoo --model {name}`."
+        ) from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"weights {weights_path} do not fit the architecture in {name}.json ({exc}). "
+            f"Retrain with `vitlens train-zoo --model {name}` so both files match."
+        ) from exc
+    model.vitlens_name = name
+    model.eval()
+    return model

@@ -1,0 +1,490 @@
+"""Train the shipped shapes models reproducibly on CPU.
+
+Training data come from :func:`vitlens.datasets.shapes`, generated on the fly in
+large chunks, each chunk with its own seed from a range that never meets the
+evaluation (:data:`EVAL_SEED`) or validation (:data:`VAL_SEED`) seeds.  Images
+hold one or two objects; a two-object image has the soft target 0.5/0.5 over its
+two classes (cross-entropy with soft targets).  Optimiser: AdamW with linear
+warm-up and cosine decay; augmentation: random horizontal/vertical flips (every
+shape class is closed under flips).
+
+Command line (wired as ``vitlens train-zoo``)::
+
+    python -m vitlens.zoo.train --model vit-shapes --threads 1 --out vitlens/zoo
+
+Examples
+--------
+>>> import tempfile
+>>> from vitlens.zoo.train import train
+>>> with tempfile.TemporaryDirectory() as tmp:  # doctest: +SKIP
+...     info = train("vit-shapes", steps=3, batch_size=8, out_dir=tmp, eval_n=16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitlens.datasets.shapes import CLASS_NAMES, shapes
+from vitlens.errors import OptionError
+
+__all__ = [
+    "MODELS",
+    "EVAL_SEED",
+    "VAL_SEED",
+    "train",
+    "evaluate_shipped",
+    "train_seed",
+    "main",
+]
+
+#: Seed of the held-out evaluation images (one-object set; ``EVAL_SEED + 1`` for the
+#: two-object set).  Never used for training.
+EVAL_SEED = 777_000_001
+#: Seed of the small validation set watched during training (``VAL_SEED + 1`` for
+#: its two-object part).  Never used for training or final evaluation.
+VAL_SEED = 555_000_001
+_TRAIN_SEED_BASE = 1_000_000_000
+
+_MEAN = [0.5, 0.5, 0.5]
+_STD = [0.25, 0.25, 0.25]
+_SIZE = 64
+
+#: Architecture and default recipe of every zoo model.
+MODELS: dict[str, dict[str, Any]] = {
+    "vit-shapes": {
+        "family": "vit",
+        "timm_class": "timm.models.vision_transformer.VisionTransformer",
+        "kwargs": {
+            "img_size": _SIZE,
+            "patch_size": 8,
+            "num_classes": len(CLASS_NAMES),
+            "embed_dim": 128,
+            "depth": 6,
+            "num_heads": 4,
+            "mlp_ratio": 2.0,
+            "class_token": True,
+            "global_pool": "token",
+        },
+        "recipe": {"steps": 6000, "batch_size": 96, "lr": 1.5e-3, "weight_decay": 0.05, "warmup": 400},
+    },
+    "swin-shapes": {
+        "family": "swin",
+        "timm_class": "timm.models.swin_transformer.SwinTransformer",
+        "kwargs": {
+            "img_size": _SIZE,
+            "patch_size": 4,
+            "window_size": 4,
+            "num_classes": len(CLASS_NAMES),
+            "embed_dim": 48,
+            "depths": [2, 2],
+            "num_heads": [2, 4],
+            "mlp_ratio": 2.0,
+            "drop_path_rate": 0.0,
+        },
+        "recipe": {"steps": 6000, "batch_size": 96, "lr": 1.5e-3, "weight_decay": 0.05, "warmup": 400},
+    },
+}
+
+
+def train_seed(seed: int, chunk: int) -> int:
+    """Dataset seed of training chunk ``chunk`` for run seed ``seed``.
+
+    Training seeds start at 1e9, far from :data:`EVAL_SEED` and :data:`VAL_SEED`.
+
+    Examples
+    --------
+    >>> train_seed(0, 0) > EVAL_SEED
+    True
+    """
+    value = _TRAIN_SEED_BASE + seed * 10_000_000 + chunk
+    assert value not in (EVAL_SEED, EVAL_SEED + 1, VAL_SEED, VAL_SEED + 1)
+    return value
+
+
+# ----------------------------------------------------------------------- tensors
+def _to_tensor(image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
+    """``(n, y, x, 3)`` floats in [0, 1] -> normalised ``(n, 3, y, x)`` tensor.
+
+    Values are first quantised to 8 bits, as timm's PIL transforms would see them.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2)
+    x = torch.round(x * 255.0) / 255.0
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return ((x - m) / s).contiguous()
+
+
+def _soft_targets(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Spread probability mass evenly over each image's labelled classes."""
+    lab = torch.from_numpy(labels)
+    valid = lab >= 0
+    target = torch.zeros(lab.shape[0], num_classes)
+    target.scatter_add_(1, lab.clamp(min=0), valid.float())
+    return target / valid.sum(1, keepdim=True).float()
+
+
+def _model_norm(model: torch.nn.Module) -> tuple[list[float], list[float]]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return list(cfg.get("mean", _MEAN)), list(cfg.get("std", _STD))
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+def _score(logits_one: torch.Tensor, lab_one: np.ndarray, logits_two: torch.Tensor, lab_two: np.ndarray) -> dict[str, float]:
+    top1 = logits_one.argmax(1).numpy()
+    acc1 = float(np.mean(top1 == lab_one[:, 0]))
+    top2 = logits_two.topk(2, dim=1).indices.numpy()
+    both = np.array([set(t.tolist()) == set(lab.tolist()) for t, lab in zip(top2, lab_two)])
+    return {"one_object_top1": acc1, "two_object_both_in_top2": float(both.mean())}
+
+
+def evaluate_shipped(
+    model: torch.nn.Module,
+    n: int = 1000,
+    seed: int = EVAL_SEED,
+    batch_size: int = 250,
+) -> dict[str, Any]:
+    """Held-out scores of a shapes model.
+
+    Generates ``n`` one-object images with ``seed`` and ``n`` two-object images with
+    ``seed + 1`` (seeds never used in training) and scores one-object top-1 accuracy
+    and the fraction of two-object images whose two classes are the top-2 logits.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model taking ``(batch, 3, 64, 64)`` normalised images (its
+        ``pretrained_cfg`` mean/std are used) and returning 8 logits.
+    n : int, default 1000
+        Images per set.
+    seed : int, default EVAL_SEED
+        Seed of the one-object set.
+    batch_size : int, default 250
+        Inference batch size.
+
+    Returns
+    -------
+    dict
+        ``one_object_top1``, ``two_object_both_in_top2``, ``n_per_set``, ``seed``.
+
+    Examples
+    --------
+    >>> from vitlens.zoo import load_shipped
+    >>> from vitlens.zoo.train import evaluate_shipped
+    >>> s = evaluate_shipped(load_shipped("vit-shapes"), n=50)
+    >>> s["one_object_top1"] > 0.8
+    True
+    """
+    if n < 1:
+        raise OptionError(f"n={n!r}: evaluate on at least one image per set, e.g. n=300.")
+    mean, std = _model_norm(model)
+    size = int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, _SIZE, _SIZE))[-1])
+    one = shapes(n, seed=seed, size=size, objects=1)
+    two = shapes(n, seed=seed + 1, size=size, objects=2)
+    was_training = model.training
+    model.eval()
+    try:
+        lo = _logits(model, _to_tensor(one.image.values, mean, std), batch_size)
+        lt = _logits(model, _to_tensor(two.image.values, mean, std), batch_size)
+    finally:
+        model.train(was_training)
+    scores = _score(lo, one.label.values, lt, two.label.values)
+    return {**scores, "n_per_set": int(n), "seed": int(seed)}
+
+
+# -------------------------------------------------------------------------- train
+def _lr_at(step: int, steps: int, warmup: int, lr: float, final_frac: float = 0.01) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, position embeddings and tokens."""
+    decay, no_decay = [], []
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name in skip or name.endswith(("pos_embed", "cls_token")) or "relative_position" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(
+    name: str,
+    *,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    out_dir: str | Path | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    warmup: int | None = None,
+    chunk_size: int = 4096,
+    val_every: int = 500,
+    val_n: int = 300,
+    eval_n: int = 1000,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train a zoo model from scratch and write ``<name>.safetensors`` + ``<name>.json``.
+
+    Parameters
+    ----------
+    name : str
+        ``"vit-shapes"`` or ``"swin-shapes"``.
+    steps, batch_size, lr, weight_decay, warmup : optional
+        Optimisation recipe; defaults from :data:`MODELS`.
+    seed : int, default 0
+        Seeds torch (initialisation, flips) and the training-data seeds
+        (:func:`train_seed`).  The same seed and thread count give the same weights.
+    threads : int, optional
+        ``torch.set_num_threads`` for the run (``None`` leaves torch's default).
+    out_dir : str or Path, optional
+        Where to write the two files (created if needed); default ``./vitlens-zoo``.
+        Pass the package folder (``vitlens/zoo``) to replace the shipped model.
+    chunk_size : int, default 4096
+        Images generated at once (each chunk with a fresh seed, used once).
+    val_every, val_n : int
+        Watch a small validation set (seed :data:`VAL_SEED`) every ``val_every``
+        steps; the best validated weights (and the final ones) are candidates.
+    eval_n : int, default 1000
+        Images per held-out evaluation set at the end (:func:`evaluate_shipped`).
+    progress : bool, default True
+        Show a tqdm progress bar with loss and accuracy.
+    command : str, optional
+        Command line recorded in the json (defaults to a Python call).
+
+    Returns
+    -------
+    dict
+        The json written (config, scores, training record including the curve).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from vitlens.zoo.train import train
+    >>> with tempfile.TemporaryDirectory() as tmp:  # doctest: +SKIP
+    ...     info = train("swin-shapes", steps=3, batch_size=8, out_dir=tmp, eval_n=16)
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from vitlens.zoo import build_from_config
+
+    if name not in MODELS:
+        raise OptionError(f"unknown zoo model {name!r}; choose one of {sorted(MODELS)}.")
+    spec = MODELS[name]
+    recipe = dict(spec["recipe"])
+    for key, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr),
+                       ("weight_decay", weight_decay), ("warmup", warmup)):
+        if value is not None:
+            recipe[key] = value
+    steps_, bs = int(recipe["steps"]), int(recipe["batch_size"])
+    warm = min(int(recipe["warmup"]), max(1, steps_ // 10))
+    if steps_ < 1 or bs < 1:
+        raise OptionError(f"steps={steps_} and batch_size={bs} must both be >= 1.")
+    if threads is not None:
+        if threads < 1:
+            raise OptionError(f"threads={threads}: use a positive int (1 per parallel run).")
+        torch.set_num_threads(int(threads))
+    out = Path(out_dir) if out_dir is not None else Path.cwd() / "vitlens-zoo"
+    out.mkdir(parents=True, exist_ok=True)
+    chunk_size = max(bs, int(chunk_size) // bs * bs)
+
+    config: dict[str, Any] = {
+        "name": name,
+        "family": spec["family"],
+        "timm_class": spec["timm_class"],
+        "kwargs": copy.deepcopy(spec["kwargs"]),
+        "class_names": list(CLASS_NAMES),
+        "input_size": [3, _SIZE, _SIZE],
+        "mean": list(_MEAN),
+        "std": list(_STD),
+    }
+    torch.manual_seed(seed)
+    model = build_from_config(config)
+    model.train()
+    opt = torch.optim.AdamW(_param_groups(model, float(recipe["weight_decay"])),
+                            lr=float(recipe["lr"]), betas=(0.9, 0.999))
+    flip_gen = torch.Generator().manual_seed(seed + 12345)
+
+    # validation set (fixed, small)
+    val_one = shapes(val_n, seed=VAL_SEED, objects=1)
+    val_two = shapes(val_n, seed=VAL_SEED + 1, objects=2)
+    vx1, vx2 = _to_tensor(val_one.image.values, _MEAN, _STD), _to_tensor(val_two.image.values, _MEAN, _STD)
+
+    def validate() -> dict[str, float]:
+        model.eval()
+        s = _score(_logits(model, vx1, 250), val_one.label.values, _logits(model, vx2, 250), val_two.label.values)
+        model.train()
+        return s
+
+    curve: list[dict[str, Any]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    run_loss, run_acc, run_n, acc_n = 0.0, 0.0, 0, 0
+    xs = ts = None
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps_), desc=name, disable=not progress, mininterval=2.0, dynamic_ncols=True)
+    for step in bar:
+        pos = (step * bs) % chunk_size
+        if pos == 0:  # fresh chunk of training images
+            data = shapes(chunk_size, seed=train_seed(seed, step * bs // chunk_size), objects=(1, 2))
+            xs = _to_tensor(data.image.values, _MEAN, _STD)
+            ts = _soft_targets(data.label.values, len(CLASS_NAMES))
+            del data
+        x, t = xs[pos : pos + bs], ts[pos : pos + bs]
+        flips = torch.rand(2, x.shape[0], generator=flip_gen) < 0.5
+        x = torch.where(flips[0].view(-1, 1, 1, 1), x.flip(3), x)
+        x = torch.where(flips[1].view(-1, 1, 1, 1), x.flip(2), x)
+
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps_, warm, float(recipe["lr"]))
+        logits = model(x)
+        loss = -(t * F.log_softmax(logits, dim=1)).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+        with torch.no_grad():
+            single = t.max(1).values > 0.99
+            if single.any():
+                hit = (logits[single].argmax(1) == t[single].argmax(1)).float().mean().item()
+                run_acc += hit
+                acc_n += 1
+        run_loss += loss.item()
+        run_n += 1
+        if progress and (step + 1) % 10 == 0:
+            bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc1=f"{run_acc / max(1, acc_n):.3f}",
+                            lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
+        last = step + 1 == steps_
+        if (step + 1) % val_every == 0 or last:
+            v = validate()
+            row = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "train_loss": run_loss / run_n,
+                   "train_acc1": run_acc / max(1, acc_n), "val_one_top1": v["one_object_top1"],
+                   "val_two_top2": v["two_object_both_in_top2"],
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            curve.append(row)
+            if progress:
+                tqdm.write(
+                    f"[{name}] step {row['step']}/{steps_} loss {row['train_loss']:.4f} "
+                    f"acc1 {row['train_acc1']:.3f} val1 {row['val_one_top1']:.3f} "
+                    f"val2 {row['val_two_top2']:.3f} ({row['seconds']:.0f}s)"
+                )
+            metric = v["one_object_top1"] + v["two_object_both_in_top2"]
+            if best is None or metric >= best[0]:
+                best = (metric, step + 1, {k: p.detach().clone() for k, p in model.state_dict().items()})
+            run_loss, run_acc, run_n, acc_n = 0.0, 0.0, 0, 0
+            sys.stdout.flush()
+    bar.close()
+    wall = time.perf_counter() - t0
+
+    assert best is not None
+    chosen_step = best[1]
+    model.load_state_dict(best[2])
+    model.eval()
+    scores = evaluate_shipped(model, n=eval_n, seed=EVAL_SEED)
+    scores["chosen_step"] = chosen_step
+    if command is None:
+        command = (f"python -c \"from vitlens.zoo.train import train; train({name!r}, steps={steps_}, "
+                   f"batch_size={bs}, seed={seed}, threads={threads})\"")
+    config["scores"] = scores
+    config["train"] = {
+        "seed": seed,
+        "steps": steps_,
+        "batch_size": bs,
+        "lr": float(recipe["lr"]),
+        "weight_decay": float(recipe["weight_decay"]),
+        "warmup": warm,
+        "schedule": "linear warm-up, cosine decay to 1% of lr",
+        "optimizer": "AdamW(betas=(0.9, 0.999)), grad-norm clip 1.0",
+        "loss": "cross-entropy with soft targets (0.5/0.5 for two-object images)",
+        "augmentation": "random horizontal and vertical flips; 8-bit quantisation",
+        "data": f"vitlens.datasets.shapes(objects=(1, 2)), fresh chunks of {chunk_size} images, "
+                f"seeds train_seed(seed, chunk) = {_TRAIN_SEED_BASE} + seed*1e7 + chunk",
+        "threads": threads,
+        "wall_seconds": round(wall, 1),
+        "command": command,
+        "torch": torch.__version__,
+        "timm": __import__("timm").__version__,
+        "curve": curve,
+    }
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / f"{name}.safetensors"), metadata={"format": "pt", "name": name})
+    with open(out / f"{name}.json", "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2)
+        fh.write("\n")
+    if progress:
+        print(
+            f"[{name}] held-out (seed {EVAL_SEED}, {eval_n}+{eval_n} images): one-object top-1 "
+            f"{scores['one_object_top1']:.4f}, two-object both-in-top-2 "
+            f"{scores['two_object_both_in_top2']:.4f}; weights from step {chosen_step}; "
+            f"wall {wall:.0f}s; wrote {out / (name + '.safetensors')}",
+            flush=True,
+        )
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``vitlens train-zoo`` / ``python -m vitlens.zoo.train``).
+
+    Examples
+    --------
+    >>> from vitlens.zoo.train import main
+    >>> main(["--model", "vit-shapes", "--steps", "3", "--batch-size", "8",
+    ...       "--out", "/tmp/zoo-test", "--eval-n", "16", "--quiet"])  # doctest: +SKIP
+    0
+    """
+    parser = argparse.ArgumentParser(
+        prog="vitlens train-zoo",
+        description="Retrain a shipped shapes model (vit-shapes or swin-shapes) on CPU.",
+    )
+    parser.add_argument("--model", required=True, choices=sorted(MODELS))
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: recipe)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: recipe)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: recipe)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: recipe)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 per parallel run)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default ./vitlens-zoo; vitlens/zoo replaces the shipped files)")
+    parser.add_argument("--val-every", type=int, default=500)
+    parser.add_argument("--eval-n", type=int, default=1000, help="held-out images per set")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    command = "python -m vitlens.zoo.train " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        train(args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+              seed=args.seed, threads=args.threads, out_dir=args.out, val_every=args.val_every,
+              eval_n=args.eval_n, progress=not args.quiet, command=command)
+    except OptionError as exc:
+        parser.error(str(exc))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    raise SystemExit(main())
