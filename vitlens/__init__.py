@@ -14,7 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import datasets, models
+from . import datasets, methods, models
 from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
 from .errors import (
     CaptureFormatError,
@@ -25,17 +25,8 @@ from .errors import (
     UnsupportedModelError,
     VitlensError,
 )
+from .methods import METHODS, explain, normalize, to_pixels
 from .models import load_model
-
-METHODS: tuple[str, ...] = (
-    "attention",
-    "rollout",
-    "gradcam",
-    "transformer_attribution",
-    "generic_attention",
-    "lnstat",
-    "tokentm",
-)
 
 __all__ = [
     "KEEP_GROUPS",
@@ -49,6 +40,10 @@ __all__ = [
     "VitlensError",
     "capture",
     "datasets",
+    "explain",
+    "methods",
+    "normalize",
+    "to_pixels",
     "load_model",
     "models",
     "open",

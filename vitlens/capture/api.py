@@ -359,6 +359,7 @@ def _assemble(
             "stride": list(stage.stride),
             "num_heads": stage.num_heads,
             "num_prefix_tokens": stage.num_prefix,
+            "embed_dim": int(stage.blocks[0].norm1.normalized_shape[0]),
         }
         if windowed:
             assert stage.window is not None

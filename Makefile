@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make demo` (set up, run the main job) and
+# `make test` (set up, run the test suite). Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# This machine serves this torch pair from its own disk; elsewhere pip downloads it.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/vitlens demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache vitlens-demo

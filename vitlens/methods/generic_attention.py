@@ -1,0 +1,40 @@
+"""Generic attention explainability (Chefer, Gur & Wolf, ICCV 2021), self-attention rule."""
+
+from __future__ import annotations
+
+import xarray as xr
+
+from .maps import chain_map, token_map
+from .operators import HeadSelection, Step, head_fused, select_layers, view
+
+
+def generic_attention(
+    cap: xr.DataTree,
+    *,
+    layers: list[int] | None = None,
+    heads: HeadSelection = None,
+    start_layer: int = 0,
+    per_layer: bool = False,
+) -> xr.DataArray:
+    """``R ← I``; per block ``R ← R + Ā·R`` with ``Ā = E_h[(∂y_c/∂A ⊙ A)⁺]`` (METHODS.md §5).
+
+    Class-specific through the gradient of the explained logit; no LRP.
+    Options as for :func:`vitlens.methods.rollout`.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)), target=2)
+    >>> vl.explain(cap, "generic_attention").attrs["method"]
+    'generic_attention'
+    """
+    cv = view(cap)
+    chosen = select_layers(cv, layers, start_layer)
+    steps = {
+        l: Step(l, head_fused(cv.stage_of(l), l, heads, "attention_grad", "attention", clamp=True))
+        for l in chosen
+    }
+    values, per = chain_map(cv, steps, chosen, per_layer)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "per_layer": per_layer}
+    return token_map(cv, values, "generic_attention", options, per)

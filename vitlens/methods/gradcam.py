@@ -1,0 +1,68 @@
+"""Grad-CAM for transformers: on attention heads (Chefer 2021's baseline) or on features."""
+
+from __future__ import annotations
+
+import torch
+import xarray as xr
+
+from ..errors import OptionError
+from .maps import token_map
+from .operators import HeadSelection, heads_for, select_layers, view
+
+ON = ("attention", "features")
+
+
+def gradcam(
+    cap: xr.DataTree,
+    *,
+    on: str | None = None,
+    layers: int | None = None,
+    heads: HeadSelection = None,
+) -> xr.DataArray:
+    """Grad-CAM (METHODS.md §3).
+
+    ``on="attention"`` (ViT default): in the chosen block (default last), per
+    head ``cam_h = A[h, CLS, patches]``, weight ``w_h`` = spatial mean of
+    ``∂y_c/∂A[h, CLS, patches]``; map ``= max(0, mean_h(w_h·cam_h))`` — heads play
+    the role of channels.
+
+    ``on="features"`` (Swin default, and available for ViT): classic Grad-CAM on
+    the final norm's token features reshaped to the grid — channels weighted by
+    the spatial mean of their gradients, summed, ReLU. Swin's last-stage map is
+    repeated up to the first-stage grid.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)))
+    >>> vl.explain(cap, "gradcam", on="features").attrs["on"]
+    'features'
+    """
+    cv = view(cap)
+    if on is None:
+        on = "features" if cv.family == "swin" else "attention"
+    if on not in ON:
+        raise OptionError(f"gradcam on={on!r}; choose from {list(ON)}.")
+    if on == "attention":
+        if cv.family == "swin" or cv.readout != "cls":
+            raise OptionError("gradcam on='attention' needs a CLS token; use on='features' for this model.")
+        layer = select_layers(cv, layers if layers is not None else cv.all_layers[-1])[-1]
+        stage = cv.stage_of(layer)
+        i, p = stage.layer_index(layer), stage.num_prefix
+        a = stage.tensor("attention")[:, i, :, 0, p:]  # (B, H, patches)
+        g = stage.tensor("attention_grad")[:, i, :, 0, p:]
+        hs = heads_for(heads, layer, a.shape[1])
+        w = g[:, hs].mean(-1, keepdim=True)
+        cam = (w * a[:, hs]).mean(1).clamp(min=0)
+        values = cam.reshape(-1, *stage.grid)
+        return token_map(cv, values, "gradcam", {"on": on, "layers": [layer], "heads": heads})
+    if layers is not None or heads is not None:
+        raise OptionError("gradcam on='features' uses the final norm's output: it takes no layers= or heads=.")
+    last = cv.stages[-1]
+    f = last.tensor("features")[:, last.num_prefix :]  # (B, N, C)
+    g = last.tensor("features_grad")[:, last.num_prefix :]
+    cam = (g.mean(1, keepdim=True) * f).sum(-1).clamp(min=0).reshape(-1, *last.grid)
+    factor = cv.stages[0].grid[0] // last.grid[0]
+    values = cam.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+    return token_map(cv, values, "gradcam", {"on": on})

@@ -1,0 +1,177 @@
+"""LayerNorm token statistics fused with multi-head attention.
+
+After Nguyen, Lee & Kim (arXiv 2311.11378): their text confirms the ingredients —
+per-token statistics of the LayerNorm input, fused with multi-head attention,
+gradient-free and class-agnostic. The fusion *rule* below is vitlens' documented
+choice (METHODS.md §6); every part of it is a switchable option recorded in the
+result's attrs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import xarray as xr
+
+from ..errors import OptionError
+from .maps import chain_map, token_map
+from .operators import CaptureView, HeadSelection, StageView, Step, heads_for, select_layers, view
+
+STATS = ("std", "mean", "var", "norm")
+STAT_NORMS = ("max", "minmax", "none")
+HEAD_FUSIONS = ("mean", "max", "entropy")
+
+
+def token_statistic(stage: StageView, layer: int, stat: str, stat_norm: str) -> torch.Tensor:
+    """``s_l[j]`` (B, N) at the input of block ``layer``'s first LayerNorm, normalised.
+
+    Prefix tokens are excluded from the normalisation and get 1.
+    """
+    i = stage.layer_index(layer)
+    std = stage.tensor("ln_std")[:, i, 0]
+    if stat == "std":
+        s = std
+    elif stat == "var":
+        s = std**2
+    elif stat == "mean":
+        s = stage.tensor("ln_mean")[:, i, 0]
+    else:  # ‖x_j − μ_j‖ = std·√D for the biased std over D channels
+        dim = int(stage.ds.attrs.get("embed_dim", 0)) or stage.tensor("features").shape[-1]
+        s = std * math.sqrt(dim)
+    p = stage.num_prefix
+    patches = s[:, p:]
+    if stat_norm == "max":
+        patches = patches / patches.amax(1, keepdim=True).clamp_min(1e-12)
+    elif stat_norm == "minmax":
+        lo = patches.amin(1, keepdim=True)
+        patches = (patches - lo) / (patches.amax(1, keepdim=True) - lo).clamp_min(1e-12)
+    out = s.clone()
+    out[:, :p] = 1.0
+    out[:, p:] = patches
+    return out
+
+
+def fuse_heads(stage: StageView, layer: int, heads: HeadSelection, head_fusion: str) -> torch.Tensor:
+    """``F_l = fuse_h(A[l])`` over the selected heads."""
+    a = stage.tensor("attention")[:, stage.layer_index(layer)]
+    a = a[:, heads_for(heads, layer, a.shape[1])]
+    if head_fusion == "mean":
+        return a.mean(1)
+    if head_fusion == "max":
+        return a.amax(1)
+    # entropy: weight heads by 1 − normalised entropy of their read-out row
+    # (the CLS row for ViT; the mean over all query rows for Swin windows / avg pool)
+    ent = -(a * a.clamp_min(1e-12).log()).sum(-1) / math.log(a.shape[-1])
+    if stage.num_prefix and not stage.windowed:
+        ent_h = ent[..., 0]
+    else:
+        ent_h = ent.flatten(2).mean(-1)
+    w = (1 - ent_h).clamp_min(0)  # (B, H)
+    w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+    w = w.reshape(*w.shape, *([1] * (a.ndim - 2)))
+    return (a * w).sum(1)
+
+
+def fused_operator(stage: StageView, layer: int, f: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``M[i,j] = F[i,j]·s[j]``, row-renormalised (inside each window for Swin)."""
+    if stage.windowed:
+        wt = stage.window_token[stage.layer_index(layer)]
+        sk = s[:, wt][:, :, None, :]  # (B, nW, 1, M²): statistic of each key in its window
+    else:
+        sk = s[:, None, :]
+    m = f * sk
+    return m / m.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def _check(stat: str, stat_norm: str, head_fusion: str) -> None:
+    for name, value, allowed in (("stat", stat, STATS), ("stat_norm", stat_norm, STAT_NORMS),
+                                 ("head_fusion", head_fusion, HEAD_FUSIONS)):
+        if value not in allowed:
+            raise OptionError(f"lnstat {name}={value!r}; choose from {list(allowed)}.")
+
+
+def lnstat(
+    cap: xr.DataTree,
+    *,
+    layers: list[int] | None = None,
+    heads: HeadSelection = None,
+    start_layer: int = 0,
+    per_layer: bool = False,
+    stat: str = "std",
+    stat_norm: str = "max",
+    head_fusion: str = "mean",
+) -> xr.DataArray:
+    """LayerNorm-statistic × attention fusion, aggregated like rollout.
+
+    ``M_l[i,j] = F_l[i,j]·s_l[j]`` row-renormalised; ``R = Π 0.5·(I + M_l)``;
+    read out. Gradient-free and class-agnostic. With a constant statistic it
+    equals :func:`vitlens.methods.rollout` exactly.
+
+    Parameters
+    ----------
+    stat
+        ``"std"`` (default), ``"mean"``, ``"var"`` or ``"norm"`` (‖x_j − μ_j‖) of
+        each token entering the block's first LayerNorm. *vitlens' choice.*
+    stat_norm
+        ``"max"`` (patch tokens to max 1, default), ``"minmax"`` or ``"none"``;
+        prefix tokens always get 1. *vitlens' choice.*
+    head_fusion
+        ``"mean"`` (default), ``"max"``, or ``"entropy"`` (heads weighted by
+        1 − normalised entropy of their read-out row). *vitlens' choice.*
+    layers, heads, start_layer, per_layer
+        As for rollout.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)))
+    >>> vl.explain(cap, "lnstat", stat="var").attrs["stat"]
+    'var'
+    """
+    _check(stat, stat_norm, head_fusion)
+    cv = view(cap)
+    chosen = select_layers(cv, layers, start_layer)
+    steps = {}
+    for l in chosen:
+        stage = cv.stage_of(l)
+        m = fused_operator(stage, l, fuse_heads(stage, l, heads, head_fusion), token_statistic(stage, l, stat, stat_norm))
+        steps[l] = Step(l, m, alpha=0.5, beta=0.5)
+    values, per = chain_map(cv, steps, chosen, per_layer)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "per_layer": per_layer,
+               "stat": stat, "stat_norm": stat_norm, "head_fusion": head_fusion}
+    return token_map(cv, values, "lnstat", options, per)
+
+
+def statistic_maps(
+    cap: xr.DataTree,
+    *,
+    stat: str = "std",
+    stat_norm: str = "max",
+    layers: list[int] | None = None,
+) -> xr.DataArray:
+    """The per-layer statistic ``s_l`` itself as maps ``(sample, layer, y, x)``.
+
+    Swin stages are repeated up to the first-stage grid so all layers share one grid.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)))
+    >>> vl.methods.lnstat.statistic_maps(cap).dims
+    ('sample', 'layer', 'y', 'x')
+    """
+    _check(stat, stat_norm, "mean")
+    cv = view(cap)
+    chosen = select_layers(cv, layers)
+    gh, gw = cv.stages[0].grid
+    maps = []
+    for l in chosen:
+        stage = cv.stage_of(l)
+        s = token_statistic(stage, l, stat, stat_norm)[:, stage.num_prefix :].reshape(-1, *stage.grid)
+        f = gh // stage.grid[0]
+        maps.append(s.repeat_interleave(f, 1).repeat_interleave(f, 2))
+    options = {"stat": stat, "stat_norm": stat_norm, "layers": chosen}
+    return token_map(cv, torch.stack(maps, 1), "lnstat_statistic", options, chosen)

@@ -1,0 +1,110 @@
+"""Turning propagated rows into labeled maps; pixels and normalisation."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ..errors import OptionError
+from .operators import CaptureView, Step, json_safe, propagate
+
+
+def token_map(cv: CaptureView, values: torch.Tensor, method: str, options: Mapping[str, Any], layers: list[int] | None = None) -> xr.DataArray:
+    """(B, gh, gw) or (B, L, gh, gw) → DataArray (sample, [layer,] y, x) with attrs."""
+    first = cv.stages[0]
+    gh, gw = first.grid
+    dims: tuple[str, ...] = ("sample", "y", "x")
+    coords: dict[str, Any] = {"sample": cv.tree["sample"].values, "y": np.arange(gh), "x": np.arange(gw)}
+    if values.ndim == 4:
+        dims = ("sample", "layer", "y", "x")
+        coords["layer"] = np.asarray(layers, dtype=np.int64)
+    attrs = {
+        "method": method,
+        **{k: json_safe(v) for k, v in options.items()},
+        "grid": list(first.grid),
+        "stride": [int(s) for s in first.ds.attrs["stride"]],
+        "input_size": list(cv.tree.attrs["input_size"]),
+        "model": cv.tree.attrs.get("model", ""),
+    }
+    da = xr.DataArray(values.detach().cpu().numpy().astype(np.float32), dims=dims, coords=coords, name=method, attrs=attrs)
+    if "target" in cv.tree:
+        da = da.assign_coords(target=("sample", cv.tree["target"].values))
+    return da
+
+
+def chain_map(
+    cv: CaptureView,
+    steps: Mapping[int, Step],
+    layers: list[int],
+    per_layer: bool,
+    *,
+    final: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, list[int] | None]:
+    """The read-out map of the product, or one cumulative map after each selected block."""
+    if not per_layer:
+        return propagate(cv, steps, layers[-1], final=final), None
+    maps = [propagate(cv, {l: s for l, s in steps.items() if l <= top}, top, final=final) for top in layers]
+    return torch.stack(maps, 1), layers
+
+
+def to_pixels(maps: xr.DataArray, size: int | tuple[int, int] | None = None) -> xr.DataArray:
+    """Upsample token-grid maps to pixels, bilinearly.
+
+    Parameters
+    ----------
+    maps
+        ``(sample, [layer,] y, x)`` maps from :func:`vitlens.explain`.
+    size
+        ``(H, W)`` in pixels; default: the model's input size from ``maps.attrs``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, vitlens as vl
+    >>> m = xr.DataArray(np.eye(2)[None], dims=("sample", "y", "x"))
+    >>> vl.to_pixels(m, 4).shape
+    (1, 4, 4)
+    """
+    if size is None:
+        if "input_size" not in maps.attrs:
+            raise OptionError("to_pixels needs size=(H, W) for maps without an 'input_size' attribute.")
+        size = tuple(maps.attrs["input_size"][-2:])
+    if isinstance(size, (int, np.integer)):
+        size = (int(size), int(size))
+    h, w = int(size[0]), int(size[1])
+    lead = [d for d in maps.dims if d not in ("y", "x")]
+    arr = maps.transpose(*lead, "y", "x")
+    t = torch.from_numpy(np.asarray(arr.values, dtype=np.float32))
+    flat = t.reshape(-1, 1, *t.shape[-2:])
+    up = torch.nn.functional.interpolate(flat, size=(h, w), mode="bilinear", align_corners=False)
+    up = up.reshape(*t.shape[:-2], h, w).numpy()
+    coords = {d: arr[d] for d in lead if d in arr.coords}
+    for name, c in arr.coords.items():
+        if name not in ("y", "x") and set(c.dims) <= set(lead):
+            coords[name] = c
+    out = xr.DataArray(up, dims=(*lead, "y", "x"), coords={**coords, "y": np.arange(h), "x": np.arange(w)},
+                       name=maps.name, attrs={**maps.attrs, "pixels": [h, w]})
+    return out
+
+
+def normalize(maps: xr.DataArray) -> xr.DataArray:
+    """Min-max normalise each map (per sample, and per layer if present) to [0, 1].
+
+    Constant maps become all zeros.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, vitlens as vl
+    >>> m = xr.DataArray(np.array([[[1.0, 3.0]]]), dims=("sample", "y", "x"))
+    >>> vl.normalize(m).values.tolist()
+    [[[0.0, 1.0]]]
+    """
+    lo = maps.min(("y", "x"))
+    span = maps.max(("y", "x")) - lo
+    out = (maps - lo) / xr.where(span > 0, span, 1.0)
+    out = out.where(span > 0, 0.0).transpose(*maps.dims)
+    out.attrs = {**maps.attrs, "normalized": "minmax"}
+    out.name = maps.name
+    return out

@@ -1,0 +1,326 @@
+"""Shared maths of the attention-propagation methods.
+
+Every propagation method (rollout, transformer_attribution, generic_attention,
+lnstat, tokentm, and single-block attention) multiplies one operator per block
+and reads out a row of the product. Here each block's operator has the form::
+
+    O_l = diag(pre) · (α·I + β·G(X_l)·diag(post))
+
+where ``X_l`` is a fused per-head quantity — a dense (N, N) matrix for ViT, or
+one (M², M²) block per window for Swin, whose global operator is
+``G = Pᵀ·blockdiag(X_w)·P``. The map is ``r · O_L ··· O_s`` (then ``·Pm`` at each
+Swin patch merging), computed right-to-left as a *row vector*: never a dense
+Ns×Ns matrix for Swin (cost O(Ns·M²) per block). :func:`dense_operator` builds
+the dense matrices only for tests and teaching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ..errors import CaptureFormatError, OptionError
+
+
+# -- reading the capture -------------------------------------------------------------
+@dataclass
+class StageView:
+    """One stage of a capture as torch tensors (float32), plus its layout."""
+
+    name: str
+    index: int
+    layers: list[int]
+    grid: tuple[int, int]
+    num_prefix: int
+    ds: xr.Dataset
+    window_token: torch.Tensor | None = None  # (layer, window, M²) int64
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_token is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix + self.grid[0] * self.grid[1]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            if name not in self.ds:
+                raise CaptureFormatError(
+                    f"this capture has no '{name}' in {self.name}; capture again with "
+                    f"keep='all' (or include the group that holds {name!r})."
+                )
+            self._cache[name] = torch.from_numpy(np.asarray(self.ds[name].values, dtype=np.float32))
+        return self._cache[name]
+
+    def layer_index(self, layer: int) -> int:
+        return self.layers.index(layer)
+
+
+@dataclass
+class CaptureView:
+    """What the methods need from a capture DataTree."""
+
+    tree: xr.DataTree
+    stages: list[StageView]
+    readout: str
+    family: str
+
+    @property
+    def all_layers(self) -> list[int]:
+        return [l for s in self.stages for l in s.layers]
+
+    def stage_of(self, layer: int) -> StageView:
+        for s in self.stages:
+            if layer in s.layers:
+                return s
+        raise OptionError(f"layer {layer} is not in this capture (layers {self.all_layers}).")
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.tree["sample"].size)
+
+
+def view(cap: xr.DataTree) -> CaptureView:
+    if not isinstance(cap, xr.DataTree) or "vitlens_version" not in cap.attrs:
+        raise CaptureFormatError(
+            f"expected a capture from vl.capture (an xarray.DataTree); got {type(cap).__name__}."
+        )
+    stages = []
+    for name in sorted(cap.children, key=lambda n: int(n.removeprefix("stage"))):
+        ds = cap[name].to_dataset()
+        wt = torch.from_numpy(ds["window_token"].values.astype(np.int64)) if "window_token" in ds else None
+        stages.append(
+            StageView(
+                name=name,
+                index=int(ds.attrs["stage"]),
+                layers=[int(v) for v in ds["layer"].values],
+                grid=tuple(int(g) for g in ds.attrs["grid"]),  # type: ignore[arg-type]
+                num_prefix=int(ds.attrs["num_prefix_tokens"]),
+                ds=ds,
+                window_token=wt,
+            )
+        )
+    return CaptureView(cap, stages, str(cap.attrs["readout"]), str(cap.attrs["family"]))
+
+
+# -- options --------------------------------------------------------------------------
+HeadSelection = None | int | Sequence[int] | Mapping[int, Sequence[int]]
+
+
+def select_layers(cv: CaptureView, layers: int | Iterable[int] | None, start_layer: int = 0) -> list[int]:
+    """Global block indices entering the aggregation (sorted)."""
+    every = cv.all_layers
+    if layers is None:
+        chosen = list(every)
+    else:
+        chosen = [int(layers)] if isinstance(layers, (int, np.integer)) else [int(l) for l in layers]
+        bad = [l for l in chosen if l not in every]
+        if bad:
+            raise OptionError(f"layers {bad} are not in this capture; it has layers {every[0]}..{every[-1]}.")
+    chosen = sorted({l for l in chosen if l >= start_layer})
+    if not chosen:
+        raise OptionError(
+            f"no layer left to aggregate (layers={layers!r}, start_layer={start_layer}); select at least one block."
+        )
+    return chosen
+
+
+def heads_for(heads: HeadSelection, layer: int, num_heads: int) -> list[int]:
+    """Head indices entering ``E_h`` at ``layer``; ``heads`` may map layer → heads."""
+    if heads is None:
+        return list(range(num_heads))
+    if isinstance(heads, Mapping):
+        chosen = heads.get(layer, range(num_heads))
+    elif isinstance(heads, (int, np.integer)):
+        chosen = [int(heads)]
+    else:
+        chosen = heads
+    out = sorted({int(h) for h in chosen})
+    if not out:
+        raise OptionError(f"no head selected for layer {layer}; select at least one head.")
+    if out[0] < 0 or out[-1] >= num_heads:
+        raise OptionError(f"heads {out} out of range at layer {layer}, which has {num_heads} heads (0..{num_heads - 1}).")
+    return out
+
+
+def head_mean(x: torch.Tensor, heads: list[int], clamp: bool = False) -> torch.Tensor:
+    """``E_h[x]`` over the selected heads (dim 1), clamping at 0 per head first if asked."""
+    x = x[:, heads]
+    if clamp:
+        x = x.clamp(min=0)
+    return x.mean(1)
+
+
+def json_safe(value: Any) -> Any:
+    """Option values as attrs that survive netCDF/zarr (via vl.save)."""
+    if value is None:
+        return "none"
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, range):
+        return list(value)
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value
+
+
+# -- the operator chain --------------------------------------------------------------------
+@dataclass
+class Step:
+    """``O = diag(pre)·(α·I + β·G(x)·diag(post))`` for one block.
+
+    ``x``: (B, N, N) for ViT, (B, nW, M², M²) for Swin windows.
+    ``pre``/``post``: (B, N) or None (ones).
+    """
+
+    layer: int
+    x: torch.Tensor
+    alpha: float = 1.0
+    beta: float = 1.0
+    pre: torch.Tensor | None = None
+    post: torch.Tensor | None = None
+
+
+def apply_row(stage: StageView, step: Step, r: torch.Tensor) -> torch.Tensor:
+    """``r · O`` for a batch of row vectors ``r`` (B, N)."""
+    if step.pre is not None:
+        r = r * step.pre
+    if stage.windowed:
+        wt = stage.window_token[stage.layer_index(step.layer)]  # (nW, M²)
+        rw = r[:, wt]  # (B, nW, M²): r gathered into window layout
+        prod = torch.einsum("bwq,bwqk->bwk", rw, step.x)
+        g = torch.zeros_like(r)
+        g[:, wt.reshape(-1)] = prod.reshape(r.shape[0], -1)  # windows tile the grid exactly once
+    else:
+        g = torch.einsum("bq,bqk->bk", r, step.x)
+    if step.post is not None:
+        g = g * step.post
+    return step.alpha * r + step.beta * g
+
+
+def merge_row(r: torch.Tensor, grid_from: tuple[int, int]) -> torch.Tensor:
+    """``r · Pm``: a row on a merged grid onto its parent grid, 1/4 to each of the four parents."""
+    b = r.shape[0]
+    gh, gw = grid_from
+    r = r.reshape(b, gh, 1, gw, 1).expand(b, gh, 2, gw, 2).reshape(b, 4 * gh * gw)
+    return r / 4
+
+
+def readout_row(cv: CaptureView, stage: StageView) -> torch.Tensor:
+    """The read-out row ``r``: CLS one-hot, or the mean of the patch rows (avg pool / Swin)."""
+    b, n = cv.num_samples, stage.num_tokens
+    r = torch.zeros(b, n)
+    if cv.readout == "cls":
+        r[:, 0] = 1.0
+    else:
+        r[:, stage.num_prefix :] = 1.0 / (n - stage.num_prefix)
+    return r
+
+
+def propagate(
+    cv: CaptureView,
+    steps: Mapping[int, Step],
+    top_layer: int,
+    *,
+    final: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Read-out row of ``O_top ··· O_first`` (blocks missing from ``steps`` are identity).
+
+    Starts at the stage of ``top_layer`` with the read-out row of that stage and
+    walks down every block and patch merging to the first stage; returns the
+    patch part reshaped to the first stage's grid, (B, gh, gw). ``final`` is
+    applied to the first-stage row last (``· C_0`` for tokentm).
+    """
+    top_stage = cv.stage_of(top_layer)
+    r = readout_row(cv, top_stage)
+    for stage in reversed(cv.stages[: cv.stages.index(top_stage) + 1]):
+        for layer in reversed(stage.layers):
+            if layer <= top_layer and layer in steps:
+                r = apply_row(stage, steps[layer], r)
+        if stage.index > 0:
+            r = merge_row(r, stage.grid)
+    first = cv.stages[0]
+    if final is not None:
+        r = final(r)
+    gh, gw = first.grid
+    return r[:, first.num_prefix :].reshape(-1, gh, gw)
+
+
+# -- dense path (tests, teaching) -------------------------------------------------------------
+def dense_global(stage: StageView, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """``G = Pᵀ·blockdiag(x_w)·P`` as a dense (B, N, N) matrix."""
+    if not stage.windowed:
+        return x
+    wt = stage.window_token[stage.layer_index(layer)]
+    b = x.shape[0]
+    n = stage.num_tokens
+    g = torch.zeros(b, n, n, dtype=x.dtype)
+    rows = wt[:, :, None].expand(-1, -1, wt.shape[1])
+    cols = wt[:, None, :].expand(-1, wt.shape[1], -1)
+    g[:, rows.reshape(-1), cols.reshape(-1)] = x.reshape(b, -1)
+    return g
+
+
+def dense_operator(stage: StageView, step: Step) -> torch.Tensor:
+    """The block operator ``O`` as a dense (B, N, N) matrix."""
+    g = dense_global(stage, step.layer, step.x)
+    n = g.shape[-1]
+    if step.post is not None:
+        g = g * step.post[:, None, :]
+    o = step.alpha * torch.eye(n).expand_as(g) + step.beta * g
+    if step.pre is not None:
+        o = step.pre[:, :, None] * o
+    return o
+
+
+def dense_merge(grid_from: tuple[int, int]) -> torch.Tensor:
+    """``Pm`` (N_{s+1} × N_s) with 1/4 on each of the four parents of a merged token."""
+    gh, gw = grid_from
+    child = torch.arange(gh * gw).reshape(gh, gw)
+    parent_grid = torch.arange(4 * gh * gw).reshape(2 * gh, 2 * gw)
+    pm = torch.zeros(gh * gw, 4 * gh * gw)
+    for dy in range(2):
+        for dx in range(2):
+            pm[child.reshape(-1), parent_grid[dy::2, dx::2].reshape(-1)] = 0.25
+    return pm
+
+
+def propagate_dense(cv: CaptureView, steps: Mapping[int, Step], top_layer: int, *, final=None) -> torch.Tensor:
+    """Same as :func:`propagate` through dense matrices (for tests; O(N³))."""
+    top_stage = cv.stage_of(top_layer)
+    r = readout_row(cv, top_stage)
+    for stage in reversed(cv.stages[: cv.stages.index(top_stage) + 1]):
+        for layer in reversed(stage.layers):
+            if layer <= top_layer and layer in steps:
+                r = torch.einsum("bi,bij->bj", r, dense_operator(stage, steps[layer]))
+        if stage.index > 0:
+            r = r @ dense_merge(stage.grid)
+    first = cv.stages[0]
+    if final is not None:
+        r = final(r)
+    gh, gw = first.grid
+    return r[:, first.num_prefix :].reshape(-1, gh, gw)
+
+
+def head_fused(stage: StageView, layer: int, heads: HeadSelection, *names: str, clamp: bool = False) -> torch.Tensor:
+    """``E_h[Π names]`` at ``layer`` (per head, clamped at 0 first if ``clamp``).
+
+    ``names`` are capture variables, e.g. ``("attention",)`` or
+    ``("attention_grad", "attention")`` for ``E_h[(∂y/∂A ⊙ A)⁺]``. Returns
+    (B, N, N) for ViT or (B, nW, M², M²) for Swin windows.
+    """
+    i = stage.layer_index(layer)
+    x = stage.tensor(names[0])[:, i]
+    for name in names[1:]:
+        x = x * stage.tensor(name)[:, i]
+    return head_mean(x, heads_for(heads, layer, x.shape[1]), clamp=clamp)

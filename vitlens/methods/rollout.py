@@ -1,0 +1,47 @@
+"""Attention rollout (Abnar & Zuidema 2020)."""
+
+from __future__ import annotations
+
+import xarray as xr
+
+from .maps import chain_map, token_map
+from .operators import HeadSelection, Step, head_fused, select_layers, view
+
+
+def rollout(
+    cap: xr.DataTree,
+    *,
+    layers: list[int] | None = None,
+    heads: HeadSelection = None,
+    start_layer: int = 0,
+    per_layer: bool = False,
+) -> xr.DataArray:
+    """``R = Â_L···Â_s`` with ``Â_l = 0.5·(I + E_h[A[l]])``, read out (METHODS.md §2).
+
+    Parameters
+    ----------
+    layers
+        Blocks entering the product (default: all); the others act as identity.
+    heads
+        Heads entering each ``E_h`` (default: all); a dict maps layer → heads.
+    start_layer
+        First block of the product (default 0; Chefer's evaluation scripts use 1).
+    per_layer
+        Add a ``layer`` dim: the cumulative map after each selected block.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)))
+    >>> vl.explain(cap, "rollout", per_layer=True).sizes["layer"]
+    12
+    """
+    cv = view(cap)
+    chosen = select_layers(cv, layers, start_layer)
+    steps = {
+        l: Step(l, head_fused(cv.stage_of(l), l, heads, "attention"), alpha=0.5, beta=0.5) for l in chosen
+    }
+    values, per = chain_map(cv, steps, chosen, per_layer)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "per_layer": per_layer}
+    return token_map(cv, values, "rollout", options, per)

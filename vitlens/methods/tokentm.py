@@ -1,0 +1,125 @@
+"""TokenTM: token transformation effects (Wu, Duan, Kang, Tang, Yan, CVPR 2024).
+
+Confirmed by the paper: a token's transformation effect is measured by the change
+of its length (L2 norm) and by a direction correlation, NECC (normalised
+exponential cosine correlation), before vs after a transformation; these weights
+are combined with attention; the contribution map starts as a diagonal of input
+token lengths and is updated layer by layer; the final map is the CLS row.
+The exact rule below (which tokens count as "before/after", the NECC form, how
+weights enter the operator) is vitlens' documented choice (METHODS.md §7); each
+part is a switchable option recorded in the result's attrs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import xarray as xr
+
+from ..errors import OptionError
+from .maps import chain_map, token_map
+from .operators import HeadSelection, StageView, Step, head_fused, select_layers, view
+
+NECCS = ("range", "softmax", "none")
+INITS = ("norm", "identity")
+
+
+def necc(cos: torch.Tensor, kind: str) -> torch.Tensor:
+    """Normalised exponential cosine correlation of (B, N) cosines.
+
+    ``"range"``: ``(exp(c) − e⁻¹)/(e − e⁻¹)`` ∈ [0, 1]; ``"softmax"``:
+    ``N·softmax_j(c_j)``; ``"none"``: 1 (drops the direction term).
+
+    Examples
+    --------
+    >>> necc(torch.tensor([[1.0, -1.0]]), "range")
+    tensor([[1., 0.]])
+    """
+    if kind == "range":
+        return (cos.exp() - math.exp(-1)) / (math.e - math.exp(-1))
+    if kind == "softmax":
+        return cos.shape[-1] * cos.softmax(-1)
+    return torch.ones_like(cos)
+
+
+def transformation_weights(stage: StageView, layer: int, part: str, necc_kind: str, length: bool) -> torch.Tensor:
+    """``w_j = λ_j·NECC_j`` (B, N) for the MSA (value path) or FFN of ``layer``."""
+    i = stage.layer_index(layer)
+    if part == "msa":
+        out, inp, cos = "attn_value_norm", "token_norm", "attn_value_cos"
+    else:
+        out, inp, cos = "mlp_out_norm", "mlp_in_norm", "mlp_cos"
+    w = necc(stage.tensor(cos)[:, i], necc_kind)
+    if length:
+        w = w * stage.tensor(out)[:, i] / stage.tensor(inp)[:, i].clamp_min(1e-12)
+    return w
+
+
+def tokentm(
+    cap: xr.DataTree,
+    *,
+    layers: list[int] | None = None,
+    heads: HeadSelection = None,
+    start_layer: int = 0,
+    per_layer: bool = False,
+    necc: str = "range",
+    length: bool = True,
+    grad: bool = True,
+    ffn: bool = True,
+    init: str = "norm",
+) -> xr.DataArray:
+    """Token-transformation-weighted attention propagation (METHODS.md §7).
+
+    ``C_0 = diag(‖e⁰_j‖)``; per block ``U_l = I + Ā·diag(w)`` (MSA) and
+    ``V_l = I + diag(w^F)`` (FFN); ``C_l = V_l·U_l·C_{l−1}``; read out ``C_L``.
+    With ``ffn=False, necc="none", length=False, init="identity"`` it equals
+    :func:`vitlens.methods.generic_attention` exactly.
+
+    Parameters
+    ----------
+    necc
+        ``"range"`` (default), ``"softmax"`` or ``"none"``. *vitlens' choice.*
+    length
+        Multiply by the length ratio ``λ_j = ‖t_j‖/‖u_j‖`` (default True).
+    grad
+        ``Ā = E_h[(∂y_c/∂A ⊙ A)⁺]`` (default, class-specific) or ``E_h[A]``.
+    ffn
+        Include the FFN term ``V_l`` (default True).
+    init
+        ``"norm"``: ``C_0 = diag(‖e⁰‖)`` (default); ``"identity"``: ``C_0 = I``.
+    layers, heads, start_layer, per_layer
+        As for rollout.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)))
+    >>> vl.explain(cap, "tokentm", necc="softmax").attrs["necc"]
+    'softmax'
+    """
+    necc_kind = necc
+    if necc_kind not in NECCS:
+        raise OptionError(f"tokentm necc={necc_kind!r}; choose from {list(NECCS)}.")
+    if init not in INITS:
+        raise OptionError(f"tokentm init={init!r}; choose from {list(INITS)}.")
+    cv = view(cap)
+    chosen = select_layers(cv, layers, start_layer)
+    names = ("attention_grad", "attention") if grad else ("attention",)
+    steps = {}
+    for l in chosen:
+        stage = cv.stage_of(l)
+        a = head_fused(stage, l, heads, *names, clamp=grad)
+        w = transformation_weights(stage, l, "msa", necc_kind, length)
+        wf = transformation_weights(stage, l, "ffn", necc_kind, length) if ffn else None
+        # r·V·U = (r ⊙ (1 + w^F))·(I + G(Ā)·diag(w))
+        steps[l] = Step(l, a, pre=None if wf is None else 1 + wf, post=w)
+    final = None
+    if init == "norm":
+        e0 = cv.stages[0].tensor("token_norm")[:, 0]
+        final = lambda r: r * e0  # noqa: E731 - r·C_0 with C_0 = diag(‖e⁰‖)
+    values, per = chain_map(cv, steps, chosen, per_layer, final=final)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "per_layer": per_layer,
+               "necc": necc_kind, "length": length, "grad": grad, "ffn": ffn, "init": init}
+    return token_map(cv, values, "tokentm", options, per)

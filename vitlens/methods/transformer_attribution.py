@@ -1,0 +1,42 @@
+"""Transformer Attribution (Chefer, Gur & Wolf, CVPR 2021): LRP relevance × gradient."""
+
+from __future__ import annotations
+
+import xarray as xr
+
+from .maps import chain_map, token_map
+from .operators import HeadSelection, Step, head_fused, select_layers, view
+
+
+def transformer_attribution(
+    cap: xr.DataTree,
+    *,
+    layers: list[int] | None = None,
+    heads: HeadSelection = None,
+    start_layer: int = 1,
+    per_layer: bool = False,
+) -> xr.DataArray:
+    """``C = (I + Ē_L)···(I + Ē_s)``, ``Ē_l = E_h[(∂y_c/∂A ⊙ R_A)⁺]`` (METHODS.md §4).
+
+    ``R_A`` is the LRP relevance at each block's attention probabilities,
+    computed at capture time (``attention_relevance``) with the paper's rules
+    (:mod:`vitlens.methods.lrp`). No row normalisation. ``start_layer``
+    defaults to 1 as in the authors' scripts (0 includes the first block).
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)))
+    >>> vl.explain(cap, "transformer_attribution").attrs["start_layer"]
+    1
+    """
+    cv = view(cap)
+    chosen = select_layers(cv, layers, start_layer)
+    steps = {
+        l: Step(l, head_fused(cv.stage_of(l), l, heads, "attention_grad", "attention_relevance", clamp=True))
+        for l in chosen
+    }
+    values, per = chain_map(cv, steps, chosen, per_layer)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "per_layer": per_layer}
+    return token_map(cv, values, "transformer_attribution", options, per)
