@@ -212,12 +212,27 @@ def test_layernorm_statistics_and_token_norms_match_the_block_inputs(vit, images
 
 
 def test_features_gradient_equals_autograd(vit, images32):
+    """ViT Grad-CAM features: the last block's norm1 output and its gradient."""
     cap = vl.capture(vit, images32, target=1)
     x = _normalise(images32, vit)
-    feats = vit.forward_features(x).detach().requires_grad_(True)
-    vit.forward_head(feats)[:, 1].sum().backward()
-    np.testing.assert_allclose(cap["stage0"].features.values, feats.detach().numpy(), atol=1e-5)
-    np.testing.assert_allclose(cap["stage0"].features_grad.values, feats.grad.numpy(), atol=1e-6)
+    h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+    for blk in vit.blocks[:-1]:
+        h = blk(h)
+    last = vit.blocks[-1]
+    t = last.norm1(h).detach().requires_grad_(True)
+    x2 = h + last.ls1(last.attn(t))
+    out = x2 + last.ls2(last.mlp(last.norm2(x2)))
+    vit.forward_head(vit.norm(out))[:, 1].sum().backward()
+    np.testing.assert_allclose(cap["stage0"].features.values, t.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(cap["stage0"].features_grad.values, t.grad.numpy(), atol=1e-6)
+
+
+def test_swin_features_are_the_final_norm_output_with_gradient(swin, images64):
+    cap = vl.capture(swin, images64, target=3)
+    feats = swin.forward_features(_normalise(images64, swin)).detach().requires_grad_(True)
+    swin.forward_head(feats)[:, 3].sum().backward()
+    np.testing.assert_allclose(cap["stage1"].features.values, feats.detach().flatten(1, 2).numpy(), atol=1e-5)
+    np.testing.assert_allclose(cap["stage1"].features_grad.values, feats.grad.flatten(1, 2).numpy(), atol=1e-6)
 
 
 # -- batches, options, state --------------------------------------------------------

@@ -394,8 +394,8 @@ _DESCRIPTIONS = {
     "mlp_out_norm": "L2 norm of the MLP branch output",
     "mlp_cos": "cosine between the MLP output and the token entering the MLP branch",
     "block_out_norm": "L2 norm of each token leaving the block",
-    "features": "output of the model's final norm, one vector per token",
-    "features_grad": "gradient of the target logit w.r.t. the final norm's output",
+    "features": "normalised token features for Grad-CAM (ViT: last block's norm1 output; Swin: final norm)",
+    "features_grad": "gradient of the target logit w.r.t. the features",
     "window_token": "stage token index of each window position (after the cyclic shift)",
 }
 

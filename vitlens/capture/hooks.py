@@ -37,8 +37,9 @@ class Recorder:
     ``attn_value_cos``, ``attn_out_norm``, ``mlp_in_norm``, ``mlp_out_norm``,
     ``mlp_cos``, ``block_out_norm``; ``attention[layer]`` keeps the attention
     probabilities *with* their autograd graph (for gradients), ``block_inputs``
-    the detached block inputs (for the LRP pass) and ``features`` the final
-    norm's output with its graph.
+    the detached block inputs and ``final_input`` the final norm's input (for
+    the LRP pass), and ``features`` the adapter's feature module output (for
+    Grad-CAM on features) with its graph.
     """
 
     def __init__(self, adapter: Adapter, *, keep_block_inputs: bool = False):
@@ -103,6 +104,7 @@ class Recorder:
                 block.register_forward_hook(self._on_block(layer)),
             ]
         self._handles.append(ad.final_norm().register_forward_hook(self._on_final_norm))
+        self._handles.append(ad.feature_module().register_forward_hook(self._on_features))
         if self.keep_block_inputs:
             for stage, merge in ad.merges().items():
                 self._handles.append(merge.register_forward_hook(self._on_merge(stage)))
@@ -171,11 +173,12 @@ class Recorder:
         return hook
 
     def _on_final_norm(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        if self.paused:
-            return
-        self.features = output
-        if self.keep_block_inputs:
+        if not self.paused:
             self.final_input = inputs[0].detach()
+
+    def _on_features(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not self.paused:
+            self.features = output
 
     def _on_merge(self, stage: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:

@@ -27,9 +27,11 @@ def gradcam(
     the role of channels.
 
     ``on="features"`` (Swin default, and available for ViT): classic Grad-CAM on
-    the final norm's token features reshaped to the grid — channels weighted by
-    the spatial mean of their gradients, summed, ReLU. Swin's last-stage map is
-    repeated up to the first-stage grid.
+    normalised token features reshaped to the grid — channels weighted by the
+    spatial mean of their gradients, summed, ReLU. ViT: the last block's
+    ``norm1`` output (the final norm's patch tokens get no gradient through a
+    CLS read-out); Swin: the final norm's feature map, upsampled bilinearly to
+    the first-stage grid.
 
     Examples
     --------
@@ -63,6 +65,9 @@ def gradcam(
     f = last.tensor("features")[:, last.num_prefix :]  # (B, N, C)
     g = last.tensor("features_grad")[:, last.num_prefix :]
     cam = (g.mean(1, keepdim=True) * f).sum(-1).clamp(min=0).reshape(-1, *last.grid)
-    factor = cv.stages[0].grid[0] // last.grid[0]
-    values = cam.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+    values = cam
+    if last.grid != cv.stages[0].grid:  # Swin: bilinear onto the first-stage grid
+        values = torch.nn.functional.interpolate(
+            cam[:, None], size=cv.stages[0].grid, mode="bilinear", align_corners=False
+        )[:, 0]
     return token_map(cv, values, "gradcam", {"on": on})

@@ -21,7 +21,8 @@ def transformer_attribution(
     ``R_A`` is the LRP relevance at each block's attention probabilities,
     computed at capture time (``attention_relevance``) with the paper's rules
     (:mod:`vitlens.methods.lrp`). No row normalisation. ``start_layer``
-    defaults to 1 as in the authors' scripts (0 includes the first block).
+    defaults to 1 as in the authors' evaluation scripts (their demo notebooks
+    use 0, which includes the first block).
 
     Examples
     --------

@@ -109,6 +109,10 @@ class Adapter:
     def final_norm(self) -> nn.Module:
         return self.model.norm
 
+    def feature_module(self) -> nn.Module:
+        """Whose output Grad-CAM on features uses: normalised tokens that reach the logits."""
+        return self.final_norm()
+
     def merges(self) -> dict[int, nn.Module]:
         """Patch-merging module at the start of each stage that has one (Swin)."""
         return {}

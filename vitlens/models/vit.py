@@ -77,6 +77,11 @@ class ViTAdapter(Adapter):
             )
         ]
 
+    def feature_module(self) -> nn.Module:
+        # with a CLS read-out the final norm's patch tokens get no gradient; the
+        # last block's first LayerNorm output does (through its attention)
+        return self.model.blocks[-1].norm1
+
     @property
     def distilled(self) -> bool:
         return getattr(self.model, "head_dist", None) is not None

@@ -1,0 +1,374 @@
+"""Explanation methods against their definitions (METHODS.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from conftest import make_swin, make_vit, random_images
+
+import vitlens as vl
+from vitlens.capture.hooks import Recorder
+from vitlens.capture.relevance import attention_relevance
+from vitlens.methods import lrp
+from vitlens.models import adapter_for
+
+
+def corr(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+@pytest.fixture(scope="module")
+def vit_cap():
+    return vl.capture(make_vit(depth=4, seed=11), random_images(3, 32, seed=4))
+
+
+@pytest.fixture(scope="module")
+def swin_cap():
+    return vl.capture(make_swin(seed=12), random_images(2, 64, seed=5))
+
+
+# -- independent re-implementations on the captured tensors (ViT) ------------------------
+def _reference_maps(cap):
+    st = cap["stage0"]
+    A, G, RA = st.attention.values, st.attention_grad.values, st.attention_relevance.values
+    b, nl, _, n, _ = A.shape
+    eye = np.eye(n)
+    out = {k: [] for k in ("attention", "rollout", "generic_attention", "transformer_attribution", "gradcam")}
+    for i in range(b):
+        roll, gen, ta = eye.copy(), eye.copy(), eye.copy()
+        for l in range(nl):
+            roll = 0.5 * (eye + A[i, l].mean(0)) @ roll
+            gen = gen + np.clip(G[i, l] * A[i, l], 0, None).mean(0) @ gen
+            if l >= 1:
+                ta = (eye + np.clip(G[i, l] * RA[i, l], 0, None).mean(0)) @ ta
+        out["rollout"].append(roll[0, 1:])
+        out["generic_attention"].append(gen[0, 1:])
+        out["transformer_attribution"].append(ta[0, 1:])
+        out["attention"].append(A[i, -1].mean(0)[0, 1:])
+        a, g = A[i, -1][:, 0, 1:], G[i, -1][:, 0, 1:]
+        out["gradcam"].append(np.maximum((g.mean(-1, keepdims=True) * a).mean(0), 0))
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("method", ["attention", "rollout", "generic_attention", "transformer_attribution", "gradcam"])
+def test_maps_agree_with_independent_reimplementation(vit_cap, method):
+    ref = _reference_maps(vit_cap)[method]
+    got = vl.explain(vit_cap, method)
+    assert got.dims == ("sample", "y", "x") and got.shape == (3, 4, 4)
+    for i in range(3):
+        assert corr(got.values[i].ravel(), ref[i]) > 0.999
+    np.testing.assert_allclose(got.values.reshape(3, -1), ref, rtol=1e-4, atol=1e-7)
+
+
+def test_rollout_rows_sum_to_one(vit_cap):
+    # the rollout product of row-stochastic matrices is row-stochastic: the CLS row sums to 1
+    full = vl.explain(vit_cap, "rollout")
+    cls_part = 1 - full.sum(("y", "x"))
+    assert (cls_part > 0).all() and (cls_part < 1).all()
+    st = vit_cap["stage0"]
+    n = st.token.size
+    r = np.eye(n)
+    for l in range(st.layer.size):
+        r = 0.5 * (np.eye(n) + st.attention.values[0, l].mean(0)) @ r
+        np.testing.assert_allclose(r.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(full.values[0].ravel(), r[0, 1:], rtol=1e-5)
+
+
+# -- LRP ----------------------------------------------------------------------------------
+def test_alphabeta_linear_rule_on_a_hand_computed_example():
+    x = torch.tensor([[1.0, -2.0]])
+    w = torch.tensor([[1.0, 1.0], [2.0, -1.0], [-1.0, 0.5]])
+    # Z = W⁺x⁺ + W⁻x⁻ = [1, 2+2, 0]; S = R/Z = [1, .25, 0] (0 where Z = 0)
+    # R_in = x⁺⊙W⁺ᵀS + x⁻⊙W⁻ᵀS = [1·(1 + .5), 0] + [0, −2·(−.25)] = [1.5, 0.5]
+    r = lrp.linear_alphabeta(x, w, torch.tensor([[1.0, 1.0, 1.0]]))
+    torch.testing.assert_close(r, torch.tensor([[1.5, 0.5]]))
+
+
+def test_residual_rescaling_keeps_each_images_total():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    r = torch.randn(2, 5, 3)
+    r[1] *= 7  # images with very different totals must not mix
+    ra, rb = lrp.residual_add(a, b, r)
+    torch.testing.assert_close((ra + rb).sum((1, 2)), r.sum((1, 2)))
+    ra0, rb0 = lrp.residual_add(a[:1], b[:1], r[:1])
+    torch.testing.assert_close(ra[:1], ra0)
+    torch.testing.assert_close(rb[:1], rb0)
+
+
+def test_bilinear_rule_halves_and_conserves():
+    torch.manual_seed(1)
+    a, b = torch.rand(1, 4, 5), torch.rand(1, 5, 3)
+    r = torch.rand(1, 4, 3)
+    ra, rb = lrp.matmul_lrp0(a, b, r)
+    torch.testing.assert_close(ra.sum(), r.sum() / 2)
+    torch.testing.assert_close(rb.sum(), r.sum() / 2)
+
+
+def _relevance_totals(model, x):
+    ad = adapter_for(model)
+    with Recorder(ad, keep_block_inputs=True) as rec:
+        logits = model(x)
+        attention_relevance(ad, rec, logits.argmax(-1))
+    return rec.relevance_totals
+
+
+def test_lrp_relevance_is_conserved_block_by_block_on_a_bias_free_vit():
+    model = make_vit(depth=4, qkv_bias=False, seed=3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
+    totals = _relevance_totals(model, torch.randn(2, 3, 32, 32))
+    for layer, (r_in, r_out) in totals.items():
+        torch.testing.assert_close(r_in, r_out, rtol=1e-4, atol=1e-5)  # tolerance: float32 sums
+    assert set(totals) == {0, 1, 2, 3}
+
+
+def test_lrp_leak_on_swin_comes_only_from_position_bias_and_masks():
+    model = make_swin(seed=4)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.zero_()
+    totals = _relevance_totals(model, torch.randn(2, 3, 64, 64))
+    for layer, (r_in, r_out) in totals.items():
+        # unshifted windows conserve exactly; shifted ones leak only through the −100 mask (tiny)
+        torch.testing.assert_close(r_in, r_out, rtol=1e-3, atol=1e-4)
+    biased = _relevance_totals(make_swin(seed=4), torch.randn(2, 3, 64, 64))
+    leak = max(float((i - o).abs().max()) for i, o in biased.values())
+    assert leak > 1e-3  # with position bias the documented leak is real (and measured here)
+
+
+# -- sanity reductions ---------------------------------------------------------------------
+def _with(cap: xr.DataTree, stage: str, name: str, values) -> xr.DataTree:
+    tree = cap.copy(deep=True)
+    ds = tree[stage].to_dataset(inherit=False)
+    ds[name] = (ds[name].dims, values)
+    tree[stage] = xr.DataTree(ds)
+    return tree
+
+
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_lnstat_with_constant_statistic_equals_rollout(which, vit_cap, swin_cap):
+    cap = vit_cap if which == "vit" else swin_cap
+    for stage in cap.children:
+        cap = _with(cap, stage, "ln_std", np.full(cap[stage].ln_std.shape, 0.7, np.float32))
+    expected = vl.explain(cap, "rollout").values
+    for fusion in ("mean", "max", "entropy"):
+        got = vl.explain(cap, "lnstat", stat="std", head_fusion="mean")  # 0.7 normalises to 1, as prefixes
+        np.testing.assert_allclose(got.values, expected, rtol=1e-5, atol=1e-8)
+    for stage in cap.children:
+        cap = _with(cap, stage, "ln_std", np.ones(cap[stage].ln_std.shape, np.float32))
+    got = vl.explain(cap, "lnstat", stat="std", stat_norm="none")
+    np.testing.assert_allclose(got.values, expected, rtol=1e-5, atol=1e-8)
+    # the real statistic changes the map
+    real = vl.explain(vit_cap if which == "vit" else swin_cap, "lnstat")
+    assert not np.allclose(real.values, vl.explain(cap, "rollout").values, rtol=1e-3)
+
+
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_tokentm_with_listed_reductions_equals_generic_attention(which, vit_cap, swin_cap):
+    cap = vit_cap if which == "vit" else swin_cap
+    got = vl.explain(cap, "tokentm", ffn=False, necc="none", length=False, init="identity", grad=True)
+    np.testing.assert_allclose(got.values, vl.explain(cap, "generic_attention").values, rtol=1e-5, atol=1e-9)
+    full = vl.explain(cap, "tokentm")
+    assert not np.allclose(full.values / full.values.max(), got.values / got.values.max(), rtol=1e-2)
+
+
+def test_tokentm_weights_follow_the_definition(vit_cap):
+    from vitlens.methods.tokentm import necc
+
+    c = torch.tensor([[1.0, 0.0, -1.0]])
+    mid = float((1 - np.exp(-1)) / (np.e - np.exp(-1)))
+    torch.testing.assert_close(necc(c, "range"), torch.tensor([[1.0, mid, 0.0]]))
+    torch.testing.assert_close(necc(c, "softmax").sum(), torch.tensor(3.0))
+    # one block, no FFN, C_0 = I, grad=False: map = CLS row of (I + E_h[A]·diag(w))
+    st = vit_cap["stage0"]
+    got = vl.explain(vit_cap, "tokentm", layers=[0], ffn=False, grad=False, init="identity")
+    a = st.attention.values[0, 0].mean(0)
+    cos = torch.from_numpy(st.attn_value_cos.values[0, 0])
+    w = necc(cos[None], "range")[0].numpy() * st.attn_value_norm.values[0, 0] / st.token_norm.values[0, 0]
+    expected = (np.eye(a.shape[0]) + a * w[None, :])[0, 1:]
+    np.testing.assert_allclose(got.values[0].ravel(), expected, rtol=1e-5)
+
+
+# -- Swin: row-vector path = dense global operators ---------------------------------------------
+def test_swin_row_vector_path_equals_dense_global_operators(swin_cap, monkeypatch):
+    fast = {m: vl.explain(swin_cap, m) for m in vl.METHODS}
+    fast_layers = vl.explain(swin_cap, "rollout", per_layer=True)
+    import sys
+
+    from vitlens.methods import maps, operators
+
+    attention_module = sys.modules["vitlens.methods.attention"]
+
+    monkeypatch.setattr(maps, "propagate", operators.propagate_dense)
+    monkeypatch.setattr(attention_module, "propagate", operators.propagate_dense)
+    for m in vl.METHODS:
+        dense = vl.explain(swin_cap, m)
+        np.testing.assert_allclose(fast[m].values, dense.values, rtol=1e-5, atol=1e-5 * float(abs(dense).max()))
+    np.testing.assert_allclose(fast_layers.values, vl.explain(swin_cap, "rollout", per_layer=True).values, atol=1e-6)
+
+
+def test_dense_swin_operator_is_a_permuted_block_diagonal(swin_cap):
+    from vitlens.methods import operators
+
+    cv = operators.view(swin_cap)
+    stage = cv.stages[0]
+    x = operators.head_fused(stage, 1, None, "attention")  # shifted block
+    g = operators.dense_global(stage, 1, x)
+    np.testing.assert_allclose(g.sum(-1).numpy(), 1.0, atol=1e-5)  # rows still sum to one
+    assert int((g[0] != 0).sum()) <= 256 * 16  # each token attends within its window only
+    pm = operators.dense_merge((8, 8))
+    np.testing.assert_allclose(pm.sum(1).numpy(), 1.0)
+    assert (pm > 0).sum() == 256
+
+
+# -- class specificity ---------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_class_specific_methods_differ_between_targets(which):
+    model = make_vit(depth=3, seed=21) if which == "vit" else make_swin(seed=22)
+    img = random_images(1, 32 if which == "vit" else 64, seed=8)
+    cap = vl.capture(model, np.concatenate([img, img]), target=[0, 1])
+    maps = vl.explain(cap, "all")
+    for m in ("transformer_attribution", "generic_attention", "tokentm", "gradcam"):
+        a, b = vl.normalize(maps[m]).values
+        # random-initialised models have small gradients: the difference is small
+        # but far above float noise (the class-agnostic maps below agree to 1e-5)
+        assert np.abs(a - b).max() > 1e-4, m
+    for m in ("attention", "rollout", "lnstat"):
+        np.testing.assert_allclose(maps[m].values[0], maps[m].values[1], rtol=1e-5, err_msg=m)
+
+
+# -- cross-check with pytorch-grad-cam ---------------------------------------------------------
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_gradcam_on_features_matches_the_grad_cam_package(which):
+    """pytorch-grad-cam on the same layer: ViT last block's norm1, Swin's final norm."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = make_vit(depth=3, seed=31) if which == "vit" else make_swin(seed=32)
+    size = 32 if which == "vit" else 64
+    imgs = random_images(3, size, seed=9)
+    cap = vl.capture(model, imgs, target=[0, 1, 2])
+    ours = vl.explain(cap, "gradcam", on="features")
+
+    if which == "vit":
+        layer = model.blocks[-1].norm1
+
+        def reshape(t):
+            return t[:, 1:].reshape(t.shape[0], 4, 4, t.shape[-1]).permute(0, 3, 1, 2)
+    else:
+        layer = model.norm
+
+        def reshape(t):
+            return t.permute(0, 3, 1, 2)
+    x = torch.from_numpy((imgs - 0.5) / 0.5).permute(0, 3, 1, 2).float()
+    with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+        theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in (0, 1, 2)])
+    if which == "vit":  # same grid, same bilinear upsampling: compare in pixels
+        ours_px = vl.normalize(vl.to_pixels(ours)).values
+        pairs = [(ours_px[i], theirs[i]) for i in range(3)]
+    else:  # ours lives on the 16×16 first-stage grid: compare there (theirs pooled to it)
+        pooled = theirs.reshape(3, 16, 4, 16, 4).mean((2, 4))
+        pairs = [(ours.values[i], pooled[i]) for i in range(3)]
+    for a, b in pairs:
+        assert b.std() > 0
+        assert corr(a, b) > 0.99, corr(a, b)
+
+
+# -- options, variants, errors ---------------------------------------------------------------
+def test_options_are_recorded_and_selections_apply(vit_cap):
+    m = vl.explain(vit_cap, "rollout", heads=[0, 2], layers=range(0, 3), per_layer=True)
+    assert m.dims == ("sample", "layer", "y", "x") and m.layer.values.tolist() == [0, 1, 2]
+    assert m.attrs["heads"] == [0, 2] and m.attrs["layers"] == [0, 1, 2] and m.attrs["method"] == "rollout"
+    assert not np.allclose(m.isel(layer=-1).values, vl.explain(vit_cap, "rollout", layers=[0, 1, 2]).values * 0 + 1)
+    np.testing.assert_allclose(m.isel(layer=-1).values, vl.explain(vit_cap, "rollout", heads=[0, 2], layers=[0, 1, 2]).values)
+    per_head = vl.explain(vit_cap, "attention", heads={3: [1]})
+    np.testing.assert_allclose(
+        per_head.values[0].ravel(), vit_cap["stage0"].attention.values[0, 3, 1, 0, 1:], rtol=1e-6
+    )
+    for stat in ("std", "mean", "var", "norm"):
+        for fusion in ("mean", "max", "entropy"):
+            out = vl.explain(vit_cap, "lnstat", stat=stat, head_fusion=fusion, stat_norm="minmax")
+            assert np.isfinite(out.values).all() and out.attrs["stat"] == stat
+    assert vl.explain(vit_cap, "tokentm", necc="softmax", grad=False).attrs["grad"] == "false"
+    assert vl.explain(vit_cap, "transformer_attribution", start_layer=0).attrs["start_layer"] == 0
+
+
+def test_statistic_maps_are_the_normalised_ln_std(vit_cap, swin_cap):
+    s = vl.methods.statistic_maps(vit_cap)
+    std = vit_cap["stage0"].ln_std.sel(norm="norm1").values[:, :, 1:]
+    np.testing.assert_allclose(s.values.reshape(3, 4, -1), std / std.max(-1, keepdims=True), rtol=1e-5)
+    assert vl.methods.statistic_maps(swin_cap).shape == (2, 4, 16, 16)
+
+
+@pytest.mark.parametrize("fixture", ["deit_distilled", "vit_registers", "vit_avg"])
+def test_every_method_runs_on_vit_variants(fixture, request, images32):
+    model = request.getfixturevalue(fixture)
+    cap = vl.capture(model, images32)
+    maps = vl.explain(cap, "all", per_layer=False) if fixture != "vit_avg" else None
+    if fixture == "vit_avg":
+        for m in vl.METHODS:
+            if m == "gradcam":
+                with pytest.raises(vl.OptionError, match="features"):
+                    vl.explain(cap, m)
+                out = vl.explain(cap, m, on="features")
+            else:
+                out = vl.explain(cap, m)
+            assert out.shape == (3, 4, 4) and np.isfinite(out.values).all()
+        return
+    for m in vl.METHODS:
+        assert maps[m].shape == (3, 4, 4) and np.isfinite(maps[m].values).all(), m
+
+
+def test_bad_method_options_are_refused(vit_cap):
+    with pytest.raises(vl.OptionError, match="rollout"):
+        vl.explain(vit_cap, "rollot")
+    with pytest.raises(vl.OptionError, match="no option"):
+        vl.explain(vit_cap, "rollout", stat="std")
+    with pytest.raises(vl.OptionError, match="out of range"):
+        vl.explain(vit_cap, "rollout", heads=[7])
+    with pytest.raises(vl.OptionError, match="at least one head"):
+        vl.explain(vit_cap, "rollout", heads=[])
+    with pytest.raises(vl.OptionError, match="not in this capture"):
+        vl.explain(vit_cap, "rollout", layers=[9])
+    with pytest.raises(vl.OptionError, match="no layer left"):
+        vl.explain(vit_cap, "rollout", layers=[0], start_layer=1)
+    with pytest.raises(vl.OptionError, match="stat"):
+        vl.explain(vit_cap, "lnstat", stat="kurtosis")
+    with pytest.raises(vl.CaptureFormatError, match="keep"):
+        vl.explain(vl.capture(make_vit(), random_images(1, 32), grads=False), "generic_attention")
+    with pytest.raises(vl.CaptureFormatError):
+        vl.explain(xr.DataTree(), "rollout")
+
+
+def test_methods_never_rerun_the_model(vit_cap, monkeypatch):
+    import timm.models.vision_transformer as vt
+
+    def forbidden(*a, **k):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(vt.VisionTransformer, "forward", forbidden)
+    vl.explain(vit_cap, "all", per_layer=True)
+
+
+def test_to_pixels_and_normalize(vit_cap):
+    m = vl.explain(vit_cap, "rollout")
+    px = vl.to_pixels(m)
+    assert px.shape == (3, 32, 32) and px.attrs["method"] == "rollout"
+    n = vl.normalize(px)
+    np.testing.assert_allclose(n.min(("y", "x")).values, 0)
+    np.testing.assert_allclose(n.max(("y", "x")).values, 1)
+    # bilinear upsampling of a constant map stays constant; of a map keeps its mean roughly
+    assert abs(float(px.mean()) - float(m.mean())) < 0.05 * float(m.mean())
+    per = vl.normalize(vl.to_pixels(vl.explain(vit_cap, "rollout", per_layer=True), 16))
+    assert per.dims == ("sample", "layer", "y", "x") and per.shape[-1] == 16
+
+
+def test_maps_round_trip_through_saved_captures(vit_cap, tmp_path):
+    back = vl.open(vl.save(vit_cap, tmp_path / "c.nc"))
+    xr.testing.assert_allclose(vl.explain(back, "all"), vl.explain(vit_cap, "all"))
