@@ -35,7 +35,8 @@ def _merge_heads(r_q: torch.Tensor, r_k: torch.Tensor, r_v: torch.Tensor) -> tor
 
 def _attention_branch(attn: nn.Module, h: torch.Tensor, bias: torch.Tensor | None):
     """Explicit attention on tokens ``h`` (B', N, C); returns the pieces LRP needs."""
-    qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias)
+    qkv_lin = F.linear(h, attn.qkv.weight)  # bias-free part, reused by the αβ rule
+    qkv = qkv_lin if attn.qkv.bias is None else qkv_lin + attn.qkv.bias
     q, k, v = _split_heads(qkv, attn.num_heads).unbind(0)
     q, k = getattr(attn, "q_norm", nn.Identity())(q), getattr(attn, "k_norm", nn.Identity())(k)
     qs = q * attn.scale
@@ -46,33 +47,35 @@ def _attention_branch(attn: nn.Module, h: torch.Tensor, bias: torch.Tensor | Non
     probs = logits.softmax(-1)
     o = probs @ v
     o_cat = getattr(attn, "norm", nn.Identity())(o.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
-    out = F.linear(o_cat, attn.proj.weight, attn.proj.bias)
-    return {"qkv_in": h, "qs": qs, "kt": kt, "v": v, "probs": probs, "o_cat": o_cat, "out": out,
-            "logits": logits if bias is not None else None}
+    proj_lin = F.linear(o_cat, attn.proj.weight)
+    out = proj_lin if attn.proj.bias is None else proj_lin + attn.proj.bias
+    return {"qkv_in": h, "qkv_lin": qkv_lin, "qs": qs, "kt": kt, "v": v, "probs": probs, "o_cat": o_cat,
+            "proj_lin": proj_lin, "out": out, "logits": logits if bias is not None else None}
 
 
 def _attention_branch_relevance(attn: nn.Module, p: dict, r_out: torch.Tensor):
     """Relevance of the attention branch input, and of the attention probabilities."""
     b, n, _ = r_out.shape
-    r_o = linear_alphabeta(p["o_cat"], attn.proj.weight, r_out)
+    r_o = linear_alphabeta(p["o_cat"], attn.proj.weight, r_out, p["proj_lin"])
     r_o = r_o.reshape(b, n, attn.num_heads, -1).transpose(1, 2)
     r_probs, r_v = matmul_lrp0(p["probs"], p["v"], r_o)
     # softmax passes relevance on unchanged; Swin's bias/mask share is dropped
     r_q, r_kt = matmul_lrp0(p["qs"], p["kt"], r_probs, z=p["logits"])
     r_qkv = _merge_heads(r_q, r_kt.transpose(-2, -1), r_v)
-    return linear_alphabeta(p["qkv_in"], attn.qkv.weight, r_qkv), r_probs
+    return linear_alphabeta(p["qkv_in"], attn.qkv.weight, r_qkv, p["qkv_lin"]), r_probs
 
 
 def _mlp_relevance(block: nn.Module, x2: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
     """Relevance at the MLP residual's input ``x2`` for ``x3 = x2 + ls2(mlp(norm2(x2)))``."""
     mlp = block.mlp
     h2 = block.norm2(x2)
-    f1 = F.linear(h2, mlp.fc1.weight, mlp.fc1.bias)
-    g = mlp.norm(mlp.act(f1))
-    f = getattr(block, "ls2", nn.Identity())(F.linear(g, mlp.fc2.weight, mlp.fc2.bias))
+    f1_lin = F.linear(h2, mlp.fc1.weight)
+    g = mlp.norm(mlp.act(f1_lin if mlp.fc1.bias is None else f1_lin + mlp.fc1.bias))
+    f2_lin = F.linear(g, mlp.fc2.weight)
+    f = getattr(block, "ls2", nn.Identity())(f2_lin if mlp.fc2.bias is None else f2_lin + mlp.fc2.bias)
     r_res, r_f = residual_add(x2, f, r_out)
-    r_g = linear_alphabeta(g, mlp.fc2.weight, r_f)
-    return r_res + linear_alphabeta(h2, mlp.fc1.weight, r_g)
+    r_g = linear_alphabeta(g, mlp.fc2.weight, r_f, f2_lin)
+    return r_res + linear_alphabeta(h2, mlp.fc1.weight, r_g, f1_lin)
 
 
 def _vit_block(block: nn.Module, x: torch.Tensor, r_out: torch.Tensor):
