@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -126,6 +126,8 @@ def capture(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    store: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> xr.DataTree:
     """Run ``model`` once on ``images`` and record its internals into a labeled DataTree.
 
@@ -156,7 +158,16 @@ def capture(
     device
         Where to run (default: where the model's parameters are).
     progress
-        Show a progress bar (default: when there is more than one batch).
+        Show a progress bar (default: when there is more than one batch, and
+        always when streaming to a store).
+    store
+        A ``.zarr`` path: capture any number of images (an array, a folder of
+        image files, ``vl.datasets.shapes(...)``, a torch ``DataLoader``, any
+        iterable of batches) batch by batch, appending each batch to the store
+        as it goes; returns the store opened lazily (dask). Nothing already
+        written is lost if the run is interrupted.
+    resume
+        Continue an interrupted ``store`` run after its last committed image.
 
     Returns
     -------
@@ -182,6 +193,21 @@ def capture(
         batch_size = 32
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
+    if store is not None:
+        from .stream import capture_to_store
+
+        def capture_batch(part: Any, part_target: Any, offset: int) -> xr.DataTree:
+            tree = capture(model, part, part_target, grads=grads, keep=keep, dtype=dtype,
+                           batch_size=batch_size, device=device, progress=False)
+            tree.dataset = tree.to_dataset(inherit=False).assign_coords(
+                sample=np.arange(offset, offset + tree["sample"].size)
+            )
+            return tree
+
+        return capture_to_store(capture_batch, images, store, target=target, batch_size=int(batch_size),
+                                resume=resume, progress=progress)
+    if resume:
+        raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
 
     batch = prepare(images, adapter)
     n = batch.pixels.shape[0]

@@ -135,8 +135,13 @@ def _upsample(coarse: np.ndarray, size: int) -> np.ndarray:
     return rows[:, i0] * (1.0 - t)[None, :, None] + rows[:, i0 + 1] * t[None, :, None]
 
 
-def _background(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """Smooth random texture: base colour + gradient + low-frequency noise + grain."""
+def _background(
+    rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray, texture: float
+) -> np.ndarray:
+    """Smooth random texture: base colour + gradient + low-frequency noise + grain.
+
+    ``texture`` scales everything but the base colour (0 gives a flat background).
+    """
     base = rng.uniform(0.2, 0.8, size=3)
     angle = rng.uniform(0.0, 2.0 * math.pi)
     amp = rng.uniform(-0.2, 0.2, size=3)
@@ -144,7 +149,7 @@ def _background(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndar
     grid = int(rng.integers(3, 7))
     coarse = rng.uniform(-0.15, 0.15, size=(grid, grid, 3))
     grain = rng.uniform(-0.03, 0.03, size=(size, size, 3))
-    img = base + ramp[..., None] * amp + _upsample(coarse, size) + grain
+    img = base + texture * (ramp[..., None] * amp + _upsample(coarse, size) + grain)
     return np.clip(img, 0.0, 1.0)
 
 
@@ -219,6 +224,7 @@ def _one_image(
     counts: tuple[int, ...],
     slots: int,
     clutter: bool,
+    texture: float,
     min_contrast: float,
     xx: np.ndarray,
     yy: np.ndarray,
@@ -236,7 +242,7 @@ def _one_image(
         labels[k] = classes[k]
         masks[k] = _shape_mask(int(classes[k]), xx, yy, cx, cy, r, float(thetas[k]))
 
-    img = _background(rng, size, xx, yy)
+    img = _background(rng, size, xx, yy, texture)
     if clutter:
         _clutter(rng, img, xx, yy)
 
@@ -284,6 +290,7 @@ def shapes(
     objects: int | Iterable[int] = (1, 2),
     *,
     clutter: bool = True,
+    texture: float = 1.0,
     min_contrast: float = 0.4,
 ) -> xr.Dataset:
     """Generate ``n`` procedural shape images with labels and exact masks.
@@ -305,6 +312,9 @@ def shapes(
         classes and masks that keep a gap of at least two pixels.
     clutter : bool, default True
         Add unlabelled clutter (thin lines, small blobs) under the objects.
+    texture : float, default 1.0
+        Strength of the background texture (gradient, smooth noise, grain) in
+        [0, 1]; 0 gives a flat background.  Objects and labels do not change.
     min_contrast : float, default 0.4
         Smallest RGB (Euclidean) distance between an object's colour and the mean of
         the image in a 3-pixel ring around it (outside every object), in [0, 0.8].
@@ -347,6 +357,8 @@ def shapes(
             f"min_contrast={min_contrast!r}: use a number between 0 and 0.8 (RGB distance); "
             f"the default 0.4 keeps every object clearly visible."
         )
+    if not isinstance(texture, (int, float)) or not 0.0 <= float(texture) <= 1.0:
+        raise OptionError(f"texture={texture!r}: use a number between 0 (flat) and 1 (default).")
     n, size, seed = int(n), int(size), int(seed)
     counts = _as_counts(objects)
     slots = max(counts)
@@ -360,7 +372,7 @@ def shapes(
     for i, child in enumerate(np.random.SeedSequence(seed).spawn(n)):
         rng = np.random.default_rng(child)
         images[i], labels[i], masks[i] = _one_image(
-            rng, size, counts, slots, bool(clutter), float(min_contrast), xx, yy
+            rng, size, counts, slots, bool(clutter), float(texture), float(min_contrast), xx, yy
         )
 
     return xr.Dataset(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+import numpy as np
 import xarray as xr
 
 from ..errors import OptionError
@@ -49,6 +50,25 @@ def options_of(method: str) -> list[str]:
     return [p for p in inspect.signature(_FUNCTIONS[method]).parameters if p != "cap"]
 
 
+def _sample_blocks(cap: xr.DataTree) -> list[tuple[int, int]] | None:
+    """Chunk boundaries along ``sample`` if the capture is dask-backed, else None."""
+    chunks = None
+    for node in cap.subtree:
+        for var in node.to_dataset(inherit=False).data_vars.values():
+            if var.chunks is not None and "sample" in var.dims:
+                sizes = var.chunksizes["sample"]
+                if chunks is None or len(sizes) > len(chunks):
+                    chunks = sizes
+    if chunks is None:
+        return None
+    edges = np.cumsum((0, *chunks))
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _explain_block(cap: xr.DataTree, method: str, options: dict[str, Any]) -> xr.DataArray | xr.Dataset:
+    return explain(cap.load(), method, **options)
+
+
 def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArray | xr.Dataset:
     """Compute an explanation map from a capture, without running the model again.
 
@@ -78,6 +98,16 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     >>> sorted(maps.data_vars) == sorted(vl.METHODS)
     True
     """
+    blocks = _sample_blocks(cap) if isinstance(cap, xr.DataTree) else None
+    if blocks is not None:
+        # lazy (dask-backed) capture: one task per sample chunk, each loading only
+        # its chunk; runs on a dask.distributed Client's workers when one is active
+        import dask
+
+        parts = [dask.delayed(_explain_block)(cap.isel(sample=slice(a, b)), method, options) for a, b in blocks]
+        results = dask.compute(*parts)
+        out = xr.concat(results, "sample", combine_attrs="override")
+        return out
     if method == "all":
         out = {}
         for name in METHODS:

@@ -1,0 +1,86 @@
+"""One-sentence captions that say what each panel shows (written for teaching)."""
+
+from __future__ import annotations
+
+from .layout import CaptureLayout, HeadChoice, Query
+
+_METHOD_TEXT = {
+    "attention": "raw attention of block {l} alone (mean of the selected heads), read out from {readout}",
+    "rollout": "attention rollout: 0.5·(I + attention) multiplied over blocks {first}–{l}, read out from {readout}",
+    "gradcam": "Grad-CAM on the attention heads of block {l} (heads weighted by their gradient) for class {cls}",
+    "transformer_attribution": "Chefer et al. 2021: gradient × LRP relevance of the attention, accumulated over blocks {first}–{l}, for class {cls}",
+    "generic_attention": "Chefer et al. 2021 (generic): gradient × attention, accumulated over blocks {first}–{l}, for class {cls}",
+    "lnstat": "LayerNorm statistic × attention, accumulated like rollout over blocks {first}–{l}",
+    "tokentm": "TokenTM: attention × token-length and direction changes, accumulated over blocks {first}–{l}, for class {cls}",
+}
+
+_STAT_TEXT = {
+    "std": "std",
+    "mean": "mean",
+    "var": "variance",
+    "norm": "norm ‖x − mean‖",
+}
+
+
+def heads_text(layout: CaptureLayout, heads: HeadChoice, layer: int) -> str:
+    """``"all 12 heads"``, ``"heads 0, 2 of 12"`` or ``"no head"`` at ``layer``'s stage."""
+    stage = layout.stage_of(layer)
+    chosen = sorted(heads[stage.index])
+    if not chosen:
+        return "no head"
+    if len(chosen) == stage.num_heads:
+        return f"all {stage.num_heads} heads"
+    return f"head{'s' if len(chosen) > 1 else ''} {', '.join(map(str, chosen))} of {stage.num_heads}"
+
+
+def query_text(query: Query) -> str:
+    return "the CLS token" if query is None else f"patch (row {query[0]}, col {query[1]})"
+
+
+def readout_text(layout: CaptureLayout) -> str:
+    return "the CLS token" if layout.readout == "cls" else "the average of all tokens"
+
+
+def stage_text(layout: CaptureLayout, layer: int) -> str:
+    """Stage indicator, e.g. ``"stage 1 of 4 · 28×28 tokens · windows 7×7, shifted by 3"``."""
+    stage = layout.stage_of(layer)
+    text = f"stage {stage.index} of {len(layout.stages)} · {stage.shape_text} tokens"
+    if stage.window is not None:
+        sy, sx = stage.shift(layer)
+        text += f" · windows {stage.window[0]}×{stage.window[1]}" + (f", shifted by ({sy}, {sx})" if sy or sx else "")
+    if stage.factor > 1:
+        text += f" (drawn on the {layout.grid[0]}×{layout.grid[1]} grid)"
+    return text
+
+
+def attention_caption(layout: CaptureLayout, layer: int, heads: HeadChoice, query: Query) -> str:
+    text = f"Where {query_text(query)} looks at block {layer}: its attention row, mean over {heads_text(layout, heads, layer)}"
+    if layout.windowed:
+        text += "; Swin attends only inside its window (faint grid)"
+    return text + ". Click a patch to make it the query."
+
+
+def statistic_caption(layout: CaptureLayout, layer: int, stat: str) -> str:
+    return f"{_STAT_TEXT.get(stat, stat)} of each token entering block {layer}'s first LayerNorm (scaled to [0, 1])."
+
+
+def fusion_caption(layout: CaptureLayout, layer: int, heads: HeadChoice, stat: str) -> str:
+    first = layout.layers[0]
+    return (
+        f"Attention fusion (lnstat): attention × the token {_STAT_TEXT.get(stat, stat)}, accumulated like rollout over "
+        f"blocks {first}–{layer} with {heads_text(layout, heads, layer)}, read out from {readout_text(layout)}."
+    )
+
+
+def method_caption(layout: CaptureLayout, method: str, layer: int, first: int, class_name: str, on_features: bool) -> str:
+    if on_features:
+        return f"Grad-CAM on the final feature map for class {class_name!r} (the same at every layer)."
+    if layer < first:
+        return f"{method} starts at block {first} (its default start_layer): nothing is accumulated at block {layer} yet."
+    text = _METHOD_TEXT[method].format(l=layer, first=first, readout=readout_text(layout), cls=repr(class_name))
+    return text[0].upper() + text[1:] + "."
+
+
+def panel_title(kind: str, layer: int, detail: str = "") -> str:
+    """Short subplot title, e.g. ``"attention · block 3"``."""
+    return f"{kind} · block {layer}" + (f" · {detail}" if detail else "")

@@ -1,0 +1,232 @@
+"""Where things sit in a capture: stages, grids, heads, windows and query tokens.
+
+Widgets draw every map on the *first-stage* token grid (ViT: the only grid; Swin:
+the finest, e.g. 56×56 for Swin-T at 224 px). A token of a coarser Swin stage
+covers a ``f×f`` block of first-stage tokens (``f = 2**stage``); its value is
+repeated over that block (nearest-neighbour), the same convention as
+:func:`vitlens.methods.statistic_maps`. A *query* is a patch ``(row, col)`` on
+the first-stage grid, or ``None`` for the read-out token (CLS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+
+from ..errors import CaptureFormatError, OptionError
+
+Query = tuple[int, int] | None
+#: Selected heads per stage index (a stage with an empty set contributes nothing).
+HeadChoice = Mapping[int, frozenset[int]]
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """One stage of a capture: its blocks, token grid and heads."""
+
+    name: str
+    index: int
+    layers: tuple[int, ...]
+    grid: tuple[int, int]
+    stride: tuple[int, int]
+    num_heads: int
+    num_prefix: int
+    window: tuple[int, int] | None
+    factor: int  # first-stage tokens per stage token, along each axis
+    shifts: tuple[tuple[int, int], ...] = ()  # Swin: cyclic shift of each block's windows
+
+    def shift(self, layer: int) -> tuple[int, int]:
+        return self.shifts[self.layers.index(layer)] if self.shifts else (0, 0)
+
+    @property
+    def shape_text(self) -> str:
+        return f"{self.grid[0]}×{self.grid[1]}"
+
+
+@dataclass(frozen=True)
+class CaptureLayout:
+    """The stages of a capture and the first-stage grid every map is drawn on."""
+
+    stages: tuple[StageLayout, ...]
+    family: str
+    readout: str
+    input_size: tuple[int, int]
+
+    @property
+    def first(self) -> StageLayout:
+        return self.stages[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.first.grid
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self.first.stride
+
+    @property
+    def layers(self) -> list[int]:
+        return [l for s in self.stages for l in s.layers]
+
+    @property
+    def windowed(self) -> bool:
+        return self.first.window is not None
+
+    def stage_of(self, layer: int) -> StageLayout:
+        for stage in self.stages:
+            if layer in stage.layers:
+                return stage
+        raise OptionError(f"layer {layer} is not in this capture; it has layers {self.layers[0]}..{self.layers[-1]}.")
+
+    def default_query(self) -> Query:
+        """CLS for ViT with a CLS read-out; otherwise the centre patch."""
+        if self.readout == "cls" and self.first.num_prefix > 0:
+            return None
+        return (self.grid[0] // 2, self.grid[1] // 2)
+
+    def all_heads(self) -> dict[int, frozenset[int]]:
+        return {s.index: frozenset(range(s.num_heads)) for s in self.stages}
+
+
+def capture_layout(cap: xr.DataTree) -> CaptureLayout:
+    """Read the stage layout of a capture (no arrays are loaded)."""
+    if not isinstance(cap, xr.DataTree) or "vitlens_version" not in cap.attrs:
+        raise CaptureFormatError(
+            f"widgets take a capture from vl.capture or vl.open (an xarray.DataTree); got {type(cap).__name__}."
+        )
+    names = sorted(cap.children, key=lambda n: int(n.removeprefix("stage")))
+    if not names or "attention" not in cap[names[0]]:
+        raise CaptureFormatError("this capture holds no attention; capture again with keep='all' to explore it.")
+    stages = []
+    first_grid = None
+    for name in names:
+        node = cap[name]
+        grid = tuple(int(g) for g in node.attrs["grid"])
+        first_grid = first_grid or grid
+        window = node.attrs.get("window_size")
+        stages.append(
+            StageLayout(
+                name=name,
+                index=int(node.attrs["stage"]),
+                layers=tuple(int(v) for v in node["layer"].values),
+                grid=grid,  # type: ignore[arg-type]
+                stride=tuple(int(s) for s in node.attrs["stride"]),  # type: ignore[arg-type]
+                num_heads=int(node.attrs["num_heads"]),
+                num_prefix=int(node.attrs["num_prefix_tokens"]),
+                window=tuple(int(w) for w in window) if window is not None else None,  # type: ignore[arg-type]
+                factor=first_grid[0] // grid[0],
+                shifts=tuple(tuple(int(v) for v in sh) for sh in node.attrs.get("shift_size", ())),  # type: ignore[misc]
+            )
+        )
+    h, w = (int(v) for v in cap.attrs["input_size"][-2:])
+    return CaptureLayout(tuple(stages), str(cap.attrs["family"]), str(cap.attrs["readout"]), (h, w))
+
+
+def query_token(layout: CaptureLayout, stage: StageLayout, query: Query) -> int:
+    """Token index (in ``stage``) of a query on the first-stage grid; ``None`` → CLS (token 0)."""
+    if query is None:
+        if stage.num_prefix == 0:
+            raise OptionError("this model has no CLS token; select a patch (row, col) as the query.")
+        return 0
+    row, col = query
+    gh, gw = layout.grid
+    if not (0 <= row < gh and 0 <= col < gw):
+        raise OptionError(f"patch ({row}, {col}) is outside the {gh}×{gw} token grid; rows 0..{gh - 1}, cols 0..{gw - 1}.")
+    r, c = row // stage.factor, col // stage.factor
+    return stage.num_prefix + r * stage.grid[1] + c
+
+
+def heads_option(layout: CaptureLayout, choice: HeadChoice) -> None | list[int] | dict[int, list[int]]:
+    """The ``heads=`` option of :func:`vitlens.explain` for a per-stage head choice.
+
+    ``None`` when every head is selected; a list for a single-stage (ViT) capture;
+    otherwise a dict mapping each layer to its stage's heads.
+    """
+    if all(len(choice[s.index]) == s.num_heads for s in layout.stages):
+        return None
+    if len(layout.stages) == 1:
+        return sorted(choice[layout.first.index])
+    return {l: sorted(choice[s.index]) for s in layout.stages for l in s.layers if choice[s.index]}
+
+
+def usable_layers(layout: CaptureLayout, choice: HeadChoice) -> list[int]:
+    """Layers that can be aggregated: every block before the first stage with no head selected."""
+    out: list[int] = []
+    for stage in layout.stages:
+        if not choice[stage.index]:
+            break
+        out.extend(stage.layers)
+    return out
+
+
+def upsample(values: np.ndarray, factor: int) -> np.ndarray:
+    """Repeat a stage-grid map ``(..., h, w)`` onto the first-stage grid."""
+    if factor == 1:
+        return values
+    return np.repeat(np.repeat(values, factor, -2), factor, -1)
+
+
+def window_ids(layout: CaptureLayout, layer: int, window_token: np.ndarray) -> np.ndarray:
+    """Window index of every first-stage token at ``layer`` (Swin), as a grid."""
+    stage = layout.stage_of(layer)
+    ids = np.empty(stage.grid[0] * stage.grid[1], dtype=np.int64)
+    for w, tokens in enumerate(window_token):
+        ids[tokens] = w
+    return upsample(ids.reshape(stage.grid), stage.factor)
+
+
+def window_edges(ids: np.ndarray, stride: tuple[int, int]) -> tuple[list[float | None], list[float | None]]:
+    """Line segments (pixel coordinates, ``None``-separated) between tokens of different windows."""
+    sy, sx = stride
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+    gh, gw = ids.shape
+    for r in range(1, gh):
+        cuts = ids[r] != ids[r - 1]
+        for c in np.flatnonzero(cuts):
+            xs += [c * sx - 0.5, (c + 1) * sx - 0.5, None]
+            ys += [r * sy - 0.5, r * sy - 0.5, None]
+    for c in range(1, gw):
+        cuts = ids[:, c] != ids[:, c - 1]
+        for r in np.flatnonzero(cuts):
+            xs += [c * sx - 0.5, c * sx - 0.5, None]
+            ys += [r * sy - 0.5, (r + 1) * sy - 0.5, None]
+    return xs, ys
+
+
+def patch_outline(layout: CaptureLayout, layer: int, query: Query) -> tuple[list[float], list[float]]:
+    """Closed square (pixel coordinates) around the query's token at ``layer``'s stage."""
+    if query is None:
+        return [], []
+    stage = layout.stage_of(layer)
+    f = stage.factor
+    sy, sx = layout.stride
+    r0, c0 = (query[0] // f) * f, (query[1] // f) * f
+    y0, y1 = r0 * sy - 0.5, (r0 + f) * sy - 0.5
+    x0, x1 = c0 * sx - 0.5, (c0 + f) * sx - 0.5
+    return [x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0]
+
+
+def parse_heads(layout: CaptureLayout, heads: None | Iterable[int] | Mapping[int, Iterable[int]]) -> dict[int, frozenset[int]]:
+    """A user's ``heads=`` (None, heads for every stage, or stage → heads) as a per-stage choice."""
+    choice = layout.all_heads()
+    if heads is None:
+        return choice
+    if isinstance(heads, Mapping):
+        items = {int(k): v for k, v in heads.items()}
+    else:
+        picked = list(heads)
+        items = {s.index: picked for s in layout.stages}
+    for index, picked in items.items():
+        if index not in choice:
+            raise OptionError(f"heads: stage {index} is not in this capture (stages 0..{len(layout.stages) - 1}).")
+        n = layout.stages[index].num_heads
+        hs = frozenset(int(h) for h in picked)
+        bad = sorted(h for h in hs if not 0 <= h < n)
+        if bad:
+            raise OptionError(f"heads {bad} are out of range in stage {index}, which has heads 0..{n - 1}.")
+        choice[index] = hs
+    return choice

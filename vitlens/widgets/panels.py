@@ -1,0 +1,205 @@
+"""What each widget panel shows, computed from a capture (never the model).
+
+Every function returns maps on the first-stage token grid (see
+:mod:`vitlens.widgets.layout`). Slow-changing quantities (per-layer cumulative
+maps, which depend on heads, statistic, method and class) are computed once by
+:class:`PanelMaps` and cached; a layer-slider move is then an index.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ..errors import OptionError, VitlensError
+from ..methods import METHODS, explain, statistic_maps
+from .layout import CaptureLayout, HeadChoice, Query, heads_option, query_token, upsample, usable_layers
+
+#: LayerNorm statistics the widgets offer (``vl.explain(..., "lnstat", stat=...)``).
+STATISTICS = ("std", "mean", "var", "norm")
+
+
+def normalized(values: np.ndarray) -> np.ndarray:
+    """Min-max normalise one map to [0, 1] (a constant map becomes zeros), float32.
+
+    The same rule as :func:`vitlens.normalize`, so all panels share one colour scale.
+
+    Examples
+    --------
+    >>> normalized(np.array([[1.0, 3.0]])).tolist()
+    [[0.0, 1.0]]
+    """
+    values = np.asarray(values, dtype=np.float32)
+    lo, hi = float(values.min()), float(values.max())
+    if not hi > lo:
+        return np.zeros_like(values)
+    return (values - lo) / (hi - lo)
+
+
+def query_attention(
+    cap: xr.DataTree,
+    layout: CaptureLayout,
+    sample: int,
+    layer: int,
+    heads: Sequence[int],
+    query: Query,
+) -> np.ndarray:
+    """Attention of one query token to every patch at ``layer``, mean over ``heads``.
+
+    ViT: ``attention.sel(layer=l, head=heads).mean("head").isel(sample=s, query=q)``
+    with prefix keys dropped. Swin: the query's window row (found with
+    ``window_token``), scattered back onto the stage grid (zeros outside the
+    window). Returns ``(gh, gw)`` on the first-stage grid; zeros if no head.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> from vitlens.widgets.layout import capture_layout
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)))
+    >>> query_attention(cap, capture_layout(cap), 0, 11, [0, 1], None).shape
+    (4, 4)
+    """
+    stage = layout.stage_of(layer)
+    if not len(heads):
+        return np.zeros(layout.grid, dtype=np.float32)
+    node = cap[stage.name]
+    att = node["attention"].isel(sample=sample).sel(layer=layer, head=list(heads))
+    token = query_token(layout, stage, query)
+    if stage.window is None:
+        keys = att.isel(query=token).mean("head").values
+        values = keys[stage.num_prefix :].reshape(stage.grid)
+    else:
+        wt = node["window_token"].sel(layer=layer).values  # (window, position)
+        window, position = (int(i[0]) for i in np.nonzero(wt == token))
+        keys = att.isel(window=window, query=position).mean("head").values
+        flat = np.zeros(stage.grid[0] * stage.grid[1], dtype=np.float32)
+        flat[wt[window]] = keys
+        values = flat.reshape(stage.grid)
+    return upsample(np.asarray(values, dtype=np.float32), stage.factor)
+
+
+def head_attention(cap: xr.DataTree, layout: CaptureLayout, sample: int, layer: int, query: Query) -> np.ndarray:
+    """:func:`query_attention` for every head of ``layer`` separately: ``(head, gh, gw)``."""
+    stage = layout.stage_of(layer)
+    return np.stack([query_attention(cap, layout, sample, layer, [h], query) for h in range(stage.num_heads)])
+
+
+def _per_layer_array(maps: xr.DataArray, layers: Sequence[int]) -> np.ndarray:
+    """(sample, layer, y, x) for every layer in ``layers``; zeros where a layer is missing."""
+    values = np.asarray(maps.transpose("sample", "layer", "y", "x").values, dtype=np.float32)
+    have = {int(l): i for i, l in enumerate(maps["layer"].values)}
+    out = np.zeros((values.shape[0], len(layers), *values.shape[2:]), dtype=np.float32)
+    for j, l in enumerate(layers):
+        if l in have:
+            out[:, j] = values[:, have[l]]
+    return out
+
+
+def fusion_maps(cap: xr.DataTree, layout: CaptureLayout, heads: HeadChoice, stat: str) -> np.ndarray:
+    """``lnstat`` accumulated up to each layer: ``(sample, layer, gh, gw)`` over all layers.
+
+    ``vl.explain(cap, "lnstat", heads=..., stat=stat, per_layer=True)``; layers after
+    a stage with no selected head are zeros.
+    """
+    layers = usable_layers(layout, heads)
+    if not layers:
+        return np.zeros((cap["sample"].size, len(layout.layers), *layout.grid), dtype=np.float32)
+    maps = explain(cap, "lnstat", heads=heads_option(layout, heads), stat=stat, per_layer=True, layers=layers)
+    return _per_layer_array(maps, layout.layers)
+
+
+def statistic_array(cap: xr.DataTree, stat: str) -> np.ndarray:
+    """The LayerNorm-input statistic of every layer: ``(sample, layer, gh, gw)``."""
+    if stat not in STATISTICS:
+        raise OptionError(f"statistic {stat!r}; choose from {list(STATISTICS)}.")
+    maps = statistic_maps(cap, stat=stat)
+    return np.asarray(maps.transpose("sample", "layer", "y", "x").values, dtype=np.float32)
+
+
+def method_options(layout: CaptureLayout, method: str) -> dict[str, Any]:
+    """Options the widgets pass to :func:`vitlens.explain` besides heads and layers."""
+    if method == "gradcam" and (layout.family == "swin" or layout.readout != "cls"):
+        return {"on": "features"}
+    return {}
+
+
+def layer_dependent(layout: CaptureLayout, method: str) -> bool:
+    """Whether the method's map changes with the layer slider."""
+    return not (method == "gradcam" and method_options(layout, method).get("on") == "features")
+
+
+def method_maps(cap: xr.DataTree, layout: CaptureLayout, method: str, heads: HeadChoice) -> tuple[np.ndarray, int]:
+    """One method's map at every layer: ``(sample, layer, gh, gw)``, and its first layer.
+
+    Cumulative up to the layer (``per_layer=True``) for the propagation methods;
+    the single block for ``attention`` and attention Grad-CAM; the final feature
+    map (the same at every layer) for feature Grad-CAM. Layers before a method's
+    ``start_layer`` are zeros.
+    """
+    if method not in METHODS:
+        raise OptionError(f"unknown method {method!r}; choose from {list(METHODS)}.")
+    n = int(cap["sample"].size)
+    layers = usable_layers(layout, heads)
+    out = np.zeros((n, len(layout.layers), *layout.grid), dtype=np.float32)
+    if not layers:
+        return out, layout.layers[0]
+    extra = method_options(layout, method)
+    if method == "gradcam":
+        if extra:
+            single = explain(cap, "gradcam", **extra).transpose("sample", "y", "x").values
+            out[:] = np.asarray(single, dtype=np.float32)[:, None]
+            return out, layout.layers[0]
+        opt = heads_option(layout, heads)
+        for j, l in enumerate(layout.layers):
+            if l in layers:
+                out[:, j] = explain(cap, "gradcam", layers=l, heads=opt).transpose("sample", "y", "x").values
+        return out, layout.layers[0]
+    maps = explain(cap, method, heads=heads_option(layout, heads), per_layer=True, layers=layers)
+    return _per_layer_array(maps, layout.layers), int(maps["layer"].values[0])
+
+
+class PanelMaps:
+    """A small least-recently-used cache of per-layer map stacks.
+
+    Keys say what a stack depends on (panel, heads, statistic, method, class);
+    values are ``(sample, layer, gh, gw)`` arrays.
+
+    Examples
+    --------
+    >>> cache = PanelMaps(size=2)
+    >>> cache.get(("a",), lambda: np.zeros(1)).shape
+    (1,)
+    """
+
+    def __init__(self, size: int = 48) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = compute()
+        self._items[key] = value
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def safe(compute: Callable[[], np.ndarray], shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
+    """Run ``compute``; on a vitlens error return zeros and the message (shown as the caption)."""
+    try:
+        return compute(), ""
+    except VitlensError as exc:
+        return np.zeros(shape, dtype=np.float32), str(exc)
