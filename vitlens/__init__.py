@@ -14,7 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import datasets, methods, models
+from . import datasets, figures, methods, models
 from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
 from .errors import (
     CaptureFormatError,
@@ -41,6 +41,7 @@ __all__ = [
     "capture",
     "datasets",
     "explain",
+    "figures",
     "methods",
     "normalize",
     "to_pixels",

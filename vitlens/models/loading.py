@@ -6,6 +6,7 @@ import difflib
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import ModelLoadError, UnsupportedModelError
@@ -36,6 +37,7 @@ def load_model(
     pretrained: bool = False,
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
+    device: str | torch.device | None = None,
     **timm_kwargs,
 ) -> nn.Module:
     """Load a model vitlens can explain, in eval mode.
@@ -55,6 +57,9 @@ def load_model(
         checkpoints are converted as timm does). Works offline.
     num_classes
         For timm names: size of the classifier head.
+    device
+        Where to put a loaded model (default: CUDA when available, else CPU).
+        A module passed in stays where it is.
 
     Examples
     --------
@@ -77,7 +82,7 @@ def load_model(
     if name in shipped:
         if checkpoint is not None or pretrained:
             raise ModelLoadError(f"{name!r} is shipped with vitlens; pass no pretrained=/checkpoint=.")
-        return zoo.load_shipped(name)
+        return zoo.load_shipped(name).to(_device(device))
 
     import timm
 
@@ -122,4 +127,10 @@ def load_model(
             ) from exc
         raise ModelLoadError(f"timm could not create {name!r}: {exc}") from exc
     adapter_for(model)
-    return model.eval()
+    return model.eval().to(_device(device))
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

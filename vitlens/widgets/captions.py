@@ -6,12 +6,12 @@ from .layout import CaptureLayout, HeadChoice, Query
 
 _METHOD_TEXT = {
     "attention": "raw attention of block {l} alone (mean of the selected heads), read out from {readout}",
-    "rollout": "attention rollout: 0.5·(I + attention) multiplied over blocks {first}–{l}, read out from {readout}",
+    "rollout": "attention rollout: 0.5·(I + attention) multiplied over {blocks}, read out from {readout}",
     "gradcam": "Grad-CAM on the attention heads of block {l} (heads weighted by their gradient) for class {cls}",
-    "transformer_attribution": "Chefer et al. 2021: gradient × LRP relevance of the attention, accumulated over blocks {first}–{l}, for class {cls}",
-    "generic_attention": "Chefer et al. 2021 (generic): gradient × attention, accumulated over blocks {first}–{l}, for class {cls}",
-    "lnstat": "LayerNorm statistic × attention, accumulated like rollout over blocks {first}–{l}",
-    "tokentm": "TokenTM: attention × token-length and direction changes, accumulated over blocks {first}–{l}, for class {cls}",
+    "transformer_attribution": "Chefer et al. 2021: gradient × LRP relevance of the attention, accumulated over {blocks}, for class {cls}",
+    "generic_attention": "Chefer et al. 2021 (generic): gradient × attention, accumulated over {blocks}, for class {cls}",
+    "lnstat": "LayerNorm statistic × attention, accumulated like rollout over {blocks}",
+    "tokentm": "TokenTM: attention × token-length and direction changes, accumulated over {blocks}, for class {cls}",
 }
 
 _STAT_TEXT = {
@@ -20,6 +20,11 @@ _STAT_TEXT = {
     "var": "variance",
     "norm": "norm ‖x − mean‖",
 }
+
+
+def blocks_text(first: int, layer: int) -> str:
+    """``"block 3"`` or ``"blocks 0–3"``."""
+    return f"block {layer}" if first >= layer else f"blocks {first}–{layer}"
 
 
 def heads_text(layout: CaptureLayout, heads: HeadChoice, layer: int) -> str:
@@ -44,7 +49,7 @@ def readout_text(layout: CaptureLayout) -> str:
 def stage_text(layout: CaptureLayout, layer: int) -> str:
     """Stage indicator, e.g. ``"stage 1 of 4 · 28×28 tokens · windows 7×7, shifted by 3"``."""
     stage = layout.stage_of(layer)
-    text = f"stage {stage.index} of {len(layout.stages)} · {stage.shape_text} tokens"
+    text = f"stage{stage.index} ({stage.index + 1} of {len(layout.stages)}) · {stage.shape_text} tokens"
     if stage.window is not None:
         sy, sx = stage.shift(layer)
         text += f" · windows {stage.window[0]}×{stage.window[1]}" + (f", shifted by ({sy}, {sx})" if sy or sx else "")
@@ -68,7 +73,7 @@ def fusion_caption(layout: CaptureLayout, layer: int, heads: HeadChoice, stat: s
     first = layout.layers[0]
     return (
         f"Attention fusion (lnstat): attention × the token {_STAT_TEXT.get(stat, stat)}, accumulated like rollout over "
-        f"blocks {first}–{layer} with {heads_text(layout, heads, layer)}, read out from {readout_text(layout)}."
+        f"{blocks_text(first, layer)} with {heads_text(layout, heads, layer)}, read out from {readout_text(layout)}."
     )
 
 
@@ -77,7 +82,7 @@ def method_caption(layout: CaptureLayout, method: str, layer: int, first: int, c
         return f"Grad-CAM on the final feature map for class {class_name!r} (the same at every layer)."
     if layer < first:
         return f"{method} starts at block {first} (its default start_layer): nothing is accumulated at block {layer} yet."
-    text = _METHOD_TEXT[method].format(l=layer, first=first, readout=readout_text(layout), cls=repr(class_name))
+    text = _METHOD_TEXT[method].format(l=layer, blocks=blocks_text(first, layer), readout=readout_text(layout), cls=repr(class_name))
     return text[0].upper() + text[1:] + "."
 
 

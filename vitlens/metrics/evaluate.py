@@ -1,0 +1,430 @@
+"""``vl.evaluate``: every method's segmentation and perturbation scores in one table.
+
+One *evaluation item* is one labelled object of one image: its mask is the
+segmentation ground truth and its class the label the perturbation accuracy is
+measured against. A two-object image therefore gives two items (each scored with
+its own object's class and mask).
+
+Per batch of images the model is captured once for its predicted classes and,
+for the items whose label differs from the prediction, once more for the labels;
+each method's maps come from those captures. Perturbation curves for the
+predicted-class maps are computed per image (two items of one image share them),
+and for the label maps only where the label differs from the prediction (the maps
+are identical otherwise). The deletion and insertion curves reuse the forward
+passes of the positive and negative perturbation runs (see
+:mod:`vitlens.metrics.perturbation`), so the whole table costs one run of each.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from ..errors import ImageError, OptionError
+from .inputs import Pictures, model_device, pixel_maps, progress_bar
+from .perturbation import area, ranking, removal_probabilities
+from .segmentation import PARTS, counts_dataset, segmentation_scores
+
+__all__ = ["evaluate", "evaluate_items", "summarize", "TARGETS"]
+
+#: Which class's maps the segmentation and deletion/insertion columns score.
+TARGETS = ("label", "predicted")
+
+_CURVES = [f"correct_{d}_{w}" for d in ("positive", "negative") for w in ("predicted", "label")]
+
+
+def _method_names(methods: str | Sequence[str]) -> list[str]:
+    from ..methods import METHODS
+
+    if isinstance(methods, str):
+        names = list(METHODS) if methods == "all" else [methods]
+    else:
+        names = list(methods)
+    if not names:
+        raise OptionError(f"methods is empty; pass 'all' or names from {list(METHODS)}.")
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise OptionError(f"unknown method(s) {unknown}; choose from {list(METHODS)} or 'all'.")
+    return names
+
+
+def _dataset_arrays(dataset: xr.Dataset, n: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """images (N, H, W, 3) float32 in [0, 1], masks (N, O, H, W) bool, labels (N, O) int64."""
+    if not isinstance(dataset, xr.Dataset):
+        raise OptionError(
+            f"dataset must be an xarray.Dataset with 'image' and 'mask' (e.g. vl.datasets.shapes(500)); "
+            f"got {type(dataset).__name__}."
+        )
+    missing = [v for v in ("image", "mask") if v not in dataset]
+    if missing:
+        raise OptionError(
+            f"dataset lacks {missing}; evaluate needs 'image (sample, y, x, channel)' and "
+            "'mask (sample, [object,] y, x)', plus 'label' for perturbation accuracy."
+        )
+    total = dataset.sizes.get("sample", 0)
+    if total == 0:
+        raise OptionError("dataset holds no images; pass a dataset with at least one image and mask.")
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise OptionError(f"n={n!r}: use a positive number of images, or None for all.")
+        if n > total:
+            raise OptionError(f"n={n} but the dataset holds {total} images; use n <= {total} or n=None.")
+        dataset = dataset.isel(sample=slice(0, int(n)))
+    images = dataset["image"].transpose("sample", "y", "x", "channel").values
+    if np.issubdtype(images.dtype, np.integer):
+        images = images.astype(np.float32) / 255.0
+    images = np.asarray(images, dtype=np.float32)
+    if images.min() < -1e-4 or images.max() > 1 + 1e-4:
+        raise ImageError("dataset images must lie in [0, 1] (or be uint8); vitlens datasets do.")
+    mask = dataset["mask"]
+    if "object" not in mask.dims:
+        mask = mask.expand_dims(object=[0], axis=1)
+    masks = mask.transpose("sample", "object", "y", "x").values.astype(bool)
+    if "label" in dataset:
+        label = dataset["label"]
+        if "object" not in label.dims:
+            label = label.expand_dims(object=[0], axis=1)
+        labels = label.transpose("sample", "object").values.astype(np.int64)
+    else:
+        labels = np.full(masks.shape[:2], -1, dtype=np.int64)
+    if labels.shape != masks.shape[:2]:
+        raise OptionError(f"label has shape {labels.shape} but mask has {masks.shape[:2]} (sample, object).")
+    return np.clip(images, 0.0, 1.0), masks, labels
+
+
+def _fit(images: np.ndarray, masks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Resize pictures (bilinear, antialiased) and masks (nearest) together to the model input."""
+    if images.shape[1:3] == tuple(size):
+        return images, masks
+    f = torch.nn.functional
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    x = f.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    n, o = masks.shape[:2]
+    m = torch.from_numpy(masks.reshape(n * o, 1, *masks.shape[2:]).astype(np.float32))
+    m = f.interpolate(m, size=size, mode="nearest").reshape(n, o, *size) > 0.5
+    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()), m.numpy()
+
+
+def evaluate_items(
+    model: nn.Module | str,
+    dataset: xr.Dataset,
+    methods: str | Sequence[str] = "all",
+    n: int | None = None,
+    target: str = "label",
+    *,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    steps: int = 10,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> xr.Dataset:
+    """Per-item raw results behind :func:`evaluate` (select items, then :func:`summarize`).
+
+    Same parameters as :func:`evaluate`. Returns a Dataset over ``method`` and
+    ``item`` (coords ``sample``, ``object``, ``label``, ``predicted``,
+    ``objects_in_image``) holding the segmentation counts, the hit arrays of the
+    four perturbation runs over ``removed``, the deletion / insertion probability
+    curves, and the timings.
+
+    Examples
+    --------
+    >>> import timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
+    >>> items = vl.metrics.evaluate_items(model, vl.datasets.shapes(2, objects=2), "rollout")
+    >>> items.sizes["item"], vl.metrics.summarize(items).sizes["method"]
+    (4, 1)
+    """
+    from ..capture import capture
+    from ..methods import explain
+    from ..models import adapter_for, load_model
+
+    if isinstance(model, str):
+        model = load_model(model)
+    adapter = adapter_for(model)
+    names = _method_names(methods)
+    opts = {k: dict(v) for k, v in (options or {}).items()}
+    if set(opts) - set(names):
+        raise OptionError(f"options for {sorted(set(opts) - set(names))}, which are not evaluated; evaluated: {names}.")
+    if target not in TARGETS:
+        raise OptionError(f"target={target!r}; choose 'label' (each object's class) or 'predicted'.")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise OptionError(f"steps={steps!r}: use an int >= 2 (10 gives the 0 %, 10 %, ..., 90 % protocol).")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
+    steps, batch_size = int(steps), int(batch_size)
+    device = model_device(model, device)
+
+    images, masks, labels = _dataset_arrays(dataset, n)
+    size = tuple(int(s) for s in adapter.input_size)
+    resized = images.shape[1:3] != size
+    images, masks = _fit(images, masks, size)
+    item_sample, item_object = np.nonzero(masks.any((2, 3)))
+    if item_sample.size == 0:
+        raise ImageError("no image of the dataset has a non-empty mask; evaluate scores maps against masks.")
+    item_label = labels[item_sample, item_object]
+    n_img, n_items, n_m = images.shape[0], item_sample.size, len(names)
+    npix = size[0] * size[1]
+
+    # removal schedule shared by every map: positive steps 1..S-1, then negative steps 1..S-1
+    runs = [(npix * i // steps, True) for i in range(1, steps)] + [(npix * i // steps, False) for i in range(1, steps)]
+    s1 = steps - 1
+    fractions = np.arange(steps) / steps
+    full = np.arange(steps + 1) / steps
+
+    seg_arrays: dict[str, np.ndarray] = {
+        "correct": np.zeros((n_m, n_items), np.int64),
+        "intersection": np.zeros((n_m, n_items, 2), np.int64),
+        "union": np.zeros((n_m, n_items, 2), np.int64),
+        "ap": np.zeros((n_m, n_items)),
+        "pointing": np.zeros((n_m, n_items)),
+    }
+    hits = {k: np.zeros((n_m, n_items, steps), bool) for k in _CURVES}
+    deletion = np.zeros((n_m, n_items, steps + 1), np.float32)
+    insertion = np.zeros((n_m, n_items, steps + 1), np.float32)
+    predicted = np.zeros(n_items, np.int64)
+    reference = np.zeros(n_items, np.int64)
+    explain_seconds = np.zeros(n_m)
+    capture_seconds = 0.0
+    mean = std = None
+    model_name = ""
+
+    show = bool(progress) if progress is not None else n_img > batch_size
+    bar = progress_bar(n_img, "evaluate", show)
+    order_all = np.tile(np.arange(npix), (min(batch_size, n_img), 1))
+    for s0 in range(0, n_img, batch_size):
+        s1_img = min(s0 + batch_size, n_img)
+        chunk = images[s0:s1_img]
+        its = np.nonzero((item_sample >= s0) & (item_sample < s1_img))[0]
+        local = item_sample[its] - s0
+        t = time.perf_counter()
+        cap = capture(model, chunk, target=None, batch_size=batch_size, device=device, progress=False)
+        capture_seconds += time.perf_counter() - t
+        mean, std = tuple(cap.attrs["mean"]), tuple(cap.attrs["std"])
+        model_name = str(cap.attrs.get("model", ""))
+        pics = Pictures(chunk, mean, std)
+        pred = cap["target"].values.astype(np.int64)
+        lab = np.where(item_label[its] >= 0, item_label[its], pred[local])
+        diff = lab != pred[local]
+        predicted[its], reference[its] = pred[local], lab
+        cap_label = None
+        if diff.any():
+            cap_label = capture(model, chunk[local[diff]], target=lab[diff].tolist(), batch_size=batch_size,
+                                device=device, progress=False)
+            pics_label = Pictures(chunk[local[diff]], mean, std)
+        base = removal_probabilities(model, pics, order_all[: len(chunk)], [(0, True), (npix, True)],
+                                     batch_size=batch_size, device=device)
+        clean, zero = base[local, 0], base[local, 1]
+        item_masks = masks[item_sample[its], item_object[its]]
+
+        for m, name in enumerate(names):
+            t = time.perf_counter()
+            maps_pred = explain(cap, name, **opts.get(name, {}))
+            explain_seconds[m] += time.perf_counter() - t
+            values = pixel_maps(maps_pred, size)
+            probs = removal_probabilities(model, pics, ranking(values), runs, batch_size=batch_size, device=device)
+            probs_pred = probs[local]
+            values_label, probs_label = values[local], probs_pred.copy()
+            if cap_label is not None:
+                v = pixel_maps(explain(cap_label, name, **opts.get(name, {})), size)
+                values_label[diff] = v
+                probs_label[diff] = removal_probabilities(model, pics_label, ranking(v), runs,
+                                                          batch_size=batch_size, device=device)
+            counts = counts_dataset(values_label if target == "label" else values[local], item_masks, "item")
+            for key, arr in seg_arrays.items():
+                arr[m, its] = counts[key].values
+            for which, p in (("predicted", probs_pred), ("label", probs_label)):
+                top1 = p.argmax(-1)
+                first = clean.argmax(-1)[:, None]
+                hits[f"correct_positive_{which}"][m, its] = np.concatenate([first, top1[:, :s1]], 1) == lab[:, None]
+                hits[f"correct_negative_{which}"][m, its] = np.concatenate([first, top1[:, s1:]], 1) == lab[:, None]
+            p, cls = (probs_label, lab) if target == "label" else (probs_pred, pred[local])
+            pick = np.arange(len(its))
+            pc = p[pick, :, cls]  # (items, runs) probability of the explained class
+            c_clean, c_zero = clean[pick, cls][:, None], zero[pick, cls][:, None]
+            deletion[m, its] = np.concatenate([c_clean, pc[:, :s1], c_zero], 1)
+            # insertion at j/S keeps the top pixels = negative run at (S - j)/S
+            insertion[m, its] = np.concatenate([c_zero, pc[:, s1:][:, ::-1], c_clean], 1)
+        bar.update(len(chunk))
+    bar.close()
+
+    objects_in_image = np.bincount(item_sample, minlength=n_img)[item_sample]
+    data: dict[str, Any] = {
+        "correct": (("method", "item"), seg_arrays["correct"]),
+        "pixels": ("item", np.full(n_items, npix, np.int64)),
+        "intersection": (("method", "item", "part"), seg_arrays["intersection"]),
+        "union": (("method", "item", "part"), seg_arrays["union"]),
+        "ap": (("method", "item"), seg_arrays["ap"]),
+        "pointing": (("method", "item"), seg_arrays["pointing"]),
+        **{k: (("method", "item", "removed"), v) for k, v in hits.items()},
+        "deletion": (("method", "item", "deleted"), deletion),
+        "insertion": (("method", "item", "inserted"), insertion),
+        "explain_seconds": ("method", explain_seconds),
+        "capture_seconds": ((), capture_seconds),
+    }
+    out = xr.Dataset(
+        data,
+        coords={
+            "method": names,
+            "item": np.arange(n_items),
+            "sample": ("item", item_sample),
+            "object": ("item", item_object),
+            "label": ("item", item_label),
+            "reference": ("item", reference),
+            "predicted": ("item", predicted),
+            "objects_in_image": ("item", objects_in_image),
+            "part": list(PARTS),
+            "removed": fractions,
+            "deleted": full,
+            "inserted": full,
+        },
+        attrs={
+            "model": model_name,
+            "images": n_img,
+            "target": target,
+            "steps": steps,
+            "input_size": list(size),
+            "resized": int(resized),
+            "mean": list(mean or ()),
+            "std": list(std or ()),
+            "options": repr(opts),
+        },
+    )
+    out["reference"].attrs["description"] = "class accuracy is measured against: the label, or the prediction where unknown"
+    out["explain_seconds"].attrs["description"] = "time spent in vl.explain for the predicted-class maps of all images"
+    out["capture_seconds"].attrs["description"] = "time spent in vl.capture (predicted class) for all images"
+    return out
+
+
+def summarize(items: xr.Dataset, dim: str = "item") -> xr.Dataset:
+    """Turn :func:`evaluate_items` results (or a selection of items) into the score table.
+
+    Examples
+    --------
+    >>> import timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
+    >>> items = vl.metrics.evaluate_items(model, vl.datasets.shapes(4, objects=(1, 2)), ["rollout", "gradcam"])
+    >>> one_object = vl.metrics.summarize(items.isel(item=items.objects_in_image.values == 1))
+    >>> list(one_object.method.values)
+    ['rollout', 'gradcam']
+    """
+    if items.sizes.get(dim, 0) == 0:
+        raise OptionError("no items to summarise; select at least one item.")
+    seg = segmentation_scores(items, dim)
+    table = xr.Dataset(
+        {k: seg[k] for k in ("pixel_accuracy", "miou", "iou_foreground", "map", "pointing")},
+    )
+    fractions = items["removed"].values
+    for direction in ("positive", "negative"):
+        for which in ("predicted", "label"):
+            acc = items[f"correct_{direction}_{which}"].mean(dim)
+            auc = xr.apply_ufunc(lambda a: 100.0 * np.trapezoid(a, fractions, axis=-1), acc,
+                                 input_core_dims=[["removed"]])
+            table[f"{direction}_auc_{which}"] = auc
+            table[f"{direction}_auc_{which}"].attrs["better"] = "lower" if direction == "positive" else "higher"
+    for kind, coord in (("deletion", "deleted"), ("insertion", "inserted")):
+        curve = items[kind].mean(dim)
+        table[f"{kind}_auc"] = xr.apply_ufunc(lambda a, x=items[coord].values: np.trapezoid(a, x, axis=-1), curve,
+                                              input_core_dims=[[coord]])
+    images = int(items.attrs.get("images", 1)) or 1
+    table["seconds_per_image"] = items["explain_seconds"] / images
+    table["capture_seconds_per_image"] = xr.full_like(table["seconds_per_image"], float(items["capture_seconds"]) / images)
+    clean = float((items["correct_positive_label"].isel(removed=0, method=0)).mean(dim))
+    labelled = int((items["label"] >= 0).sum())
+    table.attrs = {
+        **{k: v for k, v in items.attrs.items() if k in ("model", "target", "steps", "input_size", "resized")},
+        "items": int(items.sizes[dim]),
+        "images_in_items": int(np.unique(items["sample"].values).size),
+        "labelled_items": labelled,
+        "clean_accuracy": clean,
+        "accuracy_reference": "ground-truth label" if labelled == items.sizes[dim] else
+        "ground-truth label where known, else the model's clean prediction",
+        "protocol": (
+            "segmentation: bilinear upsampling, min-max, foreground = map > its mean; pixel accuracy and mIoU from "
+            "dataset-level counts, mAP per item; perturbation: 0-90 % of pixels set to 0 in the unnormalised "
+            "picture, top-1 accuracy against the label, AUC = trapezoid x100 (positive: lower is better, "
+            "negative: higher); deletion/insertion: softmax probability of the explained class, area over 0-100 %"
+        ),
+    }
+    descriptions = {
+        "positive_auc_predicted": "positive perturbation AUC, maps of the predicted class (lower is better)",
+        "negative_auc_predicted": "negative perturbation AUC, maps of the predicted class (higher is better)",
+        "positive_auc_label": "positive perturbation AUC, maps of the ground-truth class (lower is better)",
+        "negative_auc_label": "negative perturbation AUC, maps of the ground-truth class (higher is better)",
+        "deletion_auc": "area under the explained class's probability while deleting (lower is better)",
+        "insertion_auc": "area under the explained class's probability while inserting (higher is better)",
+        "seconds_per_image": "vl.explain time per image for this method (capture excluded)",
+        "capture_seconds_per_image": "vl.capture time per image (shared by all methods)",
+    }
+    for k, text in descriptions.items():
+        table[k].attrs["description"] = text
+    return table
+
+
+def evaluate(
+    model: nn.Module | str,
+    dataset: xr.Dataset,
+    methods: str | Sequence[str] = "all",
+    n: int | None = None,
+    target: str = "label",
+    *,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    steps: int = 10,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> xr.Dataset:
+    """Score explanation methods on a dataset with masks: one row per method.
+
+    Parameters
+    ----------
+    model
+        A model vitlens explains, or a name for :func:`vitlens.load_model`
+        (e.g. ``"vit-shapes"``).
+    dataset
+        ``image (sample, y, x, channel)`` in [0, 1], ``mask (sample, object, y, x)``
+        and ``label (sample, object)`` (-1 = none), as
+        :func:`vitlens.datasets.shapes` and :func:`vitlens.datasets.imagenet_seg`
+        return. Every non-empty mask is one evaluation item. Pictures of another
+        size than the model input are resized together with their masks.
+    methods
+        ``"all"`` or method names from :data:`vitlens.METHODS`.
+    n
+        Use the first ``n`` images (default: all).
+    target
+        Which class's maps the segmentation and deletion/insertion columns score:
+        ``"label"`` (the item's object class; the prediction where the label is
+        unknown) or ``"predicted"`` (the model's top class, as Chefer et al. on
+        ImageNet-segmentation). Perturbation AUCs are given for both.
+    options
+        Per-method options, e.g. ``{"rollout": {"start_layer": 1}}``.
+    steps, batch_size, device, progress
+        Perturbation grid (10 → 0–90 %); images per batch; where to run (default:
+        the model's device); progress bar (default: for more than one batch).
+
+    Returns
+    -------
+    xarray.Dataset
+        Over ``method``: ``pixel_accuracy``, ``miou``, ``iou_foreground``,
+        ``map``, ``pointing``, ``positive_auc_predicted``,
+        ``negative_auc_predicted``, ``positive_auc_label``, ``negative_auc_label``,
+        ``deletion_auc``, ``insertion_auc``, ``seconds_per_image``,
+        ``capture_seconds_per_image``; ``attrs`` hold the item counts, the clean
+        accuracy and the protocol. ``.to_dataframe()`` gives the table.
+
+    Examples
+    --------
+    >>> import timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
+    >>> table = vl.metrics.evaluate(model, vl.datasets.shapes(4), methods=["rollout", "tokentm"])
+    >>> table.to_dataframe().shape[0]
+    2
+    """
+    items = evaluate_items(model, dataset, methods, n, target, options=options, steps=steps,
+                           batch_size=batch_size, device=device, progress=progress)
+    return summarize(items)

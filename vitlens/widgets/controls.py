@@ -1,0 +1,112 @@
+"""Small ipywidgets pieces shared by the widgets: head toggles, class choices, probes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ipywidgets as widgets
+import numpy as np
+import xarray as xr
+
+from .layout import CaptureLayout
+
+
+class HeadToggles:
+    """One toggle button per head of every stage, plus "all" and "none".
+
+    Only the current stage's toggles are shown (:attr:`box`); ``on_change`` is
+    called once per user action (a toggle, or all/none), never per button.
+    """
+
+    def __init__(self, layout: CaptureLayout, choice: dict[int, frozenset[int]], on_change: Callable[[], None]) -> None:
+        self.layout = layout
+        self.on_change = on_change
+        self._quiet = False
+        self.stage = layout.first.index
+        self.toggles: dict[int, list[widgets.ToggleButton]] = {}
+        for stage in layout.stages:
+            row = []
+            for h in range(stage.num_heads):
+                t = widgets.ToggleButton(
+                    value=h in choice[stage.index], description=str(h), tooltip=f"head {h} of stage {stage.index}",
+                    layout=widgets.Layout(width="34px", padding="0px"),
+                )
+                t.add_class("vitlens-head-toggle")
+                t.add_class(f"vitlens-head-{h}")
+                t.observe(self._toggled, "value")
+                row.append(t)
+            self.toggles[stage.index] = row
+        self.all_button = widgets.Button(description="all", tooltip="select every head of this stage",
+                                         layout=widgets.Layout(width="44px"))
+        self.none_button = widgets.Button(description="none", tooltip="deselect every head of this stage",
+                                          layout=widgets.Layout(width="50px"))
+        self.all_button.add_class("vitlens-heads-all")
+        self.none_button.add_class("vitlens-heads-none")
+        self.all_button.on_click(lambda _: self.set_stage(self.stage, range(self._num_heads)))
+        self.none_button.on_click(lambda _: self.set_stage(self.stage, ()))
+        self.label = widgets.HTML("Heads", layout=widgets.Layout(width="auto", margin="0 6px 0 0"))
+        self.box = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap", align_items="center"))
+        self.show(self.stage)
+
+    @property
+    def _num_heads(self) -> int:
+        return len(self.toggles[self.stage])
+
+    def choice(self) -> dict[int, frozenset[int]]:
+        return {s: frozenset(h for h, t in enumerate(row) if t.value) for s, row in self.toggles.items()}
+
+    def show(self, stage: int) -> None:
+        """Show the toggles of ``stage``."""
+        if stage == self.stage and self.box.children:
+            return
+        self.stage = stage
+        self.box.children = [self.label, *self.toggles[stage], self.all_button, self.none_button]
+
+    def set_stage(self, stage: int, heads) -> None:
+        """Select exactly ``heads`` in ``stage``; one ``on_change`` call."""
+        wanted = {int(h) for h in heads}
+        self._quiet = True
+        try:
+            for h, t in enumerate(self.toggles[stage]):
+                t.value = h in wanted
+        finally:
+            self._quiet = False
+        self.on_change()
+
+    def toggle(self, stage: int, head: int) -> None:
+        t = self.toggles[stage][head]
+        t.value = not t.value  # observer calls on_change
+
+    def _toggled(self, change) -> None:
+        if not self._quiet:
+            self.on_change()
+
+
+def top_classes(cap: xr.DataTree, sample: int, k: int = 5) -> list[tuple[int, str, float]]:
+    """The ``k`` most probable classes of one sample: ``(class, name, probability)``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> t = xr.DataTree(xr.Dataset({"logits": (("sample", "class"), np.array([[0.0, 2.0, 1.0]]))},
+    ...                            coords={"class_name": ("class", ["a", "b", "c"])}))
+    >>> [c for c, _, _ in top_classes(t, 0, 2)]
+    [1, 2]
+    """
+    logits = np.asarray(cap["logits"].isel(sample=sample).values, dtype=np.float64)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    names = [str(n) for n in cap["class_name"].values]
+    order = np.argsort(-p, kind="stable")[:k]
+    return [(int(c), names[c], float(p[c])) for c in order]
+
+
+def class_label(name: str, p: float) -> str:
+    return f"{name} · {100 * p:.1f} %"
+
+
+def probe(css_class: str) -> widgets.HTML:
+    """A hidden text widget whose content tests (and curious users) can read in the page."""
+    w = widgets.HTML(layout=widgets.Layout(display="none"))
+    w.add_class(css_class)
+    return w

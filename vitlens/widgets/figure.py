@@ -1,0 +1,136 @@
+"""Plotly figures of the widgets: the input image under a heatmap, and static export.
+
+Each panel is two traces on one pair of axes in *pixel* coordinates: a
+``go.Image`` of the input (sent once, as a compressed data URI) and a
+``go.Heatmap`` of the token-grid map, its cells centred on their patches. All
+heatmaps share one colour axis (``coloraxis``: [0, 1], one colour bar), which is
+why every panel shows a min-max normalised map.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ..errors import OptionError, VitlensError
+from .layout import CaptureLayout
+
+#: Colour scale shared by every panel.
+COLORSCALE = "Inferno"
+EXPORT_FORMATS = ("png", "svg", "pdf")
+
+
+class ExportError(VitlensError, RuntimeError):
+    """A figure could not be written to an image file."""
+
+
+def image_uri(image: np.ndarray) -> str:
+    """An RGB image ``(H, W, 3)`` in [0, 1] as a data URI (PNG up to 96 px, else JPEG).
+
+    Examples
+    --------
+    >>> image_uri(np.zeros((4, 4, 3)))[:22]
+    'data:image/png;base64,'
+    """
+    from PIL import Image
+
+    pixels = (np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+    buf = io.BytesIO()
+    if max(pixels.shape[:2]) <= 96:
+        Image.fromarray(pixels).save(buf, format="PNG")
+        kind = "png"
+    else:
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        kind = "jpeg"
+    return f"data:image/{kind};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def overlay_figure(
+    layout: CaptureLayout,
+    titles: Sequence[str],
+    uri: str,
+    *,
+    cols: int,
+    width: int,
+    height: int,
+    opacity: float = 0.6,
+    colorbar: bool = True,
+    show_image: bool = True,
+) -> go.FigureWidget:
+    """A FigureWidget with one image+heatmap panel per title.
+
+    Trace ``2·i`` is panel ``i``'s image, trace ``2·i + 1`` its heatmap (without
+    the image: trace ``i`` is the heatmap). Axes are in pixels, y pointing down.
+    """
+    n = len(titles)
+    rows = -(-n // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=0.02,
+                        vertical_spacing=0.1 if rows > 1 else 0.0)
+    h, w = layout.input_size
+    sy, sx = layout.stride
+    gh, gw = layout.grid
+    zeros = np.zeros((gh, gw), dtype=np.float32)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        if show_image:
+            fig.add_trace(go.Image(source=uri, x0=0, dx=1, y0=0, dy=1, hoverinfo="skip", name="image"),
+                          row=r + 1, col=c + 1)
+        fig.add_trace(
+            go.Heatmap(
+                z=zeros, x0=(sx - 1) / 2, dx=sx, y0=(sy - 1) / 2, dy=sy, coloraxis="coloraxis",
+                opacity=opacity if show_image else 1.0, name=str(titles[i]),
+                hovertemplate="row %{customdata[0]}, col %{customdata[1]}<br>%{z:.3f}<extra></extra>",
+                customdata=np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij"), -1),
+            ),
+            row=r + 1, col=c + 1,
+        )
+    axes = {}
+    for i in range(n):
+        suffix = "" if i == 0 else str(i + 1)
+        axes[f"xaxis{suffix}"] = dict(range=[-0.5, w - 0.5], visible=False, constrain="domain")
+        axes[f"yaxis{suffix}"] = dict(range=[h - 0.5, -0.5], visible=False, scaleanchor=f"x{suffix}",
+                                      constrain="domain")
+    fig.update_layout(
+        width=width, height=height, margin=dict(l=4, r=4, t=36, b=4),
+        coloraxis=dict(colorscale=COLORSCALE, cmin=0, cmax=1, showscale=colorbar,
+                       colorbar=dict(title=dict(text="scaled", side="right"), thickness=10, len=0.9, x=1.0,
+                                     xpad=4, tickvals=[0, 0.5, 1])),
+        showlegend=False, dragmode=False, hovermode="closest", font=dict(size=11),
+        paper_bgcolor="white", plot_bgcolor="white", **axes,
+    )
+    for ann in fig.layout.annotations:
+        ann.font = dict(size=12)
+    # In Voila, layout set after a FigureWidget is made can be lost in the first
+    # render: hand the whole figure (layout included) to the constructor.
+    return go.FigureWidget(fig)
+
+
+def save_figure(fig: go.Figure, path: str | os.PathLike, *, scale: float = 2.0) -> Path:
+    """Write a figure to ``.png``, ``.svg`` or ``.pdf`` with plotly + kaleido.
+
+    kaleido 1.x renders with a Chromium-based browser: it finds ``chromium`` on
+    ``PATH`` (or ``BROWSER_PATH``).
+    """
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in EXPORT_FORMATS:
+        raise OptionError(f"{str(path)!r}: export to a '.png', '.svg' or '.pdf' file.")
+    try:
+        import kaleido  # noqa: F401
+    except ImportError as exc:
+        raise ExportError("exporting figures needs kaleido 1.x: pip install 'kaleido>=1'.") from exc
+    try:
+        fig.write_image(str(path), format=fmt, scale=scale if fmt == "png" else 1)
+    except Exception as exc:  # kaleido's browser errors have no common base class
+        raise ExportError(
+            f"could not write {str(path)!r}: {exc}. kaleido needs a Chromium browser: install one "
+            "(Debian: apt-get install chromium) or point BROWSER_PATH at it."
+        ) from exc
+    return path

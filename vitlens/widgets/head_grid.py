@@ -1,0 +1,191 @@
+"""``vl.HeadGrid``: every head of one layer as small multiples (bertviz's model view, for images)."""
+
+from __future__ import annotations
+
+import html
+import ipywidgets as widgets
+import numpy as np
+import plotly.graph_objects as go
+import xarray as xr
+
+from ..errors import OptionError
+from . import captions
+from .controls import probe
+from .explorer import Explorer
+from .figure import overlay_figure
+from .layout import Query, capture_layout, patch_outline
+from .panels import head_attention, normalized
+
+_DIMMED = 0.25
+
+
+class HeadGrid(widgets.VBox):
+    """All heads of one layer side by side: where the query token looks, head by head.
+
+    Each small panel is one head's attention row of the query token (CLS for
+    ViT, the centre token for Swin, or the Explorer's query), scaled to [0, 1].
+    Linked to an :class:`Explorer`, the grid follows its layer, sample and query;
+    clicking a head toggles it there (deselected heads are dimmed).
+
+    Parameters
+    ----------
+    cap
+        A capture from :func:`vitlens.capture` or :func:`vitlens.open`.
+    layer
+        Block to show (default: the last, or the Explorer's layer).
+    sample
+        Sample of a batch capture.
+    query
+        ``"default"``, ``None`` (CLS) or a patch ``(row, col)`` on the first-stage grid.
+    explorer
+        An :class:`Explorer` of the same capture to link to.
+    cols
+        Panels per row.
+    panel_size
+        Size of one panel in pixels.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> from vitlens.widgets import HeadGrid
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.random.default_rng(0).random((1, 32, 32, 3)))
+    >>> grid = HeadGrid(cap, layer=2)
+    >>> grid.head_maps().shape
+    (3, 4, 4)
+    """
+
+    def __init__(
+        self,
+        cap: xr.DataTree,
+        layer: int | None = None,
+        *,
+        sample: int = 0,
+        query: Query | str = "default",
+        explorer: Explorer | None = None,
+        cols: int = 6,
+        panel_size: int = 130,
+    ) -> None:
+        super().__init__()
+        self.cap = cap
+        self.layout_info = info = capture_layout(cap)
+        if explorer is not None and explorer.cap is not cap:
+            raise OptionError("HeadGrid(cap, explorer=ex) needs the same capture as the Explorer: pass ex.cap.")
+        self.explorer = explorer
+        if layer is None:
+            layer = explorer.layer if explorer is not None else info.layers[-1]
+        if layer not in info.layers:
+            raise OptionError(f"layer={layer}: this capture has layers {info.layers[0]}..{info.layers[-1]}.")
+        n = int(cap["sample"].size)
+        if not 0 <= sample < n:
+            raise OptionError(f"sample={sample}: this capture has samples 0..{n - 1}.")
+        self._query: Query = info.default_query() if isinstance(query, str) and query == "default" else query
+        self._selected = info.all_heads()
+        self.cols = cols
+        self.panel_size = panel_size
+        self._stage: int | None = None
+        self.figure: go.FigureWidget | None = None
+
+        self.layer_slider = widgets.IntSlider(value=layer, min=info.layers[0], max=info.layers[-1], description="Layer",
+                                              layout=widgets.Layout(width="340px"))
+        self.layer_slider.add_class("vitlens-layer")
+        self.sample_select = widgets.Dropdown(options=list(range(n)), value=sample, description="Sample",
+                                              layout=widgets.Layout(width="160px", display=None if n > 1 else "none"))
+        self.caption = widgets.HTML()
+        self.caption.add_class("vitlens-captions")
+        self.probe = probe("vitlens-probe")
+        self._figure_box = widgets.Box()
+        self.layer_slider.observe(lambda _: self.refresh(), "value")
+        self.sample_select.observe(lambda _: self.refresh(), "value")
+        if explorer is not None:
+            widgets.link((explorer.layer_slider, "value"), (self.layer_slider, "value"))
+            widgets.link((explorer.sample_select, "value"), (self.sample_select, "value"))
+            explorer.observe(lambda _: self.refresh(), "version")
+        self.children = [widgets.HBox([self.layer_slider, self.sample_select]), self._figure_box, self.caption,
+                         self.probe]
+        self.add_class("vitlens-head-grid")
+        self.refresh()
+
+    @property
+    def layer(self) -> int:
+        return int(self.layer_slider.value)
+
+    @property
+    def sample(self) -> int:
+        return int(self.sample_select.value)
+
+    @property
+    def query(self) -> Query:
+        return self.explorer.query if self.explorer is not None else self._query
+
+    def selected(self) -> dict[int, frozenset[int]]:
+        """Heads shown as selected, per stage (the Explorer's when linked)."""
+        if self.explorer is not None:
+            return self.explorer.heads.choice()
+        return dict(self._selected)
+
+    def head_maps(self) -> np.ndarray:
+        """The maps shown, ``(head, gh, gw)`` in [0, 1]."""
+        assert self.figure is not None
+        return np.stack([np.asarray(t.z, dtype=np.float32) for t in self.figure.data[: self._num_heads]])
+
+    def toggle_head(self, head: int) -> None:
+        """Toggle ``head`` of the shown layer's stage (in the linked Explorer, if any)."""
+        stage = self.layout_info.stage_of(self.layer)
+        if not 0 <= head < stage.num_heads:
+            raise OptionError(f"no head {head} at layer {self.layer}, which has heads 0..{stage.num_heads - 1}.")
+        if self.explorer is not None:
+            self.explorer.toggle_head(head, stage.index)  # the Explorer's version change refreshes us
+            return
+        picked = set(self._selected[stage.index]) ^ {head}
+        self._selected[stage.index] = frozenset(picked)
+        self.refresh()
+
+    @property
+    def _num_heads(self) -> int:
+        return self.layout_info.stage_of(self.layer).num_heads
+
+    def _build(self, stage_index: int) -> None:
+        stage = self.layout_info.stages[stage_index]
+        cols = min(self.cols, stage.num_heads)
+        rows = -(-stage.num_heads // cols)
+        titles = [f"head {h}" for h in range(stage.num_heads)]
+        self.figure = overlay_figure(self.layout_info, titles, "", cols=cols, width=cols * self.panel_size + 70,
+                                     height=rows * self.panel_size + 40, show_image=False)
+        self.figure.add_class("vitlens-figure")
+        self._marker_trace = len(self.figure.data)
+        for h in range(stage.num_heads):
+            r, c = divmod(h, cols)
+            self.figure.add_scatter(x=[], y=[], mode="lines", line=dict(color="#00e5ff", width=1.5),
+                                    hoverinfo="skip", row=r + 1, col=c + 1)
+        for h in range(stage.num_heads):
+            self.figure.data[h].on_click(lambda trace, points, state, h=h: self.toggle_head(h) if points.xs else None)
+        self._figure_box.children = [self.figure]
+        self._stage = stage_index
+
+    def refresh(self) -> None:
+        """Recompute every head's map and push one batched update."""
+        info = self.layout_info
+        layer, sample = self.layer, self.sample
+        stage = info.stage_of(layer)
+        if self._stage != stage.index:
+            self._build(stage.index)
+        assert self.figure is not None
+        query = self.query
+        maps = head_attention(self.cap, info, sample, layer, query)
+        chosen = self.selected()[stage.index]
+        mx, my = patch_outline(info, layer, query)
+        with self.figure.batch_update():
+            for h in range(stage.num_heads):
+                trace = self.figure.data[h]
+                trace.z = normalized(maps[h])
+                trace.opacity = 1.0 if h in chosen else _DIMMED
+                self.figure.data[self._marker_trace + h].update(x=mx, y=my)
+                self.figure.layout.annotations[h].text = f"head {h}" + (" ✓" if h in chosen else "")
+        self.caption.value = html.escape(
+            f"Each panel: where {captions.query_text(query)} looks at block {layer}, one head at a time "
+            f"(scaled to [0, 1]). Click a head to toggle it" + (" in the Explorer." if self.explorer else ".")
+        )
+        heads = ",".join(map(str, sorted(chosen)))
+        self.probe.value = f"layer={layer} sample={sample} heads={heads}"
+
