@@ -1,0 +1,134 @@
+"""Server-side latency of the live widgets: from a control change to the batched
+figure update, on a ViT-B/16 capture at 224 px (12 layers × 12 heads, random
+init, a batch of 2 images). Target: the layer slider ≤ 100 ms p95.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_widgets.py [--batch 2] [--repeat 3] [--swin] [--no-class]
+
+Every widget callback runs synchronously in Python, so the time to set a
+control's value is the time until its figure update has been handed to the
+widget comm. The end-to-end time in a browser (slider → plotly redraw) is
+printed by ``tests/browser/test_widgets_browser.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import timm
+import torch
+
+import vitlens as vl
+from vitlens.widgets import Compare, Explorer, HeadGrid
+
+
+def timed(action: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    action()
+    return time.perf_counter() - t
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def bench_explorer(cap, model, repeat: int, with_class: bool) -> dict[str, list[float]]:
+    rows: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    ex = Explorer(cap, model)
+    rows["Explorer(cap) first view"] = [time.perf_counter() - t0]
+    layers = ex.layout_info.layers
+    slider = ex.layer_slider
+
+    def sweep(name: str) -> None:
+        # every layer, `repeat` times; start each sweep away from layer 0 so every set is a change
+        for _ in range(repeat):
+            slider.value = layers[-1]
+            for l in layers:
+                rows.setdefault(name, []).append(timed(lambda: setattr(slider, "value", l)))
+
+    sweep("layer slider")
+    stage = ex.layout_info.stage_of(ex.layer)
+    for h in range(stage.num_heads):  # a new head set each time: per-layer maps recomputed
+        rows.setdefault("head toggle (new selection)", []).append(timed(lambda: ex.toggle_head(h)))
+    for h in range(stage.num_heads):  # back through the same selections: cached
+        rows.setdefault("head toggle (cached selection)", []).append(timed(lambda: ex.toggle_head(h)))
+    ex.set_heads([0, 3, 5])
+    sweep("layer slider, heads 0,3,5")
+    ex.set_heads(range(stage.num_heads))
+    rng = np.random.default_rng(0)
+    gh, gw = ex.layout_info.grid
+    for _ in range(12 * repeat):
+        r, c = (int(v) for v in rng.integers(0, [gh, gw]))
+        rows.setdefault("patch click (query)", []).append(timed(lambda: ex.select_patch(r, c)))
+    for name, values in (("statistic dropdown", ["mean", "var", "norm", "std"]), ("method dropdown", list(vl.METHODS))):
+        widget = ex.stat_select if name.startswith("statistic") else ex.method_select
+        for _ in range(repeat):
+            for v in values:
+                label = f"{name} ({'first' if _ == 0 else 'cached'})"
+                rows.setdefault(label, []).append(timed(lambda: setattr(widget, "value", v)))
+    for _ in range(4 * repeat):
+        rows.setdefault("opacity slider", []).append(timed(lambda: setattr(ex.opacity_slider, "value", float(rng.random()))))
+    if cap["sample"].size > 1:
+        for _ in range(2 * repeat):
+            rows.setdefault("sample dropdown", []).append(
+                timed(lambda: setattr(ex.sample_select, "value", 1 - ex.sample)))
+    grid = HeadGrid(cap, explorer=ex)
+    sweep_grid = []
+    for _ in range(repeat):
+        for l in layers:
+            sweep_grid.append(timed(lambda: setattr(slider, "value", l)))
+    rows["layer slider + linked HeadGrid"] = sweep_grid
+    del grid
+    if with_class and model is not None:
+        other = [c for _, c in ex.class_select.options if c != ex.target][0]
+        rows["class (recapture, first)"] = [timed(lambda: setattr(ex.class_select, "value", other))]
+        sweep("layer slider, other class")
+    t0 = time.perf_counter()
+    cmp = Compare(cap)
+    rows["Compare(cap) first view"] = [time.perf_counter() - t0]
+    for _ in range(repeat):
+        cmp.layer_slider.value = layers[-1]
+        for l in layers:
+            rows.setdefault("Compare layer slider", []).append(timed(lambda: setattr(cmp.layer_slider, "value", l)))
+    return rows
+
+
+def print_table(title: str, rows: dict[str, list[float]]) -> None:
+    print(f"\n{title}")
+    print(f"{'control':38s} {'n':>4s} {'p50 ms':>9s} {'p95 ms':>9s} {'max ms':>9s}")
+    for name, values in rows.items():
+        ms = [1000 * v for v in values]
+        print(f"{name:38s} {len(ms):4d} {statistics.median(ms):9.1f} {percentile(ms, 95):9.1f} {max(ms):9.1f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--swin", action="store_true", help="also run on swin_tiny_patch4_window7_224")
+    p.add_argument("--no-class", action="store_true", help="skip the class switch (one recapture of one image)")
+    args = p.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, batch {args.batch}, every layer × {args.repeat}")
+    names = ["vit_base_patch16_224"] + (["swin_tiny_patch4_window7_224"] if args.swin else [])
+    for name in names:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False).eval()
+        images = np.random.default_rng(0).random((args.batch, 224, 224, 3)).astype(np.float32)
+        t0 = time.perf_counter()
+        cap = vl.capture(model, images, progress=False)
+        print(f"\n{name}: capture of {args.batch} images took {time.perf_counter() - t0:.1f} s")
+        rows = bench_explorer(cap, model, args.repeat, not args.no_class)
+        print_table(f"{name} @ 224 px, batch {args.batch} — server-side latency per control", rows)
+        slider = rows["layer slider"]
+        p95 = 1000 * percentile(slider, 95)
+        print(f"\nlayer slider p95 = {p95:.1f} ms ({'meets' if p95 <= 100 else 'MISSES'} the 100 ms target)")
+
+
+if __name__ == "__main__":
+    main()
