@@ -59,6 +59,8 @@ class Recorder:
         self.final_input: torch.Tensor | None = None
         self.merge_inputs: dict[int, torch.Tensor] = {}
         self.relevance_totals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.linears: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)
+        self.mlp_inputs: dict[int, torch.Tensor] = {}
         self._pending: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
 
     # -- context ------------------------------------------------------------
@@ -108,6 +110,11 @@ class Recorder:
         if self.keep_block_inputs:
             for stage, merge in ad.merges().items():
                 self._handles.append(merge.register_forward_hook(self._on_merge(stage)))
+            # inputs and outputs of every Linear the LRP pass crosses: no recompute needed
+            for layer, block in enumerate(ad.blocks):
+                attn = ad.attention_module(block)
+                for name, module in (("qkv", attn.qkv), ("proj", attn.proj), ("fc1", block.mlp.fc1), ("fc2", block.mlp.fc2)):
+                    self._handles.append(module.register_forward_hook(self._on_linear(layer, name)))
 
     def _on_norm1(self, layer: int, block: nn.Module):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -124,6 +131,14 @@ class Recorder:
                 self._pending[layer]["u"] = u
                 if self.keep_block_inputs:
                     self.block_inputs[layer] = inputs[0].detach()
+
+        return hook
+
+    def _on_linear(self, layer: int, name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if self.paused:
+                return
+            self.linears[layer][name] = (inputs[0].detach(), output.detach())
 
         return hook
 
@@ -147,6 +162,8 @@ class Recorder:
                 u = self._pending[layer].pop("u")
                 rec["attn_out_norm"] = (x2.float() - u.float()).norm(dim=-1)
                 self._pending[layer]["x2"] = x2
+                if self.keep_block_inputs:
+                    self.mlp_inputs[layer] = x2
 
         return hook
 

@@ -5,8 +5,8 @@ through the head, every block and (Swin) every patch merging, by the rules in
 :mod:`vitlens.methods.lrp`. What arrives at each block's attention probabilities
 (after the bilinear halving) is kept as ``attention_relevance``.
 
-Each block is re-run explicitly from its recorded input (hooks paused), which
-yields the intermediate activations the rules need.
+The forward pass records what the rules need (block inputs, MLP inputs, each
+Linear's input and output, the attention probabilities), so nothing is rerun.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..methods.lrp import linear_alphabeta, matmul_lrp0, mean_lrp0, residual_add
-from ..models.adapter import Adapter, StageInfo
+from ..models.adapter import Adapter
 from .hooks import Recorder
 
 
@@ -33,58 +33,50 @@ def _merge_heads(r_q: torch.Tensor, r_k: torch.Tensor, r_v: torch.Tensor) -> tor
     return r.permute(1, 3, 0, 2, 4).reshape(b, n, 3 * h * hd)
 
 
-def _attention_branch(attn: nn.Module, h: torch.Tensor, bias: torch.Tensor | None):
-    """Explicit attention on tokens ``h`` (B', N, C); returns the pieces LRP needs."""
-    qkv_lin = F.linear(h, attn.qkv.weight)  # bias-free part, reused by the αβ rule
-    qkv = qkv_lin if attn.qkv.bias is None else qkv_lin + attn.qkv.bias
-    q, k, v = _split_heads(qkv, attn.num_heads).unbind(0)
+def _minus_bias(out: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """A Linear's bias-free output ``x Wᵀ`` from its recorded output."""
+    return out if linear.bias is None else out - linear.bias
+
+
+def _attention_branch_relevance(attn: nn.Module, lin: dict, probs: torch.Tensor, r_out: torch.Tensor,
+                                bias: torch.Tensor | None = None):
+    """Relevance at the attention branch input (qkv's input) and at the attention probabilities.
+
+    ``lin`` holds the recorded (input, output) of ``qkv`` and ``proj``; ``probs``
+    the recorded attention. ``bias``: Swin's position bias + shift mask, whose
+    share of the logits' relevance is dropped (a documented leak).
+    """
+    qkv_in, qkv_out = lin["qkv"]
+    o_cat, proj_out = lin["proj"]
+    q, k, v = _split_heads(qkv_out, attn.num_heads).unbind(0)
     q, k = getattr(attn, "q_norm", nn.Identity())(q), getattr(attn, "k_norm", nn.Identity())(k)
-    qs = q * attn.scale
-    kt = k.transpose(-2, -1)
-    logits = qs @ kt
-    if bias is not None:
-        logits = logits + bias
-    probs = logits.softmax(-1)
-    o = probs @ v
-    o_cat = getattr(attn, "norm", nn.Identity())(o.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
-    proj_lin = F.linear(o_cat, attn.proj.weight)
-    out = proj_lin if attn.proj.bias is None else proj_lin + attn.proj.bias
-    return {"qkv_in": h, "qkv_lin": qkv_lin, "qs": qs, "kt": kt, "v": v, "probs": probs, "o_cat": o_cat,
-            "proj_lin": proj_lin, "out": out, "logits": logits if bias is not None else None}
-
-
-def _attention_branch_relevance(attn: nn.Module, p: dict, r_out: torch.Tensor):
-    """Relevance of the attention branch input, and of the attention probabilities."""
+    qs, kt = q * attn.scale, k.transpose(-2, -1)
     b, n, _ = r_out.shape
-    r_o = linear_alphabeta(p["o_cat"], attn.proj.weight, r_out, p["proj_lin"])
+    r_o = linear_alphabeta(o_cat, attn.proj.weight, r_out, _minus_bias(proj_out, attn.proj))
     r_o = r_o.reshape(b, n, attn.num_heads, -1).transpose(1, 2)
-    r_probs, r_v = matmul_lrp0(p["probs"], p["v"], r_o)
-    # softmax passes relevance on unchanged; Swin's bias/mask share is dropped
-    r_q, r_kt = matmul_lrp0(p["qs"], p["kt"], r_probs, z=p["logits"])
+    r_probs, r_v = matmul_lrp0(probs, v, r_o)
+    # softmax passes relevance on unchanged; then the Q·Kᵀ bilinear rule
+    r_q, r_kt = matmul_lrp0(qs, kt, r_probs, z=None if bias is None else qs @ kt + bias)
     r_qkv = _merge_heads(r_q, r_kt.transpose(-2, -1), r_v)
-    return linear_alphabeta(p["qkv_in"], attn.qkv.weight, r_qkv, p["qkv_lin"]), r_probs
+    return linear_alphabeta(qkv_in, attn.qkv.weight, r_qkv, _minus_bias(qkv_out, attn.qkv)), r_probs
 
 
-def _mlp_relevance(block: nn.Module, x2: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
-    """Relevance at the MLP residual's input ``x2`` for ``x3 = x2 + ls2(mlp(norm2(x2)))``."""
+def _mlp_relevance(block: nn.Module, lin: dict, x2: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
+    """Relevance at ``x2`` for ``x3 = x2 + ls2(fc2(norm(act(fc1(norm2(x2))))))``."""
     mlp = block.mlp
-    h2 = block.norm2(x2)
-    f1_lin = F.linear(h2, mlp.fc1.weight)
-    g = mlp.norm(mlp.act(f1_lin if mlp.fc1.bias is None else f1_lin + mlp.fc1.bias))
-    f2_lin = F.linear(g, mlp.fc2.weight)
-    f = getattr(block, "ls2", nn.Identity())(f2_lin if mlp.fc2.bias is None else f2_lin + mlp.fc2.bias)
+    h2, f1_out = lin["fc1"]
+    g, f2_out = lin["fc2"]
+    f = getattr(block, "ls2", nn.Identity())(f2_out)
     r_res, r_f = residual_add(x2, f, r_out)
-    r_g = linear_alphabeta(g, mlp.fc2.weight, r_f, f2_lin)
-    return r_res + linear_alphabeta(h2, mlp.fc1.weight, r_g, f1_lin)
+    r_g = linear_alphabeta(g, mlp.fc2.weight, r_f, _minus_bias(f2_out, mlp.fc2))
+    return r_res + linear_alphabeta(h2, mlp.fc1.weight, r_g, _minus_bias(f1_out, mlp.fc1))
 
 
-def _vit_block(block: nn.Module, x: torch.Tensor, r_out: torch.Tensor):
-    p = _attention_branch(block.attn, block.norm1(x), None)
-    a = block.ls1(p["out"])
-    x2 = x + a
-    r_x2 = _mlp_relevance(block, x2, r_out)
-    r_res, r_a = residual_add(x, a, r_x2)
-    r_h1, r_probs = _attention_branch_relevance(block.attn, p, r_a)
+def _vit_block(block: nn.Module, rec: Recorder, layer: int, r_out: torch.Tensor):
+    x, x2, lin = rec.block_inputs[layer], rec.mlp_inputs[layer], rec.linears[layer]
+    r_x2 = _mlp_relevance(block, lin, x2, r_out)
+    r_res, r_a = residual_add(x, x2 - x, r_x2)
+    r_h1, r_probs = _attention_branch_relevance(block.attn, lin, rec.attention[layer].detach(), r_a)
     return r_res + r_h1, r_probs
 
 
@@ -121,16 +113,16 @@ def _swin_bias(block: nn.Module, batch: int) -> torch.Tensor:
     return full.expand(batch, -1, -1, -1, -1).reshape(batch * nw, attn.num_heads, n, n)
 
 
-def _swin_block(block: nn.Module, stage: StageInfo, x: torch.Tensor, r_out: torch.Tensor):
+def _swin_block(block: nn.Module, rec: Recorder, layer: int, r_out: torch.Tensor):
+    x, lin = rec.block_inputs[layer], rec.linears[layer]
     b, h, w, c = x.shape
     window, shift = tuple(block.window_size), tuple(block.shift_size)
-    hw = _to_windows(block.norm1(x), window, shift)
-    p = _attention_branch(block.attn, hw, _swin_bias(block, b))
-    a = _from_windows(p["out"], window, shift, (h, w))
-    x2 = (x + a).reshape(b, h * w, c)
-    r_x2 = _mlp_relevance(block, x2, r_out.reshape(b, h * w, c)).reshape(b, h, w, c)
-    r_res, r_a = residual_add(x, a, r_x2)
-    r_hw, r_probs = _attention_branch_relevance(block.attn, p, _to_windows(r_a, window, shift))
+    x2 = rec.mlp_inputs[layer]  # (B, H·W, C)
+    r_x2 = _mlp_relevance(block, lin, x2, r_out.reshape(b, h * w, c)).reshape(b, h, w, c)
+    r_res, r_a = residual_add(x, x2.reshape(b, h, w, c) - x, r_x2)
+    r_hw, r_probs = _attention_branch_relevance(
+        block.attn, lin, rec.attention[layer].detach(), _to_windows(r_a, window, shift), _swin_bias(block, b)
+    )
     return r_res + _from_windows(r_hw, window, shift, (h, w)), r_probs
 
 
@@ -189,12 +181,9 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor) 
             rec.relevance_totals = {}
             for stage in reversed(adapter.stages):
                 for layer, block in zip(reversed(stage.layers), reversed(stage.blocks)):
-                    x = rec.block_inputs[layer]
                     total_out = r.reshape(r.shape[0], -1).sum(1)
-                    if adapter.family == "swin":
-                        r, out[layer] = _swin_block(block, stage, x, r)
-                    else:
-                        r, out[layer] = _vit_block(block, x, r)
+                    walk = _swin_block if adapter.family == "swin" else _vit_block
+                    r, out[layer] = walk(block, rec, layer, r)
                     rec.relevance_totals[layer] = (r.reshape(r.shape[0], -1).sum(1), total_out)
                 merge = adapter.merges().get(stage.index)
                 if merge is not None:

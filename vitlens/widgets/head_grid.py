@@ -95,12 +95,15 @@ class HeadGrid(widgets.VBox):
         self.caption.add_class("vitlens-captions")
         self.probe = probe("vitlens-probe")
         self._figure_box = widgets.Box()
-        self.layer_slider.observe(lambda _: self.refresh(), "value")
-        self.sample_select.observe(lambda _: self.refresh(), "value")
         if explorer is not None:
-            widgets.link((explorer.layer_slider, "value"), (self.layer_slider, "value"))
-            widgets.link((explorer.sample_select, "value"), (self.sample_select, "value"))
-            explorer.observe(lambda _: self.refresh(), "version")
+            # The Explorer owns the state: our controls mirror its own, and every
+            # Explorer update (its ``version``) redraws the grid exactly once.
+            self._links = [widgets.link((explorer.layer_slider, "value"), (self.layer_slider, "value")),
+                           widgets.link((explorer.sample_select, "value"), (self.sample_select, "value"))]
+            explorer.observe(self._explorer_changed, "version")
+        else:
+            self.layer_slider.observe(lambda _: self.refresh(), "value")
+            self.sample_select.observe(lambda _: self.refresh(), "value")
         self.children = [widgets.HBox([self.layer_slider, self.sample_select]), self._figure_box, self.caption,
                          self.probe]
         self.add_class("vitlens-head-grid")
@@ -108,15 +111,30 @@ class HeadGrid(widgets.VBox):
 
     @property
     def layer(self) -> int:
-        return int(self.layer_slider.value)
+        return self.explorer.layer if self.explorer is not None else int(self.layer_slider.value)
 
     @property
     def sample(self) -> int:
-        return int(self.sample_select.value)
+        return self.explorer.sample if self.explorer is not None else int(self.sample_select.value)
 
     @property
     def query(self) -> Query:
         return self.explorer.query if self.explorer is not None else self._query
+
+    def unlink(self) -> None:
+        """Stop following the Explorer (the grid keeps its last view)."""
+        if self.explorer is None:
+            return
+        self.explorer.unobserve(self._explorer_changed, "version")
+        for link in self._links:
+            link.unlink()
+        self._selected = self.explorer.heads.choice()
+        self.explorer = None
+        self.layer_slider.observe(lambda _: self.refresh(), "value")
+        self.sample_select.observe(lambda _: self.refresh(), "value")
+
+    def _explorer_changed(self, change) -> None:
+        self.refresh()
 
     def selected(self) -> dict[int, frozenset[int]]:
         """Heads shown as selected, per stage (the Explorer's when linked)."""

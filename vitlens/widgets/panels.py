@@ -64,29 +64,37 @@ def query_attention(
     >>> query_attention(cap, capture_layout(cap), 0, 11, [0, 1], None).shape
     (4, 4)
     """
-    stage = layout.stage_of(layer)
     if not len(heads):
         return np.zeros(layout.grid, dtype=np.float32)
+    return head_attention(cap, layout, sample, layer, query, heads).mean(0)
+
+
+def head_attention(
+    cap: xr.DataTree,
+    layout: CaptureLayout,
+    sample: int,
+    layer: int,
+    query: Query,
+    heads: Sequence[int] | None = None,
+) -> np.ndarray:
+    """:func:`query_attention` of each head separately: ``(head, gh, gw)`` (default: every head)."""
+    stage = layout.stage_of(layer)
     node = cap[stage.name]
-    att = node["attention"].isel(sample=sample).sel(layer=layer, head=list(heads))
+    heads = list(range(stage.num_heads)) if heads is None else [int(h) for h in heads]
+    att = node["attention"].isel(sample=sample).sel(layer=layer, head=heads)
     token = query_token(layout, stage, query)
+    gh, gw = stage.grid
     if stage.window is None:
-        keys = att.isel(query=token).mean("head").values
-        values = keys[stage.num_prefix :].reshape(stage.grid)
+        keys = np.asarray(att.isel(query=token).transpose("head", "key").values, dtype=np.float32)
+        values = keys[:, stage.num_prefix :].reshape(len(heads), gh, gw)
     else:
         wt = node["window_token"].sel(layer=layer).values  # (window, position)
         window, position = (int(i[0]) for i in np.nonzero(wt == token))
-        keys = att.isel(window=window, query=position).mean("head").values
-        flat = np.zeros(stage.grid[0] * stage.grid[1], dtype=np.float32)
-        flat[wt[window]] = keys
-        values = flat.reshape(stage.grid)
-    return upsample(np.asarray(values, dtype=np.float32), stage.factor)
-
-
-def head_attention(cap: xr.DataTree, layout: CaptureLayout, sample: int, layer: int, query: Query) -> np.ndarray:
-    """:func:`query_attention` for every head of ``layer`` separately: ``(head, gh, gw)``."""
-    stage = layout.stage_of(layer)
-    return np.stack([query_attention(cap, layout, sample, layer, [h], query) for h in range(stage.num_heads)])
+        keys = att.isel(window=window, query=position).transpose("head", "key").values
+        flat = np.zeros((len(heads), gh * gw), dtype=np.float32)
+        flat[:, wt[window]] = keys
+        values = flat.reshape(len(heads), gh, gw)
+    return upsample(values, stage.factor)
 
 
 def _per_layer_array(maps: xr.DataArray, layers: Sequence[int]) -> np.ndarray:
