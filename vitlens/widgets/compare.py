@@ -13,7 +13,7 @@ from ..errors import OptionError, VitlensError
 from ..methods import METHODS
 from . import captions
 from .controls import probe
-from .figure import image_uri, overlay_figure, save_figure
+from .figure import as_widget, image_uri, overlay_figure, save_figure
 from .layout import capture_layout
 from .panels import layer_dependent, method_maps, normalized
 
@@ -93,17 +93,18 @@ class Compare(widgets.VBox):
                                                   layout=widgets.Layout(width="280px"))
         self.figure = overlay_figure(info, list(METHODS), image_uri(cap["image"].isel(sample=sample).values), cols=4,
                                      width=width, height=height, opacity=opacity)
-        self.figure.add_class("vitlens-figure")
         self.captions = widgets.HTML()
         self.captions.add_class("vitlens-captions")
         self.probe = probe("vitlens-probe")
+        self.refresh()  # the first view goes into the plain figure, then it becomes a widget
+        self.figure = as_widget(self.figure)
+        self.figure.add_class("vitlens-figure")
         self.layer_slider.observe(lambda _: self.refresh(), "value")
         self.sample_select.observe(self._sample_changed, "value")
         self.opacity_slider.observe(self._opacity_changed, "value")
         self.children = [widgets.HBox([self.layer_slider, self.sample_select, self.opacity_slider]), self.figure,
                          self.captions, self.probe]
         self.add_class("vitlens-compare")
-        self.refresh()
 
     @property
     def layer(self) -> int:

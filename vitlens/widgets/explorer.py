@@ -19,7 +19,7 @@ from ..errors import OptionError, VitlensError
 from ..methods import METHODS
 from . import captions
 from .controls import HeadToggles, class_label, probe, top_classes
-from .figure import image_uri, overlay_figure, save_figure
+from .figure import as_widget, image_uri, overlay_figure, save_figure
 from .layout import (
     Query,
     capture_layout,
@@ -190,17 +190,14 @@ class Explorer(widgets.VBox):
         self.opacity_slider.add_class("vitlens-opacity")
 
         uri = image_uri(cap["image"].isel(sample=sample).values)
-        self.figure = overlay_figure(info, [p for p in PANELS], uri, cols=len(PANELS), width=width, height=height,
-                                     opacity=opacity)
-        self.figure.add_class("vitlens-figure")
-        self._grid_trace = len(self.figure.data)
-        self.figure.add_scatter(x=[], y=[], mode="lines", line=dict(color="rgba(255,255,255,0.45)", width=1),
-                                hoverinfo="skip", name="windows", row=1, col=1)
-        self._marker_trace = len(self.figure.data)
-        self.figure.add_scatter(x=[], y=[], mode="lines", line=dict(color="#00e5ff", width=2), hoverinfo="skip",
-                                name="query", row=1, col=1)
-        for i in range(len(PANELS)):
-            self.figure.data[self.heatmap_trace(i)].on_click(self._clicked)
+        fig = overlay_figure(info, list(PANELS), uri, cols=len(PANELS), width=width, height=height, opacity=opacity)
+        self._grid_trace = len(fig.data)
+        fig.add_scatter(x=[], y=[], mode="lines", line=dict(color="rgba(255,255,255,0.45)", width=1),
+                        hoverinfo="skip", name="windows", row=1, col=1)
+        self._marker_trace = len(fig.data)
+        fig.add_scatter(x=[], y=[], mode="lines", line=dict(color="#00e5ff", width=2), hoverinfo="skip",
+                        name="query", row=1, col=1)
+        self.figure = fig  # a plain figure until the first view is drawn into it (see as_widget)
 
         self.title = widgets.HTML()
         self.captions = widgets.HTML(layout=widgets.Layout(margin="0 0 0 8px"))
@@ -220,6 +217,11 @@ class Explorer(widgets.VBox):
         self.class_select.observe(self._class_changed, "value")
         self.opacity_slider.observe(self._opacity_changed, "value")
 
+        self.refresh()  # draws the first view into the plain figure
+        self.figure = as_widget(fig)
+        self.figure.add_class("vitlens-figure")
+        for i in range(len(PANELS)):
+            self.figure.data[self.heatmap_trace(i)].on_click(self._clicked)
         row = widgets.HBox
         self.children = [
             self.title,
@@ -234,7 +236,6 @@ class Explorer(widgets.VBox):
             self.probe,
         ]
         self.add_class("vitlens-explorer")
-        self.refresh()
 
     # -- public state -------------------------------------------------------------------
     @property

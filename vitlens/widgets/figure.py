@@ -63,8 +63,8 @@ def overlay_figure(
     opacity: float = 0.6,
     colorbar: bool = True,
     show_image: bool = True,
-) -> go.FigureWidget:
-    """A FigureWidget with one image+heatmap panel per title.
+) -> go.Figure:
+    """A figure with one image+heatmap panel per title (fill it, then :func:`as_widget`).
 
     Trace ``2·i`` is panel ``i``'s image, trace ``2·i + 1`` its heatmap (without
     the image: trace ``i`` is the heatmap). Axes are in pixels, y pointing down.
@@ -107,8 +107,18 @@ def overlay_figure(
     )
     for ann in fig.layout.annotations:
         ann.font = dict(size=12)
-    # In Voila, layout set after a FigureWidget is made can be lost in the first
-    # render: hand the whole figure (layout included) to the constructor.
+    return fig
+
+
+def as_widget(fig: go.Figure) -> go.FigureWidget:
+    """The finished figure as a FigureWidget.
+
+    A FigureWidget syncs its full state only when it is made; later changes
+    travel as messages that a page which connects afterwards (Voila renders
+    after the notebook has run) or whose plotly module is still loading never
+    sees. So widgets build the complete first view on a plain figure and wrap
+    it here; only user actions send updates.
+    """
     return go.FigureWidget(fig)
 
 

@@ -12,7 +12,7 @@ from ..errors import OptionError
 from . import captions
 from .controls import probe
 from .explorer import Explorer
-from .figure import overlay_figure
+from .figure import as_widget, overlay_figure
 from .layout import Query, capture_layout, patch_outline
 from .panels import head_attention, normalized
 
@@ -163,47 +163,50 @@ class HeadGrid(widgets.VBox):
     def _num_heads(self) -> int:
         return self.layout_info.stage_of(self.layer).num_heads
 
-    def _build(self, stage_index: int) -> None:
+    def _build(self, stage_index: int) -> go.Figure:
+        """A plain figure with one panel per head of the stage (wrapped once filled)."""
         stage = self.layout_info.stages[stage_index]
         cols = min(self.cols, stage.num_heads)
         rows = -(-stage.num_heads // cols)
         titles = [f"head {h}" for h in range(stage.num_heads)]
-        self.figure = overlay_figure(self.layout_info, titles, "", cols=cols, width=cols * self.panel_size + 70,
-                                     height=rows * self.panel_size + 40, show_image=False)
-        self.figure.add_class("vitlens-figure")
-        self._marker_trace = len(self.figure.data)
+        fig = overlay_figure(self.layout_info, titles, "", cols=cols, width=cols * self.panel_size + 70,
+                             height=rows * self.panel_size + 40, show_image=False)
+        self._marker_trace = len(fig.data)
         for h in range(stage.num_heads):
             r, c = divmod(h, cols)
-            self.figure.add_scatter(x=[], y=[], mode="lines", line=dict(color="#00e5ff", width=1.5),
-                                    hoverinfo="skip", row=r + 1, col=c + 1)
-        for h in range(stage.num_heads):
-            self.figure.data[h].on_click(lambda trace, points, state, h=h: self.toggle_head(h) if points.xs else None)
-        self._figure_box.children = [self.figure]
-        self._stage = stage_index
+            fig.add_scatter(x=[], y=[], mode="lines", line=dict(color="#00e5ff", width=1.5),
+                            hoverinfo="skip", row=r + 1, col=c + 1)
+        return fig
 
     def refresh(self) -> None:
         """Recompute every head's map and push one batched update."""
         info = self.layout_info
         layer, sample = self.layer, self.sample
         stage = info.stage_of(layer)
-        if self._stage != stage.index:
-            self._build(stage.index)
-        assert self.figure is not None
+        new_stage = self._stage != stage.index
+        fig = self._build(stage.index) if new_stage else self.figure
+        assert fig is not None
         query = self.query
         maps = head_attention(self.cap, info, sample, layer, query)
         chosen = self.selected()[stage.index]
         mx, my = patch_outline(info, layer, query)
-        with self.figure.batch_update():
+        with fig.batch_update():
             for h in range(stage.num_heads):
-                trace = self.figure.data[h]
+                trace = fig.data[h]
                 trace.z = normalized(maps[h])
                 trace.opacity = 1.0 if h in chosen else _DIMMED
-                self.figure.data[self._marker_trace + h].update(x=mx, y=my)
-                self.figure.layout.annotations[h].text = f"head {h}" + (" ✓" if h in chosen else "")
+                fig.data[self._marker_trace + h].update(x=mx, y=my)
+                fig.layout.annotations[h].text = f"head {h}" + (" ✓" if h in chosen else "")
+        if new_stage:
+            self.figure = as_widget(fig)
+            self.figure.add_class("vitlens-figure")
+            for h in range(stage.num_heads):
+                self.figure.data[h].on_click(lambda trace, points, state, h=h: self.toggle_head(h) if points.xs else None)
+            self._figure_box.children = [self.figure]
+            self._stage = stage.index
         self.caption.value = html.escape(
             f"Each panel: where {captions.query_text(query)} looks at block {layer}, one head at a time "
             f"(scaled to [0, 1]). Click a head to toggle it" + (" in the Explorer." if self.explorer else ".")
         )
         heads = ",".join(map(str, sorted(chosen)))
         self.probe.value = f"layer={layer} sample={sample} heads={heads}"
-
