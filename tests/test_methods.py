@@ -372,3 +372,41 @@ def test_to_pixels_and_normalize(vit_cap):
 def test_maps_round_trip_through_saved_captures(vit_cap, tmp_path):
     back = vl.open(vl.save(vit_cap, tmp_path / "c.nc"))
     xr.testing.assert_allclose(vl.explain(back, "all"), vl.explain(vit_cap, "all"))
+
+
+# -- Swin merges and per-stage maps ---------------------------------------------------------
+def test_lrp_merge_shares_split_each_merged_token_among_its_parents(swin_cap):
+    share = swin_cap["stage0"].merge_share
+    assert share.dims == ("sample", "token") and share.sizes["token"] == 256
+    per_child = share.values.reshape(2, 8, 2, 8, 2).sum((2, 4))  # four parents of each stage-1 token
+    np.testing.assert_allclose(per_child, 1.0, atol=1e-4)
+    assert "merge_share" not in swin_cap["stage1"]  # the last stage merges into nothing
+
+
+@pytest.mark.parametrize("method", ["rollout", "transformer_attribution", "tokentm"])
+def test_merge_rule_is_switchable_and_dense_path_agrees(swin_cap, method, monkeypatch):
+    uniform = vl.explain(swin_cap, method)
+    lrp_merge = vl.explain(swin_cap, method, merge="lrp")
+    assert lrp_merge.attrs["merge"] == "lrp" and uniform.attrs["merge"] == "uniform"
+    assert not np.allclose(uniform.values, lrp_merge.values)
+    from vitlens.methods import maps, operators
+
+    monkeypatch.setattr(maps, "propagate", operators.propagate_dense)
+    np.testing.assert_allclose(vl.explain(swin_cap, method, merge="lrp").values, lrp_merge.values, rtol=1e-5,
+                               atol=1e-6 * float(abs(lrp_merge).max()))
+    with pytest.raises(vl.OptionError, match="merge"):
+        vl.explain(swin_cap, method, merge="nearest")
+
+
+def test_by_stage_gives_each_stages_map_on_its_grid(swin_cap, vit_cap):
+    stages = vl.explain(swin_cap, "rollout", by_stage=True)
+    assert set(stages.data_vars) == {"stage0", "stage1"}
+    assert stages.stage0.shape == (2, 16, 16) and stages.stage1.shape == (2, 8, 8)
+    np.testing.assert_allclose(stages.stage0.values, vl.explain(swin_cap, "rollout").values, rtol=1e-6)
+    # with no stage-0 block selected, the stage-0 map is the stage-1 map split 1/4 to each parent
+    only_stage1 = vl.explain(swin_cap, "rollout", layers=[2, 3], by_stage=True)
+    spread = np.repeat(np.repeat(only_stage1.stage1.values, 2, 1), 2, 2) / 4
+    np.testing.assert_allclose(only_stage1.stage0.values, spread, rtol=1e-6)
+    assert set(vl.explain(vit_cap, "tokentm", by_stage=True).data_vars) == {"stage0"}
+    with pytest.raises(vl.OptionError, match="per_layer"):
+        vl.explain(swin_cap, "rollout", by_stage=True, per_layer=True)

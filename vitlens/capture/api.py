@@ -286,6 +286,8 @@ def _run_batch(
             stores[f"{key}/attention_relevance"].append(
                 np.stack([_attention_array(stage, rel[l], b) for l in stage.layers], 1)
             )
+            if stage.index in rec.merge_shares:
+                stores[f"{key}/merge_share"].append(rec.merge_shares[stage.index].float().cpu().numpy())
         recs = [rec.records[l] for l in stage.layers]
         if "ln" in kept:
             for stat in ("mean", "std"):
@@ -314,6 +316,8 @@ def _dims(var: str, windowed: bool) -> tuple[str, ...]:
     if var.startswith("attention"):
         d = _DIMS["attention"]
         return d[:3] + ("window",) + d[3:] if windowed else d
+    if var == "merge_share":
+        return ("sample", "token")
     return _DIMS.get(var, ("sample", "layer", "token"))
 
 
@@ -423,6 +427,7 @@ _DESCRIPTIONS = {
     "features": "normalised token features for Grad-CAM (ViT: last block's norm1 output; Swin: final norm)",
     "features_grad": "gradient of the target logit w.r.t. the features",
     "window_token": "stage token index of each window position (after the cyclic shift)",
+    "merge_share": "LRP share of each token in the relevance of the merged token it forms in the next stage",
 }
 
 

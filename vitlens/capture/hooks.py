@@ -61,6 +61,7 @@ class Recorder:
         self.relevance_totals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.linears: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)
         self.mlp_inputs: dict[int, torch.Tensor] = {}
+        self.merge_shares: dict[int, torch.Tensor] = {}
         self._pending: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
 
     # -- context ------------------------------------------------------------

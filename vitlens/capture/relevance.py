@@ -167,7 +167,9 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor) 
     """LRP relevance at every block's attention probabilities, keyed by global layer.
 
     Also stores, for tests and diagnostics, the relevance total entering each
-    block in ``rec.relevance_totals[layer] = (in, out)`` (per image).
+    block in ``rec.relevance_totals[layer] = (in, out)`` (per image), and for
+    Swin each parent token's share of its merged token's relevance in
+    ``rec.merge_shares[parent_stage]`` (B, N_parent).
     """
     rec.paused = True
     try:
@@ -187,7 +189,12 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor) 
                     rec.relevance_totals[layer] = (r.reshape(r.shape[0], -1).sum(1), total_out)
                 merge = adapter.merges().get(stage.index)
                 if merge is not None:
+                    r_child = r.sum(-1)  # (B, h, w) relevance of each merged token
                     r = _merge_relevance(merge, rec.merge_inputs[stage.index], r)
+                    # each parent's share of its merged token's relevance (for merge="lrp")
+                    child = r_child.repeat_interleave(2, 1).repeat_interleave(2, 2)
+                    share = r.sum(-1) / child.abs().clamp_min(1e-12).copysign(child)
+                    rec.merge_shares[stage.index - 1] = share.masked_fill(child == 0, 0.25).flatten(1)
             return out
     finally:
         rec.paused = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xarray as xr
 
-from .maps import chain_map, token_map
+from .maps import finish
 from .operators import HeadSelection, Step, head_fused, select_layers, view
 
 
@@ -15,11 +15,14 @@ def generic_attention(
     heads: HeadSelection = None,
     start_layer: int = 0,
     per_layer: bool = False,
-) -> xr.DataArray:
+    merge: str = "uniform",
+    by_stage: bool = False,
+) -> xr.DataArray | xr.Dataset:
     """``R ← I``; per block ``R ← R + Ā·R`` with ``Ā = E_h[(∂y_c/∂A ⊙ A)⁺]`` (METHODS.md §5).
 
     Class-specific through the gradient of the explained logit; no LRP.
-    Options as for :func:`vitlens.methods.rollout`.
+    Options as for :func:`vitlens.methods.rollout` (including ``merge``,
+    ``by_stage``).
 
     Examples
     --------
@@ -35,6 +38,6 @@ def generic_attention(
         l: Step(l, head_fused(cv.stage_of(l), l, heads, "attention_grad", "attention", clamp=True))
         for l in chosen
     }
-    values, per = chain_map(cv, steps, chosen, per_layer)
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "per_layer": per_layer}
-    return token_map(cv, values, "generic_attention", options, per)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer}
+    return finish(cv, steps, chosen, "generic_attention", options, per_layer=per_layer, merge=merge,
+                  by_stage=by_stage)

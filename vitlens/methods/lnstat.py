@@ -15,7 +15,7 @@ import torch
 import xarray as xr
 
 from ..errors import OptionError
-from .maps import chain_map, token_map
+from .maps import finish, token_map
 from .operators import CaptureView, HeadSelection, StageView, Step, heads_for, select_layers, view
 
 STATS = ("std", "mean", "var", "norm")
@@ -98,10 +98,12 @@ def lnstat(
     heads: HeadSelection = None,
     start_layer: int = 0,
     per_layer: bool = False,
+    merge: str = "uniform",
+    by_stage: bool = False,
     stat: str = "std",
     stat_norm: str = "max",
     head_fusion: str = "mean",
-) -> xr.DataArray:
+) -> xr.DataArray | xr.Dataset:
     """LayerNorm-statistic × attention fusion, aggregated like rollout.
 
     ``M_l[i,j] = F_l[i,j]·s_l[j]`` row-renormalised; ``R = Π 0.5·(I + M_l)``;
@@ -121,6 +123,11 @@ def lnstat(
         1 − normalised entropy of their read-out row). *vitlens' choice.*
     layers, heads, start_layer, per_layer
         As for rollout.
+    merge
+        Swin patch merging: ``"uniform"`` (1/4 to each parent, default) or
+        ``"lrp"`` (the shares the merging Linear's LRP rule gives; class-specific).
+    by_stage
+        Return a Dataset with each stage's map on its own grid instead.
 
     Examples
     --------
@@ -138,10 +145,10 @@ def lnstat(
         stage = cv.stage_of(l)
         m = fused_operator(stage, l, fuse_heads(stage, l, heads, head_fusion), token_statistic(stage, l, stat, stat_norm))
         steps[l] = Step(l, m, alpha=0.5, beta=0.5)
-    values, per = chain_map(cv, steps, chosen, per_layer)
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "per_layer": per_layer,
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer,
                "stat": stat, "stat_norm": stat_norm, "head_fusion": head_fusion}
-    return token_map(cv, values, "lnstat", options, per)
+    return finish(cv, steps, chosen, "lnstat", options, per_layer=per_layer, merge=merge,
+                  by_stage=by_stage)
 
 
 def statistic_maps(

@@ -9,13 +9,23 @@ import torch
 import xarray as xr
 
 from ..errors import OptionError
-from .operators import CaptureView, Step, json_safe, propagate
+from .operators import CaptureView, StageView, Step, json_safe, merge_shares, propagate
 
 
-def token_map(cv: CaptureView, values: torch.Tensor, method: str, options: Mapping[str, Any], layers: list[int] | None = None) -> xr.DataArray:
-    """(B, gh, gw) or (B, L, gh, gw) → DataArray (sample, [layer,] y, x) with attrs."""
-    first = cv.stages[0]
-    gh, gw = first.grid
+def token_map(
+    cv: CaptureView,
+    values: torch.Tensor,
+    method: str,
+    options: Mapping[str, Any],
+    layers: list[int] | None = None,
+    stage: StageView | None = None,
+) -> xr.DataArray:
+    """(B, gh, gw) or (B, L, gh, gw) → DataArray (sample, [layer,] y, x) with attrs.
+
+    The grid is the first stage's unless ``stage`` is given.
+    """
+    grid_stage = stage or cv.stages[0]
+    gh, gw = grid_stage.grid
     dims: tuple[str, ...] = ("sample", "y", "x")
     coords: dict[str, Any] = {"sample": cv.tree["sample"].values, "y": np.arange(gh), "x": np.arange(gw)}
     if values.ndim == 4:
@@ -24,8 +34,8 @@ def token_map(cv: CaptureView, values: torch.Tensor, method: str, options: Mappi
     attrs = {
         "method": method,
         **{k: json_safe(v) for k, v in options.items()},
-        "grid": list(first.grid),
-        "stride": [int(s) for s in first.ds.attrs["stride"]],
+        "grid": list(grid_stage.grid),
+        "stride": [int(s) for s in grid_stage.ds.attrs["stride"]],
         "input_size": list(cv.tree.attrs["input_size"]),
         "model": cv.tree.attrs.get("model", ""),
     }
@@ -42,12 +52,49 @@ def chain_map(
     per_layer: bool,
     *,
     final: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    merge: str = "uniform",
 ) -> tuple[torch.Tensor, list[int] | None]:
     """The read-out map of the product, or one cumulative map after each selected block."""
+    shares = merge_shares(cv, merge)
     if not per_layer:
-        return propagate(cv, steps, layers[-1], final=final), None
-    maps = [propagate(cv, {l: s for l, s in steps.items() if l <= top}, top, final=final) for top in layers]
+        return propagate(cv, steps, layers[-1], final=final, shares=shares), None
+    maps = [propagate(cv, {l: s for l, s in steps.items() if l <= top}, top, final=final, shares=shares)
+            for top in layers]
     return torch.stack(maps, 1), layers
+
+
+def finish(
+    cv: CaptureView,
+    steps: Mapping[int, Step],
+    layers: list[int],
+    method: str,
+    options: dict[str, Any],
+    *,
+    per_layer: bool = False,
+    merge: str = "uniform",
+    by_stage: bool = False,
+    final: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> xr.DataArray | xr.Dataset:
+    """Propagate ``steps`` and label the result (the common tail of every chain method).
+
+    ``by_stage=True`` returns a Dataset with each stage's map on its own grid
+    (``stage0`` … ; ViT has one stage) instead of the first-stage map.
+    """
+    options = {**options, "per_layer": per_layer, "merge": merge, "by_stage": by_stage}
+    if by_stage:
+        if per_layer:
+            raise OptionError("by_stage=True gives one map per stage; it does not combine with per_layer=True.")
+        collect: dict[str, torch.Tensor] = {}
+        propagate(cv, steps, layers[-1], final=final, shares=merge_shares(cv, merge), collect=collect)
+        out = xr.Dataset()
+        for stage in cv.stages:
+            if stage.name in collect:
+                da = token_map(cv, collect[stage.name], method, options, stage=stage)
+                out[stage.name] = da.rename({"y": f"y_{stage.name}", "x": f"x_{stage.name}"})
+        out.attrs = {"method": method, **{k: json_safe(v) for k, v in options.items()}}
+        return out
+    values, per = chain_map(cv, steps, layers, per_layer, final=final, merge=merge)
+    return token_map(cv, values, method, options, per)
 
 
 def to_pixels(maps: xr.DataArray, size: int | tuple[int, int] | None = None) -> xr.DataArray:

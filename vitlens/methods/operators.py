@@ -208,12 +208,29 @@ def apply_row(stage: StageView, step: Step, r: torch.Tensor) -> torch.Tensor:
     return step.alpha * r + step.beta * g
 
 
-def merge_row(r: torch.Tensor, grid_from: tuple[int, int]) -> torch.Tensor:
-    """``r · Pm``: a row on a merged grid onto its parent grid, 1/4 to each of the four parents."""
+def merge_row(r: torch.Tensor, grid_from: tuple[int, int], share: torch.Tensor | None = None) -> torch.Tensor:
+    """``r · Pm``: a row on a merged grid onto its parent grid.
+
+    ``share=None``: 1/4 to each of the four parents (default ``merge="uniform"``);
+    otherwise each parent's (B, N_parent) share of its merged token (``merge="lrp"``,
+    the shares the LRP rule of the merging Linear gives).
+    """
     b = r.shape[0]
     gh, gw = grid_from
     r = r.reshape(b, gh, 1, gw, 1).expand(b, gh, 2, gw, 2).reshape(b, 4 * gh * gw)
-    return r / 4
+    return r / 4 if share is None else r * share
+
+
+MERGES = ("uniform", "lrp")
+
+
+def merge_shares(cv: "CaptureView", merge: str) -> dict[int, torch.Tensor | None]:
+    """Per parent stage, the merge shares for ``merge`` (None = uniform)."""
+    if merge not in MERGES:
+        raise OptionError(f"merge={merge!r}; choose from {list(MERGES)}.")
+    if merge == "uniform":
+        return {}
+    return {s.index: s.tensor("merge_share") for s in cv.stages[:-1]}
 
 
 def readout_row(cv: CaptureView, stage: StageView) -> torch.Tensor:
@@ -233,25 +250,44 @@ def propagate(
     top_layer: int,
     *,
     final: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    shares: Mapping[int, torch.Tensor | None] | None = None,
+    collect: dict[str, torch.Tensor] | None = None,
+    dense: bool = False,
 ) -> torch.Tensor:
     """Read-out row of ``O_top ··· O_first`` (blocks missing from ``steps`` are identity).
 
     Starts at the stage of ``top_layer`` with the read-out row of that stage and
     walks down every block and patch merging to the first stage; returns the
     patch part reshaped to the first stage's grid, (B, gh, gw). ``final`` is
-    applied to the first-stage row last (``· C_0`` for tokentm).
+    applied to the first-stage row last (``· C_0`` for tokentm). ``shares``
+    (from :func:`merge_shares`) picks the merge rule; ``collect`` receives each
+    stage's map on its own grid (after its blocks, before merging down).
+    ``dense=True`` multiplies dense matrices instead (tests and teaching only).
     """
+    shares = shares or {}
     top_stage = cv.stage_of(top_layer)
     r = readout_row(cv, top_stage)
     for stage in reversed(cv.stages[: cv.stages.index(top_stage) + 1]):
         for layer in reversed(stage.layers):
             if layer <= top_layer and layer in steps:
-                r = apply_row(stage, steps[layer], r)
+                if dense:
+                    r = torch.einsum("bi,bij->bj", r, dense_operator(stage, steps[layer]))
+                else:
+                    r = apply_row(stage, steps[layer], r)
+        if collect is not None:
+            collect[stage.name] = r[:, stage.num_prefix :].reshape(-1, *stage.grid)
         if stage.index > 0:
-            r = merge_row(r, stage.grid)
+            share = shares.get(stage.index - 1)
+            if dense:
+                pm = dense_merge(stage.grid)
+                r = torch.einsum("bi,ij->bj", r, pm) if share is None else torch.einsum("bi,ij->bj", r, pm * 4) * share
+            else:
+                r = merge_row(r, stage.grid, share)
     first = cv.stages[0]
     if final is not None:
         r = final(r)
+    if collect is not None and final is not None:
+        collect[first.name] = r[:, first.num_prefix :].reshape(-1, *first.grid)
     gh, gw = first.grid
     return r[:, first.num_prefix :].reshape(-1, gh, gw)
 
@@ -295,21 +331,9 @@ def dense_merge(grid_from: tuple[int, int]) -> torch.Tensor:
     return pm
 
 
-def propagate_dense(cv: CaptureView, steps: Mapping[int, Step], top_layer: int, *, final=None) -> torch.Tensor:
+def propagate_dense(cv: CaptureView, steps: Mapping[int, Step], top_layer: int, **kwargs) -> torch.Tensor:
     """Same as :func:`propagate` through dense matrices (for tests; O(N³))."""
-    top_stage = cv.stage_of(top_layer)
-    r = readout_row(cv, top_stage)
-    for stage in reversed(cv.stages[: cv.stages.index(top_stage) + 1]):
-        for layer in reversed(stage.layers):
-            if layer <= top_layer and layer in steps:
-                r = torch.einsum("bi,bij->bj", r, dense_operator(stage, steps[layer]))
-        if stage.index > 0:
-            r = r @ dense_merge(stage.grid)
-    first = cv.stages[0]
-    if final is not None:
-        r = final(r)
-    gh, gw = first.grid
-    return r[:, first.num_prefix :].reshape(-1, gh, gw)
+    return propagate(cv, steps, top_layer, dense=True, **kwargs)
 
 
 def head_fused(stage: StageView, layer: int, heads: HeadSelection, *names: str, clamp: bool = False) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xarray as xr
 
-from .maps import chain_map, token_map
+from .maps import finish
 from .operators import HeadSelection, Step, head_fused, select_layers, view
 
 
@@ -15,7 +15,9 @@ def rollout(
     heads: HeadSelection = None,
     start_layer: int = 0,
     per_layer: bool = False,
-) -> xr.DataArray:
+    merge: str = "uniform",
+    by_stage: bool = False,
+) -> xr.DataArray | xr.Dataset:
     """``R = Â_L···Â_s`` with ``Â_l = 0.5·(I + E_h[A[l]])``, read out (METHODS.md §2).
 
     Parameters
@@ -28,6 +30,11 @@ def rollout(
         First block of the product (default 0; Chefer's evaluation scripts use 1).
     per_layer
         Add a ``layer`` dim: the cumulative map after each selected block.
+    merge
+        Swin patch merging: ``"uniform"`` (1/4 to each parent, default) or
+        ``"lrp"`` (the shares the merging Linear's LRP rule gives; class-specific).
+    by_stage
+        Return a Dataset with each stage's map on its own grid instead.
 
     Examples
     --------
@@ -42,6 +49,6 @@ def rollout(
     steps = {
         l: Step(l, head_fused(cv.stage_of(l), l, heads, "attention"), alpha=0.5, beta=0.5) for l in chosen
     }
-    values, per = chain_map(cv, steps, chosen, per_layer)
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "per_layer": per_layer}
-    return token_map(cv, values, "rollout", options, per)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer}
+    return finish(cv, steps, chosen, "rollout", options, per_layer=per_layer, merge=merge,
+                  by_stage=by_stage)

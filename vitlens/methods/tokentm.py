@@ -18,7 +18,7 @@ import torch
 import xarray as xr
 
 from ..errors import OptionError
-from .maps import chain_map, token_map
+from .maps import finish
 from .operators import HeadSelection, StageView, Step, head_fused, select_layers, view
 
 NECCS = ("range", "softmax", "none")
@@ -63,12 +63,14 @@ def tokentm(
     heads: HeadSelection = None,
     start_layer: int = 0,
     per_layer: bool = False,
+    merge: str = "uniform",
+    by_stage: bool = False,
     necc: str = "range",
     length: bool = True,
     grad: bool = True,
     ffn: bool = True,
     init: str = "norm",
-) -> xr.DataArray:
+) -> xr.DataArray | xr.Dataset:
     """Token-transformation-weighted attention propagation (METHODS.md §7).
 
     ``C_0 = diag(‖e⁰_j‖)``; per block ``U_l = I + Ā·diag(w)`` (MSA) and
@@ -90,6 +92,11 @@ def tokentm(
         ``"norm"``: ``C_0 = diag(‖e⁰‖)`` (default); ``"identity"``: ``C_0 = I``.
     layers, heads, start_layer, per_layer
         As for rollout.
+    merge
+        Swin patch merging: ``"uniform"`` (1/4 to each parent, default) or
+        ``"lrp"`` (the shares the merging Linear's LRP rule gives; class-specific).
+    by_stage
+        Return a Dataset with each stage's map on its own grid instead.
 
     Examples
     --------
@@ -119,7 +126,7 @@ def tokentm(
     if init == "norm":
         e0 = cv.stages[0].tensor("token_norm")[:, 0]
         final = lambda r: r * e0  # noqa: E731 - r·C_0 with C_0 = diag(‖e⁰‖)
-    values, per = chain_map(cv, steps, chosen, per_layer, final=final)
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "per_layer": per_layer,
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer,
                "necc": necc_kind, "length": length, "grad": grad, "ffn": ffn, "init": init}
-    return token_map(cv, values, "tokentm", options, per)
+    return finish(cv, steps, chosen, "tokentm", options, per_layer=per_layer, merge=merge,
+                  by_stage=by_stage, final=final)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xarray as xr
 
-from .maps import chain_map, token_map
+from .maps import finish
 from .operators import HeadSelection, Step, head_fused, select_layers, view
 
 
@@ -15,14 +15,18 @@ def transformer_attribution(
     heads: HeadSelection = None,
     start_layer: int = 1,
     per_layer: bool = False,
-) -> xr.DataArray:
+    merge: str = "uniform",
+    by_stage: bool = False,
+) -> xr.DataArray | xr.Dataset:
     """``C = (I + Ē_L)···(I + Ē_s)``, ``Ē_l = E_h[(∂y_c/∂A ⊙ R_A)⁺]`` (METHODS.md §4).
 
     ``R_A`` is the LRP relevance at each block's attention probabilities,
     computed at capture time (``attention_relevance``) with the paper's rules
     (:mod:`vitlens.methods.lrp`). No row normalisation. ``start_layer``
     defaults to 1 as in the authors' evaluation scripts (their demo notebooks
-    use 0, which includes the first block).
+    use 0, which includes the first block). Other options (``layers``,
+    ``heads``, ``per_layer``, ``merge``, ``by_stage``) as for
+    :func:`vitlens.methods.rollout`.
 
     Examples
     --------
@@ -38,6 +42,6 @@ def transformer_attribution(
         l: Step(l, head_fused(cv.stage_of(l), l, heads, "attention_grad", "attention_relevance", clamp=True))
         for l in chosen
     }
-    values, per = chain_map(cv, steps, chosen, per_layer)
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "per_layer": per_layer}
-    return token_map(cv, values, "transformer_attribution", options, per)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer}
+    return finish(cv, steps, chosen, "transformer_attribution", options, per_layer=per_layer, merge=merge,
+                  by_stage=by_stage)

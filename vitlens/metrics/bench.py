@@ -43,8 +43,8 @@ def format_table(table, markdown: bool = False) -> str:  # noqa: ANN001 - xarray
     """The score table as aligned text (or a Markdown table), one row per method."""
     headers = ["method"] + [h for _, h, _ in COLUMNS]
     rows = []
-    for method in table["method"].values:
-        row = table.sel(method=method)
+    for i, method in enumerate(table["method"].values):
+        row = table.isel(method=i)  # not .sel(method=...): `method` is a keyword of .sel itself
         rows.append([str(method)] + [fmt.format(float(row[name])) for name, _, fmt in COLUMNS])
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * len(COLUMNS)) + "|"]

@@ -415,7 +415,9 @@ def evaluate(
         ``negative_auc_predicted``, ``positive_auc_label``, ``negative_auc_label``,
         ``deletion_auc``, ``insertion_auc``, ``seconds_per_image``,
         ``capture_seconds_per_image``; ``attrs`` hold the item counts, the clean
-        accuracy and the protocol. ``.to_dataframe()`` gives the table.
+        accuracy and the protocol. ``.to_dataframe()`` gives the table. Pick a
+        row with ``table.sel({"method": "rollout"})`` — ``.sel(method=...)`` would
+        be taken as xarray's own ``method`` keyword.
 
     Examples
     --------
