@@ -10,8 +10,8 @@ Examples
 >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
 >>> cap = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)))
 >>> fig = vl.figures.grid(cap, methods=["rollout", "lnstat"])
->>> len(fig.data)
-6
+>>> len(fig.data)  # per sample: the input, then image + heat map per method
+10
 """
 
 from __future__ import annotations

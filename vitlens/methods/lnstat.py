@@ -167,7 +167,7 @@ def statistic_maps(
     >>> import numpy as np, timm, vitlens as vl
     >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
     >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)))
-    >>> vl.methods.lnstat.statistic_maps(cap).dims
+    >>> vl.methods.statistic_maps(cap).dims
     ('sample', 'layer', 'y', 'x')
     """
     _check(stat, stat_norm, "mean")

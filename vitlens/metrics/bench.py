@@ -27,7 +27,7 @@ __all__ = ["main", "format_table"]
 COLUMNS = (
     ("pixel_accuracy", "pix.acc", "{:.3f}"),
     ("miou", "mIoU", "{:.3f}"),
-    ("map", "mAP", "{:.3f}"),
+    ("mean_ap", "mAP", "{:.3f}"),
     ("pointing", "point", "{:.3f}"),
     ("positive_auc_predicted", "pos.pred↓", "{:.1f}"),
     ("negative_auc_predicted", "neg.pred↑", "{:.1f}"),

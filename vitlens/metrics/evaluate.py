@@ -317,7 +317,7 @@ def summarize(items: xr.Dataset, dim: str = "item") -> xr.Dataset:
         raise OptionError("no items to summarise; select at least one item.")
     seg = segmentation_scores(items, dim)
     table = xr.Dataset(
-        {k: seg[k] for k in ("pixel_accuracy", "miou", "iou_foreground", "map", "pointing")},
+        {k: seg[k] for k in ("pixel_accuracy", "miou", "iou_foreground", "mean_ap", "pointing")},
     )
     fractions = items["removed"].values
     for direction in ("positive", "negative"):
@@ -411,7 +411,7 @@ def evaluate(
     -------
     xarray.Dataset
         Over ``method``: ``pixel_accuracy``, ``miou``, ``iou_foreground``,
-        ``map``, ``pointing``, ``positive_auc_predicted``,
+        ``mean_ap`` (mAP), ``pointing``, ``positive_auc_predicted``,
         ``negative_auc_predicted``, ``positive_auc_label``, ``negative_auc_label``,
         ``deletion_auc``, ``insertion_auc``, ``seconds_per_image``,
         ``capture_seconds_per_image``; ``attrs`` hold the item counts, the clean

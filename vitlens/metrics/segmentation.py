@@ -172,7 +172,7 @@ def segmentation_scores(counts: xr.Dataset, dim: str = "sample") -> xr.Dataset:
             "miou": iou.mean("part"),
             "iou_foreground": iou.sel(part="foreground", drop=True),
             "miou_per_image": image_iou.mean(dim),
-            "map": counts["ap"].mean(dim),
+            "mean_ap": counts["ap"].mean(dim),
             "pointing": counts["pointing"].mean(dim),
         }
     )
@@ -180,7 +180,7 @@ def segmentation_scores(counts: xr.Dataset, dim: str = "sample") -> xr.Dataset:
     out["miou"].attrs["description"] = "mean of background and foreground IoU from dataset-level pixel counts"
     out["iou_foreground"].attrs["description"] = "foreground IoU from dataset-level pixel counts"
     out["miou_per_image"].attrs["description"] = "mean over images of each image's own mIoU (not the reference protocol)"
-    out["map"].attrs["description"] = "mean over images of the average precision of [1 - map, map]"
+    out["mean_ap"].attrs["description"] = "mean over images of the average precision of [1 - map, map]"
     out["pointing"].attrs["description"] = "fraction of images whose map maximum lies inside the mask"
     out.attrs["protocol"] = (
         "bilinear upsampling to the mask, min-max per map, foreground = map > its mean "
@@ -205,7 +205,7 @@ def segmentation(maps: xr.DataArray | xr.Dataset, masks: xr.DataArray | np.ndarr
     -------
     xarray.Dataset
         Scalar scores ``pixel_accuracy``, ``miou``, ``iou_foreground``,
-        ``miou_per_image``, ``map``, ``pointing`` (with a ``method`` dim for a
+        ``miou_per_image``, ``mean_ap`` (mAP), ``pointing`` (with a ``method`` dim for a
         Dataset of maps). See :func:`segmentation_scores` for the definitions.
 
     Raises
