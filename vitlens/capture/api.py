@@ -214,10 +214,11 @@ def capture(
     num_classes = adapter.num_classes
     names = class_names(model, num_classes)
     targets = _resolve_target(target, n, names)
+    param = next(model.parameters(), None)
     if device is None:
-        param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
+    model_dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
 
     relevance = "attention_relevance" in kept
     stores: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -232,7 +233,7 @@ def capture(
     with Recorder(adapter, keep_block_inputs=relevance) as rec:
         for start in starts:
             rec.reset()
-            x = batch.pixels[start : start + batch_size].to(device)
+            x = batch.pixels[start : start + batch_size].to(device, model_dtype)
             _run_batch(adapter, rec, x, targets, start, kept, grads, relevance, stores)
 
     return _assemble(adapter, model, batch, stores, names, kept, dtype, grads)

@@ -118,7 +118,9 @@ def _split(images: Any) -> list[Any]:
         pass
     raise ImageError(
         f"cannot read images from a {type(images).__name__}; pass a path, a list of paths, "
-        "PIL images, arrays (H, W, 3) / (sample, H, W, 3) in [0, 1] or uint8, or a tensor."
+        "PIL images, arrays (H, W, 3) / (sample, H, W, 3) in [0, 1] or uint8, or a tensor. "
+        "To capture from a DataLoader, a folder or any iterable of batches, stream it to a "
+        "store: vl.capture(model, images, store='run.zarr')."
     )
 
 
