@@ -26,9 +26,9 @@ import vitlens as vl
 from vitlens.widgets import Compare, Explorer, HeadGrid
 
 
-def timed(action: Callable[[], object]) -> float:
+def timed(action: Callable[..., object], *args: object) -> float:
     t = time.perf_counter()
-    action()
+    action(*args)
     return time.perf_counter() - t
 
 
@@ -52,14 +52,14 @@ def bench_explorer(cap, model, repeat: int, with_class: bool) -> dict[str, list[
         for _ in range(repeat):
             slider.value = layers[-1]
             for l in layers:
-                rows.setdefault(name, []).append(timed(lambda: setattr(slider, "value", l)))
+                rows.setdefault(name, []).append(timed(setattr, slider, "value", l))
 
     sweep("layer slider")
     stage = ex.layout_info.stage_of(ex.layer)
     for h in range(stage.num_heads):
         # off: a new head set, per-layer maps recomputed; on again: back to a cached set
-        rows.setdefault("head toggle (new selection)", []).append(timed(lambda: ex.toggle_head(h)))
-        rows.setdefault("head toggle (cached selection)", []).append(timed(lambda: ex.toggle_head(h)))
+        rows.setdefault("head toggle (new selection)", []).append(timed(ex.toggle_head, h))
+        rows.setdefault("head toggle (cached selection)", []).append(timed(ex.toggle_head, h))
     ex.set_heads([0, 3, 5])
     sweep("layer slider, heads 0,3,5")
     ex.set_heads(range(stage.num_heads))
@@ -67,22 +67,22 @@ def bench_explorer(cap, model, repeat: int, with_class: bool) -> dict[str, list[
     gh, gw = ex.layout_info.grid
     for _ in range(12 * repeat):
         r, c = (int(v) for v in rng.integers(0, [gh, gw]))
-        rows.setdefault("patch click (query)", []).append(timed(lambda: ex.select_patch(r, c)))
+        rows.setdefault("patch click (query)", []).append(timed(ex.select_patch, r, c))
     for name, values in (("statistic dropdown", ["mean", "var", "norm", "std"]), ("method dropdown", list(vl.METHODS))):
         widget = ex.stat_select if name.startswith("statistic") else ex.method_select
         for _ in range(repeat):
             for v in values:
                 label = f"{name} ({'first' if _ == 0 else 'cached'})"
-                rows.setdefault(label, []).append(timed(lambda: setattr(widget, "value", v)))
+                rows.setdefault(label, []).append(timed(setattr, widget, "value", v))
     for _ in range(4 * repeat):
-        rows.setdefault("opacity slider", []).append(timed(lambda: setattr(ex.opacity_slider, "value", float(rng.random()))))
+        rows.setdefault("opacity slider", []).append(timed(setattr, ex.opacity_slider, "value", float(rng.random())))
     if cap["sample"].size > 1:
         for _ in range(2 * repeat):
             rows.setdefault("sample dropdown", []).append(
-                timed(lambda: setattr(ex.sample_select, "value", 1 - ex.sample)))
+                timed(setattr, ex.sample_select, "value", 1 - ex.sample))
     if with_class and model is not None:
         other = [c for _, c in ex.class_select.options if c != ex.target][0]
-        rows["class (recapture, first)"] = [timed(lambda: setattr(ex.class_select, "value", other))]
+        rows["class (recapture, first)"] = [timed(setattr, ex.class_select, "value", other)]
         sweep("layer slider, other class")
         ex.class_select.value = ex.class_select.options[0][1]
     t0 = time.perf_counter()
@@ -96,7 +96,7 @@ def bench_explorer(cap, model, repeat: int, with_class: bool) -> dict[str, list[
     for _ in range(repeat):
         cmp.layer_slider.value = layers[-1]
         for l in layers:
-            rows.setdefault("Compare layer slider", []).append(timed(lambda: setattr(cmp.layer_slider, "value", l)))
+            rows.setdefault("Compare layer slider", []).append(timed(setattr, cmp.layer_slider, "value", l))
     return rows
 
 

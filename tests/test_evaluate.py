@@ -80,6 +80,18 @@ def test_evaluate_returns_one_row_per_method(shapes_vit, mixed):
     assert ((table.positive_auc_label >= 0) & (table.positive_auc_label <= 90)).all()
 
 
+def test_summary_aucs_are_trapezoids_of_the_mean_item_curves(items):
+    table = summarize(items)
+    x = np.arange(10) / 10
+    for i in range(items.sizes["method"]):
+        curve = items.correct_negative_label.values[i].mean(0)
+        expected = 100 * sum((x[k + 1] - x[k]) * (curve[k] + curve[k + 1]) / 2 for k in range(9))
+        assert float(table.negative_auc_label[i]) == pytest.approx(expected)
+        deleted = items.deletion.values[i].mean(0)
+        assert float(table.deletion_auc[i]) == pytest.approx(np.trapezoid(deleted, np.arange(11) / 10))
+    assert (table.seconds_per_image > 0).all() and (table.capture_seconds_per_image > 0).all()
+
+
 def test_summarize_scores_a_subset_of_items(items):
     one = summarize(items.isel(item=items.objects_in_image.values == 1))
     both = summarize(items)

@@ -8,10 +8,11 @@ one tidy table.
 
 Examples
 --------
->>> import numpy as np, xarray as xr, vitlens as vl
+>>> import numpy as np, xarray as xr
+>>> from vitlens.metrics import segmentation
 >>> masks = np.zeros((1, 8, 8), bool); masks[0, :4] = True
 >>> maps = xr.DataArray(masks.astype("float32"), dims=("sample", "y", "x"))
->>> float(vl.metrics.segmentation(maps, masks).pointing)
+>>> float(segmentation(maps, masks).pointing)
 1.0
 """
 

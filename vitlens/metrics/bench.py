@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import xarray as xr
+
 from ..errors import OptionError
 
 __all__ = ["main", "format_table"]
@@ -39,7 +41,7 @@ COLUMNS = (
 )
 
 
-def format_table(table, markdown: bool = False) -> str:  # noqa: ANN001 - xarray.Dataset
+def format_table(table: xr.Dataset, markdown: bool = False) -> str:
     """The score table as aligned text (or a Markdown table), one row per method."""
     headers = ["method"] + [h for _, h, _ in COLUMNS]
     rows = []

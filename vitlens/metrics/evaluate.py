@@ -9,8 +9,8 @@ Per batch of images the model is captured once for its predicted classes and,
 for the items whose label differs from the prediction, once more for the labels;
 each method's maps come from those captures. Perturbation curves for the
 predicted-class maps are computed per image (two items of one image share them),
-and for the label maps only where the label differs from the prediction (the maps
-are identical otherwise). The deletion and insertion curves reuse the forward
+and for the label maps only where the label differs from the prediction and the
+map does change with the class (class-agnostic maps such as rollout do not). The deletion and insertion curves reuse the forward
 passes of the positive and negative perturbation runs (see
 :mod:`vitlens.metrics.perturbation`), so the whole table costs one run of each.
 """
@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ImageError, OptionError
 from .inputs import Pictures, model_device, pixel_maps, progress_bar
-from .perturbation import area, ranking, removal_probabilities
+from .perturbation import ranking, removal_probabilities
 from .segmentation import PARTS, counts_dataset, segmentation_scores
 
 __all__ = ["evaluate", "evaluate_items", "summarize", "TARGETS"]
@@ -111,6 +111,35 @@ def _fit(images: np.ndarray, masks: np.ndarray, size: tuple[int, int]) -> tuple[
     return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()), m.numpy()
 
 
+def _hits(probs: np.ndarray, clean: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 hits (items, S) of the positive and the negative run, clean picture first.
+
+    ``probs`` (items, 2(S−1), classes) holds the positive steps 1..S−1, then the negative ones.
+    """
+    half = probs.shape[1] // 2
+    top1 = probs.argmax(-1)
+    first = clean.argmax(-1)[:, None]
+    positive = np.concatenate([first, top1[:, :half]], 1)
+    negative = np.concatenate([first, top1[:, half:]], 1)
+    return positive == reference[:, None], negative == reference[:, None]
+
+
+def _deletion_insertion(probs: np.ndarray, clean: np.ndarray, zero: np.ndarray, explained: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Deletion and insertion curves (items, S+1) of the explained class from the same runs.
+
+    Deletion at j/S is the positive run at j/S; insertion at j/S keeps the top pixels,
+    i.e. it is the negative run at (S − j)/S; the ends are the clean and the all-zero picture.
+    """
+    half = probs.shape[1] // 2
+    pick = np.arange(len(explained))
+    p = probs[pick, :, explained]  # (items, runs)
+    c_clean, c_zero = clean[pick, explained][:, None], zero[pick, explained][:, None]
+    deletion = np.concatenate([c_clean, p[:, :half], c_zero], 1)
+    insertion = np.concatenate([c_zero, p[:, half:][:, ::-1], c_clean], 1)
+    return deletion, insertion
+
+
 def evaluate_items(
     model: nn.Module | str,
     dataset: xr.Dataset,
@@ -136,8 +165,9 @@ def evaluate_items(
     --------
     >>> import timm, vitlens as vl
     >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
-    >>> items = vl.metrics.evaluate_items(model, vl.datasets.shapes(2, objects=2), "rollout")
-    >>> items.sizes["item"], vl.metrics.summarize(items).sizes["method"]
+    >>> from vitlens.metrics import evaluate_items, summarize
+    >>> items = evaluate_items(model, vl.datasets.shapes(2, objects=2), "rollout")
+    >>> items.sizes["item"], summarize(items).sizes["method"]
     (4, 1)
     """
     from ..capture import capture
@@ -173,7 +203,6 @@ def evaluate_items(
 
     # removal schedule shared by every map: positive steps 1..S-1, then negative steps 1..S-1
     runs = [(npix * i // steps, True) for i in range(1, steps)] + [(npix * i // steps, False) for i in range(1, steps)]
-    s1 = steps - 1
     fractions = np.arange(steps) / steps
     full = np.arange(steps + 1) / steps
 
@@ -198,9 +227,8 @@ def evaluate_items(
     bar = progress_bar(n_img, "evaluate", show)
     order_all = np.tile(np.arange(npix), (min(batch_size, n_img), 1))
     for s0 in range(0, n_img, batch_size):
-        s1_img = min(s0 + batch_size, n_img)
-        chunk = images[s0:s1_img]
-        its = np.nonzero((item_sample >= s0) & (item_sample < s1_img))[0]
+        chunk = images[s0 : s0 + batch_size]
+        its = np.nonzero((item_sample >= s0) & (item_sample < s0 + len(chunk)))[0]
         local = item_sample[its] - s0
         t = time.perf_counter()
         cap = capture(model, chunk, target=None, batch_size=batch_size, device=device, progress=False)
@@ -232,24 +260,21 @@ def evaluate_items(
             values_label, probs_label = values[local], probs_pred.copy()
             if cap_label is not None:
                 v = pixel_maps(explain(cap_label, name, **opts.get(name, {})), size)
-                values_label[diff] = v
-                probs_label[diff] = removal_probabilities(model, pics_label, ranking(v), runs,
-                                                          batch_size=batch_size, device=device)
+                # class-agnostic maps (attention, rollout, ...) differ from the predicted-class
+                # ones only by float noise of the other batch: reuse those runs
+                if not np.allclose(v, values_label[diff], rtol=0.0, atol=1e-5):
+                    values_label[diff] = v
+                    probs_label[diff] = removal_probabilities(model, pics_label, ranking(v), runs,
+                                                              batch_size=batch_size, device=device)
             counts = counts_dataset(values_label if target == "label" else values[local], item_masks, "item")
             for key, arr in seg_arrays.items():
                 arr[m, its] = counts[key].values
             for which, p in (("predicted", probs_pred), ("label", probs_label)):
-                top1 = p.argmax(-1)
-                first = clean.argmax(-1)[:, None]
-                hits[f"correct_positive_{which}"][m, its] = np.concatenate([first, top1[:, :s1]], 1) == lab[:, None]
-                hits[f"correct_negative_{which}"][m, its] = np.concatenate([first, top1[:, s1:]], 1) == lab[:, None]
+                positive, negative = _hits(p, clean, lab)
+                hits[f"correct_positive_{which}"][m, its] = positive
+                hits[f"correct_negative_{which}"][m, its] = negative
             p, cls = (probs_label, lab) if target == "label" else (probs_pred, pred[local])
-            pick = np.arange(len(its))
-            pc = p[pick, :, cls]  # (items, runs) probability of the explained class
-            c_clean, c_zero = clean[pick, cls][:, None], zero[pick, cls][:, None]
-            deletion[m, its] = np.concatenate([c_clean, pc[:, :s1], c_zero], 1)
-            # insertion at j/S keeps the top pixels = negative run at (S - j)/S
-            insertion[m, its] = np.concatenate([c_zero, pc[:, s1:][:, ::-1], c_clean], 1)
+            deletion[m, its], insertion[m, its] = _deletion_insertion(p, clean, zero, cls)
         bar.update(len(chunk))
     bar.close()
 
@@ -308,10 +333,11 @@ def summarize(items: xr.Dataset, dim: str = "item") -> xr.Dataset:
     --------
     >>> import timm, vitlens as vl
     >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
-    >>> items = vl.metrics.evaluate_items(model, vl.datasets.shapes(4, objects=(1, 2)), ["rollout", "gradcam"])
-    >>> one_object = vl.metrics.summarize(items.isel(item=items.objects_in_image.values == 1))
-    >>> list(one_object.method.values)
-    ['rollout', 'gradcam']
+    >>> from vitlens.metrics import evaluate_items, summarize
+    >>> items = evaluate_items(model, vl.datasets.shapes(4, objects=2), ["rollout", "gradcam"])
+    >>> first_objects = summarize(items.isel(item=items.object.values == 0))
+    >>> first_objects.attrs["items"], first_objects.method.values.tolist()
+    (4, ['rollout', 'gradcam'])
     """
     if items.sizes.get(dim, 0) == 0:
         raise OptionError("no items to summarise; select at least one item.")
@@ -319,18 +345,13 @@ def summarize(items: xr.Dataset, dim: str = "item") -> xr.Dataset:
     table = xr.Dataset(
         {k: seg[k] for k in ("pixel_accuracy", "miou", "iou_foreground", "mean_ap", "pointing")},
     )
-    fractions = items["removed"].values
     for direction in ("positive", "negative"):
         for which in ("predicted", "label"):
-            acc = items[f"correct_{direction}_{which}"].mean(dim)
-            auc = xr.apply_ufunc(lambda a: 100.0 * np.trapezoid(a, fractions, axis=-1), acc,
-                                 input_core_dims=[["removed"]])
-            table[f"{direction}_auc_{which}"] = auc
+            accuracy = items[f"correct_{direction}_{which}"].mean(dim)
+            table[f"{direction}_auc_{which}"] = 100.0 * accuracy.integrate("removed")  # trapezoid
             table[f"{direction}_auc_{which}"].attrs["better"] = "lower" if direction == "positive" else "higher"
     for kind, coord in (("deletion", "deleted"), ("insertion", "inserted")):
-        curve = items[kind].mean(dim)
-        table[f"{kind}_auc"] = xr.apply_ufunc(lambda a, x=items[coord].values: np.trapezoid(a, x, axis=-1), curve,
-                                              input_core_dims=[[coord]])
+        table[f"{kind}_auc"] = items[kind].mean(dim).integrate(coord)
     images = int(items.attrs.get("images", 1)) or 1
     table["seconds_per_image"] = items["explain_seconds"] / images
     table["capture_seconds_per_image"] = xr.full_like(table["seconds_per_image"], float(items["capture_seconds"]) / images)
@@ -423,7 +444,8 @@ def evaluate(
     --------
     >>> import timm, vitlens as vl
     >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
-    >>> table = vl.metrics.evaluate(model, vl.datasets.shapes(4), methods=["rollout", "tokentm"])
+    >>> from vitlens.metrics import evaluate
+    >>> table = evaluate(model, vl.datasets.shapes(4), methods=["rollout", "tokentm"])
     >>> table.to_dataframe().shape[0]
     2
     """

@@ -8,6 +8,7 @@ lives here, so that each check is written once and says the same thing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -114,13 +115,13 @@ def per_method(maps: xr.DataArray | xr.Dataset, score: Callable[[xr.DataArray], 
 
 
 # ------------------------------------------------------------------ model input
+@dataclass
 class Pictures:
     """Unnormalised model-input pictures in [0, 1] and the normalisation the model expects."""
 
-    def __init__(self, pictures: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]):
-        self.pictures = pictures  # (B, H, W, 3) float32 in [0, 1]
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+    pictures: np.ndarray  # (B, H, W, 3) float32 in [0, 1]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     @property
     def size(self) -> tuple[int, int]:

@@ -171,7 +171,8 @@ def perturbation(
     >>> import numpy as np, timm, vitlens as vl
     >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
     >>> cap = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)))
-    >>> out = vl.metrics.perturbation(model, cap, vl.explain(cap, "rollout"), cap.target.values)
+    >>> from vitlens.metrics import perturbation
+    >>> out = perturbation(model, cap, vl.explain(cap, "rollout"), cap.target.values)
     >>> out.accuracy.sizes["removed"], float(out.accuracy[0])
     (10, 1.0)
     """
@@ -330,7 +331,8 @@ def deletion(
     >>> import numpy as np, timm, vitlens as vl
     >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
     >>> cap = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)))
-    >>> vl.metrics.deletion(model, cap, vl.explain(cap, "rollout")).probability.sizes["deleted"]
+    >>> from vitlens.metrics import deletion
+    >>> deletion(model, cap, vl.explain(cap, "rollout")).probability.sizes["deleted"]
     11
     """
     return _probability_curve(model, images, maps, target, steps, batch_size, device, progress, "deletion")
@@ -363,7 +365,8 @@ def insertion(
     >>> import numpy as np, timm, vitlens as vl
     >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
     >>> cap = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)))
-    >>> out = vl.metrics.insertion(model, cap, vl.explain(cap, "rollout"))
+    >>> from vitlens.metrics import insertion
+    >>> out = insertion(model, cap, vl.explain(cap, "rollout"))
     >>> 0.0 <= float(out.auc) <= 1.0
     True
     """

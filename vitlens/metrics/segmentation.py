@@ -215,10 +215,11 @@ def segmentation(maps: xr.DataArray | xr.Dataset, masks: xr.DataArray | np.ndarr
 
     Examples
     --------
-    >>> import numpy as np, xarray as xr, vitlens as vl
+    >>> import numpy as np, xarray as xr
     >>> masks = np.zeros((2, 8, 8), bool); masks[:, 2:6, 2:6] = True
     >>> perfect = xr.DataArray(masks.astype("float32"), dims=("sample", "y", "x"))
-    >>> scores = vl.metrics.segmentation(perfect, masks)
+    >>> from vitlens.metrics import segmentation
+    >>> scores = segmentation(perfect, masks)
     >>> float(scores.miou), float(scores.pointing)
     (1.0, 1.0)
     """

@@ -75,18 +75,21 @@ class Adapter:
         self.model = model
         self.stages: list[StageInfo] = []
 
-    # -- geometry -----------------------------------------------------------
+    # -- geometry (timm's common surface) -----------------------------------------
     @property
     def input_size(self) -> tuple[int, int]:
-        raise NotImplementedError
+        """The model's real input size (its patch embedding's, not the pretrained config's)."""
+        size = self.model.patch_embed.img_size
+        return (int(size[0]), int(size[1]))
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        raise NotImplementedError
+        p = self.model.patch_embed.patch_size
+        return (int(p[0]), int(p[1]))
 
     @property
     def num_classes(self) -> int:
-        raise NotImplementedError
+        return int(self.model.num_classes)
 
     @property
     def blocks(self) -> list[nn.Module]:

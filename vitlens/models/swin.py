@@ -86,17 +86,3 @@ class SwinAdapter(Adapter):
             for s, stage in enumerate(self.model.layers)
             if not isinstance(stage.downsample, nn.Identity)
         }
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        size = self.model.patch_embed.img_size
-        return (int(size[0]), int(size[1]))
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        p = self.model.patch_embed.patch_size
-        return (int(p[0]), int(p[1]))
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.model.num_classes)

@@ -9,12 +9,12 @@ import ipywidgets as widgets
 import numpy as np
 import xarray as xr
 
-from ..errors import OptionError, VitlensError
+from ..errors import VitlensError
 from ..methods import METHODS
 from . import captions
-from .controls import probe
+from .controls import layer_slider, opacity_slider, probe, sample_dropdown
 from .figure import as_widget, image_uri, overlay_figure, save_figure
-from .layout import capture_layout
+from .layout import capture_layout, check_view
 from .panels import layer_dependent, method_maps, normalized
 
 
@@ -64,13 +64,8 @@ class Compare(widgets.VBox):
         super().__init__()
         self.cap = cap
         self.layout_info = info = capture_layout(cap)
-        if layer is None:
-            layer = info.layers[-1]
-        if layer not in info.layers:
-            raise OptionError(f"layer={layer}: this capture has layers {info.layers[0]}..{info.layers[-1]}.")
+        layer = check_view(info, cap, layer, sample)
         n = int(cap["sample"].size)
-        if not 0 <= sample < n:
-            raise OptionError(f"sample={sample}: this capture has samples 0..{n - 1}.")
         choice = info.all_heads()
         shape = (n, len(info.layers), *info.grid)
         self._maps: dict[str, np.ndarray] = {}
@@ -84,13 +79,9 @@ class Compare(widgets.VBox):
                 self._maps[method], self._first[method] = np.zeros(shape, dtype=np.float32), info.layers[0]
                 self._errors[method] = str(exc)
 
-        self.layer_slider = widgets.IntSlider(value=layer, min=info.layers[0], max=info.layers[-1], description="Layer",
-                                              layout=widgets.Layout(width="340px"))
-        self.layer_slider.add_class("vitlens-layer")
-        self.sample_select = widgets.Dropdown(options=list(range(n)), value=sample, description="Sample",
-                                              layout=widgets.Layout(width="160px", display=None if n > 1 else "none"))
-        self.opacity_slider = widgets.FloatSlider(value=opacity, min=0.0, max=1.0, step=0.05, description="Opacity",
-                                                  layout=widgets.Layout(width="280px"))
+        self.layer_slider = layer_slider(info, layer)
+        self.sample_select = sample_dropdown(list(range(n)), sample)
+        self.opacity_slider = opacity_slider(opacity)
         self.figure = overlay_figure(info, list(METHODS), image_uri(cap["image"].isel(sample=sample).values), cols=4,
                                      width=width, height=height, opacity=opacity)
         self.captions = widgets.HTML()
@@ -136,7 +127,7 @@ class Compare(widgets.VBox):
                 self.figure.layout.annotations[i].text = captions.panel_title(method, layer)
                 text = self._errors[method] or captions.method_caption(
                     info, method, layer, self._first[method], target, not layer_dependent(info, method))
-                lines.append(f"<div><b>{html.escape(method)}</b>: {html.escape(text)}</div>")
+                lines.append(f"<div><b>{html.escape(method)}</b>: {html.escape(text, quote=False)}</div>")
         self.captions.value = "".join(lines)
         self.probe.value = f"layer={layer} sample={sample}"
 

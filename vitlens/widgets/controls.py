@@ -105,6 +105,31 @@ def class_label(name: str, p: float) -> str:
     return f"{name} · {100 * p:.1f} %"
 
 
+def layer_slider(layout: CaptureLayout, value: int) -> widgets.IntSlider:
+    """The "Layer" slider over every block of the capture (global block indices)."""
+    layers = layout.layers
+    slider = widgets.IntSlider(value=value, min=layers[0], max=layers[-1], step=1, description="Layer",
+                               continuous_update=True, layout=widgets.Layout(width="340px"))
+    slider.add_class("vitlens-layer")
+    return slider
+
+
+def sample_dropdown(options: list, value: int, width: str = "160px") -> widgets.Dropdown:
+    """The "Sample" selector, hidden when the capture holds one image."""
+    dropdown = widgets.Dropdown(options=options, value=value, description="Sample",
+                                layout=widgets.Layout(width=width, display=None if len(options) > 1 else "none"))
+    dropdown.add_class("vitlens-sample")
+    return dropdown
+
+
+def opacity_slider(value: float) -> widgets.FloatSlider:
+    """Heatmap opacity over the image."""
+    slider = widgets.FloatSlider(value=value, min=0.0, max=1.0, step=0.05, description="Opacity",
+                                 readout_format=".2f", layout=widgets.Layout(width="280px"))
+    slider.add_class("vitlens-opacity")
+    return slider
+
+
 def probe(css_class: str) -> widgets.HTML:
     """A hidden text widget whose content tests (and curious users) can read in the page."""
     w = widgets.HTML(layout=widgets.Layout(display="none"))

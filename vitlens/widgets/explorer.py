@@ -18,11 +18,12 @@ import xarray as xr
 from ..errors import OptionError, VitlensError
 from ..methods import METHODS
 from . import captions
-from .controls import HeadToggles, class_label, probe, top_classes
+from .controls import HeadToggles, class_label, layer_slider, opacity_slider, probe, sample_dropdown, top_classes
 from .figure import as_widget, image_uri, overlay_figure, save_figure
 from .layout import (
     Query,
     capture_layout,
+    check_view,
     parse_heads,
     patch_outline,
     window_edges,
@@ -131,14 +132,7 @@ class Explorer(widgets.VBox):
         self.model = model
         self.layout_info = capture_layout(cap)
         info = self.layout_info
-        layers = info.layers
-        if layer is None:
-            layer = layers[-1]
-        if layer not in layers:
-            raise OptionError(f"layer={layer}: this capture has layers {layers[0]}..{layers[-1]}.")
-        n = int(cap["sample"].size)
-        if not 0 <= sample < n:
-            raise OptionError(f"sample={sample}: this capture has samples 0..{n - 1}.")
+        layer = check_view(info, cap, layer, sample)
         if stat not in STATISTICS:
             raise OptionError(f"stat={stat!r}; choose from {list(STATISTICS)}.")
         if method not in METHODS:
@@ -153,15 +147,10 @@ class Explorer(widgets.VBox):
         self._messages: dict[str, str] = {}
         self.timings: list[float] = []  # seconds per view update (server side)
 
-        self.layer_slider = widgets.IntSlider(value=layer, min=layers[0], max=layers[-1], step=1, description="Layer",
-                                              continuous_update=True, layout=widgets.Layout(width="340px"))
-        self.layer_slider.add_class("vitlens-layer")
+        self.layer_slider = layer_slider(info, layer)
         self.stage_label = widgets.HTML(layout=widgets.Layout(margin="0 12px"))
         self.stage_label.add_class("vitlens-stage")
-        self.sample_select = widgets.Dropdown(options=self._sample_options(), value=sample, description="Sample",
-                                              layout=widgets.Layout(width="200px",
-                                                                    display=None if n > 1 else "none"))
-        self.sample_select.add_class("vitlens-sample")
+        self.sample_select = sample_dropdown(self._sample_options(), sample, width="200px")
         self.class_select = widgets.Dropdown(description="Class", layout=widgets.Layout(width="260px"))
         self.class_select.add_class("vitlens-class")
         if model is None:
@@ -185,9 +174,7 @@ class Explorer(widgets.VBox):
         self.method_select = widgets.Dropdown(options=list(METHODS), value=method, description="Method",
                                               layout=widgets.Layout(width="290px"))
         self.method_select.add_class("vitlens-method")
-        self.opacity_slider = widgets.FloatSlider(value=opacity, min=0.0, max=1.0, step=0.05, description="Opacity",
-                                                  readout_format=".2f", layout=widgets.Layout(width="280px"))
-        self.opacity_slider.add_class("vitlens-opacity")
+        self.opacity_slider = opacity_slider(opacity)
 
         uri = image_uri(cap["image"].isel(sample=sample).values)
         fig = overlay_figure(info, list(PANELS), uri, cols=len(PANELS), width=width, height=height, opacity=opacity)
@@ -402,11 +389,11 @@ class Explorer(widgets.VBox):
                 fig.data[self.heatmap_trace(i)].z = z
             fig.data[self._grid_trace].update(x=gx, y=gy)
             fig.data[self._marker_trace].update(x=mx, y=my)
-            for ann, text in zip(fig.layout.annotations, view["titles"]):
+            for ann, text in zip(fig.layout.annotations, view["titles"], strict=True):
                 ann.text = text
         self.stage_label.value = captions.stage_text(info, layer) if len(info.stages) > 1 or info.windowed else ""
         self.captions.value = "".join(
-            f"<div><b>{i + 1}.</b> {html.escape(t)}</div>" for i, t in enumerate(view["captions"])
+            f"<div><b>{i + 1}.</b> {html.escape(t, quote=False)}</div>" for i, t in enumerate(view["captions"])
         )
         self.title.value = self._title_html()
         self.version += 1

@@ -10,7 +10,10 @@ why every panel shows a min-max normalised map.
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import io
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,6 +113,54 @@ def overlay_figure(
     return fig
 
 
+# plotly's FigureWidget is an anywidget whose module (~5 MB of JavaScript, all of
+# plotly.js) is sent with, and compiled for, every figure. anywidget then gives each
+# model 2 s to initialise before it reports "Failed to initialize model" as a page
+# error; on a busy machine one compile alone takes longer. This module wraps
+# plotly's: the bundle is compiled once per page (cached on ``globalThis`` under its
+# hash) and each model initialises at once, plotly's own ``initialize``/``render``
+# running as soon as the bundle is there. Python → page updates only start with user
+# actions, after the first render, so none is sent before plotly listens.
+_SHARED_BUNDLE = """\
+const SOURCE = __SOURCE__;
+const KEY = Symbol.for("vitlens.plotly-widget.__KEY__");
+function bundle() {
+  if (!globalThis[KEY]) {
+    const url = URL.createObjectURL(new Blob([SOURCE], { type: "text/javascript" }));
+    globalThis[KEY] = import(url).finally(() => URL.revokeObjectURL(url));
+  }
+  return globalThis[KEY];
+}
+export default () => {
+  const widget = bundle().then((mod) => (typeof mod.default === "function" ? mod.default() : mod.default));
+  let initialized = Promise.resolve();
+  return {
+    initialize(context) {
+      initialized = widget.then((w) => (w.initialize ? w.initialize(context) : undefined));
+      return () => initialized.then((cleanup) => (typeof cleanup === "function" ? cleanup() : undefined));
+    },
+    async render(context) {
+      const w = await widget;
+      await initialized;
+      return w.render ? w.render(context) : undefined;
+    },
+  };
+};
+"""
+
+
+@functools.cache
+def _widget_class() -> type[go.FigureWidget]:
+    """A FigureWidget whose plotly bundle loads once per page (plain FigureWidget if that cannot be done)."""
+    source = getattr(go.FigureWidget, "_esm", None)
+    source = str(source) if source is not None else ""
+    if "export" not in source:  # not an anywidget module we know how to wrap
+        return go.FigureWidget
+    key = hashlib.sha1(source.encode()).hexdigest()[:16]
+    esm = _SHARED_BUNDLE.replace("__KEY__", key).replace("__SOURCE__", json.dumps(source))
+    return type("PlotlyWidget", (go.FigureWidget,), {"_esm": esm, "__module__": __name__})
+
+
 def as_widget(fig: go.Figure) -> go.FigureWidget:
     """The finished figure as a FigureWidget.
 
@@ -119,7 +170,7 @@ def as_widget(fig: go.Figure) -> go.FigureWidget:
     sees. So widgets build the complete first view on a plain figure and wrap
     it here; only user actions send updates.
     """
-    return go.FigureWidget(fig)
+    return _widget_class()(fig)
 
 
 def save_figure(fig: go.Figure, path: str | os.PathLike, *, scale: float = 2.0) -> Path:

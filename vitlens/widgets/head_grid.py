@@ -10,10 +10,10 @@ import xarray as xr
 
 from ..errors import OptionError
 from . import captions
-from .controls import probe
+from .controls import layer_slider, probe, sample_dropdown
 from .explorer import Explorer
 from .figure import as_widget, overlay_figure
-from .layout import Query, capture_layout, patch_outline
+from .layout import Query, capture_layout, check_view, patch_outline
 from .panels import head_attention, normalized
 
 _DIMMED = 0.25
@@ -72,13 +72,10 @@ class HeadGrid(widgets.VBox):
         if explorer is not None and explorer.cap is not cap:
             raise OptionError("HeadGrid(cap, explorer=ex) needs the same capture as the Explorer: pass ex.cap.")
         self.explorer = explorer
-        if layer is None:
-            layer = explorer.layer if explorer is not None else info.layers[-1]
-        if layer not in info.layers:
-            raise OptionError(f"layer={layer}: this capture has layers {info.layers[0]}..{info.layers[-1]}.")
+        if explorer is not None:
+            layer, sample = explorer.layer, explorer.sample
+        layer = check_view(info, cap, layer, sample)
         n = int(cap["sample"].size)
-        if not 0 <= sample < n:
-            raise OptionError(f"sample={sample}: this capture has samples 0..{n - 1}.")
         self._query: Query = info.default_query() if isinstance(query, str) and query == "default" else query
         self._selected = info.all_heads()
         self.cols = cols
@@ -86,11 +83,8 @@ class HeadGrid(widgets.VBox):
         self._stage: int | None = None
         self.figure: go.FigureWidget | None = None
 
-        self.layer_slider = widgets.IntSlider(value=layer, min=info.layers[0], max=info.layers[-1], description="Layer",
-                                              layout=widgets.Layout(width="340px"))
-        self.layer_slider.add_class("vitlens-layer")
-        self.sample_select = widgets.Dropdown(options=list(range(n)), value=sample, description="Sample",
-                                              layout=widgets.Layout(width="160px", display=None if n > 1 else "none"))
+        self.layer_slider = layer_slider(info, layer)
+        self.sample_select = sample_dropdown(list(range(n)), sample)
         self.caption = widgets.HTML()
         self.caption.add_class("vitlens-captions")
         self.probe = probe("vitlens-probe")

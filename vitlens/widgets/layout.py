@@ -125,6 +125,19 @@ def capture_layout(cap: xr.DataTree) -> CaptureLayout:
     return CaptureLayout(tuple(stages), str(cap.attrs["family"]), str(cap.attrs["readout"]), (h, w))
 
 
+def check_view(layout: CaptureLayout, cap: xr.DataTree, layer: int | None, sample: int) -> int:
+    """The layer to open a widget on (default: the last), after checking ``layer`` and ``sample``."""
+    layers = layout.layers
+    if layer is None:
+        layer = layers[-1]
+    if layer not in layers:
+        raise OptionError(f"layer={layer}: this capture has layers {layers[0]}..{layers[-1]}.")
+    n = int(cap["sample"].size)
+    if not 0 <= sample < n:
+        raise OptionError(f"sample={sample}: this capture has samples 0..{n - 1}.")
+    return int(layer)
+
+
 def query_token(layout: CaptureLayout, stage: StageLayout, query: Query) -> int:
     """Token index (in ``stage``) of a query on the first-stage grid; ``None`` → CLS (token 0)."""
     if query is None:

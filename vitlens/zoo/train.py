@@ -78,7 +78,7 @@ MODELS: dict[str, dict[str, Any]] = {
             "class_token": True,
             "global_pool": "token",
         },
-        "recipe": {"steps": 6000, "batch_size": 96, "lr": 1.5e-3, "weight_decay": 0.05, "warmup": 400},
+        "recipe": {"steps": 3500, "batch_size": 64, "lr": 1.5e-3, "weight_decay": 0.05, "warmup": 300},
     },
     "swin-shapes": {
         "family": "swin",
@@ -94,7 +94,7 @@ MODELS: dict[str, dict[str, Any]] = {
             "mlp_ratio": 2.0,
             "drop_path_rate": 0.0,
         },
-        "recipe": {"steps": 6000, "batch_size": 96, "lr": 1.5e-3, "weight_decay": 0.05, "warmup": 400},
+        "recipe": {"steps": 6000, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "warmup": 300},
     },
 }
 
@@ -216,6 +216,15 @@ def _lr_at(step: int, steps: int, warmup: int, lr: float, final_frac: float = 0.
     return lr * (final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
+def _difficulty(step: int, steps: int, curriculum: float) -> dict[str, Any]:
+    """Dataset options at ``step``: easy at first, the full distribution after the ramp."""
+    ramp = curriculum * steps
+    d = 1.0 if ramp <= 0 else min(1.0, step / ramp)
+    if d >= 1.0:
+        return {}
+    return {"texture": 0.25 + 0.75 * d, "clutter": d >= 0.5, "min_contrast": 0.7 - 0.3 * d}
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases, norms, position embeddings and tokens."""
     decay, no_decay = [], []
@@ -242,6 +251,7 @@ def train(
     weight_decay: float | None = None,
     warmup: int | None = None,
     chunk_size: int = 4096,
+    curriculum: float = 0.25,
     val_every: int = 500,
     val_n: int = 300,
     eval_n: int = 1000,
@@ -266,6 +276,10 @@ def train(
         Pass the package folder (``vitlens/zoo``) to replace the shipped model.
     chunk_size : int, default 4096
         Images generated at once (each chunk with a fresh seed, used once).
+    curriculum : float, default 0.25
+        Fraction of the steps over which the data ramp from easy (faint texture, no
+        clutter, strong contrast) to the full :func:`~vitlens.datasets.shapes`
+        distribution; 0 trains on the full distribution from the start.
     val_every, val_n : int
         Watch a small validation set (seed :data:`VAL_SEED`) every ``val_every``
         steps; the best validated weights (and the final ones) are candidates.
@@ -350,7 +364,8 @@ def train(
     for step in bar:
         pos = (step * bs) % chunk_size
         if pos == 0:  # fresh chunk of training images
-            data = shapes(chunk_size, seed=train_seed(seed, step * bs // chunk_size), objects=(1, 2))
+            data = shapes(chunk_size, seed=train_seed(seed, step * bs // chunk_size), objects=(1, 2),
+                          **_difficulty(step, steps_, curriculum))
             xs = _to_tensor(data.image.values, _MEAN, _STD)
             ts = _soft_targets(data.label.values, len(CLASS_NAMES))
             del data
@@ -422,6 +437,8 @@ def train(
         "optimizer": "AdamW(betas=(0.9, 0.999)), grad-norm clip 1.0",
         "loss": "cross-entropy with soft targets (0.5/0.5 for two-object images)",
         "augmentation": "random horizontal and vertical flips; 8-bit quantisation",
+        "curriculum": f"first {curriculum:.0%} of steps ramp texture 0.25->1, min_contrast 0.7->0.4, "
+                      f"clutter from half-way; then the full shapes distribution",
         "data": f"vitlens.datasets.shapes(objects=(1, 2)), fresh chunks of {chunk_size} images, "
                 f"seeds train_seed(seed, chunk) = {_TRAIN_SEED_BASE} + seed*1e7 + chunk",
         "threads": threads,
@@ -471,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None,
                         help="output folder (default ./vitlens-zoo; vitlens/zoo replaces the shipped files)")
     parser.add_argument("--val-every", type=int, default=500)
+    parser.add_argument("--curriculum", type=float, default=0.25, help="fraction of steps ramping easy->full data")
     parser.add_argument("--eval-n", type=int, default=1000, help="held-out images per set")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -479,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
               seed=args.seed, threads=args.threads, out_dir=args.out, val_every=args.val_every,
+              curriculum=args.curriculum,
               eval_n=args.eval_n, progress=not args.quiet, command=command)
     except OptionError as exc:
         parser.error(str(exc))

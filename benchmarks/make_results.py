@@ -1,0 +1,265 @@
+"""Regenerate benchmarks/RESULTS.md: explanation quality of every method on the shipped
+shapes models, and the cost figures of capture and methods — all measured in one run.
+
+    OMP_NUM_THREADS=1 python benchmarks/make_results.py            # ~15 min on 2 CPU cores
+    python benchmarks/make_results.py --quick --out /tmp/RESULTS.md # a smoke run (~2 min)
+
+Quality: ``vl.metrics.evaluate_items`` on held-out shapes images (the zoo's evaluation
+seeds: ``EVAL_SEED`` for one-object pictures, ``EVAL_SEED + 1`` for two-object ones);
+every labelled object is one item, scored with its own class as target and its own
+mask. Cost: ``benchmarks/bench_methods.bench`` (capture and each method as ratios to a
+plain forward+backward), capture throughput at batch 1, 8, 32 and peak memory, on
+ViT-B/16 (random init, 224×224).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import vitlens as vl  # noqa: E402
+from vitlens.metrics import evaluate_items, summarize  # noqa: E402
+from vitlens.metrics.bench import COLUMNS, format_table  # noqa: E402
+from vitlens.zoo.train import EVAL_SEED  # noqa: E402
+
+SEED_METHODS = ("lnstat", "tokentm", "transformer_attribution")
+HIGHER = {"pixel_accuracy", "miou", "mean_ap", "pointing", "negative_auc_predicted", "negative_auc_label", "insertion_auc"}
+LOWER = {"positive_auc_predicted", "positive_auc_label", "deletion_auc"}
+HEADER = {name: head for name, head, _ in COLUMNS}
+
+
+# ------------------------------------------------------------------------- machine
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores (shared), torch {torch.__version__} with "
+            f"{torch.get_num_threads()} thread(s), no GPU" if not torch.cuda.is_available()
+            else f"{cpu}, GPU {torch.cuda.get_device_name()}")
+
+
+# ------------------------------------------------------------------------- quality
+def shapes_set(n_one: int, n_two: int) -> xr.Dataset:
+    """Held-out one-object and two-object pictures in one dataset (two object slots)."""
+    one = vl.datasets.shapes(n_one, seed=EVAL_SEED, objects=1)
+    two = vl.datasets.shapes(n_two, seed=EVAL_SEED + 1, objects=2)
+    one = one.reindex(object=[0, 1], fill_value={"label": -1, "mask": False})
+    both = xr.concat([one, two], dim="sample", data_vars="all", coords="minimal", compat="override",
+                     combine_attrs="drop_conflicts")
+    return both.assign_coords(sample=np.arange(n_one + n_two))
+
+
+def load(name: str) -> tuple[torch.nn.Module, bool]:
+    """The shipped model, or (while its weights are missing) the same architecture at random init."""
+    from vitlens.datasets.shapes import CLASS_NAMES
+    from vitlens.zoo import available, build_from_config
+    from vitlens.zoo.train import _MEAN, _SIZE, _STD, MODELS
+
+    if name in available():
+        return vl.load_model(name), True
+    spec = MODELS[name]
+    torch.manual_seed(0)
+    config = {"name": name, "family": spec["family"], "timm_class": spec["timm_class"], "kwargs": spec["kwargs"],
+              "class_names": list(CLASS_NAMES), "input_size": [3, _SIZE, _SIZE], "mean": _MEAN, "std": _STD}
+    return build_from_config(config).eval(), False
+
+
+def verdict(table: xr.Dataset) -> list[str]:
+    """Plain statements of where each seed method fails to beat rollout."""
+    lines = []
+    base = table.sel({"method": "rollout"})
+    for method in SEED_METHODS:
+        if method not in table["method"].values:
+            continue
+        row = table.sel({"method": method})
+        worse = [HEADER.get(k, k) for k in [*HIGHER, *LOWER] if k in table
+                 and not (float(row[k]) > float(base[k]) if k in HIGHER else float(row[k]) < float(base[k]))]
+        order = [HEADER[name] for name, _, _ in COLUMNS]
+        worse.sort(key=order.index)
+        if worse:
+            lines.append(f"- **{method}** does not beat rollout on: {', '.join(worse)}.")
+        else:
+            lines.append(f"- **{method}** beats rollout on every quality metric.")
+    return lines
+
+
+def quality(name: str, n_one: int, n_two: int, batch_size: int) -> tuple[list[str], float]:
+    model, trained = load(name)
+    data = shapes_set(n_one, n_two)
+    start = time.perf_counter()
+    items = evaluate_items(model, data, "all", target="label", batch_size=batch_size, progress=True)
+    seconds = time.perf_counter() - start
+    every = summarize(items)
+    one = summarize(items.isel(item=items.objects_in_image.values == 1))
+    two = summarize(items.isel(item=items.objects_in_image.values == 2))
+    out = [f"### {name}", ""]
+    if not trained:
+        out += [f"> **PENDING:** `{name}` weights are not in `vitlens/zoo/` yet; these numbers come from the "
+                "same architecture at *random initialisation* and say nothing about the methods.", ""]
+    out += [
+        f"{n_one} one-object + {n_two} two-object held-out images → {every.attrs['items']} items; "
+        f"clean top-1 accuracy against the item's class: {every.attrs['clean_accuracy']:.3f} overall, "
+        f"{one.attrs['clean_accuracy']:.3f} on one-object items, {two.attrs['clean_accuracy']:.3f} on "
+        "two-object items (there the model's top class is one of two labelled classes, so at most about "
+        "half of the items can be \"correct\"). Evaluation took "
+        f"{seconds:.0f} s.",
+        "",
+        "**All items**", "", format_table(every, markdown=True), "",
+        "**One-object images**", "", format_table(one, markdown=True), "",
+        "**Two-object images (each object scored with its own class and mask)**", "",
+        format_table(two, markdown=True), "",
+        "Where the seed methods do not beat rollout (all items):", "", *verdict(every), "",
+        "Two-object items only:", "", *verdict(two), "",
+        f"Capture time (shared by all methods): {float(every['capture_seconds_per_image'][0]) * 1000:.1f} ms "
+        "per image; `s/img` above is each method's own `vl.explain` time.",
+        "",
+    ]
+    return out, seconds
+
+
+# ---------------------------------------------------------------------------- cost
+def timed_once(fn) -> float:  # noqa: ANN001
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def throughput(batches: tuple[int, ...]) -> list[str]:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    rows = ["| batch | plain fwd+bwd (img/s) | vl.capture (img/s) | capture ÷ plain time |", "|---:|---:|---:|---:|"]
+    x1 = torch.randn(1, 3, 224, 224)
+    vl.capture(model, x1, progress=False)  # warm-up
+    for b in batches:
+        x = torch.randn(b, 3, 224, 224)
+
+        def plain() -> None:
+            model.zero_grad(set_to_none=True)
+            model(x)[:, 0].sum().backward()
+
+        t_plain = timed_once(plain)
+        t_cap = timed_once(lambda: vl.capture(model, x, batch_size=b, progress=False))
+        rows.append(f"| {b} | {b / t_plain:.2f} | {b / t_cap:.2f} | {t_cap / t_plain:.2f} |")
+    return rows
+
+
+# VmHWM (this process's own high-water mark): ru_maxrss would carry over the parent's
+# peak into a child spawned from it, since Linux keeps it across fork/exec.
+_MEMORY_CHILD = r"""
+import sys, torch, timm, vitlens as vl
+torch.manual_seed(0)
+mode, b = sys.argv[1], int(sys.argv[2])
+model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+x = torch.randn(b, 3, 224, 224)
+if mode == "plain":
+    model(x)[:, 0].sum().backward()
+elif mode == "capture":
+    cap = vl.capture(model, x, batch_size=b, progress=False)
+peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(int(peak) / 1024)
+"""
+
+
+def memory(batch: int) -> list[str]:
+    peaks = {}
+    for mode in ("model", "plain", "capture"):
+        out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, mode, str(batch)], capture_output=True,
+                             text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        peaks[mode] = float(out.stdout.strip().splitlines()[-1])
+    base = peaks["model"]
+    return [
+        f"Peak resident memory (VmHWM of a fresh process) for ViT-B/16 at 224, batch {batch}:",
+        "",
+        "| process | peak RSS (MiB) | above model-only (MiB) | ratio to plain |",
+        "|---|---:|---:|---:|",
+        f"| import + build model | {base:.0f} | 0 | |",
+        f"| plain forward+backward | {peaks['plain']:.0f} | {peaks['plain'] - base:.0f} | 1.00 |",
+        f"| vl.capture (default: grads + LRP, float32) | {peaks['capture']:.0f} | {peaks['capture'] - base:.0f} | "
+        f"{(peaks['capture'] - base) / max(peaks['plain'] - base, 1e-9):.2f} |",
+    ]
+
+
+def cost(batch: int, repeat: int, batches: tuple[int, ...], memory_batch: int) -> list[str]:
+    from bench_methods import bench
+
+    out = ["## Cost", ""]
+    rows = bench("vit_base_patch16_224", batch, repeat, "cpu")
+    base = rows[0][1]
+    out += [f"ViT-B/16 (random init, 224×224), batch {batch}, median of {repeat} after one warm-up "
+            "(`benchmarks/bench_methods.py`'s `bench()`):", "",
+            "| step | seconds | × plain fwd+bwd |", "|---|---:|---:|"]
+    out += [f"| {label.strip()} | {t:.3f} | {t / base:.2f} |" for label, t in rows]
+    out += ["", "Capture throughput, ViT-B/16 at 224 (one timed call per batch size, after a warm-up):", ""]
+    out += throughput(batches)
+    out += [""] + memory(memory_batch) + [""]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-one", type=int, default=250, help="one-object images per model")
+    p.add_argument("--n-two", type=int, default=250, help="two-object images per model")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--quick", action="store_true", help="small n and light cost figures (a smoke run)")
+    p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = p.parse_args()
+    if args.quick:
+        args.n_one, args.n_two = 10, 10
+    start = time.perf_counter()
+    body: list[str] = ["## Explanation quality on the shapes models", ""]
+    spent = {}
+    for name in ("vit-shapes", "swin-shapes"):
+        lines, spent[name] = quality(name, args.n_one, args.n_two, args.batch_size)
+        body += lines
+    if not args.skip_cost:
+        body += cost(batch=2 if not args.quick else 1, repeat=1, batches=(1, 8, 32) if not args.quick else (1, 2),
+                     memory_batch=8 if not args.quick else 1)
+    total = time.perf_counter() - start
+    head = [
+        "# vitlens benchmark results",
+        "",
+        "Generated by `OMP_NUM_THREADS=1 python benchmarks/make_results.py` "
+        f"on {_dt.date.today().isoformat()}; do not edit by hand.",
+        "",
+        f"- Machine: {machine()}.",
+        f"- Whole run: {total / 60:.1f} min (quality: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items()) + ").",
+        f"- Data: `vl.datasets.shapes`, held-out seeds {EVAL_SEED} ({args.n_one} one-object images) and "
+        f"{EVAL_SEED + 1} ({args.n_two} two-object images) at 64×64; n = {args.n_one + args.n_two} images per model.",
+        "- Protocol (METHODS.md, Metrics): maps upsampled bilinearly to 64×64 and min-max normalised. "
+        "Segmentation: foreground = map > its mean; pixel accuracy and mIoU from dataset-level counts; mAP per "
+        "item; pointing = the map's maximum inside the mask (ties split). Perturbation: 0–90 % of pixels set to 0 "
+        "in the unnormalised picture, most relevant first (pos, lower is better) or least relevant first (neg, "
+        "higher is better); top-1 accuracy against the item's class; AUC = trapezoid ×100. `pred`/`label`: maps "
+        "explaining the predicted / the item's class. Deletion/insertion: softmax probability of the item's "
+        "class, area over 0–100 % (del lower, ins higher is better). Segmentation and deletion/insertion use the "
+        "maps of the item's class (`target=\"label\"`). Default options of every method.",
+        "",
+    ]
+    Path(args.out).write_text("\n".join(head + body) + "\n", encoding="utf-8")
+    print(f"wrote {args.out} in {total / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
