@@ -262,9 +262,12 @@ def test_explorer_rejects_bad_options_with_what_to_do(vit_cap):
         Explorer(vit_cap, heads=[5])
     with pytest.raises(CaptureFormatError, match="vl.capture"):
         Explorer(xr.DataTree())
+    with pytest.raises(OptionError, match="'default', None"):
+        Explorer(vit_cap, query="cls")
     ex = Explorer(vit_cap)
     with pytest.raises(OptionError, match="outside"):
         ex.select_patch(9, 0)
+    assert ex.query is None  # a rejected query leaves the view as it was
     with pytest.raises(OptionError, match=r"\.png"):
         ex.save("view.gif")
 
@@ -364,6 +367,17 @@ def test_clicking_a_head_toggles_it_in_the_linked_explorer(vit_cap):
     close(grid.head_maps()[0], vit_attention(vit_cap, 0, 0, [0], 1 + 3 * 4 + 3))
     grid.layer_slider.value = 2  # and drives it
     assert ex.layer == 2
+
+
+def test_head_grid_on_its_own_dims_clicked_heads_and_unlinks(vit_cap):
+    grid = HeadGrid(vit_cap, layer=2)
+    click(grid.figure, 0, *patch_centre(vit_cap, 1, 1))
+    assert grid.figure.data[0].opacity < 1 and grid.selected()[0] == frozenset({1, 2})
+    ex = Explorer(vit_cap)
+    linked = HeadGrid(vit_cap, explorer=ex)
+    linked.unlink()
+    ex.layer_slider.value = 0
+    assert linked.layer == 2  # no longer follows the Explorer
 
 
 def test_head_grid_rebuilds_for_a_swin_stage_with_more_heads(swin_cap):

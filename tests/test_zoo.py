@@ -74,7 +74,14 @@ def test_vit_architecture():
     assert len(model.blocks) >= 6
     assert all(block.attn.num_heads >= 4 for block in model.blocks)
     assert model.global_pool == "token"
-    assert isinstance(model.patch_embed.proj, torch.nn.Conv2d)  # plain linear patch embedding
+    # a timm PatchEmbed (plain, or the documented conv-stem fallback) on an 8x8 px grid
+    from timm.layers import PatchEmbed
+
+    assert isinstance(model.patch_embed, PatchEmbed)
+    assert tuple(model.patch_embed.patch_size) == (8, 8)
+    assert model.patch_embed.num_patches == grid[0] * grid[1]
+    tokens = model.forward_features(torch.zeros(1, 3, 64, 64))
+    assert tokens.shape[1] == 1 + grid[0] * grid[1]
 
 
 def test_swin_architecture():

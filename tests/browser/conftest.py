@@ -66,13 +66,33 @@ class Server:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
     def stop(self) -> None:
+        """Stop the server and the kernels it started (each kernel runs in a session of its own)."""
+        kernels = children(self.process.pid)
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # the server and the kernels it started
+            os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=5)
+        for pid in kernels:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it stopped with its server
+                pass
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def server_env(folder: Path) -> dict[str, str]:
@@ -143,6 +163,10 @@ def lab(tmp_path_factory) -> Iterator[Server]:
     port = free_port()
     token = secrets.token_hex(16)
     folder = served_folder(tmp_path_factory, "lab")
+    # Render every cell (no notebook windowing), so that outputs scrolled away stay drawn.
+    settings = folder / ".jupyter" / "lab-settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True)
+    (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
     server = start("jupyterlab", [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", "--ip=127.0.0.1",
                                   f"--port={port}", f"--IdentityProvider.token={token}",
                                   f"--ServerApp.root_dir={folder}"],

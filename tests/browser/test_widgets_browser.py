@@ -8,6 +8,7 @@ in this process from the very capture the notebook saved (``vl.save``).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -169,6 +170,7 @@ def drive_explorers(page, server, label: str, head_grid: bool) -> None:
     expect_panels(page, 0, vit.panels(2, [0, 2], None, "std"), "head 1 toggled off")
 
     # click a patch of the attention panel: it becomes the query, marked on the image
+    explorer(page, 0).locator(".js-plotly-plot").scroll_into_view_if_needed()
     x, y = patch_point(page, 0, 0, 2, 5, stride)
     page.mouse.move(x, y)
     page.mouse.click(x, y)
@@ -186,8 +188,9 @@ def drive_explorers(page, server, label: str, head_grid: bool) -> None:
     if head_grid:  # clicking head 1 in the linked HeadGrid turns it back on in the Explorer
         grid = page.locator(".vitlens-head-grid .js-plotly-plot")
         grid.scroll_into_view_if_needed()  # JupyterLab draws off-screen outputs lazily
-        grid.evaluate("(gd) => new Promise((ok) => { const f = () => gd._fullLayout && gd._fullLayout.xaxis2"
-                      " ? ok() : requestAnimationFrame(f); f(); })")
+        grid.wait_for(state="visible", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => { const gd = document.querySelector('.vitlens-head-grid .js-plotly-plot');"
+                               " return !!(gd && gd._fullLayout && gd._fullLayout.xaxis2); }", timeout=TIMEOUT_MS)
         hx, hy = page.evaluate("""(gd) => { const fl = gd._fullLayout, xa = fl.xaxis2, ya = fl.yaxis2;
             const box = gd.getBoundingClientRect();
             return [box.left + xa._offset + xa._length / 2, box.top + ya._offset + ya._length / 2]; }""",
@@ -229,26 +232,48 @@ def save_screenshot(page) -> None:
     assert SCREENSHOT.stat().st_size < 300_000
 
 
+@contextlib.contextmanager
+def diagnosed(page, server, problems):
+    """On failure, keep a screenshot of the page and show the page's errors and the server's log."""
+    try:
+        yield
+    except BaseException as exc:
+        shot = server.folder / "failure.png"
+        try:
+            page.screenshot(path=str(shot), full_page=True)
+        except Exception:  # the page may be gone; the log still helps
+            pass
+        errors = "\n".join(problems.errors) or "none"
+        raise AssertionError(f"{exc}\n(screenshot: {shot})\n--- page errors ---\n{errors}\n"
+                             f"--- {server.name} log ---\n{server.tail()}") from exc
+
+
 def test_explorer_in_jupyterlab(lab, page_factory, latency_lines):
     page, problems = page_factory()
+    with diagnosed(page, lab, problems):
+        run_in_jupyterlab(page, lab, latency_lines)
+    problems.check()
+
+
+def run_in_jupyterlab(page, lab, latency_lines) -> None:
     page.goto(lab.url, timeout=TIMEOUT_MS * 2)
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=TIMEOUT_MS * 3)
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator("[data-command='runmenu:run-all']").click()
-    page.wait_for_selector(".vitlens-explorer .js-plotly-plot", timeout=TIMEOUT_MS * 4)
     page.wait_for_function("() => document.querySelectorAll('.vitlens-explorer .js-plotly-plot').length == 2",
                            timeout=TIMEOUT_MS * 4)
     drive_explorers(page, lab, "JupyterLab", head_grid=True)
     report("JupyterLab", latency_lines)
-    problems.check()
 
 
 def test_explorer_in_voila(voila, page_factory, latency_lines):
     page, problems = page_factory(allow_offline="fontawesome-free")
-    page.goto(voila.url, timeout=TIMEOUT_MS * 4)
-    page.wait_for_function("() => document.querySelectorAll('.vitlens-explorer .js-plotly-plot').length == 2",
-                           timeout=TIMEOUT_MS * 4)
-    drive_explorers(page, voila, "Voila", head_grid=True)
-    report("Voila", latency_lines)
-    save_screenshot(page)
+    with diagnosed(page, voila, problems):
+        page.goto(voila.url, timeout=TIMEOUT_MS * 4)
+        page.wait_for_function("() => document.querySelectorAll('.vitlens-explorer .js-plotly-plot').length == 2",
+                               timeout=TIMEOUT_MS * 4)
+        drive_explorers(page, voila, "Voila", head_grid=True)
+        report("Voila", latency_lines)
+        save_screenshot(page)
     problems.check()
+    assert len(problems.offline) <= 2  # only the two fontawesome stylesheets

@@ -72,13 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--path", default=None, help="gtsegs_ijcv.mat for --dataset imagenet-seg")
     p.add_argument("--n", type=int, default=500, help="number of images")
     p.add_argument("--objects", default="1,2", help="shapes: labelled objects per image, e.g. 1 or 1,2")
-    p.add_argument("--seed", type=int, default=EVAL_SEED, help="shapes: seed (default: the zoo's held-out seed)")
+    p.add_argument("--seed", type=int, default=EVAL_SEED, help="shapes: seed (the zoo's held-out evaluation seed)")
     p.add_argument("--methods", default="all", help="'all' or comma-separated method names")
     p.add_argument("--target", choices=("label", "predicted"), default="label",
                    help="class whose maps the segmentation and deletion/insertion columns score")
     p.add_argument("--steps", type=int, default=10, help="perturbation grid (10: 0, 10, ..., 90 %%)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (None: cuda if available)")
     p.add_argument("--out", default=".", help="folder for the CSV and netCDF files")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p

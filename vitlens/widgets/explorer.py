@@ -24,6 +24,8 @@ from .layout import (
     Query,
     capture_layout,
     check_view,
+    checked_query,
+    initial_query,
     parse_heads,
     patch_outline,
     window_edges,
@@ -138,11 +140,9 @@ class Explorer(widgets.VBox):
         if method not in METHODS:
             raise OptionError(f"method={method!r}; choose from {list(METHODS)}.")
         self._cache = PanelMaps()
-        self._recaptures: dict[tuple[int, int], xr.DataTree] = {}
+        self._recaptures = PanelMaps(size=4)  # (sample, class) → a one-image capture explaining that class
         self._classes = {s: int(t) for s, t in enumerate(np.asarray(cap["target"].values))}
-        self._query: Query = info.default_query() if isinstance(query, str) and query == "default" else query
-        if self._query is not None:
-            self._query = (int(self._query[0]), int(self._query[1]))
+        self._query: Query = initial_query(info, query)
         self._hold = 0
         self._messages: dict[str, str] = {}
         self.timings: list[float] = []  # seconds per view update (server side)
@@ -159,6 +159,7 @@ class Explorer(widgets.VBox):
                                          "Class-agnostic panels do not depend on it.")
         else:
             self.class_select.tooltip = "Explain another class (recaptures this sample once with target=class)"
+        self.class_status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
         self._fill_classes(sample)
 
         self.heads = HeadToggles(info, parse_heads(info, heads), self._changed)
@@ -213,7 +214,7 @@ class Explorer(widgets.VBox):
         self.children = [
             self.title,
             row([self.layer_slider, self.stage_label], layout=widgets.Layout(align_items="center")),
-            row([self.sample_select, self.class_select]),
+            row([self.sample_select, self.class_select, self.class_status], layout=widgets.Layout(align_items="center")),
             row([self.heads.box, self.query_button], layout=widgets.Layout(align_items="center",
                                                                            flex_flow="row wrap")),
             row([self.stat_select, self.method_select, self.opacity_slider]),
@@ -268,16 +269,11 @@ class Explorer(widgets.VBox):
     # -- actions ------------------------------------------------------------------------
     def select_patch(self, row: int, col: int) -> None:
         """Make patch ``(row, col)`` (first-stage grid) the query token, as a click does."""
-        gh, gw = self.layout_info.grid
-        if not (0 <= row < gh and 0 <= col < gw):
-            raise OptionError(f"patch ({row}, {col}) is outside the {gh}×{gw} grid; rows 0..{gh - 1}, cols 0..{gw - 1}.")
-        self.select_query((int(row), int(col)))
+        self.select_query((row, col))
 
     def select_query(self, query: Query) -> None:
         """Set the query: ``None`` for CLS (ViT with a CLS token) or a patch ``(row, col)``."""
-        if query is None and self.layout_info.default_query() is not None:
-            raise OptionError("this model has no CLS token; select a patch (row, col) as the query.")
-        self._query = query
+        self._query = checked_query(self.layout_info, query)
         self.refresh()
 
     def toggle_head(self, head: int, stage: int | None = None) -> None:
@@ -310,14 +306,20 @@ class Explorer(widgets.VBox):
         if c == int(self.cap["target"].values[sample]):
             return self.cap, sample, "capture"
         key = (sample, c)
-        if key not in self._recaptures:
-            from ..capture import capture
+        return self._recaptures.get(key, lambda: self._recapture(sample, c)), 0, key
 
+    def _recapture(self, sample: int, c: int) -> xr.DataTree:
+        from ..capture import capture
+
+        names = [str(n) for n in self.cap["class_name"].values]
+        self.class_status.value = f"capturing sample {sample} again to explain {names[c]!r}…"
+        try:
             options = json.loads(self.cap.attrs.get("options", "{}"))
             image = np.asarray(self.cap["image"].isel(sample=[sample]).values, dtype=np.float32)
-            self._recaptures[key] = capture(self.model, image, target=c, keep=options.get("keep", "all"),
-                                            grads=options.get("grads", True), progress=False)
-        return self._recaptures[key], 0, key
+            return capture(self.model, image, target=c, keep=options.get("keep", "all"),
+                           grads=options.get("grads", True), progress=False)
+        finally:
+            self.class_status.value = ""
 
     def compute(self) -> dict[str, Any]:
         """The four maps (normalised), captions and titles for the current state."""

@@ -119,8 +119,9 @@ def overlay_figure(
 # error; on a busy machine one compile alone takes longer. This module wraps
 # plotly's: the bundle is compiled once per page (cached on ``globalThis`` under its
 # hash) and each model initialises at once, plotly's own ``initialize``/``render``
-# running as soon as the bundle is there. Python → page updates only start with user
-# actions, after the first render, so none is sent before plotly listens.
+# running as soon as the bundle is there (a view aborted meanwhile is skipped).
+# Python → page updates only start with user actions, after the first render, so
+# none is sent before plotly listens.
 _SHARED_BUNDLE = """\
 const SOURCE = __SOURCE__;
 const KEY = Symbol.for("vitlens.plotly-widget.__KEY__");
@@ -136,13 +137,16 @@ export default () => {
   let initialized = Promise.resolve();
   return {
     initialize(context) {
-      initialized = widget.then((w) => (w.initialize ? w.initialize(context) : undefined));
+      initialized = widget.then((w) => (w.initialize && !context.signal?.aborted ? w.initialize(context) : undefined));
       return () => initialized.then((cleanup) => (typeof cleanup === "function" ? cleanup() : undefined));
     },
     async render(context) {
       const w = await widget;
       await initialized;
-      return w.render ? w.render(context) : undefined;
+      // A view replaced while the bundle loaded must not draw: its clean-up would
+      // then clear the element its successor draws into.
+      if (context.signal?.aborted || !w.render) return undefined;
+      return w.render(context);
     },
   };
 };

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+
 import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
@@ -13,7 +14,7 @@ from . import captions
 from .controls import layer_slider, probe, sample_dropdown
 from .explorer import Explorer
 from .figure import as_widget, overlay_figure
-from .layout import Query, capture_layout, check_view, patch_outline
+from .layout import Query, capture_layout, check_view, initial_query, patch_outline
 from .panels import head_attention, normalized
 
 _DIMMED = 0.25
@@ -76,7 +77,7 @@ class HeadGrid(widgets.VBox):
             layer, sample = explorer.layer, explorer.sample
         layer = check_view(info, cap, layer, sample)
         n = int(cap["sample"].size)
-        self._query: Query = info.default_query() if isinstance(query, str) and query == "default" else query
+        self._query: Query = initial_query(info, query)
         self._selected = info.all_heads()
         self.cols = cols
         self.panel_size = panel_size

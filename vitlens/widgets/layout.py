@@ -138,6 +138,28 @@ def check_view(layout: CaptureLayout, cap: xr.DataTree, layer: int | None, sampl
     return int(layer)
 
 
+def checked_query(layout: CaptureLayout, query: Query) -> Query:
+    """``query`` as ``None`` (CLS) or an in-grid ``(row, col)`` of ints; what to do otherwise."""
+    if query is None:
+        if layout.default_query() is not None:
+            raise OptionError("this model has no CLS token; select a patch (row, col) as the query.")
+        return None
+    row, col = (int(v) for v in query)
+    gh, gw = layout.grid
+    if not (0 <= row < gh and 0 <= col < gw):
+        raise OptionError(f"patch ({row}, {col}) is outside the {gh}×{gw} token grid; rows 0..{gh - 1}, cols 0..{gw - 1}.")
+    return (row, col)
+
+
+def initial_query(layout: CaptureLayout, query: Query | str) -> Query:
+    """A widget's ``query=`` option: ``"default"``, ``None`` (CLS) or a patch ``(row, col)``."""
+    if isinstance(query, str):
+        if query != "default":
+            raise OptionError(f"query={query!r}; pass 'default', None (the CLS token) or a patch (row, col).")
+        return layout.default_query()
+    return checked_query(layout, query)
+
+
 def query_token(layout: CaptureLayout, stage: StageLayout, query: Query) -> int:
     """Token index (in ``stage``) of a query on the first-stage grid; ``None`` → CLS (token 0)."""
     if query is None:

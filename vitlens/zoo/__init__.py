@@ -21,11 +21,23 @@ import json
 from pathlib import Path
 from typing import Any
 
+import math
+
 import torch
+from timm.layers import PatchEmbed
+from torch import nn
 
 from vitlens.errors import ModelLoadError
 
-__all__ = ["ZOO_DIR", "TIMM_CLASSES", "available", "load_shipped", "build_from_config", "data_config"]
+__all__ = [
+    "ZOO_DIR",
+    "TIMM_CLASSES",
+    "ConvStemPatchEmbed",
+    "available",
+    "load_shipped",
+    "build_from_config",
+    "data_config",
+]
 
 #: Folder holding the shipped ``.safetensors`` / ``.json`` pairs.
 ZOO_DIR = Path(__file__).resolve().parent
@@ -35,6 +47,53 @@ TIMM_CLASSES: dict[str, tuple[str, str]] = {
     "timm.models.vision_transformer.VisionTransformer": ("timm.models.vision_transformer", "VisionTransformer"),
     "timm.models.swin_transformer.SwinTransformer": ("timm.models.swin_transformer", "SwinTransformer"),
 }
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """timm ``PatchEmbed`` whose projection is a small convolutional stem.
+
+    ``proj`` becomes ``log2(patch_size)`` stride-2 3x3 convolutions (BatchNorm +
+    ReLU) followed by a 1x1 convolution to ``embed_dim``; everything else
+    (``patch_size``, ``grid_size``, ``num_patches``, flattening, ``norm``) is timm's,
+    so the token grid is the same as a plain patch embedding's.  Used by
+    ``vit-shapes`` (early convolutions make a tiny ViT trainable on CPU in minutes).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from vitlens.zoo import ConvStemPatchEmbed
+    >>> pe = ConvStemPatchEmbed(img_size=64, patch_size=8, embed_dim=32)
+    >>> pe(torch.zeros(2, 3, 64, 64)).shape, pe.grid_size
+    (torch.Size([2, 64, 32]), (8, 8))
+    """
+
+    def __init__(self, *args: Any, stem_width: int = 24, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        ph, pw = self.patch_size
+        depth = int(round(math.log2(ph)))
+        if ph != pw or 2**depth != ph or depth < 1:
+            raise ModelLoadError(
+                f"ConvStemPatchEmbed needs a square power-of-two patch size, got {self.patch_size}; "
+                f"use e.g. patch_size=8."
+            )
+        in_chans = self.proj.in_channels
+        embed_dim = self.proj.out_channels
+        bias = self.proj.bias is not None
+        layers: list[nn.Module] = []
+        width, chans = stem_width, in_chans
+        for _ in range(depth):
+            layers += [
+                nn.Conv2d(chans, width, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            chans, width = width, width * 2
+        layers.append(nn.Conv2d(chans, embed_dim, kernel_size=1, bias=bias))
+        self.proj = nn.Sequential(*layers)
+
+
+#: Patch-embedding classes a zoo json may name in ``kwargs["embed_layer"]``.
+EMBED_LAYERS: dict[str, type[nn.Module]] = {"vitlens.zoo.ConvStemPatchEmbed": ConvStemPatchEmbed}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -150,6 +209,14 @@ def build_from_config(config: dict[str, Any]) -> torch.nn.Module:
     for key in ("depths", "num_heads"):
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
+    if "embed_layer" in kwargs:
+        layer = kwargs["embed_layer"]
+        if layer not in EMBED_LAYERS:
+            raise ModelLoadError(
+                f"zoo config names embed_layer={layer!r}; only {sorted(EMBED_LAYERS)} are known. "
+                f"Fix the json or retrain with `vitlens train-zoo`."
+            )
+        kwargs["embed_layer"] = EMBED_LAYERS[layer]
     try:
         model = cls(**kwargs)
     except TypeError as exc:

@@ -77,8 +77,10 @@ MODELS: dict[str, dict[str, Any]] = {
             "mlp_ratio": 2.0,
             "class_token": True,
             "global_pool": "token",
+            "embed_layer": "vitlens.zoo.ConvStemPatchEmbed",
         },
-        "recipe": {"steps": 3500, "batch_size": 64, "lr": 1.5e-3, "weight_decay": 0.05, "warmup": 300},
+        "recipe": {"steps": 5000, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup": 300,
+                   "aux_weight": 1.0, "aux_until": 0.5, "reuse": 2, "curriculum": 0.2},
     },
     "swin-shapes": {
         "family": "swin",
@@ -94,7 +96,8 @@ MODELS: dict[str, dict[str, Any]] = {
             "mlp_ratio": 2.0,
             "drop_path_rate": 0.0,
         },
-        "recipe": {"steps": 6000, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "warmup": 300},
+        "recipe": {"steps": 9000, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "warmup": 300,
+                   "aux_weight": 1.0, "aux_until": 0.5, "reuse": 2, "curriculum": 0.2},
     },
 }
 
@@ -216,6 +219,25 @@ def _lr_at(step: int, steps: int, warmup: int, lr: float, final_frac: float = 0.
     return lr * (final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
+def _tokens(model: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """Final patch tokens ``(batch, tokens, dim)`` from ``forward_features``."""
+    if feats.ndim == 4:  # Swin: NHWC
+        return feats.reshape(feats.shape[0], -1, feats.shape[-1])
+    return feats[:, int(getattr(model, "num_prefix_tokens", 1)) :]
+
+
+def _patch_targets(labels: np.ndarray, masks: np.ndarray, grid: int, num_classes: int) -> torch.Tensor:
+    """Per-patch class mix ``(n, grid, grid, num_classes + 1)``; last = background."""
+    n, k, h, w = masks.shape
+    frac = masks.reshape(n, k, grid, h // grid, grid, w // grid).mean(axis=(3, 5))
+    out = np.zeros((n, grid, grid, num_classes + 1), dtype=np.float32)
+    for j in range(k):
+        rows = np.flatnonzero(labels[:, j] >= 0)
+        out[rows, :, :, labels[rows, j]] += frac[rows, j]
+    out[..., -1] = np.clip(1.0 - out[..., :-1].sum(-1), 0.0, 1.0)
+    return torch.from_numpy(out)
+
+
 def _difficulty(step: int, steps: int, curriculum: float) -> dict[str, Any]:
     """Dataset options at ``step``: easy at first, the full distribution after the ramp."""
     ramp = curriculum * steps
@@ -251,7 +273,11 @@ def train(
     weight_decay: float | None = None,
     warmup: int | None = None,
     chunk_size: int = 4096,
-    curriculum: float = 0.25,
+    reuse: int | None = None,
+    curriculum: float | None = None,
+    aux_weight: float | None = None,
+    aux_until: float | None = None,
+    init_from: str | Path | None = None,
     val_every: int = 500,
     val_n: int = 300,
     eval_n: int = 1000,
@@ -275,11 +301,22 @@ def train(
         Where to write the two files (created if needed); default ``./vitlens-zoo``.
         Pass the package folder (``vitlens/zoo``) to replace the shipped model.
     chunk_size : int, default 4096
-        Images generated at once (each chunk with a fresh seed, used once).
-    curriculum : float, default 0.25
+        Images generated at once, each chunk with a fresh seed.
+    reuse : int, optional
+        Passes over each chunk (reshuffled, new flips) before a new one is made.
+    curriculum : float, optional
         Fraction of the steps over which the data ramp from easy (faint texture, no
         clutter, strong contrast) to the full :func:`~vitlens.datasets.shapes`
         distribution; 0 trains on the full distribution from the start.
+    aux_weight, aux_until : float, optional
+        Weight of an auxiliary per-token loss (a temporary linear head on the final
+        8x8 tokens predicts the class mix of its patch from the masks, background
+        as a ninth class), fading linearly to 0 at ``aux_until`` x ``steps``.  It
+        speeds up the start of training; the head is dropped, the shipped model is
+        the plain classifier.
+    init_from : str or Path, optional
+        A ``<name>.safetensors`` to start from instead of a random initialisation
+        (a second training stage); its path is recorded in the json.
     val_every, val_n : int
         Watch a small validation set (seed :data:`VAL_SEED`) every ``val_every``
         steps; the best validated weights (and the final ones) are candidates.
@@ -312,11 +349,15 @@ def train(
     spec = MODELS[name]
     recipe = dict(spec["recipe"])
     for key, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr),
-                       ("weight_decay", weight_decay), ("warmup", warmup)):
+                       ("weight_decay", weight_decay), ("warmup", warmup), ("reuse", reuse),
+                       ("curriculum", curriculum), ("aux_weight", aux_weight), ("aux_until", aux_until)):
         if value is not None:
             recipe[key] = value
     steps_, bs = int(recipe["steps"]), int(recipe["batch_size"])
     warm = min(int(recipe["warmup"]), max(1, steps_ // 10))
+    reuse_ = max(1, int(recipe.get("reuse", 1)))
+    curriculum_ = float(recipe.get("curriculum", 0.0))
+    aux_w, aux_end = float(recipe.get("aux_weight", 0.0)), float(recipe.get("aux_until", 0.0)) * steps_
     if steps_ < 1 or bs < 1:
         raise OptionError(f"steps={steps_} and batch_size={bs} must both be >= 1.")
     if threads is not None:
@@ -339,10 +380,20 @@ def train(
     }
     torch.manual_seed(seed)
     model = build_from_config(config)
+    if init_from is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(init_from), device="cpu"), strict=True)
     model.train()
-    opt = torch.optim.AdamW(_param_groups(model, float(recipe["weight_decay"])),
-                            lr=float(recipe["lr"]), betas=(0.9, 0.999))
+    with torch.no_grad():
+        probe = _tokens(model, model.forward_features(torch.zeros(1, 3, _SIZE, _SIZE)))
+    grid = int(round(math.sqrt(probe.shape[1])))
+    aux_head = torch.nn.Linear(probe.shape[-1], len(CLASS_NAMES) + 1)
+    groups = _param_groups(model, float(recipe["weight_decay"]))
+    groups.append({"params": list(aux_head.parameters()), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=float(recipe["lr"]), betas=(0.9, 0.999))
     flip_gen = torch.Generator().manual_seed(seed + 12345)
+    steps_per_chunk = chunk_size * reuse_ // bs
 
     # validation set (fixed, small)
     val_one = shapes(val_n, seed=VAL_SEED, objects=1)
@@ -358,29 +409,43 @@ def train(
     curve: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     run_loss, run_acc, run_n, acc_n = 0.0, 0.0, 0, 0
-    xs = ts = None
+    xs = ts = ps = order = None
     t0 = time.perf_counter()
     bar = tqdm(range(steps_), desc=name, disable=not progress, mininterval=2.0, dynamic_ncols=True)
     for step in bar:
-        pos = (step * bs) % chunk_size
-        if pos == 0:  # fresh chunk of training images
-            data = shapes(chunk_size, seed=train_seed(seed, step * bs // chunk_size), objects=(1, 2),
-                          **_difficulty(step, steps_, curriculum))
+        local = step % steps_per_chunk
+        if local == 0:  # fresh chunk of training images
+            data = shapes(chunk_size, seed=train_seed(seed, step // steps_per_chunk), objects=(1, 2),
+                          **_difficulty(step, steps_, curriculum_))
             xs = _to_tensor(data.image.values, _MEAN, _STD)
             ts = _soft_targets(data.label.values, len(CLASS_NAMES))
+            ps = _patch_targets(data.label.values, data.mask.values, grid, len(CLASS_NAMES))
+            order = torch.cat([torch.randperm(chunk_size, generator=flip_gen) for _ in range(reuse_)])
             del data
-        x, t = xs[pos : pos + bs], ts[pos : pos + bs]
+        idx = order[local * bs : (local + 1) * bs]
+        x, t, p = xs[idx], ts[idx], ps[idx]
         flips = torch.rand(2, x.shape[0], generator=flip_gen) < 0.5
         x = torch.where(flips[0].view(-1, 1, 1, 1), x.flip(3), x)
+        p = torch.where(flips[0].view(-1, 1, 1, 1), p.flip(2), p)
         x = torch.where(flips[1].view(-1, 1, 1, 1), x.flip(2), x)
+        p = torch.where(flips[1].view(-1, 1, 1, 1), p.flip(1), p)
 
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps_, warm, float(recipe["lr"]))
-        logits = model(x)
+        feats = model.forward_features(x)
+        logits = model.forward_head(feats)
         loss = -(t * F.log_softmax(logits, dim=1)).sum(1).mean()
+        total = loss
+        w_aux = aux_w * max(0.0, 1.0 - step / aux_end) if aux_end > 0 else 0.0
+        if w_aux > 0:
+            aux_logp = F.log_softmax(aux_head(_tokens(model, feats)), dim=-1)
+            p = p.reshape(p.shape[0], grid * grid, -1)
+            weight = 1.0 + 4.0 * (1.0 - p[..., -1])  # object tokens count 5x background
+            aux = (-(p * aux_logp).sum(-1) * weight).sum() / weight.sum()
+            total = loss + w_aux * aux
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux_head.parameters()), 1.0)
         opt.step()
 
         with torch.no_grad():
@@ -437,11 +502,16 @@ def train(
         "optimizer": "AdamW(betas=(0.9, 0.999)), grad-norm clip 1.0",
         "loss": "cross-entropy with soft targets (0.5/0.5 for two-object images)",
         "augmentation": "random horizontal and vertical flips; 8-bit quantisation",
-        "curriculum": f"first {curriculum:.0%} of steps ramp texture 0.25->1, min_contrast 0.7->0.4, "
+        "curriculum": f"first {curriculum_:.0%} of steps ramp texture 0.25->1, min_contrast 0.7->0.4, "
                       f"clutter from half-way; then the full shapes distribution",
-        "data": f"vitlens.datasets.shapes(objects=(1, 2)), fresh chunks of {chunk_size} images, "
+        "aux_loss": f"per-token class-mix loss on the final {grid}x{grid} tokens (temporary linear head, "
+                    f"object tokens weighted 5x), weight {aux_w} fading to 0 at step {int(aux_end)}",
+        "reuse": reuse_,
+        "data": f"vitlens.datasets.shapes(objects=(1, 2)), chunks of {chunk_size} images, each "
+                f"used {reuse_}x, "
                 f"seeds train_seed(seed, chunk) = {_TRAIN_SEED_BASE} + seed*1e7 + chunk",
         "threads": threads,
+        "init_from": None if init_from is None else str(init_from),
         "wall_seconds": round(wall, 1),
         "command": command,
         "torch": torch.__version__,
@@ -488,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None,
                         help="output folder (default ./vitlens-zoo; vitlens/zoo replaces the shipped files)")
     parser.add_argument("--val-every", type=int, default=500)
-    parser.add_argument("--curriculum", type=float, default=0.25, help="fraction of steps ramping easy->full data")
+    parser.add_argument("--curriculum", type=float, default=None, help="fraction of steps ramping easy->full data")
+    parser.add_argument("--aux-weight", type=float, default=None, help="auxiliary per-token loss weight")
+    parser.add_argument("--init", default=None, help="start from these .safetensors weights (second stage)")
     parser.add_argument("--eval-n", type=int, default=1000, help="held-out images per set")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -497,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
               seed=args.seed, threads=args.threads, out_dir=args.out, val_every=args.val_every,
-              curriculum=args.curriculum,
+              curriculum=args.curriculum, aux_weight=args.aux_weight, init_from=args.init,
               eval_n=args.eval_n, progress=not args.quiet, command=command)
     except OptionError as exc:
         parser.error(str(exc))
