@@ -9,6 +9,7 @@ the test, except Voila's two fontawesome stylesheets from a CDN).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -61,6 +62,13 @@ class Server:
     url: str
     folder: Path
     log: Path
+    base: str = ""  # http://127.0.0.1:PORT
+    token: str = ""
+
+    def api(self, path: str):
+        """GET a Jupyter REST endpoint (JSON)."""
+        with urllib.request.urlopen(f"{self.base}/api/{path}?token={self.token}", timeout=5) as r:  # noqa: S310
+            return json.load(r)
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
@@ -163,14 +171,16 @@ def lab(tmp_path_factory) -> Iterator[Server]:
     port = free_port()
     token = secrets.token_hex(16)
     folder = served_folder(tmp_path_factory, "lab")
-    # Render every cell (no notebook windowing), so that outputs scrolled away stay drawn.
+    # Render every cell (no notebook windowing), so that outputs scrolled away stay drawn,
+    # and start the notebook's kernel without asking which one.
     settings = folder / ".jupyter" / "lab-settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
-    (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
+    (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none", "autoStartDefaultKernel": true}')
     server = start("jupyterlab", [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", "--ip=127.0.0.1",
                                   f"--port={port}", f"--IdentityProvider.token={token}",
                                   f"--ServerApp.root_dir={folder}"],
                    folder, f"http://127.0.0.1:{port}/lab/tree/explorer.ipynb?token={token}&reset")
+    server.base, server.token = f"http://127.0.0.1:{port}", token
     try:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/api/status?token={token}"), "answering /api/status", server)
         yield server

@@ -153,6 +153,28 @@ export default () => {
 """
 
 
+class _CompleteOnOpen:
+    """Open the widget's comm only once the figure is in its state.
+
+    FigureWidget opens its comm (the page's model is born from that message)
+    before it assigns ``_widget_data`` and ``_widget_layout``, which then follow
+    as an update. plotly's view draws whatever the model holds when it renders
+    and ignores later ``_widget_data`` changes; a view that renders before that
+    update is applied (quickly, once the bundle is cached) would stay empty.
+    """
+
+    _state_complete = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._state_complete = True
+        self.open()
+
+    def open(self) -> None:
+        if self._state_complete:
+            super().open()
+
+
 @functools.cache
 def _widget_class() -> type[go.FigureWidget]:
     """A FigureWidget whose plotly bundle loads once per page (plain FigureWidget if that cannot be done)."""
@@ -162,7 +184,7 @@ def _widget_class() -> type[go.FigureWidget]:
         return go.FigureWidget
     key = hashlib.sha1(source.encode()).hexdigest()[:16]
     esm = _SHARED_BUNDLE.replace("__KEY__", key).replace("__SOURCE__", json.dumps(source))
-    return type("PlotlyWidget", (go.FigureWidget,), {"_esm": esm, "__module__": __name__})
+    return type("PlotlyWidget", (_CompleteOnOpen, go.FigureWidget), {"_esm": esm, "__module__": __name__})
 
 
 def as_widget(fig: go.Figure) -> go.FigureWidget:

@@ -47,6 +47,7 @@ __all__ = [
     "train",
     "evaluate_shipped",
     "train_seed",
+    "curve_table",
     "main",
 ]
 
@@ -278,6 +279,9 @@ def train(
     aux_weight: float | None = None,
     aux_until: float | None = None,
     init_from: str | Path | None = None,
+    teacher: str | Path | None = None,
+    kd_weight: float = 1.0,
+    feat_weight: float = 1.0,
     val_every: int = 500,
     val_n: int = 300,
     eval_n: int = 1000,
@@ -317,6 +321,14 @@ def train(
     init_from : str or Path, optional
         A ``<name>.safetensors`` to start from instead of a random initialisation
         (a second training stage); its path is recorded in the json.
+    teacher : str or Path, optional
+        A trained zoo model (``<name>.safetensors`` with its json beside it) to
+        distil from: a KL term on temperature-2 logits (weight ``kd_weight``) and a
+        cosine term matching the student's final 8x8 tokens, through a temporary
+        linear map, to the teacher's (weight ``feat_weight``, fading like the
+        auxiliary loss).
+    kd_weight, feat_weight : float, default 1.0
+        Weights of the two distillation terms.
     val_every, val_n : int
         Watch a small validation set (seed :data:`VAL_SEED`) every ``val_every``
         steps; the best validated weights (and the final ones) are candidates.
@@ -389,8 +401,21 @@ def train(
         probe = _tokens(model, model.forward_features(torch.zeros(1, 3, _SIZE, _SIZE)))
     grid = int(round(math.sqrt(probe.shape[1])))
     aux_head = torch.nn.Linear(probe.shape[-1], len(CLASS_NAMES) + 1)
+    extra = list(aux_head.parameters())
+    teacher_model = feat_map = None
+    if teacher is not None:
+        from vitlens.zoo import load_shipped
+
+        teacher_path = Path(teacher)
+        teacher_model = load_shipped(teacher_path.stem, directory=teacher_path.parent)
+        for prm in teacher_model.parameters():
+            prm.requires_grad_(False)
+        with torch.no_grad():
+            t_dim = _tokens(teacher_model, teacher_model.forward_features(torch.zeros(1, 3, _SIZE, _SIZE))).shape[-1]
+        feat_map = torch.nn.Linear(probe.shape[-1], t_dim)
+        extra += list(feat_map.parameters())
     groups = _param_groups(model, float(recipe["weight_decay"]))
-    groups.append({"params": list(aux_head.parameters()), "weight_decay": 0.0})
+    groups.append({"params": extra, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=float(recipe["lr"]), betas=(0.9, 0.999))
     flip_gen = torch.Generator().manual_seed(seed + 12345)
     steps_per_chunk = chunk_size * reuse_ // bs
@@ -442,10 +467,23 @@ def train(
             p = p.reshape(p.shape[0], grid * grid, -1)
             weight = 1.0 + 4.0 * (1.0 - p[..., -1])  # object tokens count 5x background
             aux = (-(p * aux_logp).sum(-1) * weight).sum() / weight.sum()
-            total = loss + w_aux * aux
+            total = total + w_aux * aux
+        if teacher_model is not None:
+            with torch.no_grad():
+                t_feats = teacher_model.forward_features(x)
+                t_logits = teacher_model.forward_head(t_feats)
+                t_tokens = _tokens(teacher_model, t_feats)
+            temp = 2.0
+            kd = F.kl_div(F.log_softmax(logits / temp, dim=1), F.softmax(t_logits / temp, dim=1),
+                          reduction="batchmean") * temp * temp
+            total = total + kd_weight * kd
+            w_feat = feat_weight * max(0.0, 1.0 - step / aux_end) if aux_end > 0 else feat_weight
+            if w_feat > 0:
+                cos = F.cosine_similarity(feat_map(_tokens(model, feats)), t_tokens, dim=-1)
+                total = total + w_feat * (1.0 - cos).mean()
         opt.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux_head.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + extra, 1.0)
         opt.step()
 
         with torch.no_grad():
@@ -512,6 +550,9 @@ def train(
                 f"seeds train_seed(seed, chunk) = {_TRAIN_SEED_BASE} + seed*1e7 + chunk",
         "threads": threads,
         "init_from": None if init_from is None else str(init_from),
+        "teacher": None if teacher is None else {
+            "weights": str(teacher), "kd_weight": kd_weight, "kd_temperature": 2.0,
+            "feat_weight": feat_weight, "feat": "1 - cosine(linear(student tokens), teacher tokens)"},
         "wall_seconds": round(wall, 1),
         "command": command,
         "torch": torch.__version__,
@@ -532,6 +573,31 @@ def train(
             flush=True,
         )
     return config
+
+
+def curve_table(config: dict[str, Any], every: int = 1) -> str:
+    """Markdown table of a zoo json's training curve (for TRAINING.md).
+
+    Examples
+    --------
+    >>> from vitlens.zoo import available
+    >>> from vitlens.zoo.train import curve_table
+    >>> curve_table(available()["vit-shapes"]).splitlines()[0].startswith("| step")
+    True
+    """
+    rows = config["train"]["curve"]
+    lines = [
+        "| step | lr | train loss | train acc (1 obj) | val top-1 (1 obj) | val both-in-top-2 (2 obj) | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, r in enumerate(rows):
+        if i % every and i != len(rows) - 1:
+            continue
+        lines.append(
+            f"| {r['step']} | {r['lr']:.2e} | {r['train_loss']:.3f} | {r['train_acc1']:.3f} | "
+            f"{r['val_one_top1']:.3f} | {r['val_two_top2']:.3f} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -561,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curriculum", type=float, default=None, help="fraction of steps ramping easy->full data")
     parser.add_argument("--aux-weight", type=float, default=None, help="auxiliary per-token loss weight")
     parser.add_argument("--init", default=None, help="start from these .safetensors weights (second stage)")
+    parser.add_argument("--teacher", default=None, help="distil from this zoo .safetensors (json beside it)")
+    parser.add_argument("--aux-until", type=float, default=None, help="fraction of steps the aux losses fade over")
+    parser.add_argument("--chunk-size", type=int, default=4096, help="images generated per chunk")
+    parser.add_argument("--reuse", type=int, default=None, help="passes over each generated chunk")
     parser.add_argument("--eval-n", type=int, default=1000, help="held-out images per set")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -570,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         train(args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
               seed=args.seed, threads=args.threads, out_dir=args.out, val_every=args.val_every,
               curriculum=args.curriculum, aux_weight=args.aux_weight, init_from=args.init,
+              teacher=args.teacher, aux_until=args.aux_until, chunk_size=args.chunk_size, reuse=args.reuse,
               eval_n=args.eval_n, progress=not args.quiet, command=command)
     except OptionError as exc:
         parser.error(str(exc))
