@@ -102,18 +102,35 @@ def _quiet():
     return ctx
 
 
+COMMIT_FILE = "vitlens_committed.json"
+
+
 def committed(store: str | os.PathLike) -> int:
-    """Images fully written to a streaming store (0 if it does not exist)."""
-    import zarr
+    """Images fully written to a streaming store (0 if it does not exist).
+
+    Read from a small marker file that is replaced atomically after every batch
+    has been written to every group, so a run killed mid-write never counts a
+    partly written batch.
+    """
+    import json
 
     path = Path(store)
     if not path.exists():
         return 0
-    try:
-        root = zarr.open_group(str(path), mode="r")
-        return int(root["target"].shape[0])
-    except Exception as exc:
-        raise CaptureFormatError(f"{str(path)!r} is not a vitlens capture store ({exc}).") from exc
+    marker = path / COMMIT_FILE
+    if not marker.exists():
+        if (path / "zarr.json").exists() or (path / ".zgroup").exists():
+            return 0  # created, but no batch committed yet
+        raise CaptureFormatError(f"{str(path)!r} is not a vitlens capture store.")
+    return int(json.loads(marker.read_text())["images"])
+
+
+def _commit(store: Path, images: int) -> None:
+    import json
+
+    tmp = store / (COMMIT_FILE + ".tmp")
+    tmp.write_text(json.dumps({"images": images}))
+    os.replace(tmp, store / COMMIT_FILE)
 
 
 def _trim(store: Path, n: int) -> None:
@@ -130,8 +147,8 @@ def _trim(store: Path, n: int) -> None:
     zarr.consolidate_metadata(str(store))
 
 
-def write_batch(tree: xr.DataTree, store: Path, first: bool, batch_size: int) -> None:
-    """Append one captured batch to ``store`` (children first, root last)."""
+def write_batch(tree: xr.DataTree, store: Path, first: bool, batch_size: int, total: int) -> None:
+    """Append one captured batch to ``store``, then mark ``total`` images committed."""
     import zarr
 
     tree = _map_attrs(tree, _encode)
@@ -150,6 +167,7 @@ def write_batch(tree: xr.DataTree, store: Path, first: bool, batch_size: int) ->
                 keep = [n for n, v in ds.variables.items() if "sample" in v.dims]
                 ds[keep].to_zarr(store, group=group, mode="a", append_dim="sample", consolidated=False)
         zarr.consolidate_metadata(str(store))
+        _commit(store, total)
     finally:
         ctx.__exit__(None, None, None)
 
@@ -199,9 +217,10 @@ def capture_to_store(
             if target is not None and not isinstance(target, (int, np.integer, str)):
                 part_target = list(target)[start : start + count]
             tree = capture_batch(part, part_target, start)
-            write_batch(tree, path, first=(start == 0), batch_size=batch_size)
+            size = int(tree["sample"].size)
+            write_batch(tree, path, first=(start == 0), batch_size=batch_size, total=start + size)
             if bar is not None:
-                bar.update(tree["sample"].size)
+                bar.update(size)
     finally:
         if bar is not None:
             bar.close()
