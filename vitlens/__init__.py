@@ -14,7 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import datasets, figures, methods, models
+from . import datasets, figures, methods, metrics, models, widgets
 from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
 from .errors import (
     CaptureFormatError,
@@ -26,9 +26,14 @@ from .errors import (
     VitlensError,
 )
 from .methods import METHODS, explain, normalize, to_pixels
+from .metrics import evaluate
 from .models import load_model
+from .widgets import Compare, Explorer, HeadGrid
 
 __all__ = [
+    "Compare",
+    "Explorer",
+    "HeadGrid",
     "KEEP_GROUPS",
     "METHODS",
     "CaptureFormatError",
@@ -40,12 +45,15 @@ __all__ = [
     "VitlensError",
     "capture",
     "datasets",
+    "evaluate",
     "explain",
     "figures",
     "methods",
     "normalize",
     "to_pixels",
+    "widgets",
     "load_model",
+    "metrics",
     "models",
     "open",
     "save",

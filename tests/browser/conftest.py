@@ -1,8 +1,9 @@
 """Real-browser fixtures: Debian's chromium driven by Playwright, JupyterLab and Voila on 127.0.0.1.
 
 Never ``playwright install``: the browser is ``/usr/bin/chromium`` (``apt-get
-install chromium``). These tests skip only when that browser is missing *and*
-the ``CI`` variable is unset; in CI they always run. Pages are hermetic: every
+install chromium``; ``VITLENS_CHROMIUM`` points elsewhere). These tests skip only
+when that browser is missing *and* the ``CI`` variable is unset; in CI they
+always run. Pages are hermetic: every
 request that is not to 127.0.0.1, ``data:`` or ``blob:`` is aborted (and fails
 the test, except Voila's two fontawesome stylesheets from a CDN).
 """

@@ -10,6 +10,7 @@ Examples
 
 from __future__ import annotations
 
+from vitlens.datasets.imagenet_seg import imagenet_seg
 from vitlens.datasets.shapes import CLASS_NAMES, shapes
 
-__all__ = ["shapes", "CLASS_NAMES"]
+__all__ = ["shapes", "imagenet_seg", "CLASS_NAMES"]

@@ -118,8 +118,7 @@ class Compare(widgets.VBox):
         info = self.layout_info
         layer, sample = self.layer, self.sample
         li = info.layers.index(layer)
-        names = [str(n) for n in self.cap["class_name"].values]
-        target = names[int(self.cap["target"].values[sample])]
+        target = str(self.cap["class_name"].values[int(self.cap["target"].values[sample])])
         lines = []
         with self.figure.batch_update():
             for i, method in enumerate(METHODS):

@@ -96,9 +96,9 @@ def top_classes(cap: xr.DataTree, sample: int, k: int = 5) -> list[tuple[int, st
     logits = np.asarray(cap["logits"].isel(sample=sample).values, dtype=np.float64)
     p = np.exp(logits - logits.max())
     p /= p.sum()
-    names = [str(n) for n in cap["class_name"].values]
+    names = cap["class_name"].values
     order = np.argsort(-p, kind="stable")[:k]
-    return [(int(c), names[c], float(p[c])) for c in order]
+    return [(int(c), str(names[c]), float(p[c])) for c in order]
 
 
 def class_label(name: str, p: float) -> str:

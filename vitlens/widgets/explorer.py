@@ -140,6 +140,7 @@ class Explorer(widgets.VBox):
         if method not in METHODS:
             raise OptionError(f"method={method!r}; choose from {list(METHODS)}.")
         self._cache = PanelMaps()
+        self.class_names = [str(n) for n in cap["class_name"].values]
         self._recaptures = PanelMaps(size=4)  # (sample, class) → a one-image capture explaining that class
         self._classes = {s: int(t) for s, t in enumerate(np.asarray(cap["target"].values))}
         self._query: Query = initial_query(info, query)
@@ -311,7 +312,7 @@ class Explorer(widgets.VBox):
     def _recapture(self, sample: int, c: int) -> xr.DataTree:
         from ..capture import capture
 
-        names = [str(n) for n in self.cap["class_name"].values]
+        names = self.class_names
         self.class_status.value = f"capturing sample {sample} again to explain {names[c]!r}…"
         try:
             options = json.loads(self.cap.attrs.get("options", "{}"))
@@ -340,7 +341,7 @@ class Explorer(widgets.VBox):
         src_shape = (int(src["sample"].size), *shape[1:])
         (per_layer, first), messages["method"] = self._method(src, src_key, method, choice, key, src_shape)
         maps = [attention, stats[sample, li], fusion[sample, li], per_layer[si, li]]
-        names = [str(n) for n in self.cap["class_name"].values]
+        names = self.class_names
         on_features = not layer_dependent(info, method)
         text = [
             captions.attention_caption(info, layer, choice, self._query),
@@ -379,11 +380,7 @@ class Explorer(widgets.VBox):
         stage = info.stage_of(layer)
         self.heads.show(stage.index)
         view = self.compute()
-        if info.windowed:
-            wt = np.asarray(self.cap[stage.name]["window_token"].sel(layer=layer).values)
-            gx, gy = window_edges(window_ids(info, layer, wt), info.stride)
-        else:
-            gx, gy = [], []
+        gx, gy = self._cache.get(("windows", layer), lambda: self._window_lines(layer))
         mx, my = patch_outline(info, layer, self._query)
         fig = self.figure
         with fig.batch_update():
@@ -397,13 +394,21 @@ class Explorer(widgets.VBox):
         self.captions.value = "".join(
             f"<div><b>{i + 1}.</b> {html.escape(t, quote=False)}</div>" for i, t in enumerate(view["captions"])
         )
-        self.title.value = self._title_html()
+        self.title.value = self._cache.get(("title", self.sample), self._title_html)
         self.version += 1
         heads = ",".join(map(str, sorted(self.heads.choice()[stage.index])))
         query = "cls" if self._query is None else f"{self._query[0]},{self._query[1]}"
         self.probe.value = (f"v={self.version} layer={layer} sample={self.sample} heads={heads} query={query} "
                             f"stat={self.stat} method={self.method} class={self.target}")
         self.timings.append(time.perf_counter() - start)
+
+    def _window_lines(self, layer: int) -> tuple[list, list]:
+        """Swin: the borders of ``layer``'s windows (pixel coordinates); ViT: none."""
+        info = self.layout_info
+        if not info.windowed:
+            return [], []
+        wt = np.asarray(self.cap[info.stage_of(layer).name]["window_token"].sel(layer=layer).values)
+        return window_edges(window_ids(info, layer, wt), info.stride)
 
     def _title_html(self) -> str:
         info = self.layout_info
@@ -419,7 +424,7 @@ class Explorer(widgets.VBox):
         self.refresh()
 
     def _sample_options(self) -> list[tuple[str, int]]:
-        names = [str(n) for n in self.cap["class_name"].values]
+        names = self.class_names
         pred = np.asarray(self.cap["logits"].values).argmax(-1)
         return [(f"{i}: {names[int(p)]}", i) for i, p in enumerate(pred)]
 
@@ -427,7 +432,7 @@ class Explorer(widgets.VBox):
         options = [(class_label(n, p), c) for c, n, p in top_classes(self.cap, sample, 5)]
         current = self._classes[sample]
         if current not in [c for _, c in options]:  # an explicit target outside the top 5
-            names = [str(n) for n in self.cap["class_name"].values]
+            names = self.class_names
             options.append((f"{names[current]} (target)", current))
         self._hold += 1
         try:

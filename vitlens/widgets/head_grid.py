@@ -81,15 +81,18 @@ class HeadGrid(widgets.VBox):
         self._selected = info.all_heads()
         self.cols = cols
         self.panel_size = panel_size
+        # One live figure per stage (Swin stages differ in head count), built once and
+        # shown one at a time: a plotly view re-created later would show its first state.
+        self._figures: dict[int, go.FigureWidget] = {}
+        self._boxes: dict[int, widgets.Box] = {}
         self._stage: int | None = None
-        self.figure: go.FigureWidget | None = None
 
         self.layer_slider = layer_slider(info, layer)
         self.sample_select = sample_dropdown(list(range(n)), sample)
         self.caption = widgets.HTML()
         self.caption.add_class("vitlens-captions")
         self.probe = probe("vitlens-probe")
-        self._figure_box = widgets.Box()
+        self._figure_box = widgets.VBox()
         if explorer is not None:
             # The Explorer owns the state: our controls mirror its own, and every
             # Explorer update (its ``version``) redraws the grid exactly once.
@@ -102,6 +105,9 @@ class HeadGrid(widgets.VBox):
         self.children = [widgets.HBox([self.layer_slider, self.sample_select]), self._figure_box, self.caption,
                          self.probe]
         self.add_class("vitlens-head-grid")
+        for stage in info.stages:  # filled with the view at each stage's current (or first) layer
+            self._add_figure(stage.index, layer if stage.index == info.stage_of(layer).index else stage.layers[0])
+        self._figure_box.children = [self._boxes[s.index] for s in info.stages]
         self.refresh()
 
     @property
@@ -137,9 +143,13 @@ class HeadGrid(widgets.VBox):
             return self.explorer.heads.choice()
         return dict(self._selected)
 
+    @property
+    def figure(self) -> go.FigureWidget:
+        """The figure of the shown layer's stage."""
+        return self._figures[self.layout_info.stage_of(self.layer).index]
+
     def head_maps(self) -> np.ndarray:
         """The maps shown, ``(head, gh, gw)`` in [0, 1]."""
-        assert self.figure is not None
         return np.stack([np.asarray(t.z, dtype=np.float32) for t in self.figure.data[: self._num_heads]])
 
     def toggle_head(self, head: int) -> None:
@@ -158,49 +168,55 @@ class HeadGrid(widgets.VBox):
     def _num_heads(self) -> int:
         return self.layout_info.stage_of(self.layer).num_heads
 
-    def _build(self, stage_index: int) -> go.Figure:
-        """A plain figure with one panel per head of the stage (wrapped once filled)."""
+    def _add_figure(self, stage_index: int, layer: int) -> None:
+        """Build the stage's figure (one panel per head), draw ``layer`` into it, wrap it."""
         stage = self.layout_info.stages[stage_index]
         cols = min(self.cols, stage.num_heads)
         rows = -(-stage.num_heads // cols)
         titles = [f"head {h}" for h in range(stage.num_heads)]
         fig = overlay_figure(self.layout_info, titles, "", cols=cols, width=cols * self.panel_size + 70,
                              height=rows * self.panel_size + 40, show_image=False)
-        self._marker_trace = len(fig.data)
         for h in range(stage.num_heads):
             r, c = divmod(h, cols)
             fig.add_scatter(x=[], y=[], mode="lines", line=dict(color="#00e5ff", width=1.5),
                             hoverinfo="skip", row=r + 1, col=c + 1)
-        return fig
+        self._draw(fig, layer)
+        widget = as_widget(fig)
+        widget.add_class("vitlens-figure")
+        for h in range(stage.num_heads):
+            widget.data[h].on_click(lambda trace, points, state, h=h: self.toggle_head(h) if points.xs else None)
+        self._figures[stage_index] = widget
+        self._boxes[stage_index] = widgets.Box([widget])
 
-    def refresh(self) -> None:
-        """Recompute every head's map and push one batched update."""
+    def _draw(self, fig: go.Figure, layer: int) -> frozenset[int]:
+        """Every head's map at ``layer`` into ``fig``, one batched update; returns the selected heads."""
         info = self.layout_info
-        layer, sample = self.layer, self.sample
         stage = info.stage_of(layer)
-        new_stage = self._stage != stage.index
-        fig = self._build(stage.index) if new_stage else self.figure
-        assert fig is not None
         query = self.query
-        maps = head_attention(self.cap, info, sample, layer, query)
+        maps = head_attention(self.cap, info, self.sample, layer, query)
         chosen = self.selected()[stage.index]
         mx, my = patch_outline(info, layer, query)
+        n = stage.num_heads
         with fig.batch_update():
-            for h in range(stage.num_heads):
+            for h in range(n):
                 trace = fig.data[h]
                 trace.z = normalized(maps[h])
                 trace.opacity = 1.0 if h in chosen else _DIMMED
-                fig.data[self._marker_trace + h].update(x=mx, y=my)
+                fig.data[n + h].update(x=mx, y=my)  # the query marker of head h's panel
                 fig.layout.annotations[h].text = f"head {h}" + (" ✓" if h in chosen else "")
-        if new_stage:
-            self.figure = as_widget(fig)
-            self.figure.add_class("vitlens-figure")
-            for h in range(stage.num_heads):
-                self.figure.data[h].on_click(lambda trace, points, state, h=h: self.toggle_head(h) if points.xs else None)
-            self._figure_box.children = [self.figure]
-            self._stage = stage.index
+        return chosen
+
+    def refresh(self) -> None:
+        """Recompute every head's map of the shown layer and push one batched update."""
+        layer, sample = self.layer, self.sample
+        stage = self.layout_info.stage_of(layer).index
+        chosen = self._draw(self._figures[stage], layer)
+        if stage != self._stage:
+            for index, box in self._boxes.items():
+                box.layout.display = None if index == stage else "none"
+            self._stage = stage
         self.caption.value = html.escape(
-            f"Each panel: where {captions.query_text(query)} looks at block {layer}, one head at a time "
+            f"Each panel: where {captions.query_text(self.query)} looks at block {layer}, one head at a time "
             f"(scaled to [0, 1]). Click a head to toggle it" + (" in the Explorer." if self.explorer else ".")
         )
         heads = ",".join(map(str, sorted(chosen)))

@@ -213,22 +213,35 @@ def window_ids(layout: CaptureLayout, layer: int, window_token: np.ndarray) -> n
     return upsample(ids.reshape(stage.grid), stage.factor)
 
 
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, stop)`` of every run of True in a 1-d boolean array."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True))
+
+
 def window_edges(ids: np.ndarray, stride: tuple[int, int]) -> tuple[list[float | None], list[float | None]]:
-    """Line segments (pixel coordinates, ``None``-separated) between tokens of different windows."""
+    """Line segments (pixel coordinates, ``None``-separated) between tokens of different windows.
+
+    Adjacent cut cells are merged into one segment, so a grid of windows costs a
+    few dozen points, not one per token.
+
+    Examples
+    --------
+    >>> window_edges(np.array([[0, 1], [0, 1]]), (4, 4))
+    ([3.5, 3.5, None], [-0.5, 7.5, None])
+    """
     sy, sx = stride
     xs: list[float | None] = []
     ys: list[float | None] = []
     gh, gw = ids.shape
     for r in range(1, gh):
-        cuts = ids[r] != ids[r - 1]
-        for c in np.flatnonzero(cuts):
-            xs += [c * sx - 0.5, (c + 1) * sx - 0.5, None]
+        for start, stop in _runs(ids[r] != ids[r - 1]):
+            xs += [start * sx - 0.5, stop * sx - 0.5, None]
             ys += [r * sy - 0.5, r * sy - 0.5, None]
     for c in range(1, gw):
-        cuts = ids[:, c] != ids[:, c - 1]
-        for r in np.flatnonzero(cuts):
+        for start, stop in _runs(ids[:, c] != ids[:, c - 1]):
             xs += [c * sx - 0.5, c * sx - 0.5, None]
-            ys += [r * sy - 0.5, (r + 1) * sy - 0.5, None]
+            ys += [start * sy - 0.5, stop * sy - 0.5, None]
     return xs, ys
 
 
