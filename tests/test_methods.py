@@ -410,3 +410,8 @@ def test_by_stage_gives_each_stages_map_on_its_grid(swin_cap, vit_cap):
     assert set(vl.explain(vit_cap, "tokentm", by_stage=True).data_vars) == {"stage0"}
     with pytest.raises(vl.OptionError, match="per_layer"):
         vl.explain(swin_cap, "rollout", by_stage=True, per_layer=True)
+
+
+def test_lnstat_with_a_signed_statistic_stays_bounded(vit_cap):
+    out = vl.explain(vit_cap, "lnstat", stat="mean")
+    assert np.isfinite(out.values).all() and float(abs(out).max()) <= 1.0 + 1e-5

@@ -380,7 +380,7 @@ def test_head_grid_on_its_own_dims_clicked_heads_and_unlinks(vit_cap):
     assert linked.layer == 2  # no longer follows the Explorer
 
 
-def test_head_grid_rebuilds_for_a_swin_stage_with_more_heads(swin_cap):
+def test_head_grid_switches_to_the_swin_stage_with_more_heads(swin_cap):
     grid = HeadGrid(swin_cap, layer=0)
     assert grid.head_maps().shape[0] == 2
     grid.layer_slider.value = 2

@@ -74,14 +74,19 @@ def fuse_heads(stage: StageView, layer: int, heads: HeadSelection, head_fusion: 
 
 
 def fused_operator(stage: StageView, layer: int, f: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``M[i,j] = F[i,j]·s[j]``, row-renormalised (inside each window for Swin)."""
+    """``M[i,j] = F[i,j]·s[j]``, row-renormalised (inside each window for Swin).
+
+    Rows are divided by the sum of their absolute values, so a signed statistic
+    (``stat="mean"``) stays bounded; for a non-negative statistic this is the
+    plain row sum.
+    """
     if stage.windowed:
         wt = stage.window_token[stage.layer_index(layer)]
         sk = s[:, wt][:, :, None, :]  # (B, nW, 1, M²): statistic of each key in its window
     else:
         sk = s[:, None, :]
     m = f * sk
-    return m / m.sum(-1, keepdim=True).clamp_min(1e-12)
+    return m / m.abs().sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 def _check(stat: str, stat_norm: str, head_fusion: str) -> None:
