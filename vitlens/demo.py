@@ -76,7 +76,7 @@ def main(argv: Sequence[str] = ()) -> int:
 
     for name, table in tables:
         frame = table.to_dataframe()
-        cols = [c for c in ("pixel_accuracy", "miou", "map", "pointing", "positive_auc_label", "negative_auc_label",
+        cols = [c for c in ("pixel_accuracy", "miou", "mean_ap", "pointing", "positive_auc_label", "negative_auc_label",
                             "seconds_per_image") if c in frame.columns]
         print(f"\n{name}: localisation and faithfulness on {args.eval} generated images "
               "(higher is better, except positive AUC)")
