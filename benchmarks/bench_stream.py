@@ -74,7 +74,8 @@ def main() -> None:
     t = time.perf_counter()
     vl.explain(lazy, "all")
     inproc = time.perf_counter() - t
-    print(f"\n{'vl.explain(lazy, \"all\")':42s} {'img/s':>7s}")
+    header = 'vl.explain(lazy, "all")'
+    print(f"\n{header:42s} {'img/s':>7s}")
     print(f"{'in-process (threads)':42s} {args.n / inproc:7.2f}")
     from dask.distributed import Client, LocalCluster
 

@@ -338,6 +338,19 @@ def test_image_inputs_in_every_form_give_the_same_capture(vit, tmp_path):
     np.testing.assert_allclose(single.image.values[0], arr[0] / 255, atol=1e-6)
 
 
+def test_xarray_input_keeps_its_sample_labels(vit, images32):
+    import xarray as xr
+
+    labelled = xr.DataArray(images32, dims=("sample", "y", "x", "channel"), coords={"sample": [7, 3, 11]})
+    cap = vl.capture(vit, labelled)
+    assert cap["sample"].values.tolist() == [7, 3, 11]
+    assert cap["stage0"].attention["sample"].values.tolist() == [7, 3, 11]
+    np.testing.assert_allclose(cap.image.sel(sample=3).values, images32[1], atol=1e-6)
+    assert vl.explain(cap, "rollout")["sample"].values.tolist() == [7, 3, 11]
+    # plain arrays (no labels) are numbered by position
+    assert vl.capture(vit, images32)["sample"].values.tolist() == [0, 1, 2]
+
+
 def test_grayscale_rgba_and_other_sizes_are_converted(vit):
     gray = np.random.default_rng(0).random((32, 32))
     rgba = np.random.default_rng(1).random((32, 32, 4))

@@ -7,24 +7,19 @@ import importlib
 
 import pytest
 
-MODULES = [
-    "vitlens",
-    "vitlens.capture.api",
-    "vitlens.capture.store",
-    "vitlens.capture.windows",
-    "vitlens.methods",
-    "vitlens.methods.attention",
-    "vitlens.methods.rollout",
-    "vitlens.methods.gradcam",
-    "vitlens.methods.generic_attention",
-    "vitlens.methods.transformer_attribution",
-    "vitlens.methods.lnstat",
-    "vitlens.methods.tokentm",
-    "vitlens.methods.lrp",
-    "vitlens.methods.maps",
-    "vitlens.models.loading",
-    "vitlens.figures",
-]
+def _all_modules() -> list[str]:
+    """Every module of the package, so a new module's examples are run too."""
+    import pkgutil
+
+    import vitlens
+
+    names = ["vitlens"]
+    for info in pkgutil.walk_packages(vitlens.__path__, prefix="vitlens."):
+        names.append(info.name)
+    return sorted(names)
+
+
+MODULES = _all_modules()
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -62,6 +62,20 @@ def test_export_is_deterministic(cap, tmp_path, fmt):
     assert magic in data[:200]
 
 
+def test_failed_image_export_raises_export_error(cap, tmp_path, monkeypatch):
+    fig = figures.grid(cap, methods=["rollout"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no browser")
+
+    monkeypatch.setattr(fig, "to_image", broken)
+    with pytest.raises(vl.ExportError, match="BROWSER_PATH.*html"):
+        figures.save(fig, tmp_path / "f.png")
+    assert not (tmp_path / "f.png").exists()
+    assert issubclass(vl.ExportError, vl.VitlensError)
+    assert vl.widgets.ExportError is vl.ExportError
+
+
 def test_html_export_is_self_contained(cap, tmp_path):
     path = figures.save(figures.grid(cap, methods=["rollout"]), tmp_path / "f.html")
     text = path.read_text()

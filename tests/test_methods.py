@@ -172,10 +172,39 @@ def test_lnstat_with_constant_statistic_equals_rollout(which, vit_cap, swin_cap)
 @pytest.mark.parametrize("which", ["vit", "swin"])
 def test_tokentm_with_listed_reductions_equals_generic_attention(which, vit_cap, swin_cap):
     cap = vit_cap if which == "vit" else swin_cap
-    got = vl.explain(cap, "tokentm", ffn=False, necc="none", length=False, init="identity", grad=True)
-    np.testing.assert_allclose(got.values, vl.explain(cap, "generic_attention").values, rtol=1e-5, atol=1e-9)
+    reductions = {"ffn": False, "necc": "none", "length": False, "init": "identity", "grad": True}
+    got = vl.explain(cap, "tokentm", identity_path="keep", **reductions)
+    generic = vl.explain(cap, "generic_attention").values
+    np.testing.assert_allclose(got.values, generic, rtol=1e-5, atol=1e-9)
     full = vl.explain(cap, "tokentm")
     assert not np.allclose(full.values / full.values.max(), got.values / got.values.max(), rtol=1e-2)
+    # dropping the attention-free path: nothing changes under a CLS read-out; under
+    # Swin's average pool that path is the uniform row 1/64 split 1/4 to each parent
+    dropped = vl.explain(cap, "tokentm", **reductions).values
+    np.testing.assert_allclose(dropped, generic - (0.0 if which == "vit" else 1 / 256), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_tokentm_identity_path_option(which, vit_cap, swin_cap):
+    cap = vit_cap if which == "vit" else swin_cap
+    for kw in ({}, {"per_layer": True}, {"necc": "softmax", "init": "identity"}):
+        drop, keep = vl.explain(cap, "tokentm", **kw), vl.explain(cap, "tokentm", identity_path="keep", **kw)
+        assert drop.attrs["identity_path"] == "drop" and keep.attrs["identity_path"] == "keep"
+        assert drop.dims == keep.dims and drop.name == "tokentm"
+        if which == "vit":  # the CLS row of the attention-free (diagonal) product has no patch entries
+            np.testing.assert_allclose(drop.values, keep.values, rtol=1e-6)  # drop runs in float64
+        else:
+            assert (drop.values >= -1e-7).all() and not np.allclose(drop.values, keep.values)
+    if which == "swin":  # what is dropped does not depend on the class explained
+        img = cap.image.values[:1]
+        two = vl.capture(make_swin(seed=12), np.concatenate([img, img]), target=[0, 1])
+        removed = (vl.explain(two, "tokentm", identity_path="keep") - vl.explain(two, "tokentm")).values
+        np.testing.assert_allclose(removed[0], removed[1], rtol=1e-5)
+        assert removed.std() > 0  # and it is not a constant (FFN and length weights)
+    stages = vl.explain(cap, "tokentm", by_stage=True)
+    assert stages.attrs["identity_path"] == "drop"
+    with pytest.raises(vl.OptionError, match="identity_path"):
+        vl.explain(cap, "tokentm", identity_path="both")
 
 
 def test_tokentm_weights_follow_the_definition(vit_cap):

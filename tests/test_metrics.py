@@ -258,3 +258,56 @@ def test_perturbation_reads_pictures_and_normalisation_from_a_capture(vit, image
     assert float(out.accuracy[0]) == 1.0  # the capture's targets are the clean predictions
     same = perturbation(vit, images32, maps, cap.target.values)
     np.testing.assert_array_equal(out.correct.values, same.correct.values)
+
+
+def test_metrics_on_a_lazy_capture_load_one_chunk_at_a_time(vit, tmp_path, monkeypatch):
+    from conftest import random_images
+
+    import importlib
+
+    from vitlens.metrics.inputs import pictures_for
+
+    module = importlib.import_module("vitlens.metrics.perturbation")  # the package re-exports a function of that name
+
+    imgs = random_images(5, 32, seed=12)
+    vl.capture(vit, imgs, store=tmp_path / "r.zarr", batch_size=2, progress=False)
+    lazy = vl.open(tmp_path / "r.zarr", chunks={})
+    eager = vl.capture(vit, imgs)
+    pics = pictures_for(vit, lazy)
+    assert pics.lazy and pics.blocks == [(0, 2), (2, 4), (4, 5)] and not isinstance(pics.pictures, np.ndarray)
+    seen = []
+    original = module.removal_probabilities
+
+    def spy(model, pictures, *args, **kwargs):
+        seen.append(len(pictures))
+        return original(model, pictures, *args, **kwargs)
+
+    monkeypatch.setattr(module, "removal_probabilities", spy)
+    maps = vl.explain(lazy, "all")
+    labels = eager.target.values
+    got = perturbation(vit, lazy, maps, labels, mode="negative")
+    assert seen == [2, 2, 1] * len(vl.METHODS)  # chunk by chunk, never all five at once
+    monkeypatch.setattr(module, "removal_probabilities", original)
+    want = perturbation(vit, eager, vl.explain(eager, "all"), labels, mode="negative")
+    xr.testing.assert_allclose(got, want)
+    xr.testing.assert_allclose(deletion(vit, lazy, maps.rollout), deletion(vit, eager, maps.rollout), rtol=1e-5)
+    xr.testing.assert_allclose(segmentation(maps, np.ones((5, 32, 32), bool)),
+                               segmentation(vl.explain(eager, "all"), np.ones((5, 32, 32), bool)), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_metrics_on_a_lazy_capture_run_on_a_local_cluster(vit, tmp_path):
+    from conftest import random_images
+    from dask.distributed import Client, LocalCluster, get_task_stream
+
+    imgs = random_images(4, 32, seed=13)
+    vl.capture(vit, imgs, store=tmp_path / "r.zarr", batch_size=2, progress=False)
+    lazy = vl.open(tmp_path / "r.zarr", chunks={})
+    maps = vl.explain(lazy, "rollout")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            with get_task_stream(client) as stream:
+                got = insertion(vit, lazy, maps)
+            names = {str(t["key"]) for t in stream.data}
+    assert any("_block_probabilities" in n for n in names)
+    xr.testing.assert_allclose(got, insertion(vit, vl.capture(vit, imgs), maps), rtol=1e-5)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import xarray as xr
 from conftest import make_vit, random_images
@@ -42,6 +43,16 @@ def test_streaming_capture_equals_in_memory_and_is_lazy(tmp_path, vit):
     assert lazy["sample"].values.tolist() == list(range(7))
     _assert_same_capture(vl.capture(vit, imgs), lazy)
     xr.testing.assert_allclose(vl.explain(lazy, "all"), vl.explain(vl.capture(vit, imgs), "all"), rtol=1e-4)
+
+
+def test_lazy_explain_with_many_classes(tmp_path):
+    """1000 class names are stored in two chunks, the logits in one: still one task per sample chunk."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=1000, depth=2).eval()
+    imgs = random_images(5, 32, seed=1)
+    vl.capture(model, imgs, store=tmp_path / "r.zarr", batch_size=2, progress=False)
+    lazy = vl.open(tmp_path / "r.zarr", chunks={})
+    assert lazy["class_name"].chunks != lazy.logits.chunks[1:]
+    xr.testing.assert_allclose(vl.explain(lazy, "rollout"), vl.explain(vl.capture(model, imgs), "rollout"), rtol=1e-4)
 
 
 def test_streaming_from_a_folder_a_dataset_and_a_dataloader(tmp_path, vit):

@@ -18,6 +18,7 @@ from . import datasets, figures, methods, metrics, models, widgets
 from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
 from .errors import (
     CaptureFormatError,
+    ExportError,
     ImageError,
     ModelLoadError,
     OptionError,
@@ -37,6 +38,7 @@ __all__ = [
     "KEEP_GROUPS",
     "METHODS",
     "CaptureFormatError",
+    "ExportError",
     "ImageError",
     "ModelLoadError",
     "OptionError",

@@ -15,6 +15,7 @@ __all__ = [
     "CaptureFormatError",
     "ModelLoadError",
     "OptionError",
+    "ExportError",
 ]
 
 
@@ -44,3 +45,7 @@ class ModelLoadError(VitlensError, RuntimeError):
 
 class OptionError(VitlensError, ValueError):
     """An option has a value vitlens does not know (method name, variant, selection)."""
+
+
+class ExportError(VitlensError, RuntimeError):
+    """A figure could not be written to an image file (missing exporter or browser)."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .errors import OptionError
+from .errors import ExportError, OptionError
 from .methods import METHODS, explain, normalize, to_pixels
 
 DEFAULT_COLORSCALE = "Inferno"
@@ -251,7 +251,13 @@ def save(fig: Any, path: str | os.PathLike, *, dpi: int = 150) -> Path:
     _ensure_browser()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*kopts argument is ignored.*")
-        data = fig.to_image(format=fmt, scale=dpi / 96 if fmt == "png" else 1)
+        try:
+            data = fig.to_image(format=fmt, scale=dpi / 96 if fmt == "png" else 1)
+        except Exception as exc:  # kaleido missing, or no Chromium it can start
+            raise ExportError(
+                f"could not write {str(path)!r} ({type(exc).__name__}: {exc}); {fmt.upper()} export needs "
+                "kaleido>=1 and a Chromium (set BROWSER_PATH, e.g. /usr/bin/chromium), or save as .html."
+            ) from exc
     if fmt == "pdf":
         data = _PDF_DATES.sub(lambda m: b"/" + m.group(1) + b" (D:20000101000000Z)", data)
     elif fmt == "svg":  # plotly names clip paths after a random figure id: make it fixed

@@ -92,6 +92,7 @@ def save(cap: xr.DataTree, path: str | os.PathLike) -> Path:
             # not yet in the v3 spec; both round-trip exactly with zarr-python.
             warnings.filterwarnings("ignore", message=".*Zarr V3 specification.*")
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            warnings.filterwarnings("ignore", message=".*vitlens_committed.json.*")  # our commit marker
             encoded.to_zarr(path, mode="w", consolidated=True)
     else:
         encoded.to_netcdf(path, engine="h5netcdf", mode="w")
@@ -117,6 +118,7 @@ def open(path: str | os.PathLike, *, chunks: dict | None = None) -> xr.DataTree:
         if engine == "zarr":
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+                warnings.filterwarnings("ignore", message=".*vitlens_committed.json.*")  # our commit marker
                 tree = xr.open_datatree(path, engine="zarr", chunks=chunks, consolidated=None)
         else:
             tree = xr.open_datatree(path, engine="h5netcdf", chunks=chunks)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import xarray as xr
 
 from ..errors import CaptureFormatError, ImageError, OptionError
@@ -30,8 +31,8 @@ def _length(images: Any) -> int | None:
     if isinstance(images, (xr.Dataset, xr.DataArray)):
         arr = images["image"] if isinstance(images, xr.Dataset) else images
         return int(arr.sizes["sample"]) if "sample" in arr.dims else 1
-    if isinstance(images, np.ndarray):
-        return images.shape[0] if images.ndim == 4 else 1
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        return int(images.shape[0]) if images.ndim == 4 else 1
     if isinstance(images, (list, tuple)):
         return len(images)
     return None
@@ -61,7 +62,7 @@ def batches(images: Any, batch_size: int, skip: int = 0) -> Iterator[tuple[int, 
             images = images["image"]
         if isinstance(images, xr.DataArray) and "sample" not in images.dims:
             images = images.expand_dims("sample")
-        if isinstance(images, np.ndarray) and images.ndim == 3:
+        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
             images = images[None]
         for start in range(skip, n, batch_size):
             part = images[start : start + batch_size]
@@ -99,6 +100,7 @@ def _quiet():
     ctx.__enter__()
     warnings.filterwarnings("ignore", message=".*Zarr V3 specification.*")
     warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+    warnings.filterwarnings("ignore", message=".*vitlens_committed.json.*")  # our commit marker
     return ctx
 
 

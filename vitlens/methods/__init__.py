@@ -56,7 +56,7 @@ def _sample_blocks(cap: xr.DataTree) -> list[tuple[int, int]] | None:
     for node in cap.subtree:
         for var in node.to_dataset(inherit=False).data_vars.values():
             if var.chunks is not None and "sample" in var.dims:
-                sizes = var.chunksizes["sample"]
+                sizes = var.variable.chunksizes["sample"]  # the data only: coords may chunk differently
                 if chunks is None or len(sizes) > len(chunks):
                     chunks = sizes
     if chunks is None:

@@ -74,11 +74,14 @@ def finish(
     merge: str = "uniform",
     by_stage: bool = False,
     final: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    baseline: Mapping[int, Step] | None = None,
 ) -> xr.DataArray | xr.Dataset:
     """Propagate ``steps`` and label the result (the common tail of every chain method).
 
     ``by_stage=True`` returns a Dataset with each stage's map on its own grid
     (``stage0`` … ; ViT has one stage) instead of the first-stage map.
+    ``baseline``: steps whose propagated map is subtracted before labelling (give
+    float64 steps when the difference is small against either term).
     """
     options = {**options, "per_layer": per_layer, "merge": merge, "by_stage": by_stage}
     if by_stage:
@@ -86,6 +89,10 @@ def finish(
             raise OptionError("by_stage=True gives one map per stage; it does not combine with per_layer=True.")
         collect: dict[str, torch.Tensor] = {}
         propagate(cv, steps, layers[-1], final=final, shares=merge_shares(cv, merge), collect=collect)
+        if baseline is not None:
+            base: dict[str, torch.Tensor] = {}
+            propagate(cv, baseline, layers[-1], final=final, shares=merge_shares(cv, merge), collect=base)
+            collect = {name: value - base[name] for name, value in collect.items()}
         out = xr.Dataset()
         for stage in cv.stages:
             if stage.name in collect:
@@ -94,6 +101,8 @@ def finish(
         out.attrs = {"method": method, **{k: json_safe(v) for k, v in options.items()}}
         return out
     values, per = chain_map(cv, steps, layers, per_layer, final=final, merge=merge)
+    if baseline is not None:
+        values = values - chain_map(cv, baseline, layers, per_layer, final=final, merge=merge)[0]
     return token_map(cv, values, method, options, per)
 
 

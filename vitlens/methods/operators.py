@@ -267,6 +267,8 @@ def propagate(
     shares = shares or {}
     top_stage = cv.stage_of(top_layer)
     r = readout_row(cv, top_stage)
+    if steps:  # compute in the steps' precision (tokentm's difference of products uses float64)
+        r = r.to(next(iter(steps.values())).x.dtype)
     for stage in reversed(cv.stages[: cv.stages.index(top_stage) + 1]):
         for layer in reversed(stage.layers):
             if layer <= top_layer and layer in steps:
@@ -279,7 +281,7 @@ def propagate(
         if stage.index > 0:
             share = shares.get(stage.index - 1)
             if dense:
-                pm = dense_merge(stage.grid)
+                pm = dense_merge(stage.grid).to(r.dtype)
                 r = torch.einsum("bi,ij->bj", r, pm) if share is None else torch.einsum("bi,ij->bj", r, pm * 4) * share
             else:
                 r = merge_row(r, stage.grid, share)

@@ -13,6 +13,7 @@ part is a switchable option recorded in the result's attrs.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import xarray as xr
@@ -23,6 +24,7 @@ from .operators import HeadSelection, StageView, Step, head_fused, select_layers
 
 NECCS = ("range", "softmax", "none")
 INITS = ("norm", "identity")
+IDENTITY_PATHS = ("drop", "keep")
 
 
 def necc(cos: torch.Tensor, kind: str) -> torch.Tensor:
@@ -70,6 +72,7 @@ def tokentm(
     grad: bool = True,
     ffn: bool = True,
     init: str = "norm",
+    identity_path: str = "drop",
 ) -> xr.DataArray | xr.Dataset:
     """Token-transformation-weighted attention propagation (METHODS.md §7).
 
@@ -92,6 +95,15 @@ def tokentm(
         ``"norm"``: ``C_0 = diag(‖e⁰‖)`` (default); ``"identity"``: ``C_0 = I``.
     layers, heads, start_layer, per_layer
         As for rollout.
+    identity_path
+        ``"drop"`` (default) subtracts the part of ``C_L`` that never crossed an
+        attention (the product with every ``Ā`` set to 0: residual and FFN scaling
+        only); ``"keep"`` returns ``C_L`` as it is.  *vitlens' choice, for
+        average-pooled read-outs (Swin, ``global_pool="avg"`` ViTs)*: there every
+        token is read out, and its own attention-free path — a token-wise FFN
+        rescaling, the same for every class — would otherwise dominate the map.
+        With a CLS read-out that path ends on the prefix token, which the map
+        excludes, so both settings give the same map.
     merge
         Swin patch merging: ``"uniform"`` (1/4 to each parent, default) or
         ``"lrp"`` (the shares the merging Linear's LRP rule gives; class-specific).
@@ -109,6 +121,8 @@ def tokentm(
     necc_kind = necc
     if necc_kind not in NECCS:
         raise OptionError(f"tokentm necc={necc_kind!r}; choose from {list(NECCS)}.")
+    if identity_path not in IDENTITY_PATHS:
+        raise OptionError(f"tokentm identity_path={identity_path!r}; choose from {list(IDENTITY_PATHS)}.")
     if init not in INITS:
         raise OptionError(f"tokentm init={init!r}; choose from {list(INITS)}.")
     cv = view(cap)
@@ -126,7 +140,18 @@ def tokentm(
     if init == "norm":
         e0 = cv.stages[0].tensor("token_norm")[:, 0]
         final = lambda r: r * e0  # noqa: E731 - r·C_0 with C_0 = diag(‖e⁰‖)
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer,
-               "necc": necc_kind, "length": length, "grad": grad, "ffn": ffn, "init": init}
-    return finish(cv, steps, chosen, "tokentm", options, per_layer=per_layer, merge=merge,
-                  by_stage=by_stage, final=final)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "necc": necc_kind,
+               "length": length, "grad": grad, "ffn": ffn, "init": init, "identity_path": identity_path}
+    kw = {"per_layer": per_layer, "merge": merge, "by_stage": by_stage, "final": final}
+    if identity_path == "keep":
+        return finish(cv, steps, chosen, "tokentm", options, **kw)
+    # subtract the same product with every attention term switched off (beta = 0),
+    # in float64: with weak attention the difference is small against both terms
+    steps = {l: _double(step) for l, step in steps.items()}
+    no_attention = {l: replace(step, beta=0.0) for l, step in steps.items()}
+    return finish(cv, steps, chosen, "tokentm", options, baseline=no_attention, **kw)
+
+
+def _double(step: Step) -> Step:
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    return replace(step, x=step.x.double(), pre=as64(step.pre), post=as64(step.post))

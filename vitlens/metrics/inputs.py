@@ -119,9 +119,14 @@ def per_method(maps: xr.DataArray | xr.Dataset, score: Callable[[xr.DataArray], 
 class Pictures:
     """Unnormalised model-input pictures in [0, 1] and the normalisation the model expects."""
 
-    pictures: np.ndarray  # (B, H, W, 3) float32 in [0, 1]
+    pictures: Any  # (B, H, W, 3) float32 in [0, 1]: a numpy array, or a dask array (lazy capture)
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    blocks: list[tuple[int, int]] | None = None  # sample chunks of a lazy capture
+
+    @property
+    def lazy(self) -> bool:
+        return self.blocks is not None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -144,8 +149,13 @@ def pictures_for(model: nn.Module, images: Any) -> Pictures:
         root = images.to_dataset(inherit=False) if hasattr(images, "to_dataset") else images.ds
         if "image" not in root or "mean" not in root.attrs:
             raise ImageError("this DataTree is not a vitlens capture (no root 'image' / 'mean'); pass vl.capture(...)'s result.")
-        pics = np.asarray(root["image"].transpose("sample", "y", "x", "channel").values, dtype=np.float32)
-        return Pictures(pics, tuple(root.attrs["mean"]), tuple(root.attrs["std"]))
+        image = root["image"].transpose("sample", "y", "x", "channel")
+        mean, std = tuple(root.attrs["mean"]), tuple(root.attrs["std"])
+        if image.chunks is not None:  # dask-backed (vl.open(..., chunks={})): load chunk by chunk later
+            edges = np.cumsum((0, *image.variable.chunksizes["sample"]))
+            blocks = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+            return Pictures(image.data.astype(np.float32), mean, std, blocks)
+        return Pictures(np.asarray(image.values, dtype=np.float32), mean, std)
     from ..models import adapter_for
 
     try:

@@ -111,6 +111,53 @@ def removal_probabilities(
     return out
 
 
+def _block_probabilities(model: nn.Module, pictures: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
+                         order: np.ndarray, removals: Sequence[tuple[int, bool]], batch_size: int,
+                         device: str | torch.device | None) -> np.ndarray:
+    """:func:`removal_probabilities` of one sample chunk (a dask task for lazy captures)."""
+    pics = Pictures(np.asarray(pictures, dtype=np.float32), mean, std)
+    return removal_probabilities(model, pics, order, removals, batch_size=batch_size, device=device)
+
+
+def probabilities(model: nn.Module, pictures: Pictures, order: np.ndarray, removals: Sequence[tuple[int, bool]], *,
+                  batch_size: int, device: str | torch.device | None, bar: Any) -> np.ndarray:
+    """:func:`removal_probabilities`, chunk by chunk for a lazy capture.
+
+    The pictures of a dask-backed capture are loaded one sample chunk at a time;
+    with a ``dask.distributed`` Client active, each chunk is a task on its workers
+    (the model is sent to them), otherwise chunks run one after another here.
+    """
+    if not pictures.lazy:
+        return removal_probabilities(model, pictures, order, removals, batch_size=batch_size, device=device, bar=bar)
+    import dask
+
+    assert pictures.blocks is not None
+    tasks = [dask.delayed(_block_probabilities)(model, pictures.pictures[a:b], pictures.mean, pictures.std,
+                                                order[a:b], removals, batch_size, device)
+             for a, b in pictures.blocks]
+    if _distributed_client():
+        parts = list(dask.compute(*tasks))
+        if bar is not None:
+            bar.update(len(pictures))
+    else:
+        parts = []
+        for (a, b), task in zip(pictures.blocks, tasks):
+            parts.append(task.compute(scheduler="synchronous"))
+            if bar is not None:
+                bar.update(b - a)
+    return np.concatenate(parts)
+
+
+def _distributed_client() -> bool:
+    try:
+        from distributed import default_client
+
+        default_client()
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
 def _steps(steps: int) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
         raise OptionError(f"steps={steps!r}: use an int >= 2 (10 gives the 0 %, 10 %, ..., 90 % protocol).")
@@ -145,6 +192,8 @@ def perturbation(
         [0, 1]), or anything :func:`vitlens.capture` accepts (arrays at the input
         size are only normalised). For models vitlens does not adapt: arrays
         ``(sample, H, W, 3)`` in [0, 1], normalised with timm's data config.
+        A lazy capture (``vl.open(store, chunks={})``) is scored one sample chunk
+        at a time, as tasks on the workers of an active ``dask.distributed`` Client.
     maps
         ``(sample, y, x)`` maps (upsampled bilinearly to the picture), or a Dataset
         of them (one per method → a ``method`` dimension).
@@ -190,7 +239,7 @@ def perturbation(
         npix = values.shape[1] * values.shape[2]
         removals = [(npix * i // steps, mode == "positive") for i in range(steps)]
         bar = progress_bar(n, f"perturbation ({mode})", _show(progress, n, batch_size))
-        probs = removal_probabilities(model, pics, ranking(values), removals, batch_size=batch_size, device=device, bar=bar)
+        probs = probabilities(model, pics, ranking(values), removals, batch_size=batch_size, device=device, bar=bar)
         bar.close()
         top1 = probs.argmax(-1)
         reference = np.where(truth >= 0, truth, top1[:, 0])
@@ -265,7 +314,7 @@ def _probability_curve(
         else:
             removals = [(npix * (steps - i) // steps, False) for i in range(steps + 1)]
         bar = progress_bar(n, kind, _show(progress, n, batch_size))
-        probs = removal_probabilities(model, pics, ranking(values), removals, batch_size=batch_size, device=device, bar=bar)
+        probs = probabilities(model, pics, ranking(values), removals, batch_size=batch_size, device=device, bar=bar)
         bar.close()
         clean = probs[:, -1 if kind == "insertion" else 0].argmax(-1)
         classes = _explained(da, target, n, clean)

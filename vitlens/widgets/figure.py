@@ -22,16 +22,12 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..errors import OptionError, VitlensError
+from ..errors import ExportError, OptionError
 from .layout import CaptureLayout
 
 #: Colour scale shared by every panel.
 COLORSCALE = "Inferno"
 EXPORT_FORMATS = ("png", "svg", "pdf")
-
-
-class ExportError(VitlensError, RuntimeError):
-    """A figure could not be written to an image file."""
 
 
 def image_uri(image: np.ndarray) -> str:

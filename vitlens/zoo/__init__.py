@@ -168,7 +168,7 @@ def data_config(config: dict[str, Any]) -> dict[str, Any]:
         "std": tuple(float(v) for v in config["std"]),
         "num_classes": len(names),
         "label_names": tuple(names),
-        "first_conv": "patch_embed.proj",
+        "first_conv": "patch_embed.proj.0" if "embed_layer" in config.get("kwargs", {}) else "patch_embed.proj",
         "classifier": "head.fc" if family == "swin" else "head",
         "license": "mit",
         "description": "vitlens shapes model (see vitlens/zoo/TRAINING.md)",

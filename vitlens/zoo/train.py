@@ -92,7 +92,7 @@ MODELS: dict[str, dict[str, Any]] = {
             "window_size": 4,
             "num_classes": len(CLASS_NAMES),
             "embed_dim": 48,
-            "depths": [2, 2],
+            "depths": [2, 6],
             "num_heads": [2, 4],
             "mlp_ratio": 2.0,
             "drop_path_rate": 0.0,
@@ -220,6 +220,43 @@ def _lr_at(step: int, steps: int, warmup: int, lr: float, final_frac: float = 0.
     return lr * (final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
+def _with_depths(spec: dict[str, Any], depths: list[int] | None) -> dict[str, Any]:
+    kwargs = copy.deepcopy(spec["kwargs"])
+    if depths is not None:
+        if "depths" not in kwargs:
+            raise OptionError("depths= only applies to swin-shapes; leave it out for vit-shapes.")
+        if len(depths) != len(kwargs["depths"]) or min(depths) < 1:
+            raise OptionError(f"depths={depths}: give {len(kwargs['depths'])} positive block counts, e.g. 2 6.")
+        kwargs["depths"] = [int(d) for d in depths]
+    return kwargs
+
+
+def _load_growing(model: torch.nn.Module, path: str | Path) -> list[str]:
+    """Load weights, letting whole blocks be new (zero output projections -> identity)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path), device="cpu")
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise OptionError(f"{path} holds weights this architecture lacks: {result.unexpected_keys[:5]}...; "
+                          f"start from a model with fewer or equal blocks.")
+    new_blocks = sorted({k.split(".blocks.")[0] + ".blocks." + k.split(".blocks.")[1].split(".")[0]
+                         for k in result.missing_keys if ".blocks." in k})
+    others = [k for k in result.missing_keys if ".blocks." not in k]
+    if others:
+        raise OptionError(f"{path} lacks weights outside transformer blocks: {others[:5]}; "
+                          f"it does not come from the same architecture family.")
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name in new_blocks:
+            block = modules[name]
+            for lin in (block.attn.proj, block.mlp.fc2):
+                lin.weight.zero_()
+                if lin.bias is not None:
+                    lin.bias.zero_()
+    return new_blocks
+
+
 def _tokens(model: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
     """Final patch tokens ``(batch, tokens, dim)`` from ``forward_features``."""
     if feats.ndim == 4:  # Swin: NHWC
@@ -279,9 +316,11 @@ def train(
     aux_weight: float | None = None,
     aux_until: float | None = None,
     init_from: str | Path | None = None,
+    depths: list[int] | None = None,
     teacher: str | Path | None = None,
     kd_weight: float = 1.0,
     feat_weight: float = 1.0,
+    hint_weight: float = 0.0,
     val_every: int = 500,
     val_n: int = 300,
     eval_n: int = 1000,
@@ -320,7 +359,13 @@ def train(
         the plain classifier.
     init_from : str or Path, optional
         A ``<name>.safetensors`` to start from instead of a random initialisation
-        (a second training stage); its path is recorded in the json.
+        (a second training stage); its path is recorded in the json.  It may come
+        from a shallower model of the same family: blocks it lacks keep their fresh
+        initialisation except that their output projections (``attn.proj``,
+        ``mlp.fc2``) are zeroed, so each new block starts as the identity.
+    depths : list of int, optional
+        Swin only: blocks per stage, overriding the architecture in :data:`MODELS`
+        (e.g. ``[2, 2]`` for the first stage of the shipped recipe).
     teacher : str or Path, optional
         A trained zoo model (``<name>.safetensors`` with its json beside it) to
         distil from: a KL term on temperature-2 logits (weight ``kd_weight``) and a
@@ -329,6 +374,11 @@ def train(
         auxiliary loss).
     kd_weight, feat_weight : float, default 1.0
         Weights of the two distillation terms.
+    hint_weight : float, default 0.0
+        Swin student with a conv-stem ViT teacher: weight of a "hint" term matching
+        (cosine, through a temporary linear map) the student's first-stage tokens to
+        the teacher's convolutional-stem features on the same grid; fades like the
+        auxiliary loss.
     val_every, val_n : int
         Watch a small validation set (seed :data:`VAL_SEED`) every ``val_every``
         steps; the best validated weights (and the final ones) are candidates.
@@ -384,7 +434,7 @@ def train(
         "name": name,
         "family": spec["family"],
         "timm_class": spec["timm_class"],
-        "kwargs": copy.deepcopy(spec["kwargs"]),
+        "kwargs": _with_depths(spec, depths),
         "class_names": list(CLASS_NAMES),
         "input_size": [3, _SIZE, _SIZE],
         "mean": list(_MEAN),
@@ -392,10 +442,9 @@ def train(
     }
     torch.manual_seed(seed)
     model = build_from_config(config)
+    grown: list[str] = []
     if init_from is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(init_from), device="cpu"), strict=True)
+        grown = _load_growing(model, init_from)
     model.train()
     with torch.no_grad():
         probe = _tokens(model, model.forward_features(torch.zeros(1, 3, _SIZE, _SIZE)))
@@ -414,6 +463,27 @@ def train(
             t_dim = _tokens(teacher_model, teacher_model.forward_features(torch.zeros(1, 3, _SIZE, _SIZE))).shape[-1]
         feat_map = torch.nn.Linear(probe.shape[-1], t_dim)
         extra += list(feat_map.parameters())
+        if hint_weight > 0:
+            hint_store: dict[str, torch.Tensor] = {}
+            stem = teacher_model.patch_embed.proj
+            with torch.no_grad():
+                t_hint = stem[:-1](torch.zeros(1, 3, _SIZE, _SIZE))  # conv stem before the 1x1 projection
+                s_hint = model.layers[0](model.patch_embed(torch.zeros(1, 3, _SIZE, _SIZE)))
+            if t_hint.shape[-2:] != s_hint.shape[1:3]:
+                # use the stem layer whose grid matches the student's first stage
+                for cut in range(len(stem) - 1, 0, -1):
+                    with torch.no_grad():
+                        t_hint = stem[:cut](torch.zeros(1, 3, _SIZE, _SIZE))
+                    if t_hint.shape[-2:] == s_hint.shape[1:3] and isinstance(stem[cut - 1], torch.nn.ReLU):
+                        break
+                else:
+                    raise OptionError("hint_weight needs a teacher stem layer on the student's first-stage grid.")
+            else:
+                cut = len(stem) - 1
+            hint_cut = cut
+            hint_map = torch.nn.Linear(s_hint.shape[-1], t_hint.shape[1])
+            extra += list(hint_map.parameters())
+            model.layers[0].register_forward_hook(lambda mod, inp, out: hint_store.__setitem__("s", out))
     groups = _param_groups(model, float(recipe["weight_decay"]))
     groups.append({"params": extra, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=float(recipe["lr"]), betas=(0.9, 0.999))
@@ -477,6 +547,12 @@ def train(
             kd = F.kl_div(F.log_softmax(logits / temp, dim=1), F.softmax(t_logits / temp, dim=1),
                           reduction="batchmean") * temp * temp
             total = total + kd_weight * kd
+            if hint_weight > 0:
+                with torch.no_grad():
+                    t_stem = teacher_model.patch_embed.proj[:hint_cut](x).permute(0, 2, 3, 1)
+                w_hint = hint_weight * max(0.0, 1.0 - step / aux_end) if aux_end > 0 else hint_weight
+                cos_h = F.cosine_similarity(hint_map(hint_store["s"]), t_stem, dim=-1)
+                total = total + w_hint * (1.0 - cos_h).mean()
             w_feat = feat_weight * max(0.0, 1.0 - step / aux_end) if aux_end > 0 else feat_weight
             if w_feat > 0:
                 cos = F.cosine_similarity(feat_map(_tokens(model, feats)), t_tokens, dim=-1)
@@ -550,9 +626,12 @@ def train(
                 f"seeds train_seed(seed, chunk) = {_TRAIN_SEED_BASE} + seed*1e7 + chunk",
         "threads": threads,
         "init_from": None if init_from is None else str(init_from),
+        "grown_blocks": grown,
         "teacher": None if teacher is None else {
             "weights": str(teacher), "kd_weight": kd_weight, "kd_temperature": 2.0,
-            "feat_weight": feat_weight, "feat": "1 - cosine(linear(student tokens), teacher tokens)"},
+            "feat_weight": feat_weight, "feat": "1 - cosine(linear(student tokens), teacher tokens)",
+            "hint_weight": hint_weight,
+            "hint": "1 - cosine(linear(student stage-0 tokens), teacher conv-stem features on that grid)"},
         "wall_seconds": round(wall, 1),
         "command": command,
         "torch": torch.__version__,
@@ -564,6 +643,8 @@ def train(
     with open(out / f"{name}.json", "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2)
         fh.write("\n")
+    for suffix in (".safetensors", ".json"):
+        os.chmod(out / f"{name}{suffix}", 0o644)
     if progress:
         print(
             f"[{name}] held-out (seed {EVAL_SEED}, {eval_n}+{eval_n} images): one-object top-1 "
@@ -627,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curriculum", type=float, default=None, help="fraction of steps ramping easy->full data")
     parser.add_argument("--aux-weight", type=float, default=None, help="auxiliary per-token loss weight")
     parser.add_argument("--init", default=None, help="start from these .safetensors weights (second stage)")
+    parser.add_argument("--hint-weight", type=float, default=0.0, help="swin: stem-feature hint loss weight")
+    parser.add_argument("--depths", type=int, nargs="+", default=None, help="swin only: blocks per stage")
     parser.add_argument("--teacher", default=None, help="distil from this zoo .safetensors (json beside it)")
     parser.add_argument("--aux-until", type=float, default=None, help="fraction of steps the aux losses fade over")
     parser.add_argument("--chunk-size", type=int, default=4096, help="images generated per chunk")
@@ -640,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         train(args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
               seed=args.seed, threads=args.threads, out_dir=args.out, val_every=args.val_every,
               curriculum=args.curriculum, aux_weight=args.aux_weight, init_from=args.init,
-              teacher=args.teacher, aux_until=args.aux_until, chunk_size=args.chunk_size, reuse=args.reuse,
+              teacher=args.teacher, hint_weight=args.hint_weight, depths=args.depths, aux_until=args.aux_until, chunk_size=args.chunk_size, reuse=args.reuse,
               eval_n=args.eval_n, progress=not args.quiet, command=command)
     except OptionError as exc:
         parser.error(str(exc))
