@@ -27,8 +27,9 @@ def linear_alphabeta(
     ``Z = W⁺x⁺ + W⁻x⁻``; ``R_in = x⁺⊙W⁺ᵀ(R/Z) + x⁻⊙W⁻ᵀ(R/Z)``.
 
     Computed with the identities ``W⁺x⁺ + W⁻x⁻ = (Wx + |W||x|)/2`` and
-    ``x⁺⊙W⁺ᵀS + x⁻⊙W⁻ᵀS = (x⊙WᵀS + |x|⊙|W|ᵀS)/2``: three matmuls instead of
-    four, two if the layer's bias-free output ``xw = x Wᵀ`` is passed in.
+    ``x⁺⊙W⁺ᵀS + x⁻⊙W⁻ᵀS = (x⊙WᵀS + |x|⊙|W|ᵀS)/2`` (the two halves cancel, and
+    ``Z ≥ 0``): two matmuls if the layer's bias-free output ``xw = x Wᵀ`` is
+    passed in, the second against ``[W, |W|]`` at once.
 
     Examples
     --------
@@ -41,8 +42,12 @@ def linear_alphabeta(
     x_abs = x.abs()
     if xw is None:
         xw = x @ weight.T
-    s = safe_div(relevance, (xw + x_abs @ w_abs.T) / 2)
-    return (x * (s @ weight) + x_abs * (s @ w_abs)) / 2
+    z = (x_abs @ w_abs.T).add_(xw)  # = 2·(W⁺x⁺ + W⁻x⁻) >= 0 (up to rounding)
+    s = relevance / z.abs().clamp_min_(EPS).copysign_(z)
+    s.masked_fill_(z == 0, 0.0)
+    back = s @ torch.cat([weight, w_abs], 1)  # [WᵀS, |W|ᵀS] in one matmul
+    signed, absolute = back.split(weight.shape[1], dim=-1)
+    return (x * signed).addcmul_(x_abs, absolute)
 
 
 def matmul_lrp0(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor, z: torch.Tensor | None = None):
