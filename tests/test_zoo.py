@@ -203,3 +203,20 @@ def test_grown_blocks_start_as_the_identity(tmp_path):
     with pytest.raises(OptionError, match="holds weights this architecture lacks"):
         train("swin-shapes", out_dir=tmp_path / "x", depths=[2, 1],
               init_from=tmp_path / "small" / "swin-shapes.safetensors", **kw)
+
+
+def test_distillation_from_a_shipped_teacher(tmp_path):
+    """The second-stage recipe of swin-shapes: KD from vit-shapes (+ the stem hint)."""
+    kw = dict(steps=2, batch_size=4, chunk_size=8, val_every=5, val_n=4, eval_n=4, progress=False)
+    teacher = ZOO_DIR / "vit-shapes.safetensors"
+    info = train("swin-shapes", out_dir=tmp_path, teacher=teacher, kd_weight=0.5, hint_weight=1.0, **kw)
+    recorded = info["train"]["teacher"]
+    assert recorded["weights"] == str(teacher) and recorded["kd_weight"] == 0.5 and recorded["hint_weight"] == 1.0
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in info["train"]["curve"])
+    plain = train("swin-shapes", out_dir=tmp_path / "plain", **kw)
+    assert plain["train"]["teacher"] is None
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "swin-shapes.safetensors")), load_file(str(tmp_path / "plain" / "swin-shapes.safetensors"))
+    assert set(a) == set(b)  # the distillation heads are not part of the shipped model
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # and the teacher changed the training

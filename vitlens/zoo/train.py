@@ -92,7 +92,7 @@ MODELS: dict[str, dict[str, Any]] = {
             "window_size": 4,
             "num_classes": len(CLASS_NAMES),
             "embed_dim": 48,
-            "depths": [2, 6],
+            "depths": [2, 2],  # stage 1; the shipped model grows to [2, 6] (TRAINING.md)
             "num_heads": [2, 4],
             "mlp_ratio": 2.0,
             "drop_path_rate": 0.0,
