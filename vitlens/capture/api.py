@@ -244,7 +244,7 @@ def capture(
 
 
 def _cast(arr: np.ndarray, dtype: Any) -> np.ndarray:
-    """Float cast through torch (numpy's float16 conversion is ~10x slower)."""
+    """Float cast through torch (numpy's float16 conversion measured ~4x slower here)."""
     return torch.from_numpy(np.ascontiguousarray(arr)).to(getattr(torch, np.dtype(dtype).name)).numpy()
 
 

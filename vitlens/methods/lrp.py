@@ -15,7 +15,7 @@ EPS = 1e-9
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with ``|den|`` clamped to at least 1e-9 and 0 where ``den == 0``."""
-    out = num / den.abs().clamp_min(EPS).copysign(den)
+    out = num / den.abs().clamp_min_(EPS).copysign_(den)  # in place on the abs() copy
     return out.masked_fill_(den == 0, 0.0)
 
 
@@ -43,8 +43,7 @@ def linear_alphabeta(
     if xw is None:
         xw = x @ weight.T
     z = (x_abs @ w_abs.T).add_(xw)  # = 2·(W⁺x⁺ + W⁻x⁻) >= 0 (up to rounding)
-    s = relevance / z.abs().clamp_min_(EPS).copysign_(z)
-    s.masked_fill_(z == 0, 0.0)
+    s = safe_div(relevance, z)
     back = s @ torch.cat([weight, w_abs], 1)  # [WᵀS, |W|ᵀS] in one matmul
     signed, absolute = back.split(weight.shape[1], dim=-1)
     return (x * signed).addcmul_(x_abs, absolute)
