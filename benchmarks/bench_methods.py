@@ -2,7 +2,7 @@
 forward+backward of the same model on the same batch (issue: all seven maps from
 one capture ≤ 2.5×, goal 2×).
 
-    python benchmarks/bench_methods.py [--batch 4] [--repeat 3] [--models vit_base_patch16_224 swin_tiny_patch4_window7_224]
+    python benchmarks/bench_methods.py [--batch 4] [--repeat 5] [--models vit_base_patch16_224 swin_tiny_patch4_window7_224]
 
 Prints one table per model; every ratio is measured in the same run.
 """
@@ -14,65 +14,71 @@ import platform
 import statistics
 import time
 
-import numpy as np
 import timm
 import torch
 
 import vitlens as vl
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def bench(name: str, batch: int, repeat: int, device: str) -> list[tuple[str, float]]:
+    """Median seconds of each step over ``repeat`` rounds, after one warm-up round.
+
+    The steps run interleaved, round by round (plain, capture, each method), so
+    a slow spell of a shared machine hits all of them alike instead of one.
+    The last row is the median over rounds of that round's capture + seven
+    maps divided by its plain forward+backward, times the median plain time.
+    """
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval().to(device)
     size = model.patch_embed.img_size
     x = torch.randn(batch, 3, *size, device=device)
     target = torch.arange(batch, device=device) % model.num_classes
 
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     def plain():
         model.zero_grad(set_to_none=True)
         logits = model(x)
         logits.gather(1, target[:, None]).sum().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync()
 
     cap_holder = {}
 
     def capture():
         cap_holder["cap"] = vl.capture(model, x, target=target.tolist(), progress=False)
+        sync()
 
-    t_plain = timed(plain, repeat)
-    t_capture = timed(capture, repeat)
-    cap = cap_holder["cap"]
-    rows = [("plain forward+backward", t_plain), ("vl.capture (default: grads + LRP)", t_capture)]
-    total_methods = 0.0
-    for method in vl.METHODS:
-        t = timed(lambda: vl.explain(cap, method), repeat)
-        total_methods += t
-        rows.append((f"  explain {method}", t))
-    rows.append(("  explain 'all'", timed(lambda: vl.explain(cap, "all"), repeat)))
-    rows.append(("capture + all seven maps", t_capture + total_methods))
+    steps = [("plain forward+backward", plain), ("vl.capture (default: grads + LRP)", capture)]
+    steps += [(f"  explain {m}", lambda m=m: vl.explain(cap_holder["cap"], m)) for m in vl.METHODS]
+    steps += [("  explain 'all'", lambda: vl.explain(cap_holder["cap"], "all"))]
+    times: dict[str, list[float]] = {label: [] for label, _ in steps}
+    for round_ in range(repeat + 1):  # round 0 is the warm-up
+        for label, fn in steps:
+            t = time.perf_counter()
+            fn()
+            if round_:
+                times[label].append(time.perf_counter() - t)
+    method_labels = [f"  explain {m}" for m in vl.METHODS]
+    ratios = [
+        (times[steps[1][0]][r] + sum(times[m][r] for m in method_labels)) / times[steps[0][0]][r]
+        for r in range(repeat)
+    ]
+    rows = [(label, statistics.median(ts)) for label, ts in times.items()]
+    rows.append(("capture + all seven maps", statistics.median(ratios) * rows[0][1]))
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--models", nargs="+", default=["vit_base_patch16_224", "swin_tiny_patch4_window7_224"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"device {args.device}, torch {torch.__version__}, batch {args.batch}, median of {args.repeat}")
+          f"device {args.device}, torch {torch.__version__}, batch {args.batch}, median of {args.repeat} interleaved rounds")
     for name in args.models:
         rows = bench(name, args.batch, args.repeat, args.device)
         base = rows[0][1]

@@ -108,11 +108,44 @@ def test_bilinear_rule_halves_and_conserves():
     torch.testing.assert_close(rb.sum(), r.sum() / 2)
 
 
+def test_alphabeta_gives_zero_not_nan_where_z_is_zero():
+    x = torch.tensor([[0.0, 0.0], [1.0, 2.0]])  # a zero token: every Z of its row is 0
+    w = torch.tensor([[1.0, -1.0], [0.5, 2.0]])
+    r = lrp.linear_alphabeta(x, w, torch.ones(2, 2), out=x @ w.T)
+    assert torch.isfinite(r).all() and r[0].eq(0).all()
+    torch.testing.assert_close(r[1].sum(), torch.tensor(2.0))  # the other token conserves
+
+
+def _relevance(model, x, **kw):
+    ad = adapter_for(model)
+    with Recorder(ad, keep_block_inputs=True) as rec:
+        logits = model(x)
+        return attention_relevance(ad, rec, logits.argmax(-1), **kw)
+
+
+def test_lrp_shortcuts_change_nothing(monkeypatch):
+    """Skipping tokens without relevance (the last block after a CLS read-out) and the
+    first block's qkv step give the relevance of the full dense pass."""
+    import importlib
+
+    relevance = importlib.import_module("vitlens.capture.relevance")
+    model, x = make_vit(depth=3, seed=6), torch.randn(2, 3, 32, 32)
+    calls = []
+    active = relevance._active_tokens
+    monkeypatch.setattr(relevance, "_active_tokens", lambda r: calls.append(active(r)) or calls[-1])
+    fast = _relevance(model, x)
+    assert calls[0] is not None and calls[0].tolist() == [0]  # CLS only, in the last block
+    monkeypatch.setattr(relevance, "_active_tokens", lambda r: None)
+    full = _relevance(model, x, to_input=True)
+    for layer in full:
+        torch.testing.assert_close(fast[layer], full[layer], rtol=1e-5, atol=1e-9)
+
+
 def _relevance_totals(model, x):
     ad = adapter_for(model)
     with Recorder(ad, keep_block_inputs=True) as rec:
         logits = model(x)
-        attention_relevance(ad, rec, logits.argmax(-1))
+        attention_relevance(ad, rec, logits.argmax(-1), to_input=True)
     return rec.relevance_totals
 
 

@@ -291,8 +291,10 @@ def test_metrics_on_a_lazy_capture_load_one_chunk_at_a_time(vit, tmp_path, monke
     want = perturbation(vit, eager, vl.explain(eager, "all"), labels, mode="negative")
     xr.testing.assert_allclose(got, want)
     xr.testing.assert_allclose(deletion(vit, lazy, maps.rollout), deletion(vit, eager, maps.rollout), rtol=1e-5)
+    # the same maps, lazy and loaded (AP ranks values: maps from captures batched differently
+    # differ by float rounding, ~1e-7 relative, which can reorder near-ties)
     xr.testing.assert_allclose(segmentation(maps, np.ones((5, 32, 32), bool)),
-                               segmentation(vl.explain(eager, "all"), np.ones((5, 32, 32), bool)), rtol=1e-5)
+                               segmentation(maps.compute(), np.ones((5, 32, 32), bool)), rtol=1e-5)
 
 
 @pytest.mark.slow

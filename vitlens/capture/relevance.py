@@ -33,51 +33,78 @@ def _merge_heads(r_q: torch.Tensor, r_k: torch.Tensor, r_v: torch.Tensor) -> tor
     return r.permute(1, 3, 0, 2, 4).reshape(b, n, 3 * h * hd)
 
 
-def _minus_bias(out: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """A Linear's bias-free output ``x Wᵀ`` from its recorded output."""
-    return out if linear.bias is None else out - linear.bias
+def _linear(linear: nn.Linear, recorded: tuple[torch.Tensor, torch.Tensor], relevance: torch.Tensor) -> torch.Tensor:
+    """αβ rule through ``linear`` from its recorded (input, output)."""
+    x, out = recorded
+    return linear_alphabeta(x, linear.weight, relevance, out=out, bias=linear.bias)
 
 
-def _attention_branch_relevance(attn: nn.Module, lin: dict, probs: torch.Tensor, r_out: torch.Tensor,
-                                bias: torch.Tensor | None = None):
+def _attention_branch_relevance(attn: nn.Module, lin: dict, probs: torch.Tensor, r_o: torch.Tensor,
+                                bias: torch.Tensor | None = None, to_input: bool = True):
     """Relevance at the attention branch input (qkv's input) and at the attention probabilities.
 
-    ``lin`` holds the recorded (input, output) of ``qkv`` and ``proj``; ``probs``
-    the recorded attention. ``bias``: Swin's position bias + shift mask, whose
-    share of the logits' relevance is dropped (a documented leak).
+    ``r_o``: relevance at the output projection's input (heads concatenated);
+    ``lin`` holds the recorded (input, output) of ``qkv``; ``probs`` the
+    recorded attention. ``bias``: Swin's position bias + shift mask, whose
+    share of the logits' relevance is dropped (a documented leak). With
+    ``to_input=False`` the (costly) qkv step is skipped and ``None`` returned
+    for the input.
     """
-    qkv_in, qkv_out = lin["qkv"]
-    o_cat, proj_out = lin["proj"]
-    q, k, v = _split_heads(qkv_out, attn.num_heads).unbind(0)
+    q, k, v = _split_heads(lin["qkv"][1], attn.num_heads).unbind(0)
+    b, n, _ = r_o.shape
+    r_probs, r_v = matmul_lrp0(probs, v, r_o.reshape(b, n, attn.num_heads, -1).transpose(1, 2))
+    if not to_input:
+        return None, r_probs
     q, k = getattr(attn, "q_norm", nn.Identity())(q), getattr(attn, "k_norm", nn.Identity())(k)
     qs, kt = q * attn.scale, k.transpose(-2, -1)
-    b, n, _ = r_out.shape
-    r_o = linear_alphabeta(o_cat, attn.proj.weight, r_out, _minus_bias(proj_out, attn.proj))
-    r_o = r_o.reshape(b, n, attn.num_heads, -1).transpose(1, 2)
-    r_probs, r_v = matmul_lrp0(probs, v, r_o)
     # softmax passes relevance on unchanged; then the Q·Kᵀ bilinear rule
     r_q, r_kt = matmul_lrp0(qs, kt, r_probs, z=None if bias is None else qs @ kt + bias)
     r_qkv = _merge_heads(r_q, r_kt.transpose(-2, -1), r_v)
-    return linear_alphabeta(qkv_in, attn.qkv.weight, r_qkv, _minus_bias(qkv_out, attn.qkv)), r_probs
+    return _linear(attn.qkv, lin["qkv"], r_qkv), r_probs
 
 
 def _mlp_relevance(block: nn.Module, lin: dict, x2: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
     """Relevance at ``x2`` for ``x3 = x2 + ls2(fc2(norm(act(fc1(norm2(x2))))))``."""
     mlp = block.mlp
-    h2, f1_out = lin["fc1"]
-    g, f2_out = lin["fc2"]
-    f = getattr(block, "ls2", nn.Identity())(f2_out)
+    f = getattr(block, "ls2", nn.Identity())(lin["fc2"][1])
     r_res, r_f = residual_add(x2, f, r_out)
-    r_g = linear_alphabeta(g, mlp.fc2.weight, r_f, _minus_bias(f2_out, mlp.fc2))
-    return r_res + linear_alphabeta(h2, mlp.fc1.weight, r_g, _minus_bias(f1_out, mlp.fc1))
+    r_g = _linear(mlp.fc2, lin["fc2"], r_f)
+    return r_res.add_(_linear(mlp.fc1, lin["fc1"], r_g))
 
 
-def _vit_block(block: nn.Module, rec: Recorder, layer: int, r_out: torch.Tensor):
+def _active_tokens(r: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the tokens that carry relevance, when at most half of them do; else None.
+
+    Token-wise rules (Linear, residual add) give nothing to a token that
+    receives nothing, so they may skip it: after a CLS read-out the last
+    block's MLP and output projection run on one token instead of all.
+    """
+    active = r.ne(0).any(-1).any(0)
+    rows = active.nonzero().squeeze(1)
+    return rows if 2 * rows.numel() <= active.numel() else None
+
+
+def _scatter(r: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    full = r.new_zeros(r.shape[0], n, *r.shape[2:])
+    full[:, rows] = r
+    return full
+
+
+def _vit_block(block: nn.Module, rec: Recorder, layer: int, r_out: torch.Tensor, to_input: bool = True):
     x, x2, lin = rec.block_inputs[layer], rec.mlp_inputs[layer], rec.linears[layer]
+    n = x.shape[1]
+    rows = _active_tokens(r_out)
+    if rows is not None:  # token-wise rules on the tokens that carry relevance only
+        x, x2, r_out = x[:, rows], x2[:, rows], r_out[:, rows]
+        lin = {**lin, **{k: tuple(t[:, rows] for t in lin[k]) for k in ("fc1", "fc2", "proj")}}
     r_x2 = _mlp_relevance(block, lin, x2, r_out)
     r_res, r_a = residual_add(x, x2 - x, r_x2)
-    r_h1, r_probs = _attention_branch_relevance(block.attn, lin, rec.attention[layer].detach(), r_a)
-    return r_res + r_h1, r_probs
+    r_o = _linear(block.attn.proj, lin["proj"], r_a)
+    if rows is not None:
+        r_res, r_o = _scatter(r_res, rows, n), _scatter(r_o, rows, n)
+    r_h1, r_probs = _attention_branch_relevance(block.attn, lin, rec.attention[layer].detach(), r_o,
+                                                to_input=to_input)
+    return (None if r_h1 is None else r_res.add_(r_h1)), r_probs
 
 
 # -- Swin windows ---------------------------------------------------------------
@@ -113,17 +140,20 @@ def _swin_bias(block: nn.Module, batch: int) -> torch.Tensor:
     return full.expand(batch, -1, -1, -1, -1).reshape(batch * nw, attn.num_heads, n, n)
 
 
-def _swin_block(block: nn.Module, rec: Recorder, layer: int, r_out: torch.Tensor):
+def _swin_block(block: nn.Module, rec: Recorder, layer: int, r_out: torch.Tensor, to_input: bool = True):
     x, lin = rec.block_inputs[layer], rec.linears[layer]
     b, h, w, c = x.shape
     window, shift = tuple(block.window_size), tuple(block.shift_size)
     x2 = rec.mlp_inputs[layer]  # (B, H·W, C)
     r_x2 = _mlp_relevance(block, lin, x2, r_out.reshape(b, h * w, c)).reshape(b, h, w, c)
     r_res, r_a = residual_add(x, x2.reshape(b, h, w, c) - x, r_x2)
+    r_o = _linear(block.attn.proj, lin["proj"], _to_windows(r_a, window, shift))
     r_hw, r_probs = _attention_branch_relevance(
-        block.attn, lin, rec.attention[layer].detach(), _to_windows(r_a, window, shift), _swin_bias(block, b)
+        block.attn, lin, rec.attention[layer].detach(), r_o, _swin_bias(block, b), to_input
     )
-    return r_res + _from_windows(r_hw, window, shift, (h, w)), r_probs
+    if r_hw is None:
+        return None, r_probs
+    return r_res.add_(_from_windows(r_hw, window, shift, (h, w))), r_probs
 
 
 def _merge_relevance(merge: nn.Module, x: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
@@ -163,11 +193,14 @@ def _head_relevance(adapter: Adapter, feats: torch.Tensor, onehot: torch.Tensor)
     return r
 
 
-def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor) -> dict[int, torch.Tensor]:
+def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, *,
+                        to_input: bool = False) -> dict[int, torch.Tensor]:
     """LRP relevance at every block's attention probabilities, keyed by global layer.
 
     Also stores, for tests and diagnostics, the relevance total entering each
-    block in ``rec.relevance_totals[layer] = (in, out)`` (per image), and for
+    block in ``rec.relevance_totals[layer] = (in, out)`` (per image; for the
+    first block only with ``to_input=True``, which carries the pass through
+    its qkv projection to the embeddings, a step no map needs), and for
     Swin each parent token's share of its merged token's relevance in
     ``rec.merge_shares[parent_stage]`` (B, N_parent).
     """
@@ -185,8 +218,9 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor) 
                 for layer, block in zip(reversed(stage.layers), reversed(stage.blocks)):
                     total_out = r.reshape(r.shape[0], -1).sum(1)
                     walk = _swin_block if adapter.family == "swin" else _vit_block
-                    r, out[layer] = walk(block, rec, layer, r)
-                    rec.relevance_totals[layer] = (r.reshape(r.shape[0], -1).sum(1), total_out)
+                    r, out[layer] = walk(block, rec, layer, r, to_input or layer > 0)
+                    if r is not None:
+                        rec.relevance_totals[layer] = (r.reshape(r.shape[0], -1).sum(1), total_out)
                 merge = adapter.merges().get(stage.index)
                 if merge is not None:
                     r_child = r.sum(-1)  # (B, h, w) relevance of each merged token

@@ -20,16 +20,21 @@ def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def linear_alphabeta(
-    x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor, xw: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    relevance: torch.Tensor,
+    out: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """αβ rule with α=1, β=0 for ``y = x Wᵀ (+ b)``; the bias takes no relevance.
 
     ``Z = W⁺x⁺ + W⁻x⁻``; ``R_in = x⁺⊙W⁺ᵀ(R/Z) + x⁻⊙W⁻ᵀ(R/Z)``.
 
     Computed with the identities ``W⁺x⁺ + W⁻x⁻ = (Wx + |W||x|)/2`` and
-    ``x⁺⊙W⁺ᵀS + x⁻⊙W⁻ᵀS = (x⊙WᵀS + |x|⊙|W|ᵀS)/2`` (the two halves cancel, and
-    ``Z ≥ 0``): two matmuls if the layer's bias-free output ``xw = x Wᵀ`` is
-    passed in, the second against ``[W, |W|]`` at once.
+    ``x⁺⊙W⁺ᵀS + x⁻⊙W⁻ᵀS = (x⊙WᵀS + |x|⊙|W|ᵀS)/2`` (the two halves cancel).
+    Pass the layer's recorded output ``out`` (and its ``bias``) to save the
+    forward matmul. ``S = R/Z`` where ``Z > 0`` and 0 elsewhere: ``Z ≥ 0`` (up to
+    rounding), and a ``Z = 0`` has only zero terms, so nothing is lost there.
 
     Examples
     --------
@@ -40,13 +45,16 @@ def linear_alphabeta(
     """
     w_abs = weight.abs()
     x_abs = x.abs()
-    if xw is None:
-        xw = x @ weight.T
-    z = (x_abs @ w_abs.T).add_(xw)  # = 2·(W⁺x⁺ + W⁻x⁻) >= 0 (up to rounding)
-    s = safe_div(relevance, z)
-    back = s @ torch.cat([weight, w_abs], 1)  # [WᵀS, |W|ᵀS] in one matmul
-    signed, absolute = back.split(weight.shape[1], dim=-1)
-    return (x * signed).addcmul_(x_abs, absolute)
+    z = x_abs @ w_abs.T
+    if out is None:
+        z.add_(x @ weight.T)
+    else:
+        z.add_(out)
+        if bias is not None:
+            z.sub_(bias)
+    # z = 2·(W⁺x⁺ + W⁻x⁻); R/0 is ±inf or nan, set to 0 in the same pass
+    s = torch.div(relevance, z.clamp_min_(0.0), out=z).nan_to_num_(0.0, 0.0, 0.0)
+    return (s @ weight).mul_(x).addcmul_(x_abs, s @ w_abs)
 
 
 def matmul_lrp0(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor, z: torch.Tensor | None = None):
@@ -58,9 +66,9 @@ def matmul_lrp0(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor, z: to
     Returns ``(R_a, R_b)``.
     """
     s = safe_div(relevance, a @ b if z is None else z)
-    r_a = a * (s @ b.transpose(-2, -1))
-    r_b = b * (a.transpose(-2, -1) @ s)
-    return r_a / 2, r_b / 2
+    r_a = (s @ b.transpose(-2, -1)).mul_(a).mul_(0.5)
+    r_b = (a.transpose(-2, -1) @ s).mul_(b).mul_(0.5)
+    return r_a, r_b
 
 
 def _per_image_sum(r: torch.Tensor) -> torch.Tensor:
@@ -78,7 +86,7 @@ def residual_add(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor) -> t
     sa, sb, total = _per_image_sum(r_a), _per_image_sum(r_b), _per_image_sum(relevance)
     frac_a = safe_div(sa.abs(), sa.abs() + sb.abs())
     frac_b = safe_div(sb.abs(), sa.abs() + sb.abs())
-    return r_a * safe_div(frac_a * total, sa), r_b * safe_div(frac_b * total, sb)
+    return r_a.mul_(safe_div(frac_a * total, sa)), r_b.mul_(safe_div(frac_b * total, sb))
 
 
 def mean_lrp0(x: torch.Tensor, relevance: torch.Tensor, dim: int) -> torch.Tensor:
