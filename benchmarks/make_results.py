@@ -226,8 +226,9 @@ def cost(batch: int, repeat: int, batches: tuple[int, ...], memory_batch: int) -
     for name, title in (("vit_base_patch16_224", "ViT-B/16"), ("swin_tiny_patch4_window7_224", "Swin-T")):
         rows = fresh_bench(name, batch, repeat)
         base = rows[0][1]
-        out += [f"{title} (random init, 224×224), batch {batch}, median of {repeat} after one warm-up "
-                "(`benchmarks/bench_methods.py`'s `bench()`, in a fresh process):", "",
+        out += [f"{title} (random init, 224×224), batch {batch}, median of {repeat} interleaved rounds after "
+                "a warm-up round (`benchmarks/bench_methods.py`'s `bench()`, in a fresh process; the last row "
+                "is the median of each round's own ratio):", "",
                 "| step | seconds | × plain fwd+bwd |", "|---|---:|---:|"]
         out += [f"| {label.strip()} | {t:.3f} | {t / base:.2f} |" for label, t in rows]
         out += [""]
@@ -256,7 +257,7 @@ def main() -> None:
         lines, spent[name] = quality(name, args.n_one, args.n_two, args.batch_size)
         body += lines
     if not args.skip_cost:
-        body += cost(batch=8 if not args.quick else 1, repeat=3 if not args.quick else 1,
+        body += cost(batch=8 if not args.quick else 1, repeat=5 if not args.quick else 1,
                      batches=(1, 8, 32) if not args.quick else (1, 2),
                      memory_batch=8 if not args.quick else 1)
     total = time.perf_counter() - start
