@@ -20,8 +20,8 @@ from ..models.adapter import Adapter
 
 def _token_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token mean and (biased) std over channels: what a LayerNorm divides by, less eps."""
-    x = x.float()
-    return x.mean(-1), x.std(-1, unbiased=False)
+    std, mean = torch.std_mean(x.float(), -1, correction=0)
+    return mean, std
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

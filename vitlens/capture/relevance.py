@@ -27,10 +27,12 @@ def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _merge_heads(r_q: torch.Tensor, r_k: torch.Tensor, r_v: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_split_heads` for the three relevances."""
-    r = torch.stack([r_q, r_k, r_v])  # (3, B, H, N, hd)
-    _, b, h, n, hd = r.shape
-    return r.permute(1, 3, 0, 2, 4).reshape(b, n, 3 * h * hd)
+    """Inverse of :func:`_split_heads` for the three relevances (one copy each)."""
+    b, h, n, hd = r_q.shape
+    out = r_q.new_empty(b, n, 3, h, hd)
+    for i, r in enumerate((r_q, r_k, r_v)):
+        out[:, :, i].copy_(r.transpose(1, 2))
+    return out.reshape(b, n, 3 * h * hd)
 
 
 def _linear(linear: nn.Linear, recorded: tuple[torch.Tensor, torch.Tensor], relevance: torch.Tensor) -> torch.Tensor:
@@ -58,7 +60,11 @@ def _attention_branch_relevance(attn: nn.Module, lin: dict, probs: torch.Tensor,
     q, k = getattr(attn, "q_norm", nn.Identity())(q), getattr(attn, "k_norm", nn.Identity())(k)
     qs, kt = q * attn.scale, k.transpose(-2, -1)
     # softmax passes relevance on unchanged; then the Q·Kᵀ bilinear rule
-    r_q, r_kt = matmul_lrp0(qs, kt, r_probs, z=None if bias is None else qs @ kt + bias)
+    z = None
+    if bias is not None:  # logits of each window: (B·nW, heads, N, N) + (nW, heads, N, N)
+        z = qs @ kt
+        z.view(-1, bias.shape[0], *z.shape[1:]).add_(bias)
+    r_q, r_kt = matmul_lrp0(qs, kt, r_probs, z=z)
     r_qkv = _merge_heads(r_q, r_kt.transpose(-2, -1), r_v)
     return _linear(attn.qkv, lin["qkv"], r_qkv), r_probs
 
@@ -129,15 +135,11 @@ def _from_windows(xw: torch.Tensor, window: tuple[int, int], shift: tuple[int, i
     return x
 
 
-def _swin_bias(block: nn.Module, batch: int) -> torch.Tensor:
-    attn = block.attn
-    bias = attn._get_rel_pos_bias()  # (1, heads, N, N)
-    mask = block.attn_mask
-    if mask is None:
-        return bias
-    nw, n, _ = mask.shape
-    full = bias.unsqueeze(1) + mask.view(1, nw, 1, n, n)  # (1, nW, heads, N, N)
-    return full.expand(batch, -1, -1, -1, -1).reshape(batch * nw, attn.num_heads, n, n)
+def _swin_bias(block: nn.Module) -> torch.Tensor:
+    """Position bias + shift mask added to the attention logits: (nW or 1, heads, N, N)."""
+    bias = block.attn._get_rel_pos_bias()[0]  # (heads, N, N)
+    mask = block.attn_mask  # (nW, N, N) or None
+    return bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)
 
 
 def _swin_block(block: nn.Module, rec: Recorder, layer: int, r_out: torch.Tensor, to_input: bool = True):
@@ -149,7 +151,7 @@ def _swin_block(block: nn.Module, rec: Recorder, layer: int, r_out: torch.Tensor
     r_res, r_a = residual_add(x, x2.reshape(b, h, w, c) - x, r_x2)
     r_o = _linear(block.attn.proj, lin["proj"], _to_windows(r_a, window, shift))
     r_hw, r_probs = _attention_branch_relevance(
-        block.attn, lin, rec.attention[layer].detach(), r_o, _swin_bias(block, b), to_input
+        block.attn, lin, rec.attention[layer].detach(), r_o, _swin_bias(block), to_input
     )
     if r_hw is None:
         return None, r_probs
