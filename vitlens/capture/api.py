@@ -119,17 +119,17 @@ class _Buffers:
 
     def put(self, key: str, start: int, value: torch.Tensor | list[torch.Tensor], dtype: torch.dtype | None = None) -> None:
         """Write ``value`` (B, ...) — or per-layer values, stacked on axis 1 — at rows ``start``…"""
-        parts = value if isinstance(value, list) else [value]
-        first = parts[0]
+        stacked = isinstance(value, list)
+        first = value[0] if stacked else value
         if key not in self.data:
-            shape = (self.n, len(parts), *first.shape[1:]) if isinstance(value, list) else (self.n, *first.shape[1:])
+            shape = (self.n, len(value), *first.shape[1:]) if stacked else (self.n, *first.shape[1:])
             kind = dtype or (self.dtype if first.is_floating_point() else first.dtype)
             self.data[key] = torch.empty(shape, dtype=kind)
         rows = self.data[key][start : start + first.shape[0]]
-        if not isinstance(value, list):
+        if not stacked:
             rows.copy_(value.detach())
             return
-        for i, part in enumerate(parts):
+        for i, part in enumerate(value):
             rows[:, i].copy_(part.detach())
 
     def items(self):
