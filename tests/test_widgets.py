@@ -136,10 +136,10 @@ def test_head_toggle_updates_head_dependent_panels(vit_cap):
 def test_none_and_all_buttons_clear_and_restore_heads(vit_cap):
     ex = Explorer(vit_cap)
     before = ex.panel_maps()
-    ex.heads.none_button.click()
+    ex.head_controls.none_button.click()
     assert ex.selected_heads == {0: []}
     assert not ex.panel_maps()["attention"].any() and "No head selected" in ex.captions.value
-    ex.heads.all_button.click()
+    ex.head_controls.all_button.click()
     for name, values in ex.panel_maps().items():
         np.testing.assert_array_equal(values, before[name])
 
@@ -312,7 +312,7 @@ def test_swin_layer_slider_moves_stage_indicator_windows_and_maps(swin_cap, laye
     ex.layer_slider.value = layer
     stage = 0 if layer < 2 else 1
     assert f"stage{stage}" in ex.stage_label.value
-    assert len(ex.heads.box.children) == 1 + (2 if stage == 0 else 4) + 2  # label, heads, all, none
+    assert len(ex.head_controls.box.children) == 1 + (2 if stage == 0 else 4) + 2  # label, heads, all, none
     heads = [0, 1] if stage == 0 else [0, 1, 2, 3]
     maps = ex.panel_maps()
     close(maps["attention"], swin_attention(swin_cap, 0, layer, heads, 3, 13))

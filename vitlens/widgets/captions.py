@@ -86,6 +86,11 @@ def method_caption(layout: CaptureLayout, method: str, layer: int, first: int, c
     return text[0].upper() + text[1:] + "."
 
 
+def method_title(method: str) -> str:
+    """The name a method is listed under in the widgets' menus."""
+    return method
+
+
 def panel_title(kind: str, layer: int, detail: str = "") -> str:
     """Short subplot title, e.g. ``"attention · block 3"``."""
     return f"{kind} · block {layer}" + (f" · {detail}" if detail else "")

@@ -23,6 +23,11 @@ from .layout import CaptureLayout, HeadChoice, Query, heads_option, query_token,
 STATISTICS = ("std", "mean", "var", "norm")
 
 
+def method_names() -> tuple[str, ...]:
+    """The methods the widgets offer: :data:`vitlens.METHODS` (the method registry's order)."""
+    return tuple(METHODS)
+
+
 def normalized(values: np.ndarray) -> np.ndarray:
     """Min-max normalise one map to [0, 1] (a constant map becomes zeros), float32.
 
