@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 from . import datasets, figures, methods, metrics, models, widgets
 from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
+from .figures import plot
 from .errors import (
     CaptureFormatError,
     ExportError,
@@ -58,5 +59,6 @@ __all__ = [
     "metrics",
     "models",
     "open",
+    "plot",
     "save",
 ]
