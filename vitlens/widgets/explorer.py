@@ -357,7 +357,7 @@ class Explorer(widgets.VBox):
             captions.panel_title("attention", layer, "CLS" if self._query is None else f"({self._query[0]}, {self._query[1]})"),
             captions.panel_title(f"{stat} statistic", layer),
             captions.panel_title("lnstat fusion", layer, heads_short if len(key) == 1 else ""),
-            captions.panel_title(method, layer),
+            captions.panel_title(captions.method_title(method), layer),
         ]
         return {"maps": [normalized(m) for m in maps], "captions": text, "titles": titles}
 
