@@ -7,8 +7,17 @@ import xarray as xr
 
 from .maps import token_map
 from .operators import HeadSelection, Step, head_fused, propagate, select_layers, view
+from .registry import register_method
 
 
+@register_method(
+    "attention",
+    title="Attention",
+    caption="raw attention of block {l} alone (mean of the selected heads), read out from {readout}",
+    class_specific=False,
+    per_layer=True,
+    reference="docs/METHODS.md §1",
+)
 def attention(
     cap: xr.DataTree,
     *,

@@ -6,8 +6,17 @@ import xarray as xr
 
 from .maps import finish
 from .operators import HeadSelection, Step, head_fused, select_layers, view
+from .registry import register_method
 
 
+@register_method(
+    "generic_attention",
+    title="Generic Attention",
+    caption="Chefer et al. 2021 (generic): gradient × attention, accumulated over {blocks}, for class {cls}",
+    class_specific=True,
+    per_layer=True,
+    reference="Chefer, Gur & Wolf, ICCV 2021; docs/METHODS.md §5",
+)
 def generic_attention(
     cap: xr.DataTree,
     *,

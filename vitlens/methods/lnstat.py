@@ -17,6 +17,7 @@ import xarray as xr
 from ..errors import OptionError
 from .maps import finish, token_map
 from .operators import CaptureView, HeadSelection, StageView, Step, heads_for, select_layers, view
+from .registry import register_method
 
 STATS = ("std", "mean", "var", "norm")
 STAT_NORMS = ("max", "minmax", "none")
@@ -96,6 +97,14 @@ def _check(stat: str, stat_norm: str, head_fusion: str) -> None:
             raise OptionError(f"lnstat {name}={value!r}; choose from {list(allowed)}.")
 
 
+@register_method(
+    "lnstat",
+    title="LN-statistic",
+    caption="LayerNorm statistic × attention, accumulated like rollout over {blocks}",
+    class_specific=False,
+    per_layer=True,
+    reference="after Nguyen, Lee & Kim, arXiv 2311.11378; docs/METHODS.md §6",
+)
 def lnstat(
     cap: xr.DataTree,
     *,

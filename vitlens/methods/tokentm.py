@@ -21,6 +21,7 @@ import xarray as xr
 from ..errors import OptionError
 from .maps import finish
 from .operators import HeadSelection, StageView, Step, head_fused, select_layers, view
+from .registry import register_method
 
 NECCS = ("range", "softmax", "none")
 INITS = ("norm", "identity")
@@ -58,6 +59,14 @@ def transformation_weights(stage: StageView, layer: int, part: str, necc_kind: s
     return w
 
 
+@register_method(
+    "tokentm",
+    title="TokenTM",
+    caption="TokenTM: attention × token-length and direction changes, accumulated over {blocks}, for class {cls}",
+    class_specific=True,
+    per_layer=True,
+    reference="Wu, Duan, Kang, Tang & Yan, CVPR 2024; docs/METHODS.md §7",
+)
 def tokentm(
     cap: xr.DataTree,
     *,

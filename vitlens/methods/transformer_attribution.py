@@ -6,8 +6,17 @@ import xarray as xr
 
 from .maps import finish
 from .operators import HeadSelection, Step, head_fused, select_layers, view
+from .registry import register_method
 
 
+@register_method(
+    "transformer_attribution",
+    title="Transformer Attr.",
+    caption="Chefer et al. 2021: gradient × LRP relevance of the attention, accumulated over {blocks}, for class {cls}",
+    class_specific=True,
+    per_layer=True,
+    reference="Chefer, Gur & Wolf, CVPR 2021; docs/METHODS.md §4",
+)
 def transformer_attribution(
     cap: xr.DataTree,
     *,

@@ -1,18 +1,12 @@
-"""One-sentence captions that say what each panel shows (written for teaching)."""
+"""One-sentence captions that say what each panel shows (written for teaching).
+
+Method captions come from each method's registration (:data:`vitlens.methods.METHOD_INFO`).
+"""
 
 from __future__ import annotations
 
+from ..methods.registry import METHOD_INFO, method_info
 from .layout import CaptureLayout, HeadChoice, Query
-
-_METHOD_TEXT = {
-    "attention": "raw attention of block {l} alone (mean of the selected heads), read out from {readout}",
-    "rollout": "attention rollout: 0.5·(I + attention) multiplied over {blocks}, read out from {readout}",
-    "gradcam": "Grad-CAM on the attention heads of block {l} (heads weighted by their gradient) for class {cls}",
-    "transformer_attribution": "Chefer et al. 2021: gradient × LRP relevance of the attention, accumulated over {blocks}, for class {cls}",
-    "generic_attention": "Chefer et al. 2021 (generic): gradient × attention, accumulated over {blocks}, for class {cls}",
-    "lnstat": "LayerNorm statistic × attention, accumulated like rollout over {blocks}",
-    "tokentm": "TokenTM: attention × token-length and direction changes, accumulated over {blocks}, for class {cls}",
-}
 
 _STAT_TEXT = {
     "std": "std",
@@ -77,18 +71,25 @@ def fusion_caption(layout: CaptureLayout, layer: int, heads: HeadChoice, stat: s
     )
 
 
-def method_caption(layout: CaptureLayout, method: str, layer: int, first: int, class_name: str, on_features: bool) -> str:
-    if on_features:
-        return f"Grad-CAM on the final feature map for class {class_name!r} (the same at every layer)."
-    if layer < first:
+def method_caption(layout: CaptureLayout, method: str, layer: int, first: int, class_name: str, on_features: bool,
+                   options: dict | None = None) -> str:
+    """The method panel's caption, from the method's registration.
+
+    ``options``: the options the panel passed (picks a variant caption, e.g. gradcam
+    ``on="features"``); default: the method's defaults for this capture.
+    """
+    info = method_info(method)
+    opts = info.defaults_for(layout) if options is None else options
+    if layer < first and info.uses_layers(opts) and not on_features:
         return f"{method} starts at block {first} (its default start_layer): nothing is accumulated at block {layer} yet."
-    text = _METHOD_TEXT[method].format(l=layer, blocks=blocks_text(first, layer), readout=readout_text(layout), cls=repr(class_name))
+    text = info.caption_for(opts).format(l=layer, blocks=blocks_text(first, layer), readout=readout_text(layout),
+                                         cls=repr(class_name))
     return text[0].upper() + text[1:] + "."
 
 
 def method_title(method: str) -> str:
-    """The name a method is listed under in the widgets' menus."""
-    return method
+    """The method's short title (its registration's ``title``)."""
+    return METHOD_INFO[method].title if method in METHOD_INFO else method
 
 
 def panel_title(kind: str, layer: int, detail: str = "") -> str:

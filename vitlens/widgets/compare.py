@@ -167,7 +167,7 @@ class Compare(CaptureView):
             for i, method in enumerate(self.methods):
                 maps, first, error = self._method(src, key, method)
                 self.figure.data[self.heatmap_trace(i)].z = normalized(maps[si, li])
-                self.figure.layout.annotations[i].text = captions.panel_title(method, layer)
+                self.figure.layout.annotations[i].text = captions.panel_title(captions.method_title(method), layer)
                 text = error or captions.method_caption(info, method, layer, first, self.class_names[c],
                                                         not layer_dependent(info, method))
                 lines.append(f"<div><b>{html.escape(captions.method_title(method))}</b>: "

@@ -341,10 +341,10 @@ class Explorer(AttentionView):
             captions.panel_title("attention", layer, "CLS" if query is None else f"({query[0]}, {query[1]})"),
             captions.panel_title(f"{stat} statistic", layer),
             captions.panel_title("lnstat fusion", layer, heads_short if len(key) == 1 else ""),
-            captions.panel_title(method, layer, self._class_detail(classes[0]) if len(classes) > 1 else ""),
+            captions.panel_title(captions.method_title(method), layer, self._class_detail(classes[0]) if len(classes) > 1 else ""),
         ]
         if len(classes) > 1:
-            titles.append(captions.panel_title(method, layer, self._class_detail(classes[1])))
+            titles.append(captions.panel_title(captions.method_title(method), layer, self._class_detail(classes[1])))
         return {"maps": [normalized(m) for m in maps], "captions": text, "titles": titles}
 
     def _class_detail(self, c: int) -> str:
