@@ -30,12 +30,14 @@ from .errors import (
 from .methods import METHODS, explain, normalize, to_pixels
 from .metrics import evaluate
 from .models import load_model
-from .widgets import Compare, Explorer, HeadGrid
+from .widgets import Compare, Explorer, HeadGrid, ModelView, TokenCurves
 
 __all__ = [
     "Compare",
     "Explorer",
     "HeadGrid",
+    "ModelView",
+    "TokenCurves",
     "KEEP_GROUPS",
     "METHODS",
     "CaptureFormatError",

@@ -57,6 +57,18 @@ def link(a: traitlets.HasTraits, b: traitlets.HasTraits, traits: Sequence[str] |
     return [traitlets.link((a, t), (b, t)) for t in names]
 
 
+def export_title(title: str) -> str:
+    """A panel title for a static figure: its details on a second line, so neighbours do not overlap.
+
+    Examples
+    --------
+    >>> export_title("attention · block 3 · CLS")
+    'attention · block 3\nCLS'
+    """
+    parts = str(title).split(" · ")
+    return " · ".join(parts[:2]) + ("\n" + " · ".join(parts[2:]) if len(parts) > 2 else "")
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits, dtype=np.float64)
     p = np.exp(logits - logits.max())
@@ -266,7 +278,7 @@ class CaptureView(widgets.VBox):
             plt.close(fig)
 
     def _overlay_panel(self, z: Any, title: str) -> dict:
-        return {"image": self.image(), "overlay": np.asarray(z, dtype=np.float32), "title": title,
+        return {"image": self.image(), "overlay": np.asarray(z, dtype=np.float32), "title": export_title(title),
                 "cmap": "inferno", "vmin": 0.0, "vmax": 1.0, "alpha": float(self.opacity), "smooth": bool(self.smooth)}
 
 

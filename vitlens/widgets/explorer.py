@@ -349,7 +349,7 @@ class Explorer(AttentionView):
 
     def _class_detail(self, c: int) -> str:
         name = self.class_names[c]
-        return name if len(name) <= 12 else name[:11] + "…"
+        return "class " + (name if len(name) <= 12 else name[:11] + "…")
 
     def _method(self, src, src_key, method, choice, key, shape):
         def compute():
