@@ -649,6 +649,11 @@ def test_exports_carry_model_sample_class_and_probability(vit_cap, vit_model):
         panels = w.export_panels()
         assert len(panels) == w.num_panels and all(q["image"].shape == (32, 32, 3) for q in panels)
         np.testing.assert_array_equal(panels[0]["overlay"], np.asarray(w.heatmaps()[0].z, dtype=np.float32))
+    pred = int(p.argmax())
+    for w in (HeadGrid(vit_cap, sample=1), ModelView(vit_cap, sample=1), TokenCurves(vit_cap, sample=1)):
+        title = suptitle(w.export_figure())
+        assert vit_cap.attrs["model"] in title and "sample 1" in title, type(w).__name__
+        assert f"predicted {str(vit_cap.class_name.values[pred])!r} (p = {p[pred]:.2f})" in title
 
 
 def test_save_writes_png_svg_and_pdf_without_a_browser(vit_cap, tmp_path, monkeypatch):

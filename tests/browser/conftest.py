@@ -225,8 +225,8 @@ def _hermetic(route) -> None:
 def page_factory(browser):
     contexts = []
 
-    def make(allow_offline: str | None = None):
-        context = browser.new_context(viewport={"width": 1280, "height": 1000}, device_scale_factor=1)
+    def make(allow_offline: str | None = None, viewport: dict | None = None):
+        context = browser.new_context(viewport=viewport or {"width": 1280, "height": 1000}, device_scale_factor=1)
         context.route("**/*", _hermetic)
         contexts.append(context)
         page = context.new_page()

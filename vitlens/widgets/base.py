@@ -62,10 +62,10 @@ def export_title(title: str) -> str:
 
     Examples
     --------
-    >>> export_title("attention · block 3 · CLS")
-    'attention · block 3\nCLS'
+    >>> export_title("attention · block 3 · CLS"), export_title("attention<br>block 3 · CLS")
+    ('attention · block 3\nCLS', 'attention · block 3\nCLS')
     """
-    parts = str(title).split(" · ")
+    parts = str(title).replace("<br>", " · ").split(" · ")
     return " · ".join(parts[:2]) + ("\n" + " · ".join(parts[2:]) if len(parts) > 2 else "")
 
 
@@ -245,7 +245,8 @@ class CaptureView(widgets.VBox):
     def context(self) -> str:
         """Model, sample, class and probability of the current view (the export's title)."""
         model = str(self.cap.attrs.get("model", "model"))
-        return f"{model} · sample {self.sample}"
+        c, name, p = top_classes(self.cap, self.sample, 1)[0]
+        return f"{model} · sample {self.sample} · predicted {name!r} (p = {p:.2f})"
 
     def export_panels(self) -> list[dict]:
         """The current view as :func:`vitlens.figures.render_panels` panels."""

@@ -14,7 +14,7 @@ from ..errors import VitlensError
 from . import captions
 from .base import CaptureView, ClassChoice
 from .controls import layer_slider, opacity_slider, probe, sample_dropdown
-from .figure import as_widget, overlay_figure
+from .figure import as_widget, live_title, overlay_figure
 from .panels import PanelMaps, layer_dependent, method_maps, method_names, normalized
 
 
@@ -167,7 +167,7 @@ class Compare(CaptureView):
             for i, method in enumerate(self.methods):
                 maps, first, error = self._method(src, key, method)
                 self.figure.data[self.heatmap_trace(i)].z = normalized(maps[si, li])
-                self.figure.layout.annotations[i].text = captions.panel_title(captions.method_title(method), layer)
+                self.figure.layout.annotations[i].text = live_title(captions.panel_title(captions.method_title(method), layer))
                 text = error or captions.method_caption(info, method, layer, first, self.class_names[c],
                                                         not layer_dependent(info, method))
                 lines.append(f"<div><b>{html.escape(captions.method_title(method))}</b>: "

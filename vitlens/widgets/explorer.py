@@ -17,7 +17,7 @@ from ..errors import OptionError, VitlensError
 from . import captions
 from .base import AttentionView, ClassChoice
 from .controls import HeadToggles, layer_slider, opacity_slider, probe, sample_dropdown, top_classes
-from .figure import as_widget, overlay_figure
+from .figure import as_widget, live_title, overlay_figure
 from .layout import Query, initial_query, parse_heads, patch_outline, window_edges, window_ids
 from .panels import (
     STATISTICS,
@@ -379,7 +379,7 @@ class Explorer(AttentionView):
             fig.data[self._grid_trace].update(x=gx, y=gy)
             fig.data[self._marker_trace].update(x=mx, y=my)
             for ann, text in zip(fig.layout.annotations, view["titles"], strict=True):
-                ann.text = text
+                ann.text = live_title(text)
         self.stage_label.value = captions.stage_text(info, layer) if len(info.stages) > 1 or info.windowed else ""
         self.captions.value = "".join(
             f"<div><b>{i + 1}.</b> {html.escape(t, quote=False)}</div>" for i, t in enumerate(view["captions"])

@@ -99,18 +99,31 @@ def overlay_figure(
         suffix = "" if i == 0 else str(i + 1)
         axes[f"xaxis{suffix}"] = dict(range=[-0.5, w - 0.5], visible=False, constrain="domain")
         axes[f"yaxis{suffix}"] = dict(range=[h - 0.5, -0.5], visible=False, scaleanchor=f"x{suffix}",
-                                      constrain="domain")
+                                      constrain="domain", constraintoward="top")  # panels right under their titles
     fig.update_layout(
-        width=width, height=height, autosize=width is None, margin=dict(l=4, r=4, t=40, b=4, autoexpand=True),
+        width=width, height=height, autosize=width is None, margin=dict(l=4, r=4, t=46, b=4, autoexpand=True),
         coloraxis=dict(colorscale=COLORSCALE, cmin=0, cmax=1, showscale=colorbar,
                        colorbar=dict(title=dict(text="scaled 0–1", side="right"), thickness=10, len=0.9,
                                      xpad=6, tickvals=[0, 0.5, 1], tickfont=dict(size=10))),
         showlegend=False, dragmode=False, hovermode="closest", font=dict(size=11),
         paper_bgcolor="white", plot_bgcolor="white", **axes,
     )
-    for ann in fig.layout.annotations:
-        ann.font = dict(size=12)
+    for i, ann in enumerate(fig.layout.annotations):  # titles start at their panel's left edge: never clipped
+        axis = fig.layout[f"xaxis{'' if i == 0 else i + 1}"]
+        ann.update(x=axis.domain[0], xanchor="left", align="left", font=dict(size=11), text=live_title(ann.text))
     return fig
+
+
+def live_title(title: str) -> str:
+    """A panel title for the live figure: its name on one line, block and details on a second.
+
+    Examples
+    --------
+    >>> live_title("attention · block 3 · CLS")
+    'attention<br>block 3 · CLS'
+    """
+    name, _, rest = str(title).partition(" · ")
+    return name + ("<br>" + rest if rest else "")
 
 
 def heatmap_trace(panel: int, show_image: bool = True) -> int:
@@ -140,19 +153,24 @@ PLOTLY_CONFIG = {"displayModeBar": False, "responsive": True, "scrollZoom": Fals
 
 
 # plotly's FigureWidget is an anywidget whose module (~5 MB of JavaScript, all of
-# plotly.js) is sent with, and compiled for, every figure. anywidget then gives each
+# plotly.js) is sent with, and compiled for, every figure; anywidget then gives each
 # model 2 s to initialise before it reports "Failed to initialize model" as a page
-# error; on a busy machine one compile alone takes longer. This module wraps
-# plotly's: the bundle is compiled once per page (cached on ``globalThis`` under its
-# hash) and each model initialises at once, plotly's own ``initialize``/``render``
-# running as soon as the bundle is there (a view aborted meanwhile is skipped).
-# Python → page updates only start with user actions, after the first render, so
-# none is sent before plotly listens.
+# error. With half a dozen figures on a page (Explorer, HeadGrid, ModelView, ...)
+# on a busy machine, parsing that much state alone takes longer. So vitlens wraps
+# plotly's module (plotly_widget.js, package data): only the first figure of a
+# kernel carries the bundle, every other figure's module is a few kilobytes, and the
+# page compiles the bundle once (a promise on ``globalThis`` keyed by its hash). A
+# page without the carrier (reloaded, say) asks the kernel for the bundle once, by a
+# custom message answered with a binary buffer. Each model initialises at once;
+# plotly's own ``initialize``/``render`` run as soon as the bundle is there (a view
+# aborted meanwhile is skipped). Python → page updates only start with user actions,
+# after the first render, so none is sent before plotly listens.
 _SHARED_BUNDLE = "plotly_widget.js"  # beside this module; package data (pyproject.toml)
+_CARRIED = {"done": False}  # whether this kernel has sent the bundle with a figure
 
 
 class _CompleteOnOpen:
-    """Open the widget's comm only once the figure is in its state.
+    """Open the widget's comm only once the figure is in its state (and the bundle arranged).
 
     FigureWidget opens its comm (the page's model is born from that message)
     before it assigns ``_widget_data`` and ``_widget_layout``, which then follow
@@ -162,11 +180,17 @@ class _CompleteOnOpen:
     """
 
     _state_complete = False
+    _bundle_source = ""
+    _carrier_esm = ""
 
     def __init__(self, *args, config: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if config is not None:
             self._config = dict(config)  # part of the state the comm opens with
+        if not _CARRIED["done"]:
+            self._esm = self._carrier_esm  # the first figure of this kernel brings the bundle
+            _CARRIED["done"] = True
+        self.on_msg(self._bundle_requested)
         self._state_complete = True
         self.open()
 
@@ -174,18 +198,26 @@ class _CompleteOnOpen:
         if self._state_complete:
             super().open()
 
+    def _bundle_requested(self, widget, content, buffers) -> None:
+        if isinstance(content, dict) and content.get("vitlens") == "bundle":
+            self.send({"vitlens": "bundle"}, buffers=[self._bundle_source.encode("utf-8")])
+
 
 @functools.cache
 def _widget_class() -> type[go.FigureWidget]:
-    """A FigureWidget whose plotly bundle loads once per page (plain FigureWidget if that cannot be done)."""
+    """A FigureWidget whose plotly bundle reaches the page once (plain FigureWidget if that cannot be done)."""
     source = getattr(go.FigureWidget, "_esm", None)
     source = str(source) if source is not None else ""
     if "export" not in source:  # not an anywidget module we know how to wrap
         return go.FigureWidget
     key = hashlib.sha1(source.encode()).hexdigest()[:16]
-    template = (Path(__file__).with_name(_SHARED_BUNDLE)).read_text(encoding="utf-8")
-    esm = template.replace("__KEY__", key).replace("__SOURCE__", json.dumps(source))
-    return type("PlotlyWidget", (_CompleteOnOpen, go.FigureWidget), {"_esm": esm, "__module__": __name__})
+    template = (Path(__file__).with_name(_SHARED_BUNDLE)).read_text(encoding="utf-8").replace("__KEY__", key)
+    return type("PlotlyWidget", (_CompleteOnOpen, go.FigureWidget), {
+        "_esm": template.replace("__SOURCE__", "null"),
+        "_carrier_esm": template.replace("__SOURCE__", json.dumps(source)),
+        "_bundle_source": source,
+        "__module__": __name__,
+    })
 
 
 def as_widget(fig: go.Figure) -> go.FigureWidget:

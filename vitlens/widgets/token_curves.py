@@ -24,6 +24,8 @@ from .panels import CURVES, token_curves
 
 TOKEN_COLOUR = "#d62728"
 PATCH_COLOUR = "#7f7f7f"
+#: Plot titles in the live widget (narrow outputs); exports use the full labels.
+SHORT = {"token norm ‖x‖": "token norm ‖x‖", "LayerNorm std (norm1)": "LN std", "LayerNorm mean (norm1)": "LN mean"}
 
 
 class TokenCurves(CaptureView):
@@ -92,7 +94,8 @@ class TokenCurves(CaptureView):
         if explorer is not None:
             self._links = link(explorer, self, ["sample", "layer", "query"])
         labels = [label for _, _, label in CURVES]
-        fig = make_subplots(rows=1, cols=len(labels), subplot_titles=labels, horizontal_spacing=0.08)
+        fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[SHORT[label] for label in labels],
+                            horizontal_spacing=0.08)
         for i in range(len(labels)):
             fig.add_scatter(x=[], y=[], mode="lines+markers", line=dict(color=TOKEN_COLOUR, width=2),
                             marker=dict(size=5), name="token", row=1, col=i + 1,
@@ -105,8 +108,9 @@ class TokenCurves(CaptureView):
         fig.update_layout(height=height, autosize=True, margin=dict(l=40, r=10, t=40, b=30), showlegend=False,
                           dragmode=False, hovermode="closest", paper_bgcolor="white", font=dict(size=11))
         fig.update_xaxes(title_text="block", dtick=1 if len(self.layout_info.layers) <= 12 else None)
-        for ann in fig.layout.annotations:
-            ann.font = dict(size=12)
+        for i, ann in enumerate(fig.layout.annotations):  # left-aligned over each plot: never clipped
+            axis = fig.layout[f"xaxis{'' if i == 0 else i + 1}"]
+            ann.update(x=axis.domain[0], xanchor="left", font=dict(size=11))
         self.figure = fig
         self._ready = True
         self.refresh()
