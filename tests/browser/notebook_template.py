@@ -75,7 +75,7 @@ import vitlens as vl
 model = vl.load_model("vit-shapes")
 ds = vl.datasets.shapes(4, seed=11, objects=(1, 2))
 cap = vl.capture(model, ds.image)
-vl.Explorer(cap, model, layer=3, stat="norm")
+vl.Explorer(cap, model)
 """
 
 
