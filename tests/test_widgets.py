@@ -570,6 +570,9 @@ def test_token_curves_follow_the_explorers_query(vit_cap):
     assert list(tc.figure.data[2].x) == [1, 1]  # the layer marker
     click(tc.figure, 0, 0, 0.0)
     assert ex.layer == 0
+    tc.unlink()
+    ex.layer = 2
+    assert tc.layer == 0
 
 
 def test_token_curves_for_swin_and_without_norms(swin_cap, vit_model):

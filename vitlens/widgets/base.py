@@ -58,7 +58,7 @@ def link(a: traitlets.HasTraits, b: traitlets.HasTraits, traits: Sequence[str] |
 
 
 def export_title(title: str) -> str:
-    """A panel title for a static figure: its details on a second line, so neighbours do not overlap.
+    r"""A panel title for a static figure: its details on a second line, so neighbours do not overlap.
 
     Examples
     --------
@@ -176,6 +176,17 @@ class CaptureView(widgets.VBox):
         if not 0.0 <= value <= 1.0:
             raise OptionError(f"opacity={value}: choose a value in [0, 1].")
         return value
+
+    def link(self, other: traitlets.HasTraits, traits: Sequence[str] | None = None) -> list[traitlets.link]:
+        """Follow ``other`` (same capture): :func:`link` on the shared traits; this widget takes its values."""
+        self._links = link(other, self, traits)
+        return self._links
+
+    def unlink(self) -> None:
+        """Undo :meth:`link` (the widget keeps its current view)."""
+        for l in getattr(self, "_links", []):
+            l.unlink()
+        self._links = []
 
     # -- trace indexing -------------------------------------------------------------------
     def heatmap_trace(self, panel: int) -> int:
@@ -312,13 +323,3 @@ class AttentionView(CaptureView):
         """Selected heads per stage index."""
         return {s: sorted(h) for s, h in self.heads.items()}
 
-    def link(self, other: traitlets.HasTraits, traits: Sequence[str] | None = None) -> list[traitlets.link]:
-        """Follow ``other`` (same capture): :func:`link` on the shared traits; this widget takes its values."""
-        self._links = link(other, self, traits)
-        return self._links
-
-    def unlink(self) -> None:
-        """Undo :meth:`link` (the widget keeps its current view)."""
-        for l in getattr(self, "_links", []):
-            l.unlink()
-        self._links = []

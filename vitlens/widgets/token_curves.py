@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 
 from ..errors import VitlensError
 from . import captions
-from .base import CaptureView, link
+from .base import CaptureView
 from .controls import probe, sample_dropdown
 from .figure import as_widget
 from .layout import Query, checked_query, initial_query
@@ -92,7 +92,7 @@ class TokenCurves(CaptureView):
         self.probe = probe("vitlens-probe")
         exporter = self._export_controls(export_dir)
         if explorer is not None:
-            self._links = link(explorer, self, ["sample", "layer", "query"])
+            self.link(explorer, ["sample", "layer", "query"])
         labels = [label for _, _, label in CURVES]
         fig = make_subplots(rows=1, cols=len(labels), subplot_titles=[SHORT[label] for label in labels],
                             horizontal_spacing=0.08)
