@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 
 import numpy as np
@@ -112,6 +113,9 @@ def test_export_is_deterministic_and_needs_no_browser(cap, tmp_path, fmt, monkey
     magic = {"png": b"\x89PNG", "svg": b"<svg", "pdf": b"%PDF"}[fmt]
     assert magic in data[:400]
     assert not list(tmp_path.glob(".*part"))  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like any file the user writes
 
 
 def test_save_to_a_missing_folder_raises_export_error_naming_it(cap, tmp_path):

@@ -535,10 +535,21 @@ def save(fig: Any, path: str | os.PathLike, *, dpi: int = 150) -> Path:
     return _atomic_write(path, write)
 
 
+def _file_mode(path: Path) -> int:
+    """The replaced file's permissions, or what a plain ``open(path, "w")`` would give."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, write: Any) -> Path:
     """Write through ``write(handle)`` into a temporary sibling, then rename it onto ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; a figure gets the usual permissions
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
