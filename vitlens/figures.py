@@ -272,6 +272,10 @@ def render_panels(
         bar.ax.tick_params(labelsize=8)
     if suptitle:
         fig.suptitle(str(suptitle), fontsize=10)
+    # lay out once and keep it: constrained layout moves things a little on every
+    # draw, so without this a figure saved twice would not give the same bytes
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
     return fig
 
 
