@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 
 import numpy as np
@@ -109,9 +110,17 @@ def test_export_is_deterministic_and_needs_no_browser(cap, tmp_path, fmt, monkey
         digests.append(hashlib.sha256(data).hexdigest())
     assert time.perf_counter() - start < 60  # no hang (a browser wait would take minutes)
     assert digests[0] == digests[1]
+    fig = figures.grid(cap, methods=["lnstat", "rollout"])
+    for other in ("png", "svg", "pdf"):  # drawing a figure again leaves it as it was
+        figures.save(fig, tmp_path / f"other.{other}", dpi=100)
+    figures.save(fig, tmp_path / f"again.{fmt}", dpi=100)
+    assert hashlib.sha256((tmp_path / f"again.{fmt}").read_bytes()).hexdigest() == digests[0]
     magic = {"png": b"\x89PNG", "svg": b"<svg", "pdf": b"%PDF"}[fmt]
     assert magic in data[:400]
     assert not list(tmp_path.glob(".*part"))  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like any file the user writes
 
 
 def test_save_to_a_missing_folder_raises_export_error_naming_it(cap, tmp_path):

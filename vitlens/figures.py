@@ -272,6 +272,10 @@ def render_panels(
         bar.ax.tick_params(labelsize=8)
     if suptitle:
         fig.suptitle(str(suptitle), fontsize=10)
+    # lay out once and keep it: constrained layout moves things a little on every
+    # draw, so without this a figure saved twice would not give the same bytes
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
     return fig
 
 
@@ -535,10 +539,21 @@ def save(fig: Any, path: str | os.PathLike, *, dpi: int = 150) -> Path:
     return _atomic_write(path, write)
 
 
+def _file_mode(path: Path) -> int:
+    """The replaced file's permissions, or what a plain ``open(path, "w")`` would give."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, write: Any) -> Path:
     """Write through ``write(handle)`` into a temporary sibling, then rename it onto ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; a figure gets the usual permissions
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
