@@ -5,7 +5,8 @@ from __future__ import annotations
 import xarray as xr
 
 from .maps import finish
-from .operators import HeadSelection, Step, head_fused, select_layers, view
+from .operators import (HeadSelection, Step, head_fused, identity_baseline, resolve_identity_path,
+                        select_layers, view)
 from .registry import register_method
 
 
@@ -26,6 +27,7 @@ def generic_attention(
     per_layer: bool = False,
     merge: str = "uniform",
     by_stage: bool = False,
+    identity_path: str | None = None,
 ) -> xr.DataArray | xr.Dataset:
     """``R ← I``; per block ``R ← R + Ā·R`` with ``Ā = E_h[(∂y_c/∂A ⊙ A)⁺]`` (METHODS.md §5).
 
@@ -47,6 +49,7 @@ def generic_attention(
         l: Step(l, head_fused(cv.stage_of(l), l, heads, "attention_grad", "attention", clamp=True))
         for l in chosen
     }
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer}
+    identity_path = resolve_identity_path(cv, "generic_attention", identity_path)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "identity_path": identity_path}
     return finish(cv, steps, chosen, "generic_attention", options, per_layer=per_layer, merge=merge,
-                  by_stage=by_stage)
+                  by_stage=by_stage, baseline=identity_baseline(steps, identity_path))
