@@ -320,14 +320,14 @@ def dense_global(stage: StageView, layer: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def dense_operator(stage: StageView, step: Step) -> torch.Tensor:
-    """The block operator ``O`` as a dense (B, N, N) matrix."""
-    g = dense_global(stage, step.layer, step.x)
+    """The block operator ``O`` as a dense (B, N, N) matrix, in float64 (:data:`ACCUMULATE`)."""
+    g = dense_global(stage, step.layer, step.x.to(ACCUMULATE))
     n = g.shape[-1]
     if step.post is not None:
-        g = g * step.post[:, None, :]
-    o = step.alpha * torch.eye(n).expand_as(g) + step.beta * g
+        g = g * step.post.to(g.dtype)[:, None, :]
+    o = step.alpha * torch.eye(n, dtype=g.dtype).expand_as(g) + step.beta * g
     if step.pre is not None:
-        o = step.pre[:, :, None] * o
+        o = step.pre.to(g.dtype)[:, :, None] * o
     return o
 
 

@@ -16,6 +16,7 @@ from .registry import register_method
     caption="Chefer et al. 2021: gradient × LRP relevance of the attention, accumulated over {blocks}, for class {cls}",
     class_specific=True,
     per_layer=True,
+    defaults={"avg": {"identity_path": "drop"}},
     reference="Chefer, Gur & Wolf, CVPR 2021; docs/METHODS.md §4",
 )
 def transformer_attribution(
