@@ -1,4 +1,4 @@
-"""Explanation methods against their definitions (METHODS.md)."""
+"""Explanation methods against their definitions (docs/METHODS.md)."""
 
 from __future__ import annotations
 

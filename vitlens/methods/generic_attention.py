@@ -30,7 +30,7 @@ def generic_attention(
     by_stage: bool = False,
     identity_path: str | None = None,
 ) -> xr.DataArray | xr.Dataset:
-    """``R ← I``; per block ``R ← R + Ā·R`` with ``Ā = E_h[(∂y_c/∂A ⊙ A)⁺]`` (METHODS.md §5).
+    """``R ← I``; per block ``R ← R + Ā·R`` with ``Ā = E_h[(∂y_c/∂A ⊙ A)⁺]`` (docs/METHODS.md §5).
 
     Class-specific through the gradient of the explained logit; no LRP.
     Options as for :func:`vitlens.methods.rollout` (including ``merge``,

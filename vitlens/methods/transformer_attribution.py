@@ -30,7 +30,7 @@ def transformer_attribution(
     by_stage: bool = False,
     identity_path: str | None = None,
 ) -> xr.DataArray | xr.Dataset:
-    """``C = (I + Ē_L)···(I + Ē_s)``, ``Ē_l = E_h[(∂y_c/∂A ⊙ R_A)⁺]`` (METHODS.md §4).
+    """``C = (I + Ē_L)···(I + Ē_s)``, ``Ē_l = E_h[(∂y_c/∂A ⊙ R_A)⁺]`` (docs/METHODS.md §4).
 
     ``R_A`` is the LRP relevance at each block's attention probabilities,
     computed at capture time (``attention_relevance``) with the paper's rules
