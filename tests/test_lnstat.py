@@ -186,3 +186,22 @@ def test_explorer_fusion_toggle_switches_to_the_gradient_weighted_reading():
     m = vl.explain(recap, "lnstat", grad=True, layers=range(3)).isel(sample=0).values
     np.testing.assert_allclose(ex.panel_maps()["fusion"], (m - m.min()) / (m.max() - m.min()), atol=2e-5)
     assert not np.allclose(before, ex.panel_maps()["fusion"], atol=1e-3)
+
+
+def test_results_section_is_spliced_without_touching_the_rest(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import make_results
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# head\n\n## Explanation quality\n\ntables\n\n## Cost\n\ncost rows\n", encoding="utf-8")
+    first = [make_results.CLAIM_START, "## claim", "one", make_results.CLAIM_END]
+    make_results.splice_claim(path, first)
+    text = path.read_text(encoding="utf-8")
+    assert text.index("tables") < text.index("## claim") < text.index("## Cost") and "cost rows" in text
+    make_results.splice_claim(path, [make_results.CLAIM_START, "## claim", "two", make_results.CLAIM_END])
+    again = path.read_text(encoding="utf-8")
+    assert "two" in again and "\none\n" not in again and again.count("## claim") == 1
+    assert again.replace("two", "one") == text
