@@ -25,7 +25,7 @@ def attention(
     heads: HeadSelection = None,
     per_layer: bool = False,
 ) -> xr.DataArray:
-    """Mean attention of the selected heads of one block, read out (METHODS.md §1).
+    """Mean attention of the selected heads of one block, read out (docs/METHODS.md §1).
 
     ViT: the CLS row (mean of patch rows for avg-pooled models) of
     ``E_h[A[l]]`` over the patch columns. Swin: the average-pool row through

@@ -31,7 +31,7 @@ def gradcam(
     layers: int | None = None,
     heads: HeadSelection = None,
 ) -> xr.DataArray:
-    """Grad-CAM (METHODS.md §3).
+    """Grad-CAM (docs/METHODS.md §3).
 
     ``on=None`` picks the registry's default for the capture's read-out:
     ``"attention"`` under a CLS read-out, ``"features"`` under an average one

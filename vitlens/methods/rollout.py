@@ -27,7 +27,7 @@ def rollout(
     merge: str = "uniform",
     by_stage: bool = False,
 ) -> xr.DataArray | xr.Dataset:
-    """``R = Â_L···Â_s`` with ``Â_l = 0.5·(I + E_h[A[l]])``, read out (METHODS.md §2).
+    """``R = Â_L···Â_s`` with ``Â_l = 0.5·(I + E_h[A[l]])``, read out (docs/METHODS.md §2).
 
     Parameters
     ----------

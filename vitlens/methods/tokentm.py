@@ -6,7 +6,7 @@ exponential cosine correlation), before vs after a transformation; these weights
 are combined with attention; the contribution map starts as a diagonal of input
 token lengths and is updated layer by layer; the final map is the CLS row.
 The exact rule below (which tokens count as "before/after", the NECC form, how
-weights enter the operator) is vitlens' documented choice (METHODS.md §7); each
+weights enter the operator) is vitlens' documented choice (docs/METHODS.md §7); each
 part is a switchable option recorded in the result's attrs.
 """
 
@@ -83,7 +83,7 @@ def tokentm(
     init: str = "norm",
     identity_path: str = "drop",
 ) -> xr.DataArray | xr.Dataset:
-    """Token-transformation-weighted attention propagation (METHODS.md §7).
+    """Token-transformation-weighted attention propagation (docs/METHODS.md §7).
 
     ``C_0 = diag(‖e⁰_j‖)``; per block ``U_l = I + Ā·diag(w)`` (MSA) and
     ``V_l = I + diag(w^F)`` (FFN); ``C_l = V_l·U_l·C_{l−1}``; read out ``C_L``.

@@ -63,8 +63,16 @@ def statistic_caption(layout: CaptureLayout, layer: int, stat: str) -> str:
     return f"{_STAT_TEXT.get(stat, stat)} of each token entering block {layer}'s first LayerNorm (scaled to [0, 1])."
 
 
-def fusion_caption(layout: CaptureLayout, layer: int, heads: HeadChoice, stat: str) -> str:
+def fusion_caption(layout: CaptureLayout, layer: int, heads: HeadChoice, stat: str, grad: bool = False,
+                   class_name: str | None = None) -> str:
     first = layout.layers[0]
+    if grad:
+        cls = f" for class {class_name!r}" if class_name is not None else ""
+        return (
+            f"Attention fusion (lnstat, gradient-weighted): gradient × attention, each token's column scaled by its "
+            f"{_STAT_TEXT.get(stat, stat)}, accumulated with Chefer's rule over {blocks_text(first, layer)} with "
+            f"{heads_text(layout, heads, layer)}, read out from {readout_text(layout)}{cls}."
+        )
     return (
         f"Attention fusion (lnstat): attention × the token {_STAT_TEXT.get(stat, stat)}, accumulated like rollout over "
         f"{blocks_text(first, layer)} with {heads_text(layout, heads, layer)}, read out from {readout_text(layout)}."

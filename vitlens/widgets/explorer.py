@@ -49,7 +49,8 @@ class Explorer(AttentionView):
     2. **statistic**: the LayerNorm-input statistic (mean, std, var, norm) of
        each token at the layer.
     3. **fusion**: ``lnstat`` (statistic × attention) accumulated up to the
-       layer with the selected heads.
+       layer with the selected heads; the "gradient-weighted" toggle switches to
+       its gradient-weighted reading (``grad=True``, class-specific).
     4. **method**: any method of :data:`vitlens.METHODS`, accumulated up to the
        layer where the method allows it.
     5. with ``compare_class=True``: the same method for a second class ("vs"),
@@ -86,6 +87,9 @@ class Explorer(AttentionView):
         on the first-stage grid.
     stat
         LayerNorm statistic: ``"std"``, ``"mean"``, ``"var"`` or ``"norm"``.
+    fusion_grad
+        Start the fusion panel in lnstat's gradient-weighted reading (default
+        False: the gradient-free, class-agnostic fusion).
     method
         Method of the fourth panel, one of :data:`vitlens.METHODS`.
     opacity
@@ -126,6 +130,7 @@ class Explorer(AttentionView):
         heads: None | Iterable[int] | Mapping[int, Iterable[int]] = None,
         query: Query | str = "default",
         stat: str = "std",
+        fusion_grad: bool = False,
         method: str = DEFAULT_METHOD,
         opacity: float = 0.6,
         smooth: bool = False,
@@ -180,6 +185,11 @@ class Explorer(AttentionView):
         self.stat_select = widgets.Dropdown(options=list(STATISTICS), value=stat, description="Statistic",
                                             layout=widgets.Layout(width="180px"))
         self.stat_select.add_class("vitlens-stat")
+        self.fusion_grad = widgets.ToggleButton(  # off: panels 1-3 stay class-agnostic
+            value=bool(fusion_grad), description="gradient-weighted", layout=widgets.Layout(width="auto"),
+            tooltip="fusion panel: lnstat's gradient-weighted reading (class-specific) instead of the gradient-free one")
+        self.fusion_grad.add_class("vitlens-fusion-grad")
+        self.fusion_grad.observe(self._changed, "value")
         self.method_select = widgets.Dropdown(options=[(captions.method_title(m), m) for m in method_names()],
                                               value=method, description="Method", layout=widgets.Layout(width="300px"))
         self.method_select.add_class("vitlens-method")
@@ -232,7 +242,8 @@ class Explorer(AttentionView):
             row([self.layer_slider, self.stage_label], layout=wrap),
             row(classes, layout=wrap),
             row([self.head_controls.box, self.query_button], layout=wrap),
-            row([self.stat_select, self.method_select, self.opacity_slider, self.smooth_toggle], layout=wrap),
+            row([self.stat_select, self.fusion_grad, self.method_select, self.opacity_slider, self.smooth_toggle],
+                layout=wrap),
             self.figure,
             self.captions,
             exporter.box,
@@ -309,8 +320,17 @@ class Explorer(AttentionView):
 
         attention = query_attention(self.cap, info, sample, layer, sorted(choice[stage.index]), self.query)
         stats = self._cache.get(("statistic", stat), lambda: statistic_array(self.cap, stat))
+        grad = bool(self.fusion_grad.value)
+        if grad:  # the gradient-weighted fusion explains a class: it reads the capture of the chosen class
+            try:
+                fcap, fi, fkey = self.classes.source(sample, self.target)
+            except VitlensError:
+                fcap, fi, fkey = self.cap, sample, "capture"
+        else:
+            fcap, fi, fkey = self.cap, sample, "capture"
         fusion, messages["fusion"] = self._cache.get(
-            ("fusion", key, stat), lambda: safe(lambda: fusion_maps(self.cap, info, choice, stat), shape))
+            ("fusion", key, stat, grad, fkey),
+            lambda: safe(lambda: fusion_maps(fcap, info, choice, stat, grad), (int(fcap["sample"].size), *shape[1:])))
         classes = [self.target] + ([self.contrast_target] if self.contrast_select is not None else [])
         method_maps_, method_text = [], []
         on_features = not layer_dependent(info, method)
@@ -326,11 +346,11 @@ class Explorer(AttentionView):
             method_maps_.append(per_layer[si, li])
             method_text.append(message or captions.method_caption(info, method, layer, first, self.class_names[c],
                                                                   on_features))
-        maps = [attention, stats[sample, li], fusion[sample, li], *method_maps_]
+        maps = [attention, stats[sample, li], fusion[fi, li], *method_maps_]
         text = [
             captions.attention_caption(info, layer, choice, self.query),
             captions.statistic_caption(info, layer, stat),
-            messages["fusion"] or captions.fusion_caption(info, layer, choice, stat),
+            messages["fusion"] or captions.fusion_caption(info, layer, choice, stat, grad, self.class_names[self.target]),
             *method_text,
         ]
         if not choice[stage.index]:
@@ -340,7 +360,8 @@ class Explorer(AttentionView):
         titles = [
             captions.panel_title("attention", layer, "CLS" if query is None else f"({query[0]}, {query[1]})"),
             captions.panel_title(f"{stat} statistic", layer),
-            captions.panel_title("lnstat fusion", layer, heads_short if len(key) == 1 else ""),
+            captions.panel_title("lnstat fusion" + (" (grad)" if grad else ""), layer,
+                                 heads_short if len(key) == 1 else ""),
             captions.panel_title(captions.method_title(method), layer, self._class_detail(classes[0]) if len(classes) > 1 else ""),
         ]
         if len(classes) > 1:

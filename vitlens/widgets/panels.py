@@ -113,16 +113,18 @@ def _per_layer_array(maps: xr.DataArray, layers: Sequence[int]) -> np.ndarray:
     return out
 
 
-def fusion_maps(cap: xr.DataTree, layout: CaptureLayout, heads: HeadChoice, stat: str) -> np.ndarray:
+def fusion_maps(cap: xr.DataTree, layout: CaptureLayout, heads: HeadChoice, stat: str, grad: bool = False) -> np.ndarray:
     """``lnstat`` accumulated up to each layer: ``(sample, layer, gh, gw)`` over all layers.
 
-    ``vl.explain(cap, "lnstat", heads=..., stat=stat, per_layer=True)``; layers after
-    a stage with no selected head are zeros.
+    ``vl.explain(cap, "lnstat", heads=..., stat=stat, grad=grad, per_layer=True)``;
+    ``grad=True`` is the gradient-weighted reading (class-specific). Layers after a
+    stage with no selected head are zeros.
     """
     layers = usable_layers(layout, heads)
     if not layers:
         return np.zeros((cap["sample"].size, len(layout.layers), *layout.grid), dtype=np.float32)
-    maps = explain(cap, "lnstat", heads=heads_option(layout, heads), stat=stat, per_layer=True, layers=layers)
+    maps = explain(cap, "lnstat", heads=heads_option(layout, heads), stat=stat, grad=grad, per_layer=True,
+                   layers=layers)
     return _per_layer_array(maps, layout.layers)
 
 
