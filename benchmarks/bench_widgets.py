@@ -116,10 +116,10 @@ def bench_explorer(cap, model, repeat: int, with_class: bool) -> dict[str, list[
 
 def print_table(title: str, rows: dict[str, list[float]]) -> None:
     print(f"\n{title}")
-    print(f"{'control':38s} {'n':>4s} {'p50 ms':>9s} {'p95 ms':>9s} {'max ms':>9s}")
+    print(f"{'control':50s} {'n':>4s} {'p50 ms':>9s} {'p95 ms':>9s} {'max ms':>9s}")
     for name, values in rows.items():
         ms = [1000 * v for v in values]
-        print(f"{name:38s} {len(ms):4d} {statistics.median(ms):9.1f} {percentile(ms, 95):9.1f} {max(ms):9.1f}")
+        print(f"{name:50s} {len(ms):4d} {statistics.median(ms):9.1f} {percentile(ms, 95):9.1f} {max(ms):9.1f}")
 
 
 def main() -> None:
