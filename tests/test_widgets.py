@@ -709,3 +709,24 @@ def test_save_as_box_writes_into_the_export_directory_and_never_overwrites_silen
     with pytest.raises(ExportError, match="link"):
         export_target("link.png", folder, overwrite=True)
     assert not (tmp_path / "outside.png").exists()
+
+
+def test_only_the_first_figure_of_a_kernel_carries_the_plotly_bundle(vit_cap, monkeypatch):
+    from vitlens.widgets import figure as figure_module
+
+    monkeypatch.setitem(figure_module._CARRIED, "done", False)
+    first, second = Explorer(vit_cap).figure, HeadGrid(vit_cap).figure
+    assert len(first._esm) > 1_000_000 and len(second._esm) < 10_000  # the others: a few KB, not 5 MB each
+    assert "const SOURCE = null;" in second._esm and "const SOURCE = null;" not in first._esm
+    sent = []
+    monkeypatch.setattr(second, "send", lambda content, buffers=None: sent.append((content, buffers)))
+    second._handle_custom_msg({"vitlens": "bundle"}, [])  # a page without the carrier asks once
+    assert sent and sent[0][0] == {"vitlens": "bundle"}
+    assert sent[0][1][0].decode("utf-8") == figure_module._widget_class()._bundle_source
+
+
+def test_link_names_traits_it_cannot_link(vit_cap):
+    with pytest.raises(OptionError, match="not a trait of both"):
+        vl.widgets.link(Explorer(vit_cap), TokenCurves(vit_cap), ["heads"])
+    grid = HeadGrid(vit_cap, explorer=Explorer(vit_cap))
+    assert len(grid._links) == 4 and all(isinstance(l, traitlets.link) for l in grid._links)
