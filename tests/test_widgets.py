@@ -730,3 +730,14 @@ def test_link_names_traits_it_cannot_link(vit_cap):
         vl.widgets.link(Explorer(vit_cap), TokenCurves(vit_cap), ["heads"])
     grid = HeadGrid(vit_cap, explorer=Explorer(vit_cap))
     assert len(grid._links) == 4 and all(isinstance(l, traitlets.link) for l in grid._links)
+
+
+def test_explorer_panels_can_wrap_into_rows_for_narrow_screens(vit_cap):
+    ex = Explorer(vit_cap, cols=2)
+    ys = sorted({round(a.y, 3) for a in ex.figure.layout.annotations})
+    assert len(ys) == 2 and ex.figure.layout.height == 60 + 2 * 250  # two rows of two panels
+    close(ex.panel_maps()["fusion"], cumulative(vit_cap, "lnstat", 2, grad=False))
+    x, y = patch_centre(vit_cap, 3, 0)
+    click(ex.figure, ex.heatmap_trace(3), x, y)  # a panel of the second row
+    assert ex.query == (3, 0)
+    close(ex.panel_maps()["attention"], vit_attention(vit_cap, 0, 2, [0, 1, 2], 1 + 3 * 4))

@@ -99,7 +99,10 @@ class Explorer(AttentionView):
     compare_class
         Add a fifth panel: the method for a second class (needs ``model``).
     height
-        Figure height in pixels; the width follows the output area.
+        Figure height in pixels (default: 300 for one row, 250 a row when wrapped); the width follows
+        the output area.
+    cols
+        Panels per row (default: all in one row; ``cols=2`` suits a narrow screen or a projector).
     export_dir
         The only directory the "Save as" box writes into (default: the working
         directory); :meth:`save` from Python writes anywhere.
@@ -135,7 +138,8 @@ class Explorer(AttentionView):
         opacity: float = 0.6,
         smooth: bool = False,
         compare_class: bool = False,
-        height: int = 300,
+        cols: int | None = None,
+        height: int | None = None,
         export_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
@@ -200,7 +204,10 @@ class Explorer(AttentionView):
             self._link_control(control, trait)
         self.smooth_toggle = self._smooth_toggle()
 
-        fig = overlay_figure(info, list(self.panels), "", cols=self.num_panels, height=height, opacity=opacity,
+        cols = self.num_panels if cols is None else max(1, min(int(cols), self.num_panels))
+        rows = -(-self.num_panels // cols)
+        height = (300 if rows == 1 else 60 + 250 * rows) if height is None else height
+        fig = overlay_figure(info, list(self.panels), "", cols=cols, height=height, opacity=opacity,
                              smooth=smooth)
         self._grid_trace = len(fig.data)
         fig.add_scatter(x=[], y=[], mode="lines", line=dict(color="rgba(255,255,255,0.45)", width=1),
