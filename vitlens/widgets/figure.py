@@ -14,7 +14,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,12 +21,10 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..errors import ExportError, OptionError
 from .layout import CaptureLayout
 
 #: Colour scale shared by every panel.
 COLORSCALE = "Inferno"
-EXPORT_FORMATS = ("png", "svg", "pdf")
 
 
 def image_uri(image: np.ndarray) -> str:

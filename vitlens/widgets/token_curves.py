@@ -9,7 +9,6 @@ from typing import Any
 
 import ipywidgets as widgets
 import numpy as np
-import plotly.graph_objects as go
 import traitlets
 import xarray as xr
 from plotly.subplots import make_subplots
