@@ -79,9 +79,21 @@ vl.Explorer(cap, model)
 """
 
 
-def write_notebook(folder: Path, name: str = "explorer.ipynb") -> Path:
-    """Write the test notebook into ``folder``; captures will be saved beside it."""
-    cells = (SETUP.format(here=str(folder)), VIT, GRID, MODEL_VIEW, CURVES, COMPARE, SWIN)
+NO_CARRIER = """\
+import plotly.graph_objects as go
+from vitlens.widgets.figure import as_widget
+as_widget(go.Figure()).close()  # the figure that carried plotly's bundle is gone: the page asks the kernel
+"""
+
+
+def write_notebook(folder: Path, name: str = "explorer.ipynb", carrier: bool = True) -> Path:
+    """Write the test notebook into ``folder``; captures will be saved beside it.
+
+    ``carrier=False`` closes the first figure (the one carrying plotly's bundle)
+    before any widget is shown, so the page must ask the kernel for the bundle.
+    """
+    setup = SETUP.format(here=str(folder)) + ("" if carrier else NO_CARRIER)
+    cells = (setup, VIT, GRID, MODEL_VIEW, CURVES, COMPARE, SWIN)
     return _write(folder / name, cells)
 
 

@@ -16,7 +16,7 @@ from ..errors import OptionError
 from . import captions
 from .base import AttentionView
 from .controls import layer_slider, opacity_slider, probe, sample_dropdown
-from .figure import as_widget, overlay_figure
+from .figure import as_widget, image_uri, overlay_figure, zsmooth
 from .layout import Query, initial_query, parse_heads, patch_outline
 from .panels import head_attention, normalized
 
@@ -188,7 +188,6 @@ class HeadGrid(AttentionView):
             r, c = divmod(h, cols)
             fig.add_scatter(x=[], y=[], mode="lines", line=dict(color="#00e5ff", width=1.5),
                             hoverinfo="skip", row=r + 1, col=c + 1)
-        from .figure import image_uri
 
         uri = image_uri(self.image())
         for h in range(stage.num_heads):
@@ -216,7 +215,7 @@ class HeadGrid(AttentionView):
                 trace = fig.data[self.heatmap_trace(h)]
                 trace.z = normalized(maps[h])
                 trace.opacity = self.opacity if h in chosen else self.opacity * DIMMED
-                trace.zsmooth = "best" if self.smooth else False
+                trace.zsmooth = zsmooth(self.smooth)
                 fig.data[2 * n + h].update(x=mx, y=my)  # the query marker of head h's panel
                 fig.layout.annotations[h].text = f"head {h}" + ("" if h in chosen else " (off)")
         return chosen
