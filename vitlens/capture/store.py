@@ -472,6 +472,54 @@ def _committed(groups: dict[str, xr.Dataset], n: int, path: Path) -> dict[str, x
     return out
 
 
+def _committed_view(path: Path, n: int):
+    """A read-only zarr store showing the first ``n`` images of every ``sample`` array.
+
+    Mid-batch, arrays of one group can differ in length and the consolidated
+    metadata may be gone or stale; the view clips each array's own metadata to
+    the committed count, so a store interrupted at any moment opens with exactly
+    its committed images.
+    """
+    from zarr.storage import LocalStore
+
+    return _CommittedView(LocalStore(path, read_only=True), n)
+
+
+try:
+    from zarr.storage import WrapperStore as _WrapperStore
+except ImportError:  # pragma: no cover - zarr < 3
+    _WrapperStore = object  # type: ignore[assignment,misc]
+
+
+class _CommittedView(_WrapperStore):  # type: ignore[misc,valid-type]
+    def __init__(self, store, n: int):
+        super().__init__(store)
+        self.n = n
+
+    def _with_store(self, store):
+        return type(self)(store, self.n)
+
+    def __reduce__(self):
+        return (type(self), (self._store, self.n))
+
+    async def get(self, key, prototype, byte_range=None):
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is None or byte_range is not None or not (key == "zarr.json" or key.endswith("/zarr.json")):
+            return buf
+        doc = json.loads(buf.to_bytes())
+        if doc.get("node_type") == "array":
+            names = doc.get("dimension_names") or [None]
+            if names[0] == "sample" and doc["shape"][0] > self.n:
+                doc["shape"][0] = self.n
+            else:
+                return buf
+        elif "consolidated_metadata" in doc:
+            doc.pop("consolidated_metadata")  # may predate the kill; read each node's own
+        else:
+            return buf
+        return prototype.buffer.from_bytes(json.dumps(doc).encode())
+
+
 def _chunked(ds: xr.Dataset, chunks: dict | str) -> xr.Dataset:
     if isinstance(chunks, dict) and not chunks:  # the stored chunks
         out = ds.copy()
@@ -521,14 +569,24 @@ def open(path: str | os.PathLike, *, chunks: dict | str | None = None) -> xr.Dat
     if not path.exists():
         raise CaptureFormatError(f"{str(path)!r} does not exist.")
     marker = read_marker(path) if engine == "zarr" and path.is_dir() else None
+    if marker is not None and marker["images"] == 0:
+        raise CaptureFormatError(
+            f"{str(path)!r} is a streaming capture with no committed batch yet (it was interrupted, or is "
+            "being written); continue it with vl.capture(model, images, store=..., resume=True)."
+        )
     try:
         with quiet_zarr():
-            if engine == "zarr":
+            if engine == "zarr" and marker is not None:
+                view = _committed_view(path, marker["images"])
+                groups = xr.open_groups(view, engine="zarr", chunks=None, consolidated=False)
+            elif engine == "zarr":
                 groups = xr.open_groups(path, engine="zarr", chunks=None, consolidated=None)
             else:
                 groups = xr.open_groups(path, engine="h5netcdf", chunks=None)
     except Exception as exc:
-        if marker is not None and marker["images"] == 0:
+        from .lock import LOCK
+
+        if (marker is not None and marker["images"] == 0) or (marker is None and (path / LOCK).is_file()):
             raise CaptureFormatError(
                 f"{str(path)!r} is a streaming capture that was interrupted before its first batch was "
                 "committed; continue it with vl.capture(model, images, store=..., resume=True)."
@@ -542,11 +600,6 @@ def open(path: str | os.PathLike, *, chunks: dict | str | None = None) -> xr.Dat
         )
     if marker is not None:
         n = marker["images"]
-        if n == 0:
-            raise CaptureFormatError(
-                f"{str(path)!r} is a streaming capture with no committed batch yet; continue it with "
-                "vl.capture(model, images, store=..., resume=True)."
-            )
         groups = _committed(groups, n, path)
         if not marker.get("complete", True):
             warnings.warn(
