@@ -16,6 +16,7 @@ damaged — never NaN standing in for data.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -35,6 +36,7 @@ _JSON_KEY = "_vitlens_json_attrs"
 #: Commit marker of a streaming store (``vl.capture(..., store=...)``); see ``stream.py``.
 MARKER = "vitlens_committed.json"
 _TMP_TAG = ".vitlens-tmp-"
+builtins_open = builtins.open  # ``open`` below is vitlens' public reader
 _OLD_TAG = ".vitlens-old-"
 
 
@@ -268,10 +270,6 @@ def _check_space(tree: xr.DataTree, directory: Path, target: Path) -> None:
         )
 
 
-def _lazy_sources(tree: xr.DataTree) -> bool:
-    return any(v.chunks is not None for node in tree.subtree for v in node.to_dataset(inherit=False).variables.values())
-
-
 def save(cap: xr.DataTree, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a capture (or any vitlens DataTree) to ``.zarr`` or ``.nc``, atomically.
 
@@ -339,11 +337,13 @@ def save(cap: xr.DataTree, path: str | os.PathLike, *, overwrite: bool = False) 
                 encoded.to_zarr(tmp, mode="w-", consolidated=True, write_empty_chunks=True)
         else:
             _check_space(encoded, path.parent, path)
-            if _lazy_sources(encoded):
-                encoded = encoded.load()  # HDF5 writes from one thread; read the source first
-            encoded.to_netcdf(tmp, engine="h5netcdf", mode="w")
-            with open_fd(tmp) as fd:
-                os.fsync(fd)
+            # HDF5 crashes the interpreter when the disk fills while it writes a file: build the
+            # file in memory, then write its bytes with plain Python I/O (a clean OSError).
+            data = encoded.to_netcdf(engine="h5netcdf")
+            with builtins_open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException as exc:
         _remove(tmp)
         if isinstance(exc, OSError):
@@ -355,15 +355,6 @@ def save(cap: xr.DataTree, path: str | os.PathLike, *, overwrite: bool = False) 
         raise
     swap_in(tmp, path)
     return path
-
-
-@contextlib.contextmanager
-def open_fd(path: Path) -> Iterator[int]:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
 
 
 # -- checked reading ----------------------------------------------------------------------
