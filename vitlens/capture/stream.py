@@ -261,6 +261,9 @@ def release_memory() -> None:
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
         except (OSError, AttributeError):  # not glibc: nothing to do
             _LIBC = False
+    import gc
+
+    gc.collect()  # batch trees hold reference cycles: free them now, not at some later gc pass
     if _LIBC:
         _LIBC.malloc_trim(0)
 
