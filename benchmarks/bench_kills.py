@@ -83,7 +83,7 @@ def equal(ref, tree, n=None) -> bool:
             return False
         for name in a.variables:
             x, y = a[name].values, b[name].values
-            ok = np.allclose(x, y, rtol=1e-4, atol=1e-6) if x.dtype.kind == "f" else np.array_equal(x, y)
+            ok = np.allclose(x, y, rtol=1e-4, atol=1e-6, equal_nan=True) if x.dtype.kind == "f" else np.array_equal(x, y)
             if not ok:
                 return False
     return True
@@ -121,7 +121,16 @@ def main() -> None:
         d = Path(d)
         log = d / "steps.txt"
         assert run(d / "trace.zarr", log=str(log)) == 0
-        steps = log.read_text().splitlines()
+        steps = [line.split("\t", 1)[1] for line in log.read_text().splitlines()]
+        phases, phase = [], "store creation"
+        for label in steps:  # the part of the write path each step belongs to
+            if label.endswith("begins"):
+                phase = "root group" if label == "group / begins" else "child groups"
+            elif label == "consolidate":
+                phase = "consolidation"
+            elif label.startswith("commit marker"):
+                phase = "commit marker"
+            phases.append(phase)
         fixed = args.kills - args.random
         points = sorted(set(np.linspace(1, len(steps), fixed).round().astype(int).tolist()))
         plan = [("step", int(s)) for s in points] + [("random", None)] * args.random
@@ -131,8 +140,7 @@ def main() -> None:
             store = d / f"run{i}.zarr"
             if kind == "step":
                 code = run(store, fault=step)
-                phase = steps[step - 1].split("\t", 1)[1].split(" ")[0:2]
-                label = " ".join(phase)
+                label = phases[step - 1]
             else:
                 code = run(store, delay=0.2, kill_after=0.2 + rng.random() * 1.4)
                 label = "random SIGKILL"

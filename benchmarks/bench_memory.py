@@ -5,8 +5,9 @@
 Each setting runs in a fresh process that streams ``--n`` images of a small ViT
 (64×64 input, 65 tokens, 4 blocks) into a zarr store and records its resident
 set size after every committed batch. ``VITLENS_MALLOC_TRIM=0`` turns off the
-``malloc_trim`` vitlens calls after each batch (glibc otherwise keeps freed
-batch buffers, so RSS climbs with the length of the run although nothing leaks).
+``gc.collect()`` + ``malloc_trim(0)`` vitlens runs after each batch (without
+them, batch trees wait in reference cycles and glibc keeps the freed buffers,
+so RSS climbs with the length of the run although nothing leaks).
 Prints RSS (MiB) at points of the run, the growth from the first batch to the
 end, and the peak.
 """

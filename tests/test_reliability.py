@@ -417,3 +417,25 @@ def test_a_saved_capture_opened_with_plain_xarray_explains(suffix, engine, cap, 
         plain = xr.open_datatree(path, engine=engine)
     for method in ("rollout", "transformer_attribution"):
         xr.testing.assert_allclose(vl.explain(plain, method), vl.explain(cap, method))
+
+
+# -- no unpickling ------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named ``path``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_malicious_pickle_checkpoint_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.pth"
+    torch.save({"state_dict": _Payload(str(marker))}, bad)
+    with pytest.raises(vl.ModelLoadError):
+        vl.load_model("vit_tiny_patch16_224", checkpoint=bad, img_size=32, patch_size=8, depth=2)
+    assert not marker.exists()

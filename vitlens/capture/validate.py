@@ -70,9 +70,12 @@ def check_finite(arrays: Iterable[tuple[str, np.ndarray]]) -> None:
     for key, arr in arrays:
         if arr.dtype.kind != "f":
             continue
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            samples = np.unique(np.nonzero(bad.reshape(bad.shape[0], -1))[0]).tolist()
+        step = max(1, 2**24 // max(arr[:1].size, 1))  # in blocks of rows: no full-size temporary
+        samples: list[int] = []
+        for i in range(0, len(arr), step):
+            block = arr[i : i + step].reshape(len(arr[i : i + step]), -1)
+            samples += (i + np.nonzero(~np.isfinite(block).all(1))[0]).tolist()
+        if samples:
             hint = (
                 "the model produced NaN/inf for these inputs: a tensor is taken as a ready, *normalised* batch, so "
                 "check its scale (pass pictures as arrays in [0, 1] to let vitlens normalise them)"
