@@ -124,7 +124,9 @@ def main() -> None:
         steps = [line.split("\t", 1)[1] for line in log.read_text().splitlines()]
         phases, phase = [], "store creation"
         for label in steps:  # the part of the write path each step belongs to
-            if label.endswith("begins"):
+            if label.startswith("commit marker") and phase == "store creation":
+                pass  # the empty marker written when the store is created
+            elif label.endswith("begins"):
                 phase = "root group" if label == "group / begins" else "child groups"
             elif label == "consolidate":
                 phase = "consolidation"
