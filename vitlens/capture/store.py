@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ..errors import CaptureFormatError, OptionError, StorageError, StoreLockedError
+from ..errors import CaptureFormatError, OptionError, StorageError
 
 _JSON_KEY = "_vitlens_json_attrs"
 #: Commit marker of a streaming store (``vl.capture(..., store=...)``); see ``stream.py``.
