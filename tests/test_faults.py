@@ -37,7 +37,8 @@ def _images() -> np.ndarray:
     return random_images(N_IMAGES, 32, seed=5)
 
 
-def _run(store: str, fault: int | None = None, log: str | None = None, delay: float = 0.0) -> None:
+def _run(store: str, fault: int | None = None, log: str | None = None, delay: float = 0.0,
+         resume: bool = False) -> None:
     for key, value in ((stream.FAULT_ENV, fault), (stream.FAULT_LOG_ENV, log)):
         if value is None:
             os.environ.pop(key, None)
@@ -53,13 +54,13 @@ def _run(store: str, fault: int | None = None, log: str | None = None, delay: fl
         source = slow()
     else:
         source = imgs
-    vl.capture(model, source, store=store, batch_size=BATCH, progress=False)
+    vl.capture(model, source, store=store, batch_size=BATCH, progress=False, resume=resume)
     os._exit(0)
 
 
-def run_child(store, fault=None, log=None, delay=0.0, kill_after=None) -> int:
+def run_child(store, fault=None, log=None, delay=0.0, kill_after=None, resume=False) -> int:
     """Exit code of a forked child running the capture (``-9`` if SIGKILLed after ``kill_after`` s)."""
-    proc = multiprocessing.get_context("fork").Process(target=_run, args=(str(store), fault, log, delay))
+    proc = multiprocessing.get_context("fork").Process(target=_run, args=(str(store), fault, log, delay, resume))
     proc.start()
     if kill_after is not None:
         proc.join(kill_after)
@@ -181,4 +182,16 @@ def test_random_time_sigkills_lose_nothing(seed, reference, tmp_path):
     kill_after = 0.3 + np.random.default_rng(seed).random() * 1.2
     code = run_child(store, delay=0.25, kill_after=kill_after)
     assert code in (-signal.SIGKILL, 0)
+    check_after_kill(store, reference)
+
+
+@pytest.mark.parametrize("resume_step", [1, 3, 20])
+def test_a_kill_during_the_resume_itself_loses_nothing(resume_step, trace, reference, tmp_path):
+    """The resume trims, re-consolidates and appends: killing it there too changes nothing committed."""
+    store = tmp_path / "run.zarr"
+    mid_second_batch = [i for i, s in enumerate(trace) if s == "group / begins"][1] + 3
+    assert run_child(store, fault=mid_second_batch) == stream.FAULT_EXIT
+    assert stream.committed(store) == 3
+    assert run_child(store, fault=resume_step, resume=True) == stream.FAULT_EXIT
+    assert stream.committed(store) in (3, 6)
     check_after_kill(store, reference)
