@@ -224,6 +224,23 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _remove_settled(path: Path, timeout: float = 10.0) -> None:
+    """Remove a failed temporary copy, also what zarr's writes still in flight add after the error."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    quiet_since = None
+    while time.monotonic() < deadline:
+        if path.exists() or path.is_symlink():
+            _remove(path)
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > 0.3:
+            return
+        time.sleep(0.05)
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -345,7 +362,7 @@ def save(cap: xr.DataTree, path: str | os.PathLike, *, overwrite: bool = False) 
                 f.flush()
                 os.fsync(f.fileno())
     except BaseException as exc:
-        _remove(tmp)
+        _remove_settled(tmp)
         if isinstance(exc, OSError):
             raise StorageError(
                 f"could not write {str(path)!r} ({exc}); nothing was replaced"
