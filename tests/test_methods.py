@@ -536,13 +536,14 @@ def test_class_specific_part_under_average_readout_is_exact(avg_pair, which, met
     assert np.abs(want).max() > 0
 
 
+@pytest.mark.parametrize("which", ["vit_avg", "swin"])
 @pytest.mark.parametrize("method", ["transformer_attribution", "generic_attention"])
-def test_float32_products_lose_what_float64_keeps(avg_pair, method, monkeypatch):
+def test_float32_products_lose_what_float64_keeps(avg_pair, which, method, monkeypatch):
     # shrink the gradient (as a model with tiny gradients, e.g. random-init Swin-T): in float32
     # the two targets then give the very same map, in float64 (the default) they do not
     from vitlens.methods import operators
 
-    a, b = avg_pair["swin"]
+    a, b = avg_pair[which]
     small = []
     for cap in (a, b):
         for stage in cap.children:
