@@ -51,6 +51,10 @@ def test_defaults_follow_family_and_readout(avg_cap, cls_cap):
     assert gc.defaults_for(avg_cap.attrs) == {"on": "features"}
     assert gc.defaults_for(capture_layout(avg_cap)) == {"on": "features"}
     assert gc.defaults_for({"family": "swin", "readout": "avg"}) == {"on": "features"}
+    # other read-outs that read every token out (attention pool, mean with prefix) follow "avg"
+    assert gc.defaults_for({"family": "vit", "readout": "map"}) == {"on": "features"}
+    assert METHOD_INFO["transformer_attribution"].defaults_for({"readout": "avg_with_prefix"}) == {"identity_path": "drop"}
+    assert METHOD_INFO["transformer_attribution"].defaults_for({"readout": "cls"}) == {}
     assert vl.explain(avg_cap, "gradcam").attrs["on"] == "features"
     assert vl.explain(cls_cap, "gradcam").attrs["on"] == "attention"
 
@@ -100,9 +104,9 @@ def test_a_registered_method_shows_up_everywhere(cls_cap):
 def test_registration_refuses_clashes_and_bad_defaults():
     with pytest.raises(vl.OptionError, match="already registered"):
         register_method("rollout", title="x", caption="x", class_specific=False, per_layer=False)(lambda cap: cap)
-    with pytest.raises(vl.OptionError, match="defaults keys"):
+    with pytest.raises(vl.OptionError, match="defaults must map"):
         register_method("x", title="x", caption="x", class_specific=False, per_layer=False,
-                        defaults={"resnet": {}})
+                        defaults={"avg": "features"})
     with pytest.raises(vl.OptionError, match="rollout"):
         vl.explain(xr.DataTree(), "rolout")
 

@@ -79,6 +79,13 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
         ``(sample, y, x)`` on the token grid (Swin: the first-stage grid), or
         ``(sample, layer, y, x)`` with ``per_layer=True``.
 
+    Notes
+    -----
+    Options not given take the method's registered defaults for the capture's
+    family and read-out (``vl.methods.METHOD_INFO[method].defaults_for(cap)``),
+    e.g. gradcam ``on="features"`` and ``identity_path="drop"`` under an average
+    read-out; the map's ``attrs`` record what was used.
+
     Examples
     --------
     >>> import numpy as np, timm, vitlens as vl

@@ -114,7 +114,7 @@ def _check(stat: str, stat_norm: str, head_fusion: str) -> None:
     caption="LayerNorm statistic × gradient-weighted attention, accumulated with Chefer's rule over {blocks}, "
             "for class {cls}",
     class_specific=True,
-    defaults={"*": {"grad": True}, "avg": {"identity_path": "drop"}},
+    defaults={"*": {"grad": True}},  # identity_path: "drop" for grad=True under a non-CLS read-out (below)
     variant_captions={("grad", False): "LayerNorm statistic × attention, accumulated like rollout over {blocks}"},
     per_layer=True,
     reference="after Nguyen, Lee & Kim, arXiv 2311.11378; docs/METHODS.md §6",
@@ -163,8 +163,10 @@ def lnstat(
     identity_path
         ``"drop"`` subtracts the part of ``R`` that never crossed an attention
         (the read-out row, scaled by ``0.5^L`` for ``grad=False``); ``"keep"``
-        leaves it. ``None``: the registry's default for the read-out. Under a
-        CLS read-out both give the same map. *vitlens' choice.*
+        leaves it. ``None``: ``"drop"`` for ``grad=True`` under an average
+        read-out (as transformer_attribution's default), ``"keep"`` otherwise
+        (so ``grad=False`` with a constant statistic is rollout exactly). Under
+        a CLS read-out both give the same map. *vitlens' choice.*
     layers, heads, start_layer, per_layer
         As for rollout.
     merge
@@ -187,6 +189,8 @@ def lnstat(
     cv = view(cap)
     if grad is None:
         grad = bool(METHOD_INFO["lnstat"].defaults_for(cv).get("grad", True))
+    if identity_path is None:  # as transformer_attribution's default for the gradient-weighted chain
+        identity_path = resolve_identity_path(cv, "transformer_attribution", None) if grad else "keep"
     identity_path = resolve_identity_path(cv, "lnstat", identity_path)
     chosen = select_layers(cv, layers, start_layer)
     steps = {}

@@ -92,6 +92,9 @@ def view(cap: xr.DataTree) -> CaptureView:
         raise CaptureFormatError(
             f"expected a capture from vl.capture (an xarray.DataTree); got {type(cap).__name__}."
         )
+    from ..capture.store import decode_attrs
+
+    cap = decode_attrs(cap)  # a saved capture read with plain xr.open_datatree keeps JSON attrs
     stages = []
     for name in sorted(cap.children, key=lambda n: int(n.removeprefix("stage"))):
         ds = cap[name].to_dataset()

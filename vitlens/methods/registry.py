@@ -25,8 +25,11 @@ from ..errors import OptionError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Keys a ``defaults`` table may use, applied in this order (later keys win):
-#: every capture, then its family, then its read-out.
+#: How a ``defaults`` table is read, in this order (later keys win): ``"*"`` (every
+#: capture), the capture's family (``"vit"``, ``"swin"``, ...), then its read-out
+#: (``"cls"``, ``"avg"``, ...). A read-out other than ``"cls"`` with no entry of its
+#: own (``"avg_with_prefix"``, ``"map"``) takes the ``"avg"`` entry: every token is
+#: read out, as under average pooling.
 DEFAULT_KEYS = ("*", "vit", "swin", "cls", "avg")
 
 
@@ -51,7 +54,7 @@ class MethodInfo:
     per_layer
         Whether the method takes ``per_layer=True`` (one map per block).
     defaults
-        Options by capture family / read-out (keys from :data:`DEFAULT_KEYS`),
+        Options by capture family / read-out (see :data:`DEFAULT_KEYS`),
         e.g. ``{"avg": {"on": "features"}}``; see :meth:`defaults_for`.
     variant_captions
         Captions replacing ``caption`` under an option value, keyed by
@@ -88,6 +91,8 @@ class MethodInfo:
         {'on': 'features'}
         """
         family, readout = _family_readout(cap_or_attrs)
+        if readout and readout != "cls" and readout not in self.defaults:
+            readout = "avg"  # other non-CLS read-outs (avg_with_prefix, map) read out every token too
         out: dict[str, Any] = {}
         for key in ("*", family, readout):
             out.update(self.defaults.get(key, {}))
@@ -155,9 +160,10 @@ def register_method(
     >>> METHOD_INFO.pop("demo").title
     'Demo'
     """
-    bad = set(defaults or {}) - set(DEFAULT_KEYS)
+    bad = [k for k, v in (defaults or {}).items() if not isinstance(k, str) or not isinstance(v, Mapping)]
     if bad:
-        raise OptionError(f"method {name!r}: defaults keys {sorted(bad)}; use keys from {list(DEFAULT_KEYS)}.")
+        raise OptionError(f"method {name!r}: defaults must map '*', a family or a read-out name to a dict of "
+                          f"options (e.g. {{'avg': {{'on': 'features'}}}}); got keys {bad}.")
 
     def decorate(function: F) -> F:
         if name in METHOD_INFO and METHOD_INFO[name].function is not function:
