@@ -47,7 +47,9 @@ def load_model(
     name_or_module
         A shipped model (``"vit-shapes"``, ``"swin-shapes"``; see
         ``vl.models.available()``), any timm model name of the ViT/DeiT/Swin
-        families, or an ``nn.Module`` (checked and returned as it is).
+        families, ``"hf:<repo id or directory>"`` for a Hugging Face
+        ``transformers`` model (see :mod:`vitlens.models.hf_loading`), or an
+        ``nn.Module`` (checked and returned as it is).
     pretrained
         For timm names: load timm's pretrained weights (needs a network or a
         filled Hugging Face cache).
@@ -76,6 +78,12 @@ def load_model(
             f"load_model takes a model name or an nn.Module; got {type(name_or_module).__name__}"
         )
     name = name_or_module
+    if name.startswith("hf:"):  # Hugging Face transformers (optional extra)
+        from .hf_loading import load_hf_model
+
+        model = load_hf_model(name, num_classes=num_classes, **timm_kwargs)
+        adapter_for(model)
+        return model.to(_device(device))
     from .. import zoo
 
     shipped = zoo.available()
