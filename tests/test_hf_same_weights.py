@@ -98,3 +98,38 @@ def test_conversion_is_sensitive_to_a_wrong_mapping(pair):
         att.k_proj.weight.copy_(w)
         x = _images()
         assert not torch.allclose(broken(pixel_values=x).logits, model(x), atol=1e-4)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+def test_all_seven_maps_agree_between_timm_and_transformers(pair):
+    import vitlens as vl
+
+    model, hf = pair
+    hf.set_attn_implementation("sdpa")
+    hf.vitlens_image_processor = transformers.ViTImageProcessor(
+        size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    x = _images(4)
+    target = [0, 1, 2, 4]
+    cap_timm, cap_hf = vl.capture(model, x, target=target), vl.capture(hf, x, target=target)
+    np.testing.assert_allclose(cap_hf.logits.values, cap_timm.logits.values, rtol=1e-4, atol=1e-5)
+    for var in ("attention", "attention_grad", "attention_relevance", "ln_mean", "token_norm", "attn_value_norm"):
+        np.testing.assert_allclose(cap_hf["stage0"][var].values, cap_timm["stage0"][var].values,
+                                   rtol=1e-3, atol=1e-5, err_msg=var)
+    maps_timm, maps_hf = vl.explain(cap_timm, "all"), vl.explain(cap_hf, "all")
+    worst = {}
+    for name in vl.METHODS:
+        corrs = []
+        for i in range(len(target)):
+            a, b = maps_timm[name].values[i], maps_hf[name].values[i]
+            if a.std() == 0:  # e.g. Grad-CAM's ReLU leaves nothing: then both maps must be that
+                np.testing.assert_allclose(b, a, atol=1e-6, err_msg=f"{name} image {i}")
+                continue
+            corrs.append(_corr(a, b))
+        assert len(corrs) >= len(target) - 1, name  # the comparison is not vacuous
+        worst[name] = min(corrs)
+    print("worst per-image correlation timm vs transformers:", worst)
+    assert all(c > 0.999 for c in worst.values()), worst
