@@ -372,19 +372,13 @@ def test_statistic_maps_are_the_normalised_ln_std(vit_cap, swin_cap):
 def test_every_method_runs_on_vit_variants(fixture, request, images32):
     model = request.getfixturevalue(fixture)
     cap = vl.capture(model, images32)
-    maps = vl.explain(cap, "all", per_layer=False) if fixture != "vit_avg" else None
-    if fixture == "vit_avg":
-        for m in vl.METHODS:
-            if m == "gradcam":
-                with pytest.raises(vl.OptionError, match="features"):
-                    vl.explain(cap, m)
-                out = vl.explain(cap, m, on="features")
-            else:
-                out = vl.explain(cap, m)
-            assert out.shape == (3, 4, 4) and np.isfinite(out.values).all()
-        return
+    maps = vl.explain(cap, "all", per_layer=False)  # average read-outs included (issue 14)
     for m in vl.METHODS:
         assert maps[m].shape == (3, 4, 4) and np.isfinite(maps[m].values).all(), m
+    if fixture == "vit_avg":  # Grad-CAM's default follows the read-out: features, not the CLS row
+        assert vl.explain(cap, "gradcam").attrs["on"] == "features"
+        with pytest.raises(vl.OptionError, match="features"):
+            vl.explain(cap, "gradcam", on="attention")
 
 
 def test_bad_method_options_are_refused(vit_cap):

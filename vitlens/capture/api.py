@@ -339,8 +339,13 @@ def _run_batch(
         if "norms" in kept:
             for var in _TOKEN_VARS:
                 stores.put(f"{key}/{var}", start, [r[var] for r in recs])
+    last = adapter.stages[-1].name
+    if adapter.readout == "map":  # the read-out row: each token's weight in the attention pool
+        assert adapter.head is not None and rec.final_output is not None
+        with torch.no_grad():
+            weights = adapter.head.pool_weights(adapter.tokens(rec.final_output))
+        stores.put(f"{last}/readout_weights", start, weights)
     if "features" in kept:
-        last = adapter.stages[-1].name
         stores.put(f"{last}/features", start, adapter.tokens(rec.features))
         if grads and feat_grad is not None:
             stores.put(f"{last}/features_grad", start, adapter.tokens(feat_grad))
@@ -359,7 +364,7 @@ def _dims(var: str, windowed: bool) -> tuple[str, ...]:
     if var.startswith("attention"):
         d = _DIMS["attention"]
         return d[:3] + ("window",) + d[3:] if windowed else d
-    if var == "merge_share":
+    if var in ("merge_share", "readout_weights"):
         return ("sample", "token")
     return _DIMS.get(var, ("sample", "layer", "token"))
 
@@ -428,7 +433,7 @@ def _assemble(
             "stride": list(stage.stride),
             "num_heads": stage.num_heads,
             "num_prefix_tokens": stage.num_prefix,
-            "embed_dim": int(stage.blocks[0].norm1.normalized_shape[0]),
+            "embed_dim": stage.embed_dim,
         }
         if windowed:
             assert stage.window is not None
@@ -463,9 +468,10 @@ _DESCRIPTIONS = {
     "mlp_out_norm": "L2 norm of the MLP branch output",
     "mlp_cos": "cosine between the MLP output and the token entering the MLP branch",
     "block_out_norm": "L2 norm of each token leaving the block",
-    "features": "normalised token features for Grad-CAM (ViT: last block's norm1 output; Swin: final norm)",
+    "features": "normalised token features for Grad-CAM (CLS read-out: last block's attention input; otherwise the final norm's output)",
     "features_grad": "gradient of the target logit w.r.t. the features",
     "window_token": "stage token index of each window position (after the cyclic shift)",
+    "readout_weights": "weight of each token in the attention-pool read-out (mean over heads): the read-out row",
     "merge_share": "LRP share of each token in the relevance of the merged token it forms in the next stage",
 }
 

@@ -2,7 +2,8 @@
 
 ``vl.explain(cap, method, **options)`` dispatches to one module per method;
 shared maths lives in :mod:`.operators` (operator chains, Swin windows and
-merges) and :mod:`.lrp` (LRP rules used at capture time).
+merges). The LRP rules used at capture time live with the model parts
+(:mod:`vitlens.models.lrp_rules`); :mod:`.lrp` re-exports them.
 """
 
 from __future__ import annotations

@@ -21,12 +21,13 @@ def gradcam(
 ) -> xr.DataArray:
     """Grad-CAM (METHODS.md §3).
 
-    ``on="attention"`` (ViT default): in the chosen block (default last), per
+    ``on="attention"`` (default for a CLS read-out): in the chosen block (default last), per
     head ``cam_h = A[h, CLS, patches]``, weight ``w_h`` = spatial mean of
     ``∂y_c/∂A[h, CLS, patches]``; map ``= max(0, mean_h(w_h·cam_h))`` — heads play
     the role of channels.
 
-    ``on="features"`` (Swin default, and available for ViT): classic Grad-CAM on
+    ``on="features"`` (default for average and attention-pool read-outs, Swin
+    included; available for every model): classic Grad-CAM on
     normalised token features reshaped to the grid — channels weighted by the
     spatial mean of their gradients, summed, ReLU. ViT: the last block's
     ``norm1`` output (the final norm's patch tokens get no gradient through a
@@ -43,11 +44,11 @@ def gradcam(
     """
     cv = view(cap)
     if on is None:
-        on = "features" if cv.family == "swin" else "attention"
+        on = "attention" if cv.readout == "cls" else "features"  # per read-out (avg, map: features)
     if on not in ON:
         raise OptionError(f"gradcam on={on!r}; choose from {list(ON)}.")
     if on == "attention":
-        if cv.family == "swin" or cv.readout != "cls":
+        if cv.readout != "cls":
             raise OptionError("gradcam on='attention' needs a CLS token; use on='features' for this model.")
         layer = select_layers(cv, layers if layers is not None else cv.all_layers[-1])[-1]
         stage = cv.stage_of(layer)

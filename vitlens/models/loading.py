@@ -10,25 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, UnsupportedModelError
-from .adapter import Adapter
-from .swin import SwinAdapter, is_swin
-from .vit import ViTAdapter, is_vit
-
-
-def adapter_for(model: nn.Module) -> Adapter:
-    """The :class:`Adapter` for ``model``; raises :class:`UnsupportedModelError` otherwise."""
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(
-            f"expected a torch.nn.Module (a timm ViT, DeiT or Swin model); got {type(model).__name__}"
-        )
-    if is_vit(model):
-        return ViTAdapter(model)
-    if is_swin(model):
-        return SwinAdapter(model)
-    raise UnsupportedModelError(
-        f"{type(model).__name__}: vitlens explains ViT, DeiT and Swin (v1) models from timm "
-        "(timm.models.VisionTransformer, SwinTransformer); load one with vl.load_model(...)."
-    )
+from .registry import adapter_for
 
 
 def load_model(

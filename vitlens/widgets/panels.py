@@ -131,7 +131,7 @@ def statistic_array(cap: xr.DataTree, stat: str) -> np.ndarray:
 
 def method_options(layout: CaptureLayout, method: str) -> dict[str, Any]:
     """Options the widgets pass to :func:`vitlens.explain` besides heads and layers."""
-    if method == "gradcam" and (layout.family == "swin" or layout.readout != "cls"):
+    if method == "gradcam" and layout.readout != "cls":
         return {"on": "features"}
     return {}
 
