@@ -244,7 +244,7 @@ def capture(
     batch = prepare(images, adapter)
     n = batch.pixels.shape[0]
     num_classes = adapter.num_classes
-    names = class_names(model, num_classes)
+    names = adapter.class_names() if hasattr(adapter, "class_names") else class_names(model, num_classes)
     targets = _resolve_target(target, n, names)
     param = next(model.parameters(), None)
     if device is None:
@@ -302,7 +302,7 @@ def _run_batch(
     with torch.inference_mode(False), grad_ctx:
         if grads:
             x = x.clone().requires_grad_(True)  # a graph exists even for frozen models
-        logits = adapter.model(x)
+        logits = adapter.logits(x) if hasattr(adapter, "logits") else adapter.model(x)
         if logits.ndim != 2 or logits.shape[0] != b:
             raise ImageError(f"the model returned logits of shape {tuple(logits.shape)}; expected ({b}, classes).")
         if targets is None:

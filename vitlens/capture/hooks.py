@@ -85,6 +85,10 @@ class Recorder:
                 if hasattr(attn, "fused_attn"):
                     self._saved_fused.append((attn, attn.fused_attn))
                     attn.fused_attn = False
+            explicit = getattr(self.adapter, "explicit_attention", None)  # e.g. transformers' attn_implementation
+            if explicit is not None:
+                self._explicit = explicit()
+                self._explicit.__enter__()
             self._install()
         except BaseException:
             self._restore()
@@ -101,6 +105,9 @@ class Recorder:
         for attn, flag in self._saved_fused:
             attn.fused_attn = flag
         self._saved_fused.clear()
+        explicit, self._explicit = getattr(self, "_explicit", None), None
+        if explicit is not None:
+            explicit.__exit__(None, None, None)
         for module, training in self._saved_training:
             module.training = training
         self._saved_training.clear()
@@ -169,7 +176,7 @@ class Recorder:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self.paused:
                 return
-            self.attn_inputs[layer] = args[0].detach()
+            self.attn_inputs[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
             self.attn_ctx[layer] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
         return hook

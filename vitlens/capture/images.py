@@ -31,6 +31,8 @@ class Batch:
 
 def data_config(adapter: Adapter) -> dict[str, Any]:
     """timm's data config with the model's *real* input size (not the pretrained one)."""
+    if hasattr(adapter, "data_config"):  # e.g. from a transformers image processor
+        return adapter.data_config()
     from timm.data import resolve_data_config
 
     h, w = adapter.input_size
@@ -181,6 +183,8 @@ def prepare(images: Any, adapter: Adapter) -> Batch:
             displays.append(rgb[None])
             continue
         else:
+            if transform is None and hasattr(adapter, "eval_transform"):
+                transform = adapter.eval_transform()
             if transform is None:
                 from timm.data import create_transform
 
