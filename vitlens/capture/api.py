@@ -17,6 +17,7 @@ from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
 from .hooks import Recorder
 from .images import prepare
+from .text import bind_text
 from .windows import window_tokens
 
 #: What ``capture(keep=...)`` can store. ``"all"`` (default) stores everything.
@@ -160,6 +161,8 @@ def capture(
     progress: bool | None = None,
     store: str | os.PathLike | None = None,
     resume: bool = False,
+    text: Sequence[str] | torch.Tensor | None = None,
+    processor: Any = None,
 ) -> xr.DataTree:
     """Run ``model`` once on ``images`` and record its internals into a labeled DataTree.
 
@@ -200,6 +203,14 @@ def capture(
         written is lost if the run is interrupted.
     resume
         Continue an interrupted ``store`` run after its last committed image.
+    text
+        Image–text models (CLIP): the prompts to score each image against, as
+        strings or a LongTensor of token ids (one row per prompt). The logits
+        are then the similarities (one column per prompt), the class names the
+        prompts, and ``target`` picks a prompt by index or text. See
+        :mod:`vitlens.capture.text`.
+    processor
+        Tokenises ``text`` strings (default: the processor saved with the model).
 
     Returns
     -------
@@ -217,7 +228,7 @@ def capture(
     >>> cap["stage0"].attention.dims
     ('sample', 'layer', 'head', 'query', 'key')
     """
-    adapter = adapter_for(model)
+    adapter = bind_text(adapter_for(model), text, processor)
     kept = _resolve_keep(keep, grads)
     if dtype not in _DTYPES:
         raise OptionError(f"dtype={dtype!r}; choose 'float32' or 'float16'.")
@@ -230,7 +241,7 @@ def capture(
 
         def capture_batch(part: Any, part_target: Any, offset: int) -> xr.DataTree:
             tree = capture(model, part, part_target, grads=grads, keep=keep, dtype=dtype,
-                           batch_size=batch_size, device=device, progress=False)
+                           batch_size=batch_size, device=device, progress=False, text=text, processor=processor)
             tree.dataset = tree.to_dataset(inherit=False).assign_coords(
                 sample=np.arange(offset, offset + tree["sample"].size)
             )
