@@ -170,3 +170,18 @@ def test_images_go_through_the_clip_image_processor(clip):
         expected = clip(pixel_values=x, **_tokens(clip)).logits_per_image
     np.testing.assert_allclose(cap.logits.values, expected.numpy(), rtol=1e-5, atol=1e-5)
     assert cap.attrs["mean"] == list(clip.vitlens_image_processor.image_mean)
+
+
+def test_explorer_lists_the_prompts_and_recaptures_for_another_prompt(clip):
+    from vitlens.widgets.explorer import Explorer
+
+    cap = vl.capture(clip, _pixels(1), text=PROMPTS)
+    ex = Explorer(cap, clip)
+    assert sorted(ex.class_names) == sorted(PROMPTS)
+    assert {c for _, c in ex.class_select.options} == {0, 1, 2}
+    other = [c for _, c in ex.class_select.options if c != ex.target][0]
+    ex.class_select.value = other
+    recap = ex._recapture(0, other)
+    assert recap.attrs["class_names"] == PROMPTS and int(recap.target.values[0]) == other
+    direct = vl.capture(clip, cap.image.values, text=PROMPTS, target=other)
+    np.testing.assert_allclose(recap["stage0"].attention_grad.values, direct["stage0"].attention_grad.values, atol=1e-6)

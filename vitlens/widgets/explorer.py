@@ -310,6 +310,8 @@ class Explorer(widgets.VBox):
         return self._recaptures.get(key, lambda: self._recapture(sample, c)), 0, key
 
     def _recapture(self, sample: int, c: int) -> xr.DataTree:
+        import torch
+
         from ..capture import capture
 
         names = self.class_names
@@ -317,8 +319,10 @@ class Explorer(widgets.VBox):
         try:
             options = json.loads(self.cap.attrs.get("options", "{}"))
             image = np.asarray(self.cap["image"].isel(sample=[sample]).values, dtype=np.float32)
+            ids = json.loads(self.cap.attrs.get("text_input_ids", "[]"))  # image-text models: the same prompts
+            text = {"text": torch.tensor(ids)} if ids else {}
             return capture(self.model, image, target=c, keep=options.get("keep", "all"),
-                           grads=options.get("grads", True), progress=False)
+                           grads=options.get("grads", True), progress=False, **text)
         finally:
             self.class_status.value = ""
 
