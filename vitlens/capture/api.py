@@ -253,6 +253,7 @@ def capture(
         raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
 
     batch = prepare(images, adapter)
+    adapter = adapter.for_input(tuple(batch.pixels.shape[-2:]))  # dynamic_img_size: grid follows the input
     n = batch.pixels.shape[0]
     num_classes = adapter.num_classes
     names = adapter.class_names() if hasattr(adapter, "class_names") else class_names(model, num_classes)

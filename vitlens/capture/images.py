@@ -146,7 +146,7 @@ def prepare(images: Any, adapter: Adapter) -> Batch:
             )
         if x.shape[0] == 0:
             raise ImageError("empty batch: pass at least one image.")
-        if tuple(x.shape[-2:]) != (h, w):
+        if tuple(x.shape[-2:]) != (h, w) and not adapter.dynamic_size:  # dynamic: any size
             raise ImageError(
                 f"this model takes {h}×{w} inputs; the tensor is {x.shape[-2]}×{x.shape[-1]}. "
                 "Resize it, or pass the picture as an array or PIL image so vitlens applies "

@@ -101,8 +101,16 @@ class Adapter:
     @property
     def input_size(self) -> tuple[int, int]:
         """The model's real input size (its patch embedding's, not the pretrained config's)."""
+        override = getattr(self, "_input_size", None)
+        if override is not None:
+            return override
         size = self.model.patch_embed.img_size
         return (int(size[0]), int(size[1]))
+
+    @property
+    def dynamic_size(self) -> bool:
+        """Whether the model takes other input sizes as they are (timm's ``dynamic_img_size``)."""
+        return bool(getattr(self.model, "dynamic_img_size", False)) and len(self.stages) == 1
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -158,15 +166,34 @@ class Adapter:
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def for_input(self, size: tuple[int, int]) -> "Adapter":
-        """The adapter for an input of ``size`` (H, W) pixels; refuses sizes the model cannot take."""
-        if tuple(size) != tuple(self.input_size):
-            from ..errors import UnsupportedModelError
+        """The adapter for an input of ``size`` (H, W) pixels; refuses sizes the model cannot take.
 
-            raise UnsupportedModelError(
+        A model built with ``dynamic_img_size=True`` takes any size whose sides are
+        multiples of its token stride: the token grid follows the input.
+        """
+        from ..errors import ImageError
+
+        size = (int(size[0]), int(size[1]))
+        if size == tuple(self.input_size):
+            return self
+        if not self.dynamic_size:
+            raise ImageError(
                 f"{type(self.model).__name__} takes {self.input_size[0]}x{self.input_size[1]} inputs; "
                 f"got {size[0]}x{size[1]}."
             )
-        return self
+        sy, sx = self.stages[0].stride
+        if size[0] % sy or size[1] % sx:
+            raise ImageError(
+                f"{type(self.model).__name__} places one token per {sy}x{sx} pixels; an input of "
+                f"{size[0]}x{size[1]} is not a multiple of that. Resize it to a multiple."
+            )
+        import copy
+
+        other = copy.copy(self)
+        other._input_size = size  # type: ignore[attr-defined]
+        other.stages = [copy.copy(s) for s in self.stages]
+        other.stages[0].grid = (size[0] // sy, size[1] // sx)
+        return other
 
     # -- metadata ---------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

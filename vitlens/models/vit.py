@@ -85,14 +85,14 @@ def prefix_kinds(model: nn.Module, num_prefix: int) -> list[str]:
 
 
 def token_stride(model: nn.Module, grid: tuple[int, int]) -> tuple[int, int]:
-    """Input pixels per token: the image size over the token grid (hybrid stems included)."""
-    img = tuple(int(s) for s in model.patch_embed.img_size)
-    if img[0] % grid[0] or img[1] % grid[1]:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: a {grid[0]}x{grid[1]} token grid does not tile its "
-            f"{img[0]}x{img[1]} input evenly; vitlens cannot place its tokens on pixels."
-        )
-    return (img[0] // grid[0], img[1] // grid[1])
+    """Input pixels per token along (y, x): the patch size, times the CNN stem's reduction for
+    hybrid embeddings (``HybridEmbed``: a ResNet stem, then patches on its feature map)."""
+    embed = model.patch_embed
+    if hasattr(embed, "feat_ratio"):
+        ratio = embed.feat_ratio(as_scalar=False)
+        return (int(ratio[0]), int(ratio[1]))
+    p = embed.patch_size
+    return (int(p[0]), int(p[1]))
 
 
 def attention_pool_readout(model: nn.Module, pool: nn.Module, start: int) -> Readout:
