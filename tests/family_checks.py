@@ -221,3 +221,27 @@ def assert_receptive_field_centres(model: nn.Module, size: tuple[int, int]) -> N
         cx = float((w.sum(0) * torch.arange(size[1])).sum())
         assert abs(cy - float(st["center_y"].values[tok])) < sy / 2, (r, c, cy)
         assert abs(cx - float(st["center_x"].values[tok])) < sx / 2, (r, c, cx)
+
+
+def assert_parts_describe_the_attention(model: nn.Module, x: torch.Tensor) -> None:
+    """The adapter's description of each attention (q/k/v maps, norms, rotary, position bias,
+    cosine scale) reproduces the probabilities the model computed: the LRP pass splits the
+    logits of the model's real attention, not of an approximation."""
+    ad = adapter_for(model)
+    with Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():
+        model(x)
+        for layer, part in enumerate(ad.parts):
+            z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
+            torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4,
+                                       msg=f"block {layer}")
+
+
+def randomize_biases(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every bias (Linear biases, q/v biases, LayerScale gammas stay) a nonzero value:
+    timm initialises them to 0, which would hide a missing bias in a description."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model

@@ -16,11 +16,13 @@ from family_checks import (
     assert_all_maps_finite,
     assert_conserved,
     assert_geometry,
+    assert_parts_describe_the_attention,
     assert_receptive_field_centres,
     assert_state_restored,
     attention_grads_by_probe,
     attention_inputs,
     normalised,
+    randomize_biases,
     stacked,
 )
 from timm.layers import GluMlp, SwiGLU, SwiGLUPacked
@@ -51,7 +53,7 @@ VARIANTS = {
 
 def make(name: str, **extra) -> torch.nn.Module:
     torch.manual_seed(sum(map(ord, name)))
-    return timm.create_model("vit_tiny_patch16_224", **{**BASE, **VARIANTS[name], **extra}).eval()
+    return randomize_biases(timm.create_model("vit_tiny_patch16_224", **{**BASE, **VARIANTS[name], **extra}).eval())
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -81,6 +83,11 @@ def test_attention_equals_recomputation_from_q_and_k(variant):
         want = [attention_by_hand(b.attn, h, kw) for b, (h, kw) in zip(model.blocks, inputs)]
     for got, exp in zip(stacked(cap, "attention"), want):
         np.testing.assert_allclose(got, exp.numpy(), atol=1e-5)
+
+
+def test_adapter_parts_reproduce_the_attention(variant):
+    name, model = variant
+    assert_parts_describe_the_attention(model, normalised(_images(), model))
 
 
 def test_attention_grad_equals_autograd(variant):
