@@ -77,7 +77,8 @@ def stacked(cap, var: str) -> list[np.ndarray]:
 
 
 def zero_biases(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A bias-free copy: every Linear bias and EVA/BEiT/SwinV2-style q/v bias set to 0.
+    """A bias-free copy: every Linear bias, EVA/BEiT/SwinV2-style q/v bias and relative
+    position bias table set to 0.
 
     Linear weights are redrawn at unit gain (std 1/√fan_in) so every branch carries
     a real share of the relevance (timm's 0.02 init leaves the MLP branches with
@@ -91,7 +92,7 @@ def zero_biases(model: nn.Module, seed: int = 0) -> nn.Module:
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) / mod.weight.shape[1] ** 0.5)
             if isinstance(mod, nn.Linear) and mod.bias is not None:
                 mod.bias.zero_()
-            for name in ("q_bias", "k_bias", "v_bias"):
+            for name in ("q_bias", "k_bias", "v_bias", "relative_position_bias_table"):
                 p = getattr(mod, name, None)
                 if isinstance(p, torch.Tensor):
                     p.zero_()
@@ -242,6 +243,6 @@ def randomize_biases(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") and p.ndim == 1:
+            if (name.endswith("bias") and p.ndim == 1) or name.endswith("relative_position_bias_table"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return model
