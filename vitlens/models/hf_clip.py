@@ -38,22 +38,18 @@ def _pooled(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-@register_adapter
-class HFCLIPAdapter(HFAdapter):
-    """``CLIPModel``: the vision tower explained against text prompts."""
+class ImageTextAdapter(HFAdapter):
+    """Base of the image–text adapters: a pre-norm ViT vision tower scored against prompts.
 
-    family = "hf_clip"
+    Subclasses build :attr:`stages` and :attr:`final`, and say how the pooled
+    image embedding becomes the read-out (:meth:`_readout`) and how similarities
+    are formed (:attr:`logit_bias`).
+    """
+
     needs_text = True
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return transformers_class("CLIPModel")(model)
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        vision = model.vision_model
-        self.vision_config = model.config.vision_config
-        name = type(model).__name__
+    def _tower(self, vision: nn.Module, num_prefix: int) -> None:
+        name = type(self.model).__name__
         layers = list(vision.encoder.layers)
         if not layers:
             raise UnsupportedModelError(f"{name} has no vision layers.")
@@ -63,20 +59,18 @@ class HFCLIPAdapter(HFAdapter):
                       norm2=layer.layer_norm2, mlp=mlp_part(layer.mlp, f"{name} vision layer {i}"))
             for i, layer in enumerate(layers)
         ]
-        # the read-out takes the last layer's output tokens (post_layernorm acts on the CLS token only)
-        self.final = layers[-1]
         h, w = self.input_size
         p = int(self.vision_config.patch_size)
         self.stages = [StageInfo(index=0, parts=parts, layers=list(range(len(parts))), grid=(h // p, w // p),
-                                 stride=(p, p), num_heads=parts[0].attn.num_heads, num_prefix=1,
-                                 prefix_kinds=["cls"])]
+                                 stride=(p, p), num_heads=parts[0].attn.num_heads, num_prefix=num_prefix,
+                                 prefix_kinds=["cls"] * num_prefix)]
         self.prompts: list[str] = []
         self.text_embeds: torch.Tensor | None = None
         self.input_ids: torch.Tensor | None = None
 
     # -- prompts --------------------------------------------------------------------------
     def bind_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  prompts: list[str]) -> "HFCLIPAdapter":
+                  prompts: list[str]) -> "ImageTextAdapter":
         """This adapter with the prompts as its classes (text embeddings computed once)."""
         model = self.model
         device = next(model.parameters()).device
@@ -88,13 +82,11 @@ class HFCLIPAdapter(HFAdapter):
         self.text_embeds = t
         self.prompts = list(prompts)
         self.input_ids = input_ids.detach().cpu()
-        proj = model.visual_projection
-        head = nn.Linear(proj.in_features, len(prompts), bias=False).to(device, t.dtype)
-        with torch.no_grad():
-            head.weight.copy_(model.logit_scale.exp() * t @ proj.weight)
-        # post_layernorm on the CLS token, then W = scale · t̂ · W_proj (see the module docstring)
-        self.head = Readout("cls", head, fc_norm=model.vision_model.post_layernorm)
+        self.head = self._readout(t)
         return self
+
+    def _readout(self, text_embeds: torch.Tensor) -> Readout:
+        raise NotImplementedError
 
     def _bound(self) -> torch.Tensor:
         if self.text_embeds is None:
@@ -112,21 +104,58 @@ class HFCLIPAdapter(HFAdapter):
         self._bound()
         return list(self.prompts)
 
+    def logit_bias(self) -> torch.Tensor | float:
+        return 0.0
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``logits_per_image``: scaled cosine similarity of the image with every prompt."""
         t = self._bound()
         e = _pooled(self.model.get_image_features(pixel_values=x))
         e = e / e.norm(dim=-1, keepdim=True)
-        return self.model.logit_scale.exp() * e @ t.T
+        return self.model.logit_scale.exp() * e @ t.T + self.logit_bias()
+
+    def _similarity_head(self, text_embeds: torch.Tensor, projection: torch.Tensor | None) -> nn.Linear:
+        """``W = exp(logit_scale) · t̂ (· W_proj)`` as a Linear (see the module docstring)."""
+        weight = self.model.logit_scale.exp() * text_embeds
+        if projection is not None:
+            weight = weight @ projection
+        head = nn.Linear(weight.shape[1], weight.shape[0], bias=False).to(weight.device, weight.dtype)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+        return head
 
     def features(self) -> tuple[nn.Module, str]:
-        # the last layer's attention input (CLIP calls its attention with keywords: read norm1's output)
-        return self.parts[-1].norm1, "output"
+        if self.readout == "cls":  # the last layer's attention input (called with keywords: norm1's output)
+            return self.parts[-1].norm1, "output"
+        return super().features()
 
     def describe(self) -> dict[str, Any]:
         # the token ids let a widget capture again for another prompt (JSON: attrs stay flat)
         ids = [] if self.input_ids is None else self.input_ids.tolist()
         return {**super().describe(), "text_input_ids": json.dumps(ids)}
+
+
+@register_adapter
+class HFCLIPAdapter(ImageTextAdapter):
+    """``CLIPModel``: the vision tower explained against text prompts, read out at CLS."""
+
+    family = "hf_clip"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return transformers_class("CLIPModel")(model)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.vision_config = model.config.vision_config
+        self._tower(model.vision_model, num_prefix=1)
+        # the read-out takes the last layer's output tokens (post_layernorm acts on the CLS token only)
+        self.final = self.parts[-1].module
+
+    def _readout(self, text_embeds: torch.Tensor) -> Readout:
+        head = self._similarity_head(text_embeds, self.model.visual_projection.weight)
+        # post_layernorm on the CLS token, then W = scale · t̂ · W_proj
+        return Readout("cls", head, fc_norm=self.model.vision_model.post_layernorm)
 
 
 def _byte_chars() -> list[str]:
