@@ -137,3 +137,18 @@ def test_without_transformers_hf_names_name_the_extra():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ModelLoadError")
     assert 'pip install "vitlens[hf]"' in out.stdout
+
+
+def test_unsupported_transformers_models_are_refused_naming_the_supported_classes():
+    import numpy as np
+
+    import vitlens as vl
+    from vitlens.models import registry
+    from vitlens.models.hf_common import SUPPORTED, HFAdapter
+
+    explained = {c for a in registry.adapters() if issubclass(a, HFAdapter) for c in a.classes}
+    assert explained == set(SUPPORTED)
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                 image_size=16, patch_size=8)
+    with pytest.raises(vl.VitlensError, match="ViTModel: vitlens cannot explain .*ViTForImageClassification"):
+        vl.capture(transformers.ViTModel(cfg), np.zeros((1, 16, 16, 3)))

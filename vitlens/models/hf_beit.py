@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .adapter import StageInfo
-from .hf_common import HFAdapter, mlp_part, split_attention, transformers_class
+from .hf_common import HFAdapter, mlp_part, split_attention
 from .parts import BlockPart, Readout
 from .registry import register_adapter
 
@@ -33,10 +33,7 @@ class HFBeitAdapter(HFAdapter):
     """``transformers`` BEiT image classifiers."""
 
     family = "hf_beit"
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return transformers_class("BeitForImageClassification")(model)
+    classes = ("BeitForImageClassification",)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

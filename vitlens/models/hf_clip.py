@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import OptionError, UnsupportedModelError
 from .adapter import StageInfo
-from .hf_common import HFAdapter, mlp_part, split_attention, transformers_class
+from .hf_common import HFAdapter, mlp_part, split_attention
 from .parts import BlockPart, Readout
 from .registry import register_adapter
 
@@ -140,10 +140,7 @@ class HFCLIPAdapter(ImageTextAdapter):
     """``CLIPModel``: the vision tower explained against text prompts, read out at CLS."""
 
     family = "hf_clip"
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return transformers_class("CLIPModel")(model)
+    classes = ("CLIPModel",)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

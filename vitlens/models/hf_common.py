@@ -141,6 +141,12 @@ class HFAdapter(Adapter):
     """
 
     family = ""
+    #: the transformers classes (exact names) this adapter explains
+    classes: tuple[str, ...] = ()
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return transformers_class(*cls.classes)(model) if cls.classes else False
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -239,3 +245,30 @@ class HFAdapter(Adapter):
             return x
 
         return transform
+
+
+#: transformers classes vitlens explains, for messages (a test keeps it equal to the adapters' ``classes``).
+SUPPORTED = (
+    "ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher",
+    "Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification", "BeitForImageClassification",
+    "SwinForImageClassification", "CLIPModel", "SiglipModel",
+)
+
+
+def _any_transformers_model(model: nn.Module) -> bool:
+    return "transformers" in sys.modules and type(model).__module__.startswith("transformers.")
+
+
+def _refusal() -> None:
+    from .registry import register_refusal
+
+    register_refusal(
+        _any_transformers_model,
+        "this transformers class (a model without class or image-text logits, or a family vitlens has no "
+        "adapter for; a vision-only CLIP/SigLIP tower has no logits: load the full CLIPModel/SiglipModel "
+        "and pass text=[...])",
+        ", ".join(SUPPORTED),
+    )
+
+
+_refusal()

@@ -29,7 +29,6 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .hf_clip import ImageTextAdapter
-from .hf_common import transformers_class
 from .lrp_rules import linear_alphabeta, residual_add, safe_div
 from .parts import LinearPart, MlpPart, Readout
 from .registry import register_adapter
@@ -92,10 +91,7 @@ class HFSiglipAdapter(ImageTextAdapter):
     """``SiglipModel``: the vision tower (attention-pool head) explained against text prompts."""
 
     family = "hf_siglip"
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return transformers_class("SiglipModel")(model)
+    classes = ("SiglipModel",)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

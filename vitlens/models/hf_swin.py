@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .adapter import StageInfo
-from .hf_common import HFAdapter, mlp_part, split_attention, transformers_class
+from .hf_common import HFAdapter, mlp_part, split_attention
 from .parts import BlockPart, MergePart, Readout
 from .registry import register_adapter
 
@@ -61,10 +61,7 @@ class HFSwinAdapter(HFAdapter):
     """``transformers`` Swin v1 image classifiers."""
 
     family = "hf_swin"
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return transformers_class("SwinForImageClassification")(model)
+    classes = ("SwinForImageClassification",)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .adapter import StageInfo
-from .hf_common import HFAdapter, layer_scale, mlp_part, split_attention, transformers_class
+from .hf_common import HFAdapter, layer_scale, mlp_part, split_attention
 from .lrp_rules import linear_alphabeta, mean_lrp0
 from .parts import BlockPart, Readout
 from .registry import register_adapter
@@ -76,10 +76,7 @@ class HFViTAdapter(HFAdapter):
     """``transformers`` ViT, DeiT and DINOv2 image classifiers."""
 
     family = "hf_vit"
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return transformers_class(*_LAYOUTS)(model)
+    classes = tuple(_LAYOUTS)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
