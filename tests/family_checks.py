@@ -96,6 +96,12 @@ def zero_biases(model: nn.Module, seed: int = 0) -> nn.Module:
                 p = getattr(mod, name, None)
                 if isinstance(p, torch.Tensor):
                     p.zero_()
+        for mod in m.modules():  # after the Linears were redrawn
+            cpb = getattr(mod, "cpb_mlp", None)
+            if cpb is not None:  # SwinV2: 16·sigmoid(cpb) → 16·sigmoid(−100) ≈ 0, no position bias
+                cpb[0].weight.zero_()
+                cpb[0].bias.fill_(1.0)
+                cpb[2].weight.fill_(-100.0 / cpb[2].weight.shape[1])
     return m
 
 
