@@ -179,8 +179,8 @@ def test_capture_restores_attention_implementation_mode_and_hooks(implementation
         assert torch.equal(v, weights[k]), k
 
 
-def test_capture_restores_the_model_after_an_exception():
-    model = make_hf("deit")
+def test_capture_restores_the_model_after_an_exception(kind):
+    model = make_hf(kind)
     model.train()
     before = _state(model)
 
@@ -188,7 +188,7 @@ def test_capture_restores_the_model_after_an_exception():
         assert module.config._attn_implementation == hf_common.CAPTURE_ATTENTION  # switched while capturing
         raise RuntimeError("boom")
 
-    handle = model.deit.layers[1].attention.register_forward_hook(explode)
+    handle = adapter_for(model).parts[1].attn.module.register_forward_hook(explode)
     with pytest.raises(RuntimeError, match="boom"):
         vl.capture(model, _images())
     handle.remove()
