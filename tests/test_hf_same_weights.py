@@ -133,3 +133,23 @@ def test_all_seven_maps_agree_between_timm_and_transformers(pair):
         worst[name] = min(corrs)
     print("worst per-image correlation timm vs transformers:", worst)
     assert all(c > 0.999 for c in worst.values()), worst
+
+
+def test_widgets_show_the_same_panels_for_both_implementations(pair):
+    import vitlens as vl
+    from vitlens.widgets import Compare, Explorer, HeadGrid
+
+    model, hf = pair
+    hf.vitlens_image_processor = transformers.ViTImageProcessor(
+        size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    x = _images(1)
+    cap_timm, cap_hf = vl.capture(model, x), vl.capture(hf, x)
+    ex_t, ex_h = Explorer(cap_timm, layer=1), Explorer(cap_hf, layer=1)
+    for ex in (ex_t, ex_h):
+        ex.select_patch(2, 1)
+    maps_t, maps_h = ex_t.panel_maps(), ex_h.panel_maps()
+    assert set(maps_t) == set(maps_h)
+    for name in maps_t:
+        np.testing.assert_allclose(maps_h[name], maps_t[name], rtol=1e-3, atol=1e-5, err_msg=name)
+    HeadGrid(cap_hf, layer=2)
+    Compare(cap_hf)

@@ -183,3 +183,18 @@ def test_capture_restores_the_swin_after_an_exception(pair):
     assert all(m.training for m in model.modules())
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
     assert len(hf_common._PROBES) == 0
+
+
+def test_explorer_shows_the_same_panels_as_for_timm(pair):
+    from vitlens.widgets import Explorer, HeadGrid
+
+    model, hf = pair
+    x = _pixels(1)
+    ex_t, ex_h = Explorer(vl.capture(model, x), layer=1), Explorer(vl.capture(hf, x), layer=1)
+    for ex in (ex_t, ex_h):
+        ex.select_patch(3, 5)
+    maps_t, maps_h = ex_t.panel_maps(), ex_h.panel_maps()
+    for name in maps_t:
+        np.testing.assert_allclose(maps_h[name], maps_t[name], rtol=1e-3, atol=1e-5, err_msg=name)
+    assert len(ex_h.figure.data[ex_h._grid_trace].x) > 0  # windows drawn
+    HeadGrid(ex_h.cap, layer=3)
