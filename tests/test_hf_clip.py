@@ -185,3 +185,12 @@ def test_explorer_lists_the_prompts_and_recaptures_for_another_prompt(clip):
     assert recap.attrs["class_names"] == PROMPTS and int(recap.target.values[0]) == other
     direct = vl.capture(clip, cap.image.values, text=PROMPTS, target=other)
     np.testing.assert_allclose(recap["stage0"].attention_grad.values, direct["stage0"].attention_grad.values, atol=1e-6)
+
+
+def test_parts_describe_the_attention_the_model_computed(clip):
+    ad = bind_text(adapter_for(clip), PROMPTS)
+    with Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():
+        ad.logits(_pixels())
+        for layer, part in enumerate(ad.parts):
+            z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
+            torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4)

@@ -64,10 +64,12 @@ def make_hf(kind: str, seed: int = 0, attn_implementation: str = "sdpa") -> torc
     cfg = _config(kind)
     cfg._attn_implementation = attn_implementation
     model = getattr(transformers, _CLASSES[kind])(cfg).eval()
-    with torch.no_grad():  # the 0.02-std init makes attention uniform: give the weights some spread
-        for name, p in model.named_parameters():
+    with torch.no_grad():  # the 0.02-std init makes attention uniform: give the weights some spread,
+        for name, p in model.named_parameters():  # and the (zero-initialised) biases a value
             if p.ndim >= 2:
                 p.normal_(0, 0.3)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
     model.vitlens_image_processor = transformers.ViTImageProcessor(
         size={"height": SIZE, "width": SIZE}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.25, 0.3])
     return model
@@ -232,3 +234,30 @@ def test_load_model_hf_directory_gives_an_explainable_model(tmp_path):
     cap = vl.capture(loaded, _images())
     assert cap.attrs["model"] == f"hf:{tmp_path}"
     np.testing.assert_allclose(cap.logits.values, vl.capture(model, _images()).logits.values, rtol=1e-5, atol=1e-6)
+
+
+def test_parts_describe_the_attention_the_model_computed(kind, model):
+    """The LRP pass splits the logits of the model's real attention: recomputed from the adapter's
+    description (q/k/v maps, scale, position bias) they give the recorded probabilities."""
+    ad = adapter_for(model)
+    with Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():
+        ad.logits(_pixels(_images()))
+        for layer, part in enumerate(ad.parts):
+            z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
+            torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cell", [(0, 0), (3, 1), (2, 3)])
+def test_a_bright_patch_lights_its_own_token_and_pixels(cell):
+    """Token geometry: the token whose embedding changes most is the one at the lit cell's centre."""
+    model = make_hf("dinov2_registers")
+    black = np.zeros((1, SIZE, SIZE, 3), np.float32)
+    st = vl.capture(model, black, grads=False)["stage0"]
+    tok = int(np.flatnonzero((st.row.values == cell[0]) & (st.col.values == cell[1]))[0])
+    cy, cx = st.center_y.values[tok], st.center_x.values[tok]
+    img = black.copy()
+    img[:, int(cy) - PATCH // 2:int(cy) + PATCH // 2, int(cx) - PATCH // 2:int(cx) + PATCH // 2] = 1.0
+    lit = vl.capture(model, img, grads=False)["stage0"]
+    change = np.abs(lit.token_norm.values[0, 0] - st.token_norm.values[0, 0])
+    change[st.kind.values != "patch"] = -1
+    assert int(change.argmax()) == tok

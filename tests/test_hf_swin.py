@@ -198,3 +198,14 @@ def test_explorer_shows_the_same_panels_as_for_timm(pair):
         np.testing.assert_allclose(maps_h[name], maps_t[name], rtol=1e-3, atol=1e-5, err_msg=name)
     assert len(ex_h.figure.data[ex_h._grid_trace].x) > 0  # windows drawn
     HeadGrid(ex_h.cap, layer=3)
+
+
+def test_parts_describe_the_attention_the_model_computed(pair):
+    """Position bias + shift mask included: the description reproduces every window's probabilities."""
+    _, hf = pair
+    ad = adapter_for(hf)
+    with Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():
+        ad.logits(_pixels(2))
+        for layer, part in enumerate(ad.parts):
+            z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
+            torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4)

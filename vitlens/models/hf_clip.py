@@ -175,7 +175,7 @@ def save_random_clip(directory: str | Any, *, seed: int = 0, image_size: int = 3
     with single-character tokens (no merges), so any prompt tokenises; the image
     processor is ``CLIPImageProcessor`` at ``image_size``. Weight matrices are
     drawn with standard deviation ``spread`` (the library's 0.02 makes every
-    attention map nearly uniform). Its similarities mean nothing: it is random.
+    attention map nearly uniform), biases with ``spread / 3``. Its similarities mean nothing: it is random.
 
     Examples
     --------
@@ -202,9 +202,11 @@ def save_random_clip(directory: str | Any, *, seed: int = 0, image_size: int = 3
     torch.manual_seed(seed)
     model = transformers.CLIPModel(config).eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, spread)
+            elif name.endswith(".bias"):  # zero-initialised: give them a value too
+                p.normal_(0.0, spread / 3)
     size = {"shortest_edge": image_size}
     image_processor = transformers.CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size})
     processor = transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
