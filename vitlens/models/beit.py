@@ -38,6 +38,7 @@ class BeitAdapter(Adapter):
     """Token layout: the CLS token, then the patch grid row-major."""
 
     family = "beit"
+    timm_modules = ("beit",)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -91,6 +91,7 @@ class EvaAdapter(Adapter):
     """Token layout: ``num_prefix_tokens`` prefix tokens (CLS, registers), then the patch grid row-major."""
 
     family = "eva"
+    timm_modules = ("eva",)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

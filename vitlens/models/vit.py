@@ -116,6 +116,7 @@ class ViTAdapter(Adapter):
     """Token layout: ``num_prefix_tokens`` prefix tokens, then the patch grid row-major."""
 
     family = "vit"
+    timm_modules = ("vision_transformer", "vision_transformer_hybrid", "deit")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
