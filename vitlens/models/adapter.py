@@ -85,6 +85,8 @@ class Adapter:
     """
 
     family: str = ""
+    #: timm modules whose registered model names this family covers (for the coverage table)
+    timm_modules: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model

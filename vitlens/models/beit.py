@@ -38,6 +38,7 @@ class BeitAdapter(Adapter):
     """Token layout: the CLS token, then the patch grid row-major."""
 
     family = "beit"
+    timm_modules = ("beit",)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -73,8 +74,8 @@ class BeitAdapter(Adapter):
             ))
         if not isinstance(model.head, nn.Linear):
             raise UnsupportedModelError(
-                f"{name} has no classifier head ({type(model.head).__name__}); vitlens explains class "
-                "logits: create the model with num_classes > 0."
+                f"{name} has no classifier head (num_classes=0, its head is {type(model.head).__name__}), "
+                "so it has no class logits to explain."
             )
         num_prefix = int(model.num_prefix_tokens)
         pool = model.global_pool

@@ -91,6 +91,7 @@ class EvaAdapter(Adapter):
     """Token layout: ``num_prefix_tokens`` prefix tokens (CLS, registers), then the patch grid row-major."""
 
     family = "eva"
+    timm_modules = ("eva",)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -141,8 +142,8 @@ class EvaAdapter(Adapter):
         name = type(model).__name__
         if not isinstance(model.head, nn.Linear):
             raise UnsupportedModelError(
-                f"{name} has no classifier head ({type(model.head).__name__}); vitlens explains class "
-                "logits: create the model with num_classes > 0."
+                f"{name} has no classifier head (num_classes=0, its head is {type(model.head).__name__}), "
+                "so it has no class logits to explain."
             )
         if getattr(model, "attn_pool", None) is not None:
             return attention_pool_readout(model, model.attn_pool, 0)  # EVA pools over every token

@@ -14,8 +14,8 @@ and, where one exists, a supported model to use instead.
 Examples
 --------
 >>> from vitlens.models import registry
->>> [a.family for a in registry.adapters()][:2]
-['vit', 'swin']
+>>> [a.family for a in registry.adapters()]
+['vit', 'swin', 'eva', 'beit', 'swinv2']
 """
 
 from __future__ import annotations
@@ -103,10 +103,14 @@ def _load() -> None:
         pass
 
 
+_FAMILY_ORDER = ("vit", "swin", "eva", "beit", "swinv2")  # built-ins first, whatever the import order
+
+
 def adapters() -> list[type[Adapter]]:
     """The registered adapter classes, in the order :func:`adapter_for` tries them."""
     _load()
-    return list(_ADAPTERS)
+    rank = {f: i for i, f in enumerate(_FAMILY_ORDER)}
+    return sorted(_ADAPTERS, key=lambda a: rank.get(a.family, len(rank)))  # stable for the rest
 
 
 def families() -> list[str]:

@@ -33,6 +33,7 @@ class SwinAdapter(Adapter):
     """
 
     family = "swin"
+    timm_modules = ("swin_transformer",)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

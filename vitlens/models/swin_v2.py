@@ -55,6 +55,7 @@ class SwinV2Adapter(Adapter):
     """
 
     family = "swinv2"
+    timm_modules = ("swin_transformer_v2",)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -116,6 +116,7 @@ class ViTAdapter(Adapter):
     """Token layout: ``num_prefix_tokens`` prefix tokens, then the patch grid row-major."""
 
     family = "vit"
+    timm_modules = ("vision_transformer", "vision_transformer_hybrid", "deit")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -150,8 +151,8 @@ class ViTAdapter(Adapter):
         head = model.head
         if not isinstance(head, nn.Linear):
             raise UnsupportedModelError(
-                f"{name} has no classifier head ({type(head).__name__}); vitlens explains class "
-                "logits: create the model with num_classes > 0."
+                f"{name} has no classifier head (num_classes=0, its head is {type(head).__name__}), "
+                "so it has no class logits to explain."
             )
         pool = getattr(model, "global_pool", "token")
         with_prefix = bool(getattr(model, "pool_include_prefix", False))
