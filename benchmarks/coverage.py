@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     results = run(args.limit, Path(args.cache) if args.cache else None)
-    _atomic_write(Path(args.out), report(results))
+    from vitlens.models.hf_catalog import section as transformers_rows
+
+    _atomic_write(Path(args.out), report(results) + transformers_rows())
     if args.limit is None:
         _atomic_write(ROOT / "benchmarks" / "coverage_subset.json", json.dumps(subset(results), indent=1) + "\n")
     c = Counter(r["status"] for r in results)
