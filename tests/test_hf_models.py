@@ -261,3 +261,14 @@ def test_a_bright_patch_lights_its_own_token_and_pixels(cell):
     change = np.abs(lit.token_norm.values[0, 0] - st.token_norm.values[0, 0])
     change[st.kind.values != "patch"] = -1
     assert int(change.argmax()) == tok
+
+
+def test_any_attention_implementation_is_switched_for_the_capture_and_restored():
+    """flash attention needs its kernel (and a GPU) to run; capture never calls it: the config's
+    implementation is swapped for vitlens' explicit one and put back."""
+    model = make_hf("vit")
+    reference = vl.capture(model, _images()).logits.values
+    model.config._attn_implementation_internal = "flash_attention_2"
+    cap = vl.capture(model, _images())
+    assert model.config._attn_implementation == "flash_attention_2"
+    np.testing.assert_allclose(cap.logits.values, reference, rtol=1e-6, atol=1e-6)

@@ -14,7 +14,7 @@ and, where one exists, a supported model to use instead.
 Examples
 --------
 >>> from vitlens.models import registry
->>> [a.family for a in registry.adapters()]
+>>> [a.family for a in registry.adapters()][:5]  # timm families first; transformers ones (hf_*) follow
 ['vit', 'swin', 'eva', 'beit', 'swinv2']
 """
 
