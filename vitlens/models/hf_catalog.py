@@ -46,6 +46,9 @@ def _config(transformers: Any, name: str) -> Any:
         return transformers.Dinov2Config(mlp_ratio=2, **tower, **_IMAGE)
     if name.startswith("Beit"):
         return transformers.BeitConfig(use_relative_position_bias=True, **_TOWER, **_IMAGE)
+    if name.startswith("Swinv2"):
+        return transformers.Swinv2Config(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                         window_size=4, mlp_ratio=2.0)
     if name.startswith("Swin"):
         return transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                                        window_size=4, mlp_ratio=2)
@@ -92,6 +95,12 @@ def _bias_free(model: nn.Module) -> nn.Module:
                 p = getattr(mod, attr, None)
                 if isinstance(p, nn.Parameter) and (attr != "bias" or isinstance(mod, (nn.Linear, nn.MultiheadAttention))):
                     p.zero_()
+        for mod in m.modules():
+            cpb = getattr(mod, "continuous_position_bias_mlp", None)
+            if cpb is not None:  # Swinv2: 16·sigmoid(−100) ≈ 0
+                cpb[0].weight.zero_()
+                cpb[0].bias.fill_(1.0)
+                cpb[2].weight.fill_(-100.0 / cpb[2].weight.shape[1])
     return m
 
 

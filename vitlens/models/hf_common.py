@@ -251,7 +251,7 @@ class HFAdapter(Adapter):
 SUPPORTED = (
     "ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher",
     "Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification", "BeitForImageClassification",
-    "SwinForImageClassification", "CLIPModel", "SiglipModel",
+    "SwinForImageClassification", "Swinv2ForImageClassification", "CLIPModel", "SiglipModel",
 )
 
 
