@@ -194,3 +194,11 @@ def test_parts_describe_the_attention_the_model_computed(clip):
         for layer, part in enumerate(ad.parts):
             z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
             torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_from_from_pretrained_finds_its_processors_beside_the_weights(clip, clip_dir):
+    model = transformers.CLIPModel.from_pretrained(clip_dir).eval()  # not through vl.load_model
+    assert not hasattr(model, "vitlens_text_processor") and not hasattr(model, "vitlens_image_processor")
+    cap = vl.capture(model, _pixels(), text=PROMPTS)
+    np.testing.assert_allclose(cap.logits.values, vl.capture(clip, _pixels(), text=PROMPTS).logits.values, atol=1e-6)
+    assert cap.attrs["mean"] == list(clip.vitlens_image_processor.image_mean)
