@@ -51,9 +51,16 @@ def registry_names() -> dict[str, list[str]]:
 
 def tiny_kwargs(name: str) -> dict[str, Any]:
     """Reduced depth and a small input for ``name`` (stage grids stay multiples of their windows)."""
+    import re
+
     if name.startswith("swin"):
         return dict(img_size=SIZE, window_size=4, depths=(DEPTH, DEPTH, 1, 1), num_classes=5)
-    return dict(img_size=SIZE, depth=DEPTH, num_classes=5)
+    patch = re.search(r"patch(\d+)", name)
+    size = SIZE
+    if patch:  # a whole number of patches (some embeddings insist): 70 px for patch 14
+        p = int(patch.group(1))
+        size = p * max(2, round(SIZE / p))
+    return dict(img_size=size, depth=DEPTH, num_classes=5)
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
