@@ -252,3 +252,29 @@ def randomize_biases(model: nn.Module, seed: int = 0) -> nn.Module:
             if (name.endswith("bias") and p.ndim == 1) or name.endswith("relative_position_bias_table"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return model
+
+
+CLASS_SPECIFIC = ("transformer_attribution", "generic_attention", "tokentm", "gradcam")
+CLASS_AGNOSTIC = ("attention", "rollout", "lnstat")
+
+
+def assert_targets_differ(model: nn.Module, size: tuple[int, int]) -> None:
+    """Random-initialised model: class-specific maps of two targets on the same image differ
+    (far above float noise); the class-agnostic ones agree.
+
+    At random init the maps are partly degenerate, so only what holds there is asserted:
+    tokentm always differs; with a CLS read-out transformer attribution and generic
+    attention differ too. Under average and attention-pool read-outs those two are
+    ``uniform row + Ē`` with ``Ē`` ~1e-9 at random init, flat in float32 (the numerical
+    issue of class-specific maps under an average read-out, a separate methods issue),
+    and Grad-CAM's ReLU can zero a random model's map.
+    """
+    img = np.random.default_rng(8).random((1, *size, 3)).astype(np.float32)
+    cap = vl.capture(model, np.concatenate([img, img]), target=[0, 1])
+    maps = vl.explain(cap, "all", per_layer=False)
+    must = ["tokentm"] + (["transformer_attribution", "generic_attention"] if cap.attrs["readout"] == "cls" else [])
+    for m in must:
+        a, b = vl.normalize(maps[m]).values
+        assert np.abs(a - b).max() > 1e-4, m
+    for m in CLASS_AGNOSTIC:
+        np.testing.assert_allclose(maps[m].values[0], maps[m].values[1], rtol=1e-5, atol=1e-7, err_msg=m)

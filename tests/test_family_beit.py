@@ -14,6 +14,7 @@ from family_checks import (
     assert_geometry,
     assert_parts_describe_the_attention,
     assert_state_restored,
+    assert_targets_differ,
     attention_grads_by_probe,
     attention_inputs,
     normalised,
@@ -113,3 +114,8 @@ def test_all_maps_finite_and_state_restored(beit):
 
 def test_token_geometry():
     assert_geometry(make("beit_base_patch16_224"), (64, 64))
+
+
+def test_class_specific_maps_differ_between_targets(beit):
+    key, model = beit  # random init
+    assert_targets_differ(model, (64, 64))

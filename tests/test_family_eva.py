@@ -17,6 +17,7 @@ from family_checks import (
     assert_geometry,
     assert_parts_describe_the_attention,
     assert_state_restored,
+    assert_targets_differ,
     attention_grads_by_probe,
     attention_inputs,
     normalised,
@@ -150,3 +151,8 @@ def test_dynamic_img_size_with_rotary_at_another_size():
     for got, exp in zip(stacked(cap, "attention"), want):
         np.testing.assert_allclose(got, exp.numpy(), atol=1e-5)
     assert_all_maps_finite(cap)
+
+
+def test_class_specific_maps_differ_between_targets(eva):
+    name, model, size = eva  # random init
+    assert_targets_differ(model, size)

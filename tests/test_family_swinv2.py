@@ -16,6 +16,7 @@ from family_checks import (
     assert_conserved,
     assert_parts_describe_the_attention,
     assert_state_restored,
+    assert_targets_differ,
     attention_grads_by_probe,
     normalised,
     randomize_biases,
@@ -34,10 +35,17 @@ KW = dict(img_size=64, window_size=4, depths=(2, 2), num_heads=(2, 4), embed_dim
 def swinv2():
     torch.manual_seed(0)
     model = randomize_biases(timm.create_model("swinv2_tiny_window8_256", **KW).eval())
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a logit scale away from its init value (log 10) on every head
         for m in model.modules():
             if hasattr(m, "logit_scale"):
                 m.logit_scale.uniform_(0.5, 3.0)
+        # SwinV2 initialises its res-post-norm weights to 0: every branch starts switched off,
+        # so attention gradients and relevances would all be exactly 0. Switch them on.
+        for blk in model.modules():
+            if type(blk).__name__ == "SwinTransformerV2Block":
+                for norm in (blk.norm1, blk.norm2):
+                    norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=g))
     return model
 
 
@@ -76,6 +84,14 @@ def swinv2_attention_by_hand(model, x):
                 out.append(probs.view(x.shape[0], nw, a.num_heads, n, n).transpose(1, 2))
                 h = blk(h)
     return out
+
+
+def test_branches_are_live(swinv2):
+    """Guards the fixture: a model whose branches are switched off would pass every check trivially."""
+    cap = vl.capture(swinv2, _images())
+    for s in ("stage0", "stage1"):
+        assert np.abs(cap[s].attention_grad.values).max(axis=(0, 2, 3, 4, 5)).min() > 1e-6
+        assert np.abs(cap[s].attention_relevance.values).max() > 1e-6
 
 
 def test_layout_has_windows_shifts_and_merges(swinv2):
@@ -137,3 +153,7 @@ def test_stage_strides_place_tokens_on_pixels(swinv2):
     cap = vl.capture(swinv2, _images(1), grads=False)
     np.testing.assert_allclose(cap["stage1"].center_y.values[:8], 4.0)  # first row: centre of rows 0..7
     np.testing.assert_allclose(cap["stage1"].center_x.values[:3], [4.0, 12.0, 20.0])
+
+
+def test_class_specific_maps_differ_between_targets(swinv2):
+    assert_targets_differ(swinv2, (64, 64))  # random init

@@ -19,6 +19,7 @@ from family_checks import (
     assert_parts_describe_the_attention,
     assert_receptive_field_centres,
     assert_state_restored,
+    assert_targets_differ,
     attention_grads_by_probe,
     attention_inputs,
     normalised,
@@ -274,3 +275,8 @@ def test_refusals_name_the_block_or_head_and_never_suggest_changing_the_model(kw
     for n in names:
         assert n in msg
     assert "global_pool='token'" not in msg and "Create the model" not in msg
+
+
+def test_class_specific_maps_differ_between_targets(variant):
+    name, model = variant  # random init (the shipped trained models are checked in test_methods.py)
+    assert_targets_differ(model, (32, 32))

@@ -51,9 +51,16 @@ def registry_names() -> dict[str, list[str]]:
 
 def tiny_kwargs(name: str) -> dict[str, Any]:
     """Reduced depth and a small input for ``name`` (stage grids stay multiples of their windows)."""
+    import re
+
     if name.startswith("swin"):
         return dict(img_size=SIZE, window_size=4, depths=(DEPTH, DEPTH, 1, 1), num_classes=5)
-    return dict(img_size=SIZE, depth=DEPTH, num_classes=5)
+    patch = re.search(r"patch(\d+)", name)
+    size = SIZE
+    if patch:  # a whole number of patches (some embeddings insist): 70 px for patch 14
+        p = int(patch.group(1))
+        size = p * max(2, round(SIZE / p))
+    return dict(img_size=size, depth=DEPTH, num_classes=5)
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -62,11 +69,24 @@ def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     kwargs = tiny_kwargs(name)
     try:
-        return timm.create_model(name, pretrained=False, **kwargs).eval()
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
     except TypeError:  # a create function that fixes some of these arguments
         kwargs.pop("depth", None)
         kwargs.pop("depths", None)
-        return timm.create_model(name, pretrained=False, **kwargs).eval()
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    return switch_on(model, seed)
+
+
+def switch_on(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give zero-initialised norm weights (SwinV2's res-post-norms start at 0, switching every
+    branch off) values around 1, so a random-init check exercises every branch."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(mod, nn.LayerNorm) and isinstance(w, torch.Tensor) and not w.any():
+                w.copy_(1 + 0.3 * torch.randn(w.shape, generator=g))
+    return model
 
 
 def bias_free(model: nn.Module) -> nn.Module:

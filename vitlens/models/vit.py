@@ -44,12 +44,17 @@ def vit_block_part(block: nn.Module, where: str) -> BlockPart:
 
     if type(block) not in (Block, ResPostBlock):
         raise UnsupportedModelError(
-            f"{where} is a {type(block).__name__}; vitlens explains timm's Block (pre-norm) and "
-            "ResPostBlock (res-post-norm), not parallel or differential-attention blocks."
+            f"{where} is a {type(block).__name__} (parallel attention and MLP branches); vitlens explains "
+            "timm's Block (pre-norm) and ResPostBlock (res-post-norm). Supported models of a similar "
+            "size: vit_small_patch16_224, vit_base_patch16_224, vit_large_patch16_224."
         )
     attn = block.attn
     if type(attn) is not Attention:
-        raise UnsupportedModelError(f"{where} has {type(attn).__name__} attention; vitlens explains timm's Attention.")
+        raise UnsupportedModelError(
+            f"{where} has {type(attn).__name__} attention (differential or other non-softmax-probability "
+            "attention); vitlens explains timm's Attention. Supported models of a similar kind: "
+            "vit_wee_patch16_reg1_gap_256, vit_little_patch16_reg1_gap_256 (the same models with softmax attention)."
+        )
     if getattr(attn, "gate", None) is not None:
         raise UnsupportedModelError(f"{where} has gated attention (a sigmoid gate on the heads), which vitlens cannot explain.")
     part = AttentionPart(
