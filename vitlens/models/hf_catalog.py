@@ -161,8 +161,8 @@ def section() -> str:
              "each class every transformers adapter lists, built from a tiny config (2 blocks per stage, 32 px), "
              "random init; image-text models against three token-id prompts. "
              f"**{ok} of {len(results)} classes explained.**", "",
-             "| class | family | status | LRP leak | seconds | reason |", "|---|---|---|---:|---:|---|"]
+             "| class | family | status | LRP leak | reason |", "|---|---|---|---:|---|"]
     for r in results:
         reason = r.reason.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| `{r.name}` | {r.config or '-'} | {r.status} | {r.leak:.1e} | {r.seconds:.1f} | {reason} |")
+        lines.append(f"| `{r.name}` | {r.config or '-'} | {r.status} | {r.leak:.1e} | {reason} |")
     return "\n".join(lines) + "\n"
