@@ -152,3 +152,16 @@ def test_unsupported_transformers_models_are_refused_naming_the_supported_classe
                                  image_size=16, patch_size=8)
     with pytest.raises(vl.VitlensError, match="ViTModel: vitlens cannot explain .*ViTForImageClassification"):
         vl.capture(transformers.ViTModel(cfg), np.zeros((1, 16, 16, 3)))
+
+
+def test_an_older_transformers_is_refused_with_the_upgrade_to_run(monkeypatch):
+    import vitlens as vl
+
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                 image_size=16, patch_size=8, num_labels=2)
+    model = transformers.ViTForImageClassification(cfg)
+    from vitlens.models import hf_common
+
+    monkeypatch.setattr(hf_common, "transformers_version", lambda: "4.46.0")
+    with pytest.raises(vl.UnsupportedModelError, match=r"transformers >= 5 \(installed: 4.46.0\).*--upgrade"):
+        vl.models.adapter_for(model)

@@ -39,6 +39,13 @@ _PROBES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDict
 _registered = False
 
 
+def transformers_version() -> str:
+    """The installed ``transformers`` version (imports it)."""
+    import transformers
+
+    return str(transformers.__version__)
+
+
 def transformers_class(*names: str) -> Callable[[nn.Module], bool]:
     """A ``matches`` test: ``type(model)`` is one of ``transformers``' classes ``names``.
 
@@ -151,6 +158,12 @@ class HFAdapter(Adapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.vision_config: Any = model.config
+        version = transformers_version()
+        if int(version.split(".")[0]) < 5:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: vitlens explains the module layout and attention interface of "
+                f"transformers >= 5 (installed: {version}); upgrade it: {HF_EXTRA} --upgrade"
+            )
 
     # -- geometry ---------------------------------------------------------------------
     @property
