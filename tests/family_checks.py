@@ -255,7 +255,9 @@ def randomize_biases(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 CLASS_SPECIFIC = ("transformer_attribution", "generic_attention", "tokentm", "gradcam")
-CLASS_AGNOSTIC = ("attention", "rollout", "lnstat")
+from vitlens.methods import METHOD_INFO  # noqa: E402
+
+CLASS_AGNOSTIC = tuple(name for name, info in METHOD_INFO.items() if not info.class_specific)
 
 
 def assert_targets_differ(model: nn.Module, size: tuple[int, int]) -> None:

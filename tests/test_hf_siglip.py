@@ -16,7 +16,8 @@ from vitlens.capture.relevance import attention_relevance  # noqa: E402
 from vitlens.capture.text import bind_text  # noqa: E402
 from vitlens.models import adapter_for, hf_common  # noqa: E402
 
-CLASS_SPECIFIC = ("gradcam", "transformer_attribution", "generic_attention", "tokentm")
+CLASS_SPECIFIC = tuple(name for name, info in vl.methods.METHOD_INFO.items() if info.class_specific)
+
 
 
 def make_siglip(seed: int = 0) -> torch.nn.Module:
