@@ -31,6 +31,8 @@ class Batch:
 
 def data_config(adapter: Adapter) -> dict[str, Any]:
     """timm's data config with the model's *real* input size (not the pretrained one)."""
+    if hasattr(adapter, "data_config"):  # e.g. from a transformers image processor
+        return adapter.data_config()
     from timm.data import resolve_data_config
 
     h, w = adapter.input_size
@@ -176,7 +178,7 @@ def prepare(images: Any, adapter: Adapter) -> Batch:
             )
         if x.shape[0] == 0:
             raise ImageError("empty batch: pass at least one image.")
-        if tuple(x.shape[-2:]) != (h, w):
+        if tuple(x.shape[-2:]) != (h, w) and not adapter.dynamic_size:  # dynamic: any size
             raise ImageError(
                 f"this model takes {h}×{w} inputs; the tensor is {x.shape[-2]}×{x.shape[-1]}. "
                 "Resize it, or pass the picture as an array or PIL image so vitlens applies "
@@ -213,6 +215,8 @@ def prepare(images: Any, adapter: Adapter) -> Batch:
             displays.append(rgb[None])
             continue
         else:
+            if transform is None and hasattr(adapter, "eval_transform"):
+                transform = adapter.eval_transform()
             if transform is None:
                 from timm.data import create_transform
 

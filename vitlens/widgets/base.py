@@ -118,14 +118,18 @@ class ClassChoice:
         return self.recaptures.get(key, lambda: self._recapture(sample, c)), 0, key
 
     def _recapture(self, sample: int, c: int) -> xr.DataTree:
+        import torch
+
         from ..capture import capture
 
         self.status.value = f"capturing sample {sample} again to explain {self.names[c]!r}…"
         try:
             options = json.loads(self.cap.attrs.get("options", "{}"))
             image = np.asarray(self.cap["image"].isel(sample=[sample]).values, dtype=np.float32)
+            ids = json.loads(self.cap.attrs.get("text_input_ids", "[]"))  # image-text models: the same prompts
+            text = {"text": torch.tensor(ids)} if ids else {}
             return capture(self.model, image, target=c, keep=options.get("keep", "all"),
-                           grads=options.get("grads", True), progress=False)
+                           grads=options.get("grads", True), progress=False, **text)
         finally:
             self.status.value = ""
 
