@@ -92,6 +92,10 @@ def zero_biases(model: nn.Module, seed: int = 0) -> nn.Module:
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) / mod.weight.shape[1] ** 0.5)
             if isinstance(mod, nn.Linear) and mod.bias is not None:
                 mod.bias.zero_()
+            for attr in ("gamma", "gamma_1", "gamma_2"):  # LayerScale at 1: every branch carries relevance
+                p = getattr(mod, attr, None)
+                if isinstance(p, torch.Tensor) and p.ndim == 1:
+                    p.fill_(1.0)
             for name in ("q_bias", "k_bias", "v_bias", "relative_position_bias_table"):
                 p = getattr(mod, name, None)
                 if isinstance(p, torch.Tensor):
