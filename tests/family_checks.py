@@ -258,8 +258,7 @@ def randomize_biases(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-CLASS_SPECIFIC = ("transformer_attribution", "generic_attention", "tokentm", "gradcam")
-CLASS_AGNOSTIC = ("attention", "rollout", "lnstat")
+CLASS_AGNOSTIC = tuple(m for m in vl.METHODS if not vl.methods.METHOD_INFO[m].class_specific)
 
 
 def assert_targets_differ(model: nn.Module, size: tuple[int, int]) -> None:

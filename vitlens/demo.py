@@ -64,7 +64,7 @@ def main(argv: Sequence[str] = ()) -> int:
         written.append(figures.save(fig, out / f"{name}-methods.html"))
         steps.update()
         written.append(figures.save(figures.layers(cap, "lnstat", sample=0), out / f"{name}-lnstat-by-layer.png"))
-        written.append(vl.save(cap, out / f"{name}-capture.nc"))
+        written.append(vl.save(cap, out / f"{name}-capture.nc", overwrite=True))  # the demo owns its folder
         steps.update()
         if args.eval:
             steps.set_postfix_str(f"{name}: metrics on {args.eval} images")

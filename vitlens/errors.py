@@ -16,6 +16,11 @@ __all__ = [
     "ModelLoadError",
     "OptionError",
     "ExportError",
+    "CaptureError",
+    "DeviceError",
+    "ResumeError",
+    "StorageError",
+    "StoreLockedError",
 ]
 
 
@@ -49,3 +54,23 @@ class OptionError(VitlensError, ValueError):
 
 class ExportError(VitlensError, RuntimeError):
     """A figure could not be written to an image file (missing exporter or browser)."""
+
+
+class CaptureError(VitlensError, RuntimeError):
+    """The model ran but produced something vitlens will not store (NaN/inf logits or maps)."""
+
+
+class DeviceError(VitlensError, RuntimeError):
+    """The requested device is not available, or does not match where the model lives."""
+
+
+class ResumeError(VitlensError, ValueError):
+    """``resume=True`` was asked of a store that this run must not continue or modify."""
+
+
+class StorageError(VitlensError, OSError):
+    """A capture could not be written (disk full, I/O error); nothing saved before was lost."""
+
+
+class StoreLockedError(StorageError):
+    """Another live process is writing the same store."""

@@ -27,18 +27,10 @@ import numpy as np
 import xarray as xr
 
 from .errors import ExportError, OptionError
-from .methods import METHODS, explain, normalize, to_pixels
+from .methods import METHOD_INFO, METHODS, explain, normalize, to_pixels
 
 DEFAULT_COLORSCALE = "Inferno"
-TITLES = {
-    "attention": "Attention",
-    "rollout": "Rollout",
-    "gradcam": "Grad-CAM",
-    "transformer_attribution": "Transformer Attr.",
-    "generic_attention": "Generic Attention",
-    "lnstat": "LN-statistic",
-    "tokentm": "TokenTM",
-}
+TITLES = {name: info.title for name, info in METHOD_INFO.items()}  # from the method registry
 
 
 # -- colour ------------------------------------------------------------------------------
@@ -199,8 +191,8 @@ def layers(
     """
     from plotly.subplots import make_subplots
 
-    if method == "gradcam" or method not in METHODS:
-        raise OptionError(f"layers() needs a method with a per-layer form: {[m for m in METHODS if m != 'gradcam']}.")
+    if method not in METHODS or not METHOD_INFO[method].per_layer:
+        raise OptionError(f"layers() needs a method with a per-layer form: {[m for m in METHODS if METHOD_INFO[m].per_layer]}.")
     n = int(cap["sample"].size)
     if not 0 <= sample < n:
         raise OptionError(f"sample {sample} out of range 0..{n - 1}.")

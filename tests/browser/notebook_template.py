@@ -29,7 +29,7 @@ vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, num_c
                         embed_dim=48, depth=4, num_heads=3).eval()
 vit.vitlens_class_names = list(CLASS_NAMES)
 vit_cap = vl.capture(vit, images)
-vl.save(vit_cap, os.path.join(HERE, "vit.nc"))
+vl.save(vit_cap, os.path.join(HERE, "vit.nc"), overwrite=True)
 explorer = Explorer(vit_cap, vit)
 explorer
 """
@@ -43,7 +43,7 @@ torch.manual_seed(1)
 swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, patch_size=4, window_size=4, num_classes=8,
                          embed_dim=24, depths=(2, 2), num_heads=(2, 4)).eval()
 swin_cap = vl.capture(swin, images)
-vl.save(swin_cap, os.path.join(HERE, "swin.nc"))
+vl.save(swin_cap, os.path.join(HERE, "swin.nc"), overwrite=True)
 Explorer(swin_cap)
 """
 

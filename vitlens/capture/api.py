@@ -17,6 +17,7 @@ from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
 from .hooks import Recorder
 from .images import prepare
+from .validate import check_finite, check_model
 from .windows import window_tokens
 
 #: What ``capture(keep=...)`` can store. ``"all"`` (default) stores everything.
@@ -77,6 +78,8 @@ def class_names(model: nn.Module, num_classes: int) -> list[str]:
 def _resolve_target(target: Any, n: int, names: Sequence[str]) -> np.ndarray | None:
     if target is None:
         return None
+    if isinstance(target, (bool, np.bool_, float, np.floating)):
+        raise TargetError(f"target={target!r}: pass a class index (int), a class name, one per image, or None.")
     if isinstance(target, (str, int, np.integer)):
         target = [target] * n
     values = list(np.asarray(target, dtype=object).ravel()) if not isinstance(target, list) else target
@@ -225,7 +228,9 @@ def capture(
         batch_size = 32
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
+    device = check_model(model, device, grads)
     if store is not None:
+        from .fingerprint import run_fingerprint
         from .stream import capture_to_store
 
         def capture_batch(part: Any, part_target: Any, offset: int) -> xr.DataTree:
@@ -236,8 +241,9 @@ def capture(
             )
             return tree
 
+        fingerprint = run_fingerprint(model, images, target, {"grads": grads, "keep": sorted(kept), "dtype": dtype})
         return capture_to_store(capture_batch, images, store, target=target, batch_size=int(batch_size),
-                                resume=resume, progress=progress)
+                                resume=resume, progress=progress, fingerprint=fingerprint)
     if resume:
         raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
 
@@ -248,9 +254,6 @@ def capture(
     names = class_names(model, num_classes)
     targets = _resolve_target(target, n, names)
     param = next(model.parameters(), None)
-    if device is None:
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
     model_dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
 
     relevance = "attention_relevance" in kept
@@ -269,6 +272,7 @@ def capture(
             x = batch.pixels[start : start + batch_size].to(device, model_dtype)
             _run_batch(adapter, rec, x, targets, start, kept, grads, relevance, stores)
 
+    check_finite(stores.items())
     tree = _assemble(adapter, model, batch, stores, names, kept, dtype, grads)
     samples = _input_samples(images, n)
     if samples is not None:  # keep the caller's labels (e.g. a subset of a dataset)
