@@ -19,5 +19,5 @@ i, j = 0, 1
 images = np.stack([one.image.values[i], two.image.values[j], two.image.values[j]])
 targets = [int(one.label.values[i, 0]), int(two.label.values[j, 0]), int(two.label.values[j, 1])]
 cap = vl.capture(model, images, target=targets)
-fig = vl.figures.grid(cap, cell=130)
-vl.figures.save(fig, Path(__file__).with_name("methods.png"), dpi=96)
+fig = vl.figures.grid(cap, cell=1.6)
+vl.figures.save(fig, Path(__file__).with_name("methods.png"), dpi=110)

@@ -36,3 +36,15 @@ def test_python_requirement_matches():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["requires-python"] == ">=3.10"
     assert "python>=3.10" in (ROOT / "environment.yml").read_text()
+
+
+def test_license_is_an_spdx_string_so_setuptools_does_not_warn():
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert data["project"]["license"] == "MIT"  # a TOML table warns (deprecated) on every build
+    assert any(r.startswith("setuptools>=77") for r in data["build-system"]["requires"])
+
+
+def test_static_figures_need_matplotlib_not_a_browser():
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!\[ ]", r)[0] for r in core}
+    assert "matplotlib" in names and "kaleido" not in names

@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 from . import datasets, figures, methods, metrics, models, widgets
 from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
+from .figures import plot
 from .errors import (
     CaptureError,
     CaptureFormatError,
@@ -24,6 +25,7 @@ from .errors import (
     ImageError,
     ModelLoadError,
     OptionError,
+    RandomWeightsWarning,
     ResumeError,
     StorageError,
     StoreLockedError,
@@ -34,12 +36,14 @@ from .errors import (
 from .methods import METHODS, explain, normalize, to_pixels
 from .metrics import evaluate
 from .models import load_model
-from .widgets import Compare, Explorer, HeadGrid
+from .widgets import Compare, Explorer, HeadGrid, ModelView, TokenCurves
 
 __all__ = [
     "Compare",
     "Explorer",
     "HeadGrid",
+    "ModelView",
+    "TokenCurves",
     "KEEP_GROUPS",
     "METHODS",
     "CaptureError",
@@ -49,6 +53,7 @@ __all__ = [
     "ImageError",
     "ModelLoadError",
     "OptionError",
+    "RandomWeightsWarning",
     "ResumeError",
     "StorageError",
     "StoreLockedError",
@@ -68,5 +73,6 @@ __all__ = [
     "metrics",
     "models",
     "open",
+    "plot",
     "save",
 ]

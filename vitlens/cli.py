@@ -61,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(COMMANDS[args.command][0](argv[1:]) or 0)
-    except VitlensError as exc:
-        print(f"vitlens {args.command}: {exc}", file=sys.stderr)
+    except VitlensError as exc:  # an error may carry its advice in command-line words (--checkpoint, not checkpoint=)
+        print(f"vitlens {args.command}: {getattr(exc, 'cli_message', None) or exc}", file=sys.stderr)
         return 2
 
 

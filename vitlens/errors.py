@@ -16,6 +16,7 @@ __all__ = [
     "ModelLoadError",
     "OptionError",
     "ExportError",
+    "RandomWeightsWarning",
     "CaptureError",
     "DeviceError",
     "ResumeError",
@@ -54,6 +55,15 @@ class OptionError(VitlensError, ValueError):
 
 class ExportError(VitlensError, RuntimeError):
     """A figure could not be written to an image file (missing exporter or browser)."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model was created with random weights: its maps explain an untrained network.
+
+    ``vl.load_model("vit_small_patch16_224")`` without ``pretrained=`` or
+    ``checkpoint=`` warns with this class; pass ``pretrained=False`` to say that
+    random weights are what you want (no warning).
+    """
 
 
 class CaptureError(VitlensError, RuntimeError):

@@ -1,12 +1,100 @@
-"""``vitlens explain IMAGE... --model NAME --method M|all --out DIR``: maps for your own images."""
+"""``vitlens explain IMAGE|DIR... --model NAME --method M|all --out DIR``: maps for your own images.
+
+Writes, per image, the input and one overlay per method as PNG (at ``--size``
+pixels, so they are readable), plus the capture. Output names are unique even
+for same-named images from different folders; nothing already in ``--out`` is
+replaced unless ``--overwrite`` is given.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def expand_inputs(items: Sequence[str]) -> list[Path]:
+    """Image files, with each folder replaced by the images directly inside it (sorted)."""
+    from .errors import ImageError
+
+    out: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageError(f"folder {item!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+            out += found
+        else:
+            out.append(path)  # vl.capture says clearly if it is missing or unreadable
+    return out
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """A distinct file-name stem per input: the file's stem, with parent folders added where stems clash.
+
+    Examples
+    --------
+    >>> output_stems([Path("a/img.png"), Path("b/img.png"), Path("c.png")])
+    ['a_img', 'b_img', 'c']
+    >>> output_stems([Path("x.png"), Path("x.png")])
+    ['x', 'x-2']
+    """
+    resolved = [p.resolve() for p in paths]
+    depth = [0] * len(paths)
+
+    def stem(i: int) -> str:
+        parents = resolved[i].parent.parts[len(resolved[i].parent.parts) - depth[i]:] if depth[i] else ()
+        return "_".join([*(q.strip("/") or "root" for q in parents), resolved[i].stem])
+
+    while True:
+        names = [stem(i) for i in range(len(paths))]
+        clashing = [i for i, n in enumerate(names) if names.count(n) > 1
+                    and depth[i] < len(resolved[i].parent.parts)
+                    and len({resolved[j] for j, m in enumerate(names) if m == n}) > 1]
+        if not clashing:
+            break
+        for i in clashing:
+            depth[i] += 1
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:  # the same file given twice: number the repeats
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return unique
+
+
+def save_capture(cap, path: Path, overwrite: bool) -> Path:
+    """``vl.save`` that replaces an existing capture only when asked to."""
+    import inspect
+
+    import vitlens as vl
+
+    if "overwrite" in inspect.signature(vl.save).parameters:
+        return vl.save(cap, path, overwrite=overwrite)
+    return vl.save(cap, path)
+
+
+def _load(args: argparse.Namespace):
+    import vitlens as vl
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", vl.RandomWeightsWarning)
+        model = vl.load_model(args.model, checkpoint=args.checkpoint, pretrained=True if args.pretrained else None)
+    for w in caught:
+        if issubclass(w.category, vl.RandomWeightsWarning):
+            print(f"vitlens explain: WARNING: --model {args.model} has RANDOM weights (no --checkpoint or "
+                  "--pretrained given): the maps explain an untrained network. Pass --checkpoint FILE "
+                  "(or --pretrained with network access).", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
 
 
 def main(argv: Sequence[str]) -> int:
@@ -14,40 +102,81 @@ def main(argv: Sequence[str]) -> int:
         prog="vitlens explain",
         description="Explain your own images: PNG overlays per image and method, plus the capture.",
     )
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--model", default="vit-shapes", help="shipped model or timm name (default: vit-shapes)")
     p.add_argument("--checkpoint", help="local weights file for a timm model name")
+    p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs network or cache)")
     p.add_argument("--method", default="all", help="one of the seven methods, or 'all' (default)")
     p.add_argument("--target", help="class index or name to explain (default: each image's prediction)")
     p.add_argument("--out", default="vitlens-explain", help="output folder (default: ./vitlens-explain)")
     p.add_argument("--format", choices=("nc", "zarr"), default="nc", help="capture file format (default: nc)")
     p.add_argument("--alpha", type=float, default=0.55, help="heat map opacity in the overlays")
+    p.add_argument("--size", type=int, default=448, help="longest side of the written PNGs in pixels (default 448)")
+    p.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     args = p.parse_args(list(argv))
 
     import vitlens as vl
+    from vitlens.errors import OptionError
     from vitlens.figures import overlay
 
-    model = vl.load_model(args.model, checkpoint=args.checkpoint)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {str(out)!r} is a file, not a folder; give a folder (it is created if missing).")
+    if args.size < 16:
+        raise OptionError(f"--size {args.size}: give at least 16 pixels.")
+    if args.method != "all" and args.method not in vl.METHODS:
+        raise OptionError(f"--method {args.method!r}: choose one of {', '.join(vl.METHODS)} or 'all'.")
+    methods = list(vl.METHODS) if args.method == "all" else [args.method]
+    paths = expand_inputs(args.images)
+    stems = output_stems(paths)
+    planned = [out / f"{s}_{kind}.png" for s in stems for kind in ("input", *methods)]
+    capture_path = out / f"capture.{args.format}"
+    existing = [q for q in (*planned, capture_path) if q.exists()]
+    if existing and not args.overwrite:
+        shown = ", ".join(q.name for q in existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        raise OptionError(f"--out {str(out)!r} already holds {len(existing)} of the files this run writes ({shown}); "
+                          "pass --overwrite to replace them, or choose another --out.")
+
+    model = _load(args)
     target = args.target
     if target is not None and target.lstrip("-").isdigit():
         target = int(target)
-    cap = vl.capture(model, list(args.images), target=target)
-    methods = list(vl.METHODS) if args.method == "all" else [args.method]
+    cap = vl.capture(model, [str(q) for q in paths], target=target)
     maps = {m: vl.normalize(vl.to_pixels(vl.explain(cap, m))) for m in methods}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
-    names = cap["class_name"].values
+    names = cap.attrs.get("class_names") or [str(k) for k in range(cap.logits.shape[1])]
     probs = np.exp(cap.logits.values - cap.logits.values.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    for i, path in enumerate(args.images):
-        stem = Path(path).stem
+    written = 0
+    for i, path in enumerate(paths):
         t = int(cap.target.values[i])
-        print(f"{path}: explaining class {t} ({names[t]}, p={probs[i, t]:.2f})")
-        Image.fromarray((cap.image.values[i] * 255).round().astype(np.uint8)).save(out / f"{stem}_input.png")
-        for m in methods:
-            Image.fromarray(overlay(cap.image.values[i], maps[m].values[i], alpha=args.alpha)).save(out / f"{stem}_{m}.png")
-    saved = vl.save(cap, out / f"capture.{args.format}")
-    print(f"wrote {len(args.images) * (len(methods) + 1)} PNG files and {saved} to {out}/")
+        print(f"{path}: explaining class {t} ({names[t]}, p={probs[i, t]:.2f}) -> {stems[i]}_*.png")
+        picture = (cap.image.values[i] * 255).round().astype(np.uint8)
+        pictures = {"input": picture, **{m: overlay(cap.image.values[i], maps[m].values[i], alpha=args.alpha)
+                                          for m in methods}}
+        for kind, pixels in pictures.items():
+            _write_png(_readable(Image.fromarray(pixels), args.size), out / f"{stems[i]}_{kind}.png")
+            written += 1
+    saved = save_capture(cap, capture_path, args.overwrite)
+    print(f"wrote {written} PNG files ({len(paths)} images x {len(methods) + 1}) and {saved.name} to {out}/")
     return 0
+
+
+def _readable(image, size: int):
+    """Scale the longest side to ``size`` pixels: whole-number factors keep token blocks crisp."""
+    from PIL import Image
+
+    longest = max(image.size)
+    if longest >= size:
+        return image
+    factor = size / longest
+    resample = Image.Resampling.NEAREST if factor == int(factor) else Image.Resampling.BICUBIC
+    return image.resize((round(image.size[0] * factor), round(image.size[1] * factor)), resample)
+
+
+def _write_png(image, path: Path) -> None:
+    from .figures import _atomic_write
+
+    _atomic_write(path, lambda handle: image.save(handle, format="PNG"))

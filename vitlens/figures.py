@@ -1,8 +1,16 @@
 """Publication figures from code: method grids, per-layer strips, overlays; export.
 
-Figures are plotly figures (so they also show interactively in Jupyter) with
-fixed trace ids, so the same capture always writes the same file. Static export
-goes through kaleido, which drives the system's Chromium.
+Static figures are drawn with matplotlib's Agg renderer — no browser, no
+display, nothing to install beyond matplotlib — so PNG, SVG and PDF come out
+the same on a laptop, a headless server and CI. :func:`render_panels` is the
+one renderer: :func:`grid`, :func:`layers` and the widgets' exports describe
+panels (image, overlay, title) and hand them to it. :func:`save` writes PNG,
+SVG or PDF atomically and byte-for-byte deterministically; the live plotly
+figures of the widgets save as self-contained HTML.
+
+Images are drawn the right way up (row 0 at the top). xarray's own
+``DataArray.plot()`` puts ``y = 0`` at the bottom unless told
+``yincrease=False``; :func:`plot` is the xarray call with that fixed.
 
 Examples
 --------
@@ -10,16 +18,16 @@ Examples
 >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
 >>> cap = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)))
 >>> fig = vl.figures.grid(cap, methods=["rollout", "lnstat"])
->>> len(fig.data)  # per sample: the input, then image + heat map per method
-10
+>>> len(fig.axes)  # 2 samples x (input + 2 methods), plus the colour bar
+7
 """
 
 from __future__ import annotations
 
+import io
 import os
-import re
-import warnings
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,57 +35,251 @@ import numpy as np
 import xarray as xr
 
 from .errors import ExportError, OptionError
-from .methods import METHOD_INFO, METHODS, explain, normalize, to_pixels
+from .methods import METHODS, explain, normalize, to_pixels
 
-DEFAULT_COLORSCALE = "Inferno"
-TITLES = {name: info.title for name, info in METHOD_INFO.items()}  # from the method registry
+__all__ = ["render_panels", "grid", "layers", "plot", "overlay", "colormap", "save", "StaticFigure"]
+
+DEFAULT_CMAP = "inferno"
+DEFAULT_COLORSCALE = DEFAULT_CMAP  # the old (plotly-era) name, kept for callers
+PANEL_INCHES = 1.9  # one panel's side in a static figure
+TITLES = {  # fallback when the method registry (methods.METHOD_INFO) is not there
+    "attention": "Attention",
+    "rollout": "Rollout",
+    "gradcam": "Grad-CAM",
+    "transformer_attribution": "Transformer Attr.",
+    "generic_attention": "Generic Attention",
+    "lnstat": "LN-statistic",
+    "tokentm": "TokenTM",
+}
+# fixed metadata: the same figure always writes the same bytes
+_METADATA = {
+    "png": {"Software": None},
+    "svg": {"Date": None, "Creator": None},
+    "pdf": {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None},
+}
+
+
+def _title(method: str) -> str:
+    try:
+        from .methods import METHOD_INFO  # the method registry, where it exists
+
+        return METHOD_INFO[method].title
+    except (ImportError, KeyError, AttributeError):
+        return TITLES.get(method, method)
 
 
 # -- colour ------------------------------------------------------------------------------
-def colormap(name: str = DEFAULT_COLORSCALE, n: int = 256) -> np.ndarray:
-    """A plotly colour scale as an (n, 3) uint8 lookup table."""
-    import plotly.colors as pc
+def _cmap(name: str) -> Any:
+    """A matplotlib colormap by name, case-insensitively (``"Inferno"`` works too)."""
+    import matplotlib
 
-    try:
-        scale = pc.get_colorscale(name)
-    except Exception as exc:
-        raise OptionError(f"unknown colour scale {name!r}; use a plotly name such as 'Inferno' or 'Viridis'.") from exc
-    stops = np.array([s for s, _ in scale], dtype=float)
-    rgb = np.array([pc.unlabel_rgb(pc.convert_colors_to_same_type([c], "rgb")[0][0]) for _, c in scale], float)
-    x = np.linspace(0, 1, n)
-    return np.stack([np.interp(x, stops, rgb[:, k]) for k in range(3)], 1).round().astype(np.uint8)
+    names = {n.lower(): n for n in matplotlib.colormaps}
+    key = names.get(str(name).lower())
+    if key is None:
+        raise OptionError(f"unknown colour map {name!r}; use a matplotlib name such as 'inferno' or 'viridis'.")
+    return matplotlib.colormaps[key]
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, colorscale: str = DEFAULT_COLORSCALE) -> np.ndarray:
+def colormap(name: str = DEFAULT_CMAP, n: int = 256) -> np.ndarray:
+    """A matplotlib colour map as an ``(n, 3)`` uint8 lookup table.
+
+    Examples
+    --------
+    >>> colormap("Greys", 2).tolist()
+    [[255, 255, 255], [0, 0, 0]]
+    """
+    rgba = _cmap(name)(np.linspace(0, 1, n))
+    return (rgba[:, :3] * 255).round().astype(np.uint8)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, cmap: str = DEFAULT_CMAP,
+            colorscale: str | None = None) -> np.ndarray:
     """Blend a [0, 1] heat map (H, W) onto an RGB image (H, W, 3) in [0, 1]; uint8 out.
+
+    ``colorscale`` is the old name of ``cmap``.
 
     Examples
     --------
     >>> overlay(np.zeros((2, 2, 3)), np.ones((2, 2)), alpha=1.0).shape
     (2, 2, 3)
     """
+    image, heat = np.asarray(image), np.asarray(heat)
     if image.shape[:2] != heat.shape:
         raise OptionError(f"overlay: image {image.shape[:2]} and map {heat.shape} differ in size; use vl.to_pixels first.")
-    lut = colormap(colorscale)
+    lut = colormap(colorscale or cmap)
     colours = lut[np.clip((np.nan_to_num(heat) * 255).round(), 0, 255).astype(int)] / 255.0
     out = (1 - alpha) * np.clip(image, 0, 1) + alpha * colours
     return (out * 255).round().astype(np.uint8)
 
 
+def _upsample(heat: np.ndarray, shape: tuple[int, int], smooth: bool) -> np.ndarray:
+    """A token-grid map at image size: token blocks (nearest) or bilinear like ``vl.to_pixels``."""
+    if heat.shape == tuple(shape):
+        return heat
+    h, w = shape
+    if smooth:
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None, None]
+        return torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    rows = np.minimum(((np.arange(h) + 0.5) * heat.shape[0] / h).astype(int), heat.shape[0] - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * heat.shape[1] / w).astype(int), heat.shape[1] - 1)
+    return heat[np.ix_(rows, cols)]
+
+
+# -- the renderer ------------------------------------------------------------------------
+class StaticFigure:
+    """Marker base; see :func:`render_panels` (kept for ``isinstance`` checks)."""
+
+
+def _figure_class() -> type:
+    from matplotlib.figure import Figure
+
+    global _FIGURE_CLASS
+    if _FIGURE_CLASS is None:
+
+        class VitlensFigure(Figure, StaticFigure):
+            """A matplotlib Figure that shows itself as PNG in Jupyter (no pyplot needed)."""
+
+            def _repr_png_(self) -> bytes:
+                buf = io.BytesIO()
+                self.savefig(buf, format="png", metadata=_METADATA["png"])
+                return buf.getvalue()
+
+        _FIGURE_CLASS = VitlensFigure
+    return _FIGURE_CLASS
+
+
+_FIGURE_CLASS: type | None = None
+_PANEL_KEYS = {"image", "overlay", "title", "cmap", "vmin", "vmax", "alpha", "smooth", "ylabel"}
+
+
+def render_panels(
+    panels: Sequence[Mapping[str, Any]],
+    *,
+    suptitle: str | None = None,
+    colorbar: bool = True,
+    ncols: int | None = None,
+    colorbar_label: str = "relevance",
+    panel_inches: float = PANEL_INCHES,
+) -> Any:
+    """Draw panels (an image, a heat map over it, a title) into one static figure.
+
+    Parameters
+    ----------
+    panels
+        One dict per panel, filled row by row:
+
+        - ``"image"``: ``(H, W, 3)`` float array in [0, 1] (or uint8), or None;
+        - ``"overlay"``: a 2-D map (token grid or pixels; upsampled to the image), or None;
+        - ``"title"``: str; ``"ylabel"``: str, a row label left of the panel (optional);
+        - ``"cmap"`` (``"inferno"``), ``"vmin"``/``"vmax"`` (None: the map's range),
+          ``"alpha"`` (0.5; an overlay without an image is drawn opaque),
+          ``"smooth"`` (False: token blocks; True: bilinear like ``vl.to_pixels``).
+    suptitle
+        A title over the whole figure (the widgets put model, sample, class and
+        probability here).
+    colorbar
+        One shared colour bar (from the last panel with an overlay) on the right.
+    ncols
+        Panels per row (default: all in one row, at most 6).
+    colorbar_label, panel_inches
+        Colour bar label; size of one panel in inches.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Drawn with the Agg canvas, never a GUI or a browser; shows itself in
+        Jupyter and saves with :func:`save` (or ``fig.savefig``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> fig = render_panels([{"image": np.zeros((16, 16, 3)), "overlay": np.eye(4), "title": "a"},
+    ...                      {"image": None, "overlay": np.ones((4, 4)), "title": "b"}], suptitle="demo")
+    >>> [ax.get_title() for ax in fig.axes[:2]]
+    ['a', 'b']
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    panels = list(panels)
+    if not panels:
+        raise OptionError("render_panels needs at least one panel.")
+    for k, p in enumerate(panels):
+        unknown = set(p) - _PANEL_KEYS
+        if unknown:
+            raise OptionError(f"panel {k}: unknown keys {sorted(unknown)}; a panel takes {sorted(_PANEL_KEYS)}.")
+    ncols = min(len(panels), 6) if ncols is None else int(ncols)
+    if ncols < 1:
+        raise OptionError(f"ncols must be at least 1; got {ncols}.")
+    nrows = -(-len(panels) // ncols)
+    has_titles = any(p.get("title") for p in panels)
+    has_labels = any(p.get("ylabel") for p in panels)
+    has_overlay = any(p.get("overlay") is not None for p in panels)
+    width = ncols * panel_inches + (0.35 if has_labels else 0) + (0.8 if colorbar and has_overlay else 0)
+    height = nrows * (panel_inches + (0.3 if has_titles else 0)) + (0.4 if suptitle else 0)
+    fig = _figure_class()(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    mappable = None
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= len(panels):
+            ax.set_axis_off()
+            continue
+        p = panels[k]
+        image = p.get("image")
+        heat = p.get("overlay")
+        if image is not None:
+            image = np.asarray(image)
+            if image.ndim != 3 or image.shape[-1] not in (3, 4):
+                raise OptionError(f"panel {k}: 'image' must be (H, W, 3); got shape {image.shape}.")
+            if image.dtype != np.uint8:
+                image = np.clip(image.astype(float), 0, 1)
+            ax.imshow(image, interpolation="nearest")
+        if heat is not None:
+            heat = np.asarray(heat, dtype=float)
+            if heat.ndim != 2:
+                raise OptionError(f"panel {k}: 'overlay' must be 2-D (y, x); got shape {heat.shape}.")
+            if image is not None:
+                heat = _upsample(heat, image.shape[:2], bool(p.get("smooth", False)))
+            elif p.get("smooth", False):
+                heat = _upsample(heat, (heat.shape[0] * 8, heat.shape[1] * 8), True)
+            finite = heat[np.isfinite(heat)]
+            vmin = p.get("vmin", None)
+            vmax = p.get("vmax", None)
+            vmin = float(finite.min()) if vmin is None and finite.size else vmin
+            vmax = float(finite.max()) if vmax is None and finite.size else vmax
+            alpha = float(p.get("alpha", 0.5)) if image is not None else 1.0
+            mappable = ax.imshow(heat, cmap=_cmap(p.get("cmap", DEFAULT_CMAP)), vmin=vmin, vmax=vmax,
+                                 alpha=alpha, interpolation="nearest")
+        if image is None and heat is None:
+            ax.set_axis_off()
+        if p.get("title"):
+            ax.set_title(str(p["title"]), fontsize=9)
+        if p.get("ylabel"):
+            ax.set_ylabel(str(p["ylabel"]), fontsize=9)
+        for spine in ax.spines.values():
+            spine.set_linewidth(0.5)
+    if colorbar and mappable is not None:
+        from matplotlib.cm import ScalarMappable
+
+        solid = ScalarMappable(norm=mappable.norm, cmap=mappable.cmap)  # the bar at full opacity
+        bar = fig.colorbar(solid, ax=axes, shrink=min(1.0, 0.9 if nrows > 1 else 0.8), aspect=25, pad=0.01)
+        bar.set_label(colorbar_label, fontsize=9)
+        bar.ax.tick_params(labelsize=8)
+    if suptitle:
+        fig.suptitle(str(suptitle), fontsize=10)
+    # lay out once and keep it: constrained layout moves things a little on every
+    # draw, so without this a figure saved twice would not give the same bytes
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    return fig
+
+
 # -- figures -----------------------------------------------------------------------------
-def _pixel_maps(cap: xr.DataTree, methods: Sequence[str], options: dict[str, Any]) -> xr.Dataset:
-    maps = explain(cap, "all", **options) if set(methods) == set(METHODS) else xr.Dataset(
-        {m: explain(cap, m, **{k: v for k, v in options.items() if k in _options(m)}) for m in methods}
-    )
-    return xr.Dataset({m: normalize(to_pixels(maps[m])) for m in methods})
-
-
-def _options(method: str) -> list[str]:
-    from .methods import options_of
-
-    return options_of(method)
-
-
 def _check_methods(methods: Sequence[str] | str | None) -> list[str]:
     if methods is None or methods == "all":
         return list(METHODS)
@@ -89,20 +291,19 @@ def _check_methods(methods: Sequence[str] | str | None) -> list[str]:
     return list(methods)
 
 
-def _image_trace(img: np.ndarray, uid: str) -> Any:
-    import plotly.graph_objects as go
+def _token_maps(cap: xr.DataTree, methods: Sequence[str], options: dict[str, Any]) -> xr.Dataset:
+    from .methods import options_of
 
-    return go.Image(z=(np.clip(img, 0, 1) * 255).round().astype(np.uint8), uid=uid, hoverinfo="skip")
+    if set(methods) == set(METHODS):
+        maps = explain(cap, "all", **options)
+    else:
+        maps = xr.Dataset({m: explain(cap, m, **{k: v for k, v in options.items() if k in options_of(m)})
+                           for m in methods})
+    return xr.Dataset({m: normalize(maps[m]) for m in methods})
 
 
-def _heat_trace(heat: np.ndarray, uid: str, opacity: float, colorscale: str, showscale: bool) -> Any:
-    import plotly.graph_objects as go
-
-    return go.Heatmap(
-        z=heat, zmin=0, zmax=1, colorscale=colorscale, opacity=opacity, showscale=showscale, uid=uid,
-        colorbar=dict(title=dict(text="relevance", side="right"), thickness=12, len=0.8),
-        hovertemplate="x %{x}, y %{y}: %{z:.2f}<extra></extra>",
-    )
+def _cmap_arg(cmap: str | None, colorscale: str | None) -> str:
+    return cmap or colorscale or DEFAULT_CMAP
 
 
 def grid(
@@ -111,10 +312,13 @@ def grid(
     samples: Sequence[int] | None = None,
     *,
     opacity: float = 0.6,
-    colorscale: str = DEFAULT_COLORSCALE,
+    cmap: str | None = None,
     colorbar: bool = True,
     titles: bool = True,
-    cell: int = 150,
+    smooth: bool = True,
+    cell: float = PANEL_INCHES,
+    suptitle: str | None = None,
+    colorscale: str | None = None,
     **options: Any,
 ) -> Any:
     """Images × methods: each row one sample (its input, then each method's map over it).
@@ -127,49 +331,41 @@ def grid(
         Methods as columns (default: all seven).
     samples
         Sample indices as rows (default: all, at most 8).
-    opacity, colorscale, colorbar, titles
-        Look of the overlay: one colour scale for every panel (maps are min-max
-        normalised per image), an optional shared colour bar, column titles.
+    opacity, cmap, colorbar, titles, smooth
+        Look of the overlay: one colour map for every panel (maps are min-max
+        normalised per image, so the colour bar runs 0–1), an optional shared
+        colour bar, column titles and row labels, bilinear (``smooth=True``) or
+        token blocks. ``colorscale`` is the old name of ``cmap``.
     cell
-        Size of one panel in pixels.
+        Size of one panel in inches.
     **options
         Passed to the methods that take them (e.g. ``heads=``, ``start_layer=``).
 
     Returns
     -------
-    plotly.graph_objects.Figure
+    matplotlib.figure.Figure
     """
-    from plotly.subplots import make_subplots
-
     methods = _check_methods(methods)
     n = int(cap["sample"].size)
     samples = list(range(min(n, 8))) if samples is None else [int(s) for s in samples]
     if not samples or any(not 0 <= s < n for s in samples):
         raise OptionError(f"samples {samples} must be a non-empty selection of 0..{n - 1}.")
     sub = cap.isel(sample=samples)
-    maps = _pixel_maps(sub, methods, options)
-    images = sub.image.values
-    cols = 1 + len(methods)
-    names = cap["class_name"].values
-    targets = sub.target.values
-    col_titles = ["input"] + [TITLES.get(m, m) for m in methods] if titles else None
-    fig = make_subplots(rows=len(samples), cols=cols, column_titles=col_titles,
-                        horizontal_spacing=0.01, vertical_spacing=0.02)
+    maps = _token_maps(sub, methods, options)
+    images = sub["image"].values
+    names = list(cap.attrs.get("class_names", [])) or None
+    targets = sub["target"].values
+    panels = []
     for r, s in enumerate(samples):
-        fig.add_trace(_image_trace(images[r], f"img-{r}"), row=r + 1, col=1)
-        for c, m in enumerate(methods):
-            fig.add_trace(_image_trace(images[r], f"img-{r}-{m}"), row=r + 1, col=c + 2)
-            show = colorbar and r == 0 and c == len(methods) - 1
-            fig.add_trace(_heat_trace(maps[m].values[r], f"heat-{r}-{m}", opacity, colorscale, show),
-                          row=r + 1, col=c + 2)
-        if titles:
-            fig.update_yaxes(title_text=f"#{s}: {names[targets[r]]}", row=r + 1, col=1)
-    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
-    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed", scaleanchor=None)
-    fig.update_layout(width=cell * cols + (80 if colorbar else 0), height=cell * len(samples) + (40 if titles else 0),
-                      margin=dict(l=40, r=10, t=40 if titles else 10, b=10), plot_bgcolor="white",
-                      paper_bgcolor="white", font=dict(size=11))
-    return fig
+        label = f"#{s}: {names[int(targets[r])]}" if names else f"#{s}: class {int(targets[r])}"
+        panels.append({"image": images[r], "title": "input" if titles and r == 0 else "",
+                       "ylabel": label if titles else None})
+        for m in methods:
+            panels.append({"image": images[r], "overlay": maps[m].values[r], "vmin": 0.0, "vmax": 1.0,
+                           "alpha": opacity, "cmap": _cmap_arg(cmap, colorscale), "smooth": smooth,
+                           "title": _title(m) if titles and r == 0 else ""})
+    return render_panels(panels, ncols=1 + len(methods), colorbar=colorbar, suptitle=suptitle,
+                         colorbar_label="relevance (min-max per image)", panel_inches=cell)
 
 
 def layers(
@@ -180,19 +376,24 @@ def layers(
     layers: Sequence[int] | None = None,
     columns: int = 6,
     opacity: float = 0.6,
-    colorscale: str = DEFAULT_COLORSCALE,
-    cell: int = 130,
+    cmap: str | None = None,
+    smooth: bool = True,
+    cell: float = PANEL_INCHES,
+    colorscale: str | None = None,
     **options: Any,
 ) -> Any:
     """One panel per layer: ``method``'s cumulative map after each block (``per_layer=True``).
 
     For ``attention`` each panel is that block's own attention; gradcam has no
-    per-layer form.
-    """
-    from plotly.subplots import make_subplots
+    per-layer form. Each row's titles sit in their own space (no overlap with the
+    images above, however many rows).
 
-    if method not in METHODS or not METHOD_INFO[method].per_layer:
-        raise OptionError(f"layers() needs a method with a per-layer form: {[m for m in METHODS if METHOD_INFO[m].per_layer]}.")
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if method == "gradcam" or method not in METHODS:
+        raise OptionError(f"layers() needs a method with a per-layer form: {[m for m in METHODS if m != 'gradcam']}.")
     n = int(cap["sample"].size)
     if not 0 <= sample < n:
         raise OptionError(f"sample {sample} out of range 0..{n - 1}.")
@@ -200,83 +401,171 @@ def layers(
     kwargs = dict(options)
     if layers is not None:
         kwargs["layers"] = list(layers)
-    per = normalize(to_pixels(explain(sub, method, per_layer=True, **kwargs)))
+    per = normalize(explain(sub, method, per_layer=True, **kwargs))
     chosen = per["layer"].values.tolist()
-    rows = -(-len(chosen) // columns)
-    fig = make_subplots(rows=rows, cols=min(columns, len(chosen)),
-                        subplot_titles=[f"after block {l}" for l in chosen],
-                        horizontal_spacing=0.01, vertical_spacing=0.06)
-    img = sub.image.values[0]
-    for i, layer in enumerate(chosen):
-        r, c = divmod(i, columns)
-        fig.add_trace(_image_trace(img, f"img-{layer}"), row=r + 1, col=c + 1)
-        fig.add_trace(_heat_trace(per.values[0, i], f"heat-{layer}", opacity, colorscale, i == len(chosen) - 1),
-                      row=r + 1, col=c + 1)
-    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
-    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed")
-    fig.update_layout(width=cell * min(columns, len(chosen)) + 80, height=cell * rows + 50,
-                      title=dict(text=f"{TITLES.get(method, method)} by depth", x=0.01),
-                      margin=dict(l=10, r=10, t=60, b=10), plot_bgcolor="white", paper_bgcolor="white",
-                      font=dict(size=11))
-    return fig
+    img = sub["image"].values[0]
+    panels = [{"image": img, "overlay": per.values[0, i], "title": f"after block {layer}", "vmin": 0.0,
+               "vmax": 1.0, "alpha": opacity, "cmap": _cmap_arg(cmap, colorscale), "smooth": smooth}
+              for i, layer in enumerate(chosen)]
+    return render_panels(panels, ncols=min(columns, len(chosen)), suptitle=f"{_title(method)} by depth",
+                         colorbar_label="relevance (min-max per map)", panel_inches=cell)
+
+
+def plot(obj: xr.DataArray, *, image: xr.DataArray | xr.DataTree | None = None, ax: Any = None,
+         **kwargs: Any) -> Any:
+    """xarray's ``.plot()`` / ``.plot.imshow()`` the right way up (row 0 at the top).
+
+    ``map.plot()`` and ``cap["image"].plot.imshow()`` follow xarray's default
+    ``yincrease=True`` and so draw pictures upside down; this is the same call
+    with ``yincrease=False`` and equal aspect. A map with a ``sample`` (or
+    ``layer``) dimension is drawn as facets; an image (``channel`` dimension)
+    as RGB.
+
+    Parameters
+    ----------
+    obj
+        A map ``([sample,] [layer,] y, x)`` from ``vl.explain``, or an image
+        ``([sample,] y, x, channel)`` such as ``cap["image"]``.
+    image
+        Optional picture under a single map: a capture or its ``image`` (one
+        sample); the map is upsampled to it and drawn at ``alpha=0.5``.
+    ax, **kwargs
+        Passed on to xarray's plotting (``cmap=``, ``col_wrap=``, ...).
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> m = xr.DataArray(np.arange(4.0).reshape(2, 2), dims=("y", "x"))
+    >>> art = plot(m)
+    >>> bool(art.axes.yaxis_inverted())
+    True
+    """
+    if not isinstance(obj, xr.DataArray):
+        raise OptionError(f"vl.plot draws a DataArray (a map or cap['image']); got {type(obj).__name__}.")
+    if "y" not in obj.dims or "x" not in obj.dims:
+        raise OptionError(f"vl.plot needs 'y' and 'x' dimensions; {obj.name!r} has {obj.dims}.")
+    kwargs.setdefault("yincrease", False)
+    if ax is not None:
+        kwargs["ax"] = ax
+    facets = [d for d in obj.dims if d not in ("y", "x", "channel") and obj.sizes[d] > 1]
+    obj = obj.squeeze([d for d in obj.dims if d not in ("y", "x", "channel") and obj.sizes[d] == 1])
+    if len(facets) > 1:
+        raise OptionError(f"vl.plot draws one facet dimension; select from {facets} first (e.g. .isel(sample=0)).")
+    if facets:
+        kwargs.setdefault("col", facets[0])
+        kwargs.setdefault("col_wrap", min(obj.sizes[facets[0]], 6))
+    if "channel" in obj.dims:
+        return obj.clip(0, 1).plot.imshow(rgb="channel", **kwargs)
+    if image is not None:
+        if facets:
+            raise OptionError("vl.plot(map, image=...) draws one map over one picture; select one sample first.")
+        picture = image["image"] if isinstance(image, xr.DataTree) else image
+        picture = picture.squeeze([d for d in picture.dims if d not in ("y", "x", "channel")])
+        if picture.ndim != 3:
+            raise OptionError("vl.plot(..., image=) needs one picture: select one sample (cap.isel(sample=[k])).")
+        art = picture.clip(0, 1).plot.imshow(rgb="channel", **{k: v for k, v in kwargs.items()
+                                                              if k in ("ax", "yincrease")})
+        up = obj
+        if obj.shape != picture.shape[:2]:
+            up = to_pixels(obj.expand_dims("sample"), picture.shape[:2]).isel(sample=0)
+            up = up.assign_coords(y=picture["y"].values, x=picture["x"].values) if "y" in picture.coords else up
+        kwargs["ax"] = art.axes
+        kwargs.setdefault("alpha", 0.5)
+        kwargs.setdefault("cmap", DEFAULT_CMAP)
+        return up.plot.imshow(**kwargs)
+    kwargs.setdefault("cmap", DEFAULT_CMAP)
+    return obj.plot.imshow(**kwargs)
 
 
 # -- export ------------------------------------------------------------------------------
-_PDF_DATES = re.compile(rb"/(CreationDate|ModDate) \(D:[^)]*\)")
-_SVG_UID = re.compile(rb'id="defs-([0-9a-f]{6})"')
-_SERVER_STARTED = False
-
-
 def save(fig: Any, path: str | os.PathLike, *, dpi: int = 150) -> Path:
-    """Write ``fig`` as PNG, SVG, PDF (via kaleido and the system Chromium) or HTML.
+    """Write a figure: PNG, SVG or PDF (matplotlib), or HTML (plotly figures).
 
-    ``dpi`` sets the PNG resolution (96 dpi is plotly's 1×). Output is
-    deterministic: the same figure writes the same bytes (PDF dates are fixed).
+    The file is written to a temporary sibling and renamed into place, so a
+    failed export never leaves a half-written file or destroys an older one.
+    The same figure always writes the same bytes (no dates in the metadata).
+    Nothing here needs a browser.
+
+    Parameters
+    ----------
+    fig
+        A figure from :func:`grid`, :func:`layers`, :func:`render_panels` (or any
+        matplotlib Figure); or a plotly figure, written as self-contained HTML.
+    path
+        Target file; the suffix picks the format. Its folder must exist.
+    dpi
+        PNG resolution.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, pathlib
+    >>> fig = render_panels([{"image": np.zeros((8, 8, 3)), "title": "x"}])
+    >>> save(fig, pathlib.Path(tempfile.mkdtemp()) / "x.png").suffix
+    '.png'
     """
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
-    if fmt == "html":
-        fig.write_html(path, include_plotlyjs=True, full_html=True, div_id="vitlens-figure")
-        return path
-    if fmt not in ("png", "svg", "pdf"):
+    if fmt not in ("png", "svg", "pdf", "html"):
         raise OptionError(f"{str(path)!r}: choose a .png, .svg, .pdf or .html file.")
-    _ensure_browser()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*kopts argument is ignored.*")
-        try:
-            data = fig.to_image(format=fmt, scale=dpi / 96 if fmt == "png" else 1)
-        except Exception as exc:  # kaleido missing, or no Chromium it can start
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise ExportError(f"cannot write {str(path)!r}: the folder {str(parent)!r} {what}; create it first "
+                          f"(Path({str(parent)!r}).mkdir(parents=True)) or choose another path.")
+    if path.is_dir():
+        raise ExportError(f"cannot write {str(path)!r}: it is a folder; give a file name such as {str(path / 'figure.' + fmt)!r}.")
+    is_plotly = hasattr(fig, "write_html") and hasattr(fig, "to_plotly_json")
+    if is_plotly:
+        if fmt != "html":
             raise ExportError(
-                f"could not write {str(path)!r} ({type(exc).__name__}: {exc}); {fmt.upper()} export needs "
-                "kaleido>=1 and a Chromium (set BROWSER_PATH, e.g. /usr/bin/chromium), or save as .html."
-            ) from exc
-    if fmt == "pdf":
-        data = _PDF_DATES.sub(lambda m: b"/" + m.group(1) + b" (D:20000101000000Z)", data)
-    elif fmt == "svg":  # plotly names clip paths after a random figure id: make it fixed
-        match = _SVG_UID.search(data)
-        if match:
-            data = data.replace(match.group(1), b"vitlen")
-    path.write_bytes(data)
-    return path
+                f"cannot write {str(path)!r}: this is a live plotly figure, saved here as .html only. For "
+                "PNG/SVG/PDF use the static figures (vl.figures.grid, vl.figures.layers, "
+                "vl.figures.render_panels) or a widget's .save(), all drawn with matplotlib.")
+
+        def write(handle: Any) -> None:
+            handle.write(fig.to_html(include_plotlyjs=True, full_html=True, div_id="vitlens-figure").encode())
+    elif hasattr(fig, "savefig"):
+        if fmt == "html":
+            raise ExportError(f"cannot write {str(path)!r}: static (matplotlib) figures save as .png, .svg or .pdf.")
+
+        def write(handle: Any) -> None:
+            import matplotlib
+
+            with matplotlib.rc_context({"svg.hashsalt": "vitlens", "pdf.fonttype": 42, "svg.fonttype": "path"}):
+                fig.savefig(handle, format=fmt, dpi=dpi, metadata=_METADATA[fmt])
+    else:
+        raise ExportError(f"cannot write {type(fig).__name__}: vl.figures.save takes a matplotlib figure "
+                          "(vl.figures.*) or a plotly figure.")
+    return _atomic_write(path, write)
 
 
-def _ensure_browser() -> None:
-    """Point kaleido at the system Chromium and keep one browser for all exports.
+def _file_mode(path: Path) -> int:
+    """The replaced file's permissions, or what a plain ``open(path, "w")`` would give."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
-    kaleido finds Chromium via BROWSER_PATH or PATH (it never downloads one
-    here); one persistent server makes each export ~0.2 s instead of ~3 s.
-    """
-    global _SERVER_STARTED
-    if not os.environ.get("BROWSER_PATH"):
-        for candidate in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"):
-            if Path(candidate).exists():
-                os.environ["BROWSER_PATH"] = candidate
-                break
-    if not _SERVER_STARTED:
+
+def _atomic_write(path: Path, write: Any) -> Path:
+    """Write through ``write(handle)`` into a temporary sibling, then rename it onto ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; a figure gets the usual permissions
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
         try:
-            import kaleido
-
-            kaleido.start_sync_server(silence_warnings=True)
-        except Exception:  # an older kaleido, or one already running: export still works
+            os.unlink(tmp)
+        except FileNotFoundError:
             pass
-        _SERVER_STARTED = True
+        if isinstance(exc, (ExportError, OptionError)) or not isinstance(exc, Exception):
+            raise
+        raise ExportError(f"could not write {str(path)!r} ({type(exc).__name__}: {exc}); "
+                          "the previous file, if any, is unchanged.") from exc
+    return path

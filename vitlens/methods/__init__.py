@@ -25,6 +25,7 @@ from .lnstat import lnstat, statistic_maps
 from .tokentm import tokentm
 from .maps import normalize, to_pixels
 from .registry import METHOD_INFO, MethodInfo, method_info, register_method
+from .selection import explain_for_target, explainable
 
 #: Names of the registered methods, in registration order (see :data:`METHOD_INFO`).
 METHODS: tuple[str, ...] = tuple(METHOD_INFO)
@@ -64,6 +65,11 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     method
         One of :data:`vitlens.METHODS`, or ``"all"`` for a Dataset with one
         variable per method (options apply to the methods that take them).
+    target
+        Optional: the class to explain (index, name such as ``"star"``, or one
+        per sample). Class-agnostic methods give their map for any class;
+        class-specific ones need a capture made for that class (the error says
+        how to make one). A sample selected with ``cap.sel(sample=k)`` works too.
     **options
         The method's options (``layers``, ``heads``, ``per_layer``,
         ``start_layer``, and its documented variants); recorded in ``attrs``.
@@ -90,6 +96,9 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     >>> sorted(maps.data_vars) == sorted(vl.METHODS)
     True
     """
+    cap, target = explainable(cap), options.pop("target", None)  # cap.sel(sample=k); a class index or name
+    if target is not None:
+        return explain_for_target(cap, method, target, explain, options)
     blocks = _sample_blocks(cap) if isinstance(cap, xr.DataTree) else None
     if blocks is not None:
         # lazy (dask-backed) capture: one task per sample chunk, each loading only

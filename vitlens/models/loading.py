@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+import socket
+import threading
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, UnsupportedModelError
+from ..errors import ModelLoadError, RandomWeightsWarning, UnsupportedModelError
 from .registry import adapter_for
 
 
 def load_model(
     name_or_module: str | nn.Module,
     *,
-    pretrained: bool = False,
+    pretrained: bool | None = None,
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
     device: str | torch.device | None = None,
@@ -31,8 +37,12 @@ def load_model(
         ``vl.models.available()``), any timm model name of the ViT/DeiT/Swin
         families, or an ``nn.Module`` (checked and returned as it is).
     pretrained
-        For timm names: load timm's pretrained weights (needs a network or a
-        filled Hugging Face cache).
+        For timm names: ``True`` loads timm's pretrained weights (needs a
+        network or a filled Hugging Face cache; without a network it fails
+        within seconds, saying how to pass a local file). ``False`` creates
+        random weights on purpose. Left out (and no ``checkpoint``), the model
+        gets random weights with a loud :class:`~vitlens.RandomWeightsWarning`:
+        its maps would explain an untrained network.
     checkpoint
         For timm names: a local weights file (``.safetensors``, ``.pth``, ``.bin``),
         loaded through timm's own pretrained-weights path (so original-format
@@ -46,7 +56,7 @@ def load_model(
     Examples
     --------
     >>> import vitlens as vl
-    >>> model = vl.load_model("vit_tiny_patch16_224", num_classes=10, img_size=32)
+    >>> model = vl.load_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32)
     >>> type(model).__name__
     'VisionTransformer'
     """
@@ -63,7 +73,8 @@ def load_model(
     shipped = zoo.available()
     if name in shipped:
         if checkpoint is not None or pretrained:
-            raise ModelLoadError(f"{name!r} is shipped with vitlens; pass no pretrained=/checkpoint=.")
+            raise _error(f"{name!r} is shipped with vitlens with its trained weights; pass no pretrained=/checkpoint=.",
+                         f"--model {name} is shipped with vitlens with its trained weights; drop --checkpoint/--pretrained.")
         return zoo.load_shipped(name).to(_device(device))
 
     import timm
@@ -91,8 +102,18 @@ def load_model(
             overlay["num_classes"] = num_classes
         kwargs["pretrained_cfg_overlay"] = overlay
         pretrained = True
+    elif pretrained is None:
+        warnings.warn(
+            f"vl.load_model({name!r}) has RANDOM weights (no pretrained= or checkpoint= given): its maps explain "
+            f"an untrained network. Pass checkpoint='path/to/weights.safetensors', pretrained=True (network or "
+            "Hugging Face cache), or pretrained=False to say random weights are intended.",
+            RandomWeightsWarning, stacklevel=2,
+        )
+    download = bool(pretrained) and checkpoint is None
+    offline = download and not hub_reachable()
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        with _hub_offline(offline):
+            model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
     except UnsupportedModelError:
         raise
     except Exception as exc:  # hub / network / state-dict errors come in many types
@@ -100,16 +121,91 @@ def load_model(
             raise ModelLoadError(
                 f"could not load checkpoint {str(checkpoint)!r} into {name!r}: {exc}"
             ) from exc
-        if pretrained:
-            raise ModelLoadError(
-                f"could not fetch pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
-                "Without a network, download the weights elsewhere and pass the file: "
-                f"vl.load_model({name!r}, checkpoint='path/to/model.safetensors'); or use a "
-                "shipped model such as vl.load_model('vit-shapes')."
+        if download:
+            why = (f"no connection to {_hub_host()[0]} and the weights are not in the local Hugging Face cache"
+                   if offline else f"{type(exc).__name__}: {exc}")
+            raise _error(
+                f"could not fetch pretrained weights for {name!r} ({why}). Download the weights elsewhere "
+                f"and pass the file: vl.load_model({name!r}, checkpoint='path/to/model.safetensors'); or use a "
+                "shipped model such as vl.load_model('vit-shapes').",
+                f"could not fetch pretrained weights for {name!r} ({why}). Download the weights elsewhere and "
+                f"pass the file: --model {name} --checkpoint path/to/model.safetensors; or use a shipped model "
+                "(--model vit-shapes).",
             ) from exc
         raise ModelLoadError(f"timm could not create {name!r}: {exc}") from exc
     adapter_for(model)
     return model.eval().to(_device(device))
+
+
+HUB_CHECK_SECONDS = 3.0  # how long load_model(pretrained=True) waits to learn whether the hub is reachable
+
+
+def _error(message: str, cli_message: str) -> ModelLoadError:
+    """A ModelLoadError that also carries the command line's wording of the same advice."""
+    exc = ModelLoadError(message)
+    exc.cli_message = cli_message  # read by vitlens.cli
+    return exc
+
+
+def _hub_host() -> tuple[str, int]:
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except ImportError:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def hub_reachable(timeout: float = HUB_CHECK_SECONDS) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds.
+
+    False at once in offline mode (``HF_HUB_OFFLINE=1``). The check runs in a
+    thread so that a hanging name lookup cannot stall the caller.
+    """
+    try:
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode():
+            return False
+    except ImportError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    host, port = _hub_host()
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Hugging Face hub offline mode for one call: cached weights load, others fail at once (no retries)."""
+    if not offline:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def _device(device: str | torch.device | None) -> torch.device:

@@ -1,0 +1,68 @@
+"""``vitlens demo`` on a machine without a browser."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs the demo in a fresh interpreter and proves no browser machinery was even imported.
+SCRIPT = """
+import sys
+from vitlens.cli import main
+code = main(["demo", "--out", sys.argv[1], "--images", "2", "--eval", "4"])
+loaded = sorted(m for m in ("kaleido", "choreographer", "playwright") if m in sys.modules)
+assert not loaded, f"browser machinery imported: {loaded}"
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_demo_writes_its_figures_with_no_browser_reachable(tmp_path):
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROWSER", "CHROM", "KALEIDO"))}
+    env.update(PATH=str(empty), BROWSER_PATH=str(tmp_path / "no-chromium"), BROWSER=str(tmp_path / "no-browser"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    out = tmp_path / "demo"
+    run = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for model in ("vit-shapes", "swin-shapes"):
+        for name, magic in ((f"{model}-methods.png", b"\x89PNG"), (f"{model}-methods.pdf", b"%PDF"),
+                            (f"{model}-lnstat-by-layer.png", b"\x89PNG")):
+            data = (out / name).read_bytes()
+            assert data.startswith(magic) and len(data) > 10_000, name
+        assert (out / f"{model}-capture.nc").stat().st_size > 0
+    page = (out / "index.html").read_text()
+    assert "vit-shapes-methods.png" in page and "<table" in page
+    printed = run.stdout
+    assert "ms_per_image" in printed and "pos_AUC" in printed and "0-90" in printed  # the AUC scale is stated
+    assert "evaluate" in run.stderr  # the metrics step shows a progress bar
+
+
+def test_demo_metrics_table_shows_explain_time_in_milliseconds():
+    import numpy as np
+    import xarray as xr
+
+    from vitlens.demo import metrics_frame
+
+    table = xr.Dataset({"pixel_accuracy": ("method", [0.5]), "positive_auc_label": ("method", [13.75]),
+                        "seconds_per_image": ("method", [0.00042])}, coords={"method": ["rollout"]})
+    frame = metrics_frame(table)
+    assert frame.columns.tolist() == ["pixel_acc", "pos_AUC", "ms_per_image"]
+    assert frame["ms_per_image"].iloc[0] == pytest.approx(0.4) and np.isfinite(frame.values).all()
+
+
+def test_demo_refuses_a_file_as_its_output_folder(tmp_path, capsys):
+    from vitlens.cli import main
+
+    (tmp_path / "f").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "f").read_text() == "mine"
