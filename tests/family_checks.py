@@ -92,6 +92,10 @@ def zero_biases(model: nn.Module, seed: int = 0) -> nn.Module:
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) / mod.weight.shape[1] ** 0.5)
             if isinstance(mod, nn.Linear) and mod.bias is not None:
                 mod.bias.zero_()
+            for attr in ("gamma", "gamma_1", "gamma_2"):  # LayerScale at 1: every branch carries relevance
+                p = getattr(mod, attr, None)
+                if isinstance(p, torch.Tensor) and p.ndim == 1:
+                    p.fill_(1.0)
             for name in ("q_bias", "k_bias", "v_bias", "relative_position_bias_table"):
                 p = getattr(mod, name, None)
                 if isinstance(p, torch.Tensor):
@@ -254,10 +258,7 @@ def randomize_biases(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-CLASS_SPECIFIC = ("transformer_attribution", "generic_attention", "tokentm", "gradcam")
-from vitlens.methods import METHOD_INFO  # noqa: E402
-
-CLASS_AGNOSTIC = tuple(name for name, info in METHOD_INFO.items() if not info.class_specific)
+CLASS_AGNOSTIC = tuple(m for m in vl.METHODS if not vl.methods.METHOD_INFO[m].class_specific)
 
 
 def assert_targets_differ(model: nn.Module, size: tuple[int, int]) -> None:

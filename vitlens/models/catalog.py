@@ -90,12 +90,23 @@ def switch_on(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def bias_free(model: nn.Module) -> nn.Module:
-    """A copy without additive biases (Linear, q/v, relative-position tables, SwinV2's cpb bias)."""
+    """A copy without additive biases (Linear, q/v, relative-position tables, SwinV2's cpb bias).
+
+    Linear weights are redrawn at unit gain (std 1/√fan_in): with timm's 0.02 init the MLP
+    branches carry almost no relevance, and a wrong branch rule would hide in the tolerance.
+    """
     m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for mod in m.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) / mod.weight.shape[1] ** 0.5)
             if isinstance(mod, nn.Linear) and mod.bias is not None:
                 mod.bias.zero_()
+            for attr in ("gamma", "gamma_1", "gamma_2"):  # LayerScale at 1: every branch carries relevance
+                p = getattr(mod, attr, None)
+                if isinstance(p, torch.Tensor) and p.ndim == 1:
+                    p.fill_(1.0)
             for attr in ("q_bias", "k_bias", "v_bias", "relative_position_bias_table"):
                 p = getattr(mod, attr, None)
                 if isinstance(p, torch.Tensor):

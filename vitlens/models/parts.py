@@ -192,7 +192,7 @@ class AttentionPart:
         """Each token's value vector after the output projection, without its bias.
 
         What the branch would add for a token attending only to itself:
-        ``W_O·norm(v_j)`` (METHODS.md's MSA transformation of a token, for tokentm).
+        ``W_O·norm(v_j)`` (docs/METHODS.md's MSA transformation of a token, for tokentm).
         """
         if self.fused:
             assert self.qkv is not None
