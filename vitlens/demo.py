@@ -94,6 +94,7 @@ def main(argv: Sequence[str] = ()) -> int:
     import vitlens as vl
     from vitlens import figures
     from vitlens.errors import OptionError
+    from vitlens.explain_cli import save_capture
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -114,8 +115,7 @@ def main(argv: Sequence[str] = ()) -> int:
         written += [figures.save(fig, out / f"{name}-methods.png"), figures.save(fig, out / f"{name}-methods.pdf")]
         steps.update()
         written.append(figures.save(figures.layers(cap, "lnstat", sample=0), out / f"{name}-lnstat-by-layer.png"))
-        written.append(vl.save(cap, out / f"{name}-capture.nc", overwrite=True) if _takes_overwrite(vl.save)
-                       else vl.save(cap, out / f"{name}-capture.nc"))
+        written.append(save_capture(cap, out / f"{name}-capture.nc", overwrite=True))  # the demo's own file
         steps.update()
         if args.eval:
             steps.set_postfix_str(f"{name}: metrics on {args.eval} images")
@@ -136,10 +136,3 @@ def main(argv: Sequence[str] = ()) -> int:
     for path in written:
         print(f"  {path.name}")
     return 0
-
-
-def _takes_overwrite(func) -> bool:
-    """Whether ``vl.save`` asks for ``overwrite=True`` to replace a file (the demo rewrites its own)."""
-    import inspect
-
-    return "overwrite" in inspect.signature(func).parameters

@@ -37,7 +37,7 @@ import xarray as xr
 from .errors import ExportError, OptionError
 from .methods import METHODS, explain, normalize, to_pixels
 
-__all__ = ["render_panels", "grid", "layers", "plot", "overlay", "colormap", "save", "StaticFigure"]
+__all__ = ["render_panels", "grid", "layers", "plot", "overlay", "colormap", "save"]
 
 DEFAULT_CMAP = "inferno"
 DEFAULT_COLORSCALE = DEFAULT_CMAP  # the old (plotly-era) name, kept for callers
@@ -128,17 +128,14 @@ def _upsample(heat: np.ndarray, shape: tuple[int, int], smooth: bool) -> np.ndar
 
 
 # -- the renderer ------------------------------------------------------------------------
-class StaticFigure:
-    """Marker base; see :func:`render_panels` (kept for ``isinstance`` checks)."""
-
-
 def _figure_class() -> type:
+    """matplotlib's Figure with a PNG repr; made on first use so ``import vitlens`` skips matplotlib."""
     from matplotlib.figure import Figure
 
     global _FIGURE_CLASS
     if _FIGURE_CLASS is None:
 
-        class VitlensFigure(Figure, StaticFigure):
+        class VitlensFigure(Figure):
             """A matplotlib Figure that shows itself as PNG in Jupyter (no pyplot needed)."""
 
             def _repr_png_(self) -> bytes:
