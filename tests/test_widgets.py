@@ -85,7 +85,7 @@ def test_explorer_opens_on_last_layer_with_all_heads_and_cls_query(vit_cap, vit_
     assert ex.layer == 2 and ex.query is None and ex.selected_heads == {0: [0, 1, 2]}
     close(maps["attention"], vit_attention(vit_cap, 0, 2, [0, 1, 2], 0))
     close(maps["statistic"], statistic(vit_cap, "std", 2))
-    close(maps["fusion"], cumulative(vit_cap, "lnstat", 2))
+    close(maps["fusion"], cumulative(vit_cap, "lnstat", 2, grad=False))
     close(maps["method"], cumulative(vit_cap, "generic_attention", 2))
     assert "CLS" in ex.figure.layout.annotations[0].text
 
@@ -97,7 +97,7 @@ def test_layer_slider_updates_every_panel(vit_cap, layer):
     maps = ex.panel_maps()
     close(maps["attention"], vit_attention(vit_cap, 0, layer, [0, 1, 2], 0))
     close(maps["statistic"], statistic(vit_cap, "std", layer))
-    close(maps["fusion"], cumulative(vit_cap, "lnstat", layer))
+    close(maps["fusion"], cumulative(vit_cap, "lnstat", layer, grad=False))
     close(maps["method"], cumulative(vit_cap, "generic_attention", layer))
     assert f"block {layer}" in ex.captions.value and all(f"block {layer}" in a.text for a in ex.figure.layout.annotations)
 
@@ -128,7 +128,7 @@ def test_head_toggle_updates_head_dependent_panels(vit_cap):
     maps = ex.panel_maps()
     close(maps["attention"], vit_attention(vit_cap, 0, 1, [0, 2], 0))
     close(maps["statistic"], statistic(vit_cap, "std", 1))  # heads do not enter the statistic
-    close(maps["fusion"], cumulative(vit_cap, "lnstat", 1, heads=[0, 2]))
+    close(maps["fusion"], cumulative(vit_cap, "lnstat", 1, heads=[0, 2], grad=False))
     close(maps["method"], cumulative(vit_cap, "generic_attention", 1, heads=[0, 2]))
     assert "heads 0, 2 of 3" in ex.captions.value
 
@@ -163,7 +163,7 @@ def test_statistic_dropdown_switches_statistic_and_fusion(vit_cap, stat):
     ex.stat_select.value = stat
     maps = ex.panel_maps()
     close(maps["statistic"], statistic(vit_cap, stat, 1))
-    close(maps["fusion"], cumulative(vit_cap, "lnstat", 1, stat=stat))
+    close(maps["fusion"], cumulative(vit_cap, "lnstat", 1, stat=stat, grad=False))
     assert "first LayerNorm" in ex.captions.value
 
 
@@ -229,7 +229,7 @@ def test_class_selector_lists_top5_and_recaptures_for_another_class(vit_cap, vit
     close(ex.panel_maps()["method"], cumulative(recap, "generic_attention", 2))
     assert repr(str(vit_cap.class_name.values[other])) in ex.captions.value
     # class-agnostic panels do not change with the class
-    close(ex.panel_maps()["fusion"], cumulative(vit_cap, "lnstat", 2))
+    close(ex.panel_maps()["fusion"], cumulative(vit_cap, "lnstat", 2, grad=False))
 
 
 def test_class_selector_is_disabled_without_a_model(vit_cap):
@@ -242,13 +242,13 @@ def test_capture_without_gradients_explains_why_in_the_caption(vit_model):
     ex = Explorer(cap)
     assert not ex.panel_maps()["method"].any()
     assert "capture again" in ex.captions.value
-    close(ex.panel_maps()["fusion"], cumulative(cap, "lnstat", 2))  # gradient-free panels still work
+    close(ex.panel_maps()["fusion"], cumulative(cap, "lnstat", 2, grad=False))  # gradient-free panels still work
 
 
 def test_explorer_opens_a_saved_capture(vit_cap, tmp_path):
     path = vl.save(vit_cap, tmp_path / "cap.nc")
     ex = Explorer(vl.open(path), layer=1)
-    close(ex.panel_maps()["fusion"], cumulative(vit_cap, "lnstat", 1))
+    close(ex.panel_maps()["fusion"], cumulative(vit_cap, "lnstat", 1, grad=False))
 
 
 def test_explorer_rejects_bad_options_with_what_to_do(vit_cap):
@@ -317,7 +317,7 @@ def test_swin_layer_slider_moves_stage_indicator_windows_and_maps(swin_cap, laye
     maps = ex.panel_maps()
     close(maps["attention"], swin_attention(swin_cap, 0, layer, heads, 3, 13))
     close(maps["statistic"], statistic(swin_cap, "std", layer))
-    close(maps["fusion"], cumulative(swin_cap, "lnstat", layer))
+    close(maps["fusion"], cumulative(swin_cap, "lnstat", layer, grad=False))
     close(maps["method"], cumulative(swin_cap, "generic_attention", layer))
     edges = ex.figure.data[ex._grid_trace]
     assert len(edges.x) > 0
@@ -330,9 +330,9 @@ def test_swin_head_toggles_are_per_stage(swin_cap):
     ex.toggle_head(3)
     assert ex.selected_heads == {0: [0, 1], 1: [0, 1, 2]}
     heads = {l: ([0, 1] if l < 2 else [0, 1, 2]) for l in range(4)}
-    close(ex.panel_maps()["fusion"], cumulative(swin_cap, "lnstat", 3, heads=heads))
+    close(ex.panel_maps()["fusion"], cumulative(swin_cap, "lnstat", 3, heads=heads, grad=False))
     ex.layer_slider.value = 0
-    close(ex.panel_maps()["fusion"], cumulative(swin_cap, "lnstat", 0))
+    close(ex.panel_maps()["fusion"], cumulative(swin_cap, "lnstat", 0, grad=False))
 
 
 def test_swin_gradcam_panel_is_the_feature_map_at_every_layer(swin_cap):

@@ -76,7 +76,7 @@ class Expected:
         return minmax(statistic_maps(self.cap, stat=stat).isel(sample=0).sel(layer=layer).values)
 
     def fusion(self, layer: int, heads: list[int] | None, stat: str):
-        return minmax(vl.explain(self.cap, "lnstat", heads=heads, stat=stat, layers=range(0, layer + 1))
+        return minmax(vl.explain(self.cap, "lnstat", heads=heads, stat=stat, grad=False, layers=range(0, layer + 1))
                       .isel(sample=0).values)
 
     def method_map(self, layer: int, heads: list[int]):

@@ -2,53 +2,37 @@
 
 ``vl.explain(cap, method, **options)`` dispatches to one module per method;
 shared maths lives in :mod:`.operators` (operator chains, Swin windows and
-merges) and :mod:`.lrp` (LRP rules used at capture time).
+merges) and :mod:`.lrp` (LRP rules used at capture time). Each method registers
+itself once (:mod:`.registry`); :data:`METHODS` and :data:`METHOD_INFO` list them.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from ..errors import OptionError
-from .selection import explain_for_target, explainable
-from . import lnstat as _lnstat_module
+# importing a method module registers it: this order is the order of vl.METHODS
 from .attention import attention
-from .generic_attention import generic_attention
-from .gradcam import gradcam
-from .lnstat import lnstat
-from .maps import normalize, to_pixels
 from .rollout import rollout
-from .tokentm import tokentm
+from .gradcam import gradcam
 from .transformer_attribution import transformer_attribution
+from .generic_attention import generic_attention
+from .lnstat import lnstat, statistic_maps
+from .tokentm import tokentm
+from .maps import normalize, to_pixels
+from .registry import METHOD_INFO, MethodInfo, method_info, register_method
+from .selection import explain_for_target, explainable
 
-METHODS: tuple[str, ...] = (
-    "attention",
-    "rollout",
-    "gradcam",
-    "transformer_attribution",
-    "generic_attention",
-    "lnstat",
-    "tokentm",
-)
-
-_FUNCTIONS: dict[str, Callable[..., xr.DataArray]] = {
-    "attention": attention,
-    "rollout": rollout,
-    "gradcam": gradcam,
-    "transformer_attribution": transformer_attribution,
-    "generic_attention": generic_attention,
-    "lnstat": lnstat,
-    "tokentm": tokentm,
-}
+#: Names of the registered methods, in registration order (see :data:`METHOD_INFO`).
+METHODS: tuple[str, ...] = tuple(METHOD_INFO)
 
 
 def options_of(method: str) -> list[str]:
     """Keyword options a method takes."""
-    return [p for p in inspect.signature(_FUNCTIONS[method]).parameters if p != "cap"]
+    return method_info(method).options()
 
 
 def _sample_blocks(cap: xr.DataTree) -> list[tuple[int, int]] | None:
@@ -95,6 +79,13 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
         ``(sample, y, x)`` on the token grid (Swin: the first-stage grid), or
         ``(sample, layer, y, x)`` with ``per_layer=True``.
 
+    Notes
+    -----
+    Options not given take the method's registered defaults for the capture's
+    family and read-out (``vl.methods.METHOD_INFO[method].defaults_for(cap)``),
+    e.g. gradcam ``on="features"`` and ``identity_path="drop"`` under an average
+    read-out; the map's ``attrs`` record what was used.
+
     Examples
     --------
     >>> import numpy as np, timm, vitlens as vl
@@ -118,33 +109,36 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
         out = xr.concat(results, "sample", combine_attrs="override")
         return out
     if method == "all":
-        out = {}
-        for name in METHODS:
-            accepted = {k: v for k, v in options.items() if k in options_of(name)}
-            if name == "gradcam" and "layers" in accepted and not isinstance(accepted["layers"], int):
-                accepted.pop("layers")
-            out[name] = _FUNCTIONS[name](cap, **accepted)
-        unused = set(options) - {o for n in METHODS for o in options_of(n)}
-        if unused:
-            raise OptionError(f"no method takes {sorted(unused)}.")
-        ds = xr.Dataset({n: da.drop_attrs() if hasattr(da, "drop_attrs") else da for n, da in out.items()})
-        for n, da in out.items():
-            ds[n].attrs = da.attrs
-        ds.attrs = {"methods": list(METHODS)}
-        return ds
-    if method not in _FUNCTIONS:
-        import difflib
-
-        close = difflib.get_close_matches(str(method), METHODS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise OptionError(f"unknown method {method!r}; choose from {list(METHODS)} or 'all'.{hint}")
-    allowed = options_of(method)
+        return _explain_all(cap, options)
+    info = method_info(method)
+    allowed = info.options()
     unknown = set(options) - set(allowed)
     if unknown:
         raise OptionError(f"{method} takes no option(s) {sorted(unknown)}; its options are {allowed}.")
-    return _FUNCTIONS[method](cap, **options)
+    return info.function(cap, **{**info.defaults_for(cap), **options})
 
 
-statistic_maps = _lnstat_module.statistic_maps
+def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
+    """Every registered method with the options each takes, on top of its defaults for ``cap``."""
+    names = tuple(METHOD_INFO)
+    unused = set(options) - {o for n in names for o in METHOD_INFO[n].options()}
+    if unused:
+        raise OptionError(f"no method takes {sorted(unused)}.")
+    out = {}
+    for name in names:
+        info = METHOD_INFO[name]
+        accepted = {**info.defaults_for(cap), **{k: v for k, v in options.items() if k in info.options()}}
+        if not info.uses_layers(accepted):  # e.g. gradcam on the final feature map
+            accepted = {k: v for k, v in accepted.items() if k not in ("layers", "heads")}
+        elif not info.per_layer and "layers" in accepted and not isinstance(accepted["layers"], int):
+            accepted.pop("layers")  # a single-block method under a list of blocks: its default block
+        out[name] = info.function(cap, **accepted)
+    ds = xr.Dataset({n: da.drop_attrs() if hasattr(da, "drop_attrs") else da for n, da in out.items()})
+    for n, da in out.items():
+        ds[n].attrs = da.attrs
+    ds.attrs = {"methods": list(names)}
+    return ds
 
-__all__ = ["METHODS", "explain", "normalize", "options_of", "statistic_maps", "to_pixels", *METHODS]
+
+__all__ = ["METHODS", "METHOD_INFO", "MethodInfo", "explain", "method_info", "normalize", "options_of",
+           "register_method", "statistic_maps", "to_pixels", *METHODS]

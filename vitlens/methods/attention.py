@@ -7,8 +7,17 @@ import xarray as xr
 
 from .maps import token_map
 from .operators import HeadSelection, Step, head_fused, propagate, select_layers, view
+from .registry import register_method
 
 
+@register_method(
+    "attention",
+    title="Attention",
+    caption="raw attention of block {l} alone (mean of the selected heads), read out from {readout}",
+    class_specific=False,
+    per_layer=True,
+    reference="docs/METHODS.md §1",
+)
 def attention(
     cap: xr.DataTree,
     *,
@@ -16,7 +25,7 @@ def attention(
     heads: HeadSelection = None,
     per_layer: bool = False,
 ) -> xr.DataArray:
-    """Mean attention of the selected heads of one block, read out (METHODS.md §1).
+    """Mean attention of the selected heads of one block, read out (docs/METHODS.md §1).
 
     ViT: the CLS row (mean of patch rows for avg-pooled models) of
     ``E_h[A[l]]`` over the patch columns. Swin: the average-pool row through

@@ -5,9 +5,20 @@ from __future__ import annotations
 import xarray as xr
 
 from .maps import finish
-from .operators import HeadSelection, Step, head_fused, select_layers, view
+from .operators import (HeadSelection, Step, head_fused, identity_baseline, resolve_identity_path,
+                        select_layers, view)
+from .registry import register_method
 
 
+@register_method(
+    "generic_attention",
+    title="Generic Attention",
+    caption="Chefer et al. 2021 (generic): gradient × attention, accumulated over {blocks}, for class {cls}",
+    class_specific=True,
+    per_layer=True,
+    defaults={"avg": {"identity_path": "drop"}},
+    reference="Chefer, Gur & Wolf, ICCV 2021; docs/METHODS.md §5",
+)
 def generic_attention(
     cap: xr.DataTree,
     *,
@@ -17,8 +28,9 @@ def generic_attention(
     per_layer: bool = False,
     merge: str = "uniform",
     by_stage: bool = False,
+    identity_path: str | None = None,
 ) -> xr.DataArray | xr.Dataset:
-    """``R ← I``; per block ``R ← R + Ā·R`` with ``Ā = E_h[(∂y_c/∂A ⊙ A)⁺]`` (METHODS.md §5).
+    """``R ← I``; per block ``R ← R + Ā·R`` with ``Ā = E_h[(∂y_c/∂A ⊙ A)⁺]`` (docs/METHODS.md §5).
 
     Class-specific through the gradient of the explained logit; no LRP.
     Options as for :func:`vitlens.methods.rollout` (including ``merge``,
@@ -38,6 +50,7 @@ def generic_attention(
         l: Step(l, head_fused(cv.stage_of(l), l, heads, "attention_grad", "attention", clamp=True))
         for l in chosen
     }
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer}
+    identity_path = resolve_identity_path(cv, "generic_attention", identity_path)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "identity_path": identity_path}
     return finish(cv, steps, chosen, "generic_attention", options, per_layer=per_layer, merge=merge,
-                  by_stage=by_stage)
+                  by_stage=by_stage, baseline=identity_baseline(steps, identity_path))

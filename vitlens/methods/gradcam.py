@@ -8,10 +8,22 @@ import xarray as xr
 from ..errors import OptionError
 from .maps import token_map
 from .operators import HeadSelection, heads_for, select_layers, view
+from .registry import METHOD_INFO, register_method
 
 ON = ("attention", "features")
 
 
+@register_method(
+    "gradcam",
+    title="Grad-CAM",
+    caption="Grad-CAM on the attention heads of block {l} (heads weighted by their gradient) for class {cls}",
+    class_specific=True,
+    per_layer=False,
+    defaults={"cls": {"on": "attention"}, "avg": {"on": "features"}},
+    variant_captions={("on", "features"): "Grad-CAM on the final feature map for class {cls} (the same at every layer)"},
+    layerless={"on": "features"},
+    reference="Selvaraju et al. 2017, as in Chefer et al. 2021; docs/METHODS.md §3",
+)
 def gradcam(
     cap: xr.DataTree,
     *,
@@ -19,14 +31,18 @@ def gradcam(
     layers: int | None = None,
     heads: HeadSelection = None,
 ) -> xr.DataArray:
-    """Grad-CAM (METHODS.md §3).
+    """Grad-CAM (docs/METHODS.md §3).
 
-    ``on="attention"`` (ViT default): in the chosen block (default last), per
+    ``on=None`` picks the registry's default for the capture's read-out:
+    ``"attention"`` under a CLS read-out, ``"features"`` under an average one
+    (Swin, average-pooled ViTs).
+
+    ``on="attention"``: in the chosen block (default last), per
     head ``cam_h = A[h, CLS, patches]``, weight ``w_h`` = spatial mean of
     ``∂y_c/∂A[h, CLS, patches]``; map ``= max(0, mean_h(w_h·cam_h))`` — heads play
     the role of channels.
 
-    ``on="features"`` (Swin default, and available for ViT): classic Grad-CAM on
+    ``on="features"`` (available for every model): classic Grad-CAM on
     normalised token features reshaped to the grid — channels weighted by the
     spatial mean of their gradients, summed, ReLU. ViT: the last block's
     ``norm1`` output (the final norm's patch tokens get no gradient through a
@@ -42,8 +58,8 @@ def gradcam(
     'features'
     """
     cv = view(cap)
-    if on is None:
-        on = "features" if cv.family == "swin" else "attention"
+    if on is None:  # the registry's default for this read-out (CLS: attention, average: features)
+        on = METHOD_INFO["gradcam"].defaults_for(cv).get("on", "attention")
     if on not in ON:
         raise OptionError(f"gradcam on={on!r}; choose from {list(ON)}.")
     if on == "attention":

@@ -1,10 +1,12 @@
 """LayerNorm token statistics fused with multi-head attention.
 
-After Nguyen, Lee & Kim (arXiv 2311.11378): their text confirms the ingredients —
-per-token statistics of the LayerNorm input, fused with multi-head attention,
-gradient-free and class-agnostic. The fusion *rule* below is vitlens' documented
-choice (METHODS.md §6); every part of it is a switchable option recorded in the
-result's attrs.
+After Nguyen, Lee & Kim (arXiv 2311.11378). Two summaries of the paper disagree:
+one calls the method gradient-free and class-agnostic (``grad=False``), another
+describes an adaptation of Chefer et al.'s gradient-attention framework with
+relation matrices and a fusion rule (``grad=True``). Both readings are
+implemented; the fusion *rules* are vitlens' documented choices
+(docs/METHODS.md §6), every part a switchable option recorded in the result's
+attrs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import xarray as xr
 
 from ..errors import OptionError
 from .maps import finish, token_map
-from .operators import CaptureView, HeadSelection, StageView, Step, heads_for, select_layers, view
+from .operators import (CaptureView, HeadSelection, StageView, Step, heads_for, identity_baseline,
+                        resolve_identity_path, select_layers, view)
+from .registry import METHOD_INFO, register_method
 
 STATS = ("std", "mean", "var", "norm")
 STAT_NORMS = ("max", "minmax", "none")
@@ -52,14 +56,22 @@ def token_statistic(stage: StageView, layer: int, stat: str, stat_norm: str) -> 
     return out
 
 
-def fuse_heads(stage: StageView, layer: int, heads: HeadSelection, head_fusion: str) -> torch.Tensor:
-    """``F_l = fuse_h(A[l])`` over the selected heads."""
-    a = stage.tensor("attention")[:, stage.layer_index(layer)]
-    a = a[:, heads_for(heads, layer, a.shape[1])]
+def fuse_heads(stage: StageView, layer: int, heads: HeadSelection, head_fusion: str, grad: bool = False) -> torch.Tensor:
+    """``F_l = fuse_h(X[l])`` over the selected heads.
+
+    ``X = A`` (``grad=False``), or ``X = (∂y_c/∂A ⊙ A)⁺`` per head (``grad=True``,
+    Chefer et al.'s gradient-weighted attention). ``"entropy"`` weights the heads
+    by 1 − the normalised entropy of their attention read-out row in both cases.
+    """
+    i = stage.layer_index(layer)
+    a = stage.tensor("attention")[:, i]
+    hs = heads_for(heads, layer, a.shape[1])
+    a = a[:, hs]
+    x = (stage.tensor("attention_grad")[:, i][:, hs] * a).clamp(min=0) if grad else a
     if head_fusion == "mean":
-        return a.mean(1)
+        return x.mean(1)
     if head_fusion == "max":
-        return a.amax(1)
+        return x.amax(1)
     # entropy: weight heads by 1 − normalised entropy of their read-out row
     # (the CLS row for ViT; the mean over all query rows for Swin windows / avg pool)
     ent = -(a * a.clamp_min(1e-12).log()).sum(-1) / math.log(a.shape[-1])
@@ -69,8 +81,8 @@ def fuse_heads(stage: StageView, layer: int, heads: HeadSelection, head_fusion: 
         ent_h = ent.flatten(2).mean(-1)
     w = (1 - ent_h).clamp_min(0)  # (B, H)
     w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
-    w = w.reshape(*w.shape, *([1] * (a.ndim - 2)))
-    return (a * w).sum(1)
+    w = w.reshape(*w.shape, *([1] * (x.ndim - 2)))
+    return (x * w).sum(1)
 
 
 def fused_operator(stage: StageView, layer: int, f: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -96,6 +108,17 @@ def _check(stat: str, stat_norm: str, head_fusion: str) -> None:
             raise OptionError(f"lnstat {name}={value!r}; choose from {list(allowed)}.")
 
 
+@register_method(
+    "lnstat",
+    title="LN-statistic",
+    caption="LayerNorm statistic × gradient-weighted attention, accumulated with Chefer's rule over {blocks}, "
+            "for class {cls}",
+    class_specific=True,
+    defaults={"*": {"grad": True}},  # identity_path: "drop" for grad=True under a non-CLS read-out (below)
+    variant_captions={("grad", False): "LayerNorm statistic × attention, accumulated like rollout over {blocks}"},
+    per_layer=True,
+    reference="after Nguyen, Lee & Kim, arXiv 2311.11378; docs/METHODS.md §6",
+)
 def lnstat(
     cap: xr.DataTree,
     *,
@@ -108,12 +131,19 @@ def lnstat(
     stat: str = "std",
     stat_norm: str = "max",
     head_fusion: str = "mean",
+    grad: bool | None = None,
+    identity_path: str | None = None,
 ) -> xr.DataArray | xr.Dataset:
-    """LayerNorm-statistic × attention fusion, aggregated like rollout.
+    """LayerNorm-statistic × attention fusion (docs/METHODS.md §6), in either reading of the paper.
 
-    ``M_l[i,j] = F_l[i,j]·s_l[j]`` row-renormalised; ``R = Π 0.5·(I + M_l)``;
-    read out. Gradient-free and class-agnostic. With a constant statistic it
-    equals :func:`vitlens.methods.rollout` exactly.
+    ``grad=False`` (gradient-free, class-agnostic): ``M_l[i,j] = F_l[i,j]·s_l[j]``
+    with ``F_l = E_h[A[l]]``, row-renormalised; ``R = Π 0.5·(I + M_l)``; read out.
+    With a constant statistic it equals :func:`vitlens.methods.rollout` exactly.
+
+    ``grad=True`` (gradient-weighted, class-specific): ``M_l = Ā_l·diag(s_l)``
+    with ``Ā_l = E_h[(∂y_c/∂A[l] ⊙ A[l])⁺]`` (no row renormalisation), aggregated
+    with Chefer et al.'s rule ``R ← R + M_l·R``; read out. With a constant
+    statistic it equals :func:`vitlens.methods.generic_attention` exactly.
 
     Parameters
     ----------
@@ -126,6 +156,17 @@ def lnstat(
     head_fusion
         ``"mean"`` (default), ``"max"``, or ``"entropy"`` (heads weighted by
         1 − normalised entropy of their read-out row). *vitlens' choice.*
+    grad
+        The reading (see above). ``None``: the registry's default (``True``, the
+        gradient-weighted reading; chosen from the evaluation on both shipped
+        models, docs/METHODS.md §6). *vitlens' choice.*
+    identity_path
+        ``"drop"`` subtracts the part of ``R`` that never crossed an attention
+        (the read-out row, scaled by ``0.5^L`` for ``grad=False``); ``"keep"``
+        leaves it. ``None``: ``"drop"`` for ``grad=True`` under an average
+        read-out (as transformer_attribution's default), ``"keep"`` otherwise
+        (so ``grad=False`` with a constant statistic is rollout exactly). Under
+        a CLS read-out both give the same map. *vitlens' choice.*
     layers, heads, start_layer, per_layer
         As for rollout.
     merge
@@ -141,19 +182,30 @@ def lnstat(
     >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)))
     >>> vl.explain(cap, "lnstat", stat="var").attrs["stat"]
     'var'
+    >>> vl.explain(cap, "lnstat", grad=False).attrs["grad"]
+    'false'
     """
     _check(stat, stat_norm, head_fusion)
     cv = view(cap)
+    if grad is None:
+        grad = bool(METHOD_INFO["lnstat"].defaults_for(cv).get("grad", True))
+    if identity_path is None:  # as transformer_attribution's default for the gradient-weighted chain
+        identity_path = resolve_identity_path(cv, "transformer_attribution", None) if grad else "keep"
+    identity_path = resolve_identity_path(cv, "lnstat", identity_path)
     chosen = select_layers(cv, layers, start_layer)
     steps = {}
     for l in chosen:
         stage = cv.stage_of(l)
-        m = fused_operator(stage, l, fuse_heads(stage, l, heads, head_fusion), token_statistic(stage, l, stat, stat_norm))
-        steps[l] = Step(l, m, alpha=0.5, beta=0.5)
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer,
-               "stat": stat, "stat_norm": stat_norm, "head_fusion": head_fusion}
+        f = fuse_heads(stage, l, heads, head_fusion, grad=grad)
+        s = token_statistic(stage, l, stat, stat_norm)
+        if grad:  # r·(I + Ā·diag(s)): each source token's column scaled by its statistic
+            steps[l] = Step(l, f, post=s)
+        else:
+            steps[l] = Step(l, fused_operator(stage, l, f, s), alpha=0.5, beta=0.5)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "stat": stat,
+               "stat_norm": stat_norm, "head_fusion": head_fusion, "grad": grad, "identity_path": identity_path}
     return finish(cv, steps, chosen, "lnstat", options, per_layer=per_layer, merge=merge,
-                  by_stage=by_stage)
+                  by_stage=by_stage, baseline=identity_baseline(steps, identity_path))
 
 
 def statistic_maps(

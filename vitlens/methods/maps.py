@@ -22,7 +22,8 @@ def token_map(
 ) -> xr.DataArray:
     """(B, gh, gw) or (B, L, gh, gw) → DataArray (sample, [layer,] y, x) with attrs.
 
-    The grid is the first stage's unless ``stage`` is given.
+    The grid is the first stage's unless ``stage`` is given. float64 values (the
+    propagation methods) give a float64 map, anything else float32.
     """
     grid_stage = stage or cv.stages[0]
     gh, gw = grid_stage.grid
@@ -39,7 +40,10 @@ def token_map(
         "input_size": list(cv.tree.attrs["input_size"]),
         "model": cv.tree.attrs.get("model", ""),
     }
-    da = xr.DataArray(values.detach().cpu().numpy().astype(np.float32), dims=dims, coords=coords, name=method, attrs=attrs)
+    # float64 stays float64: under an average read-out the class-specific part of a
+    # propagated map can be below float32 resolution of its constant part
+    dtype = np.float64 if values.dtype == torch.float64 else np.float32
+    da = xr.DataArray(values.detach().cpu().numpy().astype(dtype), dims=dims, coords=coords, name=method, attrs=attrs)
     if "target" in cv.tree:
         da = da.assign_coords(target=("sample", cv.tree["target"].values))
     return da
@@ -132,7 +136,8 @@ def to_pixels(maps: xr.DataArray, size: int | tuple[int, int] | None = None) -> 
     h, w = int(size[0]), int(size[1])
     lead = [d for d in maps.dims if d not in ("y", "x")]
     arr = maps.transpose(*lead, "y", "x")
-    t = torch.from_numpy(np.asarray(arr.values, dtype=np.float32))
+    dtype = np.float64 if arr.dtype == np.float64 else np.float32  # keep a float64 map's resolution
+    t = torch.from_numpy(np.asarray(arr.values, dtype=dtype))
     flat = t.reshape(-1, 1, *t.shape[-2:])
     up = torch.nn.functional.interpolate(flat, size=(h, w), mode="bilinear", align_corners=False)
     up = up.reshape(*t.shape[:-2], h, w).numpy()

@@ -10,13 +10,14 @@ where ``X_l`` is a fused per-head quantity — a dense (N, N) matrix for ViT, or
 one (M², M²) block per window for Swin, whose global operator is
 ``G = Pᵀ·blockdiag(X_w)·P``. The map is ``r · O_L ··· O_s`` (then ``·Pm`` at each
 Swin patch merging), computed right-to-left as a *row vector*: never a dense
-Ns×Ns matrix for Swin (cost O(Ns·M²) per block). :func:`dense_operator` builds
-the dense matrices only for tests and teaching.
+Ns×Ns matrix for Swin (cost O(Ns·M²) per block), always in float64
+(:data:`ACCUMULATE`; see docs/METHODS.md, "Average read-out"). :func:`dense_operator`
+builds the dense matrices only for tests and teaching.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -192,19 +193,24 @@ class Step:
 
 
 def apply_row(stage: StageView, step: Step, r: torch.Tensor) -> torch.Tensor:
-    """``r · O`` for a batch of row vectors ``r`` (B, N)."""
+    """``r · O`` for a batch of row vectors ``r`` (B, N), in ``r``'s precision.
+
+    The step's float32 tensors are promoted to ``r``'s dtype (float64 in
+    :func:`propagate`) before the products.
+    """
+    x = step.x.to(r.dtype)
     if step.pre is not None:
-        r = r * step.pre
+        r = r * step.pre.to(r.dtype)
     if stage.windowed:
         wt = stage.window_token[stage.layer_index(step.layer)]  # (nW, M²)
         rw = r[:, wt]  # (B, nW, M²): r gathered into window layout
-        prod = torch.einsum("bwq,bwqk->bwk", rw, step.x)
+        prod = torch.einsum("bwq,bwqk->bwk", rw, x)
         g = torch.zeros_like(r)
         g[:, wt.reshape(-1)] = prod.reshape(r.shape[0], -1)  # windows tile the grid exactly once
     else:
-        g = torch.einsum("bq,bqk->bk", r, step.x)
+        g = torch.einsum("bq,bqk->bk", r, x)
     if step.post is not None:
-        g = g * step.post
+        g = g * step.post.to(r.dtype)
     return step.alpha * r + step.beta * g
 
 
@@ -218,7 +224,7 @@ def merge_row(r: torch.Tensor, grid_from: tuple[int, int], share: torch.Tensor |
     b = r.shape[0]
     gh, gw = grid_from
     r = r.reshape(b, gh, 1, gw, 1).expand(b, gh, 2, gw, 2).reshape(b, 4 * gh * gw)
-    return r / 4 if share is None else r * share
+    return r / 4 if share is None else r * share.to(r.dtype)
 
 
 MERGES = ("uniform", "lrp")
@@ -233,10 +239,16 @@ def merge_shares(cv: "CaptureView", merge: str) -> dict[int, torch.Tensor | None
     return {s.index: s.tensor("merge_share") for s in cv.stages[:-1]}
 
 
-def readout_row(cv: CaptureView, stage: StageView) -> torch.Tensor:
+#: Precision of the operator products. Under an average read-out the row starts
+#: uniform (1/N) and the class-specific terms the blocks add can sit ~1e-8 below
+#: it: float32 rounds them away (two targets, one map), float64 keeps them.
+ACCUMULATE = torch.float64
+
+
+def readout_row(cv: CaptureView, stage: StageView, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The read-out row ``r``: CLS one-hot, or the mean of the patch rows (avg pool / Swin)."""
     b, n = cv.num_samples, stage.num_tokens
-    r = torch.zeros(b, n)
+    r = torch.zeros(b, n, dtype=dtype or ACCUMULATE)
     if cv.readout == "cls":
         r[:, 0] = 1.0
     else:
@@ -266,14 +278,12 @@ def propagate(
     """
     shares = shares or {}
     top_stage = cv.stage_of(top_layer)
-    r = readout_row(cv, top_stage)
-    if steps:  # compute in the steps' precision (tokentm's difference of products uses float64)
-        r = r.to(next(iter(steps.values())).x.dtype)
+    r = readout_row(cv, top_stage)  # float64 (ACCUMULATE): every product below runs in it
     for stage in reversed(cv.stages[: cv.stages.index(top_stage) + 1]):
         for layer in reversed(stage.layers):
             if layer <= top_layer and layer in steps:
                 if dense:
-                    r = torch.einsum("bi,bij->bj", r, dense_operator(stage, steps[layer]))
+                    r = torch.einsum("bi,bij->bj", r, dense_operator(stage, steps[layer]).to(r.dtype))
                 else:
                     r = apply_row(stage, steps[layer], r)
         if collect is not None:
@@ -282,7 +292,7 @@ def propagate(
             share = shares.get(stage.index - 1)
             if dense:
                 pm = dense_merge(stage.grid).to(r.dtype)
-                r = torch.einsum("bi,ij->bj", r, pm) if share is None else torch.einsum("bi,ij->bj", r, pm * 4) * share
+                r = torch.einsum("bi,ij->bj", r, pm) if share is None else torch.einsum("bi,ij->bj", r, pm * 4) * share.to(r.dtype)
             else:
                 r = merge_row(r, stage.grid, share)
     first = cv.stages[0]
@@ -310,14 +320,14 @@ def dense_global(stage: StageView, layer: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def dense_operator(stage: StageView, step: Step) -> torch.Tensor:
-    """The block operator ``O`` as a dense (B, N, N) matrix."""
-    g = dense_global(stage, step.layer, step.x)
+    """The block operator ``O`` as a dense (B, N, N) matrix, in float64 (:data:`ACCUMULATE`)."""
+    g = dense_global(stage, step.layer, step.x.to(ACCUMULATE))
     n = g.shape[-1]
     if step.post is not None:
-        g = g * step.post[:, None, :]
-    o = step.alpha * torch.eye(n).expand_as(g) + step.beta * g
+        g = g * step.post.to(g.dtype)[:, None, :]
+    o = step.alpha * torch.eye(n, dtype=g.dtype).expand_as(g) + step.beta * g
     if step.pre is not None:
-        o = step.pre[:, :, None] * o
+        o = step.pre.to(g.dtype)[:, :, None] * o
     return o
 
 
@@ -350,3 +360,31 @@ def head_fused(stage: StageView, layer: int, heads: HeadSelection, *names: str, 
     for name in names[1:]:
         x = x * stage.tensor(name)[:, i]
     return head_mean(x, heads_for(heads, layer, x.shape[1]), clamp=clamp)
+
+
+# -- the identity path (average read-out) ---------------------------------------------------
+IDENTITY_PATHS = ("drop", "keep")
+
+
+def resolve_identity_path(cv: CaptureView, method: str, identity_path: str | None) -> str:
+    """``identity_path``, or the registry's default for this capture's read-out when None."""
+    if identity_path is None:
+        from .registry import METHOD_INFO
+
+        identity_path = METHOD_INFO[method].defaults_for(cv).get("identity_path", "keep")
+    if identity_path not in IDENTITY_PATHS:
+        raise OptionError(f"{method} identity_path={identity_path!r}; choose from {list(IDENTITY_PATHS)}.")
+    return identity_path
+
+
+def identity_baseline(steps: Mapping[int, Step], identity_path: str) -> dict[int, Step] | None:
+    """The steps with every attention term off (``β = 0``), to subtract under ``"drop"``.
+
+    Their product is the part of the map that never crossed an attention: for
+    ``R ← R + Ā·R`` chains the read-out row itself (carried down the merges),
+    i.e. the uniform ``1/N`` under an average read-out and zero on the patches
+    under a CLS read-out (where ``"drop"`` and ``"keep"`` agree).
+    """
+    if identity_path == "keep":
+        return None
+    return {l: replace(step, beta=0.0) for l, step in steps.items()}

@@ -6,8 +6,17 @@ import xarray as xr
 
 from .maps import finish
 from .operators import HeadSelection, Step, head_fused, select_layers, view
+from .registry import register_method
 
 
+@register_method(
+    "rollout",
+    title="Rollout",
+    caption="attention rollout: 0.5·(I + attention) multiplied over {blocks}, read out from {readout}",
+    class_specific=False,
+    per_layer=True,
+    reference="Abnar & Zuidema 2020; docs/METHODS.md §2",
+)
 def rollout(
     cap: xr.DataTree,
     *,
@@ -18,7 +27,7 @@ def rollout(
     merge: str = "uniform",
     by_stage: bool = False,
 ) -> xr.DataArray | xr.Dataset:
-    """``R = Â_L···Â_s`` with ``Â_l = 0.5·(I + E_h[A[l]])``, read out (METHODS.md §2).
+    """``R = Â_L···Â_s`` with ``Â_l = 0.5·(I + E_h[A[l]])``, read out (docs/METHODS.md §2).
 
     Parameters
     ----------

@@ -6,7 +6,7 @@ exponential cosine correlation), before vs after a transformation; these weights
 are combined with attention; the contribution map starts as a diagonal of input
 token lengths and is updated layer by layer; the final map is the CLS row.
 The exact rule below (which tokens count as "before/after", the NECC form, how
-weights enter the operator) is vitlens' documented choice (METHODS.md §7); each
+weights enter the operator) is vitlens' documented choice (docs/METHODS.md §7); each
 part is a switchable option recorded in the result's attrs.
 """
 
@@ -21,6 +21,7 @@ import xarray as xr
 from ..errors import OptionError
 from .maps import finish
 from .operators import HeadSelection, StageView, Step, head_fused, select_layers, view
+from .registry import register_method
 
 NECCS = ("range", "softmax", "none")
 INITS = ("norm", "identity")
@@ -58,6 +59,14 @@ def transformation_weights(stage: StageView, layer: int, part: str, necc_kind: s
     return w
 
 
+@register_method(
+    "tokentm",
+    title="TokenTM",
+    caption="TokenTM: attention × token-length and direction changes, accumulated over {blocks}, for class {cls}",
+    class_specific=True,
+    per_layer=True,
+    reference="Wu, Duan, Kang, Tang & Yan, CVPR 2024; docs/METHODS.md §7",
+)
 def tokentm(
     cap: xr.DataTree,
     *,
@@ -74,7 +83,7 @@ def tokentm(
     init: str = "norm",
     identity_path: str = "drop",
 ) -> xr.DataArray | xr.Dataset:
-    """Token-transformation-weighted attention propagation (METHODS.md §7).
+    """Token-transformation-weighted attention propagation (docs/METHODS.md §7).
 
     ``C_0 = diag(‖e⁰_j‖)``; per block ``U_l = I + Ā·diag(w)`` (MSA) and
     ``V_l = I + diag(w^F)`` (FFN); ``C_l = V_l·U_l·C_{l−1}``; read out ``C_L``.

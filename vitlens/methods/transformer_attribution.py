@@ -5,9 +5,20 @@ from __future__ import annotations
 import xarray as xr
 
 from .maps import finish
-from .operators import HeadSelection, Step, head_fused, select_layers, view
+from .operators import (HeadSelection, Step, head_fused, identity_baseline, resolve_identity_path,
+                        select_layers, view)
+from .registry import register_method
 
 
+@register_method(
+    "transformer_attribution",
+    title="Transformer Attr.",
+    caption="Chefer et al. 2021: gradient × LRP relevance of the attention, accumulated over {blocks}, for class {cls}",
+    class_specific=True,
+    per_layer=True,
+    defaults={"avg": {"identity_path": "drop"}},
+    reference="Chefer, Gur & Wolf, CVPR 2021; docs/METHODS.md §4",
+)
 def transformer_attribution(
     cap: xr.DataTree,
     *,
@@ -17,8 +28,9 @@ def transformer_attribution(
     per_layer: bool = False,
     merge: str = "uniform",
     by_stage: bool = False,
+    identity_path: str | None = None,
 ) -> xr.DataArray | xr.Dataset:
-    """``C = (I + Ē_L)···(I + Ē_s)``, ``Ē_l = E_h[(∂y_c/∂A ⊙ R_A)⁺]`` (METHODS.md §4).
+    """``C = (I + Ē_L)···(I + Ē_s)``, ``Ē_l = E_h[(∂y_c/∂A ⊙ R_A)⁺]`` (docs/METHODS.md §4).
 
     ``R_A`` is the LRP relevance at each block's attention probabilities,
     computed at capture time (``attention_relevance``) with the paper's rules
@@ -42,6 +54,7 @@ def transformer_attribution(
         l: Step(l, head_fused(cv.stage_of(l), l, heads, "attention_grad", "attention_relevance", clamp=True))
         for l in chosen
     }
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer}
+    identity_path = resolve_identity_path(cv, "transformer_attribution", identity_path)
+    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "identity_path": identity_path}
     return finish(cv, steps, chosen, "transformer_attribution", options, per_layer=per_layer, merge=merge,
-                  by_stage=by_stage)
+                  by_stage=by_stage, baseline=identity_baseline(steps, identity_path))

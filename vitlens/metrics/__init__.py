@@ -1,6 +1,6 @@
 """Scoring explanation maps: segmentation against masks, faithfulness by removing pixels.
 
-The protocols are those of METHODS.md ("Metrics"): segmentation as in the
+The protocols are those of docs/METHODS.md ("Metrics"): segmentation as in the
 ImageNet-segmentation evaluations (pixel accuracy, mIoU, mAP) plus the pointing
 game; perturbation accuracy curves and their AUC (positive / negative); deletion
 and insertion areas. :func:`evaluate` runs them all for every method and returns

@@ -57,7 +57,7 @@ def pixel_maps(maps: xr.DataArray, size: tuple[int, int]) -> np.ndarray:
     maps = maps.transpose("sample", "y", "x")
     if (maps.sizes["y"], maps.sizes["x"]) != tuple(size):
         maps = to_pixels(maps, size)
-    values = np.asarray(maps.values, dtype=np.float32)
+    values = np.asarray(maps.values, dtype=np.float64)  # min-max in float64: keeps a tiny class-specific part
     values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
     lo = values.min(axis=(1, 2), keepdims=True)
     span = values.max(axis=(1, 2), keepdims=True) - lo

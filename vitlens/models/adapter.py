@@ -129,7 +129,7 @@ class Adapter:
         """Each token's value vector after the output projection, W_O·concat_h(v_j^h).
 
         Token-wise (no attention mixing), without the projection bias, as
-        METHODS.md defines the MSA transformation of a token for tokentm.
+        docs/METHODS.md defines the MSA transformation of a token for tokentm.
         """
         attn = self.attention_module(block)
         h = self.tokens(normed)

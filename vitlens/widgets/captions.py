@@ -1,18 +1,12 @@
-"""One-sentence captions that say what each panel shows (written for teaching)."""
+"""One-sentence captions that say what each panel shows (written for teaching).
+
+Method captions come from each method's registration (:data:`vitlens.methods.METHOD_INFO`).
+"""
 
 from __future__ import annotations
 
+from ..methods.registry import METHOD_INFO, method_info
 from .layout import CaptureLayout, HeadChoice, Query
-
-_METHOD_TEXT = {
-    "attention": "raw attention of block {l} alone (mean of the selected heads), read out from {readout}",
-    "rollout": "attention rollout: 0.5·(I + attention) multiplied over {blocks}, read out from {readout}",
-    "gradcam": "Grad-CAM on the attention heads of block {l} (heads weighted by their gradient) for class {cls}",
-    "transformer_attribution": "Chefer et al. 2021: gradient × LRP relevance of the attention, accumulated over {blocks}, for class {cls}",
-    "generic_attention": "Chefer et al. 2021 (generic): gradient × attention, accumulated over {blocks}, for class {cls}",
-    "lnstat": "LayerNorm statistic × attention, accumulated like rollout over {blocks}",
-    "tokentm": "TokenTM: attention × token-length and direction changes, accumulated over {blocks}, for class {cls}",
-}
 
 _STAT_TEXT = {
     "std": "std",
@@ -69,21 +63,41 @@ def statistic_caption(layout: CaptureLayout, layer: int, stat: str) -> str:
     return f"{_STAT_TEXT.get(stat, stat)} of each token entering block {layer}'s first LayerNorm (scaled to [0, 1])."
 
 
-def fusion_caption(layout: CaptureLayout, layer: int, heads: HeadChoice, stat: str) -> str:
+def fusion_caption(layout: CaptureLayout, layer: int, heads: HeadChoice, stat: str, grad: bool = False,
+                   class_name: str | None = None) -> str:
     first = layout.layers[0]
+    if grad:
+        cls = f" for class {class_name!r}" if class_name is not None else ""
+        return (
+            f"Attention fusion (lnstat, gradient-weighted): gradient × attention, each token's column scaled by its "
+            f"{_STAT_TEXT.get(stat, stat)}, accumulated with Chefer's rule over {blocks_text(first, layer)} with "
+            f"{heads_text(layout, heads, layer)}, read out from {readout_text(layout)}{cls}."
+        )
     return (
         f"Attention fusion (lnstat): attention × the token {_STAT_TEXT.get(stat, stat)}, accumulated like rollout over "
         f"{blocks_text(first, layer)} with {heads_text(layout, heads, layer)}, read out from {readout_text(layout)}."
     )
 
 
-def method_caption(layout: CaptureLayout, method: str, layer: int, first: int, class_name: str, on_features: bool) -> str:
-    if on_features:
-        return f"Grad-CAM on the final feature map for class {class_name!r} (the same at every layer)."
-    if layer < first:
+def method_caption(layout: CaptureLayout, method: str, layer: int, first: int, class_name: str, on_features: bool,
+                   options: dict | None = None) -> str:
+    """The method panel's caption, from the method's registration.
+
+    ``options``: the options the panel passed (picks a variant caption, e.g. gradcam
+    ``on="features"``); default: the method's defaults for this capture.
+    """
+    info = method_info(method)
+    opts = info.defaults_for(layout) if options is None else options
+    if layer < first and info.uses_layers(opts) and not on_features:
         return f"{method} starts at block {first} (its default start_layer): nothing is accumulated at block {layer} yet."
-    text = _METHOD_TEXT[method].format(l=layer, blocks=blocks_text(first, layer), readout=readout_text(layout), cls=repr(class_name))
+    text = info.caption_for(opts).format(l=layer, blocks=blocks_text(first, layer), readout=readout_text(layout),
+                                         cls=repr(class_name))
     return text[0].upper() + text[1:] + "."
+
+
+def method_title(method: str) -> str:
+    """The method's short title (its registration's ``title``)."""
+    return METHOD_INFO[method].title if method in METHOD_INFO else method
 
 
 def panel_title(kind: str, layer: int, detail: str = "") -> str:

@@ -123,7 +123,7 @@ class Compare(widgets.VBox):
         with self.figure.batch_update():
             for i, method in enumerate(METHODS):
                 self.figure.data[2 * i + 1].z = normalized(self._maps[method][sample, li])
-                self.figure.layout.annotations[i].text = captions.panel_title(method, layer)
+                self.figure.layout.annotations[i].text = captions.panel_title(captions.method_title(method), layer)
                 text = self._errors[method] or captions.method_caption(
                     info, method, layer, self._first[method], target, not layer_dependent(info, method))
                 lines.append(f"<div><b>{html.escape(method)}</b>: {html.escape(text, quote=False)}</div>")

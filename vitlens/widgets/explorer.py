@@ -60,7 +60,8 @@ class Explorer(widgets.VBox):
     2. **statistic**: the LayerNorm-input statistic (mean, std, var, norm) of
        each token at the layer.
     3. **fusion**: ``lnstat`` (statistic × attention) accumulated up to the
-       layer with the selected heads.
+       layer with the selected heads; the "gradient-weighted" toggle switches to
+       its gradient-weighted reading (``grad=True``, class-specific).
     4. **method**: any of :data:`vitlens.METHODS`, accumulated up to the layer
        where the method allows it.
 
@@ -92,6 +93,9 @@ class Explorer(widgets.VBox):
         on the first-stage grid.
     stat
         LayerNorm statistic: ``"std"``, ``"mean"``, ``"var"`` or ``"norm"``.
+    fusion_grad
+        Start the fusion panel in lnstat's gradient-weighted reading (default
+        False: the gradient-free, class-agnostic fusion).
     method
         Method of the fourth panel, one of :data:`vitlens.METHODS`.
     opacity
@@ -124,6 +128,7 @@ class Explorer(widgets.VBox):
         heads: None | Iterable[int] | Mapping[int, Iterable[int]] = None,
         query: Query | str = "default",
         stat: str = "std",
+        fusion_grad: bool = False,
         method: str = DEFAULT_METHOD,
         opacity: float = 0.6,
         width: int = 1040,
@@ -173,6 +178,10 @@ class Explorer(widgets.VBox):
         self.stat_select = widgets.Dropdown(options=list(STATISTICS), value=stat, description="Statistic",
                                             layout=widgets.Layout(width="190px"))
         self.stat_select.add_class("vitlens-stat")
+        self.fusion_grad = widgets.ToggleButton(  # off: panels 1-3 stay class-agnostic
+            value=bool(fusion_grad), description="gradient-weighted", layout=widgets.Layout(width="150px"),
+            tooltip="fusion panel: lnstat's gradient-weighted reading (class-specific) instead of the gradient-free one")
+        self.fusion_grad.add_class("vitlens-fusion-grad")
         self.method_select = widgets.Dropdown(options=list(METHODS), value=method, description="Method",
                                               layout=widgets.Layout(width="290px"))
         self.method_select.add_class("vitlens-method")
@@ -200,7 +209,7 @@ class Explorer(widgets.VBox):
         self.export_button.on_click(self._export_clicked)
         self.export_status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
 
-        for w in (self.layer_slider, self.stat_select, self.method_select):
+        for w in (self.layer_slider, self.stat_select, self.method_select, self.fusion_grad):
             w.observe(self._changed, "value")
         self.sample_select.observe(self._sample_changed, "value")
         self.class_select.observe(self._class_changed, "value")
@@ -218,7 +227,7 @@ class Explorer(widgets.VBox):
             row([self.sample_select, self.class_select, self.class_status], layout=widgets.Layout(align_items="center")),
             row([self.heads.box, self.query_button], layout=widgets.Layout(align_items="center",
                                                                            flex_flow="row wrap")),
-            row([self.stat_select, self.method_select, self.opacity_slider]),
+            row([self.stat_select, self.fusion_grad, self.method_select, self.opacity_slider]),
             self.figure,
             self.captions,
             row([self.filename, self.export_button, self.export_status], layout=widgets.Layout(align_items="center")),
@@ -335,18 +344,22 @@ class Explorer(widgets.VBox):
 
         attention = query_attention(self.cap, info, sample, layer, sorted(choice[stage.index]), self._query)
         stats = self._cache.get(("statistic", stat), lambda: statistic_array(self.cap, stat))
-        fusion, messages["fusion"] = self._cache.get(
-            ("fusion", key, stat), lambda: safe(lambda: fusion_maps(self.cap, info, choice, stat), shape))
         src, si, src_key = self._source(sample)
         src_shape = (int(src["sample"].size), *shape[1:])
+        grad = bool(self.fusion_grad.value)
+        # the gradient-weighted fusion explains a class: it reads the capture of the chosen class
+        fcap, fi, fkey = (src, si, src_key) if grad else (self.cap, sample, "capture")
+        fusion, messages["fusion"] = self._cache.get(
+            ("fusion", key, stat, grad, fkey),
+            lambda: safe(lambda: fusion_maps(fcap, info, choice, stat, grad), (int(fcap["sample"].size), *shape[1:])))
         (per_layer, first), messages["method"] = self._method(src, src_key, method, choice, key, src_shape)
-        maps = [attention, stats[sample, li], fusion[sample, li], per_layer[si, li]]
+        maps = [attention, stats[sample, li], fusion[fi, li], per_layer[si, li]]
         names = self.class_names
         on_features = not layer_dependent(info, method)
         text = [
             captions.attention_caption(info, layer, choice, self._query),
             captions.statistic_caption(info, layer, stat),
-            messages["fusion"] or captions.fusion_caption(info, layer, choice, stat),
+            messages["fusion"] or captions.fusion_caption(info, layer, choice, stat, grad, names[self._classes[sample]]),
             messages["method"] or captions.method_caption(info, method, layer, first, names[self._classes[sample]],
                                                           on_features),
         ]
@@ -356,8 +369,8 @@ class Explorer(widgets.VBox):
         titles = [
             captions.panel_title("attention", layer, "CLS" if self._query is None else f"({self._query[0]}, {self._query[1]})"),
             captions.panel_title(f"{stat} statistic", layer),
-            captions.panel_title("lnstat fusion", layer, heads_short if len(key) == 1 else ""),
-            captions.panel_title(method, layer),
+            captions.panel_title("lnstat fusion" + (" (grad)" if grad else ""), layer, heads_short if len(key) == 1 else ""),
+            captions.panel_title(captions.method_title(method), layer),
         ]
         return {"maps": [normalized(m) for m in maps], "captions": text, "titles": titles}
 

@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import OptionError, VitlensError
-from ..methods import METHODS, explain, statistic_maps
+from ..methods import METHOD_INFO, explain, statistic_maps
 from .layout import CaptureLayout, HeadChoice, Query, heads_option, query_token, upsample, usable_layers
 
 #: LayerNorm statistics the widgets offer (``vl.explain(..., "lnstat", stat=...)``).
@@ -108,16 +108,18 @@ def _per_layer_array(maps: xr.DataArray, layers: Sequence[int]) -> np.ndarray:
     return out
 
 
-def fusion_maps(cap: xr.DataTree, layout: CaptureLayout, heads: HeadChoice, stat: str) -> np.ndarray:
+def fusion_maps(cap: xr.DataTree, layout: CaptureLayout, heads: HeadChoice, stat: str, grad: bool = False) -> np.ndarray:
     """``lnstat`` accumulated up to each layer: ``(sample, layer, gh, gw)`` over all layers.
 
-    ``vl.explain(cap, "lnstat", heads=..., stat=stat, per_layer=True)``; layers after
-    a stage with no selected head are zeros.
+    ``vl.explain(cap, "lnstat", heads=..., stat=stat, grad=grad, per_layer=True)``;
+    ``grad=True`` is the gradient-weighted reading (class-specific). Layers after a
+    stage with no selected head are zeros.
     """
     layers = usable_layers(layout, heads)
     if not layers:
         return np.zeros((cap["sample"].size, len(layout.layers), *layout.grid), dtype=np.float32)
-    maps = explain(cap, "lnstat", heads=heads_option(layout, heads), stat=stat, per_layer=True, layers=layers)
+    maps = explain(cap, "lnstat", heads=heads_option(layout, heads), stat=stat, grad=grad, per_layer=True,
+                   layers=layers)
     return _per_layer_array(maps, layout.layers)
 
 
@@ -130,15 +132,17 @@ def statistic_array(cap: xr.DataTree, stat: str) -> np.ndarray:
 
 
 def method_options(layout: CaptureLayout, method: str) -> dict[str, Any]:
-    """Options the widgets pass to :func:`vitlens.explain` besides heads and layers."""
-    if method == "gradcam" and (layout.family == "swin" or layout.readout != "cls"):
-        return {"on": "features"}
-    return {}
+    """Options the widgets pass to :func:`vitlens.explain` besides heads and layers.
+
+    The method's registered defaults for this capture's family and read-out
+    (e.g. gradcam ``on="features"`` under an average read-out).
+    """
+    return METHOD_INFO[method].defaults_for(layout)
 
 
 def layer_dependent(layout: CaptureLayout, method: str) -> bool:
     """Whether the method's map changes with the layer slider."""
-    return not (method == "gradcam" and method_options(layout, method).get("on") == "features")
+    return METHOD_INFO[method].uses_layers(method_options(layout, method))
 
 
 def method_maps(cap: xr.DataTree, layout: CaptureLayout, method: str, heads: HeadChoice) -> tuple[np.ndarray, int]:
@@ -149,25 +153,26 @@ def method_maps(cap: xr.DataTree, layout: CaptureLayout, method: str, heads: Hea
     map (the same at every layer) for feature Grad-CAM. Layers before a method's
     ``start_layer`` are zeros.
     """
-    if method not in METHODS:
-        raise OptionError(f"unknown method {method!r}; choose from {list(METHODS)}.")
+    if method not in METHOD_INFO:
+        raise OptionError(f"unknown method {method!r}; choose from {list(METHOD_INFO)}.")
     n = int(cap["sample"].size)
     layers = usable_layers(layout, heads)
     out = np.zeros((n, len(layout.layers), *layout.grid), dtype=np.float32)
     if not layers:
         return out, layout.layers[0]
     extra = method_options(layout, method)
-    if method == "gradcam":
-        if extra:
-            single = explain(cap, "gradcam", **extra).transpose("sample", "y", "x").values
-            out[:] = np.asarray(single, dtype=np.float32)[:, None]
-            return out, layout.layers[0]
-        opt = heads_option(layout, heads)
+    info = METHOD_INFO[method]
+    if not info.uses_layers(extra):  # one map for every layer (gradcam on the final feature map)
+        single = explain(cap, method, **extra).transpose("sample", "y", "x").values
+        out[:] = np.asarray(single, dtype=np.float32)[:, None]
+        return out, layout.layers[0]
+    opt = heads_option(layout, heads)
+    if not info.per_layer:  # a single-block method: one call per block
         for j, l in enumerate(layout.layers):
             if l in layers:
-                out[:, j] = explain(cap, "gradcam", layers=l, heads=opt).transpose("sample", "y", "x").values
+                out[:, j] = explain(cap, method, layers=l, heads=opt, **extra).transpose("sample", "y", "x").values
         return out, layout.layers[0]
-    maps = explain(cap, method, heads=heads_option(layout, heads), per_layer=True, layers=layers)
+    maps = explain(cap, method, heads=opt, per_layer=True, layers=layers, **extra)
     return _per_layer_array(maps, layout.layers), int(maps["layer"].values[0])
 
 
