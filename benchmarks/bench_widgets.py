@@ -23,7 +23,7 @@ import timm
 import torch
 
 import vitlens as vl
-from vitlens.widgets import Compare, Explorer, HeadGrid
+from vitlens.widgets import Compare, Explorer, HeadGrid, ModelView, TokenCurves
 
 
 def timed(action: Callable[..., object], *args: object) -> float:
@@ -89,10 +89,24 @@ def bench_explorer(cap, model, repeat: int, with_class: bool) -> dict[str, list[
     grid = HeadGrid(cap, explorer=ex)
     rows["HeadGrid(cap, explorer=ex) first view"] = [time.perf_counter() - t0]
     sweep("layer slider + linked HeadGrid")
-    grid.unlink()
     t0 = time.perf_counter()
-    cmp = Compare(cap)
-    rows["Compare(cap) first view"] = [time.perf_counter() - t0]
+    mv = ModelView(cap, explorer=ex)
+    rows["ModelView(cap, explorer=ex) first view"] = [time.perf_counter() - t0]
+    t0 = time.perf_counter()
+    curves = TokenCurves(cap, explorer=ex)
+    rows["TokenCurves(cap, explorer=ex) first view"] = [time.perf_counter() - t0]
+    sweep("layer slider + HeadGrid, ModelView, TokenCurves")
+    for _ in range(4 * repeat):
+        r, c = (int(v) for v in rng.integers(0, [gh, gw]))
+        rows.setdefault("patch click, all four linked", []).append(timed(ex.select_patch, r, c))
+    for w in (mv, curves, grid):
+        w.unlink()
+    ex.smooth = False
+    for _ in range(2 * repeat):
+        rows.setdefault("smooth toggle", []).append(timed(setattr, ex.smooth_toggle, "value", not ex.smooth))
+    t0 = time.perf_counter()
+    cmp = Compare(cap, model)
+    rows["Compare(cap, model) first view"] = [time.perf_counter() - t0]
     for _ in range(repeat):
         cmp.layer_slider.value = layers[-1]
         for l in layers:
@@ -102,10 +116,10 @@ def bench_explorer(cap, model, repeat: int, with_class: bool) -> dict[str, list[
 
 def print_table(title: str, rows: dict[str, list[float]]) -> None:
     print(f"\n{title}")
-    print(f"{'control':38s} {'n':>4s} {'p50 ms':>9s} {'p95 ms':>9s} {'max ms':>9s}")
+    print(f"{'control':50s} {'n':>4s} {'p50 ms':>9s} {'p95 ms':>9s} {'max ms':>9s}")
     for name, values in rows.items():
         ms = [1000 * v for v in values]
-        print(f"{name:38s} {len(ms):4d} {statistics.median(ms):9.1f} {percentile(ms, 95):9.1f} {max(ms):9.1f}")
+        print(f"{name:50s} {len(ms):4d} {statistics.median(ms):9.1f} {percentile(ms, 95):9.1f} {max(ms):9.1f}")
 
 
 def main() -> None:

@@ -49,3 +49,63 @@ def test_missing_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"nonsense": torch.zeros(3)}, bad)
     with pytest.raises(vl.ModelLoadError, match="could not load checkpoint"):
         vl.load_model("vit_tiny_patch16_224", checkpoint=bad, img_size=32, patch_size=8, depth=2)
+
+
+# -- the adapter registry (issue 14) -------------------------------------------------------
+def test_register_adapter_adds_a_family_and_the_first_match_wins():
+    from vitlens.models import registry
+    from vitlens.models.adapter import Adapter
+
+    class Marker(torch.nn.Sequential):
+        pass
+
+    @vl.models.register_adapter
+    class SequentialAdapter(Adapter):
+        family = "test-sequential"
+
+        @classmethod
+        def matches(cls, model):
+            return isinstance(model, Marker)
+
+    try:
+        assert "test-sequential" in registry.families()
+        assert type(vl.models.adapter_for(Marker())) is SequentialAdapter
+        assert vl.models.adapter_for(make_vit()).family == "vit"  # built-ins still first
+        with pytest.raises(ValueError, match="already registered"):
+            vl.models.register_adapter(type("Again", (Adapter,), {"family": "test-sequential"}))
+        with pytest.raises(TypeError):
+            vl.models.register_adapter(int)
+    finally:
+        registry._ADAPTERS.remove(SequentialAdapter)
+    with pytest.raises(vl.UnsupportedModelError, match="vit, swin, eva, beit, swinv2"):
+        vl.models.adapter_for(Marker())
+
+
+def test_every_builtin_family_is_registered_in_a_stable_order():
+    from vitlens.models import registry
+
+    assert registry.families()[:5] == ["vit", "swin", "eva", "beit", "swinv2"]
+
+
+@pytest.mark.parametrize("name,block,instead", [
+    ("cait_xxs24_224", "ClassAttn", "deit3_"),
+    ("xcit_nano_12_p16_224", "cross-covariance", "vit_"),
+    ("swinv2_cr_tiny_ns_224", "SwinV2-CR", "swinv2_"),
+])
+def test_refusals_name_what_is_missing_and_a_supported_alternative(name, block, instead):
+    import timm
+
+    model = timm.create_model(name, pretrained=False)
+    with pytest.raises(vl.UnsupportedModelError) as err:
+        vl.models.adapter_for(model)
+    assert block in str(err.value) and instead in str(err.value)
+
+
+def test_no_refusal_asks_to_change_a_pretrained_architecture():
+    from vitlens.models import registry
+
+    registry.adapters()  # loads every family module and its refusals
+    texts = [r.missing + r.instead for r in registry._REFUSALS]
+    assert len(texts) >= 10
+    for text in texts:
+        assert "global_pool=" not in text and "create the model with" not in text.lower()

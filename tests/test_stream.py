@@ -136,7 +136,8 @@ def test_a_killed_run_loses_nothing_and_resumes_where_it_stopped(tmp_path):
         proc.wait()
     done = committed(store)
     assert 4 <= done < 12  # killed mid-way, with what was written kept
-    partial = vl.open(store, chunks={})
+    with pytest.warns(UserWarning, match="resume=True"):  # opens the committed part, says how to continue
+        partial = vl.open(store, chunks={})
     assert partial["sample"].size == done
 
     imgs = random_images(12, 32, seed=7)

@@ -18,12 +18,17 @@ from . import datasets, figures, methods, metrics, models, widgets
 from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
 from .figures import plot
 from .errors import (
+    CaptureError,
     CaptureFormatError,
+    DeviceError,
     ExportError,
     ImageError,
     ModelLoadError,
     OptionError,
     RandomWeightsWarning,
+    ResumeError,
+    StorageError,
+    StoreLockedError,
     TargetError,
     UnsupportedModelError,
     VitlensError,
@@ -31,20 +36,27 @@ from .errors import (
 from .methods import METHODS, explain, normalize, to_pixels
 from .metrics import evaluate
 from .models import load_model
-from .widgets import Compare, Explorer, HeadGrid
+from .widgets import Compare, Explorer, HeadGrid, ModelView, TokenCurves
 
 __all__ = [
     "Compare",
     "Explorer",
     "HeadGrid",
+    "ModelView",
+    "TokenCurves",
     "KEEP_GROUPS",
     "METHODS",
+    "CaptureError",
     "CaptureFormatError",
+    "DeviceError",
     "ExportError",
     "ImageError",
     "ModelLoadError",
     "OptionError",
     "RandomWeightsWarning",
+    "ResumeError",
+    "StorageError",
+    "StoreLockedError",
     "TargetError",
     "UnsupportedModelError",
     "VitlensError",

@@ -94,7 +94,6 @@ def main(argv: Sequence[str] = ()) -> int:
     import vitlens as vl
     from vitlens import figures
     from vitlens.errors import OptionError
-    from vitlens.explain_cli import save_capture
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -115,7 +114,7 @@ def main(argv: Sequence[str] = ()) -> int:
         written += [figures.save(fig, out / f"{name}-methods.png"), figures.save(fig, out / f"{name}-methods.pdf")]
         steps.update()
         written.append(figures.save(figures.layers(cap, "lnstat", sample=0), out / f"{name}-lnstat-by-layer.png"))
-        written.append(save_capture(cap, out / f"{name}-capture.nc", overwrite=True))  # the demo's own file
+        written.append(vl.save(cap, out / f"{name}-capture.nc", overwrite=True))  # the demo owns its folder
         steps.update()
         if args.eval:
             steps.set_postfix_str(f"{name}: metrics on {args.eval} images")

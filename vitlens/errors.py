@@ -17,6 +17,11 @@ __all__ = [
     "OptionError",
     "ExportError",
     "RandomWeightsWarning",
+    "CaptureError",
+    "DeviceError",
+    "ResumeError",
+    "StorageError",
+    "StoreLockedError",
 ]
 
 
@@ -59,3 +64,23 @@ class RandomWeightsWarning(UserWarning):
     ``checkpoint=`` warns with this class; pass ``pretrained=False`` to say that
     random weights are what you want (no warning).
     """
+
+
+class CaptureError(VitlensError, RuntimeError):
+    """The model ran but produced something vitlens will not store (NaN/inf logits or maps)."""
+
+
+class DeviceError(VitlensError, RuntimeError):
+    """The requested device is not available, or does not match where the model lives."""
+
+
+class ResumeError(VitlensError, ValueError):
+    """``resume=True`` was asked of a store that this run must not continue or modify."""
+
+
+class StorageError(VitlensError, OSError):
+    """A capture could not be written (disk full, I/O error); nothing saved before was lost."""
+
+
+class StoreLockedError(StorageError):
+    """Another live process is writing the same store."""

@@ -143,19 +143,21 @@ def http_ok(url: str) -> bool:
         return r.status == 200
 
 
-def served_folder(tmp_path_factory, name: str) -> Path:
+def served_folder(tmp_path_factory, name: str, **options) -> Path:
     """A fresh folder holding the test notebook (its captures are written beside it)."""
     from .notebook_template import write_notebook
 
     folder = tmp_path_factory.mktemp(name)
-    write_notebook(folder)
+    write_notebook(folder, **options)
     return folder
 
 
 @pytest.fixture(scope="module")
 def voila(tmp_path_factory) -> Iterator[Server]:
     port = free_port()
-    folder = served_folder(tmp_path_factory, "voila")
+    # Voila's page gets plotly's bundle from the kernel (its first figure, the carrier, is closed);
+    # JupyterLab's from the first figure, as usual.
+    folder = served_folder(tmp_path_factory, "voila", carrier=False)
     server = start("voila", [sys.executable, "-m", "voila", "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
                              "explorer.ipynb"], folder, f"http://127.0.0.1:{port}/")
     try:
@@ -225,8 +227,8 @@ def _hermetic(route) -> None:
 def page_factory(browser):
     contexts = []
 
-    def make(allow_offline: str | None = None):
-        context = browser.new_context(viewport={"width": 1280, "height": 1000}, device_scale_factor=1)
+    def make(allow_offline: str | None = None, viewport: dict | None = None):
+        context = browser.new_context(viewport=viewport or {"width": 1280, "height": 1000}, device_scale_factor=1)
         context.route("**/*", _hermetic)
         contexts.append(context)
         page = context.new_page()

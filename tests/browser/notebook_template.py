@@ -3,6 +3,11 @@
 Random-init models (seeded), procedural "shapes" images: no network, no weights.
 The notebook writes each capture with ``vl.save`` next to itself, so the test
 process opens the very data the widgets show and computes the expected maps.
+Cells: the ViT Explorer (two classes side by side), a HeadGrid, a ModelView and
+TokenCurves linked to it, Compare, and a Swin Explorer.
+
+:func:`write_readme_notebook` writes the notebook behind the README screenshot:
+the shipped trained ``vit-shapes`` model.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import timm, torch
 import vitlens as vl
 from vitlens.datasets.shapes import CLASS_NAMES
-from vitlens.widgets import Explorer, HeadGrid
 torch.set_num_threads(1)
 HERE = {here!r}
 images = vl.datasets.shapes(2, seed=3, size=64).image.values
@@ -29,13 +33,27 @@ vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, num_c
                         embed_dim=48, depth=4, num_heads=3).eval()
 vit.vitlens_class_names = list(CLASS_NAMES)
 vit_cap = vl.capture(vit, images)
-vl.save(vit_cap, os.path.join(HERE, "vit.nc"))
-explorer = Explorer(vit_cap, vit)
+vl.save(vit_cap, os.path.join(HERE, "vit.nc"), overwrite=True)
+explorer = vl.Explorer(vit_cap, vit, compare_class=True)
 explorer
 """
 
 GRID = """\
-HeadGrid(vit_cap, explorer=explorer)
+grid = vl.HeadGrid(vit_cap)
+links = vl.widgets.link(explorer, grid)
+grid
+"""
+
+MODEL_VIEW = """\
+vl.ModelView(vit_cap, explorer=explorer, tile=48)
+"""
+
+CURVES = """\
+vl.TokenCurves(vit_cap, explorer=explorer)
+"""
+
+COMPARE = """\
+vl.Compare(vit_cap, vit, height=420)
 """
 
 SWIN = """\
@@ -43,19 +61,50 @@ torch.manual_seed(1)
 swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, patch_size=4, window_size=4, num_classes=8,
                          embed_dim=24, depths=(2, 2), num_heads=(2, 4)).eval()
 swin_cap = vl.capture(swin, images)
-vl.save(swin_cap, os.path.join(HERE, "swin.nc"))
-Explorer(swin_cap)
+vl.save(swin_cap, os.path.join(HERE, "swin.nc"), overwrite=True)
+vl.Explorer(swin_cap)
 """
 
 #: Files the notebook writes, in the order its cells run.
 CAPTURES = ("vit.nc", "swin.nc")
 
+README = """\
+import os
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import vitlens as vl
+model = vl.load_model("vit-shapes")
+ds = vl.datasets.shapes(4, seed=11, objects=(1, 2))
+cap = vl.capture(model, ds.image)
+vl.Explorer(cap, model)
+"""
 
-def write_notebook(folder: Path, name: str = "explorer.ipynb") -> Path:
-    """Write the test notebook into ``folder``; captures will be saved beside it."""
+
+NO_CARRIER = """\
+import plotly.graph_objects as go
+from vitlens.widgets.figure import as_widget
+as_widget(go.Figure()).close()  # the figure that carried plotly's bundle is gone: the page asks the kernel
+"""
+
+
+def write_notebook(folder: Path, name: str = "explorer.ipynb", carrier: bool = True) -> Path:
+    """Write the test notebook into ``folder``; captures will be saved beside it.
+
+    ``carrier=False`` closes the first figure (the one carrying plotly's bundle)
+    before any widget is shown, so the page must ask the kernel for the bundle.
+    """
+    setup = SETUP.format(here=str(folder)) + ("" if carrier else NO_CARRIER)
+    cells = (setup, VIT, GRID, MODEL_VIEW, CURVES, COMPARE, SWIN)
+    return _write(folder / name, cells)
+
+
+def write_readme_notebook(folder: Path, name: str = "readme.ipynb") -> Path:
+    """The notebook of the README screenshot (the shipped, trained ``vit-shapes``)."""
+    return _write(folder / name, (README,))
+
+
+def _write(path: Path, cells) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(src) for src in (SETUP.format(here=str(folder)), VIT, GRID, SWIN)]
-    path = folder / name
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
     nbformat.write(nb, path)
     return path

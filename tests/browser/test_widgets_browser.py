@@ -1,9 +1,13 @@
-"""The Explorer in a real browser (chromium), served by JupyterLab and by Voila.
+"""The widgets in a real browser (chromium), served by JupyterLab and by Voila, narrow and wide.
 
 After each action — move the layer slider, toggle a head, click a patch, switch
-the statistic — the test reads plotly's state from the page
-(``.js-plotly-plot``'s ``data[k].z``) and asserts it equals what vitlens computes
-in this process from the very capture the notebook saved (``vl.save``).
+the statistic, click a head in the linked HeadGrid, a tile of the ModelView,
+the smooth box, Compare's slider, the Export button — the test reads plotly's
+state from the page (``.js-plotly-plot``'s ``data[k].z``) and asserts it equals
+what vitlens computes in this process from the very capture the notebook saved
+(``vl.save``). At a narrow and a wide window every figure must fit its output
+area (figure width ≤ output width, colour bar inside, no modebar, head labels
+not truncated); the measured widths are printed and screenshots kept.
 """
 
 from __future__ import annotations
@@ -28,17 +32,21 @@ except ImportError:  # skipped only where the browser tests skip anyway (no chro
     pytest.skip(f"{CHROMIUM} is missing (and so is playwright)", allow_module_level=True)
 
 import vitlens as vl
-from vitlens.methods import statistic_maps
+from vitlens.methods import METHOD_INFO, statistic_maps
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-REPO = Path(__file__).resolve().parents[2]
-SCREENSHOT = REPO / "docs" / "explorer.png"
 TIMEOUT_MS = 30_000
 #: Panels of the Explorer, and the trace index of each panel's heatmap in figure.data.
-HEATMAP = {"attention": 1, "statistic": 3, "fusion": 5, "method": 7}
-GRID_TRACE, MARKER_TRACE = 8, 9
+HEATMAP = {"attention": 1, "statistic": 3, "fusion": 5, "method": 7, "contrast": 9}
+GRID_TRACE, MARKER_TRACE = 10, 11
+#: Window sizes every page is checked at (CSS pixels).
+NARROW, WIDE = {"width": 820, "height": 1000}, {"width": 1440, "height": 1000}
+#: Plots on the page: 2 Explorers, HeadGrid, ModelView, TokenCurves, Compare.
+PLOTS = 6
 LATENCIES: dict[str, list[float]] = {}
+WIDTHS: list[str] = []
+SHOTS = Path(os.environ.get("VITLENS_SCREENSHOTS", "")) if os.environ.get("VITLENS_SCREENSHOTS") else None
 
 
 # -- what the panels must show, computed here from the saved capture ------------------------
@@ -126,9 +134,8 @@ def title_shows(page, i: int, layer: int, timeout: float = TIMEOUT_MS) -> None:
     page.wait_for_function(
         rf"""([i, layer]) => {{
           const t = ({PLOT_JS})(i).querySelector('.annotation-text');
-          const words = t ? t.textContent.split(/\s+/) : [];
-          const at = words.indexOf('block');
-          return at >= 0 && words[at + 1] === String(layer);
+          const m = t ? t.textContent.match(/block (\d+)/) : null;
+          return !!m && m[1] === String(layer);
         }}""", arg=[i, layer], polling="raf", timeout=timeout)
 
 
@@ -160,12 +167,13 @@ def open_saved(folder: Path, name: str) -> xr.DataTree:
 
 
 # -- the scenario, the same in JupyterLab and Voila ------------------------------------------------
-def drive_explorers(page, server, label: str, head_grid: bool) -> None:
+def drive_widgets(page, server, label: str) -> None:
     vit = Expected(open_saved(server.folder, "vit.nc"))
     stride = vit.cap["stage0"].attrs["stride"][0]
     all_heads = [0, 1, 2]
 
     expect_panels(page, 0, vit.panels(3, all_heads, None, "std"), "first view")
+    assert page.evaluate(f"() => ({PLOT_JS})(0).layout.annotations.length") == 5  # two classes side by side
 
     # layer slider: keyboard on the noUiSlider handle; every move checked, every move timed
     explorer(page, 0).locator(".vitlens-layer .noUi-handle").click()
@@ -175,9 +183,12 @@ def drive_explorers(page, server, label: str, head_grid: bool) -> None:
         expect_panels(page, 0, vit.panels(layer, all_heads, None, "std"), f"layer slider → {layer}")
     LATENCIES[label] = times
 
-    # toggle head 1 off
+    # toggle head 1 off: its button loses the "selected" colour, the count says 2/3
     explorer(page, 0).locator(".vitlens-head-1").click()
     expect_panels(page, 0, vit.panels(2, [0, 2], None, "std"), "head 1 toggled off")
+    expect(explorer(page, 0).locator(".vitlens-heads-label")).to_contain_text("2/3", timeout=TIMEOUT_MS)
+    assert "mod-primary" not in (explorer(page, 0).locator(".vitlens-head-1").get_attribute("class") or "")
+    assert "mod-primary" in (explorer(page, 0).locator(".vitlens-head-0").get_attribute("class") or "")
 
     # click a patch of the attention panel: it becomes the query, marked on the image
     explorer(page, 0).locator(".js-plotly-plot").scroll_into_view_if_needed()
@@ -195,28 +206,68 @@ def drive_explorers(page, server, label: str, head_grid: bool) -> None:
     expect(explorer(page, 0).locator(".vitlens-captions")).to_contain_text(
         "variance of each token entering block 2's first LayerNorm", timeout=TIMEOUT_MS)
 
-    if head_grid:  # clicking head 1 in the linked HeadGrid turns it back on in the Explorer
-        grid = page.locator(".vitlens-head-grid .js-plotly-plot")
-        grid.scroll_into_view_if_needed()  # JupyterLab draws off-screen outputs lazily
-        grid.wait_for(state="visible", timeout=TIMEOUT_MS)
-        page.wait_for_function("() => { const gd = document.querySelector('.vitlens-head-grid .js-plotly-plot');"
-                               " return !!(gd && gd._fullLayout && gd._fullLayout.xaxis2); }", timeout=TIMEOUT_MS)
-        hx, hy = page.evaluate("""(gd) => { const fl = gd._fullLayout, xa = fl.xaxis2, ya = fl.yaxis2;
-            const box = gd.getBoundingClientRect();
-            return [box.left + xa._offset + xa._length / 2, box.top + ya._offset + ya._length / 2]; }""",
-                               grid.element_handle())
-        page.mouse.move(hx, hy)
-        page.mouse.click(hx, hy)
-        expect_panels(page, 0, {"fusion": vit.fusion(2, all_heads, "var")}, "head 1 clicked in the HeadGrid")
+    # the linked HeadGrid: clicking head 1 turns it back on in the Explorer
+    grid = page.locator(".vitlens-head-grid .js-plotly-plot")
+    grid.scroll_into_view_if_needed()  # JupyterLab draws off-screen outputs lazily
+    grid.wait_for(state="visible", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => { const gd = document.querySelector('.vitlens-head-grid .js-plotly-plot');"
+                           " return !!(gd && gd._fullLayout && gd._fullLayout.xaxis2); }", timeout=TIMEOUT_MS)
+    assert page.evaluate("() => document.querySelector('.vitlens-head-grid .js-plotly-plot').data[0].type") == "image"
+    hx, hy = page.evaluate("""(gd) => { const fl = gd._fullLayout, xa = fl.xaxis2, ya = fl.yaxis2;
+        const box = gd.getBoundingClientRect();
+        return [box.left + xa._offset + xa._length / 2, box.top + ya._offset + ya._length / 2]; }""",
+                           grid.element_handle())
+    page.mouse.move(hx, hy)
+    page.mouse.click(hx, hy)
+    expect_panels(page, 0, {"fusion": vit.fusion(2, all_heads, "var")}, "head 1 clicked in the HeadGrid")
+
+    # the ModelView (linked): a click on block 1, head 2, patch (3, 1) moves the Explorer's layer and query
+    tile_px, cells = max(1, round(48 / 8)), 8  # ModelView(tile=48) on the 8×8 grid
+    pitch = cells + 1
+    mv = page.locator(".vitlens-model-view .js-plotly-plot")
+    mv.scroll_into_view_if_needed()
+    mv.wait_for(state="visible", timeout=TIMEOUT_MS)
+    mx, my = page.evaluate("""([gd, x, y]) => { const fl = gd._fullLayout, box = gd.getBoundingClientRect();
+        return [box.left + fl.xaxis._offset + fl.xaxis.l2p(x), box.top + fl.yaxis._offset + fl.yaxis.l2p(y)]; }""",
+                           [mv.element_handle(), (2 * pitch + 1) * tile_px + tile_px / 2,
+                            (pitch + 3) * tile_px + tile_px / 2])
+    page.mouse.move(mx, my)
+    page.mouse.click(mx, my)
+    expect_panels(page, 0, {"attention": vit.attention(1, all_heads, (3, 1))}, "ModelView tile clicked")
+    title_shows(page, 0, 1)
+    # TokenCurves (linked) now show that token's norm across depth
+    token = 1 + 3 * 8 + 1
+    want = vit.cap["stage0"].token_norm.isel(sample=0, token=token).values.tolist()
+    page.wait_for_function("""([want]) => { const gd = document.querySelector('.vitlens-token-curves .js-plotly-plot');
+        const y = gd && gd.data && gd.data[0].y; if (!y || y.length !== want.length) return false;
+        return want.every((v, k) => Math.abs(y[k] - v) <= 1e-4 * Math.max(1, Math.abs(v))); }""",
+                           arg=[want], timeout=TIMEOUT_MS)
+
+    # smooth (bilinear) overlays next to token blocks
+    explorer(page, 0).locator(".vitlens-smooth input").check()
+    page.wait_for_function(f"() => ({PLOT_JS})(0).data[1].zsmooth === 'best'", timeout=TIMEOUT_MS)
+
+    # Compare: its own slider; rollout (class-agnostic) equals vl.explain at that layer
+    cmp = page.locator(".vitlens-compare")
+    cmp.scroll_into_view_if_needed()
+    cmp.locator(".vitlens-layer .noUi-handle").click()
+    page.keyboard.press("ArrowLeft")
+    k = 2 * list(METHOD_INFO).index("rollout") + 1
+    rollout = minmax(vl.explain(vit.cap, "rollout", layers=range(0, 3)).isel(sample=0).values)
+    page.wait_for_function("""([k, want]) => { const gd = document.querySelector('.vitlens-compare .js-plotly-plot');
+        const z = gd && gd.data && gd.data[k].z; if (!z || z.length !== want.length) return false;
+        return want.every((row, r) => row.every((v, c) => Math.abs(z[r][c] - v) <= 2e-5)); }""",
+                           arg=[k, rollout], timeout=TIMEOUT_MS)
 
     # Swin: the stage indicator follows the slider; the query's window row on a window grid
     swin = Expected(open_saved(server.folder, "swin.nc"))
+    explorer(page, 1).scroll_into_view_if_needed()
     explorer(page, 1).locator(".vitlens-layer .noUi-handle").click()
     move_slider(page, 1, "ArrowLeft", 2)
     expect_panels(page, 1, {"attention": swin.attention(2, [0, 1, 2, 3], (8, 8)),
                             "fusion": swin.fusion(2, None, "std")}, "swin layer → 2")  # all heads
     expect(explorer(page, 1).locator(".vitlens-stage")).to_contain_text("stage1", timeout=TIMEOUT_MS)
-    assert page.evaluate(f"(i) => ({PLOT_JS})(i).data[{GRID_TRACE}].x.length", 1) > 0
+    assert page.evaluate(f"(i) => ({PLOT_JS})(i).data[8].x.length", 1) > 0  # the window grid (4 panels)
     move_slider(page, 1, "ArrowLeft", 1)
     expect(explorer(page, 1).locator(".vitlens-stage")).to_contain_text("stage0", timeout=TIMEOUT_MS)
     expect_panels(page, 1, {"attention": swin.attention(1, [0, 1], (8, 8))}, "swin layer → 1")
@@ -228,18 +279,92 @@ def report(label: str, lines: list[str]) -> None:
             f"max {max(ms):.0f} ms ({', '.join(f'{v:.0f}' for v in ms)})")
     print("\n" + line)
     lines.append(line)  # printed again in pytest's terminal summary
+    lines.extend(w for w in WIDTHS if w.startswith(label))
 
 
-def save_screenshot(page) -> None:
-    """The ViT Explorer as docs/explorer.png (for the README), kept under 300 KB."""
-    from PIL import Image
+FIT_JS = """() => {
+  const out = [];
+  for (const gd of document.querySelectorAll('.js-plotly-plot')) {
+    if (gd.offsetParent === null) continue;  // a hidden stage figure
+    const area = gd.closest('.jp-OutputArea-output') || gd.closest('.jp-Cell-outputArea') || document.body;
+    const widget = gd.closest('.vitlens-explorer, .vitlens-head-grid, .vitlens-model-view, .vitlens-token-curves, .vitlens-compare');
+    const svg = gd.querySelector('.main-svg'), box = gd.getBoundingClientRect(), abox = area.getBoundingClientRect();
+    const bars = Array.from(gd.querySelectorAll('.colorbar')).map((c) => c.getBoundingClientRect().right);
+    const titles = Array.from(gd.querySelectorAll('.annotation-text')).map((t) => t.getBoundingClientRect());
+    const modebar = gd.querySelector('.modebar');
+    out.push({widget: widget ? widget.className.match(/vitlens-[a-z-]+/)[0] : '?',
+              fig: svg ? svg.getBoundingClientRect().width : 0, right: svg ? svg.getBoundingClientRect().right : 0,
+              area: abox.width, areaRight: abox.right, bars, barMax: Math.max(0, ...bars),
+              modebar: !!(modebar && modebar.getBoundingClientRect().width > 0),
+              titlesInside: titles.every((t) => t.right <= abox.right + 1 && t.left >= abox.left - 1)});
+  }
+  const labels = Array.from(document.querySelectorAll('.vitlens-heads-none, .vitlens-heads-all, .vitlens-head-toggle'))
+    .filter((b) => b.offsetParent !== null).map((b) => [b.textContent, b.scrollWidth <= b.clientWidth + 1]);
+  return {plots: out, labels};
+}"""
 
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    explorer(page, 0).screenshot(path=str(SCREENSHOT), animations="disabled")
-    image = Image.open(SCREENSHOT)
-    if SCREENSHOT.stat().st_size > 250_000:
-        image.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(SCREENSHOT, optimize=True)
-    assert SCREENSHOT.stat().st_size < 300_000
+
+def check_fit(page, label: str) -> None:
+    """Every figure fits its output area (and fills most of it); colour bars inside; labels whole."""
+    page.wait_for_function(f"() => ({FIT_JS})().plots.length >= {PLOTS}", timeout=TIMEOUT_MS * 2)
+    # plotly follows a window resize asynchronously: wait until every figure fits and fills its area
+    try:
+        page.wait_for_function(f"() => ({FIT_JS})().plots.every((p) => p.fig > 0.85 * p.area && p.fig <= p.area + 1)",
+                               timeout=TIMEOUT_MS)
+    except Exception:  # report the measured widths below
+        pass
+    found = page.evaluate(FIT_JS)
+    plots = found["plots"]
+    widths = ", ".join(f"{p['widget'].removeprefix('vitlens-')} {p['fig']:.0f}/{p['area']:.0f}" for p in plots)
+    WIDTHS.append(f"{label}: figure/output width px: {widths}")
+    for p in plots:
+        where = f"{label}: {p['widget']}"
+        assert p["fig"] <= p["area"] + 1 and p["right"] <= p["areaRight"] + 1, f"{where} is cut off: {p}"
+        assert p["fig"] >= 0.85 * p["area"], f"{where} does not use the output width: {p}"
+        assert p["barMax"] <= p["areaRight"] + 1, f"{where}: colour bar clipped: {p}"
+        assert not p["modebar"], f"{where}: a modebar covers the titles"
+        assert p["titlesInside"], f"{where}: a title sticks out of the output area: {p}"
+    drawn = {p["widget"] for p in plots}
+    assert {"vitlens-explorer", "vitlens-head-grid", "vitlens-model-view", "vitlens-token-curves",
+            "vitlens-compare"} <= drawn, drawn
+    assert any(p["bars"] for p in plots if p["widget"] == "vitlens-explorer"), "no colour bar in the Explorer"
+    assert found["labels"] and all(ok for _, ok in found["labels"]), f"{label}: truncated labels {found['labels']}"
+
+
+def screenshot(page, server, name: str) -> Path:
+    """A full-page screenshot next to the served notebook (and in $VITLENS_SCREENSHOTS if set)."""
+    path = server.folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True, animations="disabled")
+    paths = [path]
+    for css in ("vitlens-explorer", "vitlens-head-grid", "vitlens-model-view", "vitlens-token-curves",
+                "vitlens-compare"):  # each widget whole (the page itself may scroll inside a panel)
+        shot = server.folder / f"{name}-{css.removeprefix('vitlens-')}.png"
+        page.locator(f".{css}").first.screenshot(path=str(shot), animations="disabled")
+        paths.append(shot)
+    if SHOTS is not None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            (SHOTS / p.name).write_bytes(p.read_bytes())
+    return path
+
+
+def export_from_the_page(page, server) -> None:
+    """The Explorer's Save-as box: a plain name is written beside the notebook; a path is refused."""
+    box = explorer(page, 0)
+    box.locator(".vitlens-export").scroll_into_view_if_needed()
+    name = box.locator(".vitlens-filename input")
+    name.fill("../escaped.png")
+    name.press("Enter")
+    box.locator(".vitlens-export").click()
+    expect(box.locator(".vitlens-export-status")).to_contain_text("file name only", timeout=TIMEOUT_MS)
+    assert not (server.folder.parent / "escaped.png").exists()
+    name.fill("from-the-page.png")
+    name.press("Enter")
+    box.locator(".vitlens-export").click()
+    expect(box.locator(".vitlens-export-status")).to_contain_text("saved", timeout=TIMEOUT_MS * 2)
+    assert (server.folder / "from-the-page.png").read_bytes()[:4] == b"\x89PNG"
+    box.locator(".vitlens-export").click()  # again: never a silent overwrite
+    expect(box.locator(".vitlens-export-status")).to_contain_text("already exists", timeout=TIMEOUT_MS)
 
 
 @contextlib.contextmanager
@@ -251,6 +376,9 @@ def diagnosed(page, server, problems):
         shot = server.folder / "failure.png"
         try:
             page.screenshot(path=str(shot), full_page=True)
+            if SHOTS is not None:
+                SHOTS.mkdir(parents=True, exist_ok=True)
+                (SHOTS / f"failure-{server.name}.png").write_bytes(shot.read_bytes())
         except Exception:  # the page may be gone; the log still helps
             pass
         errors = "\n".join(problems.errors) or "none"
@@ -258,16 +386,9 @@ def diagnosed(page, server, problems):
                              f"--- {server.name} log ---\n{server.tail()}") from exc
 
 
-def test_explorer_in_jupyterlab(page_factory, lab, latency_lines):
-    page, problems = page_factory()
-    with diagnosed(page, lab, problems):
-        run_in_jupyterlab(page, lab, latency_lines)
-    problems.check()
-
-
 KERNEL_DIALOG = ".jp-Dialog"
 IDLE = "!!document.querySelector(\".jp-Notebook-ExecutionIndicator[data-status='idle']\")"
-BOTH_DRAWN = "document.querySelectorAll('.vitlens-explorer .js-plotly-plot').length == 2"
+ALL_DRAWN = f"document.querySelectorAll('.js-plotly-plot').length >= {PLOTS}"
 
 
 def answer_kernel_dialog(page) -> bool:
@@ -290,33 +411,45 @@ def kernel_connected(lab) -> bool:
                and s["kernel"]["connections"] > 0 for s in lab.api("sessions"))
 
 
-def run_in_jupyterlab(page, lab, latency_lines) -> None:
-    page.goto(lab.url, timeout=TIMEOUT_MS * 2)
-    page.wait_for_function(f"() => {IDLE} || !!document.querySelector('{KERNEL_DIALOG}')", timeout=TIMEOUT_MS * 3)
-    answer_kernel_dialog(page)
-    deadline = time.monotonic() + TIMEOUT_MS / 1000 * 3
-    while not kernel_connected(lab):  # the page shows "idle" before it has a kernel
-        assert time.monotonic() < deadline, f"no kernel connected: {lab.api('sessions')}"
+def test_widgets_in_jupyterlab_wide_then_narrow(page_factory, lab, latency_lines):
+    page, problems = page_factory(viewport=WIDE)
+    with diagnosed(page, lab, problems):
+        page.goto(lab.url, timeout=TIMEOUT_MS * 2)
+        page.wait_for_function(f"() => {IDLE} || !!document.querySelector('{KERNEL_DIALOG}')", timeout=TIMEOUT_MS * 3)
         answer_kernel_dialog(page)
-        page.wait_for_timeout(250)
-    run_all(page)
-    page.wait_for_function(f"() => {BOTH_DRAWN} || !!document.querySelector('{KERNEL_DIALOG}')",
-                           timeout=TIMEOUT_MS * 4)
-    if answer_kernel_dialog(page):  # it can also open once the run has started: run again
+        deadline = time.monotonic() + TIMEOUT_MS / 1000 * 3
+        while not kernel_connected(lab):  # the page shows "idle" before it has a kernel
+            assert time.monotonic() < deadline, f"no kernel connected: {lab.api('sessions')}"
+            answer_kernel_dialog(page)
+            page.wait_for_timeout(250)
         run_all(page)
-        page.wait_for_function(f"() => {BOTH_DRAWN}", timeout=TIMEOUT_MS * 4)
-    drive_explorers(page, lab, "JupyterLab", head_grid=True)
-    report("JupyterLab", latency_lines)
+        page.wait_for_function(f"() => {ALL_DRAWN} || !!document.querySelector('{KERNEL_DIALOG}')",
+                               timeout=TIMEOUT_MS * 4)
+        if answer_kernel_dialog(page):  # it can also open once the run has started: run again
+            run_all(page)
+            page.wait_for_function(f"() => {ALL_DRAWN}", timeout=TIMEOUT_MS * 4)
+        check_fit(page, "JupyterLab wide")
+        screenshot(page, lab, "jupyterlab-wide")
+        drive_widgets(page, lab, "JupyterLab")
+        page.set_viewport_size(NARROW)  # the figures follow the window
+        check_fit(page, "JupyterLab narrow")
+        screenshot(page, lab, "jupyterlab-narrow")
+        report("JupyterLab", latency_lines)
+    problems.check()
 
 
-def test_explorer_in_voila(page_factory, voila, latency_lines):
-    page, problems = page_factory(allow_offline="fontawesome-free")
+def test_widgets_in_voila_narrow_then_wide(page_factory, voila, latency_lines):
+    page, problems = page_factory(allow_offline="fontawesome-free", viewport=NARROW)
     with diagnosed(page, voila, problems):
         page.goto(voila.url, timeout=TIMEOUT_MS * 4)
-        page.wait_for_function("() => document.querySelectorAll('.vitlens-explorer .js-plotly-plot').length == 2",
-                               timeout=TIMEOUT_MS * 4)
-        drive_explorers(page, voila, "Voila", head_grid=True)
+        page.wait_for_function(f"() => {ALL_DRAWN}", timeout=TIMEOUT_MS * 4)
+        check_fit(page, "Voila narrow")
+        screenshot(page, voila, "voila-narrow")
+        drive_widgets(page, voila, "Voila")
+        export_from_the_page(page, voila)
+        page.set_viewport_size(WIDE)
+        check_fit(page, "Voila wide")
+        screenshot(page, voila, "voila-wide")
         report("Voila", latency_lines)
-        save_screenshot(page)
     problems.check()
     assert len(problems.offline) <= 2  # only the two fontawesome stylesheets

@@ -17,6 +17,8 @@ from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
 from .hooks import Recorder
 from .images import prepare
+from .validate import check_finite, check_model
+from .text import bind_text
 from .windows import window_tokens
 
 #: What ``capture(keep=...)`` can store. ``"all"`` (default) stores everything.
@@ -77,6 +79,8 @@ def class_names(model: nn.Module, num_classes: int) -> list[str]:
 def _resolve_target(target: Any, n: int, names: Sequence[str]) -> np.ndarray | None:
     if target is None:
         return None
+    if isinstance(target, (bool, np.bool_, float, np.floating)):
+        raise TargetError(f"target={target!r}: pass a class index (int), a class name, one per image, or None.")
     if isinstance(target, (str, int, np.integer)):
         target = [target] * n
     values = list(np.asarray(target, dtype=object).ravel()) if not isinstance(target, list) else target
@@ -160,6 +164,8 @@ def capture(
     progress: bool | None = None,
     store: str | os.PathLike | None = None,
     resume: bool = False,
+    text: Sequence[str] | torch.Tensor | None = None,
+    processor: Any = None,
 ) -> xr.DataTree:
     """Run ``model`` once on ``images`` and record its internals into a labeled DataTree.
 
@@ -200,6 +206,14 @@ def capture(
         written is lost if the run is interrupted.
     resume
         Continue an interrupted ``store`` run after its last committed image.
+    text
+        Image–text models (CLIP): the prompts to score each image against, as
+        strings or a LongTensor of token ids (one row per prompt). The logits
+        are then the similarities (one column per prompt), the class names the
+        prompts, and ``target`` picks a prompt by index or text. See
+        :mod:`vitlens.capture.text`.
+    processor
+        Tokenises ``text`` strings (default: the processor saved with the model).
 
     Returns
     -------
@@ -217,7 +231,7 @@ def capture(
     >>> cap["stage0"].attention.dims
     ('sample', 'layer', 'head', 'query', 'key')
     """
-    adapter = adapter_for(model)
+    adapter = bind_text(adapter_for(model), text, processor)
     kept = _resolve_keep(keep, grads)
     if dtype not in _DTYPES:
         raise OptionError(f"dtype={dtype!r}; choose 'float32' or 'float16'.")
@@ -225,31 +239,32 @@ def capture(
         batch_size = 32
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
+    device = check_model(model, device, grads)
     if store is not None:
+        from .fingerprint import run_fingerprint
         from .stream import capture_to_store
 
         def capture_batch(part: Any, part_target: Any, offset: int) -> xr.DataTree:
             tree = capture(model, part, part_target, grads=grads, keep=keep, dtype=dtype,
-                           batch_size=batch_size, device=device, progress=False)
+                           batch_size=batch_size, device=device, progress=False, text=text, processor=processor)
             tree.dataset = tree.to_dataset(inherit=False).assign_coords(
                 sample=np.arange(offset, offset + tree["sample"].size)
             )
             return tree
 
+        fingerprint = run_fingerprint(model, images, target, {"grads": grads, "keep": sorted(kept), "dtype": dtype})
         return capture_to_store(capture_batch, images, store, target=target, batch_size=int(batch_size),
-                                resume=resume, progress=progress)
+                                resume=resume, progress=progress, fingerprint=fingerprint)
     if resume:
         raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
 
     batch = prepare(images, adapter)
+    adapter = adapter.for_input(tuple(batch.pixels.shape[-2:]))  # dynamic_img_size: grid follows the input
     n = batch.pixels.shape[0]
     num_classes = adapter.num_classes
-    names = class_names(model, num_classes)
+    names = adapter.class_names() if hasattr(adapter, "class_names") else class_names(model, num_classes)
     targets = _resolve_target(target, n, names)
     param = next(model.parameters(), None)
-    if device is None:
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
     model_dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
 
     relevance = "attention_relevance" in kept
@@ -268,6 +283,7 @@ def capture(
             x = batch.pixels[start : start + batch_size].to(device, model_dtype)
             _run_batch(adapter, rec, x, targets, start, kept, grads, relevance, stores)
 
+    check_finite(stores.items())
     tree = _assemble(adapter, model, batch, stores, names, kept, dtype, grads)
     samples = _input_samples(images, n)
     if samples is not None:  # keep the caller's labels (e.g. a subset of a dataset)
@@ -302,7 +318,7 @@ def _run_batch(
     with torch.inference_mode(False), grad_ctx:
         if grads:
             x = x.clone().requires_grad_(True)  # a graph exists even for frozen models
-        logits = adapter.model(x)
+        logits = adapter.logits(x) if hasattr(adapter, "logits") else adapter.model(x)
         if logits.ndim != 2 or logits.shape[0] != b:
             raise ImageError(f"the model returned logits of shape {tuple(logits.shape)}; expected ({b}, classes).")
         if targets is None:
@@ -339,8 +355,13 @@ def _run_batch(
         if "norms" in kept:
             for var in _TOKEN_VARS:
                 stores.put(f"{key}/{var}", start, [r[var] for r in recs])
+    last = adapter.stages[-1].name
+    if adapter.readout == "map":  # the read-out row: each token's weight in the attention pool
+        assert adapter.head is not None and rec.final_output is not None
+        with torch.no_grad():
+            weights = adapter.head.pool_weights(adapter.tokens(rec.final_output))
+        stores.put(f"{last}/readout_weights", start, weights)
     if "features" in kept:
-        last = adapter.stages[-1].name
         stores.put(f"{last}/features", start, adapter.tokens(rec.features))
         if grads and feat_grad is not None:
             stores.put(f"{last}/features_grad", start, adapter.tokens(feat_grad))
@@ -359,7 +380,7 @@ def _dims(var: str, windowed: bool) -> tuple[str, ...]:
     if var.startswith("attention"):
         d = _DIMS["attention"]
         return d[:3] + ("window",) + d[3:] if windowed else d
-    if var == "merge_share":
+    if var in ("merge_share", "readout_weights"):
         return ("sample", "token")
     return _DIMS.get(var, ("sample", "layer", "token"))
 
@@ -428,7 +449,7 @@ def _assemble(
             "stride": list(stage.stride),
             "num_heads": stage.num_heads,
             "num_prefix_tokens": stage.num_prefix,
-            "embed_dim": int(stage.blocks[0].norm1.normalized_shape[0]),
+            "embed_dim": stage.embed_dim,
         }
         if windowed:
             assert stage.window is not None
@@ -463,9 +484,10 @@ _DESCRIPTIONS = {
     "mlp_out_norm": "L2 norm of the MLP branch output",
     "mlp_cos": "cosine between the MLP output and the token entering the MLP branch",
     "block_out_norm": "L2 norm of each token leaving the block",
-    "features": "normalised token features for Grad-CAM (ViT: last block's norm1 output; Swin: final norm)",
+    "features": "normalised token features for Grad-CAM (CLS read-out: last block's attention input; otherwise the final norm's output)",
     "features_grad": "gradient of the target logit w.r.t. the features",
     "window_token": "stage token index of each window position (after the cyclic shift)",
+    "readout_weights": "weight of each token in the attention-pool read-out (mean over heads): the read-out row",
     "merge_share": "LRP share of each token in the relevance of the merged token it forms in the next stage",
 }
 

@@ -31,6 +31,8 @@ class Batch:
 
 def data_config(adapter: Adapter) -> dict[str, Any]:
     """timm's data config with the model's *real* input size (not the pretrained one)."""
+    if hasattr(adapter, "data_config"):  # e.g. from a transformers image processor
+        return adapter.data_config()
     from timm.data import resolve_data_config
 
     h, w = adapter.input_size
@@ -48,9 +50,14 @@ def _as_rgb_float(array: np.ndarray, where: str) -> np.ndarray:
         )
     if array.dtype == np.bool_:
         raise ImageError(f"{where}: boolean arrays are masks, not images.")
-    if np.issubdtype(array.dtype, np.integer):
+    if array.dtype == np.uint16:  # 16-bit pictures (PNG, TIFF): the dtype says the range
+        out = array.astype(np.float32) / 65535.0
+    elif np.issubdtype(array.dtype, np.integer):
         if array.min() < 0 or array.max() > 255:
-            raise ImageError(f"{where}: integer images must hold values 0..255.")
+            raise ImageError(
+                f"{where}: integer images must hold values 0..255 (uint8) or 0..65535 (uint16); got values in "
+                f"[{array.min()}, {array.max()}]. Convert to one of those, or to float in [0, 1]."
+            )
         out = array.astype(np.float32) / 255.0
     elif np.issubdtype(array.dtype, np.floating):
         out = array.astype(np.float32)
@@ -81,9 +88,30 @@ def _open(path: str | os.PathLike) -> Any:
     try:
         with Image.open(p) as im:
             im.load()
-            return im.convert("RGB")
+            return pil_pixels(im, repr(str(p)))
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageError(f"{str(p)!r} is not a readable image ({exc}).") from exc
+
+
+def pil_pixels(im: Any, where: str) -> np.ndarray:
+    """A PIL image as an array with its real range: 8-bit modes as uint8 RGB, 16-bit as uint16, ``F`` as float.
+
+    ``Image.convert("RGB")`` clips 16-bit and float pixels to 0..255, which turns
+    a 16-bit picture white and a float picture in [0, 1] black; these modes are
+    read as arrays instead (then range-checked like any array).
+    """
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return np.asarray(im).astype(np.uint16)
+    if mode == "I":  # 32-bit int; 16-bit PNGs open as "I" in some Pillow versions
+        arr = np.asarray(im)
+        if arr.min() >= 0 and arr.max() <= 65535:
+            return arr.astype(np.uint16) if arr.max() > 255 else arr.astype(np.uint8)
+        raise ImageError(f"{where}: 32-bit integer pixels in [{arr.min()}, {arr.max()}] have no known range; "
+                         "convert the image to 8 or 16 bits.")
+    if mode == "F":
+        return np.asarray(im, dtype=np.float32)
+    return np.asarray(im.convert("RGB"))
 
 
 def _split(images: Any) -> list[Any]:
@@ -135,6 +163,12 @@ def prepare(images: Any, adapter: Adapter) -> Batch:
 
     if isinstance(images, torch.Tensor):
         x = images.detach()
+        if x.is_complex() or x.dtype == torch.bool or not x.is_floating_point():
+            raise ImageError(
+                f"a tensor is taken as a ready, normalised float batch (B, 3, {h}, {w}); got dtype {x.dtype}. "
+                "Pass real float pixels normalised for the model, or pictures as numpy arrays (H, W, 3) in "
+                "[0, 1] / uint8 for vitlens to normalise."
+            )
         if x.ndim == 3:
             x = x.unsqueeze(0)
         if x.ndim != 4 or x.shape[1] != 3:
@@ -144,7 +178,7 @@ def prepare(images: Any, adapter: Adapter) -> Batch:
             )
         if x.shape[0] == 0:
             raise ImageError("empty batch: pass at least one image.")
-        if tuple(x.shape[-2:]) != (h, w):
+        if tuple(x.shape[-2:]) != (h, w) and not adapter.dynamic_size:  # dynamic: any size
             raise ImageError(
                 f"this model takes {h}×{w} inputs; the tensor is {x.shape[-2]}×{x.shape[-1]}. "
                 "Resize it, or pass the picture as an array or PIL image so vitlens applies "
@@ -173,7 +207,7 @@ def prepare(images: Any, adapter: Adapter) -> Batch:
 
             if not isinstance(item, Image.Image):
                 raise ImageError(f"{where}: cannot read a {type(item).__name__} as an image.")
-            item = np.asarray(item.convert("RGB"))
+            item = pil_pixels(item, where)
         rgb = _as_rgb_float(np.asarray(item), where)
         if rgb.shape[:2] == (h, w):
             t = (torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0) - mean_t) / std_t
@@ -181,6 +215,8 @@ def prepare(images: Any, adapter: Adapter) -> Batch:
             displays.append(rgb[None])
             continue
         else:
+            if transform is None and hasattr(adapter, "eval_transform"):
+                transform = adapter.eval_transform()
             if transform is None:
                 from timm.data import create_transform
 

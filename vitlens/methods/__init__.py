@@ -2,7 +2,8 @@
 
 ``vl.explain(cap, method, **options)`` dispatches to one module per method;
 shared maths lives in :mod:`.operators` (operator chains, Swin windows and
-merges) and :mod:`.lrp` (LRP rules used at capture time). Each method registers
+merges). The LRP rules used at capture time live with the model parts
+(:mod:`vitlens.models.lrp_rules`); :mod:`.lrp` re-exports them. Each method registers
 itself once (:mod:`.registry`); :data:`METHODS` and :data:`METHOD_INFO` list them.
 """
 

@@ -34,8 +34,8 @@ def gradcam(
     """Grad-CAM (docs/METHODS.md §3).
 
     ``on=None`` picks the registry's default for the capture's read-out:
-    ``"attention"`` under a CLS read-out, ``"features"`` under an average one
-    (Swin, average-pooled ViTs).
+    ``"attention"`` under a CLS read-out, ``"features"`` under any other (average,
+    attention pool; Swin, average-pooled ViTs).
 
     ``on="attention"``: in the chosen block (default last), per
     head ``cam_h = A[h, CLS, patches]``, weight ``w_h`` = spatial mean of
@@ -63,7 +63,7 @@ def gradcam(
     if on not in ON:
         raise OptionError(f"gradcam on={on!r}; choose from {list(ON)}.")
     if on == "attention":
-        if cv.family == "swin" or cv.readout != "cls":
+        if cv.readout != "cls":
             raise OptionError("gradcam on='attention' needs a CLS token; use on='features' for this model.")
         layer = select_layers(cv, layers if layers is not None else cv.all_layers[-1])[-1]
         stage = cv.stage_of(layer)

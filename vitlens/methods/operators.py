@@ -92,6 +92,9 @@ def view(cap: xr.DataTree) -> CaptureView:
         raise CaptureFormatError(
             f"expected a capture from vl.capture (an xarray.DataTree); got {type(cap).__name__}."
         )
+    from ..capture.store import decode_attrs
+
+    cap = decode_attrs(cap)  # a saved capture read with plain xr.open_datatree keeps JSON attrs
     stages = []
     for name in sorted(cap.children, key=lambda n: int(n.removeprefix("stage"))):
         ds = cap[name].to_dataset()
@@ -246,11 +249,16 @@ ACCUMULATE = torch.float64
 
 
 def readout_row(cv: CaptureView, stage: StageView, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The read-out row ``r``: CLS one-hot, or the mean of the patch rows (avg pool / Swin)."""
+    """The read-out row ``r``: CLS one-hot, the mean of the patch rows (avg pool / Swin),
+    the mean of all rows (``avg_with_prefix``), or the attention pool's weights (``map``)."""
     b, n = cv.num_samples, stage.num_tokens
     r = torch.zeros(b, n, dtype=dtype or ACCUMULATE)
     if cv.readout == "cls":
         r[:, 0] = 1.0
+    elif cv.readout == "avg_with_prefix":
+        r[:] = 1.0 / n
+    elif cv.readout == "map" and "readout_weights" in stage.ds:
+        r = stage.tensor("readout_weights").to(dtype or ACCUMULATE, copy=True)
     else:
         r[:, stage.num_prefix :] = 1.0 / (n - stage.num_prefix)
     return r

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .adapter import Adapter, StageInfo
-from .loading import adapter_for, load_model
+from .loading import load_model
+from .registry import adapter_for, register_adapter, register_refusal
 
 
 def available() -> dict[str, dict]:
@@ -20,4 +21,4 @@ def available() -> dict[str, dict]:
     return zoo.available()
 
 
-__all__ = ["Adapter", "StageInfo", "adapter_for", "available", "load_model"]
+__all__ = ["Adapter", "StageInfo", "adapter_for", "available", "load_model", "register_adapter", "register_refusal"]

@@ -1,9 +1,11 @@
 """The one surface vitlens sees of a model.
 
-Capture and the LRP pass talk to models only through an :class:`Adapter`; the
-timm-specific knowledge (module names, token layout, windows) lives in
-``models/vit.py`` and ``models/swin.py``. Nothing outside ``models/`` and
-``capture/`` knows timm's module names.
+Capture and the LRP pass talk to models only through an :class:`Adapter`, which
+describes the model in the vocabulary of :mod:`vitlens.models.parts` (blocks,
+attention, MLPs, merges, read-out) and its token geometry in :class:`StageInfo`.
+Each family is one module in ``vitlens/models/`` that registers its adapter with
+:func:`vitlens.models.registry.register_adapter`; the timm-specific knowledge
+(module names, token layout, windows) lives there and nowhere else.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .parts import BlockPart, MergePart, Readout
+
 
 @dataclass
 class StageInfo:
@@ -24,7 +28,7 @@ class StageInfo:
     """
 
     index: int
-    blocks: list[nn.Module]
+    parts: list[BlockPart]
     layers: list[int]  # global block indices
     grid: tuple[int, int]  # (rows, cols) of the patch-token grid
     stride: tuple[int, int]  # pixels per token along (y, x)
@@ -35,6 +39,14 @@ class StageInfo:
     shifts: list[tuple[int, int]] = field(default_factory=list)  # Swin shift per block
 
     @property
+    def blocks(self) -> list[nn.Module]:
+        return [p.module for p in self.parts]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.parts[0].embed_dim
+
+    @property
     def num_tokens(self) -> int:
         return self.num_prefix + self.grid[0] * self.grid[1]
 
@@ -43,7 +55,7 @@ class StageInfo:
         return f"stage{self.index}"
 
     def token_coords(self) -> dict[str, tuple[str, np.ndarray]]:
-        """Per-token coordinates: grid row/col, kind, pixel centre."""
+        """Per-token coordinates: grid row/col, kind, pixel centre (in input pixels)."""
         gh, gw = self.grid
         rows = np.concatenate([np.full(self.num_prefix, -1), np.repeat(np.arange(gh), gw)])
         cols = np.concatenate([np.full(self.num_prefix, -1), np.tile(np.arange(gw), gh)])
@@ -63,37 +75,67 @@ class StageInfo:
 class Adapter:
     """Common surface of a supported model family.
 
-    Subclasses fill in the attributes below and the few methods that differ
-    between families. ``model`` is the user's module, never modified except by
-    :mod:`vitlens.capture` (which restores it).
+    Subclasses set :attr:`family`, implement :meth:`matches` and, in
+    ``__init__``, fill :attr:`stages` (with their :class:`~vitlens.models.parts.BlockPart`),
+    :attr:`head` (a :class:`~vitlens.models.parts.Readout`) and :attr:`final`
+    (the module between the last block and the read-out; may be ``nn.Identity``),
+    or raise :class:`~vitlens.errors.UnsupportedModelError` naming the block or
+    head they cannot explain. ``model`` is the user's module, never modified
+    except by :mod:`vitlens.capture` (which restores it).
     """
 
     family: str = ""
-    readout: str = "cls"  # "cls" (first prefix token) or "avg" (mean of patch tokens)
+    #: timm modules whose registered model names this family covers (for the coverage table)
+    timm_modules: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.stages: list[StageInfo] = []
+        self.head: Readout | None = None
+        self.final: nn.Module = nn.Identity()
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter is the one for ``model`` (it may still refuse a variant)."""
+        return False
 
     # -- geometry (timm's common surface) -----------------------------------------
     @property
     def input_size(self) -> tuple[int, int]:
         """The model's real input size (its patch embedding's, not the pretrained config's)."""
+        override = getattr(self, "_input_size", None)
+        if override is not None:
+            return override
         size = self.model.patch_embed.img_size
         return (int(size[0]), int(size[1]))
 
     @property
+    def dynamic_size(self) -> bool:
+        """Whether the model takes other input sizes as they are (timm's ``dynamic_img_size``)."""
+        return bool(getattr(self.model, "dynamic_img_size", False)) and len(self.stages) == 1
+
+    @property
     def patch_size(self) -> tuple[int, int]:
-        p = self.model.patch_embed.patch_size
-        return (int(p[0]), int(p[1]))
+        """Input pixels per first-stage token along (y, x)."""
+        return self.stages[0].stride if self.stages else tuple(int(p) for p in self.model.patch_embed.patch_size)  # type: ignore[return-value]
 
     @property
     def num_classes(self) -> int:
         return int(self.model.num_classes)
 
     @property
+    def readout(self) -> str:
+        """``"cls"``, ``"avg"``, ``"avg_with_prefix"`` or ``"map"`` (see :class:`~vitlens.models.parts.Readout`)."""
+        assert self.head is not None
+        return self.head.kind
+
+    @property
+    def parts(self) -> list[BlockPart]:
+        return [p for s in self.stages for p in s.parts]
+
+    @property
     def blocks(self) -> list[nn.Module]:
-        return [b for s in self.stages for b in s.blocks]
+        return [p.module for p in self.parts]
 
     def stage_of_layer(self, layer: int) -> StageInfo:
         for stage in self.stages:
@@ -102,22 +144,22 @@ class Adapter:
         raise IndexError(layer)
 
     # -- modules the hooks attach to --------------------------------------------
-    def attention_module(self, block: nn.Module) -> nn.Module:
-        return block.attn
-
-    def attention_probs_module(self, block: nn.Module) -> nn.Module:
-        """The module whose *output* is the post-softmax attention (its dropout)."""
-        return block.attn.attn_drop
-
     def final_norm(self) -> nn.Module:
-        return self.model.norm
+        """The module whose input is the last block's output and whose output the read-out takes."""
+        return self.final
 
-    def feature_module(self) -> nn.Module:
-        """Whose output Grad-CAM on features uses: normalised tokens that reach the logits."""
-        return self.final_norm()
+    def features(self) -> tuple[nn.Module, str]:
+        """Where Grad-CAM on features reads: (module, ``"input"`` or ``"output"``).
 
-    def merges(self) -> dict[int, nn.Module]:
-        """Patch-merging module at the start of each stage that has one (Swin)."""
+        Normalised tokens whose patch part reaches the logits: after a CLS
+        read-out only the last block's attention input does; otherwise the final norm's output.
+        """
+        if self.readout == "cls":
+            return self.parts[-1].attn.module, "input"
+        return self.final, "output"
+
+    def merges(self) -> dict[int, MergePart]:
+        """Patch merging at the start of each stage that has one (Swin)."""
         return {}
 
     # -- token layout -----------------------------------------------------------
@@ -125,19 +167,35 @@ class Adapter:
         """A block's input/output as (B, N, C) tokens in the stage's order."""
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
-    def value_path(self, block: nn.Module, normed: torch.Tensor) -> torch.Tensor:
-        """Each token's value vector after the output projection, W_O·concat_h(v_j^h).
+    def for_input(self, size: tuple[int, int]) -> "Adapter":
+        """The adapter for an input of ``size`` (H, W) pixels; refuses sizes the model cannot take.
 
-        Token-wise (no attention mixing), without the projection bias, as
-        docs/METHODS.md defines the MSA transformation of a token for tokentm.
+        A model built with ``dynamic_img_size=True`` takes any size whose sides are
+        multiples of its token stride: the token grid follows the input.
         """
-        attn = self.attention_module(block)
-        h = self.tokens(normed)
-        dim = attn.qkv.out_features // 3
-        w_v = attn.qkv.weight[2 * dim:]
-        b_v = attn.qkv.bias[2 * dim:] if attn.qkv.bias is not None else None
-        v = nn.functional.linear(h, w_v, b_v)
-        return nn.functional.linear(v, attn.proj.weight)
+        from ..errors import ImageError
+
+        size = (int(size[0]), int(size[1]))
+        if size == tuple(self.input_size):
+            return self
+        if not self.dynamic_size:
+            raise ImageError(
+                f"{type(self.model).__name__} takes {self.input_size[0]}x{self.input_size[1]} inputs; "
+                f"got {size[0]}x{size[1]}."
+            )
+        sy, sx = self.stages[0].stride
+        if size[0] % sy or size[1] % sx:
+            raise ImageError(
+                f"{type(self.model).__name__} places one token per {sy}x{sx} pixels; an input of "
+                f"{size[0]}x{size[1]} is not a multiple of that. Resize it to a multiple."
+            )
+        import copy
+
+        other = copy.copy(self)
+        other._input_size = size  # type: ignore[attr-defined]
+        other.stages = [copy.copy(s) for s in self.stages]
+        other.stages[0].grid = (size[0] // sy, size[1] // sx)
+        return other
 
     # -- metadata ---------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -16,25 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, RandomWeightsWarning, UnsupportedModelError
-from .adapter import Adapter
-from .swin import SwinAdapter, is_swin
-from .vit import ViTAdapter, is_vit
-
-
-def adapter_for(model: nn.Module) -> Adapter:
-    """The :class:`Adapter` for ``model``; raises :class:`UnsupportedModelError` otherwise."""
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(
-            f"expected a torch.nn.Module (a timm ViT, DeiT or Swin model); got {type(model).__name__}"
-        )
-    if is_vit(model):
-        return ViTAdapter(model)
-    if is_swin(model):
-        return SwinAdapter(model)
-    raise UnsupportedModelError(
-        f"{type(model).__name__}: vitlens explains ViT, DeiT and Swin (v1) models from timm "
-        "(timm.models.VisionTransformer, SwinTransformer); load one with vl.load_model(...)."
-    )
+from .registry import adapter_for
 
 
 def load_model(
@@ -53,7 +35,9 @@ def load_model(
     name_or_module
         A shipped model (``"vit-shapes"``, ``"swin-shapes"``; see
         ``vl.models.available()``), any timm model name of the ViT/DeiT/Swin
-        families, or an ``nn.Module`` (checked and returned as it is).
+        families, ``"hf:<repo id or directory>"`` for a Hugging Face
+        ``transformers`` model (see :mod:`vitlens.models.hf_loading`), or an
+        ``nn.Module`` (checked and returned as it is).
     pretrained
         For timm names: ``True`` loads timm's pretrained weights (needs a
         network or a filled Hugging Face cache; without a network it fails
@@ -86,6 +70,12 @@ def load_model(
             f"load_model takes a model name or an nn.Module; got {type(name_or_module).__name__}"
         )
     name = name_or_module
+    if name.startswith("hf:"):  # Hugging Face transformers (optional extra)
+        from .hf_loading import load_hf_model
+
+        model = load_hf_model(name, num_classes=num_classes, **timm_kwargs)
+        adapter_for(model)
+        return model.to(_device(device))
     from .. import zoo
 
     shipped = zoo.available()

@@ -6,14 +6,25 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .adapter import Adapter, StageInfo
+from .parts import AttentionPart, BlockPart, LinearPart, MergePart, Readout
+from .registry import register_adapter, timm_class
+from .vit import mlp_part
+
+is_swin = timm_class("swin_transformer", "SwinTransformer")
 
 
-def is_swin(model: nn.Module) -> bool:
-    from timm.models.swin_transformer import SwinTransformer
+def swin_bias(attn: nn.Module):
+    """Relative position bias plus the shift mask (passed as ``mask=``): (nW or 1, heads, N, N)."""
 
-    return isinstance(model, SwinTransformer)
+    def bias(ctx: dict):
+        b = attn._get_rel_pos_bias()[0]  # (heads, N, N)
+        mask = ctx.get("mask")  # (nW, N, N) or None
+        return b.unsqueeze(0) if mask is None else b.unsqueeze(0) + mask.unsqueeze(1)
+
+    return bias
 
 
+@register_adapter
 class SwinAdapter(Adapter):
     """Tokens of a stage are its (rows × cols) grid in row-major order; no prefix tokens.
 
@@ -22,7 +33,11 @@ class SwinAdapter(Adapter):
     """
 
     family = "swin"
-    readout = "avg"
+    timm_modules = ("swin_transformer",)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return is_swin(model)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -58,6 +73,7 @@ class SwinAdapter(Adapter):
                     raise UnsupportedModelError(f"{name}: stage {s} has a {type(b.mlp).__name__} MLP.")
                 if getattr(b, "dynamic_mask", False):
                     raise UnsupportedModelError(f"{name}: dynamic shift masks are not supported.")
+            parts = [self._block(b) for b in blocks]
             grid = tuple(int(r) for r in blocks[0].input_resolution)
             window = tuple(int(w) for w in blocks[0].window_size)
             if grid[0] % window[0] or grid[1] % window[1]:
@@ -69,7 +85,7 @@ class SwinAdapter(Adapter):
             self.stages.append(
                 StageInfo(
                     index=s,
-                    blocks=blocks,
+                    parts=parts,
                     layers=list(range(layer, layer + len(blocks))),
                     grid=grid,  # type: ignore[arg-type]
                     stride=(img_h // grid[0], img_w // grid[1]),
@@ -80,9 +96,26 @@ class SwinAdapter(Adapter):
             )
             layer += len(blocks)
 
-    def merges(self) -> dict[int, nn.Module]:
+        self.final = model.norm
+        self.head = Readout("avg", model.head.fc, start=0)
+
+    @staticmethod
+    def _block(b: nn.Module) -> BlockPart:
+        attn = b.attn
+        part = AttentionPart(
+            module=attn,
+            probs=attn.attn_drop,
+            num_heads=int(attn.num_heads),
+            proj=LinearPart(attn.proj),
+            qkv=LinearPart(attn.qkv),
+            scale=float(attn.scale),
+            position_bias=swin_bias(attn),
+        )
+        return BlockPart(module=b, norm1=b.norm1, attn=part, norm2=b.norm2, mlp=mlp_part(b.mlp, "Swin block"))
+
+    def merges(self) -> dict[int, MergePart]:
         return {
-            s: stage.downsample
+            s: MergePart(stage.downsample, stage.downsample.reduction, stage.downsample.norm, norm_first=True)
             for s, stage in enumerate(self.model.layers)
             if not isinstance(stage.downsample, nn.Identity)
         }

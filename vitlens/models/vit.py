@@ -1,4 +1,7 @@
-"""Adapter for timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, registers)."""
+"""Adapter for timm ``VisionTransformer``: ViT, DeiT (distilled), registers, LayerScale,
+qk-norm, GLU/SwiGLU MLPs, res-post-norm blocks, fc_norm, attention-pool (``map``) heads,
+average read-outs with or without prefix tokens, hybrid (CNN-stem) patch embeddings.
+"""
 
 from __future__ import annotations
 
@@ -6,82 +9,185 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .adapter import Adapter, StageInfo
+from .parts import AttentionPart, BlockPart, LinearPart, MlpPart, Readout
+from .registry import register_adapter, register_refusal, timm_class
+
+is_vit = timm_class("vision_transformer", "VisionTransformer")
 
 
-def is_vit(model: nn.Module) -> bool:
-    from timm.models.vision_transformer import VisionTransformer
+def mlp_part(mlp: nn.Module, where: str) -> MlpPart:
+    """timm's ``Mlp``, ``GluMlp`` (``SwiGLUPacked``) or ``SwiGLU`` as an :class:`MlpPart`."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
 
-    return isinstance(model, VisionTransformer)
+    kind = type(mlp)
+    if kind is Mlp:
+        return MlpPart(mlp, "plain", LinearPart(mlp.fc2), fc1=LinearPart(mlp.fc1))
+    if kind is GluMlp:
+        if getattr(mlp, "chunk_dim", -1) != -1:
+            raise UnsupportedModelError(f"{where}: a GluMlp gated along dim {mlp.chunk_dim} is not supported.")
+        return MlpPart(mlp, "glu", LinearPart(mlp.fc2), fc1=LinearPart(mlp.fc1), gate_last=bool(mlp.gate_last))
+    if kind is SwiGLU:
+        return MlpPart(mlp, "swiglu", LinearPart(mlp.fc2), fc1_g=LinearPart(mlp.fc1_g), fc1_x=LinearPart(mlp.fc1_x))
+    raise UnsupportedModelError(
+        f"{where} has a {type(mlp).__name__} MLP; vitlens explains timm's Mlp, GluMlp/SwiGLUPacked and SwiGLU."
+    )
 
 
+def residual_scale(module: nn.Module | None) -> nn.Module | None:
+    return None if module is None or isinstance(module, nn.Identity) else module
+
+
+def vit_block_part(block: nn.Module, where: str) -> BlockPart:
+    """timm ``Block`` or ``ResPostBlock`` with ``Attention`` as a :class:`BlockPart`."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, ResPostBlock
+
+    if type(block) not in (Block, ResPostBlock):
+        raise UnsupportedModelError(
+            f"{where} is a {type(block).__name__} (parallel attention and MLP branches); vitlens explains "
+            "timm's Block (pre-norm) and ResPostBlock (res-post-norm). Supported models of a similar "
+            "size: vit_small_patch16_224, vit_base_patch16_224, vit_large_patch16_224."
+        )
+    attn = block.attn
+    if type(attn) is not Attention:
+        raise UnsupportedModelError(
+            f"{where} has {type(attn).__name__} attention (differential or other non-softmax-probability "
+            "attention); vitlens explains timm's Attention. Supported models of a similar kind: "
+            "vit_wee_patch16_reg1_gap_256, vit_little_patch16_reg1_gap_256 (the same models with softmax attention)."
+        )
+    if getattr(attn, "gate", None) is not None:
+        raise UnsupportedModelError(f"{where} has gated attention (a sigmoid gate on the heads), which vitlens cannot explain.")
+    part = AttentionPart(
+        module=attn,
+        probs=attn.attn_drop,
+        num_heads=int(attn.num_heads),
+        proj=LinearPart(attn.proj),
+        qkv=LinearPart(attn.qkv),
+        q_norm=attn.q_norm,
+        k_norm=attn.k_norm,
+        scale=float(attn.scale),
+        inner_norm=getattr(attn, "norm", nn.Identity()),
+    )
+    return BlockPart(
+        module=block,
+        norm1=block.norm1,
+        attn=part,
+        norm2=block.norm2,
+        mlp=mlp_part(block.mlp, where),
+        post_norm=type(block) is ResPostBlock,
+        ls1=residual_scale(getattr(block, "ls1", None)),
+        ls2=residual_scale(getattr(block, "ls2", None)),
+    )
+
+
+def prefix_kinds(model: nn.Module, num_prefix: int) -> list[str]:
+    kinds: list[str] = []
+    if getattr(model, "cls_token", None) is not None:
+        kinds.append("cls")
+    if getattr(model, "dist_token", None) is not None:
+        kinds.append("dist")
+    return kinds + ["register"] * (num_prefix - len(kinds))
+
+
+def token_stride(model: nn.Module, grid: tuple[int, int]) -> tuple[int, int]:
+    """Input pixels per token along (y, x): the patch size, times the CNN stem's reduction for
+    hybrid embeddings (``HybridEmbed``: a ResNet stem, then patches on its feature map)."""
+    embed = model.patch_embed
+    if hasattr(embed, "feat_ratio"):
+        ratio = embed.feat_ratio(as_scalar=False)
+        return (int(ratio[0]), int(ratio[1]))
+    p = embed.patch_size
+    return (int(p[0]), int(p[1]))
+
+
+def attention_pool_readout(model: nn.Module, pool: nn.Module, start: int) -> Readout:
+    from timm.layers import AttentionPoolLatent, Mlp
+
+    name = type(model).__name__
+    if type(pool) is not AttentionPoolLatent:
+        raise UnsupportedModelError(
+            f"{name} pools with {type(pool).__name__}; vitlens explains timm's AttentionPoolLatent "
+            "(global_pool='map', e.g. SigLIP), CLS and average read-outs."
+        )
+    if pool.mlp is not None and type(pool.mlp) is not Mlp:
+        raise UnsupportedModelError(f"{name}: its attention pool has a {type(pool.mlp).__name__} MLP.")
+    if pool.pool not in ("token", "avg"):
+        raise UnsupportedModelError(f"{name}: its attention pool keeps {pool.latent_len} latents unpooled.")
+    return Readout("map", model.head, fc_norm=model.fc_norm, start=start, pool=pool)
+
+
+@register_adapter
 class ViTAdapter(Adapter):
     """Token layout: ``num_prefix_tokens`` prefix tokens, then the patch grid row-major."""
 
     family = "vit"
+    timm_modules = ("vision_transformer", "vision_transformer_hybrid", "deit")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return is_vit(model)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        from timm.layers import Attention, Mlp
-        from timm.models.vision_transformer import Block
-
         name = type(model).__name__
-        if getattr(model, "attn_pool", None) is not None:
-            raise UnsupportedModelError(
-                f"{name} pools with attention (global_pool='map'); vitlens explains ViTs "
-                "read out by the CLS token or by average pooling. Create the model with "
-                "global_pool='token' or 'avg'."
-            )
-        pool = getattr(model, "global_pool", "token")
-        if pool not in ("token", "avg"):
-            raise UnsupportedModelError(
-                f"{name} uses global_pool={pool!r}; vitlens supports 'token' (CLS) and 'avg'."
-            )
-        for i, block in enumerate(model.blocks):
-            if type(block) is not Block or type(block.attn) is not Attention:
-                raise UnsupportedModelError(
-                    f"{name}: block {i} is {type(block).__name__} with "
-                    f"{type(getattr(block, 'attn', None)).__name__}; vitlens explains timm's "
-                    "standard pre-norm Block with Attention (ViT, DeiT, registers)."
-                )
-            if getattr(block.attn, "gate", None) is not None:
-                raise UnsupportedModelError(f"{name}: gated attention (block {i}) is not supported.")
-            if type(block.mlp) is not Mlp:
-                raise UnsupportedModelError(
-                    f"{name}: block {i} has a {type(block.mlp).__name__} MLP; vitlens "
-                    "supports timm's plain Mlp (fc1, activation, fc2)."
-                )
         if len(model.blocks) == 0:
             raise UnsupportedModelError(f"{name} has no transformer blocks.")
-
-        self.readout = "cls" if pool == "token" else "avg"
-        if self.readout == "cls" and model.num_prefix_tokens == 0:
-            raise UnsupportedModelError(f"{name} reads out a CLS token but has none.")
-        kinds: list[str] = []
-        if getattr(model, "cls_token", None) is not None:
-            kinds.append("cls")
-        if getattr(model, "dist_token", None) is not None:
-            kinds.append("dist")
-        kinds += ["register"] * (model.num_prefix_tokens - len(kinds))
+        parts = [vit_block_part(b, f"{name} block {i}") for i, b in enumerate(model.blocks)]
+        num_prefix = int(model.num_prefix_tokens)
+        self.final = model.norm
+        self.head = self._readout(model, num_prefix)
         grid = tuple(int(g) for g in model.patch_embed.grid_size)
-        blocks = list(model.blocks)
         self.stages = [
             StageInfo(
                 index=0,
-                blocks=blocks,
-                layers=list(range(len(blocks))),
+                parts=parts,
+                layers=list(range(len(parts))),
                 grid=grid,  # type: ignore[arg-type]
-                stride=self.patch_size,
-                num_heads=blocks[0].attn.num_heads,
-                num_prefix=model.num_prefix_tokens,
-                prefix_kinds=kinds,
+                stride=token_stride(model, grid),  # type: ignore[arg-type]
+                num_heads=parts[0].attn.num_heads,
+                num_prefix=num_prefix,
+                prefix_kinds=prefix_kinds(model, num_prefix),
             )
         ]
 
-    def feature_module(self) -> nn.Module:
-        # with a CLS read-out the final norm's patch tokens get no gradient; the
-        # last block's first LayerNorm output does (through its attention)
-        return self.model.blocks[-1].norm1
+    @staticmethod
+    def _readout(model: nn.Module, num_prefix: int) -> Readout:
+        name = type(model).__name__
+        head = model.head
+        if not isinstance(head, nn.Linear):
+            raise UnsupportedModelError(
+                f"{name} has no classifier head (num_classes=0, its head is {type(head).__name__}), "
+                "so it has no class logits to explain."
+            )
+        pool = getattr(model, "global_pool", "token")
+        with_prefix = bool(getattr(model, "pool_include_prefix", False))
+        if getattr(model, "attn_pool", None) is not None:
+            return attention_pool_readout(model, model.attn_pool, 0 if with_prefix else num_prefix)
+        if pool == "token":
+            if num_prefix == 0:
+                raise UnsupportedModelError(f"{name} reads out a CLS token but has none.")
+            dist = getattr(model, "head_dist", None)
+            return Readout("cls", head, fc_norm=model.fc_norm, head_dist=dist)
+        if pool == "avg":
+            kind = "avg_with_prefix" if with_prefix and num_prefix else "avg"
+            return Readout(kind, head, fc_norm=model.fc_norm, start=num_prefix)
+        raise UnsupportedModelError(
+            f"{name} pools its tokens with global_pool={pool!r}; vitlens explains CLS ('token'), "
+            "average ('avg') and attention-pool ('map') read-outs, not max pooling."
+        )
 
     @property
     def distilled(self) -> bool:
         return getattr(self.model, "head_dist", None) is not None
+
+
+register_refusal(
+    timm_class("cait", "Cait"),
+    "CaiT's class-attention blocks (ClassAttn, the CLS token joins after the patch blocks) and talking-heads attention",
+    "deit3_* (ViT with LayerScale) or eva02_* models",
+)
+register_refusal(
+    timm_class("xcit", "Xcit"),
+    "XCiT's cross-covariance attention (attention over channels, not tokens)",
+    "vit_* or deit_* models",
+)

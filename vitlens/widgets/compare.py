@@ -1,8 +1,9 @@
-"""``vl.Compare``: the seven explanation methods side by side, one shared layer slider."""
+"""``vl.Compare``: every explanation method side by side, one shared layer slider."""
 
 from __future__ import annotations
 
 import html
+import os
 from typing import Any
 
 import ipywidgets as widgets
@@ -10,35 +11,41 @@ import numpy as np
 import xarray as xr
 
 from ..errors import VitlensError
-from ..methods import METHODS
 from . import captions
+from .base import CaptureView, ClassChoice
 from .controls import layer_slider, opacity_slider, probe, sample_dropdown
-from .figure import as_widget, image_uri, overlay_figure, save_figure
-from .layout import capture_layout, check_view
-from .panels import layer_dependent, method_maps, normalized
+from .figure import as_widget, live_title, overlay_figure
+from .panels import PanelMaps, layer_dependent, method_maps, method_names, normalized
 
 
-class Compare(widgets.VBox):
+class Compare(CaptureView):
     """Every method of :data:`vitlens.METHODS` for one sample, at one layer.
 
     Each panel is the method's map accumulated up to the slider's layer (where
     the method allows it; ``attention`` and attention Grad-CAM show that block
     alone, feature Grad-CAM the final feature map), over the input image, all
-    scaled to [0, 1] on one colour scale. Maps of every layer are computed once,
-    when the widget is made, so the slider only indexes them.
+    scaled to [0, 1] on one colour scale. Maps of every layer are computed once
+    per class, so the slider only indexes them. With ``model``, a class
+    selector explains another class (that sample is captured again once).
 
     Parameters
     ----------
     cap
         A capture from :func:`vitlens.capture` or :func:`vitlens.open`.
+    model
+        The captured model; enables the class selector.
     sample
         Sample of a batch capture (a dropdown switches samples).
     layer
         Initial block (default: the last).
-    opacity
-        Heatmap opacity over the image.
-    width, height
-        Figure size in pixels.
+    opacity, smooth
+        Heatmap opacity; bilinear overlays instead of token blocks.
+    cols
+        Panels per row.
+    height
+        Figure height in pixels; the width follows the output area.
+    export_dir
+        The only directory the "Save as" box writes into (default: the working directory).
 
     Examples
     --------
@@ -51,93 +58,141 @@ class Compare(widgets.VBox):
     True
     """
 
+    export_name = "vitlens-compare.png"
+
     def __init__(
         self,
         cap: xr.DataTree,
+        model: Any = None,
         *,
         sample: int = 0,
         layer: int | None = None,
         opacity: float = 0.6,
-        width: int = 1000,
-        height: int = 540,
+        smooth: bool = False,
+        cols: int = 4,
+        height: int = 500,
+        export_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        self.cap = cap
-        self.layout_info = info = capture_layout(cap)
-        layer = check_view(info, cap, layer, sample)
-        n = int(cap["sample"].size)
-        choice = info.all_heads()
-        shape = (n, len(info.layers), *info.grid)
-        self._maps: dict[str, np.ndarray] = {}
-        self._first: dict[str, int] = {}
-        self._errors: dict[str, str] = {}
-        for method in METHODS:
-            try:
-                self._maps[method], self._first[method] = method_maps(cap, info, method, choice)
-                self._errors[method] = ""
-            except VitlensError as exc:
-                self._maps[method], self._first[method] = np.zeros(shape, dtype=np.float32), info.layers[0]
-                self._errors[method] = str(exc)
+        self._ready = False
+        layer = self._init_capture(cap, layer, sample)
+        info = self.layout_info
+        self.model = model
+        self.methods = method_names()
+        self.num_panels = len(self.methods)
+        self.sample, self.layer, self.opacity, self.smooth = sample, layer, opacity, smooth
+        self.classes = ClassChoice(cap, model)
+        self.class_select, self.class_status = self.classes.dropdown, self.classes.status
+        self._maps = PanelMaps(size=16)  # (method, source) → (per-layer maps, first layer, error)
+        for method in self.methods:  # every sample of the capture at once
+            self._method(cap, "capture", method)
 
         self.layer_slider = layer_slider(info, layer)
-        self.sample_select = sample_dropdown(list(range(n)), sample)
+        self.sample_select = sample_dropdown(list(range(self.num_samples)), sample)
         self.opacity_slider = opacity_slider(opacity)
-        self.figure = overlay_figure(info, list(METHODS), image_uri(cap["image"].isel(sample=sample).values), cols=4,
-                                     width=width, height=height, opacity=opacity)
+        for control, trait in ((self.layer_slider, "layer"), (self.sample_select, "sample"),
+                               (self.opacity_slider, "opacity")):
+            self._link_control(control, trait)
+        self.smooth_toggle = self._smooth_toggle()
+        self._fill_classes()
+        self.figure = overlay_figure(info, list(self.methods), "", cols=cols, height=height, opacity=opacity,
+                                     smooth=smooth)
+        self._show_image([self.figure])
         self.captions = widgets.HTML()
         self.captions.add_class("vitlens-captions")
         self.probe = probe("vitlens-probe")
+        exporter = self._export_controls(export_dir)
+        self._ready = True
         self.refresh()  # the first view goes into the plain figure, then it becomes a widget
         self.figure = as_widget(self.figure)
         self.figure.add_class("vitlens-figure")
-        self.layer_slider.observe(lambda _: self.refresh(), "value")
-        self.sample_select.observe(self._sample_changed, "value")
-        self.opacity_slider.observe(self._opacity_changed, "value")
-        self.children = [widgets.HBox([self.layer_slider, self.sample_select, self.opacity_slider]), self.figure,
-                         self.captions, self.probe]
+        self.observe(lambda _: self.refresh(), "layer")
+        self.observe(self._on_sample, "sample")
+        self.observe(lambda _: self._style_heatmaps([self.figure]), ["opacity", "smooth"])
+        self.class_select.observe(self._on_class, "value")
+        wrap = widgets.Layout(align_items="center", flex_flow="row wrap")
+        self.children = [
+            widgets.HBox([self.layer_slider, self.sample_select, self.class_select, self.class_status], layout=wrap),
+            widgets.HBox([self.opacity_slider, self.smooth_toggle], layout=wrap),
+            self.figure, self.captions, exporter.box, self.probe,
+        ]
         self.add_class("vitlens-compare")
 
     @property
-    def layer(self) -> int:
-        return int(self.layer_slider.value)
-
-    @property
-    def sample(self) -> int:
-        return int(self.sample_select.value)
+    def target(self) -> int:
+        """The class the class-specific methods explain for the current sample."""
+        return self.classes.targets[self.sample]
 
     def panel_maps(self) -> dict[str, np.ndarray]:
         """The maps shown, ``{method: (gh, gw) array in [0, 1]}``."""
-        return {m: np.asarray(self.figure.data[2 * i + 1].z, dtype=np.float32) for i, m in enumerate(METHODS)}
+        return {m: np.asarray(self.figure.data[self.heatmap_trace(i)].z, dtype=np.float32)
+                for i, m in enumerate(self.methods)}
 
-    def save(self, path: str, *, scale: float = 2.0):
-        """Write the current view to ``.png``, ``.svg`` or ``.pdf`` (plotly + kaleido)."""
-        return save_figure(self.figure, path, scale=scale)
+    def context(self) -> str:
+        c = self.target
+        return (f"{self.cap.attrs.get('model', 'model')} · sample {self.sample} · class {self.class_names[c]!r} "
+                f"(p = {self.classes.probability(self.sample, c):.2f}) · block {self.layer}")
+
+    def export_panels(self) -> list[dict]:
+        maps = self.panel_maps()
+        return [self._overlay_panel(maps[m], ann.text)
+                for m, ann in zip(self.methods, self.figure.layout.annotations, strict=True)]
+
+    def _method(self, src: xr.DataTree, key: Any, method: str) -> tuple[np.ndarray, int, str]:
+        info = self.layout_info
+
+        def compute():
+            try:
+                return (*method_maps(src, info, method, info.all_heads()), "")
+            except VitlensError as exc:
+                shape = (int(src["sample"].size), len(info.layers), *info.grid)
+                return np.zeros(shape, dtype=np.float32), info.layers[0], str(exc)
+
+        return self._maps.get((method, key), compute)
 
     def refresh(self) -> None:
         """Index every method's cached maps at the layer; one batched update."""
+        if not self._ready:
+            return
         info = self.layout_info
         layer, sample = self.layer, self.sample
         li = info.layers.index(layer)
-        target = str(self.cap["class_name"].values[int(self.cap["target"].values[sample])])
+        c = self.target
+        try:
+            src, si, key = self.classes.source(sample, c)
+        except VitlensError:
+            src, si, key = self.cap, sample, "capture"
         lines = []
         with self.figure.batch_update():
-            for i, method in enumerate(METHODS):
-                self.figure.data[2 * i + 1].z = normalized(self._maps[method][sample, li])
-                self.figure.layout.annotations[i].text = captions.panel_title(captions.method_title(method), layer)
-                text = self._errors[method] or captions.method_caption(
-                    info, method, layer, self._first[method], target, not layer_dependent(info, method))
-                lines.append(f"<div><b>{html.escape(method)}</b>: {html.escape(text, quote=False)}</div>")
+            for i, method in enumerate(self.methods):
+                maps, first, error = self._method(src, key, method)
+                self.figure.data[self.heatmap_trace(i)].z = normalized(maps[si, li])
+                self.figure.layout.annotations[i].text = live_title(captions.panel_title(captions.method_title(method), layer))
+                text = error or captions.method_caption(info, method, layer, first, self.class_names[c],
+                                                        not layer_dependent(info, method))
+                lines.append(f"<div><b>{html.escape(captions.method_title(method))}</b>: "
+                             f"{html.escape(text, quote=False)}</div>")
         self.captions.value = "".join(lines)
-        self.probe.value = f"layer={layer} sample={sample}"
+        self.version += 1
+        self.probe.value = f"layer={layer} sample={sample} class={c}"
 
-    def _sample_changed(self, change: Any) -> None:
-        uri = image_uri(self.cap["image"].isel(sample=int(change["new"])).values)
-        with self.figure.batch_update():
-            for i in range(len(METHODS)):
-                self.figure.data[2 * i].source = uri
+    def _fill_classes(self) -> None:
+        self._hold = True
+        try:
+            current = self.target
+            self.class_select.options = self.classes.options(self.sample, current)
+            self.class_select.value = current
+        finally:
+            self._hold = False
+
+    def _on_class(self, change: Any) -> None:
+        if self._hold or change["new"] is None or self.model is None:
+            return
+        self.classes.targets[self.sample] = int(change["new"])
+        self.export_status.value = ""
         self.refresh()
 
-    def _opacity_changed(self, change: Any) -> None:
-        with self.figure.batch_update():
-            for i in range(len(METHODS)):
-                self.figure.data[2 * i + 1].opacity = float(change["new"])
+    def _on_sample(self, change: Any) -> None:
+        self._fill_classes()
+        self._show_image([self.figure])
+        self.refresh()

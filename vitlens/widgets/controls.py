@@ -14,11 +14,15 @@ from .layout import CaptureLayout
 class HeadToggles:
     """One toggle button per head of every stage, plus "all" and "none".
 
-    Only the current stage's toggles are shown (:attr:`box`); ``on_change`` is
-    called once per user action (a toggle, or all/none), never per button.
+    Only the current stage's toggles are shown (:attr:`box`). A selected head is
+    a filled blue button, a deselected one a plain light-grey button,
+    and the label counts the selection ("Heads 2/3"). ``on_change(choice)`` is
+    called once per user action (a toggle, or all/none), never per button;
+    :meth:`set_choice` updates the buttons quietly (a linked widget changed the heads).
     """
 
-    def __init__(self, layout: CaptureLayout, choice: dict[int, frozenset[int]], on_change: Callable[[], None]) -> None:
+    def __init__(self, layout: CaptureLayout, choice: dict[int, frozenset[int]],
+                 on_change: Callable[[dict[int, frozenset[int]]], None]) -> None:
         self.layout = layout
         self.on_change = on_change
         self._quiet = False
@@ -29,22 +33,24 @@ class HeadToggles:
             for h in range(stage.num_heads):
                 t = widgets.ToggleButton(
                     value=h in choice[stage.index], description=str(h), tooltip=f"head {h} of stage {stage.index}",
-                    layout=widgets.Layout(width="34px", padding="0px"),
+                    layout=widgets.Layout(width="36px", padding="0px", margin="1px"),
                 )
                 t.add_class("vitlens-head-toggle")
                 t.add_class(f"vitlens-head-{h}")
+                style(t)
                 t.observe(self._toggled, "value")
                 row.append(t)
             self.toggles[stage.index] = row
         self.all_button = widgets.Button(description="all", tooltip="select every head of this stage",
-                                         layout=widgets.Layout(width="44px"))
+                                         layout=widgets.Layout(width="auto", padding="0 10px", margin="1px 1px 1px 6px"))
         self.none_button = widgets.Button(description="none", tooltip="deselect every head of this stage",
-                                          layout=widgets.Layout(width="50px"))
+                                          layout=widgets.Layout(width="auto", padding="0 10px", margin="1px"))
         self.all_button.add_class("vitlens-heads-all")
         self.none_button.add_class("vitlens-heads-none")
         self.all_button.on_click(lambda _: self.set_stage(self.stage, range(self._num_heads)))
         self.none_button.on_click(lambda _: self.set_stage(self.stage, ()))
-        self.label = widgets.HTML("Heads", layout=widgets.Layout(width="auto", margin="0 6px 0 0"))
+        self.label = widgets.HTML(layout=widgets.Layout(width="auto", margin="0 6px 0 0"))
+        self.label.add_class("vitlens-heads-label")
         self.box = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap", align_items="center"))
         self.show(self.stage)
 
@@ -57,29 +63,50 @@ class HeadToggles:
 
     def show(self, stage: int) -> None:
         """Show the toggles of ``stage``."""
+        self._count()
         if stage == self.stage and self.box.children:
             return
         self.stage = stage
+        self._count()
         self.box.children = [self.label, *self.toggles[stage], self.all_button, self.none_button]
+
+    def _count(self) -> None:
+        on = sum(t.value for t in self.toggles[self.stage])
+        self.label.value = f"Heads <b>{on}</b>/{self._num_heads}"
+
+    def set_choice(self, choice: dict[int, frozenset[int]]) -> None:
+        """Show ``choice`` without calling ``on_change``."""
+        self._quiet = True
+        try:
+            for s, row in self.toggles.items():
+                for h, t in enumerate(row):
+                    t.value = h in choice[s]
+        finally:
+            self._quiet = False
+        self._count()
 
     def set_stage(self, stage: int, heads) -> None:
         """Select exactly ``heads`` in ``stage``; one ``on_change`` call."""
         wanted = {int(h) for h in heads}
-        self._quiet = True
-        try:
-            for h, t in enumerate(self.toggles[stage]):
-                t.value = h in wanted
-        finally:
-            self._quiet = False
-        self.on_change()
+        choice = self.choice()
+        choice[stage] = frozenset(wanted)
+        self.set_choice(choice)
+        self.on_change(self.choice())
 
     def toggle(self, stage: int, head: int) -> None:
         t = self.toggles[stage][head]
         t.value = not t.value  # observer calls on_change
 
     def _toggled(self, change) -> None:
+        style(change["owner"])
         if not self._quiet:
-            self.on_change()
+            self._count()
+            self.on_change(self.choice())
+
+
+def style(toggle: widgets.ToggleButton) -> None:
+    """A selected head: filled blue ("primary"); a deselected one: the plain style."""
+    toggle.button_style = "primary" if toggle.value else ""
 
 
 def top_classes(cap: xr.DataTree, sample: int, k: int = 5) -> list[tuple[int, str, float]]:

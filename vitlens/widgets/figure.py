@@ -14,7 +14,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,12 +21,10 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..errors import ExportError, OptionError
 from .layout import CaptureLayout
 
 #: Colour scale shared by every panel.
 COLORSCALE = "Inferno"
-EXPORT_FORMATS = ("png", "svg", "pdf")
 
 
 def image_uri(image: np.ndarray) -> str:
@@ -57,16 +54,20 @@ def overlay_figure(
     uri: str,
     *,
     cols: int,
-    width: int,
     height: int,
+    width: int | None = None,
     opacity: float = 0.6,
     colorbar: bool = True,
     show_image: bool = True,
+    smooth: bool = False,
 ) -> go.Figure:
     """A figure with one image+heatmap panel per title (fill it, then :func:`as_widget`).
 
     Trace ``2·i`` is panel ``i``'s image, trace ``2·i + 1`` its heatmap (without
-    the image: trace ``i`` is the heatmap). Axes are in pixels, y pointing down.
+    the image: trace ``i`` is the heatmap; see :func:`heatmap_trace`). Axes are
+    in pixels, y pointing down. ``width=None`` (the default) lets the figure
+    fill the width of the output area it is drawn in (and follow the window's
+    size); the panels keep their aspect ratio inside it.
     """
     n = len(titles)
     rows = -(-n // cols)
@@ -84,7 +85,7 @@ def overlay_figure(
         fig.add_trace(
             go.Heatmap(
                 z=zeros, x0=(sx - 1) / 2, dx=sx, y0=(sy - 1) / 2, dy=sy, coloraxis="coloraxis",
-                opacity=opacity if show_image else 1.0, name=str(titles[i]),
+                opacity=opacity if show_image else 1.0, name=str(titles[i]), zsmooth=zsmooth(smooth),
                 hovertemplate="row %{customdata[0]}, col %{customdata[1]}<br>%{z:.3f}<extra></extra>",
                 customdata=np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij"), -1),
             ),
@@ -95,62 +96,78 @@ def overlay_figure(
         suffix = "" if i == 0 else str(i + 1)
         axes[f"xaxis{suffix}"] = dict(range=[-0.5, w - 0.5], visible=False, constrain="domain")
         axes[f"yaxis{suffix}"] = dict(range=[h - 0.5, -0.5], visible=False, scaleanchor=f"x{suffix}",
-                                      constrain="domain")
+                                      constrain="domain", constraintoward="top")  # panels right under their titles
     fig.update_layout(
-        width=width, height=height, margin=dict(l=4, r=4, t=36, b=4),
+        width=width, height=height, autosize=width is None, margin=dict(l=4, r=4, t=46, b=4, autoexpand=True),
         coloraxis=dict(colorscale=COLORSCALE, cmin=0, cmax=1, showscale=colorbar,
-                       colorbar=dict(title=dict(text="scaled", side="right"), thickness=10, len=0.9, x=1.0,
-                                     xpad=4, tickvals=[0, 0.5, 1])),
+                       colorbar=dict(title=dict(text="scaled 0–1", side="right"), thickness=10, len=0.9,
+                                     xpad=6, tickvals=[0, 0.5, 1], tickfont=dict(size=10))),
         showlegend=False, dragmode=False, hovermode="closest", font=dict(size=11),
         paper_bgcolor="white", plot_bgcolor="white", **axes,
     )
-    for ann in fig.layout.annotations:
-        ann.font = dict(size=12)
+    for i, ann in enumerate(fig.layout.annotations):  # titles start at their panel's left edge: never clipped
+        axis = fig.layout[f"xaxis{'' if i == 0 else i + 1}"]
+        ann.update(x=axis.domain[0], xanchor="left", align="left", font=dict(size=11), text=live_title(ann.text))
     return fig
 
 
+def live_title(title: str) -> str:
+    """A panel title for the live figure: its name on one line, block and details on a second.
+
+    Examples
+    --------
+    >>> live_title("attention · block 3 · CLS")
+    'attention<br>block 3 · CLS'
+    """
+    name, _, rest = str(title).partition(" · ")
+    return name + ("<br>" + rest if rest else "")
+
+
+def heatmap_trace(panel: int, show_image: bool = True) -> int:
+    """Index in ``figure.data`` of panel ``panel``'s heatmap in an :func:`overlay_figure`.
+
+    Examples
+    --------
+    >>> heatmap_trace(2), heatmap_trace(2, show_image=False)
+    (5, 2)
+    """
+    return 2 * panel + 1 if show_image else panel
+
+
+def image_trace(panel: int) -> int:
+    """Index in ``figure.data`` of panel ``panel``'s image (figures drawn with the image)."""
+    return 2 * panel
+
+
+def zsmooth(smooth: bool) -> str | bool:
+    """plotly's ``zsmooth`` for token blocks (``False``) or a bilinear overlay (``"best"``)."""
+    return "best" if smooth else False
+
+
+#: The widgets' plotly config: no modebar (it covered the panel titles; export has its
+#: own button) and a figure that follows the window's size.
+PLOTLY_CONFIG = {"displayModeBar": False, "responsive": True, "scrollZoom": False, "doubleClick": False}
+
+
 # plotly's FigureWidget is an anywidget whose module (~5 MB of JavaScript, all of
-# plotly.js) is sent with, and compiled for, every figure. anywidget then gives each
+# plotly.js) is sent with, and compiled for, every figure; anywidget then gives each
 # model 2 s to initialise before it reports "Failed to initialize model" as a page
-# error; on a busy machine one compile alone takes longer. This module wraps
-# plotly's: the bundle is compiled once per page (cached on ``globalThis`` under its
-# hash) and each model initialises at once, plotly's own ``initialize``/``render``
-# running as soon as the bundle is there (a view aborted meanwhile is skipped).
-# Python → page updates only start with user actions, after the first render, so
-# none is sent before plotly listens.
-_SHARED_BUNDLE = """\
-const SOURCE = __SOURCE__;
-const KEY = Symbol.for("vitlens.plotly-widget.__KEY__");
-function bundle() {
-  if (!globalThis[KEY]) {
-    const url = URL.createObjectURL(new Blob([SOURCE], { type: "text/javascript" }));
-    globalThis[KEY] = import(url).finally(() => URL.revokeObjectURL(url));
-  }
-  return globalThis[KEY];
-}
-export default () => {
-  const widget = bundle().then((mod) => (typeof mod.default === "function" ? mod.default() : mod.default));
-  let initialized = Promise.resolve();
-  return {
-    initialize(context) {
-      initialized = widget.then((w) => (w.initialize && !context.signal?.aborted ? w.initialize(context) : undefined));
-      return () => initialized.then((cleanup) => (typeof cleanup === "function" ? cleanup() : undefined));
-    },
-    async render(context) {
-      const w = await widget;
-      await initialized;
-      // A view replaced while the bundle loaded must not draw: its clean-up would
-      // then clear the element its successor draws into.
-      if (context.signal?.aborted || !w.render) return undefined;
-      return w.render(context);
-    },
-  };
-};
-"""
+# error. With half a dozen figures on a page (Explorer, HeadGrid, ModelView, ...)
+# on a busy machine, parsing that much state alone takes longer. So vitlens wraps
+# plotly's module (plotly_widget.js, package data): only the first figure of a
+# kernel carries the bundle, every other figure's module is a few kilobytes, and the
+# page compiles the bundle once (a promise on ``globalThis`` keyed by its hash). A
+# page without the carrier (reloaded, say) asks the kernel for the bundle once, by a
+# custom message answered with a binary buffer. Each model initialises at once;
+# plotly's own ``initialize``/``render`` run as soon as the bundle is there (a view
+# aborted meanwhile is skipped). Python → page updates only start with user actions,
+# after the first render, so none is sent before plotly listens.
+_SHARED_BUNDLE = "plotly_widget.js"  # beside this module; package data (pyproject.toml)
+_CARRIED = {"done": False}  # whether this kernel has sent the bundle with a figure
 
 
 class _CompleteOnOpen:
-    """Open the widget's comm only once the figure is in its state.
+    """Open the widget's comm only once the figure is in its state (and the bundle arranged).
 
     FigureWidget opens its comm (the page's model is born from that message)
     before it assigns ``_widget_data`` and ``_widget_layout``, which then follow
@@ -160,9 +177,17 @@ class _CompleteOnOpen:
     """
 
     _state_complete = False
+    _bundle_source = ""
+    _carrier_esm = ""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, config: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if config is not None:
+            self._config = dict(config)  # part of the state the comm opens with
+        if not _CARRIED["done"]:
+            self._esm = self._carrier_esm  # the first figure of this kernel brings the bundle
+            _CARRIED["done"] = True
+        self.on_msg(self._bundle_requested)
         self._state_complete = True
         self.open()
 
@@ -170,17 +195,26 @@ class _CompleteOnOpen:
         if self._state_complete:
             super().open()
 
+    def _bundle_requested(self, widget, content, buffers) -> None:
+        if isinstance(content, dict) and content.get("vitlens") == "bundle":
+            self.send({"vitlens": "bundle"}, buffers=[self._bundle_source.encode("utf-8")])
+
 
 @functools.cache
 def _widget_class() -> type[go.FigureWidget]:
-    """A FigureWidget whose plotly bundle loads once per page (plain FigureWidget if that cannot be done)."""
+    """A FigureWidget whose plotly bundle reaches the page once (plain FigureWidget if that cannot be done)."""
     source = getattr(go.FigureWidget, "_esm", None)
     source = str(source) if source is not None else ""
     if "export" not in source:  # not an anywidget module we know how to wrap
         return go.FigureWidget
     key = hashlib.sha1(source.encode()).hexdigest()[:16]
-    esm = _SHARED_BUNDLE.replace("__KEY__", key).replace("__SOURCE__", json.dumps(source))
-    return type("PlotlyWidget", (_CompleteOnOpen, go.FigureWidget), {"_esm": esm, "__module__": __name__})
+    template = (Path(__file__).with_name(_SHARED_BUNDLE)).read_text(encoding="utf-8").replace("__KEY__", key)
+    return type("PlotlyWidget", (_CompleteOnOpen, go.FigureWidget), {
+        "_esm": template.replace("__SOURCE__", "null"),
+        "_carrier_esm": template.replace("__SOURCE__", json.dumps(source)),
+        "_bundle_source": source,
+        "__module__": __name__,
+    })
 
 
 def as_widget(fig: go.Figure) -> go.FigureWidget:
@@ -192,28 +226,10 @@ def as_widget(fig: go.Figure) -> go.FigureWidget:
     sees. So widgets build the complete first view on a plain figure and wrap
     it here; only user actions send updates.
     """
-    return _widget_class()(fig)
-
-
-def save_figure(fig: go.Figure, path: str | os.PathLike, *, scale: float = 2.0) -> Path:
-    """Write a figure to ``.png``, ``.svg`` or ``.pdf`` with plotly + kaleido.
-
-    kaleido 1.x renders with a Chromium-based browser: it finds ``chromium`` on
-    ``PATH`` (or ``BROWSER_PATH``).
-    """
-    path = Path(path)
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in EXPORT_FORMATS:
-        raise OptionError(f"{str(path)!r}: export to a '.png', '.svg' or '.pdf' file.")
-    try:
-        import kaleido  # noqa: F401
-    except ImportError as exc:
-        raise ExportError("exporting figures needs kaleido 1.x: pip install 'kaleido>=1'.") from exc
-    try:
-        fig.write_image(str(path), format=fmt, scale=scale if fmt == "png" else 1)
-    except Exception as exc:  # kaleido's browser errors have no common base class
-        raise ExportError(
-            f"could not write {str(path)!r}: {exc}. kaleido needs a Chromium browser: install one "
-            "(Debian: apt-get install chromium) or point BROWSER_PATH at it."
-        ) from exc
-    return path
+    cls = _widget_class()
+    if cls is go.FigureWidget:
+        widget = cls(fig)
+        widget._config = dict(PLOTLY_CONFIG)
+    else:
+        widget = cls(fig, config=PLOTLY_CONFIG)
+    return widget

@@ -23,6 +23,11 @@ from .layout import CaptureLayout, HeadChoice, Query, heads_option, query_token,
 STATISTICS = ("std", "mean", "var", "norm")
 
 
+def method_names() -> tuple[str, ...]:
+    """The methods the widgets offer: :data:`vitlens.METHODS` (the method registry's order)."""
+    return tuple(METHOD_INFO)
+
+
 def normalized(values: np.ndarray) -> np.ndarray:
     """Min-max normalise one map to [0, 1] (a constant map becomes zeros), float32.
 
@@ -216,3 +221,65 @@ def safe(compute: Callable[[], np.ndarray], shape: tuple[int, ...]) -> tuple[np.
         return compute(), ""
     except VitlensError as exc:
         return np.zeros(shape, dtype=np.float32), str(exc)
+
+
+#: Per-token quantities :func:`token_curves` reads across depth: (variable, LayerNorm, label).
+CURVES = (
+    ("token_norm", None, "token norm ‖x‖"),
+    ("ln_std", "norm1", "LayerNorm std (norm1)"),
+    ("ln_mean", "norm1", "LayerNorm mean (norm1)"),
+)
+
+
+def token_curves(cap: xr.DataTree, layout: CaptureLayout, sample: int, query: Query) -> dict[str, dict[str, np.ndarray]]:
+    """One token's norm and LayerNorm statistics at every block, and the mean over patch tokens.
+
+    Returns ``{label: {"layer": (L,), "token": (L,), "patches": (L,)}}`` over all
+    layers of the capture (Swin: the stage token covering the query at each
+    stage). Raises :class:`~vitlens.errors.CaptureFormatError` when the capture
+    holds no norms or LayerNorm statistics.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> from vitlens.widgets.layout import capture_layout
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
+    >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)))
+    >>> token_curves(cap, capture_layout(cap), 0, None)["token norm ‖x‖"]["token"].shape
+    (2,)
+    """
+    from ..errors import CaptureFormatError
+
+    out: dict[str, dict[str, list]] = {label: {"layer": [], "token": [], "patches": []} for _, _, label in CURVES}
+    for stage in layout.stages:
+        node = cap[stage.name]
+        token = query_token(layout, stage, query)
+        patch = np.flatnonzero(np.asarray(node["kind"].values) == "patch")
+        for var, norm, label in CURVES:
+            if var not in node:
+                raise CaptureFormatError(f"this capture holds no {var!r}; capture again with keep='all' "
+                                         "(or a keep= that includes 'norms' and 'ln') to see token curves.")
+            values = node[var].isel(sample=sample)
+            if norm is not None:
+                values = values.sel(norm=norm)
+            values = np.asarray(values.transpose("layer", "token").values, dtype=np.float64)
+            out[label]["layer"] += [int(l) for l in node["layer"].values]
+            out[label]["token"] += values[:, token].tolist()
+            out[label]["patches"] += values[:, patch].mean(1).tolist()
+    return {label: {k: np.asarray(v) for k, v in d.items()} for label, d in out.items()}
+
+
+def pooled(values: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor × factor`` blocks of the last two axes (cropping a remainder).
+
+    Examples
+    --------
+    >>> pooled(np.arange(16.0).reshape(4, 4), 2).tolist()
+    [[2.5, 4.5], [10.5, 12.5]]
+    """
+    if factor == 1:
+        return values
+    h, w = values.shape[-2:]
+    h, w = h // factor * factor, w // factor * factor
+    v = values[..., :h, :w]
+    return v.reshape(*v.shape[:-2], h // factor, factor, w // factor, factor).mean(axis=(-3, -1))

@@ -1,0 +1,66 @@
+"""Make ``docs/explorer.png``, the README's Explorer screenshot, from the shipped trained ``vit-shapes``.
+
+    python -m tests.browser.readme_screenshot [--out docs/explorer.png] [--width 1100]
+
+Serves a one-cell notebook (``notebook_template.README``) with Voila on
+127.0.0.1, opens it in Debian's chromium (no network: every other request is
+aborted) and screenshots the Explorer. Not a test: the browser tests use tiny
+random models, which make a poor picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+from .conftest import CHROMIUM, CHROMIUM_ARGS, _hermetic, free_port, start, wait_until
+from .notebook_template import write_readme_notebook
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "explorer.png")
+    parser.add_argument("--width", type=int, default=1100)
+    args = parser.parse_args(argv)
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_readme_notebook(folder)
+        port = free_port()
+        server = start("voila", [sys.executable, "-m", "voila", "--no-browser", f"--port={port}",
+                                 "--Voila.ip=127.0.0.1", "readme.ipynb"], folder, f"http://127.0.0.1:{port}/")
+        try:
+            wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None,
+                       "opening its port", server)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+                context = browser.new_context(viewport={"width": args.width, "height": 900}, device_scale_factor=1)
+                context.route("**/*", _hermetic)
+                page = context.new_page()
+                page.goto(server.url, timeout=240_000)
+                page.wait_for_function("() => !!document.querySelector('.vitlens-explorer .js-plotly-plot .main-svg')",
+                                       timeout=240_000)
+                page.wait_for_timeout(500)  # the ResizeObserver's last relayout
+                shot = folder / "explorer.png"
+                page.locator(".vitlens-explorer").first.screenshot(path=str(shot), animations="disabled")
+                browser.close()
+        finally:
+            server.stop()
+        image = Image.open(shot).convert("RGB")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(args.out, optimize=True)
+        if args.out.stat().st_size > 250_000:  # keep the repository small
+            image.quantize(colors=192, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)
+    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB, {image.size[0]}×{image.size[1]} px)")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Checks every supported family must pass (used by tests/test_family_*.py and test_coverage.py).
+
+Each check compares vitlens against something computed without vitlens's
+adapters: timm's own modules called by hand, autograd on a probed copy of the
+model, or a hand-computed relevance total.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+import vitlens as vl
+from vitlens.capture.hooks import Recorder
+from vitlens.capture.relevance import attention_relevance
+from vitlens.models import adapter_for
+
+#: LRP conservation tolerance (relative to the block's relevance total): float32 sums.
+CONSERVATION_RTOL = 1e-4
+
+
+def attention_inputs(model: nn.Module, x: torch.Tensor, attn_modules: list[nn.Module]) -> list[tuple]:
+    """(input, kwargs) each attention module received in a plain forward (torch hooks only)."""
+    seen: list[tuple] = []
+    handles = [m.register_forward_pre_hook(lambda mod, a, kw: seen.append((mod, a[0].detach(), dict(kw))),
+                                           with_kwargs=True) for m in attn_modules]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    order = {id(m): i for i, m in enumerate(attn_modules)}
+    return [s[1:] for s in sorted(seen, key=lambda s: order[id(s[0])])]
+
+
+class _Probe(nn.Module):
+    """Adds a zero parameter to the attention probabilities: its .grad is ∂y/∂A."""
+
+    def __init__(self, drop: nn.Module):
+        super().__init__()
+        self.drop = drop
+        self.delta: nn.Parameter | None = None
+
+    def forward(self, attn):
+        if self.delta is None:
+            self.delta = nn.Parameter(torch.zeros_like(attn))
+        return self.drop(attn + self.delta)
+
+
+def attention_grads_by_probe(model: nn.Module, x: torch.Tensor, target: list[int], attn_names: list[str]):
+    """∂y_target/∂A for the attention modules named ``attn_names`` (autograd on a probed copy)."""
+    m = copy.deepcopy(model).eval()
+    probes = []
+    mods = dict(m.named_modules())
+    for name in attn_names:
+        mod = mods[name]
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = False
+        mod.attn_drop = _Probe(mod.attn_drop)
+        probes.append(mod.attn_drop)
+    logits = m(x)
+    logits.gather(1, torch.as_tensor(target)[:, None]).sum().backward()
+    return [p.delta.grad for p in probes]
+
+
+def stacked(cap, var: str) -> list[np.ndarray]:
+    """``cap[stage][var]`` per global layer, in layer order."""
+    out = []
+    for name in sorted(cap.children, key=lambda n: int(n.removeprefix("stage"))):
+        ds = cap[name]
+        out += [ds[var].values[:, i] for i in range(ds["layer"].size)]
+    return out
+
+
+def zero_biases(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A bias-free copy: every Linear bias, EVA/BEiT/SwinV2-style q/v bias and relative
+    position bias table set to 0.
+
+    Linear weights are redrawn at unit gain (std 1/√fan_in) so every branch carries
+    a real share of the relevance (timm's 0.02 init leaves the MLP branches with
+    almost none, and a wrong branch rule would hide inside the tolerance).
+    """
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) / mod.weight.shape[1] ** 0.5)
+            if isinstance(mod, nn.Linear) and mod.bias is not None:
+                mod.bias.zero_()
+            for name in ("q_bias", "k_bias", "v_bias", "relative_position_bias_table"):
+                p = getattr(mod, name, None)
+                if isinstance(p, torch.Tensor):
+                    p.zero_()
+        for mod in m.modules():  # after the Linears were redrawn
+            cpb = getattr(mod, "cpb_mlp", None)
+            if cpb is not None:  # SwinV2: 16·sigmoid(cpb) → 16·sigmoid(−100) ≈ 0, no position bias
+                cpb[0].weight.zero_()
+                cpb[0].bias.fill_(1.0)
+                cpb[2].weight.fill_(-100.0 / cpb[2].weight.shape[1])
+    return m
+
+
+def relevance_totals(model: nn.Module, x: torch.Tensor):
+    """Per block (in, out) relevance totals and the read-out's total, from the capture's LRP pass."""
+    ad = adapter_for(model)
+    with Recorder(ad, keep_block_inputs=True) as rec:
+        logits = model(x)
+        target = logits.argmax(-1)
+        attention_relevance(ad, rec, target, to_input=True)
+    with torch.no_grad():
+        onehot = torch.nn.functional.one_hot(target, ad.num_classes).float()
+        head_total = ad.head.relevance(ad.tokens(rec.final_output), onehot).reshape(x.shape[0], -1).sum(1)
+    return rec.relevance_totals, head_total
+
+
+def assert_conserved(model: nn.Module, x: torch.Tensor) -> None:
+    """LRP conserves relevance block by block and through the read-out on a bias-free copy."""
+    totals, head_total = relevance_totals(zero_biases(model), x)
+    assert len(totals) == len(adapter_for(model).blocks)
+    for layer, (r_in, r_out) in totals.items():
+        torch.testing.assert_close(r_in, r_out, rtol=CONSERVATION_RTOL, atol=1e-5, msg=f"block {layer}")
+    torch.testing.assert_close(head_total, torch.ones_like(head_total), rtol=CONSERVATION_RTOL, atol=1e-5)
+
+
+def model_state(model: nn.Module):
+    return (
+        model.training,
+        [m.training for m in model.modules()],
+        [getattr(m, "fused_attn", None) for m in model.modules()],
+        [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()],
+        [(n, p.requires_grad, p.grad) for n, p in model.named_parameters()],
+    )
+
+
+def assert_state_restored(model: nn.Module, images: np.ndarray) -> None:
+    """Capture leaves train mode, fused-attention flags, hooks and weights as they were."""
+    model.train()
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = True
+    before = model_state(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    vl.capture(model, images)
+    assert model_state(model) == before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    model.eval()
+
+
+def bright_square_token(model: nn.Module, size: tuple[int, int], cell: tuple[int, int]):
+    """Light one token's pixel cell (from the capture's own centre coordinates) on a black image.
+
+    Returns (token index of that cell, index of the token whose block-0 input
+    changed most, the one-hot map of that token upsampled by ``vl.to_pixels``,
+    the square's pixel box).
+    """
+    h, w = size
+    black = np.zeros((1, h, w, 3), np.float32)
+    cap0 = vl.capture(model, black, grads=False)
+    st = cap0["stage0"]
+    sy, sx = st.attrs["stride"]
+    kinds = st["kind"].values
+    rows, cols = st["row"].values, st["col"].values
+    tok = int(np.flatnonzero((rows == cell[0]) & (cols == cell[1]))[0])
+    cy, cx = float(st["center_y"].values[tok]), float(st["center_x"].values[tok])
+    y0, x0 = int(cy - sy / 2), int(cx - sx / 2)
+    img = black.copy()
+    img[:, y0:y0 + sy, x0:x0 + sx] = 1.0
+    cap1 = vl.capture(model, img, grads=False)
+    d = np.abs(cap1["stage0"].token_norm.values[0, 0] - st.token_norm.values[0, 0])
+    d[kinds != "patch"] = -1
+    gh, gw = st.attrs["grid"]
+    onehot = np.zeros((1, gh, gw), np.float32)
+    onehot[0, cell[0], cell[1]] = 1
+    import xarray as xr
+
+    pix = vl.to_pixels(xr.DataArray(onehot, dims=("sample", "y", "x")), size=size).values[0]
+    return tok, int(d.argmax()), pix, (y0, x0, sy, sx)
+
+
+def assert_geometry(model: nn.Module, size: tuple[int, int]) -> None:
+    """A bright token cell lights that token first, and to_pixels puts that token's map on the cell."""
+    ad = adapter_for(model)
+    gh, gw = ad.stages[0].grid
+    for cell in [(0, 0), (gh - 1, gw // 2), (gh // 2, gw - 1)]:
+        tok, found, pix, (y0, x0, sy, sx) = bright_square_token(model, size, cell)
+        assert found == tok, (cell, tok, found)
+        py, px = np.unravel_index(pix.argmax(), pix.shape)
+        assert y0 <= py < y0 + sy and x0 <= px < x0 + sx, (cell, (py, px), (y0, x0, sy, sx))
+
+
+def assert_all_maps_finite(cap) -> dict:
+    maps = vl.explain(cap, "all", per_layer=False)
+    for m in vl.METHODS:
+        assert np.isfinite(maps[m].values).all(), m
+        assert maps[m].shape[-2:] == tuple(cap["stage0"].attrs["grid"]), m
+    return maps
+
+
+def normalised(images: np.ndarray, model: nn.Module) -> torch.Tensor:
+    from vitlens.capture.images import prepare
+
+    return prepare(images, adapter_for(model)).pixels
+
+
+def assert_receptive_field_centres(model: nn.Module, size: tuple[int, int]) -> None:
+    """Each token's pixel centre (capture coordinates) is the centroid of the input pixels its
+    embedding depends on (|∂token/∂pixel| from autograd through the model's own embedding),
+    within half a token stride — for CNN-stem (hybrid) embeddings, whose tokens overlap."""
+    cap = vl.capture(model, np.random.default_rng(0).random((1, *size, 3)).astype(np.float32), grads=False)
+    st = cap["stage0"]
+    sy, sx = st.attrs["stride"]
+    gh, gw = st.attrs["grid"]
+    p = st.attrs["num_prefix_tokens"]
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    t = model.patch_embed(x)
+    t = t.flatten(1, 2) if t.ndim == 4 else t
+    for r, c in [(0, 0), (gh // 2, gw // 2), (gh - 1, 1)]:
+        tok = p + r * gw + c
+        g = torch.autograd.grad(t[0, r * gw + c].sum(), x, retain_graph=True)[0].abs().sum((0, 1))
+        w = g / g.sum()
+        cy = float((w.sum(1) * torch.arange(size[0])).sum())
+        cx = float((w.sum(0) * torch.arange(size[1])).sum())
+        assert abs(cy - float(st["center_y"].values[tok])) < sy / 2, (r, c, cy)
+        assert abs(cx - float(st["center_x"].values[tok])) < sx / 2, (r, c, cx)
+
+
+def assert_parts_describe_the_attention(model: nn.Module, x: torch.Tensor) -> None:
+    """The adapter's description of each attention (q/k/v maps, norms, rotary, position bias,
+    cosine scale) reproduces the probabilities the model computed: the LRP pass splits the
+    logits of the model's real attention, not of an approximation."""
+    ad = adapter_for(model)
+    with Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():
+        model(x)
+        for layer, part in enumerate(ad.parts):
+            z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
+            torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4,
+                                       msg=f"block {layer}")
+
+
+def randomize_biases(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every bias (Linear biases, q/v biases, LayerScale gammas stay) a nonzero value:
+    timm initialises them to 0, which would hide a missing bias in a description."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (name.endswith("bias") and p.ndim == 1) or name.endswith("relative_position_bias_table"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+CLASS_SPECIFIC = ("transformer_attribution", "generic_attention", "tokentm", "gradcam")
+from vitlens.methods import METHOD_INFO  # noqa: E402
+
+CLASS_AGNOSTIC = tuple(name for name, info in METHOD_INFO.items() if not info.class_specific)
+
+
+def assert_targets_differ(model: nn.Module, size: tuple[int, int]) -> None:
+    """Random-initialised model: class-specific maps of two targets on the same image differ
+    (far above float noise); the class-agnostic ones agree.
+
+    At random init the maps are partly degenerate, so only what holds there is asserted:
+    tokentm always differs; with a CLS read-out transformer attribution and generic
+    attention differ too. Under average and attention-pool read-outs those two are
+    ``uniform row + Ē`` with ``Ē`` ~1e-9 at random init, flat in float32 (the numerical
+    issue of class-specific maps under an average read-out, a separate methods issue),
+    and Grad-CAM's ReLU can zero a random model's map.
+    """
+    img = np.random.default_rng(8).random((1, *size, 3)).astype(np.float32)
+    cap = vl.capture(model, np.concatenate([img, img]), target=[0, 1])
+    maps = vl.explain(cap, "all", per_layer=False)
+    must = ["tokentm"] + (["transformer_attribution", "generic_attention"] if cap.attrs["readout"] == "cls" else [])
+    for m in must:
+        a, b = vl.normalize(maps[m]).values
+        assert np.abs(a - b).max() > 1e-4, m
+    for m in CLASS_AGNOSTIC:
+        np.testing.assert_allclose(maps[m].values[0], maps[m].values[1], rtol=1e-5, atol=1e-7, err_msg=m)

@@ -1,0 +1,159 @@
+"""timm SwinTransformerV2: res-post-norm, cosine attention with a logit scale, continuous
+position bias (cpb MLP), q/v biases, patch merging with the norm after its Linear.
+Random init, two stages of two blocks (one shifted), 64 px."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from family_checks import (
+    assert_all_maps_finite,
+    assert_conserved,
+    assert_parts_describe_the_attention,
+    assert_state_restored,
+    assert_targets_differ,
+    attention_grads_by_probe,
+    normalised,
+    randomize_biases,
+    relevance_totals,
+    stacked,
+    zero_biases,
+)
+
+import vitlens as vl
+from vitlens.models import adapter_for
+
+KW = dict(img_size=64, window_size=4, depths=(2, 2), num_heads=(2, 4), embed_dim=24, num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def swinv2():
+    torch.manual_seed(0)
+    model = randomize_biases(timm.create_model("swinv2_tiny_window8_256", **KW).eval())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a logit scale away from its init value (log 10) on every head
+        for m in model.modules():
+            if hasattr(m, "logit_scale"):
+                m.logit_scale.uniform_(0.5, 3.0)
+        # SwinV2 initialises its res-post-norm weights to 0: every branch starts switched off,
+        # so attention gradients and relevances would all be exactly 0. Switch them on.
+        for blk in model.modules():
+            if type(blk).__name__ == "SwinTransformerV2Block":
+                for norm in (blk.norm1, blk.norm2):
+                    norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=g))
+    return model
+
+
+def _images(n=2, seed=0):
+    return np.random.default_rng(seed).random((n, 64, 64, 3)).astype(np.float32)
+
+
+def swinv2_attention_by_hand(model, x):
+    """Each block's probabilities from timm's modules: roll, window partition, cosine logits
+    times the clamped logit scale, 16·sigmoid(cpb) bias, shift mask."""
+    from timm.models.swin_transformer_v2 import window_partition
+
+    out = []
+    with torch.no_grad():
+        h = model.patch_embed(x)
+        for stage in model.layers:
+            h = stage.downsample(h)
+            for blk in stage.blocks:
+                sh, sw = blk.shift_size
+                t = torch.roll(h, (-sh, -sw), (1, 2))
+                win = window_partition(t, blk.window_size).flatten(1, 2)
+                a = blk.attn
+                bw, n, _ = win.shape
+                bias = torch.cat((a.q_bias, a.k_bias, a.v_bias))
+                q, k, _ = F.linear(win, a.qkv.weight, bias).reshape(bw, n, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+                logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+                logits = logits * torch.clamp(a.logit_scale, max=math.log(100.0)).exp()
+                table = a.cpb_mlp(a.relative_coords_table).view(-1, a.num_heads)
+                rpb = table[a.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+                logits = logits + 16 * torch.sigmoid(rpb)
+                if blk.attn_mask is not None:
+                    nw = blk.attn_mask.shape[0]
+                    logits = (logits.view(-1, nw, a.num_heads, n, n) + blk.attn_mask[None, :, None]).view(bw, -1, n, n)
+                probs = logits.softmax(-1)
+                nw = probs.shape[0] // x.shape[0]
+                out.append(probs.view(x.shape[0], nw, a.num_heads, n, n).transpose(1, 2))
+                h = blk(h)
+    return out
+
+
+def test_branches_are_live(swinv2):
+    """Guards the fixture: a model whose branches are switched off would pass every check trivially."""
+    cap = vl.capture(swinv2, _images())
+    for s in ("stage0", "stage1"):
+        assert np.abs(cap[s].attention_grad.values).max(axis=(0, 2, 3, 4, 5)).min() > 1e-6
+        assert np.abs(cap[s].attention_relevance.values).max() > 1e-6
+
+
+def test_layout_has_windows_shifts_and_merges(swinv2):
+    cap = vl.capture(swinv2, _images())
+    assert cap.attrs["family"] == "swinv2" and cap.attrs["readout"] == "avg"
+    assert cap["stage0"].attrs["shift_size"] == [[0, 0], [2, 2]]
+    assert cap["stage0"].attention.dims == ("sample", "layer", "head", "window", "query", "key")
+    assert cap["stage0"].attrs["grid"] == [16, 16] and cap["stage1"].attrs["grid"] == [8, 8]
+
+
+def test_attention_equals_recomputation_with_cosine_logits_and_cpb(swinv2):
+    images = _images()
+    cap = vl.capture(swinv2, images)
+    want = swinv2_attention_by_hand(swinv2, normalised(images, swinv2))
+    for got, exp in zip(stacked(cap, "attention"), want):
+        np.testing.assert_allclose(got, exp.numpy(), atol=1e-5)
+
+
+def test_adapter_parts_reproduce_the_attention(swinv2):
+    assert_parts_describe_the_attention(swinv2, normalised(_images(), swinv2))
+
+
+def test_attention_grad_equals_autograd(swinv2):
+    images = _images()
+    cap = vl.capture(swinv2, images, target=2)
+    names = [f"layers.{s}.blocks.{b}.attn" for s in range(2) for b in range(2)]
+    grads = attention_grads_by_probe(swinv2, normalised(images, swinv2), [2, 2], names)
+    for got, e in zip(stacked(cap, "attention_grad"), grads):
+        nw = e.shape[0] // 2
+        np.testing.assert_allclose(got, e.view(2, nw, *e.shape[1:]).transpose(1, 2).numpy(), atol=1e-6)
+
+
+def test_lrp_conserves_without_position_bias_and_leaks_through_it(swinv2):
+    """Bias-free copy (cpb bias driven to 16·sigmoid(−100) ≈ 0): conserved block by block and
+    through merges and the read-out. The real model's cpb bias (≥ 0, up to 16) takes its
+    share of the logits' relevance: the documented leak, measured here."""
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    assert_conserved(swinv2, x)
+    free = zero_biases(swinv2)
+    with torch.no_grad():
+        for m in free.modules():
+            if hasattr(m, "cpb_mlp"):
+                m.cpb_mlp[2].weight.normal_(0, 1.0)
+    totals, _ = relevance_totals(free, x)
+    assert max(float((i - o).abs().max() / o.abs().max()) for i, o in totals.values()) > 1e-3
+
+
+def test_all_maps_finite_merge_shares_and_state_restored(swinv2):
+    cap = vl.capture(swinv2, _images())
+    assert_all_maps_finite(cap)
+    share = cap["stage0"].merge_share.values  # each merged token's four parents share its relevance
+    np.testing.assert_allclose(share.reshape(2, 8, 2, 8, 2).sum((2, 4)), 1.0, atol=1e-4)
+    assert_state_restored(swinv2, _images(1))
+
+
+def test_stage_strides_place_tokens_on_pixels(swinv2):
+    ad = adapter_for(swinv2)
+    assert [s.stride for s in ad.stages] == [(4, 4), (8, 8)]
+    cap = vl.capture(swinv2, _images(1), grads=False)
+    np.testing.assert_allclose(cap["stage1"].center_y.values[:8], 4.0)  # first row: centre of rows 0..7
+    np.testing.assert_allclose(cap["stage1"].center_x.values[:3], [4.0, 12.0, 20.0])
+
+
+def test_class_specific_maps_differ_between_targets(swinv2):
+    assert_targets_differ(swinv2, (64, 64))  # random init

@@ -1,0 +1,167 @@
+"""``vl.load_model("hf:...")``: transformers models from a directory or the cache, never downloaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from vitlens.errors import ModelLoadError  # noqa: E402
+from vitlens.models import hf_loading  # noqa: E402
+from vitlens.models.hf_loading import load_hf_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_vit_dir(tmp_path: Path, *, processor: bool = True, labels=("cat", "dog", "fox")) -> Path:
+    cfg = transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        image_size=32, patch_size=8, id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    model = transformers.ViTForImageClassification(cfg)
+    model.save_pretrained(tmp_path)
+    if processor:
+        transformers.ViTImageProcessor(
+            size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]
+        ).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_local_directory_loads_weights_labels_and_processor(tmp_path):
+    d = _tiny_vit_dir(tmp_path)
+    saved = transformers.ViTForImageClassification.from_pretrained(d)
+    model = load_hf_model(f"hf:{d}")
+    assert type(model).__name__ == "ViTForImageClassification"
+    assert not model.training
+    assert model.vitlens_class_names == ["cat", "dog", "fox"]
+    assert model.vitlens_name == f"hf:{d}"
+    proc = model.vitlens_image_processor
+    assert list(proc.image_mean) == [0.1, 0.2, 0.3] and list(proc.image_std) == [0.4, 0.5, 0.6]
+    for (name, p), (_, q) in zip(model.state_dict().items(), saved.state_dict().items()):
+        assert (p == q).all(), name
+
+
+def test_num_classes_replaces_the_head(tmp_path):
+    model = load_hf_model(f"hf:{_tiny_vit_dir(tmp_path)}", num_classes=5)
+    assert model.classifier.out_features == 5
+
+
+def test_directory_without_image_processor_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="preprocessor_config.json"):
+        load_hf_model(f"hf:{_tiny_vit_dir(tmp_path, processor=False)}")
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_hf_model(f"hf:{tmp_path}")
+
+
+def test_empty_name_is_refused():
+    with pytest.raises(ModelLoadError, match="repository id or a directory"):
+        load_hf_model("hf:")
+
+
+class _NoNetwork:
+    """Fails the test if anything opens a connection; records from_pretrained calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[dict] = []
+        original = transformers.AutoConfig.from_pretrained
+
+        def from_pretrained(*args, **kwargs):
+            self.calls.append(kwargs)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+
+
+def test_offline_mode_fails_at_once_without_touching_the_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_connection(*args, **kwargs):
+        raise AssertionError("vitlens opened a network connection in offline mode")
+
+    monkeypatch.setattr(hf_loading.socket, "create_connection", no_connection)
+    spy = _NoNetwork(monkeypatch)
+    with pytest.raises(ModelLoadError, match=r"hf:/path/to/DIR") as err:
+        load_hf_model("hf:nobody-xyz/not-cached-vit")
+    assert "offline" in str(err.value)
+    assert spy.calls and all(c.get("local_files_only") for c in spy.calls)
+
+
+def test_unreachable_hub_fails_after_one_probe_without_a_download(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    probes = []
+
+    def unreachable(address, timeout=None):
+        probes.append(address)
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(hf_loading.socket, "create_connection", unreachable)
+    spy = _NoNetwork(monkeypatch)
+    with pytest.raises(ModelLoadError, match="cannot be reached"):
+        load_hf_model("hf:nobody-xyz/not-cached-vit")
+    assert len(probes) == 1
+    # only the cache was asked: no download attempt (which would retry for a minute)
+    assert spy.calls and all(c.get("local_files_only") for c in spy.calls)
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_import_vitlens_never_imports_transformers():
+    out = _run("import sys, vitlens; print('transformers' in sys.modules)")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_without_transformers_hf_names_name_the_extra():
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import vitlens as vl\n"
+        "try:\n"
+        "    vl.load_model('hf:google/vit-base-patch16-224')\n"
+        "except vl.VitlensError as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ModelLoadError")
+    assert 'pip install "vitlens[hf]"' in out.stdout
+
+
+def test_unsupported_transformers_models_are_refused_naming_the_supported_classes():
+    import numpy as np
+
+    import vitlens as vl
+    from vitlens.models import registry
+    from vitlens.models.hf_common import SUPPORTED, HFAdapter
+
+    explained = {c for a in registry.adapters() if issubclass(a, HFAdapter) for c in a.classes}
+    assert explained == set(SUPPORTED)
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                 image_size=16, patch_size=8)
+    with pytest.raises(vl.VitlensError, match="ViTModel: vitlens cannot explain .*ViTForImageClassification"):
+        vl.capture(transformers.ViTModel(cfg), np.zeros((1, 16, 16, 3)))
+
+
+def test_an_older_transformers_is_refused_with_the_upgrade_to_run(monkeypatch):
+    import vitlens as vl
+
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                 image_size=16, patch_size=8, num_labels=2)
+    model = transformers.ViTForImageClassification(cfg)
+    from vitlens.models import hf_common
+
+    monkeypatch.setattr(hf_common, "transformers_version", lambda: "4.46.0")
+    with pytest.raises(vl.UnsupportedModelError, match=r"transformers >= 5 \(installed: 4.46.0\).*--upgrade"):
+        vl.models.adapter_for(model)

@@ -1,0 +1,211 @@
+"""transformers Swin: a random timm Swin copied into ``SwinForImageClassification``, both explained.
+
+timm's Swin capture is itself tested against recomputations (tests/test_capture.py);
+with the same weights every captured array and all seven maps of the transformers
+model must agree with it. transformers' own eager ``output_attentions`` (the last
+block of each stage) is a second, independent reference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+import vitlens as vl  # noqa: E402
+from vitlens.capture.hooks import Recorder  # noqa: E402
+from vitlens.capture.relevance import attention_relevance  # noqa: E402
+from vitlens.models import adapter_for, hf_common  # noqa: E402
+
+SIZE = 32
+ARCH = dict(patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), mlp_ratio=2)
+
+
+def timm_swin(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=SIZE, num_classes=3, **ARCH).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.3 if p.ndim >= 2 else 0.05))
+    return model
+
+
+def hf_swin_from_timm(model: torch.nn.Module) -> torch.nn.Module:
+    cfg = transformers.SwinConfig(image_size=SIZE, patch_size=ARCH["patch_size"], embed_dim=ARCH["embed_dim"],
+                                  depths=list(ARCH["depths"]), num_heads=list(ARCH["num_heads"]),
+                                  window_size=ARCH["window_size"], mlp_ratio=ARCH["mlp_ratio"], num_labels=3,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+    hf = transformers.SwinForImageClassification(cfg).eval()
+    t = model.state_dict()
+    out = {
+        "swin.embeddings.patch_embeddings.projection.weight": t["patch_embed.proj.weight"],
+        "swin.embeddings.patch_embeddings.projection.bias": t["patch_embed.proj.bias"],
+        "swin.embeddings.norm.weight": t["patch_embed.norm.weight"],
+        "swin.embeddings.norm.bias": t["patch_embed.norm.bias"],
+        "swin.layernorm.weight": t["norm.weight"], "swin.layernorm.bias": t["norm.bias"],
+        "classifier.weight": t["head.fc.weight"], "classifier.bias": t["head.fc.bias"],
+    }
+    for s, depth in enumerate(ARCH["depths"]):
+        for b in range(depth):
+            src, dst = f"layers.{s}.blocks.{b}.", f"swin.encoder.layers.{s}.blocks.{b}."
+            for a, h in (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attn.proj", "attention.o_proj"),
+                         ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                for kind in ("weight", "bias"):
+                    out[f"{dst}{h}.{kind}"] = t[f"{src}{a}.{kind}"]
+            for kind in ("weight", "bias"):
+                for name, w in zip(("q_proj", "k_proj", "v_proj"), t[f"{src}attn.qkv.{kind}"].chunk(3, 0)):
+                    out[f"{dst}attention.{name}.{kind}"] = w
+            out[f"{dst}attention.relative_position_bias.relative_position_bias_table"] = \
+                t[f"{src}attn.relative_position_bias_table"]
+        if s + 1 < len(ARCH["depths"]):  # timm merges at the start of stage s+1, transformers at the end of s
+            for kind in ("norm.weight", "norm.bias", "reduction.weight"):
+                out[f"swin.encoder.layers.{s}.downsample.{kind}"] = t[f"layers.{s + 1}.downsample.{kind}"]
+    hf.load_state_dict(out, strict=True)
+    hf.vitlens_image_processor = transformers.ViTImageProcessor(
+        size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model = timm_swin()
+    return model, hf_swin_from_timm(model)
+
+
+def _pixels(n=3, seed=1):
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _corr(a, b):
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+def test_converted_swin_gives_the_same_logits(pair):
+    model, hf = pair
+    x = _pixels()
+    with torch.no_grad():
+        a, b = model(x), hf(pixel_values=x).logits
+    assert a.abs().max() > 0.1
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_capture_layout_and_every_array_agree_with_timm(pair):
+    model, hf = pair
+    x, target = _pixels(), [0, 2, 1]
+    cap_t, cap_h = vl.capture(model, x, target=target), vl.capture(hf, x, target=target)
+    assert cap_h.attrs["family"] == "hf_swin" and cap_h.attrs["readout"] == "avg"
+    assert list(cap_h.children) == list(cap_t.children) == ["stage0", "stage1"]
+    for stage in ("stage0", "stage1"):
+        st_h, st_t = cap_h[stage], cap_t[stage]
+        assert st_h.attention.dims == st_t.attention.dims
+        np.testing.assert_array_equal(st_h.window_token.values, st_t.window_token.values)
+        np.testing.assert_allclose(st_h.attention.sum("key").values, 1.0, atol=1e-5)
+        for var in ("attention", "attention_grad", "ln_mean", "ln_std", "token_norm",
+                    "attn_value_norm", "mlp_out_norm", "block_out_norm"):
+            np.testing.assert_allclose(st_h[var].values, st_t[var].values, rtol=1e-3, atol=1e-5,
+                                       err_msg=f"{stage}/{var}")
+        # LRP divides by sums that can be near zero, so float32 rounding (1e-6 here) moves a few
+        # relevances by ~1e-4 — a 1e-6 change of the input moves timm's own relevances more. Compare
+        # each image's relevances as a whole.
+        for i in range(3):
+            assert _corr(st_h.attention_relevance.values[i], st_t.attention_relevance.values[i]) > 0.9999, (stage, i)
+    np.testing.assert_allclose(cap_h["stage1"].features.values, cap_t["stage1"].features.values, rtol=1e-4, atol=1e-5)
+
+
+def test_all_seven_maps_agree_with_timm(pair):
+    model, hf = pair
+    x = _pixels(4, seed=2)
+    maps_t, maps_h = vl.explain(vl.capture(model, x), "all"), vl.explain(vl.capture(hf, x), "all")
+    worst = {}
+    for name in vl.METHODS:
+        corrs = [_corr(maps_t[name].values[i], maps_h[name].values[i]) for i in range(4)
+                 if maps_t[name].values[i].std() > 0]
+        assert len(corrs) >= 3, name
+        worst[name] = min(corrs)
+    print("worst per-image correlation timm Swin vs transformers Swin:", worst)
+    assert all(c > 0.999 for c in worst.values()), worst
+
+
+def test_last_attention_of_each_stage_and_its_gradient_equal_transformers_eager(pair):
+    _, hf = pair
+    x, target = _pixels(2), [1, 2]
+    cap = vl.capture(hf, x, target=target)
+    m = copy.deepcopy(hf)
+    m.set_attn_implementation("eager")
+    out = m(pixel_values=x, output_attentions=True)  # one per stage: its last block
+    grads = torch.autograd.grad(out.logits.gather(1, torch.tensor(target)[:, None]).sum(), out.attentions)
+    for stage, a, g in zip(("stage0", "stage1"), out.attentions, grads):
+        nw = a.shape[0] // 2
+        a = a.detach().view(2, nw, *a.shape[1:]).transpose(1, 2).numpy()
+        g = g.view(2, nw, *g.shape[1:]).transpose(1, 2).numpy()
+        np.testing.assert_allclose(cap[stage].attention.values[:, -1], a, atol=1e-6)
+        np.testing.assert_allclose(cap[stage].attention_grad.values[:, -1], g, rtol=1e-5, atol=1e-6)
+
+
+def test_lrp_leak_comes_only_from_position_bias_and_masks():
+    hf = hf_swin_from_timm(timm_swin(seed=4))
+    with torch.no_grad():
+        for m in hf.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.zero_()
+    ad = adapter_for(hf)
+    with Recorder(ad, keep_block_inputs=True) as rec:
+        logits = ad.logits(_pixels(2))
+        attention_relevance(ad, rec, logits.argmax(-1), to_input=True)
+    assert set(rec.relevance_totals) == {0, 1, 2, 3}
+    for r_in, r_out in rec.relevance_totals.values():
+        # unshifted windows conserve exactly; shifted ones leak only through the -100 mask (tiny)
+        torch.testing.assert_close(r_in, r_out, rtol=1e-3, atol=1e-4)
+
+
+def test_capture_restores_the_swin_after_an_exception(pair):
+    _, hf = pair
+    model = copy.deepcopy(hf)
+    model.train()
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+    def explode(module, inputs, output):
+        raise RuntimeError("boom")
+
+    handle = model.swin.encoder.layers[1].blocks[0].register_forward_hook(explode)
+    with pytest.raises(RuntimeError, match="boom"):
+        vl.capture(model, _pixels(1))
+    handle.remove()
+    assert model.config._attn_implementation == hf.config._attn_implementation
+    assert all(m.training for m in model.modules())
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
+    assert len(hf_common._PROBES) == 0
+
+
+def test_explorer_shows_the_same_panels_as_for_timm(pair):
+    from vitlens.widgets import Explorer, HeadGrid
+
+    model, hf = pair
+    x = _pixels(1)
+    ex_t, ex_h = Explorer(vl.capture(model, x), layer=1), Explorer(vl.capture(hf, x), layer=1)
+    for ex in (ex_t, ex_h):
+        ex.select_patch(3, 5)
+    maps_t, maps_h = ex_t.panel_maps(), ex_h.panel_maps()
+    for name in maps_t:
+        np.testing.assert_allclose(maps_h[name], maps_t[name], rtol=1e-3, atol=1e-5, err_msg=name)
+    assert len(ex_h.figure.data[ex_h._grid_trace].x) > 0  # windows drawn
+    HeadGrid(ex_h.cap, layer=3)
+
+
+def test_parts_describe_the_attention_the_model_computed(pair):
+    """Position bias + shift mask included: the description reproduces every window's probabilities."""
+    _, hf = pair
+    ad = adapter_for(hf)
+    with Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():
+        ad.logits(_pixels(2))
+        for layer, part in enumerate(ad.parts):
+            z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
+            torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4)

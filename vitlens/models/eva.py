@@ -1,0 +1,160 @@
+"""Adapter for timm ``Eva``: EVA, EVA02, DINOv3, ``vit_*_rope_*``, PE-core and similar.
+
+Rotary position embeddings on q and k (the model hands each block its rotary
+table as ``rope=``; capture records it), fused or split q/k/v with separate
+q/v biases, SwiGLU / GLU MLPs, an inner attention norm, LayerScale
+(``gamma_1``/``gamma_2``), registers, post-norm blocks, CLS, average and
+attention-pool read-outs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .adapter import Adapter, StageInfo
+from .parts import AttentionPart, BlockPart, LinearPart, Readout
+from .registry import register_adapter, timm_class
+from .vit import attention_pool_readout, mlp_part, prefix_kinds, token_stride
+
+is_eva = timm_class("eva", "Eva")
+
+
+class _Gamma(nn.Module):
+    """``gamma * x``: EVA's residual scale as a module (not installed in the model)."""
+
+    def __init__(self, gamma: torch.Tensor):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma * x
+
+
+def _rotary(attn: nn.Module):
+    """Apply the recorded rotary table to the patch tokens of q and k, as EVA's attention does."""
+    from timm.layers import apply_rot_embed_cat
+
+    npt = int(getattr(attn, "num_prefix_tokens", 0))
+    half = bool(getattr(attn, "rotate_half", False))
+
+    def rotary(q: torch.Tensor, k: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        rope = ctx.get("rope")
+        if rope is None:
+            return q, k
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], 2)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2)
+        return q, k
+
+    return rotary
+
+
+def _qkv_bias(attn: nn.Module):
+    def bias() -> torch.Tensor:
+        return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+
+    return bias
+
+
+def eva_attention(attn: nn.Module, where: str) -> AttentionPart:
+    from timm.layers import AttentionRope
+    from timm.models.eva import EvaAttention
+
+    if type(attn) not in (EvaAttention, AttentionRope):
+        raise UnsupportedModelError(f"{where} has {type(attn).__name__} attention; vitlens explains EvaAttention and AttentionRope.")
+    if getattr(attn, "gate", None) is not None:
+        raise UnsupportedModelError(f"{where} has gated attention (a sigmoid gate on the heads), which vitlens cannot explain.")
+    if int(getattr(attn, "num_kv_heads", attn.num_heads)) != int(attn.num_heads):
+        raise UnsupportedModelError(f"{where} uses grouped-query attention (fewer key/value heads than query heads).")
+    if attn.qkv is not None:
+        extra = _qkv_bias(attn) if getattr(attn, "q_bias", None) is not None else None
+        maps = dict(qkv=LinearPart(attn.qkv, extra_bias=extra))
+    else:
+        maps = dict(q=LinearPart(attn.q_proj), k=LinearPart(attn.k_proj), v=LinearPart(attn.v_proj))
+    return AttentionPart(
+        module=attn,
+        probs=attn.attn_drop,
+        num_heads=int(attn.num_heads),
+        proj=LinearPart(attn.proj),
+        q_norm=attn.q_norm,
+        k_norm=attn.k_norm,
+        scale=float(attn.scale),
+        rotary=_rotary(attn),
+        inner_norm=attn.norm,
+        **maps,
+    )
+
+
+@register_adapter
+class EvaAdapter(Adapter):
+    """Token layout: ``num_prefix_tokens`` prefix tokens (CLS, registers), then the patch grid row-major."""
+
+    family = "eva"
+    timm_modules = ("eva",)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return is_eva(model)
+
+    def __init__(self, model: nn.Module):
+        from timm.models.eva import EvaBlock, EvaBlockPostNorm
+
+        super().__init__(model)
+        name = type(model).__name__
+        if len(model.blocks) == 0:
+            raise UnsupportedModelError(f"{name} has no transformer blocks.")
+        parts = []
+        for i, b in enumerate(model.blocks):
+            where = f"{name} block {i}"
+            if type(b) not in (EvaBlock, EvaBlockPostNorm):
+                raise UnsupportedModelError(f"{where} is a {type(b).__name__}; vitlens explains EvaBlock and EvaBlockPostNorm.")
+            gamma_1, gamma_2 = getattr(b, "gamma_1", None), getattr(b, "gamma_2", None)
+            parts.append(BlockPart(
+                module=b,
+                norm1=b.norm1,
+                attn=eva_attention(b.attn, where),
+                norm2=b.norm2,
+                mlp=mlp_part(b.mlp, where),
+                post_norm=type(b) is EvaBlockPostNorm,
+                ls1=None if gamma_1 is None else _Gamma(gamma_1),
+                ls2=None if gamma_2 is None else _Gamma(gamma_2),
+            ))
+        num_prefix = int(model.num_prefix_tokens)
+        self.final = model.norm
+        self.head = self._readout(model, num_prefix)
+        grid = tuple(int(g) for g in model.patch_embed.grid_size)
+        self.stages = [
+            StageInfo(
+                index=0,
+                parts=parts,
+                layers=list(range(len(parts))),
+                grid=grid,  # type: ignore[arg-type]
+                stride=token_stride(model, grid),  # type: ignore[arg-type]
+                num_heads=parts[0].attn.num_heads,
+                num_prefix=num_prefix,
+                prefix_kinds=prefix_kinds(model, num_prefix),
+            )
+        ]
+
+    @staticmethod
+    def _readout(model: nn.Module, num_prefix: int) -> Readout:
+        name = type(model).__name__
+        if not isinstance(model.head, nn.Linear):
+            raise UnsupportedModelError(
+                f"{name} has no classifier head (num_classes=0, its head is {type(model.head).__name__}), "
+                "so it has no class logits to explain."
+            )
+        if getattr(model, "attn_pool", None) is not None:
+            return attention_pool_readout(model, model.attn_pool, 0)  # EVA pools over every token
+        pool = model.global_pool
+        if pool == "token":
+            if num_prefix == 0:
+                raise UnsupportedModelError(f"{name} reads out a CLS token but has none.")
+            return Readout("cls", model.head, fc_norm=model.fc_norm)
+        if pool == "avg":
+            return Readout("avg", model.head, fc_norm=model.fc_norm, start=num_prefix)
+        raise UnsupportedModelError(
+            f"{name} pools its tokens with global_pool={pool!r}; vitlens explains CLS ('token'), "
+            "average ('avg') and attention-pool ('map') read-outs, not max pooling."
+        )

@@ -1,0 +1,168 @@
+"""Which ``transformers`` classes vitlens explains: build each tiny at random init and check it.
+
+The classes come from the adapters (each :class:`~vitlens.models.hf_common.HFAdapter`
+lists its ``classes``); :func:`check` builds one from a small config (2 blocks per
+stage, 32 px input), captures two images — for image–text models against three
+token-id prompts —, computes all seven maps and runs the LRP pass on a bias-free
+copy to check conservation block by block and through the read-out, as
+:func:`vitlens.models.catalog.check` does for timm names. Used by
+``benchmarks/coverage.py`` for the transformers rows of ``docs/COVERAGE.md``.
+
+Examples
+--------
+>>> from vitlens.models import hf_catalog
+>>> hf_catalog.check("ViTForImageClassification").status
+'explained'
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .catalog import TOLERANCE, Result
+from .registry import adapter_for, adapters
+
+_TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+_IMAGE = dict(image_size=32, patch_size=8)
+
+
+def _config(transformers: Any, name: str) -> Any:
+    if name.startswith("ViT"):
+        return transformers.ViTConfig(**_TOWER, **_IMAGE)
+    if name.startswith("DeiT"):
+        return transformers.DeiTConfig(**_TOWER, **_IMAGE)
+    if name.startswith("Dinov2WithRegisters"):
+        tower = {k: v for k, v in _TOWER.items() if k != "intermediate_size"}
+        return transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **tower, **_IMAGE)
+    if name.startswith("Dinov2"):
+        tower = {k: v for k, v in _TOWER.items() if k != "intermediate_size"}
+        return transformers.Dinov2Config(mlp_ratio=2, **tower, **_IMAGE)
+    if name.startswith("Beit"):
+        return transformers.BeitConfig(use_relative_position_bias=True, **_TOWER, **_IMAGE)
+    if name.startswith("Swinv2"):
+        return transformers.Swinv2Config(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                         window_size=4, mlp_ratio=2.0)
+    if name.startswith("Swin"):
+        return transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                       window_size=4, mlp_ratio=2)
+    text = dict(vocab_size=100, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                **_TOWER)
+    if name == "CLIPModel":
+        return transformers.CLIPConfig(text_config=text, vision_config={**_TOWER, **_IMAGE}, projection_dim=16)
+    if name == "SiglipModel":
+        return transformers.SiglipConfig(text_config=text, vision_config={**_TOWER, **_IMAGE})
+    raise KeyError(name)
+
+
+def classes() -> list[str]:
+    """Every transformers class an adapter explains, in registry order."""
+    from .hf_common import HFAdapter
+
+    return [c for a in adapters() if issubclass(a, HFAdapter) for c in a.classes]
+
+
+def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor | None]:
+    """A tiny random ``name`` (weights drawn wide enough for non-uniform attention) and its prompts."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, name)(_config(transformers, name)).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.3)
+            elif pname.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    model.vitlens_image_processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    text = None
+    if getattr(adapter_for(model), "needs_text", False):
+        text = torch.randint(3, 100, (3, 6), generator=torch.Generator().manual_seed(seed))
+    return model, text
+
+
+def _bias_free(model: nn.Module) -> nn.Module:
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for mod in m.modules():
+            for attr in ("bias", "in_proj_bias", "relative_position_bias_table"):
+                p = getattr(mod, attr, None)
+                if isinstance(p, nn.Parameter) and (attr != "bias" or isinstance(mod, (nn.Linear, nn.MultiheadAttention))):
+                    p.zero_()
+        for mod in m.modules():
+            cpb = getattr(mod, "continuous_position_bias_mlp", None)
+            if cpb is not None:  # Swinv2: 16·sigmoid(−100) ≈ 0
+                cpb[0].weight.zero_()
+                cpb[0].bias.fill_(1.0)
+                cpb[2].weight.fill_(-100.0 / cpb[2].weight.shape[1])
+    return m
+
+
+def conservation_leak(model: nn.Module, text: torch.Tensor | None, x: torch.Tensor) -> float:
+    """Largest relative relevance leak over blocks and the read-out, on a bias-free copy."""
+    from ..capture.hooks import Recorder
+    from ..capture.relevance import attention_relevance
+    from ..capture.text import bind_text
+
+    ad = bind_text(adapter_for(_bias_free(model)), text)
+    with Recorder(ad, keep_block_inputs=True) as rec:
+        target = ad.logits(x).argmax(-1)
+        attention_relevance(ad, rec, target, to_input=True)
+    with torch.no_grad():
+        onehot = torch.nn.functional.one_hot(target, ad.num_classes).float()
+        head = ad.head.relevance(ad.tokens(rec.final_output), onehot).reshape(x.shape[0], -1).sum(1)  # type: ignore[union-attr]
+    leaks = [float((head - 1).abs().max())]
+    for r_in, r_out in rec.relevance_totals.values():
+        leaks.append(float((r_in - r_out).abs().max() / r_out.abs().max().clamp_min(1e-12)))
+    return max(leaks)
+
+
+def check(name: str, seed: int = 0) -> Result:
+    """Build ``name`` tiny at random init and check capture, all seven maps and LRP conservation."""
+    import vitlens as vl
+
+    t0 = time.perf_counter()
+    try:
+        model, text = build(name, seed)
+        images = np.random.default_rng(seed).random((2, 32, 32, 3)).astype(np.float32)
+        cap = vl.capture(model, images, text=text)
+        maps = vl.explain(cap, "all", per_layer=False)
+        bad = [m for m in vl.METHODS if not np.isfinite(maps[m].values).all()]
+        if bad:
+            return Result(name, "transformers", "failed", f"non-finite maps: {bad}", seconds=time.perf_counter() - t0)
+        leak = conservation_leak(model, text, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
+        status = "explained" if leak <= TOLERANCE else "failed"
+        reason = "" if status == "explained" else f"LRP relevance not conserved (relative leak {leak:.2e})"
+        return Result(name, "transformers", status, reason, leak=leak, config=cap.attrs["family"],
+                      seconds=time.perf_counter() - t0)
+    except UnsupportedModelError as exc:
+        return Result(name, "transformers", "refused", str(exc), seconds=time.perf_counter() - t0)
+    except Exception as exc:
+        return Result(name, "transformers", "failed", f"{type(exc).__name__}: {exc}"[:300],
+                      seconds=time.perf_counter() - t0)
+
+
+def section() -> str:
+    """The transformers rows of ``docs/COVERAGE.md`` (Markdown), or a line saying why there are none."""
+    try:
+        import transformers
+    except ImportError:
+        return "\n## transformers classes\n\nNot checked: transformers is not installed (`pip install \"vitlens[hf]\"`).\n"
+    results = [check(name) for name in classes()]
+    ok = sum(r.status == "explained" for r in results)
+    lines = ["", "## transformers classes", "",
+             f"Generated the same way by `vitlens.models.hf_catalog` (transformers {transformers.__version__}): "
+             "each class every transformers adapter lists, built from a tiny config (2 blocks per stage, 32 px), "
+             "random init; image-text models against three token-id prompts. "
+             f"**{ok} of {len(results)} classes explained.**", "",
+             "| class | family | status | LRP leak | reason |", "|---|---|---|---:|---|"]
+    for r in results:
+        reason = r.reason.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{r.name}` | {r.config or '-'} | {r.status} | {r.leak:.1e} | {reason} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,153 @@
+"""Adapters for ``transformers``' plain ViTs: ViT, DeiT (with teacher), DINOv2 (with registers).
+
+All are pre-norm blocks over ``[prefix tokens, patch grid row-major]`` with split
+q/k/v projections; they differ in module names, prefix tokens, LayerScale,
+MLP kind and head:
+
+======================================  ===================  ============================
+class                                   prefix tokens        read-out
+======================================  ===================  ============================
+``ViTForImageClassification``           cls                  CLS (after the final norm)
+``DeiTForImageClassification``          cls, dist            CLS
+``DeiTForImageClassificationWithTeacher`` cls, dist          mean of the CLS and dist heads
+``Dinov2ForImageClassification``        cls                  ``[CLS, mean of patches]``
+``Dinov2WithRegistersForImageClassification`` cls, registers  ``[CLS, mean of patches]``
+======================================  ===================  ============================
+
+DINOv2's head reads a concatenation of the CLS token and the patch mean
+(:class:`ConcatReadout`). It is recorded as a ``"cls"`` read-out, so the
+attention-based methods read the CLS row; gradients, Grad-CAM and the LRP pass
+(whose head rule splits the relevance between the two halves exactly) see the
+whole head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .adapter import StageInfo
+from .hf_common import HFAdapter, layer_scale, mlp_part, split_attention
+from .lrp_rules import linear_alphabeta, mean_lrp0
+from .parts import BlockPart, Readout
+from .registry import register_adapter
+
+#: class name -> (backbone attribute, layers path inside the backbone, names of norm1/attention/norm2, layer scales)
+_LAYOUTS = {
+    "ViTForImageClassification": ("vit", "layers", ("layernorm_before", "attention", "layernorm_after"), None),
+    "DeiTForImageClassification": ("deit", "layers", ("layernorm_before", "attention", "layernorm_after"), None),
+    "DeiTForImageClassificationWithTeacher": ("deit", "layers", ("layernorm_before", "attention", "layernorm_after"), None),
+    "Dinov2ForImageClassification": ("dinov2", "encoder.layer", ("norm1", "attention", "norm2"), ("layer_scale1", "layer_scale2")),
+    "Dinov2WithRegistersForImageClassification": ("dinov2_with_registers", "encoder.layer", ("norm1", "attention", "norm2"),
+                                                  ("layer_scale1", "layer_scale2")),
+}
+
+
+@dataclass
+class ConcatReadout(Readout):
+    """``head([fc_norm(x_cls), mean of tokens start..N])`` (DINOv2's classifier).
+
+    LRP rule: αβ through ``head`` over the concatenation; the CLS half goes to
+    the CLS token, the mean half to the patch tokens by LRP-0 through the mean.
+    """
+
+    def relevance(self, tokens: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        c = tokens.shape[-1]
+        x = tokens[:, self.start:]
+        joined = torch.cat([tokens[:, 0], x.mean(1)], -1)
+        r_joined = linear_alphabeta(joined, self.head.weight, onehot)
+        r = torch.zeros_like(tokens)
+        r[:, 0] = r_joined[:, :c]
+        r[:, self.start:] = mean_lrp0(x, r_joined[:, c:], dim=1)
+        return r
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
+@register_adapter
+class HFViTAdapter(HFAdapter):
+    """``transformers`` ViT, DeiT and DINOv2 image classifiers."""
+
+    family = "hf_vit"
+    classes = tuple(_LAYOUTS)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        name = type(model).__name__
+        backbone_name, layers_path, (n1, att, n2), scales = _LAYOUTS[name]
+        backbone = getattr(model, backbone_name)
+        try:
+            layers = list(_get(backbone, layers_path))
+        except AttributeError:
+            import transformers
+
+            raise UnsupportedModelError(
+                f"{name}: no {backbone_name}.{layers_path}; vitlens explains the module layout of "
+                f"transformers >= 5 (installed: {transformers.__version__}); upgrade transformers."
+            ) from None
+        if not layers:
+            raise UnsupportedModelError(f"{name} has no transformer layers.")
+        parts = []
+        for i, layer in enumerate(layers):
+            where = f"{name} layer {i}"
+            parts.append(BlockPart(
+                module=layer,
+                norm1=getattr(layer, n1),
+                attn=split_attention(getattr(layer, att), where),
+                norm2=getattr(layer, n2),
+                mlp=mlp_part(layer.mlp, where),
+                ls1=layer_scale(getattr(layer, scales[0])) if scales else None,
+                ls2=layer_scale(getattr(layer, scales[1])) if scales else None,
+            ))
+        cfg = model.config
+        emb = backbone.embeddings
+        kinds = ["cls"]
+        if getattr(emb, "distillation_token", None) is not None:
+            kinds.append("dist")
+        kinds += ["register"] * int(getattr(cfg, "num_register_tokens", 0) or 0)
+        self.final = backbone.layernorm
+        self.head = self._readout(model, len(kinds))
+        h, w = self.input_size
+        p = cfg.patch_size
+        patch = (int(p[0]), int(p[1])) if isinstance(p, (list, tuple)) else (int(p), int(p))
+        if h % patch[0] or w % patch[1]:
+            raise UnsupportedModelError(f"{name}: {h}x{w} inputs are not tiled by {patch[0]}x{patch[1]} patches.")
+        self.stages = [StageInfo(
+            index=0,
+            parts=parts,
+            layers=list(range(len(parts))),
+            grid=(h // patch[0], w // patch[1]),
+            stride=patch,
+            num_heads=parts[0].attn.num_heads,
+            num_prefix=len(kinds),
+            prefix_kinds=kinds,
+        )]
+
+    @staticmethod
+    def _readout(model: nn.Module, num_prefix: int) -> Readout:
+        name = type(model).__name__
+        if name == "DeiTForImageClassificationWithTeacher":
+            head, dist = model.cls_classifier, model.distillation_classifier
+            if not (isinstance(head, nn.Linear) and isinstance(dist, nn.Linear)):
+                raise UnsupportedModelError(f"{name} has no classifier heads (num_labels=0).")
+            return Readout("cls", head, head_dist=dist)
+        head = model.classifier
+        if not isinstance(head, nn.Linear):
+            raise UnsupportedModelError(
+                f"{name} has no classifier head (num_labels=0); vitlens explains class logits: "
+                "load it with num_classes=..."
+            )
+        if name.startswith("Dinov2"):
+            return ConcatReadout("cls", head, start=num_prefix)
+        return Readout("cls", head)
+
+    @property
+    def distilled(self) -> bool:
+        return type(self.model).__name__ == "DeiTForImageClassificationWithTeacher"

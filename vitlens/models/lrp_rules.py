@@ -1,0 +1,113 @@
+"""LRP rules as pure tensor functions: Chefer, Gur & Wolf (CVPR 2021) and their extensions.
+
+These are the primitive rules the model parts of :mod:`vitlens.models.parts` apply
+(each part's rule is defined next to the part); the walk over a model lives in
+:mod:`vitlens.capture.relevance`. Every rule conserves relevance: what enters a rule
+sums (per image) to what leaves it, up to the safe-division leak where a
+denominator is exactly zero. ``vitlens.methods.lrp`` re-exports this module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-9
+
+
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` with ``|den|`` clamped to at least 1e-9 and 0 where ``den == 0``."""
+    out = num / den.abs().clamp_min_(EPS).copysign_(den)  # in place on the abs() copy
+    return out.masked_fill_(den == 0, 0.0)
+
+
+def linear_alphabeta(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    relevance: torch.Tensor,
+    out: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """αβ rule with α=1, β=0 for ``y = x Wᵀ (+ b)``; the bias takes no relevance.
+
+    ``Z = W⁺x⁺ + W⁻x⁻``; ``R_in = x⁺⊙W⁺ᵀ(R/Z) + x⁻⊙W⁻ᵀ(R/Z)``.
+
+    Computed with the identities ``W⁺x⁺ + W⁻x⁻ = (Wx + |W||x|)/2`` and
+    ``x⁺⊙W⁺ᵀS + x⁻⊙W⁻ᵀS = (x⊙WᵀS + |x|⊙|W|ᵀS)/2`` (the two halves cancel).
+    Pass the layer's recorded output ``out`` (and its ``bias``) to save the
+    forward matmul. ``S = R/Z`` where ``Z > 0`` and 0 elsewhere: ``Z ≥ 0`` (up to
+    rounding), and a ``Z = 0`` has only zero terms, so nothing is lost there.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[1.0, -2.0]])
+    >>> w = torch.tensor([[1.0, 1.0], [2.0, -1.0], [-1.0, 0.5]])
+    >>> linear_alphabeta(x, w, torch.tensor([[1.0, 1.0, 1.0]]))
+    tensor([[1.5000, 0.5000]])
+    """
+    w_abs = weight.abs()
+    x_abs = x.abs()
+    z = x_abs @ w_abs.T
+    if out is None:
+        z.add_(x @ weight.T)
+    else:
+        z.add_(out)
+        if bias is not None:
+            z.sub_(bias)
+    # z = 2·(W⁺x⁺ + W⁻x⁻); R/0 is ±inf or nan, set to 0 in the same pass
+    s = torch.div(relevance, z.clamp_min_(0.0), out=z).nan_to_num_(0.0, 0.0, 0.0)
+    return (s @ weight).mul_(x).addcmul_(x_abs, s @ w_abs)
+
+
+def matmul_lrp0(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor, z: torch.Tensor | None = None):
+    """LRP-0 for the bilinear ``Z = a @ b``, each operand's share halved.
+
+    ``z`` may be given when the product feeds an addition of constants (Swin's
+    relative-position bias and shift mask): the relevance those constants would
+    take is then dropped (a documented leak).
+    Returns ``(R_a, R_b)``.
+    """
+    s = safe_div(relevance, a @ b if z is None else z)
+    r_a = (s @ b.transpose(-2, -1)).mul_(a).mul_(0.5)
+    r_b = (a.transpose(-2, -1) @ s).mul_(b).mul_(0.5)
+    return r_a, r_b
+
+
+def _per_image_sum(r: torch.Tensor) -> torch.Tensor:
+    return r.reshape(r.shape[0], -1).sum(1).reshape(-1, *([1] * (r.ndim - 1)))
+
+
+def residual_add(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relevance of ``out = a + b``: LRP-0 shares, rescaled per image.
+
+    Each branch keeps its share of ``|Σ|`` and together they conserve the
+    incoming total of *each image* (images of a batch never mix).
+    """
+    s = safe_div(relevance, a + b)
+    r_a, r_b = a * s, b * s
+    sa, sb, total = _per_image_sum(r_a), _per_image_sum(r_b), _per_image_sum(relevance)
+    frac_a = safe_div(sa.abs(), sa.abs() + sb.abs())
+    frac_b = safe_div(sb.abs(), sa.abs() + sb.abs())
+    return r_a.mul_(safe_div(frac_a * total, sa)), r_b.mul_(safe_div(frac_b * total, sb))
+
+
+def mean_lrp0(x: torch.Tensor, relevance: torch.Tensor, dim: int) -> torch.Tensor:
+    """LRP-0 through a mean over ``dim`` (global average pooling)."""
+    z = x.mean(dim, keepdim=True)
+    return (x / x.shape[dim]) * safe_div(relevance.unsqueeze(dim), z)
+
+
+def product_half(relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise product ``z = a ⊙ b`` (a GLU gate times its value): each factor gets half.
+
+    LRP-0 for a bilinear product gives each factor ``a·b·R/z / 2 = R/2`` wherever
+    ``z ≠ 0`` (and nothing is lost where ``z = 0``: the product then carries no
+    relevance in a conserving pass either, since its output is 0). This is the rule
+    :func:`matmul_lrp0` applies to ``Q·Kᵀ`` and ``A·V``, for one element.
+
+    Examples
+    --------
+    >>> product_half(torch.tensor([2.0, -1.0]))
+    (tensor([ 1.0000, -0.5000]), tensor([ 1.0000, -0.5000]))
+    """
+    half = relevance * 0.5
+    return half, half.clone()

@@ -1,0 +1,329 @@
+"""What every vitlens widget shares: its capture, linkable traits, class choice, overlays and export.
+
+:class:`CaptureView` holds the state as *traitlets* (``sample``, ``layer``,
+``opacity``, ``smooth``; the attention views add ``query`` and ``heads``), so
+that two widgets follow each other with plain ``traitlets.link`` (see
+:func:`link`). The controls a widget shows are linked to these traits too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+import numpy as np
+import traitlets
+import xarray as xr
+
+from ..errors import OptionError
+from .controls import class_label, top_classes
+from .export import ExportControls
+from .figure import heatmap_trace, image_trace, image_uri, zsmooth
+from .layout import CaptureLayout, Query, capture_layout, check_view, checked_query
+from .panels import PanelMaps
+
+#: Traits two views of one capture can share (each widget links those both have).
+LINKABLE = ("sample", "layer", "query", "heads")
+
+
+def link(a: traitlets.HasTraits, b: traitlets.HasTraits, traits: Sequence[str] | None = None) -> list[traitlets.link]:
+    """Link two widgets of the same capture: ``traitlets.link`` on every shared trait.
+
+    By default the traits both widgets have among ``sample``, ``layer``, ``query``
+    and ``heads``; ``b`` takes ``a``'s values first. Returns the links
+    (``l.unlink()`` undoes one).
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.random.default_rng(0).random((1, 32, 32, 3)))
+    >>> ex, grid = vl.Explorer(cap), vl.HeadGrid(cap)
+    >>> links = vl.widgets.link(ex, grid)
+    >>> ex.layer = 1
+    >>> grid.layer
+    1
+    """
+    if getattr(a, "cap", None) is not getattr(b, "cap", None):
+        raise OptionError("link widgets of the same capture (make both from one cap).")
+    names = [t for t in (traits or LINKABLE) if a.has_trait(t) and b.has_trait(t)]
+    if traits is not None and len(names) != len(traits):
+        missing = sorted(set(traits) - set(names))
+        raise OptionError(f"cannot link {missing}: not a trait of both widgets (shared: {names}).")
+    return [traitlets.link((a, t), (b, t)) for t in names]
+
+
+def export_title(title: str) -> str:
+    r"""A panel title for a static figure: its details on a second line, so neighbours do not overlap.
+
+    Examples
+    --------
+    >>> export_title("attention · block 3 · CLS"), export_title("attention<br>block 3 · CLS")
+    ('attention · block 3\nCLS', 'attention · block 3\nCLS')
+    """
+    parts = str(title).replace("<br>", " · ").split(" · ")
+    return " · ".join(parts[:2]) + ("\n" + " · ".join(parts[2:]) if len(parts) > 2 else "")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
+
+
+class ClassChoice:
+    """The class a widget explains, per sample, and the recaptures another class needs.
+
+    A class other than the captured target needs the model: that sample is
+    captured again with ``target=class`` (once; kept in a small cache).
+    """
+
+    def __init__(self, cap: xr.DataTree, model: Any, *, description: str = "Class", css: str = "vitlens-class") -> None:
+        self.cap = cap
+        self.model = model
+        self.names = [str(n) for n in cap["class_name"].values]
+        self.targets = {s: int(t) for s, t in enumerate(np.asarray(cap["target"].values))}
+        self.recaptures = PanelMaps(size=4)
+        self.dropdown = widgets.Dropdown(description=description, layout=widgets.Layout(width="250px"))
+        self.dropdown.add_class(css)
+        self.status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
+        if model is None:
+            self.dropdown.disabled = True
+            self.dropdown.tooltip = ("Explaining another class needs the model: pass it as the second argument, "
+                                     "e.g. vl.Explorer(cap, model). Class-agnostic panels do not depend on it.")
+        else:
+            self.dropdown.tooltip = "Explain another class (recaptures this sample once with target=class)"
+
+    def options(self, sample: int, current: int) -> list[tuple[str, int]]:
+        """The top-5 classes of ``sample``, plus ``current`` if it is not among them."""
+        options = [(class_label(n, p), c) for c, n, p in top_classes(self.cap, sample, 5)]
+        if current not in [c for _, c in options]:
+            options.append((f"{self.names[current]} (target)", current))
+        return options
+
+    def probability(self, sample: int, c: int) -> float:
+        return float(softmax(self.cap["logits"].isel(sample=sample).values)[c])
+
+    def source(self, sample: int, c: int) -> tuple[xr.DataTree, int, Any]:
+        """The capture explaining class ``c`` of ``sample``, its sample index there, and a cache key."""
+        if c == int(self.cap["target"].values[sample]):
+            return self.cap, sample, "capture"
+        if self.model is None:
+            raise OptionError("explaining another class needs the model: pass it, e.g. vl.Explorer(cap, model).")
+        key = (sample, c)
+        return self.recaptures.get(key, lambda: self._recapture(sample, c)), 0, key
+
+    def _recapture(self, sample: int, c: int) -> xr.DataTree:
+        import torch
+
+        from ..capture import capture
+
+        self.status.value = f"capturing sample {sample} again to explain {self.names[c]!r}…"
+        try:
+            options = json.loads(self.cap.attrs.get("options", "{}"))
+            image = np.asarray(self.cap["image"].isel(sample=[sample]).values, dtype=np.float32)
+            ids = json.loads(self.cap.attrs.get("text_input_ids", "[]"))  # image-text models: the same prompts
+            text = {"text": torch.tensor(ids)} if ids else {}
+            return capture(self.model, image, target=c, keep=options.get("keep", "all"),
+                           grads=options.get("grads", True), progress=False, **text)
+        finally:
+            self.status.value = ""
+
+
+class CaptureView(widgets.VBox):
+    """Base of the vitlens widgets: one capture, linkable traits, overlay panels, export.
+
+    Subclasses build ``self.figure`` with :func:`~vitlens.widgets.figure.overlay_figure`
+    (``self.num_panels`` panels, images under heatmaps), keep their view in
+    :meth:`refresh`, and describe it for export in :meth:`export_panels`.
+    """
+
+    sample = traitlets.Int(0)
+    layer = traitlets.Int(0)
+    opacity = traitlets.Float(0.6)
+    smooth = traitlets.Bool(False)
+    #: Incremented after every update of the view.
+    version = traitlets.Int(0)
+
+    num_panels = 0
+    show_image = True
+    export_name = "vitlens-view.png"
+
+    def _init_capture(self, cap: xr.DataTree, layer: int | None, sample: int) -> int:
+        self.cap = cap
+        self.layout_info: CaptureLayout = capture_layout(cap)
+        layer = check_view(self.layout_info, cap, layer, sample)
+        self.class_names = [str(n) for n in cap["class_name"].values]
+        self.num_samples = int(cap["sample"].size)
+        return layer
+
+    @traitlets.validate("layer")
+    def _valid_layer(self, proposal: Any) -> int:
+        layer = int(proposal["value"])
+        self.layout_info.stage_of(layer)  # OptionError naming the layers there are
+        return layer
+
+    @traitlets.validate("sample")
+    def _valid_sample(self, proposal: Any) -> int:
+        sample = int(proposal["value"])
+        if not 0 <= sample < self.num_samples:
+            raise OptionError(f"sample={sample}: this capture has samples 0..{self.num_samples - 1}.")
+        return sample
+
+    @traitlets.validate("opacity")
+    def _valid_opacity(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if not 0.0 <= value <= 1.0:
+            raise OptionError(f"opacity={value}: choose a value in [0, 1].")
+        return value
+
+    def link(self, other: traitlets.HasTraits, traits: Sequence[str] | None = None) -> list[traitlets.link]:
+        """Follow ``other`` (same capture): :func:`link` on the shared traits; this widget takes its values."""
+        self._links = link(other, self, traits)
+        return self._links
+
+    def unlink(self) -> None:
+        """Undo :meth:`link` (the widget keeps its current view)."""
+        for l in getattr(self, "_links", []):
+            l.unlink()
+        self._links = []
+
+    # -- trace indexing -------------------------------------------------------------------
+    def heatmap_trace(self, panel: int) -> int:
+        """Index in ``figure.data`` of panel ``panel``'s heatmap (its image is the trace before)."""
+        return heatmap_trace(panel, self.show_image)
+
+    def heatmaps(self, figure: Any = None) -> list[Any]:
+        fig = self.figure if figure is None else figure
+        return [fig.data[self.heatmap_trace(i)] for i in range(self.num_panels)]
+
+    # -- the image, opacity and smoothing of every panel ------------------------------------
+    def image(self, sample: int | None = None) -> np.ndarray:
+        """The input image ``(H, W, 3)`` in [0, 1] of ``sample`` (default: the current one)."""
+        s = self.sample if sample is None else sample
+        return np.asarray(self.cap["image"].isel(sample=s).values, dtype=np.float32)
+
+    def _show_image(self, figures: Iterable[Any]) -> None:
+        uri = image_uri(self.image())
+        for fig in figures:
+            with fig.batch_update():
+                for i in range(self._panels_in(fig)):
+                    fig.data[image_trace(i)].source = uri
+
+    def _style_heatmaps(self, figures: Iterable[Any]) -> None:
+        for fig in figures:
+            with fig.batch_update():
+                for i in range(self._panels_in(fig)):
+                    trace = fig.data[self.heatmap_trace(i)]
+                    trace.opacity = self._opacity_of(i, fig)
+                    trace.zsmooth = zsmooth(self.smooth)
+
+    def _panels_in(self, fig: Any) -> int:
+        return self.num_panels
+
+    def _opacity_of(self, panel: int, fig: Any) -> float:
+        return self.opacity
+
+    # -- controls linked to the traits ---------------------------------------------------------
+    def _link_control(self, control: widgets.Widget, trait: str) -> None:
+        widgets.link((self, trait), (control, "value"))
+
+    def _smooth_toggle(self) -> widgets.Checkbox:
+        box = widgets.Checkbox(value=self.smooth, description="smooth", indent=False,
+                               tooltip="bilinear overlay instead of one block per token",
+                               layout=widgets.Layout(width="auto", margin="0 8px"))
+        box.add_class("vitlens-smooth")
+        self._link_control(box, "smooth")
+        return box
+
+    # -- export --------------------------------------------------------------------------------
+    def _export_controls(self, export_dir: str | os.PathLike | None) -> ExportControls:
+        self.exporter = ExportControls(self.save, export_dir, self.export_name)
+        self.filename = self.exporter.filename
+        self.export_button = self.exporter.button
+        self.export_status = self.exporter.status
+        return self.exporter
+
+    @property
+    def export_dir(self) -> Path:
+        """Where the "Save as" box writes (set in code: ``export_dir=`` or this attribute)."""
+        return self.exporter.directory
+
+    @export_dir.setter
+    def export_dir(self, value: str | os.PathLike) -> None:
+        self.exporter.directory = Path(value)
+
+    def context(self) -> str:
+        """Model, sample, class and probability of the current view (the export's title)."""
+        model = str(self.cap.attrs.get("model", "model"))
+        c, name, p = top_classes(self.cap, self.sample, 1)[0]
+        return f"{model} · sample {self.sample} · predicted {name!r} (p = {p:.2f})"
+
+    def export_panels(self) -> list[dict]:
+        """The current view as :func:`vitlens.figures.render_panels` panels."""
+        raise NotImplementedError
+
+    def export_figure(self, **options: Any) -> Any:
+        """The current view as a static matplotlib figure (no browser), titled with :meth:`context`."""
+        from ..figures import render_panels
+
+        return render_panels(self.export_panels(), suptitle=self.context(), **options)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the current view to ``path`` (``.png``, ``.svg`` or ``.pdf``; matplotlib, no browser).
+
+        From Python any path works; the "Save as" box only writes into ``export_dir``.
+
+        Examples
+        --------
+        >>> widget.save("view.pdf")  # doctest: +SKIP
+        PosixPath('view.pdf')
+        """
+        import matplotlib.pyplot as plt
+
+        from ..figures import save
+
+        fig = self.export_figure()
+        try:
+            return save(fig, path)
+        finally:
+            plt.close(fig)
+
+    def _overlay_panel(self, z: Any, title: str) -> dict:
+        return {"image": self.image(), "overlay": np.asarray(z, dtype=np.float32), "title": export_title(title),
+                "cmap": "inferno", "vmin": 0.0, "vmax": 1.0, "alpha": float(self.opacity), "smooth": bool(self.smooth)}
+
+
+class AttentionView(CaptureView):
+    """A view of attention, with the query token and the selected heads as linkable traits."""
+
+    #: The query patch ``(row, col)`` on the first-stage grid, or ``None`` for CLS.
+    query = traitlets.Any(None, allow_none=True)
+    #: Selected heads per stage index, ``{stage: (head, ...)}``.
+    heads = traitlets.Dict()
+
+    @traitlets.validate("query")
+    def _valid_query(self, proposal: Any) -> Query:
+        return checked_query(self.layout_info, proposal["value"])
+
+    @traitlets.validate("heads")
+    def _valid_heads(self, proposal: Any) -> dict[int, tuple[int, ...]]:
+        from .layout import parse_heads
+
+        value = dict(proposal["value"])
+        for s in self.layout_info.stages:
+            value.setdefault(s.index, tuple(range(s.num_heads)))
+        return {k: tuple(sorted(v)) for k, v in parse_heads(self.layout_info, value).items()}
+
+    def head_choice(self) -> dict[int, frozenset[int]]:
+        return {int(s): frozenset(h) for s, h in self.heads.items()}
+
+    @property
+    def selected_heads(self) -> dict[int, list[int]]:
+        """Selected heads per stage index."""
+        return {s: sorted(h) for s, h in self.heads.items()}
+

@@ -1,0 +1,74 @@
+// vitlens: plotly's FigureWidget module, shipped to the page once (see vitlens/widgets/figure.py).
+// Python fills in the two placeholders: the bundle's hash, and the bundle itself as a JSON string
+// (in the first figure of a kernel only; every other figure carries null).
+const KEY = Symbol.for("vitlens.plotly-widget.__KEY__");
+const SOURCE = __SOURCE__;
+
+// One record per page and bundle: a promise of plotly's module, resolved once some figure provides it.
+function shared() {
+  if (!globalThis[KEY]) {
+    let resolve;
+    const promise = new Promise((r) => { resolve = r; });
+    globalThis[KEY] = { promise, resolve, started: false, requested: false };
+  }
+  return globalThis[KEY];
+}
+
+function provide(source) {
+  const s = shared();
+  if (s.started) return;
+  s.started = true;
+  const url = URL.createObjectURL(new Blob([source], { type: "text/javascript" }));
+  s.resolve(import(url).finally(() => URL.revokeObjectURL(url)));
+}
+
+// No figure on this page carries the bundle (e.g. the page was reloaded): ask the kernel for it,
+// once; it answers with the bundle as a binary buffer.
+function request(model) {
+  const s = shared();
+  if (s.started || s.requested) return;
+  s.requested = true;
+  model.on("msg:custom", (msg, buffers) => {
+    if (msg && msg.vitlens === "bundle" && buffers && buffers.length) {
+      const data = buffers[0].buffer ? buffers[0] : new Uint8Array(buffers[0]);
+      provide(new TextDecoder().decode(data));
+    }
+  });
+  model.send({ vitlens: "bundle" });
+}
+
+export default () => {
+  if (SOURCE !== null) provide(SOURCE);
+  const widget = shared().promise.then((mod) => (typeof mod.default === "function" ? mod.default() : mod.default));
+  let initialized = Promise.resolve();
+  return {
+    initialize(context) {
+      if (SOURCE === null) {
+        setTimeout(() => { if (!shared().started) request(context.model); }, 300);
+      }
+      initialized = widget.then((w) => (w.initialize && !context.signal?.aborted ? w.initialize(context) : undefined));
+      return () => initialized.then((cleanup) => (typeof cleanup === "function" ? cleanup() : undefined));
+    },
+    async render(context) {
+      const el = context.el;
+      el.style.width = "100%"; // fill the output area; plotly (autosize) takes this width
+      el.style.minWidth = "0";
+      const w = await widget;
+      await initialized;
+      // A view replaced while the bundle loaded must not draw: its clean-up would
+      // then clear the element its successor draws into.
+      if (context.signal?.aborted || !w.render) return undefined;
+      const cleanup = await w.render(context);
+      // Follow the output area's width (a side panel opened, the window resized, the
+      // view attached after it was drawn): plotly's own responsive handler re-measures.
+      const observer = new ResizeObserver(() => {
+        if (el._responsiveChartHandler) el._responsiveChartHandler();
+      });
+      observer.observe(el);
+      return () => {
+        observer.disconnect();
+        if (typeof cleanup === "function") cleanup();
+      };
+    },
+  };
+};
