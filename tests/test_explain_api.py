@@ -45,7 +45,7 @@ def test_class_specific_methods_on_another_class_say_exactly_what_to_call(model,
     with pytest.raises(vl.TargetError, match=r"tokentm is class-specific.*vl\.capture\(model, cap\['image'\], "
                                              r"target='ring'\)"):
         vl.explain(cap, "tokentm", target="ring")
-    with pytest.raises(vl.TargetError, match="gradcam, transformer_attribution, generic_attention, tokentm"):
+    with pytest.raises(vl.TargetError, match="gradcam, transformer_attribution, generic_attention, lnstat, tokentm"):
         vl.explain(cap, "all", target="ring")
     with pytest.raises(vl.TargetError, match="unknown class name"):
         vl.explain(cap, "rollout", target="rings")

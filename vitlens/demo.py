@@ -135,10 +135,3 @@ def main(argv: Sequence[str] = ()) -> int:
     for path in written:
         print(f"  {path.name}")
     return 0
-
-
-def _takes_overwrite(func) -> bool:
-    """Whether ``vl.save`` asks for ``overwrite=True`` to replace a file (the demo rewrites its own)."""
-    import inspect
-
-    return "overwrite" in inspect.signature(func).parameters

@@ -70,17 +70,6 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
     return unique
 
 
-def save_capture(cap, path: Path, overwrite: bool) -> Path:
-    """``vl.save`` that replaces an existing capture only when asked to."""
-    import inspect
-
-    import vitlens as vl
-
-    if "overwrite" in inspect.signature(vl.save).parameters:
-        return vl.save(cap, path, overwrite=overwrite)
-    return vl.save(cap, path)
-
-
 def _load(args: argparse.Namespace):
     import vitlens as vl
 
@@ -159,7 +148,7 @@ def main(argv: Sequence[str]) -> int:
         for kind, pixels in pictures.items():
             _write_png(_readable(Image.fromarray(pixels), args.size), out / f"{stems[i]}_{kind}.png")
             written += 1
-    saved = save_capture(cap, capture_path, args.overwrite)
+    saved = vl.save(cap, capture_path, overwrite=args.overwrite)
     print(f"wrote {written} PNG files ({len(paths)} images x {len(methods) + 1}) and {saved.name} to {out}/")
     return 0
 

@@ -35,22 +35,14 @@ import numpy as np
 import xarray as xr
 
 from .errors import ExportError, OptionError
-from .methods import METHODS, explain, normalize, to_pixels
+from .methods import METHOD_INFO, METHODS, explain, normalize, to_pixels
 
-__all__ = ["render_panels", "grid", "layers", "plot", "overlay", "colormap", "save", "StaticFigure"]
+__all__ = ["render_panels", "grid", "layers", "plot", "overlay", "colormap", "save"]
 
 DEFAULT_CMAP = "inferno"
 DEFAULT_COLORSCALE = DEFAULT_CMAP  # the old (plotly-era) name, kept for callers
 PANEL_INCHES = 1.9  # one panel's side in a static figure
-TITLES = {  # fallback when the method registry (methods.METHOD_INFO) is not there
-    "attention": "Attention",
-    "rollout": "Rollout",
-    "gradcam": "Grad-CAM",
-    "transformer_attribution": "Transformer Attr.",
-    "generic_attention": "Generic Attention",
-    "lnstat": "LN-statistic",
-    "tokentm": "TokenTM",
-}
+TITLES = {name: info.title for name, info in METHOD_INFO.items()}  # from the method registry
 # fixed metadata: the same figure always writes the same bytes
 _METADATA = {
     "png": {"Software": None},
@@ -60,12 +52,7 @@ _METADATA = {
 
 
 def _title(method: str) -> str:
-    try:
-        from .methods import METHOD_INFO  # the method registry, where it exists
-
-        return METHOD_INFO[method].title
-    except (ImportError, KeyError, AttributeError):
-        return TITLES.get(method, method)
+    return METHOD_INFO[method].title if method in METHOD_INFO else method
 
 
 # -- colour ------------------------------------------------------------------------------
@@ -128,17 +115,14 @@ def _upsample(heat: np.ndarray, shape: tuple[int, int], smooth: bool) -> np.ndar
 
 
 # -- the renderer ------------------------------------------------------------------------
-class StaticFigure:
-    """Marker base; see :func:`render_panels` (kept for ``isinstance`` checks)."""
-
-
 def _figure_class() -> type:
+    """matplotlib's Figure with a PNG repr; made on first use so ``import vitlens`` skips matplotlib."""
     from matplotlib.figure import Figure
 
     global _FIGURE_CLASS
     if _FIGURE_CLASS is None:
 
-        class VitlensFigure(Figure, StaticFigure):
+        class VitlensFigure(Figure):
             """A matplotlib Figure that shows itself as PNG in Jupyter (no pyplot needed)."""
 
             def _repr_png_(self) -> bytes:
@@ -392,8 +376,8 @@ def layers(
     -------
     matplotlib.figure.Figure
     """
-    if method == "gradcam" or method not in METHODS:
-        raise OptionError(f"layers() needs a method with a per-layer form: {[m for m in METHODS if m != 'gradcam']}.")
+    if method not in METHODS or not METHOD_INFO[method].per_layer:
+        raise OptionError(f"layers() needs a method with a per-layer form: {[m for m in METHODS if METHOD_INFO[m].per_layer]}.")
     n = int(cap["sample"].size)
     if not 0 <= sample < n:
         raise OptionError(f"sample {sample} out of range 0..{n - 1}.")

@@ -53,10 +53,8 @@ def explainable(cap: Any) -> Any:
 
 
 def _class_specific(method: str) -> bool:
-    try:
-        from .registry import METHOD_INFO
-    except ImportError:  # before the method registry: the four gradient/LRP methods
-        return method in ("gradcam", "transformer_attribution", "generic_attention", "tokentm")
+    from .registry import METHOD_INFO
+
     return bool(METHOD_INFO[method].class_specific)
 
 
