@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .adapter import Adapter, StageInfo
+from .adapter import Adapter
 from .eva import _Gamma, _qkv_bias
 from .parts import AttentionPart, BlockPart, LinearPart, Readout
 from .registry import register_adapter, timm_class
-from .vit import mlp_part, prefix_kinds, token_stride
+from .vit import mlp_part, require_linear_head, token_grid_stage
 
 is_beit = timm_class("beit", "Beit")
 
@@ -72,11 +72,7 @@ class BeitAdapter(Adapter):
                 ls1=None if b.gamma_1 is None else _Gamma(b.gamma_1),
                 ls2=None if b.gamma_2 is None else _Gamma(b.gamma_2),
             ))
-        if not isinstance(model.head, nn.Linear):
-            raise UnsupportedModelError(
-                f"{name} has no classifier head (num_classes=0, its head is {type(model.head).__name__}), "
-                "so it has no class logits to explain."
-            )
+        require_linear_head(model)
         num_prefix = int(model.num_prefix_tokens)
         pool = model.global_pool
         if pool == "avg":
@@ -86,16 +82,4 @@ class BeitAdapter(Adapter):
         else:
             raise UnsupportedModelError(f"{name} has no pooling (global_pool=''), so no class logits to explain.")
         self.final = model.norm
-        grid = tuple(int(g) for g in model.patch_embed.grid_size)
-        self.stages = [
-            StageInfo(
-                index=0,
-                parts=parts,
-                layers=list(range(len(parts))),
-                grid=grid,  # type: ignore[arg-type]
-                stride=token_stride(model, grid),  # type: ignore[arg-type]
-                num_heads=parts[0].attn.num_heads,
-                num_prefix=num_prefix,
-                prefix_kinds=prefix_kinds(model, num_prefix),
-            )
-        ]
+        self.stages = [token_grid_stage(model, parts)]

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .adapter import Adapter, StageInfo
+from .adapter import Adapter
 from .parts import AttentionPart, BlockPart, LinearPart, Readout
 from .registry import register_adapter, timm_class
-from .vit import attention_pool_readout, mlp_part, prefix_kinds, token_stride
+from .vit import attention_pool_readout, mlp_part, require_linear_head, token_grid_stage
 
 is_eva = timm_class("eva", "Eva")
 
@@ -123,28 +123,12 @@ class EvaAdapter(Adapter):
         num_prefix = int(model.num_prefix_tokens)
         self.final = model.norm
         self.head = self._readout(model, num_prefix)
-        grid = tuple(int(g) for g in model.patch_embed.grid_size)
-        self.stages = [
-            StageInfo(
-                index=0,
-                parts=parts,
-                layers=list(range(len(parts))),
-                grid=grid,  # type: ignore[arg-type]
-                stride=token_stride(model, grid),  # type: ignore[arg-type]
-                num_heads=parts[0].attn.num_heads,
-                num_prefix=num_prefix,
-                prefix_kinds=prefix_kinds(model, num_prefix),
-            )
-        ]
+        self.stages = [token_grid_stage(model, parts)]
 
     @staticmethod
     def _readout(model: nn.Module, num_prefix: int) -> Readout:
         name = type(model).__name__
-        if not isinstance(model.head, nn.Linear):
-            raise UnsupportedModelError(
-                f"{name} has no classifier head (num_classes=0, its head is {type(model.head).__name__}), "
-                "so it has no class logits to explain."
-            )
+        require_linear_head(model)
         if getattr(model, "attn_pool", None) is not None:
             return attention_pool_readout(model, model.attn_pool, 0)  # EVA pools over every token
         pool = model.global_pool

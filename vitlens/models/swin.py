@@ -24,6 +24,33 @@ def swin_bias(attn: nn.Module):
     return bias
 
 
+def window_stage(name: str, s: int, blocks: list[nn.Module], parts: list[BlockPart], first_layer: int,
+                 input_size: tuple[int, int]) -> StageInfo:
+    """Stage ``s`` of a timm Swin (v1 or v2): its token grid, windows and per-block shifts.
+
+    Grids that need padded windows are refused (the methods' window operators tile exactly).
+    """
+    grid = tuple(int(r) for r in blocks[0].input_resolution)
+    window = tuple(int(w) for w in blocks[0].window_size)
+    if grid[0] % window[0] or grid[1] % window[1]:
+        raise UnsupportedModelError(
+            f"{name}: stage {s} grid {grid} is not divisible by its window {window} "
+            "(padded windows are not supported); use an input size whose stage grids "
+            "are multiples of the window size."
+        )
+    img_h, img_w = input_size
+    return StageInfo(
+        index=s,
+        parts=parts,
+        layers=list(range(first_layer, first_layer + len(blocks))),
+        grid=grid,  # type: ignore[arg-type]
+        stride=(img_h // grid[0], img_w // grid[1]),
+        num_heads=parts[0].attn.num_heads,
+        window=window,  # type: ignore[arg-type]
+        shifts=[tuple(int(v) for v in b.shift_size) for b in blocks],  # type: ignore[misc]
+    )
+
+
 @register_adapter
 class SwinAdapter(Adapter):
     """Tokens of a stage are its (rows × cols) grid in row-major order; no prefix tokens.
@@ -52,7 +79,6 @@ class SwinAdapter(Adapter):
                 f"{name} pools with {pool_type!r}; vitlens explains Swin models read out "
                 "by global average pooling (timm's default)."
             )
-        img_h, img_w = self.input_size
         layer = 0
         for s, stage in enumerate(model.layers):
             if not isinstance(stage.downsample, (nn.Identity, PatchMerging)):
@@ -74,26 +100,7 @@ class SwinAdapter(Adapter):
                 if getattr(b, "dynamic_mask", False):
                     raise UnsupportedModelError(f"{name}: dynamic shift masks are not supported.")
             parts = [self._block(b) for b in blocks]
-            grid = tuple(int(r) for r in blocks[0].input_resolution)
-            window = tuple(int(w) for w in blocks[0].window_size)
-            if grid[0] % window[0] or grid[1] % window[1]:
-                raise UnsupportedModelError(
-                    f"{name}: stage {s} grid {grid} is not divisible by its window {window} "
-                    "(padded windows are not supported); use an input size whose stage grids "
-                    "are multiples of the window size."
-                )
-            self.stages.append(
-                StageInfo(
-                    index=s,
-                    parts=parts,
-                    layers=list(range(layer, layer + len(blocks))),
-                    grid=grid,  # type: ignore[arg-type]
-                    stride=(img_h // grid[0], img_w // grid[1]),
-                    num_heads=blocks[0].attn.num_heads,
-                    window=window,  # type: ignore[arg-type]
-                    shifts=[tuple(int(v) for v in b.shift_size) for b in blocks],  # type: ignore[misc]
-                )
-            )
+            self.stages.append(window_stage(name, s, blocks, parts, layer, self.input_size))
             layer += len(blocks)
 
         self.final = model.norm

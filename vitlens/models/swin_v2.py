@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .adapter import Adapter, StageInfo
+from .adapter import Adapter
 from .parts import AttentionPart, BlockPart, LinearPart, MergePart, Readout
 from .registry import register_adapter, timm_class
+from .swin import window_stage
 from .vit import mlp_part
 
 is_swin_v2 = timm_class("swin_transformer_v2", "SwinTransformerV2")
@@ -107,27 +108,7 @@ class SwinV2Adapter(Adapter):
                 )
                 parts.append(BlockPart(module=b, norm1=b.norm1, attn=attn, norm2=b.norm2,
                                        mlp=mlp_part(b.mlp, f"{name} stage {s}"), post_norm=True))
-            grid = tuple(int(r) for r in blocks[0].input_resolution)
-            window = tuple(int(w) for w in blocks[0].window_size)
-            if grid[0] % window[0] or grid[1] % window[1]:
-                raise UnsupportedModelError(
-                    f"{name}: stage {s} grid {grid} is not divisible by its window {window} "
-                    "(padded windows are not supported); use an input size whose stage grids "
-                    "are multiples of the window size."
-                )
-            img_h, img_w = self.input_size
-            self.stages.append(
-                StageInfo(
-                    index=s,
-                    parts=parts,
-                    layers=list(range(layer, layer + len(blocks))),
-                    grid=grid,  # type: ignore[arg-type]
-                    stride=(img_h // grid[0], img_w // grid[1]),
-                    num_heads=parts[0].attn.num_heads,
-                    window=window,  # type: ignore[arg-type]
-                    shifts=[tuple(int(v) for v in b.shift_size) for b in blocks],  # type: ignore[misc]
-                )
-            )
+            self.stages.append(window_stage(name, s, blocks, parts, layer, self.input_size))
             layer += len(blocks)
         self.final = model.norm
         self.head = Readout("avg", model.head.fc, start=0)

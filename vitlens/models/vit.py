@@ -89,6 +89,32 @@ def prefix_kinds(model: nn.Module, num_prefix: int) -> list[str]:
     return kinds + ["register"] * (num_prefix - len(kinds))
 
 
+def token_grid_stage(model: nn.Module, parts: list[BlockPart]) -> StageInfo:
+    """The one stage of a plain-grid model (timm ViT, Eva, Beit): its prefix tokens, then
+    ``patch_embed``'s grid row-major, at the real pixel stride."""
+    num_prefix = int(model.num_prefix_tokens)
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    return StageInfo(
+        index=0,
+        parts=parts,
+        layers=list(range(len(parts))),
+        grid=grid,  # type: ignore[arg-type]
+        stride=token_stride(model, grid),  # type: ignore[arg-type]
+        num_heads=parts[0].attn.num_heads,
+        num_prefix=num_prefix,
+        prefix_kinds=prefix_kinds(model, num_prefix),
+    )
+
+
+def require_linear_head(model: nn.Module) -> None:
+    """Refuse a timm model without a Linear classifier: no class logits to explain."""
+    if not isinstance(model.head, nn.Linear):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no classifier head (num_classes=0, its head is "
+            f"{type(model.head).__name__}), so it has no class logits to explain."
+        )
+
+
 def token_stride(model: nn.Module, grid: tuple[int, int]) -> tuple[int, int]:
     """Input pixels per token along (y, x): the patch size, times the CNN stem's reduction for
     hybrid embeddings (``HybridEmbed``: a ResNet stem, then patches on its feature map)."""
@@ -136,29 +162,13 @@ class ViTAdapter(Adapter):
         num_prefix = int(model.num_prefix_tokens)
         self.final = model.norm
         self.head = self._readout(model, num_prefix)
-        grid = tuple(int(g) for g in model.patch_embed.grid_size)
-        self.stages = [
-            StageInfo(
-                index=0,
-                parts=parts,
-                layers=list(range(len(parts))),
-                grid=grid,  # type: ignore[arg-type]
-                stride=token_stride(model, grid),  # type: ignore[arg-type]
-                num_heads=parts[0].attn.num_heads,
-                num_prefix=num_prefix,
-                prefix_kinds=prefix_kinds(model, num_prefix),
-            )
-        ]
+        self.stages = [token_grid_stage(model, parts)]
 
     @staticmethod
     def _readout(model: nn.Module, num_prefix: int) -> Readout:
         name = type(model).__name__
+        require_linear_head(model)
         head = model.head
-        if not isinstance(head, nn.Linear):
-            raise UnsupportedModelError(
-                f"{name} has no classifier head (num_classes=0, its head is {type(head).__name__}), "
-                "so it has no class logits to explain."
-            )
         pool = getattr(model, "global_pool", "token")
         with_prefix = bool(getattr(model, "pool_include_prefix", False))
         if getattr(model, "attn_pool", None) is not None:
