@@ -17,6 +17,7 @@ import vitlens as vl
 from vitlens.capture.hooks import Recorder
 from vitlens.capture.relevance import attention_relevance
 from vitlens.models import adapter_for
+from vitlens.models.catalog import bias_free
 
 #: LRP conservation tolerance (relative to the block's relevance total): float32 sums.
 CONSERVATION_RTOL = 1e-4
@@ -77,36 +78,9 @@ def stacked(cap, var: str) -> list[np.ndarray]:
 
 
 def zero_biases(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A bias-free copy: every Linear bias, EVA/BEiT/SwinV2-style q/v bias and relative
-    position bias table set to 0.
-
-    Linear weights are redrawn at unit gain (std 1/√fan_in) so every branch carries
-    a real share of the relevance (timm's 0.02 init leaves the MLP branches with
-    almost none, and a wrong branch rule would hide inside the tolerance).
-    """
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) / mod.weight.shape[1] ** 0.5)
-            if isinstance(mod, nn.Linear) and mod.bias is not None:
-                mod.bias.zero_()
-            for attr in ("gamma", "gamma_1", "gamma_2"):  # LayerScale at 1: every branch carries relevance
-                p = getattr(mod, attr, None)
-                if isinstance(p, torch.Tensor) and p.ndim == 1:
-                    p.fill_(1.0)
-            for name in ("q_bias", "k_bias", "v_bias", "relative_position_bias_table"):
-                p = getattr(mod, name, None)
-                if isinstance(p, torch.Tensor):
-                    p.zero_()
-        for mod in m.modules():  # after the Linears were redrawn
-            cpb = getattr(mod, "cpb_mlp", None)
-            if cpb is not None:  # SwinV2: 16·sigmoid(cpb) → 16·sigmoid(−100) ≈ 0, no position bias
-                cpb[0].weight.zero_()
-                cpb[0].bias.fill_(1.0)
-                cpb[2].weight.fill_(-100.0 / cpb[2].weight.shape[1])
-    return m
+    """A bias-free copy with unit-gain Linear weights and LayerScale at 1
+    (:func:`vitlens.models.catalog.bias_free`, which the coverage check uses too)."""
+    return bias_free(model, seed)
 
 
 def relevance_totals(model: nn.Module, x: torch.Tensor):

@@ -89,14 +89,14 @@ def switch_on(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def bias_free(model: nn.Module) -> nn.Module:
+def bias_free(model: nn.Module, seed: int = 0) -> nn.Module:
     """A copy without additive biases (Linear, q/v, relative-position tables, SwinV2's cpb bias).
 
     Linear weights are redrawn at unit gain (std 1/√fan_in): with timm's 0.02 init the MLP
     branches carry almost no relevance, and a wrong branch rule would hide in the tolerance.
     """
     m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, nn.Linear):
