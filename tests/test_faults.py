@@ -59,8 +59,8 @@ def _run(store: str, fault: int | None = None, log: str | None = None, delay: fl
 
 
 def run_child(store, fault=None, log=None, delay=0.0, kill_after=None, resume=False) -> int:
-    """Exit code of a forked child running the capture (``-9`` if SIGKILLed after ``kill_after`` s)."""
-    proc = multiprocessing.get_context("fork").Process(target=_run, args=(str(store), fault, log, delay, resume))
+    """Exit code of a child process (spawned: a fork of a pytest process that ran the browser tests can hang) running the capture (``-9`` if SIGKILLed after ``kill_after`` s)."""
+    proc = multiprocessing.get_context("spawn").Process(target=_run, args=(str(store), fault, log, delay, resume))
     proc.start()
     if kill_after is not None:
         proc.join(kill_after)

@@ -305,7 +305,7 @@ def _hold_lock(store: str, ready, release) -> None:
 
 def test_8_a_second_writer_gets_a_clear_error_and_a_dead_writers_lock_is_released(model, imgs, cap, tmp_path):
     store = interrupted_store(model, imgs, tmp_path / "r.zarr")
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # a fork of a threaded pytest process can hang
     ready, release = ctx.Event(), ctx.Event()
     writer = ctx.Process(target=_hold_lock, args=(str(store), ready, release))
     writer.start()
