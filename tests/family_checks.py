@@ -213,12 +213,18 @@ def assert_parts_describe_the_attention(model: nn.Module, x: torch.Tensor) -> No
     cosine scale) reproduces the probabilities the model computed: the LRP pass splits the
     logits of the model's real attention, not of an approximation."""
     ad = adapter_for(model)
-    with Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():
+    with Recorder(ad, keep_block_inputs=True, fused=False) as rec, torch.no_grad():  # the model's own probabilities
         model(x)
         for layer, part in enumerate(ad.parts):
             z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
             torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4,
                                        msg=f"block {layer}")
+        explicit = {layer: rec.attention[layer] for layer in range(len(ad.parts))}
+    with Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():  # fused where timm can: rebuilt
+        model(x)
+        for layer in range(len(ad.parts)):
+            torch.testing.assert_close(rec.probs(layer), explicit[layer], atol=1e-5, rtol=1e-4,
+                                       msg=f"block {layer} (fused forward)")
 
 
 def randomize_biases(model: nn.Module, seed: int = 0) -> nn.Module:

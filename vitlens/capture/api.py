@@ -123,18 +123,24 @@ class _Buffers:
 
     def put(self, key: str, start: int, value: torch.Tensor | list[torch.Tensor], dtype: torch.dtype | None = None) -> None:
         """Write ``value`` (B, ...) — or per-layer values, stacked on axis 1 — at rows ``start``…"""
-        stacked = isinstance(value, list)
-        first = value[0] if stacked else value
-        if key not in self.data:
-            shape = (self.n, len(value), *first.shape[1:]) if stacked else (self.n, *first.shape[1:])
-            kind = dtype or (self.dtype if first.is_floating_point() else first.dtype)
-            self.data[key] = torch.empty(shape, dtype=kind)
-        rows = self.data[key][start : start + first.shape[0]]
-        if not stacked:
-            rows.copy_(value.detach())
+        if not isinstance(value, list):
+            self._rows(key, start, value, None, dtype).copy_(value.detach())
             return
-        for i, part in enumerate(value):
-            rows[:, i].copy_(part.detach())
+        for i in range(len(value)):
+            self.put_layer(key, start, i, len(value), value[i], dtype)
+            value[i] = None  # the caller's list may hold the only reference: free each layer once copied
+
+    def put_layer(self, key: str, start: int, index: int, layers: int, value: torch.Tensor,
+                  dtype: torch.dtype | None = None) -> None:
+        """Write one layer's ``value`` (B, ...) at rows ``start``… and position ``index`` of ``layers``."""
+        self._rows(key, start, value, layers, dtype)[:, index].copy_(value.detach())
+
+    def _rows(self, key: str, start: int, value: torch.Tensor, layers: int | None, dtype: torch.dtype | None):
+        if key not in self.data:
+            shape = (self.n, *(() if layers is None else (layers,)), *value.shape[1:])
+            kind = dtype or (self.dtype if value.is_floating_point() else value.dtype)
+            self.data[key] = torch.empty(shape, dtype=kind)
+        return self.data[key][start : start + value.shape[0]]
 
     def items(self):
         return ((key, t.numpy()) for key, t in self.data.items())
@@ -277,7 +283,7 @@ def capture(
 
         starts = tqdm(starts, desc="capture", unit="batch")
 
-    with Recorder(adapter, keep_block_inputs=relevance) as rec:
+    with Recorder(adapter, keep_block_inputs=relevance, param_grads=False) as rec:
         for start in starts:
             rec.reset()
             x = batch.pixels[start : start + batch_size].to(device, model_dtype)
@@ -325,27 +331,43 @@ def _run_batch(
             tgt = logits.detach().argmax(-1)
         else:
             tgt = torch.as_tensor(targets[start : start + b], device=logits.device)
-        layers = list(range(len(adapter.blocks)))
-        attn = [rec.attention[l] for l in layers]
         if grads:
             y = logits.gather(1, tgt[:, None]).sum()  # sum over images: each keeps its own gradient
-            outs = torch.autograd.grad(y, attn + [rec.features], allow_unused=True)
-            attn_grads, feat_grad = list(outs[:-1]), outs[-1]
+            outs = torch.autograd.grad(y, rec.grad_targets() + [rec.features], allow_unused=True)
+            del y
+            rec.finish_attention(list(outs[:-1]))
+            feat_grad = outs[-1]
+            del outs
+        else:
+            rec.finish_attention()
 
     stores.put("logits", start, logits.detach(), torch.float32)
     stores.put("target", start, tgt.to(torch.int64))
-    if relevance:
+    where = {l: (stage, stage.layers.index(l)) for stage in adapter.stages for l in stage.layers}
+
+    def store_layer(layer: int, r_probs: torch.Tensor | None) -> None:
+        """Store block ``layer``'s attention, its gradient and relevance, then let them go."""
+        stage, i = where[layer]
+        size = len(stage.layers)
+        if "attention" in kept:
+            stores.put_layer(f"{stage.name}/attention", start, i, size, _attention_array(stage, rec.probs(layer), b))
+        if grads and "attention_grad" in kept:
+            stores.put_layer(f"{stage.name}/attention_grad", start, i, size,
+                             _attention_array(stage, rec.probs_grad(layer), b))
+        if r_probs is not None:
+            stores.put_layer(f"{stage.name}/attention_relevance", start, i, size, _attention_array(stage, r_probs, b))
+        rec.release(layer)
+
+    if relevance:  # each block is stored as soon as the LRP walk has passed it
         from .relevance import attention_relevance
 
-        rel = attention_relevance(adapter, rec, tgt)
+        attention_relevance(adapter, rec, tgt, release=True, on_layer=store_layer)
+    else:
+        for layer in range(len(adapter.blocks)):
+            store_layer(layer, None)
     for stage in adapter.stages:
         key = stage.name
-        if "attention" in kept:
-            stores.put(f"{key}/attention", start, [_attention_array(stage, attn[l], b) for l in stage.layers])
-        if grads and "attention_grad" in kept:
-            stores.put(f"{key}/attention_grad", start, [_attention_array(stage, attn_grads[l], b) for l in stage.layers])
         if relevance:
-            stores.put(f"{key}/attention_relevance", start, [_attention_array(stage, rel[l], b) for l in stage.layers])
             if stage.index in rec.merge_shares:
                 stores.put(f"{key}/merge_share", start, rec.merge_shares[stage.index])
         recs = [rec.records[l] for l in stage.layers]

@@ -1,13 +1,17 @@
 """The only place vitlens touches a model: hooks that record a forward pass.
 
 :class:`Recorder` is a context manager. On entry it puts the model in eval mode,
-switches every attention module to timm's explicit (non-fused) path so the
-attention probabilities exist as a tensor, and installs forward hooks on the
-parts the adapter describes (:mod:`vitlens.models.parts`: block, norms,
-attention, probabilities, MLP, Linears) — never on modules found by timm name. On exit —
-also after an exception — it removes the hooks and restores the fused flags and
-train/eval mode, leaving the user's model exactly as it was.
-"""
+stops the parameters requiring gradients (capture needs activation gradients
+only), switches every timm attention module to its fused scaled-dot-product
+path (:data:`FUSED_ATTENTION`; modules without that switch run explicitly and
+their probabilities are hooked), and installs forward hooks on the parts the
+adapter describes (:mod:`vitlens.models.parts`: block, norms, attention,
+probabilities, MLP, Linears) — never on modules found by timm name. A fused
+block's probabilities and their gradient are rebuilt after the backward pass
+from its recorded input (:meth:`Recorder.probs`, :meth:`Recorder.probs_grad`).
+On exit — also after an exception — it removes the hooks and restores the fused
+flags, ``requires_grad`` and train/eval mode, leaving the user's model exactly
+as it was."""
 
 from __future__ import annotations
 
@@ -18,6 +22,17 @@ import torch
 from torch import nn
 
 from ..models.adapter import Adapter
+from .memory import trim_heap
+
+#: Run timm attention modules on their fused scaled-dot-product path during
+#: capture (every module with a ``fused_attn`` switch; timm leaves it off for
+#: some, e.g. Swin) and rebuild the probabilities and their gradient from what
+#: the fused pass leaves (:meth:`Recorder.probs`, :meth:`Recorder.probs_grad`).
+#: The autograd graph then keeps no (B, heads, N, N) tensor. ``False`` switches
+#: every module to its explicit path instead. Either way the flags are restored.
+FUSED_ATTENTION = True
+
+_TRIM_EVERY = 32 * 2**20  # trim the heap after about this much attention (and its block's records) is released
 
 
 def _token_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,11 +61,19 @@ class Recorder:
     ``attn_inputs`` and ``attn_ctx`` (the attention module's input in its own
     layout and its keyword arguments: masks, rotary tables), every Linear's
     (input, output) in ``linears``, ``final_input`` and ``merge_inputs``.
+    With ``param_grads=False`` the model's parameters stop requiring gradients
+    inside the context (restored on exit), so autograd keeps only what the
+    activation gradients need and computes no weight gradients.
     """
 
-    def __init__(self, adapter: Adapter, *, keep_block_inputs: bool = False):
+    def __init__(self, adapter: Adapter, *, keep_block_inputs: bool = False, param_grads: bool = True,
+                 fused: bool | None = None):
         self.adapter = adapter
+        self.fused = FUSED_ATTENTION if fused is None else fused
+        self.fused_layers: set[int] = set()
         self.keep_block_inputs = keep_block_inputs
+        self.param_grads = param_grads
+        self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._handles: list[Any] = []
         self.paused = False  # hooks do nothing while the LRP pass reruns modules
         self._saved_fused: list[tuple[nn.Module, bool]] = []
@@ -72,6 +95,9 @@ class Recorder:
         self.linears: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)
         self.mlp_inputs: dict[int, torch.Tensor] = {}
         self.merge_shares: dict[int, torch.Tensor] = {}
+        self._grads: dict[int, torch.Tensor | None] = {}
+        self._freed = 0  # bytes of attention released since the last trim
+        self.attn_out: dict[int, torch.Tensor] = {}  # fused layers: the heads' output O, with its graph
         self._pending: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
 
     # -- context ------------------------------------------------------------
@@ -80,11 +106,19 @@ class Recorder:
         try:
             self._saved_training = [(m, m.training) for m in model.modules()]
             model.eval()
-            for part in self.adapter.parts:
+            if not self.param_grads:  # capture needs activation gradients only: autograd saves less
+                self._saved_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+                for p, _ in self._saved_requires_grad:
+                    p.requires_grad_(False)
+            self.fused_layers = set()
+            for layer, part in enumerate(self.adapter.parts):
                 attn = part.attn.module
-                if hasattr(attn, "fused_attn"):
-                    self._saved_fused.append((attn, attn.fused_attn))
-                    attn.fused_attn = False
+                if not hasattr(attn, "fused_attn"):
+                    continue
+                self._saved_fused.append((attn, attn.fused_attn))
+                attn.fused_attn = self.fused  # the same maths either way (timm's own two paths)
+                if self.fused:
+                    self.fused_layers.add(layer)
             explicit = getattr(self.adapter, "explicit_attention", None)  # e.g. transformers' attn_implementation
             if explicit is not None:
                 self._explicit = explicit()
@@ -111,6 +145,9 @@ class Recorder:
         for module, training in self._saved_training:
             module.training = training
         self._saved_training.clear()
+        for p, flag in self._saved_requires_grad:
+            p.requires_grad_(flag)
+        self._saved_requires_grad.clear()
 
     # -- hooks --------------------------------------------------------------
     def _install(self) -> None:
@@ -130,14 +167,24 @@ class Recorder:
             hook(module.register_forward_pre_hook(self._on_features_input))
         else:
             hook(module.register_forward_hook(self._on_features))
+        for layer in sorted(self.fused_layers):
+            hook(ad.parts[layer].attn.output_module().register_forward_pre_hook(self._on_attn_out(layer)))
         if self.keep_block_inputs:
             for stage, merge in ad.merges().items():
                 hook(merge.module.register_forward_hook(self._on_merge(stage)))
-            # the attention input and keyword arguments, and every Linear's input and output
-            for layer, part in enumerate(ad.parts):
-                hook(part.attn.module.register_forward_pre_hook(self._on_attn_input(layer), with_kwargs=True))
-                for name, lin in part.linears().items():
-                    hook(lin.module.register_forward_hook(self._on_linear(layer, name)))
+        # the attention input and keyword arguments, and every Linear's input and output (LRP);
+        # fused layers always keep the attention's input and q/k/v maps, to rebuild the probabilities
+        for layer, part in enumerate(ad.parts):
+            if not (self.keep_block_inputs or layer in self.fused_layers):
+                continue
+            hook(part.attn.module.register_forward_pre_hook(self._on_attn_input(layer), with_kwargs=True))
+            names = part.linears() if self.keep_block_inputs else part.attn.linears()
+            # inputs the LRP pass rebuilds cheaply are not kept: fc2's (from fc1's output) and,
+            # before a pre-norm MLP, fc1's (norm2 of the kept MLP input)
+            rebuilt = {"fc1", "fc2"} if part.mlp.hidden is not None and not part.post_norm else set()
+            for name, lin in names.items():
+                if self.keep_block_inputs or name != "proj":
+                    hook(lin.module.register_forward_hook(self._on_linear(layer, name, name in rebuilt)))
 
     def _on_block_input(self, layer: int, part: Any):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -181,13 +228,62 @@ class Recorder:
 
         return hook
 
-    def _on_linear(self, layer: int, name: str):
+    def _on_linear(self, layer: int, name: str, rebuilt: bool = False):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if self.paused:
                 return
-            self.linears[layer][name] = (inputs[0].detach(), output.detach())
+            self.linears[layer][name] = (None if rebuilt else inputs[0].detach(), output.detach())
 
         return hook
+
+    def _on_attn_out(self, layer: int):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            if not self.paused:
+                self.attn_out[layer] = inputs[0]
+
+        return hook
+
+    # -- attention of fused layers ----------------------------------------------------
+    def grad_targets(self) -> list[torch.Tensor]:
+        """Per block, the tensor to differentiate: the probabilities, or O for a fused block."""
+        return [self.attn_out[l] if l in self.fused_layers else self.attention[l] for l in range(len(self.adapter.parts))]
+
+    def finish_attention(self, grads: list[torch.Tensor | None] | None = None) -> None:
+        """Keep the gradients of :meth:`grad_targets` (after the backward pass) for
+        :meth:`probs_grad`, and let go of the fused blocks' graph tensors."""
+        self._grads = {} if grads is None else dict(enumerate(grads))
+        self.attn_out.clear()
+        trim_heap()  # the graph is gone: give its pages back before the outputs fill
+
+    def probs(self, layer: int) -> torch.Tensor:
+        """Block ``layer``'s attention probabilities; a fused block's are rebuilt here
+        (outside autograd, once) from its recorded input and q/k maps."""
+        if layer not in self.attention:
+            attn = self.adapter.parts[layer].attn
+            with torch.no_grad():
+                self.attention[layer] = attn.probabilities(self.attn_inputs[layer], self.attn_ctx.get(layer, {}),
+                                                           self.linears[layer])
+        return self.attention[layer].detach()
+
+    def probs_grad(self, layer: int) -> torch.Tensor:
+        """``∂y/∂A`` of block ``layer``: kept as is, or ``(∂y/∂O)·Vᵀ`` for a fused block."""
+        g = self._grads.get(layer)
+        if layer not in self.fused_layers:
+            return g if g is not None else torch.zeros_like(self.probs(layer))
+        if g is None:
+            return torch.zeros_like(self.probs(layer))
+        with torch.no_grad():
+            return self.adapter.parts[layer].attn.probabilities_grad(g, self.attn_inputs[layer], self.linears[layer])
+
+    def release(self, layer: int) -> None:
+        """Drop what is kept of block ``layer``'s attention (once it is stored)."""
+        a = self.attention.pop(layer, None)
+        self._grads.pop(layer, None)
+        if a is not None and a.device.type == "cpu":
+            self._freed += a.numel() * a.element_size()
+            if self._freed >= _TRIM_EVERY:  # the block's records went too (LRP walk): return their pages
+                self._freed = 0
+                trim_heap()
 
     def _on_attention(self, layer: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:

@@ -14,6 +14,8 @@ the attention probabilities), so nothing is rerun.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -52,7 +54,7 @@ def _block(part: BlockPart, stage: StageInfo, rec: Recorder, layer: int, r_out: 
     rows = None if stage.window is not None else _active_tokens(r_out)
     if rows is not None:  # token-wise rules on the tokens that carry relevance only
         x, x2, out, r_out = x[:, rows], x2[:, rows], out[:, rows], r_out[:, rows]
-        lin = {**lin, **{k: tuple(t[:, rows] for t in lin[k]) for k in token_wise if k in lin}}
+        lin = {**lin, **{k: tuple(None if t is None else t[:, rows] for t in lin[k]) for k in token_wise if k in lin}}
     # out = x2 + ls2·M(x2): the residual, then the branch (scale and norms: identity rule)
     r_x2, r_m = residual_add(x2, out - x2, r_out)
     mlp_in = x2 if part.post_norm else _mlp_input(part, lin, x2)
@@ -67,7 +69,7 @@ def _block(part: BlockPart, stage: StageInfo, rec: Recorder, layer: int, r_out: 
     r_o = part.attn.proj.relevance(proj_rec[0], r_a, proj_rec)
     if rows is not None:
         r_res, r_o = _scatter(r_res, rows, n), _scatter(r_o, rows, n)
-    r_h, r_probs = part.attn.relevance(rec.attn_inputs[layer], rec.attention[layer].detach(), r_o,
+    r_h, r_probs = part.attn.relevance(rec.attn_inputs[layer], rec.probs(layer), r_o,
                                        rec.linears[layer], rec.attn_ctx.get(layer, {}), to_input)
     if r_h is None:
         return None, r_probs
@@ -80,13 +82,14 @@ def _block(part: BlockPart, stage: StageInfo, rec: Recorder, layer: int, r_out: 
 def _mlp_input(part: BlockPart, lin: dict, x2: torch.Tensor) -> torch.Tensor:
     """The MLP's own input (norm2's output): the recorded input of its first Linear."""
     for name in ("fc1", "fc1_g", "fc1_x"):
-        if name in lin:
+        if name in lin and lin[name][0] is not None:
             return lin[name][0]
-    return part.norm2(x2)
+    return part.norm2(x2)  # not kept at capture: rebuilt
 
 
 def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, *,
-                        to_input: bool = False) -> dict[int, torch.Tensor]:
+                        to_input: bool = False, release: bool = False,
+                        on_layer: Callable[[int, torch.Tensor], None] | None = None) -> dict[int, torch.Tensor]:
     """LRP relevance at every block's attention probabilities, keyed by global layer.
 
     Also stores, for tests and diagnostics, the relevance total entering each
@@ -94,7 +97,12 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, 
     first block only with ``to_input=True``, which carries the pass through
     its q/k/v maps to the embeddings, a step no map needs), and for
     Swin each parent token's share of its merged token's relevance in
-    ``rec.merge_shares[parent_stage]`` (B, N_parent).
+    ``rec.merge_shares[parent_stage]`` (B, N_parent). With ``release=True``
+    each block's records are dropped from ``rec`` once the walk has passed
+    the block (capture does this: the memory is free for the next step).
+    ``on_layer(layer, relevance)`` is called as each block's relevance is
+    ready (capture stores it, and the block's attention, right then); the
+    returned dict then stays empty.
     """
     assert adapter.head is not None
     rec.paused = True
@@ -109,12 +117,21 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, 
             for stage in reversed(adapter.stages):
                 for layer, part in zip(reversed(stage.layers), reversed(stage.parts)):
                     total_out = r.reshape(r.shape[0], -1).sum(1)
-                    r, out[layer] = _block(part, stage, rec, layer, r, to_input or layer > 0)
+                    r, r_probs = _block(part, stage, rec, layer, r, to_input or layer > 0)
+                    if on_layer is None:
+                        out[layer] = r_probs
+                    else:
+                        on_layer(layer, r_probs)
+                    del r_probs
+                    if release:
+                        for records in (rec.block_inputs, rec.mlp_inputs, rec.block_outputs, rec.attn_inputs,
+                                        rec.attn_ctx, rec.linears):
+                            records.pop(layer, None)
                     if r is not None:
                         rec.relevance_totals[layer] = (r.reshape(r.shape[0], -1).sum(1), total_out)
                 merge = merges.get(stage.index)
                 if merge is not None:
-                    x = rec.merge_inputs[stage.index]  # (B, H, W, C) parent grid
+                    x = rec.merge_inputs.pop(stage.index) if release else rec.merge_inputs[stage.index]  # (B, H, W, C)
                     r_child = r.sum(-1).reshape(r.shape[0], *stage.grid)  # (B, h, w) per merged token
                     r = merge.relevance(x, r.reshape(r.shape[0], *stage.grid, -1))
                     # each parent's share of its merged token's relevance (for merge="lrp")

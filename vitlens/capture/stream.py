@@ -35,6 +35,7 @@ import xarray as xr
 
 from ..errors import CaptureFormatError, ImageError, OptionError, ResumeError, StorageError
 from . import lock as _lock
+from .memory import release_memory
 from .store import MARKER, _encode, _map_attrs, is_capture, quiet_zarr, read_marker
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -241,31 +242,6 @@ def _trim(store: Path, n: int) -> None:
 
 # -- memory ------------------------------------------------------------------------------
 
-_LIBC: Any = None
-
-
-def release_memory() -> None:
-    """Hand memory freed by the last batch back to the OS (glibc keeps it otherwise).
-
-    Without it, a long stream's RSS climbs with allocator retention although
-    nothing leaks. ``VITLENS_MALLOC_TRIM=0`` turns it off (for the benchmark).
-    """
-    global _LIBC
-    if os.environ.get("VITLENS_MALLOC_TRIM", "1") == "0":
-        return
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            _LIBC = False
-    import gc
-
-    gc.collect()  # batch trees hold reference cycles: free them now, not at some later gc pass
-    if _LIBC:
-        _LIBC.malloc_trim(0)
 
 
 # -- writing ----------------------------------------------------------------------------

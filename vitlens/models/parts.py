@@ -86,7 +86,8 @@ class LinearPart:
                   recorded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """αβ rule from the input ``x`` (the recorded module output saves a matmul)."""
         if recorded is not None:
-            return linear_alphabeta(recorded[0], self.weight, r, out=recorded[1], bias=self.module.bias)
+            inp = x if recorded[0] is None else recorded[0]
+            return linear_alphabeta(inp, self.weight, r, out=recorded[1], bias=self.module.bias)
         return linear_alphabeta(x, self.weight, r)
 
 
@@ -188,6 +189,28 @@ class AttentionPart:
         a, bt = self.operands(q, k, ctx)
         return self.add_bias(a @ bt, self.bias(ctx))
 
+    def probabilities(self, h: torch.Tensor, ctx: dict | None = None, lin: Records | None = None) -> torch.Tensor:
+        """The post-softmax attention (B[·nW], heads, N, N), recomputed from the attention input.
+
+        What a fused (scaled-dot-product) forward computes without keeping:
+        capture runs the model fused and rebuilds the probabilities here,
+        outside autograd, after the backward pass has freed its graph.
+        """
+        return self.logits(h, ctx, lin).softmax(-1)
+
+    def probabilities_grad(self, grad_out: torch.Tensor, h: torch.Tensor, lin: Records | None = None) -> torch.Tensor:
+        """``∂y/∂A`` from ``∂y/∂O`` at the heads' output ``O = A·V`` (B[·nW], N, C): ``(∂y/∂O)·Vᵀ`` per head."""
+        _, _, v = self.project(h, lin)
+        b, n, _ = grad_out.shape
+        g = grad_out.reshape(b, n, self.num_heads, -1).transpose(1, 2)
+        return g @ v.transpose(-2, -1)
+
+    def output_module(self) -> nn.Module:
+        """The module whose input is the heads' concatenation ``O`` (B[·nW], N, C): the inner norm or ``proj``."""
+        if any(m is self.inner_norm for m in self.module.children()):
+            return self.inner_norm
+        return self.proj.module
+
     def value_path(self, h: torch.Tensor) -> torch.Tensor:
         """Each token's value vector after the output projection, without its bias.
 
@@ -259,6 +282,9 @@ class MlpPart:
     activation pass relevance on; the gate·value product gives each factor half
     (:func:`~vitlens.models.lrp_rules.product_half`); αβ through the first
     Linear(s), summed at the input.
+
+    ``hidden`` (plain kind): rebuilds ``fc2``'s input from ``fc1``'s output, so
+    capture need not keep it (it is the largest activation of a block).
     """
 
     module: nn.Module
@@ -268,6 +294,7 @@ class MlpPart:
     fc1_g: LinearPart | None = None
     fc1_x: LinearPart | None = None
     gate_last: bool = False
+    hidden: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in MLP_KINDS:
@@ -279,7 +306,11 @@ class MlpPart:
 
     def relevance(self, x: torch.Tensor, r_out: torch.Tensor, lin: Records) -> torch.Tensor:
         """Relevance at the MLP's input ``x`` from the relevance at its output."""
-        r_h = self.fc2.relevance(lin["fc2"][0], r_out, lin.get("fc2"))
+        fc2_in = lin["fc2"][0]
+        if fc2_in is None:  # not kept at capture: rebuilt from fc1's recorded output
+            assert self.hidden is not None
+            fc2_in = self.hidden(lin["fc1"][1])
+        r_h = self.fc2.relevance(fc2_in, r_out, (fc2_in, lin["fc2"][1]))
         if self.kind == "plain":
             assert self.fc1 is not None
             return self.fc1.relevance(x, r_h, lin.get("fc1"))

@@ -20,8 +20,9 @@ def mlp_part(mlp: nn.Module, where: str) -> MlpPart:
     from timm.layers import GluMlp, Mlp, SwiGLU
 
     kind = type(mlp)
-    if kind is Mlp:
-        return MlpPart(mlp, "plain", LinearPart(mlp.fc2), fc1=LinearPart(mlp.fc1))
+    if kind is Mlp:  # eval: fc2's input is norm(act(fc1 output)) (dropout off), cheap to rebuild
+        return MlpPart(mlp, "plain", LinearPart(mlp.fc2), fc1=LinearPart(mlp.fc1),
+                       hidden=lambda h: mlp.norm(mlp.act(h)))
     if kind is GluMlp:
         if getattr(mlp, "chunk_dim", -1) != -1:
             raise UnsupportedModelError(f"{where}: a GluMlp gated along dim {mlp.chunk_dim} is not supported.")
