@@ -1,16 +1,24 @@
 """Cost of a default capture and of each explanation method, as ratios to one plain
-forward+backward of the same model on the same batch (issue: all seven maps from
-one capture ≤ 2.5×, goal 2×).
+forward+backward of the same model on the same batch (issues: all seven maps from
+one capture ≤ 2.5×, goal 2×; later goal 1.5×).
 
     python benchmarks/bench_methods.py [--batch 4] [--repeat 5] [--models vit_base_patch16_224 swin_tiny_patch4_window7_224]
+        [--chefer DIR]
 
-Prints one table per model; every ratio is measured in the same run.
+Prints one table per model; every ratio is measured in the same run. The same
+rounds also time pytorch-grad-cam's ``GradCAM`` (one map, when the package is
+installed: it is a test dependency) and, for ViT-B/16, Chefer et al.'s reference
+Transformer Attribution (one map per image, their ``relprop``) when a copy of
+their repository is given by ``--chefer`` or ``$VITLENS_CHEFER_REF`` (it needs
+``einops``; it is never part of vitlens).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import sys
 import statistics
 import time
 
@@ -18,6 +26,54 @@ import timm
 import torch
 
 import vitlens as vl
+
+
+def _gradcam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor):
+    """pytorch-grad-cam's GradCAM on the last block's first norm (one map per image), or None."""
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        return None
+    if hasattr(model, "layers"):  # Swin: the norm's output is already (B, H, W, C)
+        layer, reshape = model.layers[-1].blocks[-1].norm1, lambda t: t.permute(0, 3, 1, 2)
+    else:
+        gh, gw = model.patch_embed.grid_size
+        skip = model.num_prefix_tokens
+        layer = model.blocks[-1].norm1
+        reshape = lambda t: t[:, skip:].reshape(t.shape[0], gh, gw, -1).permute(0, 3, 1, 2)  # noqa: E731
+    cam = GradCAM(model=model, target_layers=[layer], reshape_transform=reshape)
+    targets = [ClassifierOutputTarget(int(t)) for t in target]
+    return lambda: cam(input_tensor=x, targets=targets)
+
+
+def _chefer(name: str, x: torch.Tensor, target: torch.Tensor, device: str):
+    """Chefer et al.'s reference Transformer Attribution (their ViT-B/16 and ``relprop``), or None.
+
+    Their ``LRP.generate_LRP`` calls ``.cuda()``; this runs the same steps on ``device``,
+    one image at a time as their code does (random weights: only the time matters).
+    """
+    ref = os.environ.get("VITLENS_CHEFER_REF") if _CHEFER[0] is None else _CHEFER[0]
+    if not ref or name != "vit_base_patch16_224":
+        return None
+    sys.path.insert(0, ref)
+    from baselines.ViT.ViT_LRP import vit_base_patch16_224
+
+    model = vit_base_patch16_224(pretrained=False).eval().to(device)
+
+    def run() -> None:
+        for i in range(x.shape[0]):
+            out = model(x[i : i + 1])
+            onehot = torch.zeros_like(out)
+            onehot[0, int(target[i])] = 1
+            model.zero_grad()
+            (onehot * out).sum().backward(retain_graph=True)
+            model.relprop(onehot, method="transformer_attribution", alpha=1)
+
+    return run
+
+
+_CHEFER: list[str | None] = [None]
 
 
 def bench(name: str, batch: int, repeat: int, device: str) -> list[tuple[str, float]]:
@@ -53,6 +109,12 @@ def bench(name: str, batch: int, repeat: int, device: str) -> list[tuple[str, fl
     steps = [("plain forward+backward", plain), ("vl.capture (default: grads + LRP)", capture)]
     steps += [(f"  explain {m}", lambda m=m: vl.explain(cap_holder["cap"], m)) for m in vl.METHODS]
     steps += [("  explain 'all'", lambda: vl.explain(cap_holder["cap"], "all"))]
+    extra = _gradcam(model, x, target)
+    if extra is not None:
+        steps.append(("pytorch-grad-cam GradCAM (one map)", extra))
+    extra = _chefer(name, x, target, device)
+    if extra is not None:
+        steps.append(("Chefer's reference TA (one map)", extra))
     times: dict[str, list[float]] = {label: [] for label, _ in steps}
     for round_ in range(repeat + 1):  # round 0 is the warm-up
         for label, fn in steps:
@@ -76,7 +138,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--models", nargs="+", default=["vit_base_patch16_224", "swin_tiny_patch4_window7_224"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--chefer", default=None, help="a copy of hila-chefer/Transformer-Explainability (outside the repo)")
     args = p.parse_args()
+    _CHEFER[0] = args.chefer
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"device {args.device}, torch {torch.__version__}, batch {args.batch}, median of {args.repeat} interleaved rounds")
     for name in args.models:

@@ -8,8 +8,11 @@ Quality: ``vl.metrics.evaluate_items`` on held-out shapes images (the zoo's eval
 seeds: ``EVAL_SEED`` for one-object pictures, ``EVAL_SEED + 1`` for two-object ones);
 every labelled object is one item, scored with its own class as target and its own
 mask. Cost: ``benchmarks/bench_methods.bench`` (capture and each method as ratios to a
-plain forward+backward) on ViT-B/16 and Swin-T, capture throughput at batch 1, 8, 32
-and peak memory on ViT-B/16 (random init, 224×224).
+plain forward+backward, with pytorch-grad-cam's GradCAM and — given
+``$VITLENS_CHEFER_REF``, a copy of Chefer et al.'s repository — their reference
+Transformer Attribution in the same rounds) on ViT-B/16, Swin-T and EVA02-S; capture
++ seven maps against plain at batch 1, 8, 32 and peak memory on ViT-B/16 (random
+init, 224×224).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -348,27 +352,40 @@ def timed_once(fn) -> float:  # noqa: ANN001
 
 
 def throughput(batches: tuple[int, ...]) -> list[str]:
+    """Capture + all seven maps against plain forward+backward at several batch sizes (ViT-B/16).
+
+    Interleaved rounds per batch size (plain, then capture and the maps), after one
+    warm-up round; each row is the median of its rounds' own ratios, so the
+    per-image cost is flat in batch size when the last column is.
+    """
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
-    rows = ["| batch | plain fwd+bwd (img/s) | vl.capture (img/s) | capture ÷ plain time |", "|---:|---:|---:|---:|"]
+    rows = ["| batch | rounds | plain fwd+bwd (img/s) | capture + seven maps (img/s) | ratio (median of rounds) |",
+            "|---:|---:|---:|---:|---:|"]
     for b in batches:
         x = torch.randn(b, 3, 224, 224)
+        target = (torch.arange(b) % 1000).tolist()
 
         def plain() -> None:
             model.zero_grad(set_to_none=True)
-            model(x)[:, 0].sum().backward()
+            model(x).gather(1, torch.tensor(target)[:, None]).sum().backward()
 
         def capture() -> None:
-            vl.capture(model, x, batch_size=b, progress=False)
+            cap = vl.capture(model, x, target=target, batch_size=b, progress=False)
+            for method in vl.METHODS:
+                vl.explain(cap, method)
 
-        if b == batches[0]:  # warm-up both paths once
-            plain(), capture()
-        repeats = 3 if b == 1 else 1  # the single-image times are short and the noisiest
-        t_plain = min(timed_once(plain) for _ in range(repeats))
-        t_cap = min(timed_once(capture) for _ in range(repeats))
-        rows.append(f"| {b} | {b / t_plain:.2f} | {b / t_cap:.2f} | {t_cap / t_plain:.2f} |")
+        rounds = 5 if b == 1 else 3
+        plain(), capture()  # warm-up
+        t_plain, t_cap = [], []
+        for _ in range(rounds):
+            t_plain.append(timed_once(plain))
+            t_cap.append(timed_once(capture))
+        ratio = statistics.median(c / p for c, p in zip(t_cap, t_plain))
+        rows.append(f"| {b} | {rounds} | {b / statistics.median(t_plain):.2f} | {b / statistics.median(t_cap):.2f} | "
+                    f"{ratio:.2f} |")
     return rows
 
 
@@ -382,8 +399,10 @@ model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
 x = torch.randn(b, 3, 224, 224)
 if mode == "plain":
     model(x)[:, 0].sum().backward()
-elif mode == "capture":
+elif mode.startswith("capture"):
     cap = vl.capture(model, x, batch_size=b, progress=False)
+    if mode == "capture+maps":
+        maps = vl.explain(cap, "all")
 peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 print(int(peak) / 1024)
 """
@@ -391,20 +410,28 @@ print(int(peak) / 1024)
 
 def memory(batch: int) -> list[str]:
     peaks = {}
-    for mode in ("model", "plain", "capture"):
+    runs = (("model", "model", "1"), ("plain", "plain", "1"), ("capture", "capture", "1"),
+            ("capture+maps", "capture+maps", "1"), ("capture, no trim", "capture", "0"))
+    for label, mode, trim in runs:
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "VITLENS_MALLOC_TRIM": trim}
         out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, mode, str(batch)], capture_output=True,
-                             text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-        peaks[mode] = float(out.stdout.strip().splitlines()[-1])
-    base = peaks["model"]
+                             text=True, check=True, env=env)
+        peaks[label] = float(out.stdout.strip().splitlines()[-1])
+    base, plain = peaks["model"], peaks["plain"] - peaks["model"]
+
+    def row(text: str, label: str) -> str:
+        return f"| {text} | {peaks[label]:.0f} | {peaks[label] - base:.0f} | {(peaks[label] - base) / max(plain, 1e-9):.2f} |"
+
     return [
         f"Peak resident memory (VmHWM of a fresh process) for ViT-B/16 at 224, batch {batch}:",
         "",
         "| process | peak RSS (MiB) | above model-only (MiB) | ratio to plain |",
         "|---|---:|---:|---:|",
         f"| import + build model | {base:.0f} | 0 | |",
-        f"| plain forward+backward | {peaks['plain']:.0f} | {peaks['plain'] - base:.0f} | 1.00 |",
-        f"| vl.capture (default: grads + LRP, float32) | {peaks['capture']:.0f} | {peaks['capture'] - base:.0f} | "
-        f"{(peaks['capture'] - base) / max(peaks['plain'] - base, 1e-9):.2f} |",
+        row("plain forward+backward", "plain"),
+        row("vl.capture (default: grads + LRP, float32)", "capture"),
+        row("vl.capture, then vl.explain(cap, 'all')", "capture+maps"),
+        row("vl.capture with `VITLENS_MALLOC_TRIM=0` (no heap trimming)", "capture, no trim"),
     ]
 
 
@@ -426,7 +453,8 @@ def fresh_bench(name: str, batch: int, repeat: int) -> list[tuple[str, float]]:
 
 def cost(batch: int, repeat: int, batches: tuple[int, ...], memory_batch: int) -> list[str]:
     out = ["## Cost", ""]
-    for name, title in (("vit_base_patch16_224", "ViT-B/16"), ("swin_tiny_patch4_window7_224", "Swin-T")):
+    for name, title in (("vit_base_patch16_224", "ViT-B/16"), ("swin_tiny_patch4_window7_224", "Swin-T"),
+                        ("eva02_small_patch14_224", "EVA02-S/14")):
         rows = fresh_bench(name, batch, repeat)
         base = rows[0][1]
         out += [f"{title} (random init, 224×224), batch {batch}, median of {repeat} interleaved rounds after "
@@ -435,8 +463,8 @@ def cost(batch: int, repeat: int, batches: tuple[int, ...], memory_batch: int) -
                 "| step | seconds | × plain fwd+bwd |", "|---|---:|---:|"]
         out += [f"| {label.strip()} | {t:.3f} | {t / base:.2f} |" for label, t in rows]
         out += [""]
-    out += ["Capture throughput, ViT-B/16 at 224 (after a warm-up; best of 3 calls at batch 1, one call "
-            "at larger batches):", ""]
+    out += ["Per-image cost against batch size, ViT-B/16 at 224 (capture + seven maps against plain "
+            "forward+backward; interleaved rounds after a warm-up):", ""]
     out += throughput(batches)
     out += [""] + memory(memory_batch) + [""]
     return out

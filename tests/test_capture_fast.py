@@ -88,25 +88,23 @@ def test_fused_probabilities_and_gradients_equal_the_explicit_ones(monkeypatch, 
             assert np.corrcoef(a, b)[0, 1] > 0.9999, method
 
 
-def test_fused_capture_runs_scaled_dot_product_attention_and_restores_the_model(monkeypatch, vit, images32):
+def test_fused_capture_runs_scaled_dot_product_attention_and_restores_the_model(monkeypatch, images32):
     """The fused path really runs (SDPA is called once per block, the probability hooks never
     fire), and the model comes back as it was: fused flags, requires_grad, no .grad written."""
+    vit = make_vit()  # its own: no other test has run a backward pass through it
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     flags = [blk.attn.fused_attn for blk in vit.blocks]
     vit.blocks[0].attn.qkv.weight.requires_grad_(False)  # a partly frozen model stays partly frozen
-    try:
-        before = {n: p.requires_grad for n, p in vit.named_parameters()}
-        cap = vl.capture(vit, images32, progress=False)
-        assert len(calls) == len(vit.blocks)
-        assert [blk.attn.fused_attn for blk in vit.blocks] == flags
-        assert {n: p.requires_grad for n, p in vit.named_parameters()} == before
-        assert all(p.grad is None for p in vit.parameters())
-        np.testing.assert_allclose(cap["stage0"].attention.sum("key").values, 1.0, rtol=1e-5)
-    finally:
-        vit.blocks[0].attn.qkv.weight.requires_grad_(True)
+    before = {n: p.requires_grad for n, p in vit.named_parameters()}
+    cap = vl.capture(vit, images32, progress=False)
+    assert len(calls) == len(vit.blocks)
+    assert [blk.attn.fused_attn for blk in vit.blocks] == flags
+    assert {n: p.requires_grad for n, p in vit.named_parameters()} == before
+    assert all(p.grad is None for p in vit.parameters())
+    np.testing.assert_allclose(cap["stage0"].attention.sum("key").values, 1.0, rtol=1e-5)
 
 
 def test_capture_does_not_keep_the_mlp_inputs_it_rebuilds(vit, images32):

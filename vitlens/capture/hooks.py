@@ -107,7 +107,9 @@ class Recorder:
             self._saved_training = [(m, m.training) for m in model.modules()]
             model.eval()
             if not self.param_grads:  # capture needs activation gradients only: autograd saves less
-                self._saved_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+                # only what requires a gradient now (inference tensors cannot be switched back)
+                self._saved_requires_grad = [(p, True) for p in model.parameters()
+                                             if p.requires_grad and not p.is_inference()]
                 for p, _ in self._saved_requires_grad:
                     p.requires_grad_(False)
             self.fused_layers = set()
