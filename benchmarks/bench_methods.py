@@ -85,7 +85,10 @@ def bench(name: str, batch: int, repeat: int, device: str) -> list[tuple[str, fl
     maps divided by its plain forward+backward, times the median plain time.
     """
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval().to(device)
+    model = timm.create_model(name, pretrained=False)
+    if not model.num_classes:  # a headless registry config (e.g. EVA02's MIM weights): give it ImageNet's
+        model = timm.create_model(name, pretrained=False, num_classes=1000)
+    model = model.eval().to(device)
     size = model.patch_embed.img_size
     x = torch.randn(batch, 3, *size, device=device)
     target = torch.arange(batch, device=device) % model.num_classes
