@@ -36,6 +36,7 @@ from .errors import (
 from .methods import METHODS, explain, normalize, to_pixels
 from .metrics import evaluate
 from .models import load_model
+from .models.hf_headed import SimilarityHead, with_head
 from .widgets import Compare, Explorer, HeadGrid, ModelView, TokenCurves
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "ModelLoadError",
     "OptionError",
     "RandomWeightsWarning",
+    "SimilarityHead",
     "ResumeError",
     "StorageError",
     "StoreLockedError",
@@ -68,6 +70,7 @@ __all__ = [
     "methods",
     "normalize",
     "to_pixels",
+    "with_head",
     "widgets",
     "load_model",
     "metrics",

@@ -38,6 +38,24 @@ def _pooled(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def tower_stage(vision: nn.Module, input_size: tuple[int, int], num_prefix: int, name: str) -> StageInfo:
+    """The one stage of a CLIP/SigLIP vision tower (``layer_norm1``, ``self_attn``, ``layer_norm2``, ``mlp``)."""
+    layers = list(vision.encoder.layers)
+    if not layers:
+        raise UnsupportedModelError(f"{name} has no vision layers.")
+    parts = [
+        BlockPart(module=layer, norm1=layer.layer_norm1,
+                  attn=split_attention(layer.self_attn, f"{name} vision layer {i}", proj="out_proj"),
+                  norm2=layer.layer_norm2, mlp=mlp_part(layer.mlp, f"{name} vision layer {i}"))
+        for i, layer in enumerate(layers)
+    ]
+    h, w = input_size
+    p = int(vision.config.patch_size)
+    return StageInfo(index=0, parts=parts, layers=list(range(len(parts))), grid=(h // p, w // p),
+                     stride=(p, p), num_heads=parts[0].attn.num_heads, num_prefix=num_prefix,
+                     prefix_kinds=["cls"] * num_prefix)
+
+
 class ImageTextAdapter(HFAdapter):
     """Base of the image–text adapters: a pre-norm ViT vision tower scored against prompts.
 
@@ -49,21 +67,7 @@ class ImageTextAdapter(HFAdapter):
     needs_text = True
 
     def _tower(self, vision: nn.Module, num_prefix: int) -> None:
-        name = type(self.model).__name__
-        layers = list(vision.encoder.layers)
-        if not layers:
-            raise UnsupportedModelError(f"{name} has no vision layers.")
-        parts = [
-            BlockPart(module=layer, norm1=layer.layer_norm1,
-                      attn=split_attention(layer.self_attn, f"{name} vision layer {i}", proj="out_proj"),
-                      norm2=layer.layer_norm2, mlp=mlp_part(layer.mlp, f"{name} vision layer {i}"))
-            for i, layer in enumerate(layers)
-        ]
-        h, w = self.input_size
-        p = int(self.vision_config.patch_size)
-        self.stages = [StageInfo(index=0, parts=parts, layers=list(range(len(parts))), grid=(h // p, w // p),
-                                 stride=(p, p), num_heads=parts[0].attn.num_heads, num_prefix=num_prefix,
-                                 prefix_kinds=["cls"] * num_prefix)]
+        self.stages = [tower_stage(vision, self.input_size, num_prefix, type(self.model).__name__)]
         self.prompts: list[str] = []
         self.text_embeds: torch.Tensor | None = None
         self.input_ids: torch.Tensor | None = None

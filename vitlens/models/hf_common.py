@@ -278,8 +278,8 @@ def _refusal() -> None:
     register_refusal(
         _any_transformers_model,
         "this transformers class (a model without class or image-text logits, or a family vitlens has no "
-        "adapter for; a vision-only CLIP/SigLIP tower has no logits: load the full CLIPModel/SiglipModel "
-        "and pass text=[...])",
+        "adapter for; give a headless ViTModel, DeiTModel, Dinov2Model, CLIPVisionModel or SiglipVisionModel "
+        "a head with vl.with_head(model, head), or load the full CLIPModel/SiglipModel and pass text=[...])",
         ", ".join(SUPPORTED),
     )
 

@@ -74,7 +74,7 @@ class ProbePoolReadout(Readout):
         f = p.mlp(hidden)
         pooled = (y + f)[:, 0]
         r_top = torch.zeros_like(y)
-        r_top[:, 0] = linear_alphabeta(pooled, self.head.weight, onehot)
+        r_top[:, 0] = self.head_relevance(pooled, onehot)
         r_y, r_f = residual_add(y, f, r_top)
         mlp = MlpPart(p.mlp, "plain", LinearPart(p.mlp.fc2), fc1=LinearPart(p.mlp.fc1))
         r_y = r_y.add_(mlp.relevance(hidden, r_f, {"fc2": (p.mlp.activation_fn(p.mlp.fc1(hidden)), f)}))

@@ -35,14 +35,21 @@ from .lrp_rules import linear_alphabeta, mean_lrp0
 from .parts import BlockPart, Readout
 from .registry import register_adapter
 
-#: class name -> (backbone attribute, layers path inside the backbone, names of norm1/attention/norm2, layer scales)
+#: headless backbone class -> (layers path inside it, names of norm1/attention/norm2, layer scales)
+BACKBONES = {
+    "ViTModel": ("layers", ("layernorm_before", "attention", "layernorm_after"), None),
+    "DeiTModel": ("layers", ("layernorm_before", "attention", "layernorm_after"), None),
+    "Dinov2Model": ("encoder.layer", ("norm1", "attention", "norm2"), ("layer_scale1", "layer_scale2")),
+    "Dinov2WithRegistersModel": ("encoder.layer", ("norm1", "attention", "norm2"), ("layer_scale1", "layer_scale2")),
+}
+
+#: classifier class name -> the attribute holding its backbone (one of :data:`BACKBONES`)
 _LAYOUTS = {
-    "ViTForImageClassification": ("vit", "layers", ("layernorm_before", "attention", "layernorm_after"), None),
-    "DeiTForImageClassification": ("deit", "layers", ("layernorm_before", "attention", "layernorm_after"), None),
-    "DeiTForImageClassificationWithTeacher": ("deit", "layers", ("layernorm_before", "attention", "layernorm_after"), None),
-    "Dinov2ForImageClassification": ("dinov2", "encoder.layer", ("norm1", "attention", "norm2"), ("layer_scale1", "layer_scale2")),
-    "Dinov2WithRegistersForImageClassification": ("dinov2_with_registers", "encoder.layer", ("norm1", "attention", "norm2"),
-                                                  ("layer_scale1", "layer_scale2")),
+    "ViTForImageClassification": "vit",
+    "DeiTForImageClassification": "deit",
+    "DeiTForImageClassificationWithTeacher": "deit",
+    "Dinov2ForImageClassification": "dinov2",
+    "Dinov2WithRegistersForImageClassification": "dinov2_with_registers",
 }
 
 
@@ -71,6 +78,51 @@ def _get(module: nn.Module, path: str) -> nn.Module:
     return module
 
 
+def prefix_kinds(backbone: nn.Module) -> list[str]:
+    """The tokens before the patch grid: CLS, then DeiT's distillation token or DINOv2's registers."""
+    kinds = ["cls"]
+    if getattr(backbone.embeddings, "distillation_token", None) is not None:
+        kinds.append("dist")
+    return kinds + ["register"] * int(getattr(backbone.config, "num_register_tokens", 0) or 0)
+
+
+def vit_stage(backbone: nn.Module, input_size: tuple[int, int], name: str) -> StageInfo:
+    """The one stage of a ViT/DeiT/DINOv2 backbone (one of :data:`BACKBONES`) at ``input_size``."""
+    layers_path, (n1, att, n2), scales = BACKBONES[type(backbone).__name__]
+    try:
+        layers = list(_get(backbone, layers_path))
+    except AttributeError:
+        import transformers
+
+        raise UnsupportedModelError(
+            f"{name}: no {layers_path} in its {type(backbone).__name__}; vitlens explains the module layout of "
+            f"transformers >= 5 (installed: {transformers.__version__}); upgrade transformers."
+        ) from None
+    if not layers:
+        raise UnsupportedModelError(f"{name} has no transformer layers.")
+    parts = []
+    for i, layer in enumerate(layers):
+        where = f"{name} layer {i}"
+        parts.append(BlockPart(
+            module=layer,
+            norm1=getattr(layer, n1),
+            attn=split_attention(getattr(layer, att), where),
+            norm2=getattr(layer, n2),
+            mlp=mlp_part(layer.mlp, where),
+            ls1=layer_scale(getattr(layer, scales[0])) if scales else None,
+            ls2=layer_scale(getattr(layer, scales[1])) if scales else None,
+        ))
+    cfg = backbone.config
+    kinds = prefix_kinds(backbone)
+    h, w = input_size
+    p = cfg.patch_size
+    patch = (int(p[0]), int(p[1])) if isinstance(p, (list, tuple)) else (int(p), int(p))
+    if h % patch[0] or w % patch[1]:
+        raise UnsupportedModelError(f"{name}: {h}x{w} inputs are not tiled by {patch[0]}x{patch[1]} patches.")
+    return StageInfo(index=0, parts=parts, layers=list(range(len(parts))), grid=(h // patch[0], w // patch[1]),
+                     stride=patch, num_heads=parts[0].attn.num_heads, num_prefix=len(kinds), prefix_kinds=kinds)
+
+
 @register_adapter
 class HFViTAdapter(HFAdapter):
     """``transformers`` ViT, DeiT and DINOv2 image classifiers."""
@@ -80,55 +132,10 @@ class HFViTAdapter(HFAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        name = type(model).__name__
-        backbone_name, layers_path, (n1, att, n2), scales = _LAYOUTS[name]
-        backbone = getattr(model, backbone_name)
-        try:
-            layers = list(_get(backbone, layers_path))
-        except AttributeError:
-            import transformers
-
-            raise UnsupportedModelError(
-                f"{name}: no {backbone_name}.{layers_path}; vitlens explains the module layout of "
-                f"transformers >= 5 (installed: {transformers.__version__}); upgrade transformers."
-            ) from None
-        if not layers:
-            raise UnsupportedModelError(f"{name} has no transformer layers.")
-        parts = []
-        for i, layer in enumerate(layers):
-            where = f"{name} layer {i}"
-            parts.append(BlockPart(
-                module=layer,
-                norm1=getattr(layer, n1),
-                attn=split_attention(getattr(layer, att), where),
-                norm2=getattr(layer, n2),
-                mlp=mlp_part(layer.mlp, where),
-                ls1=layer_scale(getattr(layer, scales[0])) if scales else None,
-                ls2=layer_scale(getattr(layer, scales[1])) if scales else None,
-            ))
-        cfg = model.config
-        emb = backbone.embeddings
-        kinds = ["cls"]
-        if getattr(emb, "distillation_token", None) is not None:
-            kinds.append("dist")
-        kinds += ["register"] * int(getattr(cfg, "num_register_tokens", 0) or 0)
+        backbone = getattr(model, _LAYOUTS[type(model).__name__])
+        self.stages = [vit_stage(backbone, self.input_size, type(model).__name__)]
         self.final = backbone.layernorm
-        self.head = self._readout(model, len(kinds))
-        h, w = self.input_size
-        p = cfg.patch_size
-        patch = (int(p[0]), int(p[1])) if isinstance(p, (list, tuple)) else (int(p), int(p))
-        if h % patch[0] or w % patch[1]:
-            raise UnsupportedModelError(f"{name}: {h}x{w} inputs are not tiled by {patch[0]}x{patch[1]} patches.")
-        self.stages = [StageInfo(
-            index=0,
-            parts=parts,
-            layers=list(range(len(parts))),
-            grid=(h // patch[0], w // patch[1]),
-            stride=patch,
-            num_heads=parts[0].attn.num_heads,
-            num_prefix=len(kinds),
-            prefix_kinds=kinds,
-        )]
+        self.head = self._readout(model, self.stages[0].num_prefix)
 
     @staticmethod
     def _readout(model: nn.Module, num_prefix: int) -> Readout:

@@ -36,8 +36,9 @@ def load_model(
         A shipped model (``"vit-shapes"``, ``"swin-shapes"``; see
         ``vl.models.available()``), any timm model name of the ViT/DeiT/Swin
         families, ``"hf:<repo id or directory>"`` for a Hugging Face
-        ``transformers`` model (see :mod:`vitlens.models.hf_loading`), or an
-        ``nn.Module`` (checked and returned as it is).
+        ``transformers`` model (see :mod:`vitlens.models.hf_loading`; a headless
+        backbone such as ``ViTModel`` loads too, to be given a head with
+        :func:`vitlens.with_head`), or an ``nn.Module`` (checked and returned as it is).
     pretrained
         For timm names: ``True`` loads timm's pretrained weights (needs a
         network or a filled Hugging Face cache; without a network it fails
@@ -73,8 +74,11 @@ def load_model(
     if name.startswith("hf:"):  # Hugging Face transformers (optional extra)
         from .hf_loading import load_hf_model
 
+        from .hf_headed import POOLS
+
         model = load_hf_model(name, num_classes=num_classes, **timm_kwargs)
-        adapter_for(model)
+        if type(model).__name__ not in POOLS:  # a headless backbone is explained once it has a head: vl.with_head
+            adapter_for(model)
         return model.to(_device(device))
     from .. import zoo
 

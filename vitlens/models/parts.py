@@ -411,15 +411,24 @@ class Readout:
     """
 
     kind: str
-    head: nn.Linear
+    head: nn.Module
     fc_norm: nn.Module = field(default_factory=_identity)
     start: int = 0
     head_dist: nn.Linear | None = None
     pool: nn.Module | None = None
+    #: the LRP rule of ``head`` when it is not one Linear: ``(head input (B, C), relevance at the logits) ->
+    #: relevance at the head input`` (e.g. a user's head, :mod:`vitlens.models.hf_headed`)
+    head_rule: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in READOUTS:
             raise ValueError(f"read-out {self.kind!r}; one of {READOUTS}")
+
+    def head_relevance(self, z: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+        """Relevance on the head's input ``z`` from ``relevance`` at the logits: αβ through the head's Linear."""
+        if self.head_rule is not None:
+            return self.head_rule(z, relevance)
+        return linear_alphabeta(z, self.head.weight, relevance)
 
     def pool_weights(self, tokens: torch.Tensor) -> torch.Tensor:
         """Attention pool: each token's weight in the pooled vector, mean over heads and latents, (B, N)."""
@@ -486,16 +495,16 @@ class Readout:
                 r[:, 0] = linear_alphabeta(tokens[:, 0], head.weight, r0)
                 r[:, 1] = linear_alphabeta(tokens[:, 1], self.head_dist.weight, r1)
                 return r
-            r[:, 0] = linear_alphabeta(self.fc_norm(tokens[:, 0]), head.weight, onehot)
+            r[:, 0] = self.head_relevance(self.fc_norm(tokens[:, 0]), onehot)
             return r
         start = 0 if self.kind == "avg_with_prefix" else self.start
         x = tokens[:, start:]
         if self.kind == "map":
             pooled = self.pool(x) if self.pool is not None else x.mean(1)
-            r_pooled = linear_alphabeta(self.fc_norm(pooled), head.weight, onehot)
+            r_pooled = self.head_relevance(self.fc_norm(pooled), onehot)
             r[:, start:] = self._pool_relevance(x, r_pooled)
             return r
-        r_pooled = linear_alphabeta(self.fc_norm(x.mean(1)), head.weight, onehot)
+        r_pooled = self.head_relevance(self.fc_norm(x.mean(1)), onehot)
         r[:, start:] = mean_lrp0(x, r_pooled, dim=1)
         return r
 
