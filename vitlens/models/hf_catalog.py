@@ -54,6 +54,10 @@ def _config(transformers: Any, name: str) -> Any:
                                        window_size=4, mlp_ratio=2)
     text = dict(vocab_size=100, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                 **_TOWER)
+    if name == "CLIPVisionModel":
+        return transformers.CLIPVisionConfig(**_TOWER, **_IMAGE)
+    if name == "SiglipVisionModel":
+        return transformers.SiglipVisionConfig(**_TOWER, **_IMAGE)
     if name == "CLIPModel":
         return transformers.CLIPConfig(text_config=text, vision_config={**_TOWER, **_IMAGE}, projection_dim=16)
     if name == "SiglipModel":
@@ -61,19 +65,32 @@ def _config(transformers: Any, name: str) -> Any:
     raise KeyError(name)
 
 
-def classes() -> list[str]:
-    """Every transformers class an adapter explains, in registry order."""
-    from .hf_common import HFAdapter
+#: how a headless backbone given a head by :func:`vitlens.with_head` is named in the table
+HEADED = " + vl.with_head"
 
-    return [c for a in adapters() if issubclass(a, HFAdapter) for c in a.classes]
+
+def classes() -> list[str]:
+    """Every transformers class an adapter explains, in registry order, then the headless backbones."""
+    from .hf_common import HFAdapter
+    from .hf_headed import POOLS
+
+    return [c for a in adapters() if issubclass(a, HFAdapter) for c in a.classes] + [b + HEADED for b in POOLS]
 
 
 def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor | None]:
-    """A tiny random ``name`` (weights drawn wide enough for non-uniform attention) and its prompts."""
+    """A tiny random ``name`` (weights drawn wide enough for non-uniform attention) and its prompts.
+
+    ``"<backbone> + vl.with_head"`` is the headless backbone with a random Linear head on its default pool.
+    """
     import transformers
 
     torch.manual_seed(seed)
-    model = getattr(transformers, name)(_config(transformers, name)).eval()
+    backbone = name.removesuffix(HEADED)
+    model = getattr(transformers, backbone)(_config(transformers, backbone)).eval()
+    if backbone != name:  # a linear probe on the default pool
+        from .hf_headed import with_head
+
+        model = with_head(model, nn.Linear(int(model.config.hidden_size), 4))
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if p.ndim >= 2:
@@ -158,7 +175,8 @@ def section() -> str:
     ok = sum(r.status == "explained" for r in results)
     lines = ["", "## transformers classes", "",
              f"Generated the same way by `vitlens.models.hf_catalog` (transformers {transformers.__version__}): "
-             "each class every transformers adapter lists, built from a tiny config (2 blocks per stage, 32 px), "
+             "each class every transformers adapter lists, and each headless backbone with a random Linear head "
+             "(`vl.with_head`), built from a tiny config (2 blocks per stage, 32 px), "
              "random init; image-text models against three token-id prompts. "
              f"**{ok} of {len(results)} classes explained.**", "",
              "| class | family | status | LRP leak | reason |", "|---|---|---|---:|---|"]
