@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     _atomic_write(Path(args.out), report(results) + transformers_rows())
     if args.limit is None:
         _atomic_write(ROOT / "benchmarks" / "coverage_subset.json", json.dumps(subset(results), indent=1) + "\n")
+    if args.cache:  # the run is complete: the next one starts afresh (a stale cache kept old results)
+        Path(args.cache).unlink(missing_ok=True)
     c = Counter(r["status"] for r in results)
     print(f"{c['explained']}/{len(results)} explained, {c['refused']} refused, {c['failed']} failed "
           f"in {time.perf_counter() - t0:.0f}s -> {args.out}")

@@ -22,6 +22,7 @@ from test_hf_siglip import IDS, make_siglip  # noqa: E402
 from vitlens.capture.hooks import Recorder  # noqa: E402
 from vitlens.capture.relevance import attention_relevance  # noqa: E402
 from vitlens.models import adapter_for  # noqa: E402
+from vitlens.models.hf_catalog import spread_weights  # noqa: E402
 from vitlens.models.hf_clip import save_random_clip  # noqa: E402
 from vitlens.models.hf_headed import head_relevance  # noqa: E402
 
@@ -30,13 +31,7 @@ CLASS_SPECIFIC = tuple(name for name, info in vl.methods.METHOD_INFO.items() if 
 
 def _spread(module: nn.Module, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.3)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return module.eval()
+    return spread_weights(module).eval()
 
 
 def _processor():

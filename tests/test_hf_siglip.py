@@ -15,6 +15,7 @@ from vitlens.capture.hooks import Recorder  # noqa: E402
 from vitlens.capture.relevance import attention_relevance  # noqa: E402
 from vitlens.capture.text import bind_text  # noqa: E402
 from vitlens.models import adapter_for, hf_common  # noqa: E402
+from vitlens.models.hf_catalog import spread_weights  # noqa: E402
 
 CLASS_SPECIFIC = tuple(name for name, info in vl.methods.METHOD_INFO.items() if info.class_specific)
 
@@ -26,13 +27,7 @@ def make_siglip(seed: int = 0) -> torch.nn.Module:
                                                      eos_token_id=2, pad_token_id=0, **tower),
                                     vision_config=dict(image_size=32, patch_size=8, **tower))
     torch.manual_seed(seed)
-    model = transformers.SiglipModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.3)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
+    model = spread_weights(transformers.SiglipModel(cfg).eval())
     model.vitlens_image_processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
     return model
 

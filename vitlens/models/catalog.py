@@ -74,7 +74,27 @@ def build(name: str, seed: int = 0) -> nn.Module:
         kwargs.pop("depth", None)
         kwargs.pop("depths", None)
         model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    except AssertionError as exc:  # per-block key/value heads (Sapiens2): one entry per block
+        if "num_kv_heads" not in str(exc):
+            raise
+        model = timm.create_model(name, pretrained=False, **kwargs, **kv_heads_kwargs(name)).eval()
     return switch_on(model, seed)
+
+
+def kv_heads_kwargs(name: str, heads: int = 4) -> dict[str, Any]:
+    """A narrow ``name`` with :data:`DEPTH` blocks and the full-size model's key/value-head pattern.
+
+    The full-size model is built on the meta device (no memory) to read each block's
+    key/value heads per query head; the small one gets the first block's ratio and then the
+    smallest, so it has a grouped-query block exactly when the full-size model has one.
+    """
+    import timm
+
+    with torch.device("meta"):
+        full = timm.create_model(name, pretrained=False)
+    ratios = [int(getattr(b.attn, "num_kv_heads", b.attn.num_heads)) / int(b.attn.num_heads) for b in full.blocks]
+    kv = [max(1, round(heads * ratios[0]))] * (DEPTH - 1) + [max(1, round(heads * min(ratios)))]
+    return dict(embed_dim=16 * heads, num_heads=heads, num_kv_heads=tuple(kv))
 
 
 def switch_on(model: nn.Module, seed: int = 0) -> nn.Module:

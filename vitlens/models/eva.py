@@ -66,7 +66,12 @@ def eva_attention(attn: nn.Module, where: str) -> AttentionPart:
     if getattr(attn, "gate", None) is not None:
         raise UnsupportedModelError(f"{where} has gated attention (a sigmoid gate on the heads), which vitlens cannot explain.")
     if int(getattr(attn, "num_kv_heads", attn.num_heads)) != int(attn.num_heads):
-        raise UnsupportedModelError(f"{where} uses grouped-query attention (fewer key/value heads than query heads).")
+        raise UnsupportedModelError(
+            f"{where} uses grouped-query attention ({attn.num_kv_heads} key/value heads for {attn.num_heads} query "
+            "heads), which vitlens cannot explain yet; vitlens explains models whose blocks all keep one key/value "
+            "head per query head, e.g. vit_base_patch16_sapiens2 (Sapiens2 keeps full attention in its first and "
+            "last 8 blocks, which is every block of the 0.1B model)."
+        )
     if attn.qkv is not None:
         extra = _qkv_bias(attn) if getattr(attn, "q_bias", None) is not None else None
         maps = dict(qkv=LinearPart(attn.qkv, extra_bias=extra))

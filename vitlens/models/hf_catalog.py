@@ -77,6 +77,22 @@ def classes() -> list[str]:
     return [c for a in adapters() if issubclass(a, HFAdapter) for c in a.classes] + [b + HEADED for b in POOLS]
 
 
+def spread_weights(model: nn.Module, std: float = 0.3, bias_std: float = 0.1) -> nn.Module:
+    """Redraw weight matrices with standard deviation ``std`` and biases with ``bias_std``, in place.
+
+    transformers' 0.02-std initialisation makes every attention map nearly uniform and
+    leaves biases at zero: tests and the coverage check want weights that make a difference.
+    Draws from torch's global generator (seed it first).
+    """
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, std)
+            elif pname.endswith("bias"):
+                p.normal_(0.0, bias_std)
+    return model
+
+
 def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor | None]:
     """A tiny random ``name`` (weights drawn wide enough for non-uniform attention) and its prompts.
 
@@ -91,12 +107,7 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor | None]:
         from .hf_headed import with_head
 
         model = with_head(model, nn.Linear(int(model.config.hidden_size), 4))
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.3)
-            elif pname.endswith("bias"):
-                p.normal_(0.0, 0.1)
+    spread_weights(model)
     model.vitlens_image_processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
     text = None
     if getattr(adapter_for(model), "needs_text", False):
