@@ -329,23 +329,6 @@ FIT_JS = """() => {
 }"""
 
 
-def check_stale_width_heals(page) -> None:
-    """A figure drawn at a width that is already stale resizes itself after that redraw.
-
-    Simulated: the drawn width is halved behind plotly's back, then a redraw is announced
-    (``plotly_afterplot``); no resize event follows, as when the kernel's update is drawn
-    while the page is still laying out a resize. The widget's own check must resize it.
-    """
-    sel = ".vitlens-head-grid .js-plotly-plot"
-    page.locator(sel).scroll_into_view_if_needed()
-    page.evaluate("""(sel) => { const gd = document.querySelector(sel);
-        gd._fullLayout.width = Math.round(gd._fullLayout.width / 2); gd.emit('plotly_afterplot'); }""", sel)
-    page.wait_for_function("""(sel) => { const gd = document.querySelector(sel);
-        const want = parseFloat(getComputedStyle(gd).width), svg = gd.querySelector('.main-svg');
-        return Math.abs(gd._fullLayout.width - want) <= 1 && Math.abs(svg.getBoundingClientRect().width - want) <= 1;
-    }""", arg=sel, timeout=TIMEOUT_MS)
-
-
 def check_fit(page, label: str) -> None:
     """Every figure fits its output area (and fills most of it); colour bars inside; labels whole."""
     page.wait_for_function(f"() => ({FIT_JS})().plots.length >= {PLOTS}", timeout=TIMEOUT_MS * 2)
@@ -366,7 +349,7 @@ def check_fit(page, label: str) -> None:
                 pass
     found = page.evaluate(FIT_JS)
     plots = found["plots"]
-    if any(not (p["fig"] <= p["area"] + 1) for p in plots):
+    if any(not (0.85 * p["area"] <= p["fig"] <= p["area"] + 1) for p in plots):
         # a figure did not follow its area (it happened about once in ten CI runs): ask plotly to
         # resize it once more and record what it did, for the failure message below
         probe = page.evaluate("""async () => {
@@ -377,7 +360,8 @@ def check_fit(page, label: str) -> None:
             const rec = {before: gd._fullLayout && gd._fullLayout.width, svg: svg && svg.getBoundingClientRect().width,
                          timer: !!gd._redrawTimer, resolve: !!gd._resolveResize, promises: (gd._promises || []).length,
                          transitioning: !!gd._transitioning, events: []};
-            if (rec.svg <= gd.getBoundingClientRect().width + 1) continue;
+            const w = gd.getBoundingClientRect().width;
+            if (rec.svg <= w + 1 && rec.svg >= 0.85 * w) continue;
             const log = (n) => (e) => rec.events.push(n);
             gd.on('plotly_relayout', log('relayout')); gd.on('plotly_afterplot', log('afterplot'));
             gd.on('plotly_autosize', log('autosize'));
@@ -392,7 +376,7 @@ def check_fit(page, label: str) -> None:
           return out;
         }""")
         for p in plots:
-            if not p["fig"] <= p["area"] + 1:
+            if not 0.85 * p["area"] <= p["fig"] <= p["area"] + 1:
                 p["probe"] = probe
     widths = ", ".join(f"{p['widget'].removeprefix('vitlens-')} {p['fig']:.0f}/{p['area']:.0f}" for p in plots)
     WIDTHS.append(f"{label}: figure/output width px: {widths}")
@@ -513,7 +497,6 @@ def test_widgets_in_jupyterlab_wide_then_narrow(page_factory, lab, latency_lines
         page.set_viewport_size(NARROW)  # the figures follow the window
         check_fit(page, "JupyterLab narrow")
         screenshot(page, lab, "jupyterlab-narrow")
-        check_stale_width_heals(page)
         report("JupyterLab", latency_lines)
     problems.check()
 

@@ -61,27 +61,12 @@ export default () => {
       const cleanup = await w.render(context);
       // Follow the output area's width (a side panel opened, the window resized, the
       // view attached after it was drawn): plotly's own responsive handler re-measures.
-      // A redraw can also land on a width that is already stale (the kernel's update
-      // drawn while the page was still laying out a resize), and then no further resize
-      // event comes: after every redraw, compare the drawn width with the element's and
-      // resize again if they differ (a few times at most, so a width plotly cannot reach
-      // never loops).
-      let tries = 0;
-      const fit = () => {
-        const full = el._fullLayout;
-        if (!full || !el.layout || el.layout.width || !el._responsiveChartHandler) return;  // fixed width
-        const want = parseFloat(getComputedStyle(el).width);
-        if (!(want > 0) || Math.abs(full.width - want) <= 1) { tries = 0; return; }
-        if (tries++ < 3) el._responsiveChartHandler();
-      };
-      const observer = new ResizeObserver(() => { tries = 0; fit(); });
+      const observer = new ResizeObserver(() => {
+        if (el._responsiveChartHandler) el._responsiveChartHandler();
+      });
       observer.observe(el);
-      if (el.parentElement) observer.observe(el.parentElement);
-      const afterplot = () => requestAnimationFrame(fit);
-      if (typeof el.on === "function") el.on("plotly_afterplot", afterplot);
       return () => {
         observer.disconnect();
-        if (typeof el.removeListener === "function") el.removeListener("plotly_afterplot", afterplot);
         if (typeof cleanup === "function") cleanup();
       };
     },
