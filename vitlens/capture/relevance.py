@@ -135,7 +135,7 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, 
                     r_child = r.sum(-1).reshape(r.shape[0], *stage.grid)  # (B, h, w) per merged token
                     r = merge.relevance(x, r.reshape(r.shape[0], *stage.grid, -1))
                     # each parent's share of its merged token's relevance (for merge="lrp")
-                    child = r_child.repeat_interleave(2, 1).repeat_interleave(2, 2)
+                    child = r_child.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, : x.shape[1], : x.shape[2]]
                     share = r.sum(-1) / child.abs().clamp_min(1e-12).copysign(child)
                     rec.merge_shares[stage.index - 1] = share.masked_fill(child == 0, 0.25).flatten(1)
                     r = r.reshape(r.shape[0], -1, r.shape[-1])

@@ -1,9 +1,30 @@
-"""Swin windows: where each window position sits in the stage grid, and the layout maps."""
+"""Swin windows: where each window position sits in the stage grid, and the layout maps.
+
+A grid that is not a multiple of the window is padded at the bottom and right
+after the cyclic shift (timm's order: roll, then pad, then partition). Padded
+positions hold no token: :func:`window_tokens` marks them :data:`PAD`,
+:func:`to_windows` fills them with zeros and :func:`from_windows` drops them.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+#: ``window_token`` entry of a padded window position (no token of the grid).
+PAD = -1
+
+
+def padded_size(grid: tuple[int, int], window: tuple[int, int]) -> tuple[int, int]:
+    """The grid rounded up to whole windows.
+
+    Examples
+    --------
+    >>> padded_size((14, 7), (4, 7))
+    (16, 7)
+    """
+    return (-(-grid[0] // window[0]) * window[0], -(-grid[1] // window[1]) * window[1])
 
 
 def window_tokens(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> np.ndarray:
@@ -11,7 +32,8 @@ def window_tokens(grid: tuple[int, int], window: tuple[int, int], shift: tuple[i
 
     Returns an int array ``(num_windows, window_h * window_w)``: entry ``[w, p]`` is
     the token that sits at position ``p`` of window ``w`` after the cyclic shift by
-    ``-shift`` (timm's ``torch.roll(x, -shift)`` followed by window partition).
+    ``-shift`` (timm's ``torch.roll(x, -shift)`` followed by window partition), or
+    :data:`PAD` where the window hangs over the grid's bottom or right edge.
 
     Examples
     --------
@@ -19,45 +41,60 @@ def window_tokens(grid: tuple[int, int], window: tuple[int, int], shift: tuple[i
     [0, 1, 4, 5]
     >>> window_tokens((4, 4), (2, 2), (1, 1))[0].tolist()
     [5, 6, 9, 10]
+    >>> window_tokens((3, 3), (2, 2), (0, 0))[3].tolist()
+    [8, -1, -1, -1]
     """
     gh, gw = grid
     mh, mw = window
-    ids = np.arange(gh * gw).reshape(gh, gw)
-    rolled = np.roll(ids, shift=(-shift[0], -shift[1]), axis=(0, 1))
-    blocks = rolled.reshape(gh // mh, mh, gw // mw, mw).transpose(0, 2, 1, 3)
+    ph, pw = padded_size(grid, window)
+    ids = np.roll(np.arange(gh * gw).reshape(gh, gw), shift=(-shift[0], -shift[1]), axis=(0, 1))
+    ids = np.pad(ids, ((0, ph - gh), (0, pw - gw)), constant_values=PAD)
+    blocks = ids.reshape(ph // mh, mh, pw // mw, mw).transpose(0, 2, 1, 3)
     return blocks.reshape(-1, mh * mw)
 
 
 def to_windows(x: torch.Tensor, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
-    """(B, H, W, C) → (B·nW, M², C) after the cyclic shift, as timm's Swin does.
+    """(B, H, W, C) → (B·nW, M², C) after the cyclic shift and zero padding, as timm's Swin does.
 
     Examples
     --------
     >>> x = torch.arange(16.0).reshape(1, 4, 4, 1)
     >>> to_windows(x, (2, 2), (1, 1))[0, :, 0].tolist()
     [5.0, 6.0, 9.0, 10.0]
+    >>> to_windows(torch.ones(1, 3, 3, 1), (2, 2), (0, 0))[3, :, 0].tolist()
+    [1.0, 0.0, 0.0, 0.0]
     """
     b, h, w, c = x.shape
     if any(shift):
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     mh, mw = window
-    x = x.reshape(b, h // mh, mh, w // mw, mw, c).permute(0, 1, 3, 2, 4, 5)
+    ph, pw = padded_size((h, w), window)
+    if (ph, pw) != (h, w):
+        x = F.pad(x, (0, 0, 0, pw - w, 0, ph - h))
+    x = x.reshape(b, ph // mh, mh, pw // mw, mw, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, mh * mw, c)
 
 
 def from_windows(xw: torch.Tensor, window: tuple[int, int], shift: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`to_windows` (also its transpose: it is a permutation).
+    """Inverse of :func:`to_windows` on the grid's own positions (also its transpose:
+    a permutation of the tokens, with the padded positions dropped).
 
     Examples
     --------
     >>> x = torch.randn(2, 4, 4, 3)
     >>> bool(torch.equal(from_windows(to_windows(x, (2, 2), (1, 1)), (2, 2), (1, 1), (4, 4)), x))
     True
+    >>> y = torch.randn(1, 5, 3, 2)
+    >>> bool(torch.equal(from_windows(to_windows(y, (2, 2), (1, 1)), (2, 2), (1, 1), (5, 3)), y))
+    True
     """
     h, w = hw
     mh, mw = window
+    ph, pw = padded_size(hw, window)
     c = xw.shape[-1]
-    x = xw.reshape(-1, h // mh, w // mw, mh, mw, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+    x = xw.reshape(-1, ph // mh, pw // mw, mh, mw, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ph, pw, c)
+    if (ph, pw) != (h, w):
+        x = x[:, :h, :w]
     if any(shift):
         x = torch.roll(x, shifts=shift, dims=(1, 2))
     return x

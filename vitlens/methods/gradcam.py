@@ -82,8 +82,11 @@ def gradcam(
     g = last.tensor("features_grad")[:, last.num_prefix :]
     cam = (g.mean(1, keepdim=True) * f).sum(-1).clamp(min=0).reshape(-1, *last.grid)
     values = cam
-    if last.grid != cv.stages[0].grid:  # Swin: bilinear onto the first-stage grid
+    first = cv.stages[0]
+    if last.grid != first.grid:  # Swin: bilinear onto the first-stage grid (cropped where a
+        # merged odd grid hangs over the image edge)
+        fy, fx = (a // b for a, b in zip(last.stride, first.stride, strict=True))
         values = torch.nn.functional.interpolate(
-            cam[:, None], size=cv.stages[0].grid, mode="bilinear", align_corners=False
-        )[:, 0]
+            cam[:, None], size=(last.grid[0] * fy, last.grid[1] * fx), mode="bilinear", align_corners=False
+        )[:, 0, : first.grid[0], : first.grid[1]]
     return token_map(cv, values, "gradcam", {"on": on})

@@ -19,7 +19,7 @@ import xarray as xr
 from ..errors import OptionError
 from .maps import finish, token_map
 from .operators import (CaptureView, HeadSelection, StageView, Step, heads_for, identity_baseline,
-                        resolve_identity_path, select_layers, view)
+                        onto_grid, resolve_identity_path, select_layers, view, with_spare)
 from .registry import METHOD_INFO, register_method
 
 STATS = ("std", "mean", "var", "norm")
@@ -77,6 +77,9 @@ def fuse_heads(stage: StageView, layer: int, heads: HeadSelection, head_fusion: 
     ent = -(a * a.clamp_min(1e-12).log()).sum(-1) / math.log(a.shape[-1])
     if stage.num_prefix and not stage.windowed:
         ent_h = ent[..., 0]
+    elif stage.windowed:  # the mean over the query rows of real tokens (not padding)
+        valid = stage.window_valid(layer).to(ent.dtype)
+        ent_h = (ent * valid).flatten(2).sum(-1) / valid.sum()
     else:
         ent_h = ent.flatten(2).mean(-1)
     w = (1 - ent_h).clamp_min(0)  # (B, H)
@@ -93,8 +96,8 @@ def fused_operator(stage: StageView, layer: int, f: torch.Tensor, s: torch.Tenso
     plain row sum.
     """
     if stage.windowed:
-        wt = stage.window_token[stage.layer_index(layer)]
-        sk = s[:, wt][:, :, None, :]  # (B, nW, 1, M²): statistic of each key in its window
+        sk = with_spare(s)[:, stage.window_index(layer)][:, :, None, :]  # (B, nW, 1, M²): statistic of
+        # each key in its window; 0 at padding, so a padded key takes no share of its row
     else:
         sk = s[:, None, :]
     m = f * sk
@@ -230,12 +233,10 @@ def statistic_maps(
     _check(stat, stat_norm, "mean")
     cv = view(cap)
     chosen = select_layers(cv, layers)
-    gh, gw = cv.stages[0].grid
     maps = []
     for l in chosen:
         stage = cv.stage_of(l)
         s = token_statistic(stage, l, stat, stat_norm)[:, stage.num_prefix :].reshape(-1, *stage.grid)
-        f = gh // stage.grid[0]
-        maps.append(s.repeat_interleave(f, 1).repeat_interleave(f, 2))
+        maps.append(onto_grid(s, stage, cv.stages[0]))
     options = {"stat": stat, "stat_norm": stat_norm, "layers": chosen}
     return token_map(cv, torch.stack(maps, 1), "lnstat_statistic", options, chosen)

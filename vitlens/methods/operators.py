@@ -62,6 +62,33 @@ class StageView:
     def layer_index(self, layer: int) -> int:
         return self.layers.index(layer)
 
+    @property
+    def stride(self) -> tuple[int, int]:
+        """Input pixels per token along (y, x)."""
+        return tuple(int(v) for v in self.ds.attrs["stride"])  # type: ignore[return-value]
+
+    def window_index(self, layer: int) -> torch.Tensor:
+        """``window_token`` at ``layer`` with padded positions sent to the spare slot ``num_tokens``.
+
+        Gathering from a row with one zero appended (:func:`with_spare`) gives a
+        padded position nothing; scattering into it and dropping the spare slot
+        throws away what a padded key received.
+        """
+        key = f"window_index/{layer}"
+        if key not in self._cache:
+            wt = self.window_token[self.layer_index(layer)]
+            self._cache[key] = torch.where(wt < 0, self.num_tokens, wt)
+        return self._cache[key]
+
+    def window_valid(self, layer: int) -> torch.Tensor:
+        """(nW, M²) bool: which window positions hold a token (not padding)."""
+        return self.window_token[self.layer_index(layer)] >= 0
+
+
+def with_spare(x: torch.Tensor) -> torch.Tensor:
+    """(B, N) → (B, N + 1) with a zero in the spare slot that padded window positions point to."""
+    return torch.nn.functional.pad(x, (0, 1))
+
 
 @dataclass
 class CaptureView:
@@ -205,11 +232,12 @@ def apply_row(stage: StageView, step: Step, r: torch.Tensor) -> torch.Tensor:
     if step.pre is not None:
         r = r * step.pre.to(r.dtype)
     if stage.windowed:
-        wt = stage.window_token[stage.layer_index(step.layer)]  # (nW, M²)
-        rw = r[:, wt]  # (B, nW, M²): r gathered into window layout
+        wt = stage.window_index(step.layer)  # (nW, M²); padding → the spare slot N
+        rw = with_spare(r)[:, wt]  # (B, nW, M²): r gathered into window layout (0 at padding)
         prod = torch.einsum("bwq,bwqk->bwk", rw, x)
-        g = torch.zeros_like(r)
+        g = r.new_zeros(r.shape[0], r.shape[1] + 1)
         g[:, wt.reshape(-1)] = prod.reshape(r.shape[0], -1)  # windows tile the grid exactly once
+        g = g[:, :-1]  # what padded keys received belongs to no token
     else:
         g = torch.einsum("bq,bqk->bk", r, x)
     if step.post is not None:
@@ -217,16 +245,19 @@ def apply_row(stage: StageView, step: Step, r: torch.Tensor) -> torch.Tensor:
     return step.alpha * r + step.beta * g
 
 
-def merge_row(r: torch.Tensor, grid_from: tuple[int, int], share: torch.Tensor | None = None) -> torch.Tensor:
-    """``r · Pm``: a row on a merged grid onto its parent grid.
+def merge_row(r: torch.Tensor, grid_from: tuple[int, int], share: torch.Tensor | None = None,
+              grid_to: tuple[int, int] | None = None) -> torch.Tensor:
+    """``r · Pm``: a row on a merged grid onto its parent grid ``grid_to`` (default 2×).
 
     ``share=None``: 1/4 to each of the four parents (default ``merge="uniform"``);
     otherwise each parent's (B, N_parent) share of its merged token (``merge="lrp"``,
-    the shares the LRP rule of the merging Linear gives).
+    the shares the LRP rule of the merging Linear gives). A parent grid with an
+    odd side was padded before merging: the share of the padding is dropped.
     """
     b = r.shape[0]
     gh, gw = grid_from
-    r = r.reshape(b, gh, 1, gw, 1).expand(b, gh, 2, gw, 2).reshape(b, 4 * gh * gw)
+    ph, pw = grid_to or (2 * gh, 2 * gw)
+    r = r.reshape(b, gh, 1, gw, 1).expand(b, gh, 2, gw, 2).reshape(b, 2 * gh, 2 * gw)[:, :ph, :pw].reshape(b, ph * pw)
     return r / 4 if share is None else r * share.to(r.dtype)
 
 
@@ -298,11 +329,12 @@ def propagate(
             collect[stage.name] = r[:, stage.num_prefix :].reshape(-1, *stage.grid)
         if stage.index > 0:
             share = shares.get(stage.index - 1)
+            parent = cv.stages[cv.stages.index(stage) - 1].grid
             if dense:
-                pm = dense_merge(stage.grid).to(r.dtype)
+                pm = dense_merge(stage.grid, parent).to(r.dtype)
                 r = torch.einsum("bi,ij->bj", r, pm) if share is None else torch.einsum("bi,ij->bj", r, pm * 4) * share.to(r.dtype)
             else:
-                r = merge_row(r, stage.grid, share)
+                r = merge_row(r, stage.grid, share, parent)
     first = cv.stages[0]
     if final is not None:
         r = final(r)
@@ -312,19 +344,30 @@ def propagate(
     return r[:, first.num_prefix :].reshape(-1, gh, gw)
 
 
+def onto_grid(values: torch.Tensor, stage: StageView, first: StageView) -> torch.Tensor:
+    """A (B, h, w) map on ``stage``'s grid repeated onto ``first``'s (finer) grid.
+
+    Each token covers ``stride / first.stride`` first-stage tokens per axis; a
+    grid merged from an odd side hangs over the edge, so the result is cropped.
+    """
+    fy, fx = (a // b for a, b in zip(stage.stride, first.stride, strict=True))
+    up = values.repeat_interleave(fy, -2).repeat_interleave(fx, -1)
+    return up[..., : first.grid[0], : first.grid[1]]
+
+
 # -- dense path (tests, teaching) -------------------------------------------------------------
 def dense_global(stage: StageView, layer: int, x: torch.Tensor) -> torch.Tensor:
     """``G = Pᵀ·blockdiag(x_w)·P`` as a dense (B, N, N) matrix."""
     if not stage.windowed:
         return x
-    wt = stage.window_token[stage.layer_index(layer)]
+    wt = stage.window_index(layer)  # padding → the spare slot N, dropped below
     b = x.shape[0]
     n = stage.num_tokens
-    g = torch.zeros(b, n, n, dtype=x.dtype)
+    g = torch.zeros(b, n + 1, n + 1, dtype=x.dtype)
     rows = wt[:, :, None].expand(-1, -1, wt.shape[1])
     cols = wt[:, None, :].expand(-1, wt.shape[1], -1)
     g[:, rows.reshape(-1), cols.reshape(-1)] = x.reshape(b, -1)
-    return g
+    return g[:, :n, :n]
 
 
 def dense_operator(stage: StageView, step: Step) -> torch.Tensor:
@@ -339,16 +382,16 @@ def dense_operator(stage: StageView, step: Step) -> torch.Tensor:
     return o
 
 
-def dense_merge(grid_from: tuple[int, int]) -> torch.Tensor:
-    """``Pm`` (N_{s+1} × N_s) with 1/4 on each of the four parents of a merged token."""
+def dense_merge(grid_from: tuple[int, int], grid_to: tuple[int, int] | None = None) -> torch.Tensor:
+    """``Pm`` (N_{s+1} × N_s) with 1/4 on each of the four parents of a merged token
+    (parents in the padding of an odd-sided ``grid_to`` left out)."""
     gh, gw = grid_from
-    child = torch.arange(gh * gw).reshape(gh, gw)
-    parent_grid = torch.arange(4 * gh * gw).reshape(2 * gh, 2 * gw)
-    pm = torch.zeros(gh * gw, 4 * gh * gw)
-    for dy in range(2):
-        for dx in range(2):
-            pm[child.reshape(-1), parent_grid[dy::2, dx::2].reshape(-1)] = 0.25
-    return pm
+    ph, pw = grid_to or (2 * gh, 2 * gw)
+    pm = torch.zeros(gh, gw, ph, pw)
+    for i in range(gh):
+        for j in range(gw):
+            pm[i, j, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2] = 0.25
+    return pm.reshape(gh * gw, ph * pw)
 
 
 def propagate_dense(cv: CaptureView, steps: Mapping[int, Step], top_layer: int, **kwargs) -> torch.Tensor:

@@ -377,12 +377,27 @@ class MergePart:
     norm_first: bool = True
 
     def relevance(self, x: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
-        """``x``: the merge input (B, H, W, C); ``r_out``: relevance on its output (B, H/2, W/2, C')."""
+        """``x``: the merge input (B, H, W, C); ``r_out``: relevance on its output (B, ⌈H/2⌉, ⌈W/2⌉, C').
+
+        An odd grid is padded by a zero row/column first, as timm pads it. The
+        padding is no token: after v1's norm its entries are not zero, so they are
+        kept out of the αβ sums like a bias (relevance stays on the real parents).
+        """
         b, h, w, c = x.shape
-        cat = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        ph, pw = h + h % 2, w + w % 2
+        cat = _merge_cat(F.pad(x, (0, 0, 0, pw - w, 0, ph - h)))
         inp = self.norm(cat) if self.norm_first else cat
+        if (ph, pw) != (h, w):
+            inp = inp * _merge_cat(F.pad(x.new_ones(1, h, w, 1), (0, 0, 0, pw - w, 0, ph - h))).repeat_interleave(c, -1)
         r_cat = linear_alphabeta(inp, self.reduction.weight, r_out)
-        return r_cat.reshape(b, h // 2, w // 2, 2, 2, c).permute(0, 1, 4, 2, 3, 5).reshape(b, h, w, c)
+        r = r_cat.reshape(b, ph // 2, pw // 2, 2, 2, c).permute(0, 1, 4, 2, 3, 5).reshape(b, ph, pw, c)
+        return r[:, :h, :w]
+
+
+def _merge_cat(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) with even H, W → (B, H/2, W/2, 4C): the 2×2 parents concatenated in timm's order."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
 
 
 # -- read-outs -----------------------------------------------------------------------------

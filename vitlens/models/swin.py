@@ -24,31 +24,36 @@ def swin_bias(attn: nn.Module):
     return bias
 
 
-def window_stage(name: str, s: int, blocks: list[nn.Module], parts: list[BlockPart], first_layer: int,
-                 input_size: tuple[int, int]) -> StageInfo:
+def window_stage(s: int, blocks: list[nn.Module], parts: list[BlockPart], first_layer: int,
+                 stride: tuple[int, int]) -> StageInfo:
     """Stage ``s`` of a timm Swin (v1 or v2): its token grid, windows and per-block shifts.
 
-    Grids that need padded windows are refused (the methods' window operators tile exactly).
+    ``stride``: input pixels per token of this stage (the patch size times 2 per
+    merging so far; a merged odd grid hangs over the image edge by one token).
+    A grid that is not a multiple of the window is padded, as timm pads it (see
+    :mod:`vitlens.capture.windows`).
     """
-    grid = tuple(int(r) for r in blocks[0].input_resolution)
-    window = tuple(int(w) for w in blocks[0].window_size)
-    if grid[0] % window[0] or grid[1] % window[1]:
-        raise UnsupportedModelError(
-            f"{name}: stage {s} grid {grid} is not divisible by its window {window} "
-            "(padded windows are not supported); use an input size whose stage grids "
-            "are multiples of the window size."
-        )
-    img_h, img_w = input_size
     return StageInfo(
         index=s,
         parts=parts,
         layers=list(range(first_layer, first_layer + len(blocks))),
-        grid=grid,  # type: ignore[arg-type]
-        stride=(img_h // grid[0], img_w // grid[1]),
+        grid=tuple(int(r) for r in blocks[0].input_resolution),  # type: ignore[arg-type]
+        stride=stride,
         num_heads=parts[0].attn.num_heads,
-        window=window,  # type: ignore[arg-type]
+        window=tuple(int(w) for w in blocks[0].window_size),  # type: ignore[arg-type]
         shifts=[tuple(int(v) for v in b.shift_size) for b in blocks],  # type: ignore[misc]
     )
+
+
+def stage_strides(model: nn.Module) -> list[tuple[int, int]]:
+    """Input pixels per token of each stage of a timm Swin: the patch size, doubled at each merging."""
+    sy, sx = (int(p) for p in model.patch_embed.patch_size)
+    out = []
+    for stage in model.layers:
+        if not isinstance(stage.downsample, nn.Identity):
+            sy, sx = 2 * sy, 2 * sx
+        out.append((sy, sx))
+    return out
 
 
 @register_adapter
@@ -80,6 +85,7 @@ class SwinAdapter(Adapter):
                 "by global average pooling (timm's default)."
             )
         layer = 0
+        strides = stage_strides(model)
         for s, stage in enumerate(model.layers):
             if not isinstance(stage.downsample, (nn.Identity, PatchMerging)):
                 raise UnsupportedModelError(
@@ -100,7 +106,7 @@ class SwinAdapter(Adapter):
                 if getattr(b, "dynamic_mask", False):
                     raise UnsupportedModelError(f"{name}: dynamic shift masks are not supported.")
             parts = [self._block(b) for b in blocks]
-            self.stages.append(window_stage(name, s, blocks, parts, layer, self.input_size))
+            self.stages.append(window_stage(s, blocks, parts, layer, strides[s]))
             layer += len(blocks)
 
         self.final = model.norm

@@ -14,7 +14,7 @@ from ..errors import UnsupportedModelError
 from .adapter import Adapter
 from .parts import AttentionPart, BlockPart, LinearPart, MergePart, Readout
 from .registry import register_adapter, timm_class
-from .swin import window_stage
+from .swin import stage_strides, window_stage
 from .vit import mlp_part
 
 is_swin_v2 = timm_class("swin_transformer_v2", "SwinTransformerV2")
@@ -74,6 +74,7 @@ class SwinV2Adapter(Adapter):
                 "SwinV2 read out by global average pooling into class logits (num_classes > 0)."
             )
         layer = 0
+        strides = stage_strides(model)
         self._merges: dict[int, MergePart] = {}
         for s, stage in enumerate(model.layers):
             if isinstance(stage.downsample, PatchMerging):
@@ -108,7 +109,7 @@ class SwinV2Adapter(Adapter):
                 )
                 parts.append(BlockPart(module=b, norm1=b.norm1, attn=attn, norm2=b.norm2,
                                        mlp=mlp_part(b.mlp, f"{name} stage {s}"), post_norm=True))
-            self.stages.append(window_stage(name, s, blocks, parts, layer, self.input_size))
+            self.stages.append(window_stage(s, blocks, parts, layer, strides[s]))
             layer += len(blocks)
         self.final = model.norm
         self.head = Readout("avg", model.head.fc, start=0)

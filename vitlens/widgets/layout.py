@@ -35,7 +35,7 @@ class StageLayout:
     num_heads: int
     num_prefix: int
     window: tuple[int, int] | None
-    factor: int  # first-stage tokens per stage token, along each axis
+    factor: int  # first-stage tokens per stage token, along each axis (stride ratio)
     shifts: tuple[tuple[int, int], ...] = ()  # Swin: cyclic shift of each block's windows
 
     def shift(self, layer: int) -> tuple[int, int]:
@@ -101,11 +101,12 @@ def capture_layout(cap: xr.DataTree) -> CaptureLayout:
     if not names or "attention" not in cap[names[0]]:
         raise CaptureFormatError("this capture holds no attention; capture again with keep='all' to explore it.")
     stages = []
-    first_grid = None
+    first_stride = None
     for name in names:
         node = cap[name]
         grid = tuple(int(g) for g in node.attrs["grid"])
-        first_grid = first_grid or grid
+        stride = tuple(int(s) for s in node.attrs["stride"])
+        first_stride = first_stride or stride
         window = node.attrs.get("window_size")
         stages.append(
             StageLayout(
@@ -113,11 +114,11 @@ def capture_layout(cap: xr.DataTree) -> CaptureLayout:
                 index=int(node.attrs["stage"]),
                 layers=tuple(int(v) for v in node["layer"].values),
                 grid=grid,  # type: ignore[arg-type]
-                stride=tuple(int(s) for s in node.attrs["stride"]),  # type: ignore[arg-type]
+                stride=stride,  # type: ignore[arg-type]
                 num_heads=int(node.attrs["num_heads"]),
                 num_prefix=int(node.attrs["num_prefix_tokens"]),
                 window=tuple(int(w) for w in window) if window is not None else None,  # type: ignore[arg-type]
-                factor=first_grid[0] // grid[0],
+                factor=stride[0] // first_stride[0],
                 shifts=tuple(tuple(int(v) for v in sh) for sh in node.attrs.get("shift_size", ())),  # type: ignore[misc]
             )
         )
@@ -197,11 +198,20 @@ def usable_layers(layout: CaptureLayout, choice: HeadChoice) -> list[int]:
     return out
 
 
-def upsample(values: np.ndarray, factor: int) -> np.ndarray:
-    """Repeat a stage-grid map ``(..., h, w)`` onto the first-stage grid."""
-    if factor == 1:
-        return values
-    return np.repeat(np.repeat(values, factor, -2), factor, -1)
+def upsample(values: np.ndarray, factor: int, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """Repeat a stage-grid map ``(..., h, w)`` onto the first-stage ``grid``.
+
+    A stage merged from an odd-sided grid hangs over the image edge by part of a
+    token: the repeated map is cropped to ``grid``.
+
+    Examples
+    --------
+    >>> upsample(np.array([[1, 2], [3, 4]]), 2, (3, 3)).tolist()
+    [[1, 1, 2], [1, 1, 2], [3, 3, 4]]
+    """
+    if factor > 1:
+        values = np.repeat(np.repeat(values, factor, -2), factor, -1)
+    return values if grid is None else values[..., : grid[0], : grid[1]]
 
 
 def window_ids(layout: CaptureLayout, layer: int, window_token: np.ndarray) -> np.ndarray:
@@ -209,8 +219,8 @@ def window_ids(layout: CaptureLayout, layer: int, window_token: np.ndarray) -> n
     stage = layout.stage_of(layer)
     ids = np.empty(stage.grid[0] * stage.grid[1], dtype=np.int64)
     for w, tokens in enumerate(window_token):
-        ids[tokens] = w
-    return upsample(ids.reshape(stage.grid), stage.factor)
+        ids[tokens[tokens >= 0]] = w  # padded positions (-1) hold no token
+    return upsample(ids.reshape(stage.grid), stage.factor, layout.grid)
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -252,9 +262,10 @@ def patch_outline(layout: CaptureLayout, layer: int, query: Query) -> tuple[list
     stage = layout.stage_of(layer)
     f = stage.factor
     sy, sx = layout.stride
+    gh, gw = layout.grid
     r0, c0 = (query[0] // f) * f, (query[1] // f) * f
-    y0, y1 = r0 * sy - 0.5, (r0 + f) * sy - 0.5
-    x0, x1 = c0 * sx - 0.5, (c0 + f) * sx - 0.5
+    y0, y1 = r0 * sy - 0.5, min(r0 + f, gh) * sy - 0.5  # an edge token of an odd merge is cut by the image
+    x0, x1 = c0 * sx - 0.5, min(c0 + f, gw) * sx - 0.5
     return [x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0]
 
 

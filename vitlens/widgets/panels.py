@@ -97,9 +97,10 @@ def head_attention(
         window, position = (int(i[0]) for i in np.nonzero(wt == token))
         keys = att.isel(window=window, query=position).transpose("head", "key").values
         flat = np.zeros((len(heads), gh * gw), dtype=np.float32)
-        flat[:, wt[window]] = keys
+        real = wt[window] >= 0  # attention to padded positions belongs to no patch
+        flat[:, wt[window][real]] = keys[:, real]
         values = flat.reshape(len(heads), gh, gw)
-    return upsample(values, stage.factor)
+    return upsample(values, stage.factor, layout.grid)
 
 
 def _per_layer_array(maps: xr.DataArray, layers: Sequence[int]) -> np.ndarray:
