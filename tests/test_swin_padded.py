@@ -293,3 +293,42 @@ def test_explorer_draws_windows_on_every_layer(cap):
         assert ids.shape == (14, 14) and ids.min() >= 0
     ex.select_patch(13, 13)
     assert ex.panel_maps()["attention"].shape == (14, 14)
+
+
+def test_entropy_head_weights_average_real_queries_only(model, cap):
+    """lnstat ``head_fusion="entropy"``: each head weighted by 1 − its mean normalised row
+    entropy over the query rows of real tokens (padded queries' rows left out)."""
+    from vitlens.methods.lnstat import fuse_heads
+    from vitlens.methods.operators import view
+
+    stage = view(cap).stages[0]
+    a = cap["stage0"].attention.values[:, 0].astype(np.float64)  # (B, H, nW, M², M²), block 0
+    real = timm_window_tokens((14, 14), model.layers[0].blocks[0]) >= 0  # (nW, M²)
+    ent = -(a * np.log(np.clip(a, 1e-12, None))).sum(-1) / np.log(a.shape[-1])  # (B, H, nW, M²)
+    w = np.clip(1 - ent[:, :, real].mean(-1), 0, None)
+    w = w / w.sum(1, keepdims=True)
+    want = (a * w[:, :, None, None, None]).sum(1)
+    got = fuse_heads(stage, 0, None, "entropy").numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("size", [256, 200])
+def test_swin_t_layout_at_256_and_200_px(size):
+    """Swin-T's own windows (7) and patch (4), narrowed: at 256 px every stage pads
+    (64, 32, 16, 8 tokens; the last shifted by 3 and padded to 14), at 200 px the
+    grids 50, 25, 13, 7 merge from odd sides. Capture, seven maps, conservation."""
+    torch.manual_seed(0)
+    model = timm.create_model(NAMES["v1"], img_size=size, depths=(2, 2, 2, 2), embed_dim=16,
+                              num_heads=(1, 2, 2, 2), num_classes=5).eval()
+    cap = vl.capture(model, np.random.default_rng(1).random((1, size, size, 3)).astype(np.float32))
+    want = [64, 32, 16, 8] if size == 256 else [50, 25, 13, 7]
+    assert [cap[f"stage{s}"].attrs["grid"][0] for s in range(4)] == want
+    assert [cap[f"stage{s}"].attrs["stride"][0] for s in range(4)] == [4, 8, 16, 32]
+    assert_all_maps_finite(cap)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    totals, head_total = relevance_totals(zero_biases(model), x)
+    torch.testing.assert_close(head_total, torch.ones_like(head_total), rtol=1e-4, atol=1e-6)
+    for layer in range(1, 8):
+        torch.testing.assert_close(totals[layer][0], totals[layer][1], rtol=1e-4, atol=1e-6, msg=f"block {layer}")
+    for last in (1, 3, 5):
+        torch.testing.assert_close(totals[last][1], totals[last + 1][0], rtol=1e-4, atol=1e-6, msg=f"merge after {last}")
