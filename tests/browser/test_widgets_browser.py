@@ -329,13 +329,37 @@ FIT_JS = """() => {
 }"""
 
 
+def wait_settled(page, condition: str, timeout_ms: int = TIMEOUT_MS) -> None:
+    """Wait until ``condition`` holds and the page's figures and output areas keep their widths
+    for a second (five polls 250 ms apart).
+
+    Right after a viewport change the page can still show the old layout: every figure
+    then "fits" an output area that has not been resized yet. A CI failure was exactly
+    this (the check passed at once on the old widths, and the measurement a moment later
+    found the areas resized while plotly's 100 ms resize timer was still running).
+    """
+    widths = f"() => ({FIT_JS})().plots.map((p) => [p.fig, p.area])"
+    deadline = time.monotonic() + timeout_ms / 1000
+    last, steady = None, 0
+    while True:
+        ok = page.evaluate(condition)
+        now = page.evaluate(widths)
+        steady = steady + 1 if ok and now == last else 0
+        if steady >= 4:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not settled within {timeout_ms} ms: {now}")
+        last = now
+        page.wait_for_timeout(250)
+
+
 def check_fit(page, label: str) -> None:
     """Every figure fits its output area (and fills most of it); colour bars inside; labels whole."""
     page.wait_for_function(f"() => ({FIT_JS})().plots.length >= {PLOTS}", timeout=TIMEOUT_MS * 2)
     # plotly follows a window resize asynchronously: wait until every figure fits and fills its area
     fits = f"() => ({FIT_JS})().plots.every((p) => p.fig > 0.85 * p.area && p.fig <= p.area + 1)"
     try:
-        page.wait_for_function(fits, timeout=TIMEOUT_MS)
+        wait_settled(page, fits)
     except Exception:
         # A real resize sends many resize events; set_viewport_size sends one, and on a
         # loaded machine plotly can measure before the new layout has settled. One more
@@ -343,15 +367,16 @@ def check_fit(page, label: str) -> None:
         for _ in range(3):  # a few more, as a dragged window sends (failed once in CI after one)
             page.evaluate("() => window.dispatchEvent(new Event('resize'))")
             try:
-                page.wait_for_function(fits, timeout=TIMEOUT_MS // 3)
+                wait_settled(page, fits, TIMEOUT_MS // 3)
                 break
             except Exception:  # report the measured widths below
                 pass
     found = page.evaluate(FIT_JS)
     plots = found["plots"]
     if any(not (0.85 * p["area"] <= p["fig"] <= p["area"] + 1) for p in plots):
-        # a figure did not follow its area (it happened about once in ten CI runs): ask plotly to
-        # resize it once more and record what it did, for the failure message below
+        # a figure did not follow its area: ask plotly to resize it once more and record what it
+        # did, for the failure message below (before wait_settled, CI failed here about one run in
+        # three: the check had passed on the old widths, before the page's layout followed)
         probe = page.evaluate("""async () => {
           const out = [];
           for (const gd of document.querySelectorAll('.js-plotly-plot')) {

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import OptionError, UnsupportedModelError
 from .hf_clip import tower_stage
-from .hf_common import HFAdapter
+from .hf_common import SUPPORTED, HFAdapter
 from .hf_siglip import ProbePoolReadout
 from .hf_vit import BACKBONES, prefix_kinds, vit_stage
 from .lrp_rules import linear_alphabeta
@@ -247,8 +247,7 @@ def with_head(backbone: nn.Module, head: nn.Module, *, pool: str | None = None,
     """
     kind = type(backbone).__name__
     if not isinstance(backbone, nn.Module) or not _is_transformers(backbone) or kind not in POOLS:
-        has_head = kind.endswith("ForImageClassification") or kind.endswith("WithTeacher") or kind in (
-            "CLIPModel", "SiglipModel")
+        has_head = kind in SUPPORTED
         hint = (f" A {kind} already has logits: pass it to vl.capture as it is." if has_head else
                 " A timm model takes its head from timm: timm.create_model(..., num_classes=N)."
                 if type(backbone).__module__.startswith("timm.") else "")
