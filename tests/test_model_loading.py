@@ -57,3 +57,13 @@ def test_hub_reachable_is_false_for_a_closed_port(hub_online):
     start = time.perf_counter()
     assert hub_reachable(timeout=2) is False
     assert time.perf_counter() - start < 3
+
+
+@pytest.mark.parametrize("typo, want", [("eva02_tiny_patch14_22", "eva02_tiny_patch14_224"),
+                                        ("beit_base_patch16", "beit_base_patch16_224"),
+                                        ("swinv2_tiny_window8", "swinv2_tiny_window8_256"),
+                                        ("vit-shape", "vit-shapes")])
+def test_a_mistyped_name_gets_suggestions_from_every_family_vitlens_explains(typo, want):
+    with pytest.raises(vl.ModelLoadError, match="Did you mean") as err:
+        vl.load_model(typo)
+    assert repr(want) in str(err.value)

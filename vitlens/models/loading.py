@@ -92,7 +92,9 @@ def load_model(
     import timm
 
     if not timm.is_model(name):
-        known = list(shipped) + timm.list_models("vit_*") + timm.list_models("deit*") + timm.list_models("swin_*")
+        from .catalog import registry_names
+
+        known = list(shipped) + [n for names in registry_names().values() for n in names]  # every family vitlens explains
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ModelLoadError(
