@@ -3,7 +3,8 @@
 At random init the class-specific maps are partly degenerate
 (``family_checks.assert_targets_differ`` says what holds there). Here a tiny EVA02
 (rotary, SwiGLU), BEiT (relative position bias, LayerScale) and SwinV2 (cosine
-attention, continuous position bias) are trained for 300 steps on a three-class toy
+attention, continuous position bias; windows of 3 on grids of 8 and 4, so timm pads
+them) are trained for 300 steps on a three-class toy
 task — a red bar somewhere in the left half is class 0, a blue bar in the right half
 class 1, neither class 2 — until they are right on ≥ 95 % of held-out images. On
 images that show both bars, the same image explained for target 0 and for target 1:
@@ -56,7 +57,8 @@ def make(family: str) -> torch.nn.Module:
         return timm.create_model("eva02_tiny_patch14_224", patch_size=8, depth=2, embed_dim=32, num_heads=4, **kw)
     if family == "beit":
         return timm.create_model("beit_base_patch16_224", patch_size=8, depth=2, embed_dim=32, num_heads=4, **kw)
-    return timm.create_model("swinv2_tiny_window8_256", patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
+    # window 3 on the 8×8 and 4×4 grids: both stages attend in padded windows (timm pads them)
+    return timm.create_model("swinv2_tiny_window8_256", patch_size=4, window_size=3, embed_dim=16, depths=(2, 2),
                              num_heads=(2, 4), **kw)
 
 
@@ -93,6 +95,8 @@ def test_each_targets_map_points_at_its_own_object_on_a_trained_model(family):
     images, _ = toy_batch(4, np.random.default_rng(2), both=True)
     cap = vl.capture(model, np.concatenate([images, images]), target=[0] * 4 + [1] * 4)
     assert cap.attrs["family"] == {"eva": "eva", "beit": "beit", "swinv2": "swinv2"}[family]
+    if family == "swinv2":  # the windows hang over both stages' grids: padding is part of this check
+        assert all((cap[s].window_token.values < 0).any() for s in ("stage0", "stage1"))
     maps = vl.explain(cap, "all", per_layer=False)
     for name in vl.METHODS:
         v = vl.normalize(maps[name]).values  # (8, h, w), each map scaled to [0, 1]
