@@ -68,6 +68,16 @@ def attention_grads_by_probe(model: nn.Module, x: torch.Tensor, target: list[int
     return [p.delta.grad for p in probes]
 
 
+def assert_window_grads_equal_autograd(model: nn.Module, cap, images: np.ndarray, target: int) -> None:
+    """timm Swin (v1/v2): the captured ``∂y/∂A`` of every window equals autograd through
+    timm's own attention (``cap`` captured from ``images`` with ``target``)."""
+    names = [f"layers.{s}.blocks.{b}.attn" for s, st in enumerate(model.layers) for b in range(len(st.blocks))]
+    n = len(images)
+    grads = attention_grads_by_probe(model, normalised(images, model), [target] * n, names)
+    for got, e in zip(stacked(cap, "attention_grad"), grads, strict=True):
+        np.testing.assert_allclose(got, e.view(n, -1, *e.shape[1:]).transpose(1, 2).numpy(), atol=1e-6)
+
+
 def stacked(cap, var: str) -> list[np.ndarray]:
     """``cap[stage][var]`` per global layer, in layer order."""
     out = []

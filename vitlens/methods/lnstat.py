@@ -18,7 +18,7 @@ import xarray as xr
 
 from ..errors import OptionError
 from .maps import finish, token_map
-from .operators import (CaptureView, HeadSelection, StageView, Step, heads_for, identity_baseline,
+from .operators import (HeadSelection, StageView, Step, heads_for, identity_baseline,
                         onto_grid, resolve_identity_path, select_layers, view, with_spare)
 from .registry import METHOD_INFO, register_method
 
