@@ -4,7 +4,7 @@ Random-init models (seeded), procedural "shapes" images: no network, no weights.
 The notebook writes each capture with ``vl.save`` next to itself, so the test
 process opens the very data the widgets show and computes the expected maps.
 Cells: the ViT Explorer (two classes side by side), a HeadGrid, a ModelView and
-TokenCurves linked to it, Compare, and a Swin Explorer.
+TokenCurves linked to it, Compare, and a Swin Explorer (at a size whose windows timm pads).
 
 :func:`write_readme_notebook` writes the notebook behind the README screenshot:
 the shipped trained ``vit-shapes`` model.
@@ -58,7 +58,8 @@ vl.Compare(vit_cap, vit, height=420)
 
 SWIN = """\
 torch.manual_seed(1)
-swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, patch_size=4, window_size=4, num_classes=8,
+# 56 px: grids of 14 and 7 tokens in windows of 4, which timm pads (to 16 and 8)
+swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=56, patch_size=4, window_size=4, num_classes=8,
                          embed_dim=24, depths=(2, 2), num_heads=(2, 4)).eval()
 swin_cap = vl.capture(swin, images)
 vl.save(swin_cap, os.path.join(HERE, "swin.nc"), overwrite=True)

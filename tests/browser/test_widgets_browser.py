@@ -72,13 +72,15 @@ class Expected:
             keys = att.isel(query=token, key=np.flatnonzero(node["kind"].values == "patch"))
             return minmax(keys.values.reshape(node.attrs["grid"]))
         gh, gw = node.attrs["grid"]
-        f = self.cap["stage0"].attrs["grid"][0] // gh
+        first = self.cap["stage0"].attrs["grid"]
+        f = node.attrs["stride"][0] // self.cap["stage0"].attrs["stride"][0]
         token = (query[0] // f) * gw + query[1] // f
         wt = node.window_token.sel(layer=layer).values
         w, p = (int(i[0]) for i in np.nonzero(wt == token))
+        real = wt[w] >= 0  # padded window positions (-1) hold no patch
         flat = np.zeros(gh * gw)
-        flat[wt[w]] = att.isel(window=w, query=p).values
-        return minmax(np.kron(flat.reshape(gh, gw), np.ones((f, f))))
+        flat[wt[w][real]] = att.isel(window=w, query=p).values[real]
+        return minmax(np.kron(flat.reshape(gh, gw), np.ones((f, f)))[: first[0], : first[1]])
 
     def statistic(self, layer: int, stat: str):
         return minmax(statistic_maps(self.cap, stat=stat).isel(sample=0).sel(layer=layer).values)
@@ -282,16 +284,17 @@ def drive_widgets(page, server, label: str) -> None:
 
     # Swin: the stage indicator follows the slider; the query's window row on a window grid
     swin = Expected(open_saved(server.folder, "swin.nc"))
+    centre = tuple(int(g) // 2 for g in swin.cap["stage0"].attrs["grid"])  # the Explorer's default query
     explorer(page, 1).scroll_into_view_if_needed()
     explorer(page, 1).locator(".vitlens-layer .noUi-handle").click()
     move_slider(page, 1, "ArrowLeft", 2)
-    expect_panels(page, 1, {"attention": swin.attention(2, [0, 1, 2, 3], (8, 8)),
+    expect_panels(page, 1, {"attention": swin.attention(2, [0, 1, 2, 3], centre),
                             "fusion": swin.fusion(2, None, "std")}, "swin layer → 2")  # all heads
     expect(explorer(page, 1).locator(".vitlens-stage")).to_contain_text("stage1", timeout=TIMEOUT_MS)
     assert page.evaluate(f"(i) => ({PLOT_JS})(i).data[8].x.length", 1) > 0  # the window grid (4 panels)
     move_slider(page, 1, "ArrowLeft", 1)
     expect(explorer(page, 1).locator(".vitlens-stage")).to_contain_text("stage0", timeout=TIMEOUT_MS)
-    expect_panels(page, 1, {"attention": swin.attention(1, [0, 1], (8, 8))}, "swin layer → 1")
+    expect_panels(page, 1, {"attention": swin.attention(1, [0, 1], centre)}, "swin layer → 1")
 
 
 def report(label: str, lines: list[str]) -> None:
@@ -429,6 +432,9 @@ def screenshot(page, server, name: str) -> Path:
         shot = server.folder / f"{name}-{css.removeprefix('vitlens-')}.png"
         page.locator(f".{css}").first.screenshot(path=str(shot), animations="disabled")
         paths.append(shot)
+    shot = server.folder / f"{name}-swin-explorer.png"  # the last Explorer: the Swin with padded windows
+    page.locator(".vitlens-explorer").last.screenshot(path=str(shot), animations="disabled")
+    paths.append(shot)
     if SHOTS is not None:
         SHOTS.mkdir(parents=True, exist_ok=True)
         for p in paths:
