@@ -209,3 +209,14 @@ def test_parts_describe_the_attention_the_model_computed(pair):
         for layer, part in enumerate(ad.parts):
             z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
             torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_a_grid_transformers_would_pad_is_refused_with_what_to_use(v2):
+    """transformers pads before its cyclic shift (timm after): such grids are refused, naming timm."""
+    kw = dict(image_size=36, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=3)
+    cls, cfg = ((transformers.Swinv2ForImageClassification, transformers.Swinv2Config) if v2 else
+                (transformers.SwinForImageClassification, transformers.SwinConfig))
+    model = cls(cfg(**kw)).eval()  # 18×18 tokens in windows of 4
+    with pytest.raises(vl.UnsupportedModelError, match="padded windows for timm's Swin"):
+        vl.capture(model, np.zeros((1, 36, 36, 3), np.float32))

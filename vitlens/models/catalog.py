@@ -33,6 +33,7 @@ from .registry import adapter_for, adapters
 TOLERANCE = 1e-3
 #: input side for the checks, and blocks kept per stage
 SIZE, DEPTH = 64, 2
+SWIN_SIZE = 56  # patch 4: grids 14, 7, 4, 2 in windows of 4 (padded, and an odd merge)
 
 
 def registry_names() -> dict[str, list[str]]:
@@ -50,11 +51,16 @@ def registry_names() -> dict[str, list[str]]:
 
 
 def tiny_kwargs(name: str) -> dict[str, Any]:
-    """Reduced depth and a small input for ``name`` (stage grids stay multiples of their windows)."""
+    """Reduced depth and a small input for ``name``.
+
+    Swin (v1 and v2) is built at :data:`SWIN_SIZE` with windows of 4: stage grids of 14
+    and 7 tokens, which timm pads to whole windows, and an odd 7×7 grid merged into 4×4,
+    so every registry name is also checked with padding.
+    """
     import re
 
     if name.startswith("swin"):
-        return dict(img_size=SIZE, window_size=4, depths=(DEPTH, DEPTH, 1, 1), num_classes=5)
+        return dict(img_size=SWIN_SIZE, window_size=4, depths=(DEPTH, DEPTH, 1, 1), num_classes=5)
     patch = re.search(r"patch(\d+)", name)
     size = SIZE
     if patch:  # a whole number of patches (some embeddings insist): 70 px for patch 14

@@ -8,7 +8,9 @@ and, every second block, a cyclic shift with its mask; ``layernorm_after``,
 classifier. Windows, shifts and merges follow timm's conventions (the same
 window partition, ``roll(-shift)``, parent order ``(0,0), (1,0), (0,1), (1,1)``),
 so capture and the LRP walk treat both alike. Grids that need padded windows
-are refused, as for timm.
+are refused here: transformers pads *before* its cyclic shift (timm after it, the
+layout vitlens explains for timm's Swin), and floors the resolution it records for
+an odd merged grid.
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ class HFSwinAdapter(HFAdapter):
                 if grid[0] % ws or grid[1] % ws:
                     raise UnsupportedModelError(
                         f"{where}: the {grid[0]}x{grid[1]} grid is not divisible by its {ws}x{ws} window "
-                        "(padded windows are not supported); use an input size whose stage grids are "
-                        "multiples of the window size."
+                        "(vitlens explains padded windows for timm's Swin, not for transformers'); use an "
+                        "input size whose stage grids are multiples of the window size, or the timm model."
                     )
                 if ws != int(layer.attention.relative_position_bias.window_size[0]):
                     raise UnsupportedModelError(f"{where}: its window shrinks below the position-bias table.")
@@ -190,7 +192,8 @@ class HFSwinv2Adapter(HFSwinAdapter):
                 if grid[0] % ws or grid[1] % ws:
                     raise UnsupportedModelError(
                         f"{where}: the {grid[0]}x{grid[1]} grid is not divisible by its {ws}x{ws} window "
-                        "(padded windows are not supported)."
+                        "(vitlens explains padded windows for timm's SwinV2, not for transformers'); use an "
+                        "input size whose stage grids are multiples of the window size, or the timm model."
                     )
                 sa = layer.attention.self
                 attn = AttentionPart(
