@@ -211,12 +211,121 @@ def test_parts_describe_the_attention_the_model_computed(pair):
             torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("v2", [False, True])
-def test_a_grid_transformers_would_pad_is_refused_with_what_to_use(v2):
-    """transformers pads before its cyclic shift (timm after): such grids are refused, naming timm."""
-    kw = dict(image_size=36, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=3)
+# -- grids transformers pads (pad first, then the cyclic shift) ------------------------------------------
+def padded_hf(v2: bool, depths=(2, 2, 2), seed: int = 0) -> torch.nn.Module:
+    """56 px, patch 4, windows of 4: grids 14 (padded to 16), 7 (padded to 8) and 4 (merged from the odd 7)."""
+    torch.manual_seed(seed)
     cls, cfg = ((transformers.Swinv2ForImageClassification, transformers.Swinv2Config) if v2 else
                 (transformers.SwinForImageClassification, transformers.SwinConfig))
-    model = cls(cfg(**kw)).eval()  # 18×18 tokens in windows of 4
-    with pytest.raises(vl.UnsupportedModelError, match="padded windows for timm's Swin"):
-        vl.capture(model, np.zeros((1, 36, 36, 3), np.float32))
+    model = cls(cfg(image_size=56, patch_size=4, embed_dim=16, depths=list(depths), num_heads=[2, 2, 4][:len(depths)],
+                    window_size=4, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                    drop_path_rate=0.0)).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim >= 2 else 0.05))
+    model.vitlens_image_processor = transformers.ViTImageProcessor(
+        size={"height": 56, "width": 56}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return model
+
+
+def _hf_layers(model):
+    body = model.swinv2 if hasattr(model, "swinv2") else model.swin
+    return [b for st in body.encoder.layers for b in st.blocks]
+
+
+def _eager(model):
+    m = copy.deepcopy(model)
+    if hasattr(m, "swin"):
+        m.set_attn_implementation("eager")
+    return m
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_window_layout_of_a_padded_grid_is_transformers_own(v2):
+    """window_token, and the window maps of the LRP walk, against transformers' own maybe_pad,
+    cyclic shift and window_partition / window_reverse (applied here to a grid of ids)."""
+    from vitlens.capture.windows import from_windows, to_windows
+
+    mod = (transformers.models.swinv2.modeling_swinv2 if v2 else transformers.models.swin.modeling_swin)
+    model = padded_hf(v2)
+    cap = vl.capture(model, torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(3)), grads=False)
+    layers = iter(_hf_layers(model))
+    for name in ("stage0", "stage1", "stage2"):
+        gh, gw = cap[name].attrs["grid"]
+        for i in range(cap[name]["layer"].size):
+            layer = next(layers)
+            ws, shift = int(cap[name].attrs["window_size"][0]), int(cap[name].attrs["shift_size"][i][0])
+            ids = torch.arange(1.0, gh * gw + 1).reshape(1, gh, gw, 1)  # 0 is left for the padding
+            ph, pw = (-(-gh // ws) * ws, -(-gw // ws) * ws)
+            t = torch.nn.functional.pad(ids, (0, 0, 0, pw - gw, 0, ph - gh))
+            t = torch.roll(t, (-shift, -shift), (1, 2))
+            want = mod.window_partition(t, ws).reshape(-1, ws * ws).long() - 1
+            np.testing.assert_array_equal(cap[name].window_token.values[i], want.numpy(), err_msg=f"{name}[{i}]")
+            x = torch.randn(2, gh, gw, 3)
+            win = to_windows(x, (ws, ws), (shift, shift), pad_first=True)
+            t = torch.roll(torch.nn.functional.pad(x, (0, 0, 0, pw - gw, 0, ph - gh)), (-shift, -shift), (1, 2))
+            torch.testing.assert_close(win, mod.window_partition(t, ws).reshape(-1, ws * ws, 3))
+            back = torch.roll(mod.window_reverse(win.reshape(-1, ws, ws, 3), ws, ph, pw), (shift, shift), (1, 2))
+            torch.testing.assert_close(from_windows(win, (ws, ws), (shift, shift), (gh, gw), pad_first=True),
+                                       back[:, :gh, :gw])
+    assert (cap["stage0"].window_token.values < 0).any() and (cap["stage1"].window_token.values < 0).any()
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_padded_grids_capture_attention_and_gradients_as_transformers_computes_them(v2):
+    model = padded_hf(v2)
+    x, target = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(5)), [1, 2]
+    cap = vl.capture(model, x, target=target)
+    assert [cap[f"stage{s}"].attrs["grid"] for s in range(3)] == [[14, 14], [7, 7], [4, 4]]
+    assert [cap[f"stage{s}"].attrs["stride"] for s in range(3)] == [[4, 4], [8, 8], [16, 16]]
+    out = _eager(model)(pixel_values=x, output_attentions=True)  # one per stage: its last block
+    grads = torch.autograd.grad(out.logits.gather(1, torch.tensor(target)[:, None]).sum(), out.attentions)
+    for stage, a, g in zip(("stage0", "stage1", "stage2"), out.attentions, grads, strict=True):
+        nw = a.shape[0] // 2
+        a = a.detach().view(2, nw, *a.shape[1:]).transpose(1, 2).numpy()
+        g = g.view(2, nw, *g.shape[1:]).transpose(1, 2).numpy()
+        np.testing.assert_allclose(cap[stage].attention.values[:, -1], a, atol=1e-6)
+        np.testing.assert_allclose(cap[stage].attention_grad.values[:, -1], g, rtol=1e-5, atol=1e-6)
+    ad = adapter_for(model)
+    with Recorder(ad, keep_block_inputs=True, fused=False) as rec, torch.no_grad():  # every block's own softmax
+        ad.logits(x)
+        for layer, part in enumerate(ad.parts):  # the parts (padded-grid masks included) reproduce it
+            z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
+            torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4)
+    maps = vl.explain(cap, "all", per_layer=False)
+    for m in vl.METHODS:
+        assert maps[m].shape == (2, 14, 14) and np.isfinite(maps[m].values).all(), m
+    for stage in ("stage0", "stage1"):  # a padded query is cropped away: no gradient, no relevance reaches it
+        pad = cap[stage].window_token.values < 0  # (layer, window, query)
+        for var in ("attention_grad", "attention_relevance"):
+            v = np.moveaxis(cap[stage][var].values, 2, 1)  # (sample, layer, head, ...) → (sample, head, layer, ...)
+            assert np.abs(v[:, :, pad]).max() == 0, (stage, var)
+            assert np.abs(v[:, :, ~pad]).max() > 0, (stage, var)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_padded_grids_conserve_relevance_without_biases(v2):
+    model = padded_hf(v2, seed=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "continuous_position_bias_mlp" not in name:
+                p.zero_()
+        for m in model.modules():
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.zero_()
+            cpb = getattr(m, "continuous_position_bias_mlp", None)
+            if cpb is not None:  # 16·sigmoid(−100) ≈ 0: no position bias
+                cpb[0].weight.zero_()
+                cpb[0].bias.fill_(1.0)
+                cpb[2].weight.fill_(-100.0 / cpb[2].weight.shape[1])
+    ad = adapter_for(model)
+    with Recorder(ad, keep_block_inputs=True) as rec:
+        x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(7))
+        attention_relevance(ad, rec, ad.logits(x).argmax(-1), to_input=True)
+    totals = rec.relevance_totals
+    assert set(totals) == set(range(6))
+    for layer in range(1, 6):  # block 0's step into the embeddings: see test_swin_padded.py
+        torch.testing.assert_close(totals[layer][0], totals[layer][1], rtol=1e-3, atol=1e-4, msg=f"block {layer}")
+    for last in (1, 3):  # through both mergings, the odd 7 → 4 one included
+        torch.testing.assert_close(totals[last][1], totals[last + 1][0], rtol=1e-4, atol=1e-6)

@@ -183,8 +183,12 @@ def test_attention_grad_equals_autograd(model):
     images = _images()
     cap = vl.capture(model, images, target=3)
     assert_window_grads_equal_autograd(model, cap, images, 3)
-    padded = cap["stage0"].window_token.values[0] < 0  # a padded query reaches no logit
-    assert np.abs(cap["stage0"].attention_grad.values[:, 0][:, :, padded]).max() == 0
+    for stage in ("stage0", "stage1"):  # a padded query is cropped away: no gradient, no relevance reaches it
+        pad = cap[stage].window_token.values < 0  # (layer, window, query)
+        for var in ("attention_grad", "attention_relevance"):
+            v = np.moveaxis(cap[stage][var].values, 2, 1)  # (sample, head, layer, window, query, key)
+            assert np.abs(v[:, :, pad]).max() == 0, (stage, var)
+            assert np.abs(v[:, :, ~pad]).max() > 0, (stage, var)
 
 
 def test_lrp_conserved_block_by_block_and_through_both_mergings(model):

@@ -478,7 +478,7 @@ def _assemble(
             size = stage.window[0] * stage.window[1]
             coords["query"] = np.arange(size)
             coords["key"] = np.arange(size)
-            wt = np.stack([window_tokens(stage.grid, stage.window, s) for s in stage.shifts])
+            wt = np.stack([window_tokens(stage.grid, stage.window, s, stage.pad_first) for s in stage.shifts])
             coords["window"] = np.arange(wt.shape[1])
             data_vars["window_token"] = (("layer", "window", "query"), wt.astype(np.int64))
             attrs["window_size"] = list(stage.window)

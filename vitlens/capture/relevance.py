@@ -62,7 +62,8 @@ def _block(part: BlockPart, stage: StageInfo, rec: Recorder, layer: int, r_out: 
     # x2 = x + ls1·A(x)
     r_res, r_a = residual_add(x, x2 - x, r_x2)
     if stage.window is not None:
-        r_a = to_windows(r_a.reshape(r_a.shape[0], *stage.grid, -1), stage.window, stage.shifts[stage.layers.index(layer)])
+        r_a = to_windows(r_a.reshape(r_a.shape[0], *stage.grid, -1), stage.window,
+                         stage.shifts[stage.layers.index(layer)], stage.pad_first)
     proj_rec = lin.get("proj")
     if proj_rec is None:
         raise RuntimeError(f"block {layer}: the attention's output projection was not recorded")
@@ -74,7 +75,7 @@ def _block(part: BlockPart, stage: StageInfo, rec: Recorder, layer: int, r_out: 
     if r_h is None:
         return None, r_probs
     if stage.window is not None:
-        r_h = from_windows(r_h, stage.window, stage.shifts[stage.layers.index(layer)], stage.grid)
+        r_h = from_windows(r_h, stage.window, stage.shifts[stage.layers.index(layer)], stage.grid, stage.pad_first)
         r_h = r_h.reshape(r_h.shape[0], -1, r_h.shape[-1])
     return r_res.add_(r_h), r_probs
 
@@ -135,7 +136,8 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, 
                     r_child = r.sum(-1).reshape(r.shape[0], *stage.grid)  # (B, h, w) per merged token
                     r = merge.relevance(x, r.reshape(r.shape[0], *stage.grid, -1))
                     # each parent's share of its merged token's relevance (for merge="lrp")
-                    child = r_child.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, : x.shape[1], : x.shape[2]]
+                    ph, pw = adapter.stages[adapter.stages.index(stage) - 1].grid  # an odd parent grid: cropped
+                    child = r_child.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :ph, :pw]
                     share = r.sum(-1) / child.abs().clamp_min(1e-12).copysign(child)
                     rec.merge_shares[stage.index - 1] = share.masked_fill(child == 0, 0.25).flatten(1)
                     r = r.reshape(r.shape[0], -1, r.shape[-1])

@@ -1,7 +1,8 @@
 """Swin windows: where each window position sits in the stage grid, and the layout maps.
 
-A grid that is not a multiple of the window is padded at the bottom and right
-after the cyclic shift (timm's order: roll, then pad, then partition). Padded
+A grid that is not a multiple of the window is padded at the bottom and right:
+after the cyclic shift in timm (roll, then pad, then partition), before it in
+transformers (``pad_first=True``: pad, then roll the padded grid). Padded
 positions hold no token: :func:`window_tokens` marks them :data:`PAD`,
 :func:`to_windows` fills them with zeros and :func:`from_windows` drops them.
 """
@@ -27,13 +28,15 @@ def padded_size(grid: tuple[int, int], window: tuple[int, int]) -> tuple[int, in
     return (-(-grid[0] // window[0]) * window[0], -(-grid[1] // window[1]) * window[1])
 
 
-def window_tokens(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> np.ndarray:
+def window_tokens(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
+                  pad_first: bool = False) -> np.ndarray:
     """Global token index (row-major in the stage grid) of every window position.
 
     Returns an int array ``(num_windows, window_h * window_w)``: entry ``[w, p]`` is
     the token that sits at position ``p`` of window ``w`` after the cyclic shift by
     ``-shift`` (timm's ``torch.roll(x, -shift)`` followed by window partition), or
-    :data:`PAD` where the window hangs over the grid's bottom or right edge.
+    :data:`PAD` where the window hangs over the grid's bottom or right edge
+    (``pad_first``: the grid is padded before the roll, as transformers does).
 
     Examples
     --------
@@ -43,18 +46,26 @@ def window_tokens(grid: tuple[int, int], window: tuple[int, int], shift: tuple[i
     [5, 6, 9, 10]
     >>> window_tokens((3, 3), (2, 2), (0, 0))[3].tolist()
     [8, -1, -1, -1]
+    >>> window_tokens((3, 3), (2, 2), (1, 1), pad_first=True)[0].tolist()
+    [4, 5, 7, 8]
     """
     gh, gw = grid
     mh, mw = window
     ph, pw = padded_size(grid, window)
-    ids = np.roll(np.arange(gh * gw).reshape(gh, gw), shift=(-shift[0], -shift[1]), axis=(0, 1))
-    ids = np.pad(ids, ((0, ph - gh), (0, pw - gw)), constant_values=PAD)
+    ids = np.arange(gh * gw).reshape(gh, gw)
+    if pad_first:
+        ids = np.pad(ids, ((0, ph - gh), (0, pw - gw)), constant_values=PAD)
+    ids = np.roll(ids, shift=(-shift[0], -shift[1]), axis=(0, 1))
+    if not pad_first:
+        ids = np.pad(ids, ((0, ph - gh), (0, pw - gw)), constant_values=PAD)
     blocks = ids.reshape(ph // mh, mh, pw // mw, mw).transpose(0, 2, 1, 3)
     return blocks.reshape(-1, mh * mw)
 
 
-def to_windows(x: torch.Tensor, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
-    """(B, H, W, C) → (B·nW, M², C) after the cyclic shift and zero padding, as timm's Swin does.
+def to_windows(x: torch.Tensor, window: tuple[int, int], shift: tuple[int, int],
+               pad_first: bool = False) -> torch.Tensor:
+    """(B, H, W, C) → (B·nW, M², C) after the cyclic shift and zero padding, as timm's Swin does
+    (``pad_first``: padding first, as transformers' Swin does).
 
     Examples
     --------
@@ -65,17 +76,20 @@ def to_windows(x: torch.Tensor, window: tuple[int, int], shift: tuple[int, int])
     [1.0, 0.0, 0.0, 0.0]
     """
     b, h, w, c = x.shape
-    if any(shift):
-        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     mh, mw = window
     ph, pw = padded_size((h, w), window)
-    if (ph, pw) != (h, w):
+    if pad_first and (ph, pw) != (h, w):
+        x = F.pad(x, (0, 0, 0, pw - w, 0, ph - h))
+    if any(shift):
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    if not pad_first and (ph, pw) != (h, w):
         x = F.pad(x, (0, 0, 0, pw - w, 0, ph - h))
     x = x.reshape(b, ph // mh, mh, pw // mw, mw, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, mh * mw, c)
 
 
-def from_windows(xw: torch.Tensor, window: tuple[int, int], shift: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+def from_windows(xw: torch.Tensor, window: tuple[int, int], shift: tuple[int, int], hw: tuple[int, int],
+                 pad_first: bool = False) -> torch.Tensor:
     """Inverse of :func:`to_windows` on the grid's own positions (also its transpose:
     a permutation of the tokens, with the padded positions dropped).
 
@@ -87,14 +101,19 @@ def from_windows(xw: torch.Tensor, window: tuple[int, int], shift: tuple[int, in
     >>> y = torch.randn(1, 5, 3, 2)
     >>> bool(torch.equal(from_windows(to_windows(y, (2, 2), (1, 1)), (2, 2), (1, 1), (5, 3)), y))
     True
+    >>> w = to_windows(y, (2, 2), (1, 1), pad_first=True)
+    >>> bool(torch.equal(from_windows(w, (2, 2), (1, 1), (5, 3), pad_first=True), y))
+    True
     """
     h, w = hw
     mh, mw = window
     ph, pw = padded_size(hw, window)
     c = xw.shape[-1]
     x = xw.reshape(-1, ph // mh, pw // mw, mh, mw, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ph, pw, c)
-    if (ph, pw) != (h, w):
+    if not pad_first and (ph, pw) != (h, w):
         x = x[:, :h, :w]
     if any(shift):
         x = torch.roll(x, shifts=shift, dims=(1, 2))
+    if pad_first and (ph, pw) != (h, w):
+        x = x[:, :h, :w]
     return x

@@ -37,6 +37,7 @@ class StageInfo:
     prefix_kinds: list[str] = field(default_factory=list)
     window: tuple[int, int] | None = None  # Swin window size
     shifts: list[tuple[int, int]] = field(default_factory=list)  # Swin shift per block
+    pad_first: bool = False  # Swin: a grid is padded to whole windows before the shift (transformers), not after (timm)
 
     @property
     def blocks(self) -> list[nn.Module]:

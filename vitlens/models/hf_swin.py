@@ -7,10 +7,11 @@ and, every second block, a cyclic shift with its mask; ``layernorm_after``,
 (timm: at the start of the next), a final LayerNorm and an average-pooled
 classifier. Windows, shifts and merges follow timm's conventions (the same
 window partition, ``roll(-shift)``, parent order ``(0,0), (1,0), (0,1), (1,1)``),
-so capture and the LRP walk treat both alike. Grids that need padded windows
-are refused here: transformers pads *before* its cyclic shift (timm after it, the
-layout vitlens explains for timm's Swin), and floors the resolution it records for
-an odd merged grid.
+so capture and the LRP walk treat both alike. A grid that is not a multiple of
+its window is padded as transformers pads it: *before* the cyclic shift (timm:
+after it; ``StageInfo.pad_first``). Stage grids are counted from the patch grid
+through the mergings (an odd grid merges into its ceiling half), not read from
+``input_resolution``, which transformers floors.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..capture.windows import padded_size
 from ..errors import UnsupportedModelError
 from .adapter import StageInfo
 from .hf_common import HFAdapter, mlp_part, split_attention
@@ -48,8 +50,22 @@ def _window_and_shift(layer: nn.Module, grid: tuple[int, int]) -> tuple[int, int
     return window, shift
 
 
+def stage_grids(body: nn.Module) -> list[tuple[int, int]]:
+    """The token grid of each stage: the patch grid, then ⌈grid / 2⌉ after each merging
+    (what the forward pass computes; ``input_resolution`` floors an odd grid)."""
+    grid = tuple(int(g) for g in body.embeddings.patch_grid)
+    out = []
+    for stage in body.encoder.layers:
+        out.append(grid)
+        if stage.downsample is not None:
+            grid = (-(-grid[0] // 2), -(-grid[1] // 2))
+    return out  # type: ignore[return-value]
+
+
 def _bias(layer: nn.Module, grid: tuple[int, int]):
-    """Relative position bias (+ shift mask) the layer adds to its logits: (nW or 1, heads, N, N)."""
+    """Relative position bias (+ shift mask) the layer adds to its logits: (nW or 1, heads, N, N).
+
+    ``grid``: the stage grid padded to whole windows (transformers builds its mask there)."""
 
     def bias(ctx: dict) -> torch.Tensor:
         rel = layer.attention.relative_position_bias()[0]  # (heads, N, N)
@@ -72,43 +88,37 @@ class HFSwinAdapter(HFAdapter):
         swin = model.swin
         if not isinstance(model.classifier, nn.Linear):
             raise UnsupportedModelError(f"{name} has no classifier head (num_labels=0).")
-        h, w = self.input_size
         layer_index, self.stages, self._merges = 0, [], {}
         stages = list(swin.encoder.layers)
+        grids = stage_grids(swin)
+        sy, sx = (int(p) for p in swin.embeddings.patch_embeddings.patch_size)
         for s, stage in enumerate(stages):
             blocks = list(stage.blocks)
             if not blocks:
                 raise UnsupportedModelError(f"{name}: stage {s} has no blocks.")
-            grid = tuple(int(r) for r in blocks[0].input_resolution)
+            grid = grids[s]
             parts, shifts, window = [], [], None
             for b, layer in enumerate(blocks):
                 where = f"{name} stage {s} block {b}"
                 ws, shift = _window_and_shift(layer, grid)  # type: ignore[arg-type]
-                if grid[0] % ws or grid[1] % ws:
-                    raise UnsupportedModelError(
-                        f"{where}: the {grid[0]}x{grid[1]} grid is not divisible by its {ws}x{ws} window "
-                        "(vitlens explains padded windows for timm's Swin, not for transformers'); use an "
-                        "input size whose stage grids are multiples of the window size, or the timm model."
-                    )
+                if window is not None and window != (ws, ws):
+                    raise UnsupportedModelError(f"{where}: its window differs from the stage's first block's.")
                 if ws != int(layer.attention.relative_position_bias.window_size[0]):
                     raise UnsupportedModelError(f"{where}: its window shrinks below the position-bias table.")
                 window = (ws, ws)
                 shifts.append((shift, shift))
                 attn = split_attention(layer.attention, where)
-                attn.position_bias = _bias(layer, grid)  # type: ignore[arg-type]
+                attn.position_bias = _bias(layer, padded_size(grid, (ws, ws)))  # type: ignore[arg-type]
                 parts.append(BlockPart(module=layer, norm1=layer.layernorm_before, attn=attn,
                                        norm2=layer.layernorm_after, mlp=mlp_part(layer.mlp, where)))
             self.stages.append(StageInfo(
                 index=s, parts=parts, layers=list(range(layer_index, layer_index + len(parts))),
-                grid=grid,  # type: ignore[arg-type]
-                stride=(h // grid[0], w // grid[1]), num_heads=parts[0].attn.num_heads,
-                window=window, shifts=shifts,
+                grid=grid, stride=(sy * 2 ** s, sx * 2 ** s), num_heads=parts[0].attn.num_heads,
+                window=window, shifts=shifts, pad_first=True,
             ))
             layer_index += len(parts)
             down = stage.downsample
-            if down is not None and s + 1 < len(stages):
-                if grid[0] % 2 or grid[1] % 2:
-                    raise UnsupportedModelError(f"{name}: stage {s} grid {grid} cannot be merged 2x2 without padding.")
+            if down is not None and s + 1 < len(stages):  # an odd grid is padded by one row/column first
                 self._merges[s + 1] = TokenMergePart(down, down.reduction, down.norm, norm_first=True,
                                                       grid=grid)  # type: ignore[arg-type]
         self.final = swin.layernorm
@@ -179,28 +189,25 @@ class HFSwinv2Adapter(HFSwinAdapter):
         body = model.swinv2
         if not isinstance(model.classifier, nn.Linear):
             raise UnsupportedModelError(f"{name} has no classifier head (num_labels=0).")
-        h, w = self.input_size
         layer_index, self.stages, self._merges = 0, [], {}
         stages = list(body.encoder.layers)
+        grids = stage_grids(body)
+        sy, sx = (int(p) for p in body.embeddings.patch_embeddings.patch_size)
         for s, stage in enumerate(stages):
             blocks = list(stage.blocks)
-            grid = tuple(int(r) for r in blocks[0].input_resolution)
+            grid = grids[s]
             parts, shifts = [], []
             for b, layer in enumerate(blocks):
                 where = f"{name} stage {s} block {b}"
-                ws, shift = int(layer.window_size), int(layer.shift_size)
-                if grid[0] % ws or grid[1] % ws:
-                    raise UnsupportedModelError(
-                        f"{where}: the {grid[0]}x{grid[1]} grid is not divisible by its {ws}x{ws} window "
-                        "(vitlens explains padded windows for timm's SwinV2, not for transformers'); use an "
-                        "input size whose stage grids are multiples of the window size, or the timm model."
-                    )
+                ws, shift = int(layer.window_size), int(layer.shift_size)  # fixed at build time in v2
+                if ws != int(blocks[0].window_size):
+                    raise UnsupportedModelError(f"{where}: its window differs from the stage's first block's.")
                 sa = layer.attention.self
                 attn = AttentionPart(
                     module=layer.attention, probs=sa.dropout, num_heads=int(sa.num_attention_heads),
                     proj=LinearPart(layer.attention.output.dense), q=LinearPart(sa.query), k=LinearPart(sa.key),
                     v=LinearPart(sa.value), logit_scale=_v2_logit_scale(sa),
-                    position_bias=_v2_bias(layer, grid),  # type: ignore[arg-type]
+                    position_bias=_v2_bias(layer, padded_size(grid, (ws, ws))),  # type: ignore[arg-type]
                 )
                 mlp = MlpPart(layer.output, "plain", LinearPart(layer.output.dense),
                               fc1=LinearPart(layer.intermediate.dense))
@@ -210,15 +217,12 @@ class HFSwinv2Adapter(HFSwinAdapter):
                 shifts.append((shift, shift))
             self.stages.append(StageInfo(
                 index=s, parts=parts, layers=list(range(layer_index, layer_index + len(parts))),
-                grid=grid,  # type: ignore[arg-type]
-                stride=(h // grid[0], w // grid[1]), num_heads=parts[0].attn.num_heads,
-                window=(int(blocks[0].window_size),) * 2, shifts=shifts,  # type: ignore[arg-type]
+                grid=grid, stride=(sy * 2 ** s, sx * 2 ** s), num_heads=parts[0].attn.num_heads,
+                window=(int(blocks[0].window_size),) * 2, shifts=shifts, pad_first=True,  # type: ignore[arg-type]
             ))
             layer_index += len(parts)
             down = stage.downsample
-            if down is not None and s + 1 < len(stages):
-                if grid[0] % 2 or grid[1] % 2:
-                    raise UnsupportedModelError(f"{name}: stage {s} grid {grid} cannot be merged 2x2 without padding.")
+            if down is not None and s + 1 < len(stages):  # an odd grid is padded by one row/column first
                 self._merges[s + 1] = TokenMergePart(down, down.reduction, down.norm, norm_first=False,
                                                       grid=grid)  # type: ignore[arg-type]
         self.final = body.layernorm
