@@ -78,6 +78,35 @@ def assert_window_grads_equal_autograd(model: nn.Module, cap, images: np.ndarray
         np.testing.assert_allclose(got, e.view(n, -1, *e.shape[1:]).transpose(1, 2).numpy(), atol=1e-6)
 
 
+def assert_padding_gets_nothing(cap, stages=("stage0", "stage1")) -> None:
+    """Swin at a padded size: a padded query is cropped away, so its attention gradient and
+    relevance are exactly 0, and the real queries' are not (``stages``: the padded ones)."""
+    for stage in stages:
+        pad = cap[stage].window_token.values < 0  # (layer, window, query)
+        for var in ("attention_grad", "attention_relevance"):
+            v = np.moveaxis(cap[stage][var].values, 2, 1)  # (sample, head, layer, window, query, key)
+            assert np.abs(v[:, :, pad]).max() == 0, (stage, var)
+            assert np.abs(v[:, :, ~pad]).max() > 0, (stage, var)
+
+
+def zero_hf_swin_biases(model: nn.Module) -> nn.Module:
+    """A transformers Swin / Swinv2 without additive biases, in place: Linear biases, relative
+    position tables, and Swinv2's continuous position bias driven to 16·sigmoid(−100) ≈ 0."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "continuous_position_bias_mlp" not in name:
+                p.zero_()
+        for m in model.modules():
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.zero_()
+            cpb = getattr(m, "continuous_position_bias_mlp", None)
+            if cpb is not None:
+                cpb[0].weight.zero_()
+                cpb[0].bias.fill_(1.0)
+                cpb[2].weight.fill_(-100.0 / cpb[2].weight.shape[1])
+    return model
+
+
 def stacked(cap, var: str) -> list[np.ndarray]:
     """``cap[stage][var]`` per global layer, in layer order."""
     out = []

@@ -21,6 +21,7 @@ import vitlens as vl  # noqa: E402
 from vitlens.capture.hooks import Recorder  # noqa: E402
 from vitlens.capture.relevance import attention_relevance  # noqa: E402
 from vitlens.models import adapter_for, hf_common  # noqa: E402
+from family_checks import assert_padding_gets_nothing, assert_parts_describe_the_attention, zero_hf_swin_biases  # noqa: E402
 
 SIZE = 32
 ARCH = dict(patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), mlp_ratio=2)
@@ -287,38 +288,16 @@ def test_padded_grids_capture_attention_and_gradients_as_transformers_computes_t
         g = g.view(2, nw, *g.shape[1:]).transpose(1, 2).numpy()
         np.testing.assert_allclose(cap[stage].attention.values[:, -1], a, atol=1e-6)
         np.testing.assert_allclose(cap[stage].attention_grad.values[:, -1], g, rtol=1e-5, atol=1e-6)
-    ad = adapter_for(model)
-    with Recorder(ad, keep_block_inputs=True, fused=False) as rec, torch.no_grad():  # every block's own softmax
-        ad.logits(x)
-        for layer, part in enumerate(ad.parts):  # the parts (padded-grid masks included) reproduce it
-            z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
-            torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4)
+    assert_parts_describe_the_attention(model, x)  # every block's softmax, padded-grid masks included
     maps = vl.explain(cap, "all", per_layer=False)
     for m in vl.METHODS:
         assert maps[m].shape == (2, 14, 14) and np.isfinite(maps[m].values).all(), m
-    for stage in ("stage0", "stage1"):  # a padded query is cropped away: no gradient, no relevance reaches it
-        pad = cap[stage].window_token.values < 0  # (layer, window, query)
-        for var in ("attention_grad", "attention_relevance"):
-            v = np.moveaxis(cap[stage][var].values, 2, 1)  # (sample, layer, head, ...) → (sample, head, layer, ...)
-            assert np.abs(v[:, :, pad]).max() == 0, (stage, var)
-            assert np.abs(v[:, :, ~pad]).max() > 0, (stage, var)
+    assert_padding_gets_nothing(cap)
 
 
 @pytest.mark.parametrize("v2", [False, True])
 def test_padded_grids_conserve_relevance_without_biases(v2):
-    model = padded_hf(v2, seed=4)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and "continuous_position_bias_mlp" not in name:
-                p.zero_()
-        for m in model.modules():
-            if hasattr(m, "relative_position_bias_table"):
-                m.relative_position_bias_table.zero_()
-            cpb = getattr(m, "continuous_position_bias_mlp", None)
-            if cpb is not None:  # 16·sigmoid(−100) ≈ 0: no position bias
-                cpb[0].weight.zero_()
-                cpb[0].bias.fill_(1.0)
-                cpb[2].weight.fill_(-100.0 / cpb[2].weight.shape[1])
+    model = zero_hf_swin_biases(padded_hf(v2, seed=4))
     ad = adapter_for(model)
     with Recorder(ad, keep_block_inputs=True) as rec:
         x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(7))

@@ -22,6 +22,7 @@ import vitlens as vl  # noqa: E402
 from vitlens.capture.hooks import Recorder  # noqa: E402
 from vitlens.capture.relevance import attention_relevance  # noqa: E402
 from vitlens.models import adapter_for, hf_common  # noqa: E402
+from family_checks import zero_hf_swin_biases  # noqa: E402
 
 SIZE = 32
 ARCH = dict(patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), mlp_ratio=2.0)
@@ -149,17 +150,7 @@ def test_parts_describe_the_attention_the_model_computed(pair):
 
 def test_lrp_is_conserved_block_by_block_without_biases(pair):
     _, hf = pair
-    model = copy.deepcopy(hf)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and "continuous_position_bias_mlp" not in name:
-                p.zero_()
-        for m in model.modules():
-            cpb = getattr(m, "continuous_position_bias_mlp", None)
-            if cpb is not None:  # 16·sigmoid(−100) ≈ 0: no position bias
-                cpb[0].weight.zero_()
-                cpb[0].bias.fill_(1.0)
-                cpb[2].weight.fill_(-100.0 / cpb[2].weight.shape[1])
+    model = zero_hf_swin_biases(copy.deepcopy(hf))
     ad = adapter_for(model)
     with Recorder(ad, keep_block_inputs=True) as rec:
         attention_relevance(ad, rec, ad.logits(_pixels(2)).argmax(-1), to_input=True)

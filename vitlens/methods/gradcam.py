@@ -7,7 +7,7 @@ import xarray as xr
 
 from ..errors import OptionError
 from .maps import token_map
-from .operators import HeadSelection, heads_for, select_layers, view
+from .operators import HeadSelection, grid_factor, heads_for, select_layers, view
 from .registry import METHOD_INFO, register_method
 
 ON = ("attention", "features")
@@ -85,7 +85,7 @@ def gradcam(
     first = cv.stages[0]
     if last.grid != first.grid:  # Swin: bilinear onto the first-stage grid (cropped where a
         # merged odd grid hangs over the image edge)
-        fy, fx = (a // b for a, b in zip(last.stride, first.stride, strict=True))
+        fy, fx = grid_factor(last, first)
         values = torch.nn.functional.interpolate(
             cam[:, None], size=(last.grid[0] * fy, last.grid[1] * fx), mode="bilinear", align_corners=False
         )[:, 0, : first.grid[0], : first.grid[1]]

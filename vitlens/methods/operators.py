@@ -344,13 +344,18 @@ def propagate(
     return r[:, first.num_prefix :].reshape(-1, gh, gw)
 
 
+def grid_factor(stage: StageView, first: StageView) -> tuple[int, int]:
+    """First-stage tokens per ``stage`` token along (y, x): the ratio of their strides."""
+    return stage.stride[0] // first.stride[0], stage.stride[1] // first.stride[1]
+
+
 def onto_grid(values: torch.Tensor, stage: StageView, first: StageView) -> torch.Tensor:
     """A (B, h, w) map on ``stage``'s grid repeated onto ``first``'s (finer) grid.
 
-    Each token covers ``stride / first.stride`` first-stage tokens per axis; a
-    grid merged from an odd side hangs over the edge, so the result is cropped.
+    Each token covers :func:`grid_factor` first-stage tokens per axis; a grid
+    merged from an odd side hangs over the edge, so the result is cropped.
     """
-    fy, fx = (a // b for a, b in zip(stage.stride, first.stride, strict=True))
+    fy, fx = grid_factor(stage, first)
     up = values.repeat_interleave(fy, -2).repeat_interleave(fx, -1)
     return up[..., : first.grid[0], : first.grid[1]]
 

@@ -50,15 +50,18 @@ def _window_and_shift(layer: nn.Module, grid: tuple[int, int]) -> tuple[int, int
     return window, shift
 
 
-def stage_grids(body: nn.Module) -> list[tuple[int, int]]:
-    """The token grid of each stage: the patch grid, then ⌈grid / 2⌉ after each merging
-    (what the forward pass computes; ``input_resolution`` floors an odd grid)."""
+def stage_grids(body: nn.Module) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Each stage's token grid and stride (input pixels per token): the patch grid and
+    patch size, then ⌈grid / 2⌉ and twice the stride after each merging (what the forward
+    pass computes; ``input_resolution`` floors an odd grid)."""
     grid = tuple(int(g) for g in body.embeddings.patch_grid)
+    stride = tuple(int(p) for p in body.embeddings.patch_embeddings.patch_size)
     out = []
     for stage in body.encoder.layers:
-        out.append(grid)
+        out.append((grid, stride))
         if stage.downsample is not None:
             grid = (-(-grid[0] // 2), -(-grid[1] // 2))
+            stride = (2 * stride[0], 2 * stride[1])
     return out  # type: ignore[return-value]
 
 
@@ -91,12 +94,11 @@ class HFSwinAdapter(HFAdapter):
         layer_index, self.stages, self._merges = 0, [], {}
         stages = list(swin.encoder.layers)
         grids = stage_grids(swin)
-        sy, sx = (int(p) for p in swin.embeddings.patch_embeddings.patch_size)
         for s, stage in enumerate(stages):
             blocks = list(stage.blocks)
             if not blocks:
                 raise UnsupportedModelError(f"{name}: stage {s} has no blocks.")
-            grid = grids[s]
+            grid, stride = grids[s]
             parts, shifts, window = [], [], None
             for b, layer in enumerate(blocks):
                 where = f"{name} stage {s} block {b}"
@@ -113,7 +115,7 @@ class HFSwinAdapter(HFAdapter):
                                        norm2=layer.layernorm_after, mlp=mlp_part(layer.mlp, where)))
             self.stages.append(StageInfo(
                 index=s, parts=parts, layers=list(range(layer_index, layer_index + len(parts))),
-                grid=grid, stride=(sy * 2 ** s, sx * 2 ** s), num_heads=parts[0].attn.num_heads,
+                grid=grid, stride=stride, num_heads=parts[0].attn.num_heads,
                 window=window, shifts=shifts, pad_first=True,
             ))
             layer_index += len(parts)
@@ -192,10 +194,9 @@ class HFSwinv2Adapter(HFSwinAdapter):
         layer_index, self.stages, self._merges = 0, [], {}
         stages = list(body.encoder.layers)
         grids = stage_grids(body)
-        sy, sx = (int(p) for p in body.embeddings.patch_embeddings.patch_size)
         for s, stage in enumerate(stages):
             blocks = list(stage.blocks)
-            grid = grids[s]
+            grid, stride = grids[s]
             parts, shifts = [], []
             for b, layer in enumerate(blocks):
                 where = f"{name} stage {s} block {b}"
@@ -217,7 +218,7 @@ class HFSwinv2Adapter(HFSwinAdapter):
                 shifts.append((shift, shift))
             self.stages.append(StageInfo(
                 index=s, parts=parts, layers=list(range(layer_index, layer_index + len(parts))),
-                grid=grid, stride=(sy * 2 ** s, sx * 2 ** s), num_heads=parts[0].attn.num_heads,
+                grid=grid, stride=stride, num_heads=parts[0].attn.num_heads,
                 window=(int(blocks[0].window_size),) * 2, shifts=shifts, pad_first=True,  # type: ignore[arg-type]
             ))
             layer_index += len(parts)
