@@ -123,3 +123,38 @@ def test_capture_does_not_keep_the_mlp_inputs_it_rebuilds(vit, images32):
             torch.testing.assert_close(ad.parts[1].mlp.hidden(lin["fc1"][1]), seen["fc2_in"])
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
+def test_a_qkv_map_the_model_calls_outside_its_module_is_computed_once_per_block(monkeypatch, name):
+    """EVA and BEiT call ``F.linear`` on the fused qkv weight with q/v biases of their own, so
+    the module's hook never fires. Capture computes that map's output once per block (for the
+    rebuilt probabilities, their gradient and the LRP step alike), not once per use, and
+    lets it go with the block."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, depth=2, img_size=56 if "eva" in name else 64,
+                              **({} if "eva" in name else dict(embed_dim=64, num_heads=4))).eval()
+    weights = {id(b.attn.qkv.weight): i for i, b in enumerate(model.blocks)}
+    calls: list[int] = []
+    real = torch.nn.functional.linear
+
+    def counted(input, weight, bias=None):  # noqa: A002 (F.linear's own keyword names)
+        if id(weight) in weights:
+            calls.append(weights[id(weight)])
+        return real(input, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counted)
+    released = []
+    real_release = hooks.Recorder.release
+
+    def release(self, layer):
+        real_release(self, layer)
+        released.append(not any(n in self.linears.get(layer, {}) for n in getattr(self, "_filled", {}).get(layer, ["qkv"])))
+
+    monkeypatch.setattr(hooks.Recorder, "release", release)
+    size = model.patch_embed.img_size
+    images = np.random.default_rng(0).random((2, *size, 3)).astype(np.float32)
+    vl.capture(model, images, progress=False)
+    # per block: the model's own forward, then capture's one call (value path for tokentm aside)
+    assert sorted(calls) == sorted([i for i in range(len(model.blocks)) for _ in range(2)]), calls
+    assert released and all(released)

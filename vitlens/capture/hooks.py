@@ -99,6 +99,8 @@ class Recorder:
         self._freed = 0  # bytes of attention released since the last trim
         self.attn_out: dict[int, torch.Tensor] = {}  # fused layers: the heads' output O, with its graph
         self._pending: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+        self._filled: dict[int, list[str]] = {}  # q/k/v records computed by attn_linears, not hooked
+        self._scores: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # -- context ------------------------------------------------------------
     def __enter__(self) -> "Recorder":
@@ -257,14 +259,37 @@ class Recorder:
         self.attn_out.clear()
         trim_heap()  # the graph is gone: give its pages back before the outputs fill
 
+    def attn_linears(self, layer: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+        """Block ``layer``'s Linear records, with the q/k/v maps' outputs filled in where
+        their module never ran (EVA, BEiT and SwinV2 call ``F.linear`` on the fused
+        ``qkv`` weight with biases of their own): computed once here, from the
+        recorded attention input, instead of at each use; :meth:`release` drops them."""
+        lin = self.linears[layer]
+        h = self.attn_inputs.get(layer)
+        if h is None:
+            return lin
+        for name, part in self.adapter.parts[layer].attn.linears().items():
+            if name != "proj" and name not in lin:
+                with torch.no_grad():  # the module's own output: LinearPart adds any outside bias itself
+                    lin[name] = (None, torch.nn.functional.linear(h, part.weight, part.module.bias))
+                self._filled.setdefault(layer, []).append(name)
+        return lin
+
+    def scores(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The ``(a, bᵀ, logits)`` a fused block's probabilities were rebuilt from, kept for
+        the LRP pass until :meth:`release` (None for a block whose probabilities were hooked)."""
+        return self._scores.get(layer)
+
     def probs(self, layer: int) -> torch.Tensor:
         """Block ``layer``'s attention probabilities; a fused block's are rebuilt here
         (outside autograd, once) from its recorded input and q/k maps."""
         if layer not in self.attention:
             attn = self.adapter.parts[layer].attn
             with torch.no_grad():
-                self.attention[layer] = attn.probabilities(self.attn_inputs[layer], self.attn_ctx.get(layer, {}),
-                                                           self.linears[layer])
+                scores = attn.scores(self.attn_inputs[layer], self.attn_ctx.get(layer, {}), self.attn_linears(layer))
+                self.attention[layer] = scores[2].softmax(-1)
+                if self.keep_block_inputs:  # the LRP pass reuses them
+                    self._scores[layer] = scores
         return self.attention[layer].detach()
 
     def probs_grad(self, layer: int) -> torch.Tensor:
@@ -275,12 +300,16 @@ class Recorder:
         if g is None:
             return torch.zeros_like(self.probs(layer))
         with torch.no_grad():
-            return self.adapter.parts[layer].attn.probabilities_grad(g, self.attn_inputs[layer], self.linears[layer])
+            return self.adapter.parts[layer].attn.probabilities_grad(g, self.attn_inputs[layer],
+                                                                     self.attn_linears(layer))
 
     def release(self, layer: int) -> None:
         """Drop what is kept of block ``layer``'s attention (once it is stored)."""
         a = self.attention.pop(layer, None)
         self._grads.pop(layer, None)
+        self._scores.pop(layer, None)
+        for name in self._filled.pop(layer, ()):
+            self.linears.get(layer, {}).pop(name, None)
         if a is not None and a.device.type == "cpu":
             self._freed += a.numel() * a.element_size()
             if self._freed >= _TRIM_EVERY:  # the block's records went too (LRP walk): return their pages

@@ -40,6 +40,7 @@ from torch import nn
 from .lrp_rules import linear_alphabeta, matmul_lrp0, mean_lrp0, product_half, residual_add
 
 Records = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> recorded (input, output) of a Linear
+Scores = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (a, bᵀ, logits a @ bᵀ + bias) of an attention
 
 
 def _identity() -> nn.Module:
@@ -182,12 +183,20 @@ class AttentionPart:
             z.add_(bias)
         return z
 
-    def logits(self, h: torch.Tensor, ctx: dict | None = None, lin: Records | None = None) -> torch.Tensor:
-        """Pre-softmax logits recomputed from the attention input ``h`` (tests, LRP)."""
+    def scores(self, h: torch.Tensor, ctx: dict | None = None, lin: Records | None = None) -> Scores:
+        """``(a, bᵀ, z)`` with the pre-softmax logits ``z = a @ bᵀ (+ bias)``, from the attention input ``h``.
+
+        What :meth:`probabilities` and :meth:`relevance` share: capture computes it
+        once per block and hands it to both (``scores=``).
+        """
         ctx = ctx or {}
         q, k, _ = self.project(h, lin)
         a, bt = self.operands(q, k, ctx)
-        return self.add_bias(a @ bt, self.bias(ctx))
+        return a, bt, self.add_bias(a @ bt, self.bias(ctx))
+
+    def logits(self, h: torch.Tensor, ctx: dict | None = None, lin: Records | None = None) -> torch.Tensor:
+        """Pre-softmax logits recomputed from the attention input ``h`` (tests, LRP)."""
+        return self.scores(h, ctx, lin)[2]
 
     def probabilities(self, h: torch.Tensor, ctx: dict | None = None, lin: Records | None = None) -> torch.Tensor:
         """The post-softmax attention (B[·nW], heads, N, N), recomputed from the attention input.
@@ -228,20 +237,25 @@ class AttentionPart:
         return F.linear(self.inner_norm(v), self.proj.weight)
 
     def relevance(self, h: torch.Tensor, probs: torch.Tensor, r_o: torch.Tensor, lin: Records,
-                  ctx: dict, to_input: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+                  ctx: dict, to_input: bool = True,
+                  scores: Scores | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Relevance at the attention input ``h`` and at the probabilities.
 
         ``r_o``: relevance at ``proj``'s input. With ``to_input=False`` the q/k/v
         step is skipped (no map needs it for the first block) and ``None`` returned.
+        ``scores``: :meth:`scores` of ``h`` when the caller has it (not recomputed).
         """
         q, k, v = self.project(h, lin)
         b, n, _ = r_o.shape
         r_probs, r_v = matmul_lrp0(probs, v, r_o.reshape(b, n, self.num_heads, -1).transpose(1, 2))
         if not to_input:
             return None, r_probs
-        a, bt = self.operands(q, k, ctx)
-        bias = self.bias(ctx)
-        z = None if bias is None else self.add_bias(a @ bt, bias)
+        if scores is None:
+            a, bt = self.operands(q, k, ctx)
+            bias = self.bias(ctx)
+            z = None if bias is None else self.add_bias(a @ bt, bias)
+        else:
+            a, bt, z = scores
         r_a, r_bt = matmul_lrp0(a, bt, r_probs, z=z)
         r_q, r_k = r_a, r_bt.transpose(-2, -1)  # norms, rotary, scale: identity rule
         if self.fused:
