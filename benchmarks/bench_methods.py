@@ -103,13 +103,21 @@ def bench(name: str, batch: int, repeat: int, device: str) -> list[tuple[str, fl
         logits.gather(1, target[:, None]).sum().backward()
         sync()
 
-    cap_holder = {}
-
-    def capture():
-        cap_holder["cap"] = vl.capture(model, x, target=target.tolist(), progress=False)
+    def forward():
+        with torch.no_grad():
+            model(x)
         sync()
 
-    steps = [("plain forward+backward", plain), ("vl.capture (default: grads + LRP)", capture)]
+    cap_holder = {}
+    phases = {"backward": 0.0, "lrp": 0.0}
+
+    def capture():
+        with _phase_timers(phases, sync):
+            cap_holder["cap"] = vl.capture(model, x, target=target.tolist(), progress=False)
+        sync()
+
+    capture_label = "vl.capture (default: grads + LRP)"
+    steps = [("plain forward+backward", plain), ("plain forward alone (no autograd)", forward), (capture_label, capture)]
     steps += [(f"  explain {m}", lambda m=m: vl.explain(cap_holder["cap"], m)) for m in vl.METHODS]
     steps += [("  explain 'all'", lambda: vl.explain(cap_holder["cap"], "all"))]
     extra = _gradcam(model, x, target)
@@ -119,20 +127,64 @@ def bench(name: str, batch: int, repeat: int, device: str) -> list[tuple[str, fl
     if extra is not None:
         steps.append(("Chefer's reference TA (one map)", extra))
     times: dict[str, list[float]] = {label: [] for label, _ in steps}
+    split = {label: [] for label in _PHASES.values()}
     for round_ in range(repeat + 1):  # round 0 is the warm-up
         for label, fn in steps:
+            phases.update(backward=0.0, lrp=0.0)
             t = time.perf_counter()
             fn()
             if round_:
                 times[label].append(time.perf_counter() - t)
+                if fn is capture:
+                    total = times[label][-1]
+                    split[_PHASES["backward"]].append(phases["backward"])
+                    split[_PHASES["lrp"]].append(phases["lrp"])
+                    split[_PHASES["rest"]].append(total - phases["backward"] - phases["lrp"])
     method_labels = [f"  explain {m}" for m in vl.METHODS]
     ratios = [
-        (times[steps[1][0]][r] + sum(times[m][r] for m in method_labels)) / times[steps[0][0]][r]
+        (times[capture_label][r] + sum(times[m][r] for m in method_labels)) / times[steps[0][0]][r]
         for r in range(repeat)
     ]
     rows = [(label, statistics.median(ts)) for label, ts in times.items()]
+    at = [label for label, _ in rows].index(capture_label) + 1  # the capture's parts, right below it
+    rows[at:at] = [(label, statistics.median(ts)) for label, ts in split.items()]
     rows.append(("capture + all seven maps", statistics.median(ratios) * rows[0][1]))
     return rows
+
+
+#: The capture's parts the bench times (indented under the capture row).
+_PHASES = {"rest": "  of which forward with hooks, and the rest", "backward": "  of which activation-gradient backward",
+           "lrp": "  of which LRP pass (storing each block as it goes)"}
+
+
+class _phase_timers:
+    """Time ``torch.autograd.grad`` and the LRP pass inside one ``vl.capture`` (added to ``phases``)."""
+
+    def __init__(self, phases: dict[str, float], sync):
+        self.phases, self.sync = phases, sync
+
+    def _timed(self, key: str, fn):
+        def run(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.sync()
+                self.phases[key] += time.perf_counter() - t
+        return run
+
+    def __enter__(self):
+        from vitlens.capture import relevance
+
+        self._saved = (torch.autograd.grad, relevance.attention_relevance)
+        torch.autograd.grad = self._timed("backward", torch.autograd.grad)
+        relevance.attention_relevance = self._timed("lrp", relevance.attention_relevance)
+        return self
+
+    def __exit__(self, *exc):
+        from vitlens.capture import relevance
+
+        torch.autograd.grad, relevance.attention_relevance = self._saved
 
 
 def main() -> None:
@@ -150,9 +202,9 @@ def main() -> None:
         rows = bench(name, args.batch, args.repeat, args.device)
         base = rows[0][1]
         print(f"\n{name} @ {args.batch} images")
-        print(f"{'step':40s} {'seconds':>9s} {'× fwd+bwd':>10s}")
+        print(f"{'step':52s} {'seconds':>9s} {'× fwd+bwd':>10s}")
         for label, t in rows:
-            print(f"{label:40s} {t:9.3f} {t / base:10.2f}")
+            print(f"{label:52s} {t:9.3f} {t / base:10.2f}")
 
 
 if __name__ == "__main__":

@@ -161,6 +161,7 @@ CLAIM_PAIRS = (("lnstat, grad=True (gradient-weighted)", "transformer_attributio
                ("lnstat, grad=True (gradient-weighted)", "lnstat, grad=False (gradient-free)"),
                ("lnstat, grad=True (gradient-weighted)", "generic_attention"))
 CLAIM_START, CLAIM_END = "<!-- lnstat-claim:start -->", "<!-- lnstat-claim:end -->"
+COST_START, COST_END = "<!-- cost:start -->", "<!-- cost:end -->"
 
 
 def _claim_maps(cap: xr.DataTree, method: str, options: dict) -> xr.DataArray:
@@ -330,14 +331,30 @@ def claim_verdict(raw: dict) -> list[str]:
 
 
 def splice_claim(path: Path, lines: list[str]) -> None:
-    """Replace (or append) the claim section of RESULTS.md; the rest of the file is kept as it is."""
+    """Replace (or insert before the cost section) the claim section of RESULTS.md; the rest is kept."""
+    splice(path, lines, CLAIM_START, CLAIM_END, before="\n## Cost")
+
+
+def splice(path: Path, lines: list[str], start: str, end: str, before: str | None = None,
+           replaces: str | None = None) -> None:
+    """Replace the section between the markers ``start`` and ``end`` of RESULTS.md by ``lines``.
+
+    Without the markers, a section headed ``replaces`` (a file from before the
+    markers) is replaced up to the next ``## `` heading; failing that the section
+    goes in before the heading ``before`` (or at the end). The rest of the file
+    is kept as it is. Written atomically.
+    """
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     block = "\n".join(lines)
-    if CLAIM_START in text and CLAIM_END in text:
-        head, rest = text.split(CLAIM_START, 1)
-        text = head + block + rest.split(CLAIM_END, 1)[1]
+    old = -1 if replaces is None else text.find(replaces)
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    elif old >= 0:
+        stop = text.find("\n## ", old + len(replaces))
+        text = text[: old + 1] + block + "\n" + ("" if stop < 0 else "\n" + text[stop + 1 :])
     else:
-        cut = text.find("\n## Cost")
+        cut = -1 if before is None else text.find(before)
         text = (text + "\n" + block + "\n") if cut < 0 else text[: cut + 1] + block + "\n\n" + text[cut + 1 :]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -345,44 +362,53 @@ def splice_claim(path: Path, lines: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- cost
-def timed_once(fn) -> float:  # noqa: ANN001
+_THROUGHPUT_CHILD = r"""
+import json, statistics, sys, time, timm, torch, vitlens as vl
+torch.manual_seed(0)
+b = int(sys.argv[1])
+model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+x = torch.randn(b, 3, 224, 224)
+target = (torch.arange(b) % 1000).tolist()
+
+def plain():
+    model.zero_grad(set_to_none=True)
+    model(x).gather(1, torch.tensor(target)[:, None]).sum().backward()
+
+def capture():
+    cap = vl.capture(model, x, target=target, batch_size=b, progress=False)
+    for method in vl.METHODS:
+        vl.explain(cap, method)
+
+def timed(fn):
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+rounds = int(sys.argv[2])
+plain(), capture()  # warm-up
+t_plain, t_cap = [], []
+for _ in range(rounds):
+    t_plain.append(timed(plain))
+    t_cap.append(timed(capture))
+print(json.dumps([t_plain, t_cap]))
+"""
 
 
 def throughput(batches: tuple[int, ...]) -> list[str]:
     """Capture + all seven maps against plain forward+backward at several batch sizes (ViT-B/16).
 
-    Interleaved rounds per batch size (plain, then capture and the maps), after one
+    Each batch size runs in a fresh process (no allocator state carried from the
+    one before): interleaved rounds (plain, then capture and the maps) after one
     warm-up round; each row is the median of its rounds' own ratios, so the
     per-image cost is flat in batch size when the last column is.
     """
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
     rows = ["| batch | rounds | plain fwd+bwd (img/s) | capture + seven maps (img/s) | ratio (median of rounds) |",
             "|---:|---:|---:|---:|---:|"]
     for b in batches:
-        x = torch.randn(b, 3, 224, 224)
-        target = (torch.arange(b) % 1000).tolist()
-
-        def plain() -> None:
-            model.zero_grad(set_to_none=True)
-            model(x).gather(1, torch.tensor(target)[:, None]).sum().backward()
-
-        def capture() -> None:
-            cap = vl.capture(model, x, target=target, batch_size=b, progress=False)
-            for method in vl.METHODS:
-                vl.explain(cap, method)
-
         rounds = 5 if b == 1 else 3
-        plain(), capture()  # warm-up
-        t_plain, t_cap = [], []
-        for _ in range(rounds):
-            t_plain.append(timed_once(plain))
-            t_cap.append(timed_once(capture))
+        out = subprocess.run([sys.executable, "-c", _THROUGHPUT_CHILD, str(b), str(rounds)], capture_output=True,
+                             text=True, check=True)
+        t_plain, t_cap = json.loads(out.stdout.strip().splitlines()[-1])
         ratio = statistics.median(c / p for c, p in zip(t_cap, t_plain))
         rows.append(f"| {b} | {rounds} | {b / statistics.median(t_plain):.2f} | {b / statistics.median(t_cap):.2f} | "
                     f"{ratio:.2f} |")
@@ -451,8 +477,11 @@ def fresh_bench(name: str, batch: int, repeat: int) -> list[tuple[str, float]]:
     return [(label, float(t)) for label, t in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
-def cost(batch: int, repeat: int, batches: tuple[int, ...], memory_batch: int) -> list[str]:
-    out = ["## Cost", ""]
+def cost(batch: int, repeat: int, batches: tuple[int, ...], memory_batch: int, spliced: bool = False) -> list[str]:
+    out = [COST_START, "## Cost", ""]
+    if spliced:
+        out += [f"Generated by `python benchmarks/make_results.py --only-cost` on {_dt.date.today().isoformat()} "
+                f"(spliced into this file; the sections above may be older). Machine: {machine()}.", ""]
     for name, title in (("vit_base_patch16_224", "ViT-B/16"), ("swin_tiny_patch4_window7_224", "Swin-T"),
                         ("eva02_small_patch14_224", "EVA02-S/14")):
         rows = fresh_bench(name, batch, repeat)
@@ -466,7 +495,7 @@ def cost(batch: int, repeat: int, batches: tuple[int, ...], memory_batch: int) -
     out += ["Per-image cost against batch size, ViT-B/16 at 224 (capture + seven maps against plain "
             "forward+backward; interleaved rounds after a warm-up):", ""]
     out += throughput(batches)
-    out += [""] + memory(memory_batch) + [""]
+    out += [""] + memory(memory_batch) + ["", COST_END]
     return out
 
 
@@ -481,6 +510,8 @@ def main() -> None:
     p.add_argument("--only-lnstat-claim", action="store_true",
                    help="compute only the section on the LN-statistics paper's claim and splice it into --out")
     p.add_argument("--claim-json", default=None, help="also write the claim section's raw scores as JSON here")
+    p.add_argument("--only-cost", action="store_true",
+                   help="measure only the cost section (~15 min) and splice it into --out")
     args = p.parse_args()
     if args.quick:
         args.n_one, args.n_two = 10, 10
@@ -495,6 +526,13 @@ def main() -> None:
             Path(args.claim_json).write_text(json.dumps(raw, indent=1), encoding="utf-8")
         print(f"spliced the lnstat-claim section into {args.out} in {(time.perf_counter() - t) / 60:.1f} min")
         return
+    light = dict(batch=8, repeat=5, batches=(1, 8, 32), memory_batch=8) if not args.quick else \
+        dict(batch=1, repeat=1, batches=(1, 2), memory_batch=1)
+    if args.only_cost:
+        t = time.perf_counter()
+        splice(Path(args.out), cost(**light, spliced=True), COST_START, COST_END, replaces="\n## Cost")
+        print(f"spliced the cost section into {args.out} in {(time.perf_counter() - t) / 60:.1f} min")
+        return
     start = time.perf_counter()
     body: list[str] = ["## Explanation quality on the shapes models", ""]
     spent = {}
@@ -503,9 +541,7 @@ def main() -> None:
         body += lines
     body += claim_section(args.n_one, args.n_two, args.batch_size)[0] + [""]
     if not args.skip_cost:
-        body += cost(batch=8 if not args.quick else 1, repeat=5 if not args.quick else 1,
-                     batches=(1, 8, 32) if not args.quick else (1, 2),
-                     memory_batch=8 if not args.quick else 1)
+        body += cost(**light)
     total = time.perf_counter() - start
     pending = [n for n in spent if n not in available()]
     head = [

@@ -205,3 +205,12 @@ def test_results_section_is_spliced_without_touching_the_rest(tmp_path):
     again = path.read_text(encoding="utf-8")
     assert "two" in again and "\none\n" not in again and again.count("## claim") == 1
     assert again.replace("two", "one") == text
+    # the cost section: a file from before its markers has its old one replaced, nothing else
+    cost = [make_results.COST_START, "## Cost", "", "new rows", make_results.COST_END]
+    make_results.splice(path, cost, make_results.COST_START, make_results.COST_END, replaces="\n## Cost")
+    spliced = path.read_text(encoding="utf-8")
+    assert "cost rows" not in spliced and spliced.count("## Cost") == 1 and "new rows" in spliced
+    assert spliced.split(make_results.COST_START)[0] == again.split("## Cost")[0]
+    make_results.splice(path, [*cost[:3], "newer rows", cost[-1]], make_results.COST_START, make_results.COST_END,
+                        replaces="\n## Cost")
+    assert path.read_text(encoding="utf-8") == spliced.replace("new rows", "newer rows")
