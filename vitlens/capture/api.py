@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -64,16 +65,25 @@ def class_names(model: nn.Module, num_classes: int) -> list[str]:
     if names is not None and len(names) == num_classes:
         return [str(n) for n in names]
     try:
-        from timm.data import ImageNetInfo, infer_imagenet_subset
+        from timm.data import infer_imagenet_subset
 
         subset = infer_imagenet_subset(model)
         if subset:
-            info = ImageNetInfo(subset)
-            if info.num_classes() == num_classes:
-                return [info.index_to_description(i) for i in range(num_classes)]
+            names = _imagenet_names(subset)
+            if len(names) == num_classes:
+                return list(names)
     except Exception:  # class names are a nicety; never fail a capture over them
         pass
     return [str(i) for i in range(num_classes)]
+
+
+@functools.lru_cache(maxsize=8)
+def _imagenet_names(subset: str) -> tuple[str, ...]:
+    """timm's class descriptions of an ImageNet subset (read from timm's files once per process)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo(subset)
+    return tuple(info.index_to_description(i) for i in range(info.num_classes()))
 
 
 def _resolve_target(target: Any, n: int, names: Sequence[str]) -> np.ndarray | None:
