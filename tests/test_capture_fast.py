@@ -158,3 +158,28 @@ def test_a_qkv_map_the_model_calls_outside_its_module_is_computed_once_per_block
     # per block: the model's own forward, then capture's one call (value path for tokentm aside)
     assert sorted(calls) == sorted([i for i in range(len(model.blocks)) for _ in range(2)]), calls
     assert released and all(released)
+
+
+def test_the_value_path_comes_from_the_recorded_v_map_where_it_ran_on_the_tokens(monkeypatch, vit, images32):
+    """tokentm's value path ``W_O·v_j`` takes ``v`` from the fused qkv map's recorded output
+    (no second v matmul) where that map ran on the block's normalised tokens; where it did not
+    run through its module (EVA's q/v biases) the value path is computed from the tokens."""
+    from vitlens.models.parts import AttentionPart
+
+    calls = []
+    real = AttentionPart.value_path
+    monkeypatch.setattr(AttentionPart, "value_path", lambda self, h: (calls.append(1), real(self, h))[1])
+    cap = vl.capture(vit, images32, progress=False)
+    assert calls == []
+    x = torch.as_tensor(images32).permute(0, 3, 1, 2)
+    x = (x - torch.tensor(vit.pretrained_cfg["mean"])[:, None, None]) / torch.tensor(vit.pretrained_cfg["std"])[:, None, None]
+    with torch.no_grad():
+        h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        for i, blk in enumerate(vit.blocks):
+            t = real(adapter_for(vit).parts[i].attn, blk.norm1(h))
+            np.testing.assert_allclose(cap["stage0"].attn_value_norm.values[:, i], t.norm(dim=-1).numpy(), rtol=1e-5)
+            h = blk(h)
+    torch.manual_seed(0)
+    eva = timm.create_model("eva02_tiny_patch14_224", num_classes=3, depth=2, img_size=56).eval()
+    vl.capture(eva, np.random.default_rng(0).random((1, 56, 56, 3)).astype(np.float32), progress=False)
+    assert len(calls) == 2  # one per block: EVA's qkv runs outside its module

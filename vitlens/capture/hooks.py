@@ -75,6 +75,7 @@ class Recorder:
         self.param_grads = param_grads
         self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._handles: list[Any] = []
+        self._value_from: dict[int, str] = {}  # layer -> the hooked Linear whose output gives the value path
         self.paused = False  # hooks do nothing while the LRP pass reruns modules
         self._saved_fused: list[tuple[nn.Module, bool]] = []
         self._saved_training: list[tuple[nn.Module, bool]] = []
@@ -178,9 +179,14 @@ class Recorder:
                 hook(merge.module.register_forward_hook(self._on_merge(stage)))
         # the attention input and keyword arguments, and every Linear's input and output (LRP);
         # fused layers always keep the attention's input and q/k/v maps, to rebuild the probabilities
+        self._value_from = {}
         for layer, part in enumerate(ad.parts):
             if not (self.keep_block_inputs or layer in self.fused_layers):
                 continue
+            # the value path (tokentm) from the hooked v map's output, where it runs on the tokens as they are
+            v_name = "qkv" if part.attn.fused else "v"
+            if ad.stage_of_layer(layer).window is None and part.attn.linears()[v_name].extra_bias is None:
+                self._value_from[layer] = v_name
             hook(part.attn.module.register_forward_pre_hook(self._on_attn_input(layer), with_kwargs=True))
             names = part.linears() if self.keep_block_inputs else part.attn.linears()
             # inputs the LRP pass rebuilds cheaply are not kept: fc2's (from fc1's output) and,
@@ -206,10 +212,34 @@ class Recorder:
         return hook
 
     def _value_path(self, layer: int, part: Any, h: torch.Tensor, u: torch.Tensor) -> None:
-        t = part.attn.value_path(h)
+        """The value-path records (tokentm); where the v map's hook is to fire, left to it
+        (:meth:`_value_path_from_linear`: its output saves a matmul), else computed now."""
+        if layer in self._value_from:
+            self._pending[layer]["value_path"] = (h, u)
+            return
+        self._store_value_path(layer, part.attn.value_path(h), u)
+
+    def _store_value_path(self, layer: int, t: torch.Tensor, u: torch.Tensor) -> None:
         rec = self.records[layer]
         rec["attn_value_norm"] = t.float().norm(dim=-1)
         rec["attn_value_cos"] = _cosine(t, u)
+
+    def _value_path_from_linear(self, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The v map ran on ``x``: the value path from its output, when ``x`` is the tokens it was left for."""
+        pending = self._pending[layer].pop("value_path", None)
+        if pending is None:
+            return
+        h, u = pending
+        attn = self.adapter.parts[layer].attn
+        with torch.no_grad():
+            same = x.shape == h.shape and x.data_ptr() == h.data_ptr() and x.stride() == h.stride()
+            self._store_value_path(layer, attn.value_path_of(out.detach()) if same else attn.value_path(h), u)
+
+    def _value_path_left(self, layer: int) -> None:
+        """At the MLP: a value path the v map's hook did not take is computed from its tokens."""
+        pending = self._pending[layer].pop("value_path", None)
+        if pending is not None:
+            self._store_value_path(layer, self.adapter.parts[layer].attn.value_path(pending[0]), pending[1])
 
     def _on_norm1(self, layer: int, part: Any):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -233,10 +263,14 @@ class Recorder:
         return hook
 
     def _on_linear(self, layer: int, name: str, rebuilt: bool = False):
+        value = self._value_from.get(layer) == name
+
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if self.paused:
                 return
             self.linears[layer][name] = (None if rebuilt else inputs[0].detach(), output.detach())
+            if value:
+                self._value_path_from_linear(layer, inputs[0], output)
 
         return hook
 
@@ -344,6 +378,7 @@ class Recorder:
                 rec["mlp_in_norm"] = x2.float().norm(dim=-1)
                 u = self._pending[layer].pop("u")
                 rec["attn_out_norm"] = (x2.float() - u.float()).norm(dim=-1)
+                self._value_path_left(layer)
                 self._pending[layer]["x2"] = x2
                 if self.keep_block_inputs:
                     self.mlp_inputs[layer] = x2

@@ -234,6 +234,12 @@ class AttentionPart:
         else:
             assert self.v is not None
             v = self.v.forward(h)
+        return self.value_path_of(v)
+
+    def value_path_of(self, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`value_path` from the value vectors ``v`` themselves (or the fused ``[q | k | v]``)."""
+        if self.fused and v.shape[-1] == 3 * self.proj.weight.shape[1]:
+            v = v[..., 2 * v.shape[-1] // 3:]
         return F.linear(self.inner_norm(v), self.proj.weight)
 
     def relevance(self, h: torch.Tensor, probs: torch.Tensor, r_o: torch.Tensor, lin: Records,
