@@ -590,3 +590,21 @@ def test_identity_path_drop_removes_the_readout_row(avg_pair, vit_cap, swin_cap,
     np.testing.assert_allclose(stages.stage0.values, vl.explain(swin_cap, method, identity_path="drop").values)
     with pytest.raises(vl.OptionError, match="identity_path"):
         vl.explain(a, method, identity_path="both")
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_no_method_writes_into_the_capture(request, family):
+    """Methods read the capture's arrays without copying them (torch views of the numpy
+    data) and clamp their own temporaries in place; the capture stays exactly as it was,
+    for every method, with all heads and with a subset."""
+    from conftest import random_images
+
+    model = request.getfixturevalue(family)
+    cap = vl.capture(model, random_images(2, 32 if family == "vit" else 64), progress=False)
+    before = {(node.path, k): v.values.copy() for node in cap.subtree for k, v in node.dataset.data_vars.items()}
+    for method in vl.METHODS:
+        vl.explain(cap, method)
+        if method != "gradcam":  # (Grad-CAM reads features, not heads)
+            vl.explain(cap, method, heads=[0])
+    for (path, k), v in before.items():
+        np.testing.assert_array_equal(cap[path][k].values, v, err_msg=f"{path}/{k}")

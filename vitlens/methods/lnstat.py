@@ -66,8 +66,13 @@ def fuse_heads(stage: StageView, layer: int, heads: HeadSelection, head_fusion: 
     i = stage.layer_index(layer)
     a = stage.tensor("attention")[:, i]
     hs = heads_for(heads, layer, a.shape[1])
-    a = a[:, hs]
-    x = (stage.tensor("attention_grad")[:, i][:, hs] * a).clamp(min=0) if grad else a
+    every = hs == list(range(a.shape[1]))  # all heads: no copies
+    a = a if every else a[:, hs]
+    if grad:
+        g = stage.tensor("attention_grad")[:, i]
+        x = (g if every else g[:, hs]).mul(a).clamp_(min=0)
+    else:
+        x = a
     if head_fusion == "mean":
         return x.mean(1)
     if head_fusion == "max":

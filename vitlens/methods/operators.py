@@ -180,11 +180,16 @@ def heads_for(heads: HeadSelection, layer: int, num_heads: int) -> list[int]:
     return out
 
 
-def head_mean(x: torch.Tensor, heads: list[int], clamp: bool = False) -> torch.Tensor:
-    """``E_h[x]`` over the selected heads (dim 1), clamping at 0 per head first if asked."""
-    x = x[:, heads]
+def head_mean(x: torch.Tensor, heads: list[int], clamp: bool = False, owned: bool = False) -> torch.Tensor:
+    """``E_h[x]`` over the selected heads (dim 1), clamping at 0 per head first if asked.
+
+    ``owned``: ``x`` is a temporary of the caller's, so the clamp may overwrite it
+    (a capture's own arrays are never written).
+    """
+    if heads != list(range(x.shape[1])):  # all heads: no copy
+        x, owned = x[:, heads], True
     if clamp:
-        x = x.clamp(min=0)
+        x = x.clamp_(min=0) if owned else x.clamp(min=0)
     return x.mean(1)
 
 
@@ -415,7 +420,7 @@ def head_fused(stage: StageView, layer: int, heads: HeadSelection, *names: str, 
     x = stage.tensor(names[0])[:, i]
     for name in names[1:]:
         x = x * stage.tensor(name)[:, i]
-    return head_mean(x, heads_for(heads, layer, x.shape[1]), clamp=clamp)
+    return head_mean(x, heads_for(heads, layer, x.shape[1]), clamp=clamp, owned=len(names) > 1)
 
 
 # -- the identity path (average read-out) ---------------------------------------------------
