@@ -109,7 +109,7 @@ def bench(name: str, batch: int, repeat: int, device: str) -> list[tuple[str, fl
         sync()
 
     cap_holder = {}
-    phases = {"backward": 0.0, "lrp": 0.0}
+    phases = {"backward": 0.0, "lrp": 0.0, "alphabeta": 0.0}
 
     def capture():
         with _phase_timers(phases, sync):
@@ -130,7 +130,7 @@ def bench(name: str, batch: int, repeat: int, device: str) -> list[tuple[str, fl
     split = {label: [] for label in _PHASES.values()}
     for round_ in range(repeat + 1):  # round 0 is the warm-up
         for label, fn in steps:
-            phases.update(backward=0.0, lrp=0.0)
+            phases.update(backward=0.0, lrp=0.0, alphabeta=0.0)
             t = time.perf_counter()
             fn()
             if round_:
@@ -139,6 +139,7 @@ def bench(name: str, batch: int, repeat: int, device: str) -> list[tuple[str, fl
                     total = times[label][-1]
                     split[_PHASES["backward"]].append(phases["backward"])
                     split[_PHASES["lrp"]].append(phases["lrp"])
+                    split[_PHASES["alphabeta"]].append(phases["alphabeta"])
                     split[_PHASES["rest"]].append(total - phases["backward"] - phases["lrp"])
     method_labels = [f"  explain {m}" for m in vl.METHODS]
     ratios = [
@@ -149,12 +150,16 @@ def bench(name: str, batch: int, repeat: int, device: str) -> list[tuple[str, fl
     at = [label for label, _ in rows].index(capture_label) + 1  # the capture's parts, right below it
     rows[at:at] = [(label, statistics.median(ts)) for label, ts in split.items()]
     rows.append(("capture + all seven maps", statistics.median(ratios) * rows[0][1]))
+    # what exact float32 LRP cannot go below: one forward, the activation-gradient backward, the αβ matmuls
+    floor = [f + b + a for f, b, a in zip(times[steps[1][0]], split[_PHASES["backward"]], split[_PHASES["alphabeta"]])]
+    rows.append(("floor: forward alone + backward + αβ rule", statistics.median(floor)))
     return rows
 
 
 #: The capture's parts the bench times (indented under the capture row).
 _PHASES = {"rest": "  of which forward with hooks, and the rest", "backward": "  of which activation-gradient backward",
-           "lrp": "  of which LRP pass (storing each block as it goes)"}
+           "lrp": "  of which LRP pass (storing each block as it goes)",
+           "alphabeta": "    of which the αβ rule of the Linear layers"}
 
 
 class _phase_timers:
@@ -176,15 +181,19 @@ class _phase_timers:
     def __enter__(self):
         from vitlens.capture import relevance
 
-        self._saved = (torch.autograd.grad, relevance.attention_relevance)
+        from vitlens.models import parts
+
+        self._saved = (torch.autograd.grad, relevance.attention_relevance, parts.linear_alphabeta)
         torch.autograd.grad = self._timed("backward", torch.autograd.grad)
         relevance.attention_relevance = self._timed("lrp", relevance.attention_relevance)
+        parts.linear_alphabeta = self._timed("alphabeta", parts.linear_alphabeta)
         return self
 
     def __exit__(self, *exc):
         from vitlens.capture import relevance
+        from vitlens.models import parts
 
-        torch.autograd.grad, relevance.attention_relevance = self._saved
+        torch.autograd.grad, relevance.attention_relevance, parts.linear_alphabeta = self._saved
 
 
 def main() -> None:
