@@ -70,10 +70,9 @@ def _block(part: BlockPart, stage: StageInfo, rec: Recorder, layer: int, r_out: 
     r_o = part.attn.proj.relevance(proj_rec[0], r_a, proj_rec)
     if rows is not None:
         r_res, r_o = _scatter(r_res, rows, n), _scatter(r_o, rows, n)
-    probs = rec.probs(layer)
+    probs = rec.probs(layer)  # first: rebuilding them keeps the scores the relevance step reuses
     r_h, r_probs = part.attn.relevance(rec.attn_inputs[layer], probs, r_o, rec.attn_linears(layer),
                                        rec.attn_ctx.get(layer, {}), to_input, rec.scores(layer))
-    del probs
     if r_h is None:
         return None, r_probs
     if stage.window is not None:

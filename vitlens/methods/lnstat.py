@@ -19,7 +19,7 @@ import xarray as xr
 from ..errors import OptionError
 from .maps import finish, token_map
 from .operators import (HeadSelection, StageView, Step, heads_for, identity_baseline,
-                        onto_grid, resolve_identity_path, select_layers, view, with_spare)
+                        onto_grid, pick_heads, resolve_identity_path, select_layers, view, with_spare)
 from .registry import METHOD_INFO, register_method
 
 STATS = ("std", "mean", "var", "norm")
@@ -66,13 +66,8 @@ def fuse_heads(stage: StageView, layer: int, heads: HeadSelection, head_fusion: 
     i = stage.layer_index(layer)
     a = stage.tensor("attention")[:, i]
     hs = heads_for(heads, layer, a.shape[1])
-    every = hs == list(range(a.shape[1]))  # all heads: no copies
-    a = a if every else a[:, hs]
-    if grad:
-        g = stage.tensor("attention_grad")[:, i]
-        x = (g if every else g[:, hs]).mul(a).clamp_(min=0)
-    else:
-        x = a
+    a = pick_heads(a, hs)[0]  # the capture's own array when all heads are selected: never written
+    x = pick_heads(stage.tensor("attention_grad")[:, i], hs)[0].mul(a).clamp_(min=0) if grad else a
     if head_fusion == "mean":
         return x.mean(1)
     if head_fusion == "max":

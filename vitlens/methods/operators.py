@@ -180,14 +180,21 @@ def heads_for(heads: HeadSelection, layer: int, num_heads: int) -> list[int]:
     return out
 
 
+def pick_heads(x: torch.Tensor, heads: list[int]) -> tuple[torch.Tensor, bool]:
+    """``x[:, heads]``, or ``x`` itself when ``heads`` are all of them (no copy); and whether it is a copy."""
+    if heads == list(range(x.shape[1])):
+        return x, False
+    return x[:, heads], True
+
+
 def head_mean(x: torch.Tensor, heads: list[int], clamp: bool = False, owned: bool = False) -> torch.Tensor:
     """``E_h[x]`` over the selected heads (dim 1), clamping at 0 per head first if asked.
 
     ``owned``: ``x`` is a temporary of the caller's, so the clamp may overwrite it
     (a capture's own arrays are never written).
     """
-    if heads != list(range(x.shape[1])):  # all heads: no copy
-        x, owned = x[:, heads], True
+    x, copied = pick_heads(x, heads)
+    owned = owned or copied
     if clamp:
         x = x.clamp_(min=0) if owned else x.clamp(min=0)
     return x.mean(1)

@@ -186,26 +186,21 @@ class AttentionPart:
     def scores(self, h: torch.Tensor, ctx: dict | None = None, lin: Records | None = None) -> Scores:
         """``(a, bᵀ, z)`` with the pre-softmax logits ``z = a @ bᵀ (+ bias)``, from the attention input ``h``.
 
-        What :meth:`probabilities` and :meth:`relevance` share: capture computes it
-        once per block and hands it to both (``scores=``).
+        A fused (scaled-dot-product) forward keeps none of this: capture rebuilds
+        it here, outside autograd, after the backward pass has freed its graph,
+        takes the probabilities as ``z.softmax(-1)`` and hands the same scores to
+        :meth:`relevance` (``scores=``).
         """
-        ctx = ctx or {}
         q, k, _ = self.project(h, lin)
+        return self._scores_of(q, k, ctx or {})
+
+    def _scores_of(self, q: torch.Tensor, k: torch.Tensor, ctx: dict) -> Scores:
         a, bt = self.operands(q, k, ctx)
         return a, bt, self.add_bias(a @ bt, self.bias(ctx))
 
     def logits(self, h: torch.Tensor, ctx: dict | None = None, lin: Records | None = None) -> torch.Tensor:
         """Pre-softmax logits recomputed from the attention input ``h`` (tests, LRP)."""
         return self.scores(h, ctx, lin)[2]
-
-    def probabilities(self, h: torch.Tensor, ctx: dict | None = None, lin: Records | None = None) -> torch.Tensor:
-        """The post-softmax attention (B[·nW], heads, N, N), recomputed from the attention input.
-
-        What a fused (scaled-dot-product) forward computes without keeping:
-        capture runs the model fused and rebuilds the probabilities here,
-        outside autograd, after the backward pass has freed its graph.
-        """
-        return self.logits(h, ctx, lin).softmax(-1)
 
     def probabilities_grad(self, grad_out: torch.Tensor, h: torch.Tensor, lin: Records | None = None) -> torch.Tensor:
         """``∂y/∂A`` from ``∂y/∂O`` at the heads' output ``O = A·V`` (B[·nW], N, C): ``(∂y/∂O)·Vᵀ`` per head."""
@@ -234,12 +229,14 @@ class AttentionPart:
         else:
             assert self.v is not None
             v = self.v.forward(h)
-        return self.value_path_of(v)
+        return self._project_values(v)
 
-    def value_path_of(self, v: torch.Tensor) -> torch.Tensor:
-        """:meth:`value_path` from the value vectors ``v`` themselves (or the fused ``[q | k | v]``)."""
-        if self.fused and v.shape[-1] == 3 * self.proj.weight.shape[1]:
-            v = v[..., 2 * v.shape[-1] // 3:]
+    def value_path_of(self, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`value_path` from the recorded output of the map that gives ``v``
+        (``v`` itself, or the fused ``[q | k | v]``, whose last third it is)."""
+        return self._project_values(out[..., 2 * out.shape[-1] // 3:] if self.fused else out)
+
+    def _project_values(self, v: torch.Tensor) -> torch.Tensor:
         return F.linear(self.inner_norm(v), self.proj.weight)
 
     def relevance(self, h: torch.Tensor, probs: torch.Tensor, r_o: torch.Tensor, lin: Records,
@@ -256,12 +253,7 @@ class AttentionPart:
         r_probs, r_v = matmul_lrp0(probs, v, r_o.reshape(b, n, self.num_heads, -1).transpose(1, 2))
         if not to_input:
             return None, r_probs
-        if scores is None:
-            a, bt = self.operands(q, k, ctx)
-            bias = self.bias(ctx)
-            z = None if bias is None else self.add_bias(a @ bt, bias)
-        else:
-            a, bt, z = scores
+        a, bt, z = scores if scores is not None else self._scores_of(q, k, ctx)
         r_a, r_bt = matmul_lrp0(a, bt, r_probs, z=z)
         r_q, r_k = r_a, r_bt.transpose(-2, -1)  # norms, rotary, scale: identity rule
         if self.fused:
