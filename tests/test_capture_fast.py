@@ -125,12 +125,14 @@ def test_capture_does_not_keep_the_mlp_inputs_it_rebuilds(vit, images32):
         handle.remove()
 
 
-@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
-def test_a_qkv_map_the_model_calls_outside_its_module_is_computed_once_per_block(monkeypatch, name):
+@pytest.mark.parametrize("name, per_block", [("eva02_tiny_patch14_224", 1), ("beit_base_patch16_224", 2)])
+def test_a_qkv_map_the_model_calls_outside_its_module_is_computed_once_per_block(monkeypatch, name, per_block):
     """EVA and BEiT call ``F.linear`` on the fused qkv weight with q/v biases of their own, so
-    the module's hook never fires. Capture computes that map's output once per block (for the
-    rebuilt probabilities, their gradient and the LRP step alike), not once per use, and
-    lets it go with the block."""
+    the module's hook never fires. EVA then hands q to its q norm, a module: capture reads the
+    whole output off that view and computes nothing again (1 call per block, the model's).
+    BEiT has no such module: capture computes the output once per block (for the rebuilt
+    probabilities, their gradient and the LRP step alike), not once per use, and lets it go
+    with the block."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=5, depth=2, img_size=56 if "eva" in name else 64,
                               **({} if "eva" in name else dict(embed_dim=64, num_heads=4))).eval()
@@ -148,22 +150,25 @@ def test_a_qkv_map_the_model_calls_outside_its_module_is_computed_once_per_block
     real_release = hooks.Recorder.release
 
     def release(self, layer):
+        filled = list(self._filled.get(layer, []))
         real_release(self, layer)
-        released.append(not any(n in self.linears.get(layer, {}) for n in getattr(self, "_filled", {}).get(layer, ["qkv"])))
+        released.append((filled, not any(n in self.linears.get(layer, {}) for n in filled)))
 
     monkeypatch.setattr(hooks.Recorder, "release", release)
     size = model.patch_embed.img_size
     images = np.random.default_rng(0).random((2, *size, 3)).astype(np.float32)
     vl.capture(model, images, progress=False)
-    # per block: the model's own forward, then capture's one call (value path for tokentm aside)
-    assert sorted(calls) == sorted([i for i in range(len(model.blocks)) for _ in range(2)]), calls
-    assert released and all(released)
+    # per block: the model's own forward, then (BEiT) capture's one call (value path for tokentm aside)
+    assert sorted(calls) == sorted([i for i in range(len(model.blocks)) for _ in range(per_block)]), calls
+    assert [f for f, _ in released] == [[] if per_block == 1 else ["qkv"]] * len(model.blocks)
+    assert all(gone for _, gone in released)
 
 
 def test_the_value_path_comes_from_the_recorded_v_map_where_it_ran_on_the_tokens(monkeypatch, vit, images32):
     """tokentm's value path ``W_O·v_j`` takes ``v`` from the fused qkv map's recorded output
     (no second v matmul) where that map ran on the block's normalised tokens; where it did not
-    run through its module (EVA's q/v biases) the value path is computed from the tokens."""
+    run through its module and no view of its output reaches a module (BEiT's q/v biases) the
+    value path is computed from the tokens."""
     from vitlens.models.parts import AttentionPart
 
     calls = []
@@ -182,4 +187,59 @@ def test_the_value_path_comes_from_the_recorded_v_map_where_it_ran_on_the_tokens
     torch.manual_seed(0)
     eva = timm.create_model("eva02_tiny_patch14_224", num_classes=3, depth=2, img_size=56).eval()
     vl.capture(eva, np.random.default_rng(0).random((1, 56, 56, 3)).astype(np.float32), progress=False)
-    assert len(calls) == 2  # one per block: EVA's qkv runs outside its module
+    assert calls == []  # EVA's qkv output is read where it splits q off
+    beit = timm.create_model("beit_base_patch16_224", num_classes=3, depth=2, img_size=64, embed_dim=64,
+                             num_heads=4).eval()
+    vl.capture(beit, np.random.default_rng(0).random((1, 64, 64, 3)).astype(np.float32), progress=False)
+    assert len(calls) == 2  # one per block: BEiT's qkv runs outside its module
+
+
+def _eva_with_biases(depth: int = 2):
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", num_classes=3, depth=depth, img_size=56).eval()
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.q_bias.normal_()
+            b.attn.v_bias.normal_()
+    return model
+
+
+def test_the_fused_output_read_off_q_is_the_models_own_with_biases_and_value_path(monkeypatch):
+    """The record read off EVA's q view is its module output (the q/v biases left to
+    ``LinearPart``), equal to ``F.linear`` of the attention input; the value path taken
+    from it equals the definition ``W_O·v_j``; vitlens's own later calls of the q norm
+    (rebuilding the probabilities) leave it as it is."""
+    model = _eva_with_biases()
+    ad = adapter_for(model)
+    x = torch.randn(2, 3, 56, 56)
+    with hooks.Recorder(ad, keep_block_inputs=True, param_grads=False) as rec:
+        with torch.no_grad():
+            model(x)
+        for layer, part in enumerate(ad.parts):
+            assert layer in rec._split_from
+            h = rec.attn_inputs[layer]
+            got = rec.linears[layer]["qkv"][1]
+            torch.testing.assert_close(got, torch.nn.functional.linear(h, part.attn.qkv.weight))
+            dim = h.shape[-1]
+            v = torch.nn.functional.linear(h, part.attn.qkv.weight[2 * dim:], model.blocks[layer].attn.v_bias)
+            want = torch.nn.functional.linear(part.attn.inner_norm(v), part.attn.proj.weight)
+            torch.testing.assert_close(rec.records[layer]["attn_value_norm"], want.norm(dim=-1))
+            kept = got.clone()
+            part.attn.q_norm(torch.randn(2, part.attn.num_heads, h.shape[1], dim // part.attn.num_heads))
+            rec.probs(layer)  # calls the q norm on the rebuilt q
+            torch.testing.assert_close(rec.linears[layer]["qkv"][1], kept, rtol=0, atol=0)
+
+
+def test_a_bias_added_after_the_module_gives_the_same_capture():
+    """``qkv_bias_separate``: EVA runs its qkv module, then adds the q/v biases in place into
+    the module's output. The capture must equal the ``F.linear`` path's, array for array
+    (before, the module's record took the in-place bias and the part added it again)."""
+    model = _eva_with_biases()
+    images = np.random.default_rng(1).random((2, 56, 56, 3)).astype(np.float32)
+    one = vl.capture(model, images, progress=False)
+    for b in model.blocks:
+        b.attn.qkv_bias_separate = True
+    two = vl.capture(model, images, progress=False)
+    for var in one["stage0"].data_vars:
+        np.testing.assert_allclose(two["stage0"][var].values, one["stage0"][var].values, rtol=1e-5, atol=1e-6,
+                                   err_msg=var)

@@ -16,7 +16,11 @@ EPS = 1e-9
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with ``|den|`` clamped to at least 1e-9 and 0 where ``den == 0``."""
-    out = num / den.abs().clamp_min_(EPS).copysign_(den)  # in place on the abs() copy
+    d = den.abs().clamp_min_(EPS).copysign_(den)
+    if d.shape == torch.broadcast_shapes(num.shape, d.shape) and d.dtype == torch.result_type(num, d):
+        out = torch.div(num, d, out=d)  # the one temporary takes the quotient (no second allocation)
+    else:
+        out = num / d
     return out.masked_fill_(den == 0, 0.0)
 
 
@@ -63,7 +67,8 @@ def matmul_lrp0(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor, z: to
 
     ``z`` may be given when the product feeds an addition of constants (Swin's
     relative-position bias and shift mask): the relevance those constants would
-    take is then dropped (a documented leak).
+    take is then dropped (a documented leak). It may also be ``a @ b`` as the
+    model computed it (the attention's recorded output), which saves the product.
     Returns ``(R_a, R_b)``.
     """
     s = safe_div(relevance, a @ b if z is None else z)

@@ -250,7 +250,11 @@ class AttentionPart:
         """
         q, k, v = self.project(h, lin)
         b, n, _ = r_o.shape
-        r_probs, r_v = matmul_lrp0(probs, v, r_o.reshape(b, n, self.num_heads, -1).transpose(1, 2))
+        proj_rec = lin.get("proj")
+        # z = A·V is proj's recorded input where no norm sits between (saves recomputing the product)
+        av = self._heads(proj_rec[0]) if proj_rec is not None and proj_rec[0] is not None and isinstance(
+            self.inner_norm, nn.Identity) and proj_rec[0].shape == r_o.shape else None
+        r_probs, r_v = matmul_lrp0(probs, v, r_o.reshape(b, n, self.num_heads, -1).transpose(1, 2), z=av)
         if not to_input:
             return None, r_probs
         a, bt, z = scores if scores is not None else self._scores_of(q, k, ctx)
