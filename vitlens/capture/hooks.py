@@ -297,11 +297,15 @@ class Recorder:
 
     def _on_linear(self, layer: int, name: str, rebuilt: bool = False):
         value = self._value_from.get(layer) == name and layer not in self._split_from
+        # a map with a bias added outside its module whose module runs after all (timm's qkv_bias_separate):
+        # the model adds that bias into the output in place, so the record takes a copy of it as it is now
+        copy = self.adapter.parts[layer].linears()[name].extra_bias is not None and layer not in self._split_from
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if self.paused:
                 return
-            self.linears[layer][name] = (None if rebuilt else inputs[0].detach(), output.detach())
+            out = output.detach()
+            self.linears[layer][name] = (None if rebuilt else inputs[0].detach(), out.clone() if copy else out)
             if value:
                 self._value_path_from_linear(layer, inputs[0], output)
 
