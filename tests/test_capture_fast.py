@@ -194,9 +194,10 @@ def test_the_value_path_comes_from_the_recorded_v_map_where_it_ran_on_the_tokens
     assert len(calls) == 2  # one per block: BEiT's qkv runs outside its module
 
 
-def _eva_with_biases(depth: int = 2):
+def _with_qv_biases(name: str, **kw):
+    """A small EVA or BEiT (seed 0) whose q/v biases are random (timm starts them at 0)."""
     torch.manual_seed(0)
-    model = timm.create_model("eva02_tiny_patch14_224", num_classes=3, depth=depth, img_size=56).eval()
+    model = timm.create_model(name, num_classes=3, depth=2, **kw).eval()
     with torch.no_grad():
         for b in model.blocks:
             b.attn.q_bias.normal_()
@@ -204,12 +205,16 @@ def _eva_with_biases(depth: int = 2):
     return model
 
 
-def test_the_fused_output_read_off_q_is_the_models_own_with_biases_and_value_path(monkeypatch):
+_SMALL = {"eva02_tiny_patch14_224": dict(img_size=56),
+          "beit_base_patch16_224": dict(img_size=64, embed_dim=64, num_heads=4)}
+
+
+def test_the_fused_output_read_off_q_is_the_models_own_with_biases_and_value_path():
     """The record read off EVA's q view is its module output (the q/v biases left to
     ``LinearPart``), equal to ``F.linear`` of the attention input; the value path taken
     from it equals the definition ``W_O·v_j``; vitlens's own later calls of the q norm
     (rebuilding the probabilities) leave it as it is."""
-    model = _eva_with_biases()
+    model = _with_qv_biases("eva02_tiny_patch14_224", **_SMALL["eva02_tiny_patch14_224"])
     ad = adapter_for(model)
     x = torch.randn(2, 3, 56, 56)
     with hooks.Recorder(ad, keep_block_inputs=True, param_grads=False) as rec:
@@ -236,16 +241,8 @@ def test_a_bias_added_after_the_module_gives_the_same_capture(name):
     place into the module's output. The capture must equal the ``F.linear`` path's, array
     for array (before, the module's record took the in-place bias and the part added it
     again). EVA's record is read off q; BEiT's is a copy taken in the module's hook."""
-    if "eva" in name:
-        model, size = _eva_with_biases(), 56
-    else:
-        torch.manual_seed(0)
-        model, size = timm.create_model(name, num_classes=3, depth=2, img_size=64, embed_dim=64,
-                                        num_heads=4).eval(), 64
-        with torch.no_grad():
-            for b in model.blocks:
-                b.attn.q_bias.normal_()
-                b.attn.v_bias.normal_()
+    model = _with_qv_biases(name, **_SMALL[name])
+    size = _SMALL[name]["img_size"]
     images = np.random.default_rng(1).random((2, size, size, 3)).astype(np.float32)
     one = vl.capture(model, images, progress=False)
     for b in model.blocks:

@@ -326,9 +326,9 @@ class Recorder:
                 return  # not the layout of a split fused output: the record is computed as before
             with torch.no_grad():
                 full = full.detach()
-                extra = attn.qkv.extra_bias()
-                prev = self.linears[layer].get("qkv")  # a hooked module whose output the model then added to
-                self.linears[layer]["qkv"] = (None if prev is None else prev[0], full - extra)
+                # the map's input is the attention input (None); this replaces a hooked module's record
+                # whose output the model then added its biases into (qkv_bias_separate)
+                self.linears[layer]["qkv"] = (None, full - attn.qkv.extra_bias())
                 self._value_path_from_linear(layer, h, full)
 
         return hook
