@@ -1,12 +1,13 @@
 # Two commands on a fresh machine: `make demo` (set up, run the main job) and
 # `make test` (set up, run the test suite). Both create .venv on first use.
+# `make test-fast` runs everything but the slow and browser tests (a few minutes).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # This machine serves this torch pair from its own disk; elsewhere pip downloads it.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +23,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache vitlens-demo

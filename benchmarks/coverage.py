@@ -1,7 +1,7 @@
 """Coverage of timm's registry: every name of the supported families, built small and checked.
 
 For each registry name of each family vitlens has an adapter for (see
-``vitlens.models.catalog``): random init, reduced depth, 64 px input (Swin: 56 px,
+``vitlens.coverage.timm_names``): random init, reduced depth, 64 px input (Swin: 56 px,
 whose windows timm pads); capture,
 all seven maps finite, LRP conservation on a bias-free copy. Writes
 
@@ -40,7 +40,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def run(limit: int | None = None, cache: Path | None = None) -> list[dict]:
     from dataclasses import asdict
 
-    from vitlens.models import catalog
+    from vitlens.coverage import timm_names as catalog
 
     done: dict[str, dict] = {}
     if cache is not None and cache.exists():
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     results = run(args.limit, Path(args.cache) if args.cache else None)
-    from vitlens.models.hf_catalog import section as transformers_rows
+    from vitlens.coverage.transformers_classes import section as transformers_rows
 
     _atomic_write(Path(args.out), report(results) + transformers_rows())
     if args.limit is None:

@@ -17,7 +17,7 @@ import vitlens as vl
 from vitlens.capture.hooks import Recorder
 from vitlens.capture.relevance import attention_relevance
 from vitlens.models import adapter_for
-from vitlens.models.catalog import bias_free
+from vitlens.coverage.timm_names import bias_free
 
 #: LRP conservation tolerance (relative to the block's relevance total): float32 sums.
 CONSERVATION_RTOL = 1e-4
@@ -118,7 +118,7 @@ def stacked(cap, var: str) -> list[np.ndarray]:
 
 def zero_biases(model: nn.Module, seed: int = 0) -> nn.Module:
     """A bias-free copy with unit-gain Linear weights and LayerScale at 1
-    (:func:`vitlens.models.catalog.bias_free`, which the coverage check uses too)."""
+    (:func:`vitlens.coverage.timm_names.bias_free`, which the coverage check uses too)."""
     return bias_free(model, seed)
 
 

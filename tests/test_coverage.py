@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import timm
 
-from vitlens.models import catalog
+from vitlens.coverage import timm_names as catalog
 
 SUBSET = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "coverage_subset.json").read_text())
 

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from vitlens.models import hf_catalog  # noqa: E402
+from vitlens.coverage import transformers_classes as hf_catalog  # noqa: E402
 
 
 @pytest.mark.parametrize("name", hf_catalog.classes())

@@ -22,9 +22,9 @@ from test_hf_siglip import IDS, make_siglip  # noqa: E402
 from vitlens.capture.hooks import Recorder  # noqa: E402
 from vitlens.capture.relevance import attention_relevance  # noqa: E402
 from vitlens.models import adapter_for  # noqa: E402
-from vitlens.models.hf_catalog import spread_weights  # noqa: E402
-from vitlens.models.hf_clip import save_random_clip  # noqa: E402
-from vitlens.models.hf_headed import head_relevance  # noqa: E402
+from vitlens.coverage.transformers_classes import spread_weights  # noqa: E402
+from vitlens.models.families.hf_clip import save_random_clip  # noqa: E402
+from vitlens.models.families.hf_headed import head_relevance  # noqa: E402
 
 CLASS_SPECIFIC = tuple(name for name, info in vl.methods.METHOD_INFO.items() if info.class_specific)
 

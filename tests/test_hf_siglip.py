@@ -15,7 +15,7 @@ from vitlens.capture.hooks import Recorder  # noqa: E402
 from vitlens.capture.relevance import attention_relevance  # noqa: E402
 from vitlens.capture.text import bind_text  # noqa: E402
 from vitlens.models import adapter_for, hf_common  # noqa: E402
-from vitlens.models.hf_catalog import spread_weights  # noqa: E402
+from vitlens.coverage.transformers_classes import spread_weights  # noqa: E402
 
 CLASS_SPECIFIC = tuple(name for name, info in vl.methods.METHOD_INFO.items() if info.class_specific)
 

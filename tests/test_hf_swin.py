@@ -246,7 +246,7 @@ def _eager(model):
 def test_window_layout_of_a_padded_grid_is_transformers_own(v2):
     """window_token, and the window maps of the LRP walk, against transformers' own maybe_pad,
     cyclic shift and window_partition / window_reverse (applied here to a grid of ids)."""
-    from vitlens.capture.windows import from_windows, to_windows
+    from vitlens.models.windows import from_windows, to_windows
 
     mod = (transformers.models.swinv2.modeling_swinv2 if v2 else transformers.models.swin.modeling_swin)
     model = padded_hf(v2)

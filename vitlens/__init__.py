@@ -12,7 +12,7 @@ Examples
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from . import datasets, figures, methods, metrics, models, widgets
 from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
@@ -36,7 +36,7 @@ from .errors import (
 from .methods import METHODS, explain, normalize, to_pixels
 from .metrics import evaluate
 from .models import load_model
-from .models.hf_headed import SimilarityHead, with_head
+from .models.families.hf_headed import SimilarityHead, with_head
 from .widgets import Compare, Explorer, HeadGrid, ModelView, TokenCurves
 
 __all__ = [

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return f"vitlens {__version__}"
 

@@ -13,6 +13,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from .._version import __version__
 from ..errors import ImageError, OptionError, TargetError
 from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
@@ -20,7 +21,7 @@ from .hooks import Recorder
 from .images import prepare
 from .validate import check_finite, check_model
 from .text import bind_text
-from .windows import window_tokens
+from ..models.windows import window_tokens
 
 #: What ``capture(keep=...)`` can store. ``"all"`` (default) stores everything.
 KEEP_GROUPS = ("attention", "attention_grad", "attention_relevance", "ln", "norms", "features")
@@ -37,12 +38,6 @@ _TOKEN_VARS = (
 )
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def _resolve_keep(keep: str | Iterable[str], grads: bool) -> set[str]:
@@ -452,7 +447,7 @@ def _assemble(
             "class_names": list(names),
             "mean": list(batch.mean),
             "std": list(batch.std),
-            "vitlens_version": _version(),
+            "vitlens_version": __version__,
             "options": json.dumps(options, sort_keys=True),
         },
     )

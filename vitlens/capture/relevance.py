@@ -23,7 +23,7 @@ from ..models.adapter import Adapter, StageInfo
 from ..models.lrp_rules import residual_add
 from ..models.parts import BlockPart
 from .hooks import Recorder
-from .windows import from_windows, to_windows
+from ..models.windows import from_windows, to_windows
 
 
 def _active_tokens(r: torch.Tensor) -> torch.Tensor | None:

@@ -74,7 +74,7 @@ def load_model(
     if name.startswith("hf:"):  # Hugging Face transformers (optional extra)
         from .hf_loading import load_hf_model
 
-        from .hf_headed import POOLS
+        from .families.hf_headed import POOLS
 
         model = load_hf_model(name, num_classes=num_classes, **timm_kwargs)
         if type(model).__name__ not in POOLS:  # a headless backbone is explained once it has a head: vl.with_head
@@ -92,7 +92,7 @@ def load_model(
     import timm
 
     if not timm.is_model(name):
-        from .catalog import registry_names
+        from .registry import registry_names
 
         known = list(shipped) + [n for names in registry_names().values() for n in names]  # every family vitlens explains
         close = difflib.get_close_matches(name, known, n=3)

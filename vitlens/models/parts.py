@@ -448,7 +448,7 @@ class Readout:
     head_dist: nn.Linear | None = None
     pool: nn.Module | None = None
     #: the LRP rule of ``head`` when it is not one Linear: ``(head input (B, C), relevance at the logits) ->
-    #: relevance at the head input`` (e.g. a user's head, :mod:`vitlens.models.hf_headed`)
+    #: relevance at the head input`` (e.g. a user's head, :mod:`vitlens.models.families.hf_headed`)
     head_rule: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """Adapters register themselves; ``adapter_for`` picks the first that matches a model.
 
-A model family is one module in ``vitlens/models/`` defining an
+A model family is one module in ``vitlens/models/families/`` defining an
 :class:`~vitlens.models.adapter.Adapter` subclass decorated with
 :func:`register_adapter`; every module of the package is imported on first use,
 so nothing else lists the families. Third-party packages can add adapters
@@ -89,7 +89,7 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    package = __name__.rpartition(".")[0]
+    package = __name__.rpartition(".")[0] + ".families"
     names = [m.name for m in pkgutil.iter_modules(importlib.import_module(package).__path__)]
     first = [n for n in _BUILTIN_ORDER if n in names]
     for name in first + sorted(set(names) - set(first)):
@@ -111,6 +111,20 @@ def adapters() -> list[type[Adapter]]:
     _load()
     rank = {f: i for i, f in enumerate(_FAMILY_ORDER)}
     return sorted(_ADAPTERS, key=lambda a: rank.get(a.family, len(rank)))  # stable for the rest
+
+
+def registry_names() -> dict[str, list[str]]:
+    """timm registry names per supported family (from each adapter's ``timm_modules``)."""
+    import timm
+
+    out: dict[str, list[str]] = {}
+    for cls in adapters():
+        names: list[str] = []
+        for module in cls.timm_modules:
+            names += timm.list_models(module=module)
+        if names:
+            out[cls.family] = sorted(set(names))
+    return out
 
 
 def families() -> list[str]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .adapter import Adapter
-from .parts import AttentionPart, BlockPart, LinearPart, Readout
-from .registry import register_adapter, timm_class
+from ...errors import UnsupportedModelError
+from ..adapter import Adapter
+from ..parts import AttentionPart, BlockPart, LinearPart, Readout
+from ..registry import register_adapter, timm_class
 from .vit import attention_pool_readout, mlp_part, require_linear_head, token_grid_stage
 
 is_eva = timm_class("eva", "Eva")

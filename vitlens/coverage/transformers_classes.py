@@ -5,12 +5,12 @@ lists its ``classes``); :func:`check` builds one from a small config (2 blocks p
 stage, 32 px input), captures two images — for image–text models against three
 token-id prompts —, computes all seven maps and runs the LRP pass on a bias-free
 copy to check conservation block by block and through the read-out, as
-:func:`vitlens.models.catalog.check` does for timm names. Used by
+:func:`vitlens.coverage.timm_names.check` does for timm names. Used by
 ``benchmarks/coverage.py`` for the transformers rows of ``docs/COVERAGE.md``.
 
 Examples
 --------
->>> from vitlens.models import hf_catalog
+>>> from vitlens.coverage import transformers_classes as hf_catalog
 >>> hf_catalog.check("ViTForImageClassification").status
 'explained'
 """
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .catalog import TOLERANCE, Result
-from .registry import adapter_for, adapters
+from .timm_names import TOLERANCE, Result
+from ..models.registry import adapter_for, adapters
 
 _TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 _IMAGE = dict(image_size=32, patch_size=8)
@@ -71,8 +71,8 @@ HEADED = " + vl.with_head"
 
 def classes() -> list[str]:
     """Every transformers class an adapter explains, in registry order, then the headless backbones."""
-    from .hf_common import HFAdapter
-    from .hf_headed import POOLS
+    from ..models.hf_common import HFAdapter
+    from ..models.families.hf_headed import POOLS
 
     return [c for a in adapters() if issubclass(a, HFAdapter) for c in a.classes] + [b + HEADED for b in POOLS]
 
@@ -104,7 +104,7 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor | None]:
     backbone = name.removesuffix(HEADED)
     model = getattr(transformers, backbone)(_config(transformers, backbone)).eval()
     if backbone != name:  # a linear probe on the default pool
-        from .hf_headed import with_head
+        from ..models.families.hf_headed import with_head
 
         model = with_head(model, nn.Linear(int(model.config.hidden_size), 4))
     spread_weights(model)
@@ -185,7 +185,7 @@ def section() -> str:
     results = [check(name) for name in classes()]
     ok = sum(r.status == "explained" for r in results)
     lines = ["", "## transformers classes", "",
-             f"Generated the same way by `vitlens.models.hf_catalog` (transformers {transformers.__version__}): "
+             f"Generated the same way by `vitlens.coverage.transformers_classes` (transformers {transformers.__version__}): "
              "each class every transformers adapter lists, and each headless backbone with a random Linear head "
              "(`vl.with_head`), built from a tiny config (2 blocks per stage, 32 px), "
              "random init; image-text models against three token-id prompts. "

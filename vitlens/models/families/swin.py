@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .adapter import Adapter, StageInfo
-from .parts import AttentionPart, BlockPart, LinearPart, MergePart, Readout
-from .registry import register_adapter, timm_class
+from ...errors import UnsupportedModelError
+from ..adapter import Adapter, StageInfo
+from ..parts import AttentionPart, BlockPart, LinearPart, MergePart, Readout
+from ..registry import register_adapter, timm_class
 from .vit import mlp_part
 
 is_swin = timm_class("swin_transformer", "SwinTransformer")
@@ -31,7 +31,7 @@ def window_stage(s: int, blocks: list[nn.Module], parts: list[BlockPart], first_
     ``stride``: input pixels per token of this stage (the patch size times 2 per
     merging so far; a merged odd grid hangs over the image edge by one token).
     A grid that is not a multiple of the window is padded, as timm pads it (see
-    :mod:`vitlens.capture.windows`).
+    :mod:`vitlens.models.windows`).
     """
     return StageInfo(
         index=s,

@@ -9,7 +9,7 @@ check conservation block by block and through the read-out. Used by
 
 Examples
 --------
->>> from vitlens.models import catalog
+>>> from vitlens.coverage import timm_names as catalog
 >>> result = catalog.check("deit_tiny_patch16_224")
 >>> result.status, result.family
 ('explained', 'vit')
@@ -27,27 +27,13 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .registry import adapter_for, adapters
+from ..models.registry import adapter_for, registry_names
 
 #: relative LRP conservation tolerance per block (float32 sums; shifted windows leak a little through the −100 mask)
 TOLERANCE = 1e-3
 #: input side for the checks, and blocks kept per stage
 SIZE, DEPTH = 64, 2
 SWIN_SIZE = 56  # patch 4: grids 14, 7, 4, 2 in windows of 4 (padded, and an odd merge)
-
-
-def registry_names() -> dict[str, list[str]]:
-    """timm registry names per supported family (from each adapter's ``timm_modules``)."""
-    import timm
-
-    out: dict[str, list[str]] = {}
-    for cls in adapters():
-        names: list[str] = []
-        for module in cls.timm_modules:
-            names += timm.list_models(module=module)
-        if names:
-            out[cls.family] = sorted(set(names))
-    return out
 
 
 def tiny_kwargs(name: str) -> dict[str, Any]:

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .adapter import StageInfo
-from .hf_common import HFAdapter, layer_scale, mlp_part, split_attention
-from .lrp_rules import linear_alphabeta, mean_lrp0
-from .parts import BlockPart, Readout
-from .registry import register_adapter
+from ...errors import UnsupportedModelError
+from ..adapter import StageInfo
+from ..hf_common import HFAdapter, layer_scale, mlp_part, split_attention
+from ..lrp_rules import linear_alphabeta, mean_lrp0
+from ..parts import BlockPart, Readout
+from ..registry import register_adapter
 
 #: headless backbone class -> (layers path inside it, names of norm1/attention/norm2, layer scales)
 BACKBONES = {

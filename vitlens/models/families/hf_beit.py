@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .adapter import StageInfo
-from .hf_common import HFAdapter, mlp_part, split_attention
-from .parts import BlockPart, Readout
-from .registry import register_adapter
+from ...errors import UnsupportedModelError
+from ..adapter import StageInfo
+from ..hf_common import HFAdapter, mlp_part, split_attention
+from ..parts import BlockPart, Readout
+from ..registry import register_adapter
 
 
 def _bias_from_kwargs(ctx: dict) -> torch.Tensor | None:

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ...errors import UnsupportedModelError
 from .hf_clip import ImageTextAdapter
-from .lrp_rules import linear_alphabeta, residual_add, safe_div
-from .parts import LinearPart, MlpPart, Readout
-from .registry import register_adapter
+from ..lrp_rules import linear_alphabeta, residual_add, safe_div
+from ..parts import LinearPart, MlpPart, Readout
+from ..registry import register_adapter
 
 
 @dataclass

@@ -44,14 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import OptionError, UnsupportedModelError
+from ...errors import OptionError, UnsupportedModelError
 from .hf_clip import tower_stage
-from .hf_common import SUPPORTED, HFAdapter
+from ..hf_common import SUPPORTED, HFAdapter
 from .hf_siglip import ProbePoolReadout
 from .hf_vit import BACKBONES, prefix_kinds, vit_stage
-from .lrp_rules import linear_alphabeta
-from .parts import Readout
-from .registry import register_adapter
+from ..lrp_rules import linear_alphabeta
+from ..parts import Readout
+from ..registry import register_adapter
 
 #: backbone class -> the pools it offers (the first is the default)
 POOLS: dict[str, tuple[str, ...]] = {
@@ -218,7 +218,7 @@ def with_head(backbone: nn.Module, head: nn.Module, *, pool: str | None = None,
         ``vl.load_model("hf:<dir>")``, which also brings its image processor).
     head
         ``nn.Linear``, :class:`SimilarityHead`, or an ``nn.Sequential`` of those with
-        element-wise activations, dropout and norms (see :mod:`vitlens.models.hf_headed`).
+        element-wise activations, dropout and norms (see :mod:`vitlens.models.families.hf_headed`).
     pool
         Which pooled vector the head reads: ``"cls"``, ``"mean"`` or ``"pooler"``,
         as the backbone offers (default: the first in :data:`POOLS`).

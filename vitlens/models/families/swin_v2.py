@@ -10,10 +10,10 @@ import math
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .adapter import Adapter
-from .parts import AttentionPart, BlockPart, LinearPart, MergePart, Readout
-from .registry import register_adapter, timm_class
+from ...errors import UnsupportedModelError
+from ..adapter import Adapter
+from ..parts import AttentionPart, BlockPart, LinearPart, MergePart, Readout
+from ..registry import register_adapter, timm_class
 from .swin import stage_strides, window_stage
 from .vit import mlp_part
 

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import OptionError, UnsupportedModelError
-from .adapter import StageInfo
-from .hf_common import HFAdapter, mlp_part, split_attention
-from .parts import BlockPart, Readout
-from .registry import register_adapter
+from ...errors import OptionError, UnsupportedModelError
+from ..adapter import StageInfo
+from ..hf_common import HFAdapter, mlp_part, split_attention
+from ..parts import BlockPart, Readout
+from ..registry import register_adapter
 
 
 def _pooled(out: Any) -> torch.Tensor:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .adapter import Adapter, StageInfo
-from .parts import AttentionPart, BlockPart, LinearPart, MlpPart, Readout
-from .registry import register_adapter, register_refusal, timm_class
+from ...errors import UnsupportedModelError
+from ..adapter import Adapter, StageInfo
+from ..parts import AttentionPart, BlockPart, LinearPart, MlpPart, Readout
+from ..registry import register_adapter, register_refusal, timm_class
 
 is_vit = timm_class("vision_transformer", "VisionTransformer")
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .adapter import Adapter
+from ...errors import UnsupportedModelError
+from ..adapter import Adapter
 from .eva import _Gamma, _qkv_bias
-from .parts import AttentionPart, BlockPart, LinearPart, Readout
-from .registry import register_adapter, timm_class
+from ..parts import AttentionPart, BlockPart, LinearPart, Readout
+from ..registry import register_adapter, timm_class
 from .vit import mlp_part, require_linear_head, token_grid_stage
 
 is_beit = timm_class("beit", "Beit")

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..capture.windows import padded_size
-from ..errors import UnsupportedModelError
-from .adapter import StageInfo
-from .hf_common import HFAdapter, mlp_part, split_attention
-from .parts import BlockPart, MergePart, Readout
-from .registry import register_adapter
+from ..windows import padded_size
+from ...errors import UnsupportedModelError
+from ..adapter import StageInfo
+from ..hf_common import HFAdapter, mlp_part, split_attention
+from ..parts import BlockPart, MergePart, Readout
+from ..registry import register_adapter
 
 
 @dataclass
@@ -185,7 +185,7 @@ class HFSwinv2Adapter(HFSwinAdapter):
 
     def __init__(self, model: nn.Module):
         HFAdapter.__init__(self, model)
-        from .parts import AttentionPart, LinearPart, MlpPart
+        from ..parts import AttentionPart, LinearPart, MlpPart
 
         name = type(model).__name__
         body = model.swinv2

@@ -16,7 +16,7 @@ Cait
 
 from __future__ import annotations
 
-from .registry import register_refusal, timm_class
+from ..registry import register_refusal, timm_class
 
 _REFUSED = [
     ("levit", "Levit", "LeViT's convolutional attention stages (attention with downsampling and attention biases "
