@@ -19,6 +19,7 @@ ROOT = pathlib.Path(vitlens.__file__).parent
 LAYERS = {
     "vitlens.errors": 0,
     "vitlens._version": 0,
+    "vitlens.registry": 0,
     "vitlens.models": 1,
     "vitlens.zoo": 1,
     "vitlens.datasets": 1,
@@ -94,7 +95,7 @@ PUBLIC = {
     "OptionError", "RandomWeightsWarning", "SimilarityHead", "ResumeError", "StorageError",
     "StoreLockedError", "TargetError", "UnsupportedModelError", "VitlensError", "capture", "datasets",
     "evaluate", "explain", "figures", "methods", "normalize", "to_pixels", "with_head", "widgets",
-    "load_model", "metrics", "models", "open", "plot", "save",
+    "load_model", "metrics", "models", "open", "plot", "save", "registry",
 }
 
 

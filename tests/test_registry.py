@@ -10,7 +10,7 @@ from conftest import make_swin, make_vit, random_images
 import vitlens as vl
 from vitlens import figures
 from vitlens.methods import METHOD_INFO
-from vitlens.methods.registry import register_method
+from vitlens.registry import register_method
 from vitlens.widgets import captions, panels
 from vitlens.widgets.layout import capture_layout
 

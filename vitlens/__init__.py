@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ._version import __version__
 
-from . import datasets, figures, methods, metrics, models, widgets
+from . import datasets, figures, methods, metrics, models, registry, widgets
 from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
 from .figures import plot
 from .errors import (
@@ -77,5 +77,6 @@ __all__ = [
     "models",
     "open",
     "plot",
+    "registry",
     "save",
 ]

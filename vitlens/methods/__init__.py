@@ -24,7 +24,7 @@ from .generic_attention import generic_attention
 from .lnstat import lnstat, statistic_maps
 from .tokentm import tokentm
 from .maps import normalize, to_pixels
-from .registry import METHOD_INFO, MethodInfo, method_info, register_method
+from ..registry import METHOD_INFO, MethodInfo, method_info, register_method
 from .selection import explain_for_target, explainable
 
 #: Names of the registered methods, in registration order (see :data:`METHOD_INFO`).

@@ -7,7 +7,7 @@ import xarray as xr
 
 from .maps import token_map
 from .operators import HeadSelection, Step, head_fused, propagate, select_layers, view
-from .registry import register_method
+from ..registry import register_method
 
 
 @register_method(

@@ -7,7 +7,7 @@ import xarray as xr
 from .maps import finish
 from .operators import (HeadSelection, Step, head_fused, identity_baseline, resolve_identity_path,
                         select_layers, view)
-from .registry import register_method
+from ..registry import register_method
 
 
 @register_method(

@@ -8,7 +8,7 @@ import xarray as xr
 from ..errors import OptionError
 from .maps import token_map
 from .operators import HeadSelection, grid_factor, heads_for, select_layers, view
-from .registry import METHOD_INFO, register_method
+from ..registry import METHOD_INFO, register_method
 
 ON = ("attention", "features")
 

@@ -20,7 +20,7 @@ from ..errors import OptionError
 from .maps import finish, token_map
 from .operators import (HeadSelection, StageView, Step, heads_for, identity_baseline,
                         onto_grid, pick_heads, resolve_identity_path, select_layers, view, with_spare)
-from .registry import METHOD_INFO, register_method
+from ..registry import METHOD_INFO, register_method
 
 STATS = ("std", "mean", "var", "norm")
 STAT_NORMS = ("max", "minmax", "none")

@@ -437,7 +437,7 @@ IDENTITY_PATHS = ("drop", "keep")
 def resolve_identity_path(cv: CaptureView, method: str, identity_path: str | None) -> str:
     """``identity_path``, or the registry's default for this capture's read-out when None."""
     if identity_path is None:
-        from .registry import METHOD_INFO
+        from ..registry import METHOD_INFO
 
         identity_path = METHOD_INFO[method].defaults_for(cv).get("identity_path", "keep")
     if identity_path not in IDENTITY_PATHS:

@@ -6,7 +6,7 @@ import xarray as xr
 
 from .maps import finish
 from .operators import HeadSelection, Step, head_fused, select_layers, view
-from .registry import register_method
+from ..registry import register_method
 
 
 @register_method(

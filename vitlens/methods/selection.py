@@ -53,7 +53,7 @@ def explainable(cap: Any) -> Any:
 
 
 def _class_specific(method: str) -> bool:
-    from .registry import METHOD_INFO
+    from ..registry import METHOD_INFO
 
     return bool(METHOD_INFO[method].class_specific)
 

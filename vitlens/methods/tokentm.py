@@ -21,7 +21,7 @@ import xarray as xr
 from ..errors import OptionError
 from .maps import finish
 from .operators import HeadSelection, StageView, Step, head_fused, select_layers, view
-from .registry import register_method
+from ..registry import register_method
 
 NECCS = ("range", "softmax", "none")
 INITS = ("norm", "identity")

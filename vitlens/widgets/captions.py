@@ -5,7 +5,7 @@ Method captions come from each method's registration (:data:`vitlens.methods.MET
 
 from __future__ import annotations
 
-from ..methods.registry import METHOD_INFO, method_info
+from ..registry import METHOD_INFO, method_info
 from .layout import CaptureLayout, HeadChoice, Query
 
 _STAT_TEXT = {

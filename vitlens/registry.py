@@ -1,10 +1,17 @@
-"""One registration per method: its function and everything the rest of vitlens says about it.
+"""The registries of explanation methods and head statistics, and the one reader of their names.
 
-Each method module decorates its function with :func:`register_method`; the
-method list (:data:`vitlens.METHODS`), ``vl.explain(cap, "all")``, the widgets'
-titles and captions and the figures' titles all read :data:`METHOD_INFO`.
-Adding a method means one new module (imported in :mod:`vitlens.methods`) plus
+Each method module decorates its function with :func:`register_method`; each
+head-statistic module with :func:`register_stat`. The method list
+(:data:`vitlens.METHODS`), ``vl.explain(cap, "all")``, a reduced capture's
+``maps=``/``stats=``, the widgets' titles and captions and the figures' titles
+all read :data:`METHOD_INFO` and :data:`STAT_INFO`, and every name a user gives
+goes through :func:`resolve_methods` / :func:`resolve_stats` (with a
+did-you-mean hint). Adding a method or a statistic means one new module plus
 its tests.
+
+This module sits at the bottom of the package (it imports only the errors), so
+that capture can run registered methods on each batch without importing the
+methods: they register themselves when :mod:`vitlens` is imported.
 
 Examples
 --------
@@ -21,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar
 
-from ..errors import OptionError
+from .errors import OptionError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -153,7 +160,7 @@ def register_method(
 
     Examples
     --------
-    >>> from vitlens.methods.registry import register_method, METHOD_INFO
+    >>> from vitlens.registry import register_method, METHOD_INFO
     >>> @register_method("demo", title="Demo", caption="a demo", class_specific=False, per_layer=False)
     ... def demo(cap):
     ...     return cap
@@ -185,12 +192,110 @@ def register_method(
     return decorate
 
 
+def _unknown(kind: str, name: Any, known: Mapping[str, Any]) -> OptionError:
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return OptionError(f"unknown {kind} {name!r}; choose from {list(known)} or 'all'.{hint}")
+
+
+def _resolve(kind: str, spec: Any, known: Mapping[str, Any]) -> list[str]:
+    if isinstance(spec, str):
+        spec = list(known) if spec == "all" else [spec]
+    elif isinstance(spec, Mapping):
+        spec = list(spec)
+    elif spec is None:
+        return []
+    else:
+        try:
+            spec = list(spec)
+        except TypeError:
+            raise OptionError(f"{kind}s: give a name, a list of names or 'all'; got {spec!r}.") from None
+    names: list[str] = []
+    for name in spec:
+        if not isinstance(name, str) or name not in known:
+            raise _unknown(kind, name, known)
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def method_info(name: str) -> MethodInfo:
     """The registration of ``name``, or an OptionError listing the registered methods."""
-    if name not in METHOD_INFO:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), list(METHOD_INFO), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise OptionError(f"unknown method {name!r}; choose from {list(METHOD_INFO)} or 'all'.{hint}")
+    if not isinstance(name, str) or name not in METHOD_INFO:
+        raise _unknown("method", name, METHOD_INFO)
     return METHOD_INFO[name]
+
+
+def resolve_methods(spec: Any) -> list[str]:
+    """Method names from ``"all"``, one name, a list of names or a ``{name: options}`` mapping.
+
+    Examples
+    --------
+    >>> import vitlens as vl
+    >>> vl.registry.resolve_methods(["rollout", "attention", "rollout"])
+    ['rollout', 'attention']
+    >>> vl.registry.resolve_methods("rolout")
+    Traceback (most recent call last):
+    ...
+    vitlens.errors.OptionError: unknown method 'rolout'; choose from [...] or 'all'. Did you mean 'rollout'?
+    """
+    return _resolve("method", spec, METHOD_INFO)
+
+
+@dataclass(frozen=True)
+class StatInfo:
+    """What vitlens knows about one head statistic: ``function(cap, **options) -> (sample, layer, head)``.
+
+    Attributes
+    ----------
+    name, function, title
+        As for :class:`MethodInfo`.
+    unit
+        The unit of its values (``"px"``, ``"nats"``, ``"share"``, ...), for axes and colour bars.
+    caption
+        One sentence saying what a value means, for the atlas and figures.
+    needs_gradients
+        Whether it reads the target's gradients (``attention_grad``).
+    reference
+        The paper, and the section of ``docs/METHODS.md``.
+    """
+
+    name: str
+    function: Callable[..., Any]
+    title: str
+    unit: str
+    caption: str
+    needs_gradients: bool = False
+    reference: str = ""
+
+
+#: Every registered head statistic, in registration order.
+STAT_INFO: dict[str, StatInfo] = {}
+
+
+def register_stat(name: str, *, title: str, unit: str, caption: str, needs_gradients: bool = False,
+                  reference: str = "") -> Callable[[F], F]:
+    """Register ``function(cap, **options)`` as head statistic ``name`` (a decorator)."""
+
+    def decorate(function: F) -> F:
+        if name in STAT_INFO and STAT_INFO[name].function is not function:
+            raise OptionError(f"a head statistic named {name!r} is already registered; choose another name.")
+        STAT_INFO[name] = StatInfo(name=name, function=function, title=title, unit=unit, caption=caption,
+                                   needs_gradients=needs_gradients, reference=reference)
+        return function
+
+    return decorate
+
+
+def stat_info(name: str) -> StatInfo:
+    """The registration of head statistic ``name``, or an OptionError listing them."""
+    if not isinstance(name, str) or name not in STAT_INFO:
+        raise _unknown("head statistic", name, STAT_INFO)
+    return STAT_INFO[name]
+
+
+def resolve_stats(spec: Any) -> list[str]:
+    """Head-statistic names from ``"all"``, one name or a list (as :func:`resolve_methods`)."""
+    return _resolve("head statistic", spec, STAT_INFO)
