@@ -18,14 +18,29 @@ from .._version import __version__
 from ..errors import ImageError, OptionError, TargetError
 from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
+from ..registry import CAPTURE_GROUPS
 from .hooks import Recorder
 from .images import prepare
 from .validate import check_finite, check_model
 from .text import bind_text
 from ..models.windows import window_tokens
 
-#: What ``capture(keep=...)`` can store. ``"all"`` (default) stores everything.
-KEEP_GROUPS = ("attention", "attention_grad", "attention_relevance", "ln", "norms", "features")
+#: What ``capture(keep=...)`` can store (the raw groups: the registry's list, which the methods'
+#: ``needs`` name). ``"all"`` (default) stores everything.
+KEEP_GROUPS = CAPTURE_GROUPS
+
+#: The pass each group needs besides the forward pass (which the hooks record): ``"backward"``
+#: (activation gradients of the target logit), ``"lrp"`` (the relevance walk of
+#: :mod:`vitlens.capture.relevance`, which also gives Swin's merge shares). A capture runs the
+#: passes of the groups it records, no more (:attr:`CapturePlan.passes`).
+GROUP_PASSES: dict[str, tuple[str, ...]] = {
+    "attention": (),
+    "attention_grad": ("backward",),
+    "attention_relevance": ("lrp",),
+    "ln": (),
+    "norms": (),
+    "features": ("backward",),  # features_grad, for Grad-CAM on features
+}
 
 _TOKEN_VARS = (
     "token_norm",
@@ -185,13 +200,16 @@ class CapturePlan:
     batch_size: int
 
     @property
+    def recorded(self) -> frozenset[str]:
+        """The groups each batch records."""
+        return self.kept
+
+    @property
     def passes(self) -> frozenset[str]:
-        """The passes each batch runs after its forward pass: ``"backward"`` (activation gradients
-        of the target logit), ``"lrp"`` (the relevance walk of :mod:`vitlens.capture.relevance`)."""
-        passes = {"backward"} if self.grads else set()
-        if "attention_relevance" in self.kept:
-            passes.add("lrp")
-        return frozenset(passes)
+        """The passes each batch runs after its forward pass: those of the groups it records
+        (:data:`GROUP_PASSES`); no backward pass under ``grads=False``."""
+        passes = {p for group in self.recorded for p in GROUP_PASSES[group]}
+        return frozenset(passes if self.grads else passes - {"backward"})
 
     @property
     def options(self) -> dict[str, Any]:
@@ -407,9 +425,9 @@ def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, start: int
         """Store block ``layer``'s attention, its gradient and relevance, then let them go."""
         stage, i = where[layer]
         size = len(stage.layers)
-        if "attention" in plan.kept:
+        if "attention" in plan.recorded:
             buffers.put_layer(f"{stage.name}/attention", start, i, size, _attention_array(stage, rec.probs(layer), b))
-        if "backward" in plan.passes and "attention_grad" in plan.kept:
+        if "attention_grad" in plan.recorded:
             buffers.put_layer(f"{stage.name}/attention_grad", start, i, size,
                               _attention_array(stage, rec.probs_grad(layer), b))
         if r_probs is not None:
@@ -435,10 +453,10 @@ def _store_tokens(adapter: Adapter, rec: Recorder, start: int, plan: CapturePlan
         if stage.index in state.merge_shares:
             buffers.put(f"{key}/merge_share", start, state.merge_shares[stage.index])
         recs = [state.records[l] for l in stage.layers]
-        if "ln" in plan.kept:
+        if "ln" in plan.recorded:
             for stat in ("mean", "std"):
                 buffers.put(f"{key}/ln_{stat}", start, [torch.stack([r[f"ln1_{stat}"], r[f"ln2_{stat}"]], 1) for r in recs])
-        if "norms" in plan.kept:
+        if "norms" in plan.recorded:
             for var in _TOKEN_VARS:
                 buffers.put(f"{key}/{var}", start, [r[var] for r in recs])
     last = adapter.stages[-1].name
@@ -447,7 +465,7 @@ def _store_tokens(adapter: Adapter, rec: Recorder, start: int, plan: CapturePlan
         with torch.no_grad():
             weights = adapter.head.pool_weights(adapter.tokens(state.final_output))
         buffers.put(f"{last}/readout_weights", start, weights)
-    if "features" in plan.kept:
+    if "features" in plan.recorded:
         buffers.put(f"{last}/features", start, adapter.tokens(state.features))
         if feat_grad is not None:
             buffers.put(f"{last}/features_grad", start, adapter.tokens(feat_grad))
