@@ -144,14 +144,19 @@ def test_unsupported_transformers_models_are_refused_naming_the_supported_classe
 
     import vitlens as vl
     from vitlens.models import registry
-    from vitlens.models.hf_common import SUPPORTED, HFAdapter
+    from vitlens.models.hf_common import HFAdapter
 
-    explained = {c for a in registry.adapters() if issubclass(a, HFAdapter) for c in a.classes}
-    assert explained == set(SUPPORTED)
+    explained = [c.name for a in registry.adapters() if issubclass(a, HFAdapter) for c in a.classes]
+    headless = [b.name for a in registry.adapters() if issubclass(a, HFAdapter) for b in a.backbones]
+    assert len(explained) == 10 and len(headless) == 6
     cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                  image_size=16, patch_size=8)
-    with pytest.raises(vl.VitlensError, match="ViTModel: vitlens cannot explain .*ViTForImageClassification"):
+    with pytest.raises(vl.VitlensError, match="ViTModel: vitlens cannot explain .*ViTForImageClassification") as err:
         vl.capture(transformers.ViTModel(cfg), np.zeros((1, 16, 16, 3)))
+    instead = str(err.value).split("Supported models of a similar kind: ")[1]
+    assert instead.rstrip(".").split(", ") == explained  # every class an adapter declares, and only those
+    for name in headless:  # a headless backbone is told about vl.with_head
+        assert name in str(err.value).split("vl.with_head")[0], name
 
 
 def test_an_older_transformers_is_refused_with_the_upgrade_to_run(monkeypatch):

@@ -37,16 +37,25 @@ _loaded = False
 
 @dataclass(frozen=True)
 class Refusal:
-    """A recognised but unsupported model: what is missing, and what to use instead."""
+    """A recognised but unsupported model: what is missing, and what to use instead.
+
+    Either text may be a function, read when a model is refused (e.g. a list of the
+    classes the adapters declare, which is complete only once every family is loaded).
+    """
 
     matches: Callable[[nn.Module], bool]
-    missing: str
-    instead: str = ""
+    missing: str | Callable[[], str]
+    instead: str | Callable[[], str] = ""
+
+    def texts(self) -> tuple[str, str]:
+        """``(missing, instead)`` as text."""
+        return tuple(t() if callable(t) else t for t in (self.missing, self.instead))  # type: ignore[return-value]
 
     def message(self, model: nn.Module) -> str:
-        text = f"{type(model).__name__}: vitlens cannot explain {self.missing}."
-        if self.instead:
-            text += f" Supported models of a similar kind: {self.instead}."
+        missing, instead = self.texts()
+        text = f"{type(model).__name__}: vitlens cannot explain {missing}."
+        if instead:
+            text += f" Supported models of a similar kind: {instead}."
         return text
 
 
@@ -61,7 +70,8 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-def register_refusal(matches: Callable[[nn.Module], bool], missing: str, instead: str = "") -> None:
+def register_refusal(matches: Callable[[nn.Module], bool], missing: str | Callable[[], str],
+                     instead: str | Callable[[], str] = "") -> None:
     """Refuse models for which ``matches(model)``, naming what is ``missing`` and a supported alternative."""
     _REFUSALS.append(Refusal(matches, missing, instead))
 
@@ -103,7 +113,9 @@ def _load() -> None:
         pass
 
 
-_FAMILY_ORDER = ("vit", "swin", "eva", "beit", "swinv2")  # built-ins first, whatever the import order
+# built-ins first, whatever the import order: timm's, then transformers' (as messages list them)
+_FAMILY_ORDER = ("vit", "swin", "eva", "beit", "swinv2", "hf_vit", "hf_beit", "hf_swin", "hf_swinv2", "hf_clip",
+                 "hf_siglip", "hf_headed")
 
 
 def adapters() -> list[type[Adapter]]:
