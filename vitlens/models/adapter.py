@@ -100,6 +100,11 @@ class Adapter:
         """Whether this adapter is the one for ``model`` (it may still refuse a variant)."""
         return False
 
+    @classmethod
+    def explains(cls) -> dict[str, list[str]]:
+        """What this adapter explains, by kind, for messages: a timm family by its name."""
+        return {"timm families" if cls.timm_modules else "other registered families": [cls.family]}
+
     # -- geometry (timm's common surface) -----------------------------------------
     @property
     def input_size(self) -> tuple[int, int]:

@@ -270,6 +270,11 @@ class HFAdapter(Adapter):
         return transformers_class(*(c.name for c in cls.classes))(model) if cls.classes else False
 
     @classmethod
+    def explains(cls) -> dict[str, list[str]]:
+        return {"transformers classes": [c.name for c in cls.classes],
+                "headless transformers backbones (given a head with vl.with_head)": [b.name for b in cls.backbones]}
+
+    @classmethod
     def declaration_of(cls, model: nn.Module) -> HFClass:
         """This adapter's declaration of ``type(model)``."""
         return next(c for c in cls.classes if c.name == type(model).__name__)

@@ -9,7 +9,10 @@ module to import, as xarray's backends do).
 
 Models that are recognised but not explained are listed with
 :func:`register_refusal`: the refusal names the block or head that is missing
-and, where one exists, a supported model to use instead.
+and, where one exists, a supported model to use instead. A model nothing
+recognises is told what the adapters explain, in their own terms
+(:meth:`Adapter.explains <vitlens.models.adapter.Adapter.explains>`: timm
+families, transformers classes, ...).
 
 Examples
 --------
@@ -143,6 +146,21 @@ def families() -> list[str]:
     return [a.family for a in adapters()]
 
 
+def supported() -> str:
+    """What the registered adapters explain, grouped as they say (timm families, transformers classes, ...).
+
+    Examples
+    --------
+    >>> supported().startswith("timm families: vit, swin, eva, beit, swinv2")
+    True
+    """
+    kinds: dict[str, list[str]] = {}
+    for cls in adapters():
+        for kind, names in cls.explains().items():
+            kinds.setdefault(kind, []).extend(names)
+    return "; ".join(f"{kind}: {', '.join(names)}" for kind, names in kinds.items() if names)
+
+
 def adapter_for(model: nn.Module) -> Adapter:
     """The :class:`Adapter` for ``model``; raises :class:`UnsupportedModelError` otherwise.
 
@@ -155,8 +173,7 @@ def adapter_for(model: nn.Module) -> Adapter:
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(
-            f"expected a torch.nn.Module (a timm model of a supported family: {', '.join(families())}); "
-            f"got {type(model).__name__}"
+            f"expected a torch.nn.Module (vitlens explains {supported()}); got {type(model).__name__}"
         )
     for cls in adapters():
         if cls.matches(model):
@@ -165,6 +182,6 @@ def adapter_for(model: nn.Module) -> Adapter:
         if refusal.matches(model):
             raise UnsupportedModelError(refusal.message(model))
     raise UnsupportedModelError(
-        f"{type(model).__name__}: vitlens explains these timm families: {', '.join(families())} "
-        "(see docs/COVERAGE.md for the model names); load one with vl.load_model(...)."
+        f"{type(model).__name__}: vitlens explains {supported()} (docs/COVERAGE.md lists the timm model names "
+        "and transformers classes); load one with vl.load_model(...)."
     )
