@@ -214,7 +214,7 @@ def test_off_size_images_go_through_the_models_own_image_processor():
 def test_a_model_without_an_image_processor_is_refused_with_what_to_do():
     model = make_hf("vit")
     del model.vitlens_image_processor
-    with pytest.raises(vl.VitlensError, match="vitlens_image_processor"):
+    with pytest.raises(vl.VitlensError, match=r"processor=AutoImageProcessor"):
         vl.capture(model, _images())
 
 

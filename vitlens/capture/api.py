@@ -22,7 +22,7 @@ from ..registry import CAPTURE_GROUPS
 from .hooks import Recorder
 from .images import prepare
 from .validate import check_finite, check_model
-from .text import bind_text
+from .text import bind_inputs
 from ..models.windows import window_tokens
 
 #: What ``capture(keep=...)`` can store (the raw groups: the registry's list, which the methods'
@@ -257,8 +257,9 @@ def capture(
     images
         A path or list of paths, PIL image(s), arrays ``(H, W, 3)`` or
         ``(sample, H, W, 3)`` in [0, 1] or uint8 (xarray too), or a ready,
-        normalised tensor ``(B, 3, H, W)``. Arrays at the model's input size are
-        only normalised; others go through timm's eval transform for the model.
+        normalised tensor ``(B, 3, H, W)`` (e.g. a processor's ``pixel_values``).
+        Arrays at the model's input size are only normalised; others go through
+        timm's eval transform for the model (a transformers model's image processor).
     target
         Class to explain: ``None`` (each image's predicted class), one int or
         class name for all images, or one per image.
@@ -290,7 +291,11 @@ def capture(
         prompts, and ``target`` picks a prompt by index or text. See
         :mod:`vitlens.capture.text`.
     processor
-        Tokenises ``text`` strings (default: the processor saved with the model).
+        Hugging Face models: the image processor that preprocesses the pictures
+        (default: the one saved or loaded with the model), the tokenizer of the
+        ``text`` prompts, or a multimodal processor holding both. A ready tensor
+        needs none: the maps do not depend on it, and without one the picture is
+        the tensor itself (with an :class:`~vitlens.ImageProcessorWarning`).
 
     Returns
     -------
@@ -308,7 +313,7 @@ def capture(
     >>> cap["stage0"].attention.dims
     ('sample', 'layer', 'head', 'query', 'key')
     """
-    adapter = bind_text(adapter_for(model), text, processor)
+    adapter = bind_inputs(adapter_for(model), text, processor)
     plan = _plan(keep, grads, dtype, batch_size)
     device = check_model(model, device, grads)
     if store is not None:

@@ -1,4 +1,4 @@
-"""Text prompts as classes: ``vl.capture(clip_model, images, text=[...])``.
+"""Text prompts as classes, and the processor a capture is given: ``vl.capture(model, images, text=, processor=)``.
 
 For image–text models (CLIP) the logits of a capture are the similarities of
 each image with each prompt, one column per prompt, and the class names are
@@ -7,6 +7,11 @@ strings, tokenised by the model's own processor (the one ``vl.load_model``
 found beside the weights, or ``processor=``), or ready ``input_ids`` (a
 LongTensor, one row per prompt). The adapter computes the text embeddings
 (:meth:`bind_text`); this module only turns what the user passed into ids.
+
+``processor=`` is what the user has from ``transformers``: an image processor
+(it preprocesses the pictures), a tokenizer (it tokenises the prompts), or a
+multimodal processor holding both (``CLIPProcessor``, ``AutoProcessor``):
+:func:`bind_inputs` gives each part to what uses it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,30 @@ import torch
 
 from ..errors import OptionError
 from ..models.adapter import Adapter
+
+#: base classes of transformers' image processors (by name: transformers is never imported here)
+_IMAGE_PROCESSORS = ("ImageProcessingMixin", "BaseImageProcessor", "BaseImageProcessorFast")
+
+
+def split_processor(processor: Any) -> tuple[Any | None, Any | None]:
+    """``(image processor, tokenizer)`` of a ``processor=``: either, or both for a multimodal processor.
+
+    Examples
+    --------
+    >>> import transformers
+    >>> split_processor(transformers.ViTImageProcessor())[1] is None
+    True
+    >>> split_processor(None)
+    (None, None)
+    """
+    if processor is None:
+        return None, None
+    images, tokenizer = getattr(processor, "image_processor", None), getattr(processor, "tokenizer", None)
+    if images is not None or tokenizer is not None:  # CLIPProcessor, SiglipProcessor, AutoProcessor...
+        return images, tokenizer
+    if any(c.__name__ in _IMAGE_PROCESSORS for c in type(processor).__mro__):
+        return processor, None
+    return None, processor  # a tokenizer: anything that turns text=[...] into input_ids
 
 
 def _tokenizer(model: Any, processor: Any, required: bool) -> Any | None:
@@ -75,16 +104,42 @@ def tokenize(model: Any, text: Any, processor: Any = None) -> tuple[torch.Tensor
     return enc["input_ids"], enc.get("attention_mask"), prompts
 
 
-def bind_text(adapter: Adapter, text: Any, processor: Any = None) -> Adapter:
+def bind_text(adapter: Adapter, text: Any, tokenizer: Any = None) -> Adapter:
     """The adapter with ``text`` as its classes; unchanged when no text is given."""
     if text is None:
-        if processor is not None:
-            raise OptionError("processor= tokenises the text= prompts; pass text=[...] too.")
         return adapter
     if not hasattr(adapter, "bind_text"):
         raise OptionError(
             f"text= is for image-text models (CLIP); {type(adapter.model).__name__} has class logits: "
             "choose a class with target= instead."
         )
-    ids, mask, prompts = tokenize(adapter.model, text, processor)
+    ids, mask, prompts = tokenize(adapter.model, text, tokenizer)
     return adapter.bind_text(ids, mask, prompts)
+
+
+def bind_inputs(adapter: Adapter, text: Any = None, processor: Any = None) -> Adapter:
+    """The adapter with ``processor``'s image part preprocessing and ``text`` as its classes (tokenised by
+    ``processor``'s tokenizer, else the model's own); see the module docstring.
+
+    Examples
+    --------
+    >>> import torch, transformers, vitlens as vl
+    >>> cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...                              intermediate_size=32, image_size=16, patch_size=8, num_labels=2)
+    >>> adapter = vl.models.adapter_for(transformers.ViTForImageClassification(cfg))
+    >>> processor = transformers.ViTImageProcessor(size={"height": 16, "width": 16})
+    >>> bind_inputs(adapter, processor=processor).image_processor() is processor
+    True
+    """
+    images, tokenizer = split_processor(processor)
+    if images is not None:
+        if not hasattr(adapter, "with_image_processor"):
+            raise OptionError(
+                f"processor= takes a Hugging Face image processor for transformers models; "
+                f"{type(adapter.model).__name__} preprocesses with timm's data config: pass no processor."
+            )
+        adapter = adapter.with_image_processor(images)
+    elif tokenizer is not None and text is None:
+        raise OptionError("processor= got a tokenizer, which tokenises the text= prompts: pass text=[...] too, or "
+                          "an image processor to preprocess the pictures.")
+    return bind_text(adapter, text, tokenizer)

@@ -342,9 +342,15 @@ class HFAdapter(Adapter):
                 _PROBES.pop(part.attn.module, None)
 
     # -- preprocessing ----------------------------------------------------------------
-    def image_processor(self) -> Any:
-        """The model's own image processor (saved with it; see ``vl.load_model("hf:...")``)."""
-        proc = getattr(self.model, "vitlens_image_processor", None)
+    def with_image_processor(self, processor: Any) -> "HFAdapter":
+        """This adapter preprocessing with ``processor`` (``vl.capture(..., processor=)``); the model is untouched."""
+        self._image_processor = processor
+        return self
+
+    def image_processor(self, required: bool = True) -> Any:
+        """The model's own image processor: the one given to the capture, the one ``vl.load_model("hf:...")``
+        attached, or the one saved beside the weights; ``None`` when there is none and it is not ``required``."""
+        proc = getattr(self, "_image_processor", None) or getattr(self.model, "vitlens_image_processor", None)
         if proc is not None:
             return proc
         source = getattr(self.model.config, "_name_or_path", "") or getattr(self.model, "name_or_path", "")
@@ -355,15 +361,19 @@ class HFAdapter(Adapter):
                 return AutoImageProcessor.from_pretrained(source, local_files_only=True)
             except Exception:  # not cached / not a directory: say what to do below
                 pass
+        if not required:
+            return None
         raise ImageError(
-            f"{type(self.model).__name__}: vitlens preprocesses images with the model's own image "
-            "processor, and none was found. Load the model with vl.load_model('hf:<repo or dir>'), "
-            "or attach one: model.vitlens_image_processor = AutoImageProcessor.from_pretrained(...)."
+            f"{type(self.model).__name__}: vitlens preprocesses pictures with the model's own image processor, and "
+            "none was found. Pass it: vl.capture(model, images, processor=AutoImageProcessor.from_pretrained(...)); "
+            "or pass the pixel_values tensor your processor made; or load the model with vl.load_model('hf:<dir>')."
         )
 
-    def data_config(self) -> dict[str, Any]:
-        """``mean``, ``std`` and ``input_size`` from the image processor's config."""
-        proc = self.image_processor()
+    def data_config(self, required: bool = True) -> dict[str, Any] | None:
+        """``mean``, ``std`` and ``input_size`` from the image processor's config (``None``: no processor)."""
+        proc = self.image_processor(required)
+        if proc is None:
+            return None
         h, w = self.input_size
         return {"input_size": (3, h, w), "mean": tuple(proc.image_mean), "std": tuple(proc.image_std)}
 

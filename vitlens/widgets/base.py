@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import traitlets
 import xarray as xr
 
-from ..errors import OptionError
+from ..errors import ImageProcessorWarning, OptionError
 from .controls import class_label, top_classes
 from .export import ExportControls
 from .figure import heatmap_trace, image_trace, image_uri, zsmooth
@@ -126,10 +127,17 @@ class ClassChoice:
         try:
             options = json.loads(self.cap.attrs.get("options", "{}"))
             image = np.asarray(self.cap["image"].isel(sample=[sample]).values, dtype=np.float32)
+            # the model's input again: the picture normalised as the capture recorded (also for a model
+            # captured from a tensor, without the image processor that made it)
+            mean = torch.tensor(self.cap.attrs["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+            std = torch.tensor(self.cap.attrs["std"], dtype=torch.float32).view(1, 3, 1, 1)
+            pixels = (torch.from_numpy(image).permute(0, 3, 1, 2) - mean) / std
             ids = json.loads(self.cap.attrs.get("text_input_ids", "[]"))  # image-text models: the same prompts
             text = {"text": torch.tensor(ids)} if ids else {}
-            return capture(self.model, image, target=c, keep=options.get("keep", "all"),
-                           grads=options.get("grads", True), progress=False, **text)
+            with warnings.catch_warnings():  # the capture already said how its picture was made
+                warnings.simplefilter("ignore", ImageProcessorWarning)
+                return capture(self.model, pixels, target=c, keep=options.get("keep", "all"),
+                               grads=options.get("grads", True), progress=False, **text)
         finally:
             self.status.value = ""
 
