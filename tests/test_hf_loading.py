@@ -57,6 +57,57 @@ def test_directory_without_image_processor_is_refused(tmp_path):
         load_hf_model(f"hf:{_tiny_vit_dir(tmp_path, processor=False)}")
 
 
+def _drop_tensors(directory: Path, prefix: str) -> list[str]:
+    """Remove every saved tensor whose name starts with ``prefix`` (a partial download, a pruned file)."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    dropped = sorted(k for k in tensors if k.startswith(prefix))
+    assert dropped, prefix
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, path, metadata={"format": "pt"})
+    return dropped
+
+
+def test_a_directory_missing_backbone_weights_is_refused_naming_them(tmp_path):
+    """#31.7: transformers fills missing tensors with random values and only its log says so."""
+    d = _tiny_vit_dir(tmp_path)
+    _drop_tensors(d, "vit.encoder.layer.0.attention")
+    with pytest.raises(ModelLoadError, match=r"missing .*layers\.0\.attention\.q_proj\.weight") as err:
+        load_hf_model(f"hf:{d}")
+    assert "random" in str(err.value).lower() and "save_pretrained" in str(err.value)
+    assert "mlp" not in str(err.value)  # only what is missing is named
+
+
+def test_a_directory_missing_only_the_head_loads_with_a_loud_warning(tmp_path):
+    import vitlens as vl
+
+    d = _tiny_vit_dir(tmp_path)
+    _drop_tensors(d, "classifier")
+    with pytest.warns(vl.RandomWeightsWarning, match=r"classifier\.weight"):
+        load_hf_model(f"hf:{d}")
+    import warnings
+
+    with warnings.catch_warnings():  # a new head asked for with num_classes= is no surprise
+        warnings.simplefilter("error", vl.RandomWeightsWarning)
+        assert load_hf_model(f"hf:{d}", num_classes=5).classifier.out_features == 5
+
+
+def test_an_absurd_config_is_refused_before_anything_is_built(tmp_path):
+    """#31.8: a config.json asking for 20,000 layers used to hang for minutes while transformers built them."""
+    import json
+    import time
+
+    d = _tiny_vit_dir(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 20_000
+    (d / "config.json").write_text(json.dumps(cfg))
+    t = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=r"20000 layers.*num_hidden_layers"):
+        load_hf_model(f"hf:{d}")
+    assert time.perf_counter() - t < 10
+
+
 def test_directory_without_config_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
         load_hf_model(f"hf:{tmp_path}")
