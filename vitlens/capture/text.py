@@ -6,7 +6,9 @@ the prompts; ``target`` picks a prompt by index or by its text. Prompts are
 strings, tokenised by the model's own processor (the one ``vl.load_model``
 found beside the weights, or ``processor=``), or ready ``input_ids`` (a
 LongTensor, one row per prompt). The adapter computes the text embeddings
-(:meth:`bind_text`); this module only turns what the user passed into ids.
+(:meth:`bind_text`); this module only turns what the user passed into ids, and
+refuses prompts the tokenizer cannot tell apart (identical ids would give every
+prompt the same logits and maps).
 
 ``processor=`` is what the user has from ``transformers``: an image processor
 (it preprocesses the pictures), a tokenizer (it tokenises the prompts), or a
@@ -87,6 +89,7 @@ def tokenize(model: Any, text: Any, processor: Any = None) -> tuple[torch.Tensor
                 f"text= as a tensor takes token ids: a LongTensor (prompts, tokens); got {text.dtype} "
                 f"of shape {tuple(text.shape)}."
             )
+        _check_distinct(text, [f"prompt {i}" for i in range(text.shape[0])], None)
         tok = _tokenizer(model, processor, required=False) if model is not None else None
         prompts = [f"prompt {i}" for i in range(text.shape[0])]
         if tok is not None and hasattr(tok, "batch_decode"):
@@ -101,7 +104,27 @@ def tokenize(model: Any, text: Any, processor: Any = None) -> tuple[torch.Tensor
         raise OptionError(f"text= has repeated prompts {prompts}: each prompt is one class; pass each once.")
     tok = _tokenizer(model, processor, required=True)
     enc = tok(text=prompts, padding=True, return_tensors="pt")
+    _check_distinct(enc["input_ids"], prompts, tok)
     return enc["input_ids"], enc.get("attention_mask"), prompts
+
+
+def _check_distinct(ids: torch.Tensor, prompts: list[str], tokenizer: Any) -> None:
+    """Refuse prompts that became the same token ids: they would be one class under several names."""
+    seen: dict[tuple[int, ...], str] = {}
+    for prompt, row in zip(prompts, ids.tolist(), strict=True):
+        if tuple(row) in seen:
+            first = seen[tuple(row)]
+            if tokenizer is None:
+                raise OptionError(f"text= has the same token ids in two rows ({first!r} and {prompt!r}): each row is "
+                                  "one class; pass each prompt once.")
+            source = getattr(tokenizer, "name_or_path", "") or "(not saved)"
+            raise OptionError(
+                f"the tokenizer {type(tokenizer).__name__} from {source} gives the prompts {first!r} and {prompt!r} "
+                f"the same token ids {list(row)}: their logits and maps would be identical. It probably has no "
+                "vocabulary (e.g. built offline without its files): save the model's real tokenizer beside the "
+                "weights, pass it with processor=, or pass token ids as a LongTensor."
+            )
+        seen[tuple(row)] = prompt
 
 
 def bind_text(adapter: Adapter, text: Any, tokenizer: Any = None) -> Adapter:
