@@ -106,6 +106,15 @@ def test_an_absurd_config_is_refused_before_anything_is_built(tmp_path):
     with pytest.raises(ModelLoadError, match=r"20000 layers.*num_hidden_layers"):
         load_hf_model(f"hf:{d}")
     assert time.perf_counter() - t < 10
+    from vitlens.models.hf_loading import check_config_sizes
+
+    with pytest.raises(ModelLoadError, match=r"5000 layers \(text_config\.num_hidden_layers\)"):  # nested configs
+        check_config_sizes(transformers.CLIPConfig(text_config={"num_hidden_layers": 5000}), "clip")
+    with pytest.raises(ModelLoadError, match=r"2006 layers \(depths\)"):  # Swin: all stages together
+        check_config_sizes(transformers.SwinConfig(depths=[2, 2, 2000, 2]), "swin")
+    for real in (transformers.ViTConfig(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48),
+                 transformers.CLIPConfig(), transformers.SwinConfig()):
+        check_config_sizes(real, "real")  # ViT-bigG-sized, CLIP and Swin defaults pass
 
 
 def test_directory_without_config_is_refused(tmp_path):

@@ -20,9 +20,9 @@ backbone                                       pools
 ``SiglipVisionModel``                          ``"pooler"`` (the attention-pool head), ``"mean"``
 =============================================  ===============================================================
 
-Each backbone is declared once by its family (a
-:class:`~vitlens.models.hf_common.Backbone`: its pools, blocks and read-out);
-nothing here names one.
+Each backbone is declared once, by its family's module (a
+:class:`~vitlens.models.hf_common.Backbone`: its pools, blocks and read-out); the
+code here reads the declarations and names no backbone.
 
 ``head`` is an ``nn.Linear``, a :class:`SimilarityHead` (scaled cosine
 similarity with fixed embeddings, e.g. CLIP/SigLIP text embeddings), or an
