@@ -230,3 +230,24 @@ def test_an_older_transformers_is_refused_with_the_upgrade_to_run(monkeypatch):
     monkeypatch.setattr(hf_common, "transformers_version", lambda: "4.46.0")
     with pytest.raises(vl.UnsupportedModelError, match=r"transformers >= 5 \(installed: 4.46.0\).*--upgrade"):
         vl.models.adapter_for(model)
+
+
+def test_vitlens_explain_takes_a_transformers_directory(tmp_path, capsys):
+    """The command line goes through vl.load_model and vl.capture: a saved transformers classifier
+    and its image processor explain a picture of another size, as a timm model does."""
+    import numpy as np
+    from PIL import Image
+
+    import vitlens as vl
+    from vitlens.cli import main
+
+    d = _tiny_vit_dir(tmp_path / "model")
+    Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    out = tmp_path / "out"
+    assert main(["explain", str(tmp_path / "x.png"), "--model", f"hf:{d}", "--method", "rollout",
+                 "--out", str(out)]) == 0
+    assert "explaining class" in capsys.readouterr().out
+    cap = vl.open(out / "capture.nc")
+    assert cap.attrs["family"] == "hf_vit" and cap.attrs["class_names"] == ["cat", "dog", "fox"]
+    assert list(cap.attrs["mean"]) == [0.1, 0.2, 0.3]  # the directory's own image processor
+    assert Image.open(out / "x_rollout.png").size[0] > 0

@@ -155,6 +155,7 @@ def test_widgets_show_the_same_panels_for_both_implementations(pair):
     Compare(cap_hf)
 
 
+@pytest.mark.slow  # four captures, 28 maps, an Explorer and a recapture
 def test_an_in_memory_model_takes_a_ready_tensor_and_an_image_processor(pair):
     """#30.1: ``vl.capture(ViTForImageClassification(config), pixel_values)`` with no processor at all,
     and ``processor=`` an image processor: the seven maps equal timm's on the same weights and the
