@@ -15,7 +15,7 @@ from __future__ import annotations
 from ._version import __version__
 
 from . import datasets, figures, methods, metrics, models, registry, widgets
-from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
+from .capture import KEEP_GROUPS, capture, head_importance, open, patch, save  # noqa: A004
 from .figures import plot
 from .errors import (
     CaptureError,
@@ -69,6 +69,7 @@ __all__ = [
     "evaluate",
     "explain",
     "figures",
+    "head_importance",
     "methods",
     "normalize",
     "to_pixels",
@@ -78,6 +79,7 @@ __all__ = [
     "metrics",
     "models",
     "open",
+    "patch",
     "plot",
     "registry",
     "save",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,15 @@ GROUP_PASSES: dict[str, tuple[str, ...]] = {
     "ln": (),
     "norms": (),
     "features": ("backward",),  # features_grad, for Grad-CAM on features
+    "head_output": (),
+    "ablation_effect": ("ablations",),  # one forward per head (capture/interventions.py), no backward
 }
+
+#: Groups stored only when named in ``keep=`` (not part of ``"all"``: they cost storage or forwards):
+#: ``head_output``, each head's output as it reaches the output projection (what mean-ablation
+#: averages, see :mod:`vitlens.capture.interventions`); ``ablation_effect``, the drop of the target
+#: logit and probability when each head alone is ablated (one forward per head, no backward).
+EXTRA_GROUPS = ("head_output", "ablation_effect")
 
 _TOKEN_VARS = (
     "token_norm",
@@ -60,9 +68,12 @@ def _resolve_keep(keep: str | Iterable[str], grads: bool) -> set[str]:
     if isinstance(keep, str):
         keep = KEEP_GROUPS if keep == "all" else (keep,)
     chosen = set(keep)
-    unknown = chosen - set(KEEP_GROUPS)
+    if "all" in chosen:  # e.g. keep=["all", "head_output"]
+        chosen = (chosen - {"all"}) | set(KEEP_GROUPS)
+    unknown = chosen - set(KEEP_GROUPS) - set(EXTRA_GROUPS)
     if unknown:
-        raise OptionError(f"keep= got {sorted(unknown)}; choose from {list(KEEP_GROUPS)} or 'all'.")
+        raise OptionError(f"keep= got {sorted(unknown)}; choose from {list(KEEP_GROUPS)} or 'all' "
+                          f"(and, named, {list(EXTRA_GROUPS)}).")
     if not chosen:
         raise OptionError(f"keep= is empty; choose from {list(KEEP_GROUPS)} or 'all'.")
     if not grads:
@@ -192,12 +203,16 @@ class CapturePlan:
         The stored floating-point dtype.
     batch_size
         Images per forward pass.
+    intervention
+        The :class:`~vitlens.capture.interventions.Intervention` applied to every forward
+        pass (ablation, patching), or ``None``.
     """
 
     kept: frozenset[str]
     grads: bool
     dtype: str
     batch_size: int
+    intervention: Any = None
 
     @property
     def recorded(self) -> frozenset[str]:
@@ -215,6 +230,13 @@ class CapturePlan:
     def options(self) -> dict[str, Any]:
         """The options recorded in the capture's attrs and in a streaming run's fingerprint."""
         return {"grads": self.grads, "keep": sorted(self.kept), "dtype": self.dtype}
+
+    @property
+    def run_options(self) -> dict[str, Any]:
+        """What a streaming run's fingerprint holds: the options and the intervention's digest."""
+        if self.intervention is None:
+            return self.options
+        return {**self.options, "intervention": self.intervention.digest()}
 
 
 def _plan(keep: str | Iterable[str], grads: bool, dtype: str, batch_size: int | None) -> CapturePlan:
@@ -243,6 +265,10 @@ def capture(
     resume: bool = False,
     text: Sequence[str] | torch.Tensor | None = None,
     processor: Any = None,
+    ablate: Mapping[int, Any] | None = None,
+    ablation: str = "zero",
+    reference: Any = None,
+    intervention: Any = None,
 ) -> xr.DataTree:
     """Run ``model`` once on ``images`` and record its internals into a labeled DataTree.
 
@@ -266,7 +292,8 @@ def capture(
     grads
         Run the backward pass (needed by gradient-based methods and LRP).
     keep
-        ``"all"`` or a subset of :data:`KEEP_GROUPS` to bound storage.
+        ``"all"`` or a subset of :data:`KEEP_GROUPS` to bound storage; the groups of
+        :data:`EXTRA_GROUPS` are stored only when named (``keep=["all", "head_output"]``).
     dtype
         ``"float32"`` or ``"float16"`` for the stored floating-point arrays.
     batch_size
@@ -296,6 +323,21 @@ def capture(
         ``text`` prompts, or a multimodal processor holding both. A ready tensor
         needs none: the maps do not depend on it, and without one the picture is
         the tensor itself (with an :class:`~vitlens.ImageProcessorWarning`).
+    ablate
+        Switch heads off in the model for this capture: ``{block: [heads]}`` (global
+        block indices; ``"all"`` for every head of a block). A head's output is its slice
+        of the input of the attention's output projection; in Swin it is switched off in
+        every window of its block. Everything is recorded from the ablated forward and
+        backward; the capture's ``intervention`` attribute says what was done.
+    ablation
+        ``"zero"`` (the heads' outputs become 0) or ``"mean"`` (their mean over
+        ``reference``, per token position).
+    reference
+        For ``ablation="mean"``: images, or a capture/store made with
+        ``keep=[..., "head_output"]``.
+    intervention
+        A ready :class:`~vitlens.capture.interventions.Intervention` (what
+        :func:`vitlens.patch` and the widgets pass) instead of ``ablate``/``ablation``/``reference``.
 
     Returns
     -------
@@ -312,15 +354,28 @@ def capture(
     >>> cap = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)))
     >>> cap["stage0"].attention.dims
     ('sample', 'layer', 'head', 'query', 'key')
+    >>> off = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)), ablate={11: [0, 1, 2]})
+    >>> off.attrs["intervention"]
+    '{"ablation": "zero", "heads": {"11": [0, 1, 2]}, "kind": "ablate"}'
     """
     adapter = bind_inputs(adapter_for(model), text, processor)
     plan = _plan(keep, grads, dtype, batch_size)
     device = check_model(model, device, grads)
+    if intervention is None:
+        from .interventions import resolve
+
+        intervention = resolve(adapter, ablate, ablation, reference, for_importance="ablation_effect" in plan.kept,
+                               batch_size=plan.batch_size, progress=progress)
+    elif ablate is not None or reference is not None:
+        raise OptionError("pass either intervention= or ablate=/ablation=/reference=, not both.")
+    plan = replace(plan, intervention=intervention)
     if store is not None:
         from .fingerprint import run_fingerprint
         from .stream import capture_to_store
 
-        fingerprint = run_fingerprint(model, images, target, plan.options)
+        if intervention is not None and intervention.per_image:
+            raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
+        fingerprint = run_fingerprint(model, images, target, plan.run_options)
         part = functools.partial(_capture_part, adapter, model, plan, device)
         return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
                                 resume=resume, progress=progress, fingerprint=fingerprint)
@@ -360,13 +415,40 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="capture", unit="batch")
-    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False) as rec:
+    from .interventions import Intervening, stored_values
+
+    iv = plan.intervention
+    if iv is not None and iv.per_image:
+        _check_rows(iv, n)
+    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False) as rec, \
+            Intervening(adapter, iv, record_heads="head_output" in plan.recorded,
+                        every_block="ablations" in plan.passes) as hooks:
+        if iv is not None and iv.token_layer is not None:  # patched tokens: the LRP walk stops there
+            rec.constant_tokens = {iv.token_layer: list(iv.token_index)}
         for start in starts:
             rec.reset()
             x = batch.pixels[start : start + plan.batch_size].to(device, model_dtype)
-            _capture_batch(adapter, rec, x, targets, start, plan, buffers)
+            hooks.select(start, start + x.shape[0])
+            _capture_batch(adapter, rec, x, targets, start, plan, buffers, hooks, bool(progress))
     check_finite(buffers.items())
-    return _assemble(adapter, model, batch, buffers, names, plan)
+    tree = _assemble(adapter, model, batch, buffers, names, plan)
+    if iv is not None and (iv.heads or iv.token_layer is not None):
+        tree.attrs["intervention"] = json.dumps(iv.describe(), sort_keys=True)
+        for name, variables in stored_values(iv, adapter).items():  # what redoing it needs (mean ablation)
+            node = tree[name].to_dataset(inherit=False)
+            tree[name].dataset = node.assign_coords(ablated_layer=variables.pop("ablated_layer")).assign(variables)
+    if "ablations" in plan.passes:  # how each head was ablated in turn
+        tree.attrs["ablation_effect"] = json.dumps({"ablation": iv.mode, **iv.source}, sort_keys=True)
+    return tree
+
+
+def _check_rows(intervention: Any, n: int) -> None:
+    rows = {v.shape[0] for v in intervention.values.values()}
+    if intervention.token_values is not None:
+        rows.add(intervention.token_values.shape[0])
+    if rows - {1, n}:
+        raise OptionError(f"the intervention holds values for {sorted(rows - {1})} images; the capture has {n}: "
+                          "give one source image for all, or one per image.")
 
 
 def _input_samples(images: Any, n: int) -> np.ndarray | None:
@@ -381,11 +463,12 @@ def _input_samples(images: Any, n: int) -> np.ndarray | None:
 
 
 def _capture_batch(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarray | None, start: int,
-                   plan: CapturePlan, buffers: _Buffers) -> None:
+                   plan: CapturePlan, buffers: _Buffers, hooks: Any = None, progress: bool = False) -> None:
     """One batch: record the forward pass, run the plan's passes, store what the plan keeps."""
     logits, tgt, feat_grad = _record(adapter, rec, x, targets, start, "backward" in plan.passes)
     buffers.put("logits", start, logits, torch.float32)
     buffers.put("target", start, tgt.to(torch.int64))
+    _store_interventions(adapter, rec, x, tgt, logits, start, plan, buffers, hooks, progress)
     _store_blocks(adapter, rec, tgt, start, plan, buffers)
     _store_tokens(adapter, rec, start, plan, buffers, feat_grad)
 
@@ -418,6 +501,30 @@ def _record(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarra
         else:
             rec.finish_attention()
     return logits.detach(), tgt, feat_grad
+
+
+def _store_interventions(adapter: Adapter, rec: Recorder, x: torch.Tensor, tgt: torch.Tensor, logits: torch.Tensor,
+                         start: int, plan: CapturePlan, buffers: _Buffers, hooks: Any, progress: bool) -> None:
+    """The heads' outputs (``head_output``) and, one forward per head, each head's ablation effect."""
+    b = x.shape[0]
+    if "head_output" in plan.recorded:
+        from .interventions import head_output_array
+
+        for stage in adapter.stages:
+            buffers.put(f"{stage.name}/head_output", start,
+                        [head_output_array(hooks.head_outputs.pop(l), b, stage.num_heads) for l in stage.layers])
+    if "ablations" in plan.passes:
+        from .interventions import ablation_effects
+
+        rec.paused = True
+        try:
+            effects = ablation_effects(adapter, x.detach(), tgt, logits, hooks, rows=plan.batch_size,
+                                       progress=progress)
+        finally:
+            rec.paused = False
+        for stage in adapter.stages:
+            for i, var in enumerate(("ablation_effect", "ablation_probability_drop")):
+                buffers.put(f"{stage.name}/{var}", start, [effects[l][i] for l in stage.layers], torch.float32)
 
 
 def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, start: int, plan: CapturePlan,
@@ -486,6 +593,10 @@ _DIMS = {
 
 
 def _dims(var: str, windowed: bool) -> tuple[str, ...]:
+    if var in ("ablation_effect", "ablation_probability_drop"):
+        return ("sample", "layer", "head")
+    if var == "head_output":
+        return ("sample", "layer", "head", *(("window",) if windowed else ()), "query", "head_dim")
     if var.startswith("attention"):
         d = _DIMS["attention"]
         return d[:3] + ("window",) + d[3:] if windowed else d
@@ -595,6 +706,10 @@ _DESCRIPTIONS = {
     "features_grad": "gradient of the target logit w.r.t. the features",
     "window_token": "stage token index of each window position (after the cyclic shift)",
     "readout_weights": "weight of each token in the attention-pool read-out (mean over heads): the read-out row",
+    "head_output": "each head's output as it reaches the attention's output projection (after any intervention)",
+    "ablation_effect": "drop of the target logit when this head alone is ablated (clean minus ablated)",
+    "ablation_probability_drop": "drop of the target's softmax probability when this head alone is ablated",
+    "ablation_mean": "the mean each ablated head's output was replaced with (mean ablation), per token position",
     "merge_share": "LRP share of each token in the relevance of the merged token it forms in the next stage",
 }
 
