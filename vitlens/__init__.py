@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ._version import __version__
 
-from . import datasets, figures, methods, metrics, models, registry, widgets
+from . import datasets, figures, methods, metrics, models, registry, stats, widgets
 from .capture import KEEP_GROUPS, capture, head_importance, open, patch, save  # noqa: A004
 from .figures import plot
 from .errors import (
