@@ -89,6 +89,8 @@ class ClassChoice:
         self.names = [str(n) for n in cap["class_name"].values]
         self.targets = {s: int(t) for s, t in enumerate(np.asarray(cap["target"].values))}
         self.recaptures = PanelMaps(size=4)
+        self.intervention: Any = None  # applied to every recapture (the Explorer's ablate mode)
+        self._intervention_key: Any = None
         self.dropdown = widgets.Dropdown(description=description, layout=widgets.Layout(width="250px"))
         self.dropdown.add_class(css)
         self.status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
@@ -109,13 +111,18 @@ class ClassChoice:
     def probability(self, sample: int, c: int) -> float:
         return float(softmax(self.cap["logits"].isel(sample=sample).values)[c])
 
+    def set_intervention(self, intervention: Any) -> None:
+        """Recapture with ``intervention`` (an ablation) from now on; ``None``: read the capture again."""
+        self.intervention = intervention
+        self._intervention_key = None if intervention is None else intervention.digest()
+
     def source(self, sample: int, c: int) -> tuple[xr.DataTree, int, Any]:
         """The capture explaining class ``c`` of ``sample``, its sample index there, and a cache key."""
-        if c == int(self.cap["target"].values[sample]):
+        if c == int(self.cap["target"].values[sample]) and self.intervention is None:
             return self.cap, sample, "capture"
         if self.model is None:
             raise OptionError("explaining another class needs the model: pass it, e.g. vl.Explorer(cap, model).")
-        key = (sample, c)
+        key = (sample, c, self._intervention_key)
         return self.recaptures.get(key, lambda: self._recapture(sample, c)), 0, key
 
     def _recapture(self, sample: int, c: int) -> xr.DataTree:
@@ -137,7 +144,8 @@ class ClassChoice:
             with warnings.catch_warnings():  # the capture already said how its picture was made
                 warnings.simplefilter("ignore", ImageProcessorWarning)
                 return capture(self.model, pixels, target=c, keep=options.get("keep", "all"),
-                               grads=options.get("grads", True), progress=False, **text)
+                               grads=options.get("grads", True), progress=False, intervention=self.intervention,
+                               **text)
         finally:
             self.status.value = ""
 

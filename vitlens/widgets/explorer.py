@@ -106,6 +106,15 @@ class Explorer(AttentionView):
     export_dir
         The only directory the "Save as" box writes into (default: the working
         directory); :meth:`save` from Python writes anywhere.
+    ablate
+        Start in ablate mode (needs ``model``; :mod:`vitlens.widgets.ablate`): a row of
+        head switches turns heads of the shown block off *in the model*, and every panel
+        and a top-5 probability bar (before/after) follow, one forward + backward of the
+        shown image per change. ``ablate=False`` keeps the mode's switch, off, whenever
+        ``model`` is given.
+    ablation, reference
+        How a switched-off head is replaced: ``"zero"``, or ``"mean"`` over the
+        ``reference`` images (see :func:`vitlens.capture`).
 
     Examples
     --------
@@ -141,6 +150,9 @@ class Explorer(AttentionView):
         cols: int | None = None,
         height: int | None = None,
         export_dir: str | os.PathLike | None = None,
+        ablate: bool = False,
+        ablation: str = "zero",
+        reference: Any = None,
     ) -> None:
         super().__init__()
         self._hold = 1
@@ -150,6 +162,9 @@ class Explorer(AttentionView):
             raise OptionError(f"stat={stat!r}; choose from {list(STATISTICS)}.")
         if method not in method_names():
             raise OptionError(f"method={method!r}; choose from {list(method_names())}.")
+        if ablate and model is None:
+            raise OptionError("ablate=True switches heads off in the model: pass it, vl.Explorer(cap, model, "
+                              "ablate=True).")
         if compare_class and model is None:
             raise OptionError("compare_class=True explains a second class, which needs the model: "
                               "vl.Explorer(cap, model, compare_class=True).")
@@ -233,6 +248,10 @@ class Explorer(AttentionView):
         if self.contrast_select is not None:
             self.contrast_select.observe(self._on_contrast, "value")
 
+        from .ablate import AblateControls  # the ablate mode (a switch, off, whenever the model is given)
+
+        self.ablation = None if model is None else AblateControls(self, ablation=ablation, reference=reference,
+                                                                  active=ablate)
         self._hold = 0
         self.refresh()  # draws the first view into the plain figure
         self.figure = as_widget(fig)
@@ -249,6 +268,7 @@ class Explorer(AttentionView):
             row([self.layer_slider, self.stage_label], layout=wrap),
             row(classes, layout=wrap),
             row([self.head_controls.box, self.query_button], layout=wrap),
+            *([self.ablation.box] if self.ablation is not None else []),
             row([self.stat_select, self.fusion_grad, self.method_select, self.opacity_slider, self.smooth_toggle],
                 layout=wrap),
             self.figure,
@@ -325,16 +345,17 @@ class Explorer(AttentionView):
         shape = (self.num_samples, len(info.layers), *info.grid)
         messages = {}
 
-        attention = query_attention(self.cap, info, sample, layer, sorted(choice[stage.index]), self.query)
-        stats = self._cache.get(("statistic", stat), lambda: statistic_array(self.cap, stat))
+        base, bi, bkey = self._shown(sample)
+        attention = query_attention(base, info, bi, layer, sorted(choice[stage.index]), self.query)
+        stats = self._cache.get(("statistic", stat, bkey), lambda: statistic_array(base, stat))
         grad = bool(self.fusion_grad.value)
         if grad:  # the gradient-weighted fusion explains a class: it reads the capture of the chosen class
             try:
                 fcap, fi, fkey = self.classes.source(sample, self.target)
             except VitlensError:
-                fcap, fi, fkey = self.cap, sample, "capture"
+                fcap, fi, fkey = base, bi, bkey
         else:
-            fcap, fi, fkey = self.cap, sample, "capture"
+            fcap, fi, fkey = base, bi, bkey
         fusion, messages["fusion"] = self._cache.get(
             ("fusion", key, stat, grad, fkey),
             lambda: safe(lambda: fusion_maps(fcap, info, choice, stat, grad), (int(fcap["sample"].size), *shape[1:])))
@@ -353,7 +374,7 @@ class Explorer(AttentionView):
             method_maps_.append(per_layer[si, li])
             method_text.append(message or captions.method_caption(info, method, layer, first, self.class_names[c],
                                                                   on_features))
-        maps = [attention, stats[sample, li], fusion[fi, li], *method_maps_]
+        maps = [attention, stats[bi, li], fusion[fi, li], *method_maps_]
         text = [
             captions.attention_caption(info, layer, choice, self.query),
             captions.statistic_caption(info, layer, stat),
@@ -374,6 +395,13 @@ class Explorer(AttentionView):
         if len(classes) > 1:
             titles.append(captions.panel_title(captions.method_title(method), layer, self._class_detail(classes[1])))
         return {"maps": [normalized(m) for m in maps], "captions": text, "titles": titles}
+
+    def _shown(self, sample: int) -> tuple[xr.DataTree, int, Any]:
+        """The capture the class-agnostic panels read: the Explorer's, or (heads switched off in the
+        ablate mode) the shown image's ablated recapture."""
+        if self.classes.intervention is None:
+            return self.cap, sample, "capture"
+        return self.classes.source(sample, self.target)
 
     def _class_detail(self, c: int) -> str:
         name = self.class_names[c]
@@ -418,7 +446,8 @@ class Explorer(AttentionView):
         query = "cls" if self.query is None else f"{self.query[0]},{self.query[1]}"
         self.probe.value = (f"v={self.version} layer={layer} sample={self.sample} heads={heads} query={query} "
                             f"stat={self.stat} method={self.method} class={self.target}"
-                            + (f" vs={self.contrast_target}" if self.contrast_select is not None else ""))
+                            + (f" vs={self.contrast_target}" if self.contrast_select is not None else "")
+                            + (self.ablation.probe() if self.ablation is not None else ""))
         self.timings.append(time.perf_counter() - start)
 
     def _window_lines(self, layer: int) -> tuple[list, list]:
