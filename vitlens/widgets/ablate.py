@@ -109,6 +109,19 @@ class AblateControls:
             return Intervention("zero", heads)
         return Intervention("mean", heads, {l: self.values[l] for l in heads}, source=self.source)
 
+    def keep(self) -> list[str]:
+        """The groups an ablated recapture stores: what the panels read (attention, LayerNorm statistics,
+        gradients, norms) and what the shown method reads, as its registration says (all groups when
+        it does not say), so that the LRP pass runs only for a method that reads relevance."""
+        from ..capture import KEEP_GROUPS
+        from ..registry import METHOD_INFO
+
+        ex = self.explorer
+        groups = {"attention", "attention_grad", "ln", "norms"}
+        reads = getattr(METHOD_INFO[ex.method], "groups", None)
+        groups |= set(reads(ex.cap)) if reads is not None else set(KEEP_GROUPS)
+        return sorted(groups & set(KEEP_GROUPS))
+
     def toggle(self, head: int, layer: int | None = None) -> None:
         """Switch ``head`` of ``layer`` (default: the shown block) off, or on again."""
         layer = self.explorer.layer if layer is None else int(layer)
@@ -134,9 +147,10 @@ class AblateControls:
 
         start = time.perf_counter()
         ex = self.explorer
-        ex.classes.set_intervention(self.intervention())
+        iv = self.intervention()
+        ex.classes.set_intervention(iv, self.keep)
         if ex.contrast_select is not None:
-            ex.contrast.set_intervention(ex.classes.intervention)
+            ex.contrast.set_intervention(iv, self.keep)
         ex.refresh()
         self.timings.append(time.perf_counter() - start)
 

@@ -91,6 +91,7 @@ class ClassChoice:
         self.recaptures = PanelMaps(size=4)
         self.intervention: Any = None  # applied to every recapture (the Explorer's ablate mode)
         self._intervention_key: Any = None
+        self._keep: Any = None  # () -> the groups a recapture stores (None: as the capture did)
         self.dropdown = widgets.Dropdown(description=description, layout=widgets.Layout(width="250px"))
         self.dropdown.add_class(css)
         self.status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
@@ -111,10 +112,15 @@ class ClassChoice:
     def probability(self, sample: int, c: int) -> float:
         return float(softmax(self.cap["logits"].isel(sample=sample).values)[c])
 
-    def set_intervention(self, intervention: Any) -> None:
-        """Recapture with ``intervention`` (an ablation) from now on; ``None``: read the capture again."""
+    def set_intervention(self, intervention: Any, keep: Any = None) -> None:
+        """Recapture with ``intervention`` (an ablation) from now on, storing the groups ``keep()``
+        returns when it runs (default: what the capture stored); ``None``: read the capture again."""
         self.intervention = intervention
+        self._keep = keep
         self._intervention_key = None if intervention is None else intervention.digest()
+
+    def _groups(self) -> Any:
+        return None if self._keep is None else tuple(sorted(self._keep()))
 
     def source(self, sample: int, c: int) -> tuple[xr.DataTree, int, Any]:
         """The capture explaining class ``c`` of ``sample``, its sample index there, and a cache key."""
@@ -122,10 +128,11 @@ class ClassChoice:
             return self.cap, sample, "capture"
         if self.model is None:
             raise OptionError("explaining another class needs the model: pass it, e.g. vl.Explorer(cap, model).")
-        key = (sample, c, self._intervention_key)
-        return self.recaptures.get(key, lambda: self._recapture(sample, c)), 0, key
+        keep = self._groups()
+        key = (sample, c, self._intervention_key, keep)
+        return self.recaptures.get(key, lambda: self._recapture(sample, c, keep)), 0, key
 
-    def _recapture(self, sample: int, c: int) -> xr.DataTree:
+    def _recapture(self, sample: int, c: int, keep: Any = None) -> xr.DataTree:
         import torch
 
         from ..capture import capture
@@ -141,9 +148,10 @@ class ClassChoice:
             pixels = (torch.from_numpy(image).permute(0, 3, 1, 2) - mean) / std
             ids = json.loads(self.cap.attrs.get("text_input_ids", "[]"))  # image-text models: the same prompts
             text = {"text": torch.tensor(ids)} if ids else {}
+            keep = keep if keep is not None else options.get("keep", "all")
             with warnings.catch_warnings():  # the capture already said how its picture was made
                 warnings.simplefilter("ignore", ImageProcessorWarning)
-                return capture(self.model, pixels, target=c, keep=options.get("keep", "all"),
+                return capture(self.model, pixels, target=c, keep=keep,
                                grads=options.get("grads", True), progress=False, intervention=self.intervention,
                                **text)
         finally:
