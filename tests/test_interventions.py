@@ -424,3 +424,17 @@ def test_bad_interventions_are_refused_with_what_to_do(vit):
         vl.patch(vit, images, images, tokens=[(4, 0)], layer=0)
     with pytest.raises(OptionError, match="one source for all"):
         vl.patch(vit, random_images(3, 32), random_images(2, 32), heads={0: [1]})
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_an_ablated_capture_explained_for_another_class_is_ablated_too(ablation):
+    model = make_swin()
+    images = random_images(1, 64)
+    reference = random_images(2, 64, seed=3) if ablation == "mean" else None
+    cap = vl.capture(model, images, ablate={2: [1, 2]}, ablation=ablation, reference=reference)
+    other = int(np.argsort(cap["logits"].values[0])[-2])
+    ex = vl.Explorer(cap, model, method="generic_attention")
+    ex.class_select.value = other
+    want = vl.capture(model, images, target=other, ablate={2: [1, 2]}, ablation=ablation, reference=reference)
+    np.testing.assert_array_equal(ex.classes.source(0, other)[0]["logits"].values, want["logits"].values)
+    assert ex.classes.source(0, other)[0].attrs["intervention"] == cap.attrs["intervention"]

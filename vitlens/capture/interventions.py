@@ -648,3 +648,54 @@ def head_importance(model: nn.Module, images: Any, target: Any = None, *, ablati
                    reference=reference, batch_size=batch_size, store=store, resume=resume, progress=progress,
                    device=device)
     return importance_of(tree)
+
+
+def stored_values(intervention: Intervention, adapter: Adapter) -> dict[str, dict[str, tuple[tuple[str, ...], Any]]]:
+    """The mean a mean-ablated capture replaced its heads with, as stage variables
+    ``ablation_mean (ablated_layer, head, [window,] query, head_dim)`` (so that the capture can be
+    redone, e.g. for another class: :func:`intervention_of`)."""
+    if intervention.mode != "mean" or not intervention.heads:
+        return {}
+    out: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {}
+    for stage in adapter.stages:
+        layers = [l for l in stage.layers if l in intervention.heads]
+        if not layers:
+            continue
+        arrays = [head_output_array(intervention.values[l].reshape(-1, *intervention.values[l].shape[-2:]), 1,
+                                    stage.num_heads)[0] for l in layers]
+        dims = ("ablated_layer", "head", *(("window",) if stage.window is not None else ()), "query", "head_dim")
+        out[stage.name] = {"ablation_mean": (dims, torch.stack(arrays).float().numpy()),
+                           "ablated_layer": (("ablated_layer",), np.asarray(layers, dtype=np.int64))}
+    return out
+
+
+def intervention_of(cap: xr.DataTree, adapter: Adapter) -> Intervention | None:
+    """The intervention a capture was made with, to make it again (``None``: none).
+
+    Zero ablations are rebuilt from the ``intervention`` attribute, mean ablations also from
+    the stored ``ablation_mean``; a patched capture cannot be (its sources are not stored).
+    """
+    text = cap.attrs.get("intervention")
+    if not text:
+        return None
+    about = json.loads(text)
+    heads = parse_heads(adapter, {int(l): h for l, h in about.get("heads", {}).items()})
+    if about.get("kind") != "ablate":
+        raise CaptureFormatError("this capture was patched from other images, which it does not store: run "
+                                 "vl.patch(model, images, source_images, ..., target=class) for another class.")
+    if about.get("ablation") == "zero":
+        return Intervention("zero", heads)
+    values = {}
+    for layer in heads:
+        stage = adapter.stage_of_layer(layer)
+        ds = cap[stage.name].to_dataset(inherit=False)
+        if "ablation_mean" not in ds:
+            raise CaptureFormatError("this mean-ablated capture holds no ablation_mean: capture it again with "
+                                     "vl.capture(model, images, ablate=..., ablation='mean', reference=...).")
+        t = torch.from_numpy(np.asarray(ds["ablation_mean"].sel(ablated_layer=layer).values))
+        if t.ndim == 3:
+            t = t.unsqueeze(1)
+        h, nw, n, hd = t.shape
+        values[layer] = t.permute(1, 2, 0, 3).reshape(1, nw, n, h * hd).to(_where(adapter)[1])
+    source = {k: v for k, v in about.items() if k.startswith("reference")}
+    return Intervention("mean", heads, values, source=source)

@@ -90,6 +90,7 @@ class ClassChoice:
         self.targets = {s: int(t) for s, t in enumerate(np.asarray(cap["target"].values))}
         self.recaptures = PanelMaps(size=4)
         self.intervention: Any = None  # applied to every recapture (the Explorer's ablate mode)
+        self.captured = _captured_intervention(cap, model)  # the one the capture itself was made with
         self._intervention_key: Any = None
         self._keep: Any = None  # () -> the groups a recapture stores (None: as the capture did)
         self.dropdown = widgets.Dropdown(description=description, layout=widgets.Layout(width="250px"))
@@ -152,10 +153,24 @@ class ClassChoice:
             with warnings.catch_warnings():  # the capture already said how its picture was made
                 warnings.simplefilter("ignore", ImageProcessorWarning)
                 return capture(self.model, pixels, target=c, keep=keep,
-                               grads=options.get("grads", True), progress=False, intervention=self.intervention,
+                               grads=options.get("grads", True), progress=False,
+                               intervention=self.intervention if self.intervention is not None else self.captured(),
                                **text)
         finally:
             self.status.value = ""
+
+
+def _captured_intervention(cap: xr.DataTree, model: Any):
+    """``() -> `` the intervention ``cap`` was made with (an ablated capture's recaptures repeat it)."""
+    def rebuild():
+        if model is None or not cap.attrs.get("intervention"):
+            return None
+        from ..capture.interventions import intervention_of
+        from ..models import adapter_for
+
+        return intervention_of(cap, adapter_for(model))
+
+    return rebuild
 
 
 class CaptureView(widgets.VBox):
