@@ -23,6 +23,7 @@ from ..capture.interventions import ABLATIONS, Intervention, reference_means
 from ..errors import OptionError
 from ..models import adapter_for
 from .base import softmax
+from .figure import as_widget
 
 #: Colours of the probability bars: before (the capture) and after (the ablated model).
 BEFORE, AFTER = "#9e9e9e", "#d62728"
@@ -75,21 +76,25 @@ class AblateControls:
         self.reset_button.on_click(lambda _: self.reset())
         self.status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
         self.status.add_class("vitlens-ablate-status")
-        self.bars = go.FigureWidget(layout=go.Layout(
+        # the first view is drawn into a plain figure and wrapped (see figure.as_widget: a page that
+        # connects later, as Voila's does, sees only the state the widget was made with)
+        bars = go.Figure(layout=go.Layout(
             height=170, margin=dict(l=10, r=10, t=28, b=10), barmode="group", bargap=0.25,
-            title=dict(text="top-5 probabilities", font=dict(size=12), x=0.01),
-            xaxis=dict(range=[0, 1], tickformat=".0%", fixedrange=True), yaxis=dict(autorange="reversed",
-                                                                                    fixedrange=True, automargin=True),
-            legend=dict(orientation="h", x=1, xanchor="right", y=1.15), autosize=True))
-        self.bars.add_bar(orientation="h", name="before", marker_color=BEFORE, x=[], y=[])
-        self.bars.add_bar(orientation="h", name="after ablation", marker_color=AFTER, x=[], y=[])
+            title=dict(text="top-5 class probabilities", font=dict(size=12), x=0.01),
+            xaxis=dict(range=[0, 1], tickformat=".0%", fixedrange=True),
+            yaxis=dict(autorange="reversed", fixedrange=True, automargin=True),
+            legend=dict(orientation="h", x=1, xanchor="right", y=1.18)))
+        bars.add_bar(orientation="h", name="before", marker_color=BEFORE)
+        bars.add_bar(orientation="h", name="after switching heads off", marker_color=AFTER)
+        self.bars = bars
+        self._bars()
+        self.bars = as_widget(bars)
         self.bars.add_class("vitlens-ablate-bars")
         self._quiet = False
-        self.box = widgets.VBox([
-            widgets.HBox([self.mode, self.label, *self.toggles, self.reset_button, self.status],
-                         layout=widgets.Layout(flex_flow="row wrap", align_items="center")),
-            self.bars,
-        ])
+        self.controls = widgets.HBox([self.label, *self.toggles, self.reset_button, self.status],
+                                     layout=widgets.Layout(flex_flow="row wrap", align_items="center"))
+        self.panel = widgets.VBox([self.controls, self.bars])
+        self.box = widgets.VBox([self.mode, self.panel])
         self.box.add_class("vitlens-ablate")
         self.mode.observe(lambda _: self.apply(), "value")
         explorer.observe(lambda _: self.show(), "version")  # after every redraw: toggles and bars follow
@@ -161,6 +166,7 @@ class AblateControls:
         layer = ex.layer
         n = self.adapter.parts[layer].attn.num_heads
         off = self.switched_off(layer)
+        self.panel.layout.display = None if self.mode.value else "none"
         self._quiet = True
         try:
             for h, t in enumerate(self.toggles):

@@ -268,10 +268,10 @@ class Explorer(AttentionView):
             row([self.layer_slider, self.stage_label], layout=wrap),
             row(classes, layout=wrap),
             row([self.head_controls.box, self.query_button], layout=wrap),
-            *([self.ablation.box] if self.ablation is not None else []),
             row([self.stat_select, self.fusion_grad, self.method_select, self.opacity_slider, self.smooth_toggle],
                 layout=wrap),
             self.figure,
+            *([self.ablation.box] if self.ablation is not None else []),  # below the maps: plots keep their order
             self.captions,
             exporter.box,
             self.probe,
