@@ -97,7 +97,7 @@ def test_rollout_with_lrp_merge_shares_runs_the_lrp_pass_without_a_backward_pass
 
 
 def test_every_capture_group_says_which_passes_record_it():
-    from vitlens.capture.api import GROUP_PASSES
+    from vitlens.capture.api import EXTRA_GROUPS, GROUP_PASSES
 
-    assert set(GROUP_PASSES) == set(vl.KEEP_GROUPS)
-    assert set().union(*GROUP_PASSES.values()) == {"backward", "lrp"}
+    assert set(GROUP_PASSES) == set(vl.KEEP_GROUPS) | set(EXTRA_GROUPS)
+    assert set().union(*GROUP_PASSES.values()) == {"backward", "lrp", "ablations"}

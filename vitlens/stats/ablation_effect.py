@@ -22,6 +22,7 @@ from ..registry import register_stat
     caption="drop of the target logit when this head alone is switched off (its output set to zero, or to its "
             "mean over a reference set): positive where the head supports the prediction",
     reference="causal head ablation, as in Michel et al. 2019 (docs/METHODS.md, Interventions)",
+    needs={"*": ("ablation_effect",)},  # recorded by capture (one forward per head), not from attention
 )
 def ablation_effect(cap: xr.DataTree) -> xr.DataArray:
     """Per image, block and head: the target logit's drop when the head alone is ablated.
