@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> Path:
                 page.wait_for_timeout(500)  # the ResizeObserver's last relayout
                 if args.ablate:  # switch head 1 off in the page, as a user would; wait for the "after" bars
                     page.locator(".vitlens-explorer .vitlens-ablate-1").click()
-                    page.wait_for_function("() => { const gd = document.querySelector('.vitlens-ablate-bars "
+                    page.wait_for_function("() => { const gd = document.querySelector('.vitlens-ablate "
                                            ".js-plotly-plot'); return gd && gd.data[1].visible !== false; }",
                                            timeout=240_000)
                     page.wait_for_timeout(1000)

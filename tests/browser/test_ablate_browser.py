@@ -70,7 +70,7 @@ vl.HeadGrid(cap, explorer=explorer)
 """,
 )
 
-BARS = "() => document.querySelector('.vitlens-ablate-bars .js-plotly-plot')"
+BARS = "() => document.querySelector('.vitlens-ablate .js-plotly-plot')"
 
 
 def write(folder):
