@@ -79,11 +79,11 @@ class AblateControls:
         # the first view is drawn into a plain figure and wrapped (see figure.as_widget: a page that
         # connects later, as Voila's does, sees only the state the widget was made with)
         bars = go.Figure(layout=go.Layout(
-            height=170, margin=dict(l=10, r=10, t=28, b=10), barmode="group", bargap=0.25,
-            title=dict(text="top-5 class probabilities", font=dict(size=12), x=0.01),
+            height=180, margin=dict(l=10, r=10, t=34, b=10), barmode="group", bargap=0.25,
+            title=dict(text="top-5 class probabilities", font=dict(size=12), x=0.01, y=0.97, yanchor="top"),
             xaxis=dict(range=[0, 1], tickformat=".0%", fixedrange=True),
             yaxis=dict(autorange="reversed", fixedrange=True, automargin=True),
-            legend=dict(orientation="h", x=1, xanchor="right", y=1.18)))
+            legend=dict(orientation="h", x=1, xanchor="right", y=1.0, yanchor="bottom")))
         bars.add_bar(orientation="h", name="before", marker_color=BEFORE)
         bars.add_bar(orientation="h", name="after switching heads off", marker_color=AFTER)
         self.bars = bars
@@ -93,8 +93,10 @@ class AblateControls:
         self._quiet = False
         self.controls = widgets.HBox([self.label, *self.toggles, self.reset_button, self.status],
                                      layout=widgets.Layout(flex_flow="row wrap", align_items="center"))
-        self.panel = widgets.VBox([self.controls, self.bars])
-        self.box = widgets.VBox([self.mode, self.panel])
+        self.panel = widgets.VBox([self.bars])  # shown while the mode is on, as the controls are
+        self.box = widgets.VBox([widgets.HBox([self.mode, self.controls],
+                                              layout=widgets.Layout(flex_flow="row wrap", align_items="center")),
+                                 self.panel])
         self.box.add_class("vitlens-ablate")
         self.mode.observe(lambda _: self.apply(), "value")
         explorer.observe(lambda _: self.show(), "version")  # after every redraw: toggles and bars follow
@@ -166,7 +168,7 @@ class AblateControls:
         layer = ex.layer
         n = self.adapter.parts[layer].attn.num_heads
         off = self.switched_off(layer)
-        self.panel.layout.display = None if self.mode.value else "none"
+        self.panel.layout.display = self.controls.layout.display = None if self.mode.value else "none"
         self._quiet = True
         try:
             for h, t in enumerate(self.toggles):
