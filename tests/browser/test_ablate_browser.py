@@ -9,15 +9,13 @@ first view; a click on a head of the linked HeadGrid ablates that head.
 
 from __future__ import annotations
 
-import socket
-import sys
 import time
 
 import nbformat
 import numpy as np
 import pytest
 
-from .conftest import free_port, http_ok, start, wait_until
+from .conftest import lab_server, voila_server
 from .test_widgets_browser import (
     HEATMAP,
     IDLE,
@@ -84,37 +82,16 @@ def write(folder):
 def ablate_voila(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ablate-voila")
     write(folder)
-    port = free_port()
-    server = start("voila", [sys.executable, "-m", "voila", "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
-                             "explorer.ipynb"], folder, f"http://127.0.0.1:{port}/")
-    try:
-        wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None,
-                   "opening its port", server)
+    with voila_server(folder) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def ablate_lab(tmp_path_factory):
-    import secrets
-
     folder = tmp_path_factory.mktemp("ablate-lab")
     write(folder)
-    port, token = free_port(), secrets.token_hex(16)
-    settings = folder / ".jupyter" / "lab-settings" / "@jupyterlab" / "notebook-extension"
-    settings.mkdir(parents=True)
-    (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none", "autoStartDefaultKernel": true}')
-    server = start("jupyterlab", [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", "--ip=127.0.0.1",
-                                  f"--port={port}", f"--IdentityProvider.token={token}",
-                                  f"--ServerApp.root_dir={folder}"],
-                   folder, f"http://127.0.0.1:{port}/lab/tree/explorer.ipynb?token={token}&reset")
-    server.base, server.token = f"http://127.0.0.1:{port}", token
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/api/status?token={token}"), "answering /api/status", server)
+    with lab_server(folder) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _model():
