@@ -34,7 +34,8 @@ class HeadGrid(AttentionView):
     ``opacity``, ``smooth``): ``HeadGrid(cap, explorer=ex)`` (or
     ``grid.link(ex)``) links the first four to an :class:`Explorer` with
     ``traitlets.link``, so the grid follows its layer, sample and query, and a
-    click toggles the head in the Explorer.
+    click toggles the head in the Explorer — or, while the Explorer is in its
+    ablate mode, switches the head off in the model (titled "✕ switched off").
 
     Parameters
     ----------
