@@ -288,6 +288,7 @@ def test_an_ablated_head_gets_no_gradient_and_no_relevance():
         np.testing.assert_allclose(st.attention.sum("key").values, 1.0, atol=1e-5)  # its attention is still there
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make,size,ablate", [(make_vit, 32, {0: [1], 2: "all"}), (make_swin, 64, {1: [1], 2: [0, 3]})])
 def test_an_ablated_capture_explains_with_every_method(make, size, ablate):
     model = make()
@@ -333,7 +334,7 @@ def test_the_model_is_restored_after_each_call_and_after_an_exception():
 
 
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
-@pytest.mark.parametrize("make,size", [(make_vit, 32), (make_swin, 64)])
+@pytest.mark.parametrize("make,size", [(make_vit, 32), pytest.param(make_swin, 64, marks=pytest.mark.slow)])
 def test_head_importance_equals_the_loop_of_single_ablations_exactly(make, size, ablation):
     model = make()
     images = random_images(3, size)
@@ -376,6 +377,7 @@ def test_a_head_whose_output_weights_are_zero_has_importance_zero():
     np.testing.assert_allclose(own["ablation_effect"].sel(layer=1, head=1).values, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_head_importance_streams_into_a_store(tmp_path):
     model = make_vit()
     images = random_images(5, 32)
