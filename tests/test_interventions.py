@@ -440,3 +440,66 @@ def test_an_ablated_capture_explained_for_another_class_is_ablated_too(ablation)
     want = vl.capture(model, images, target=other, ablate={2: [1, 2]}, ablation=ablation, reference=reference)
     np.testing.assert_array_equal(ex.classes.source(0, other)[0]["logits"].values, want["logits"].values)
     assert ex.classes.source(0, other)[0].attrs["intervention"] == cap.attrs["intervention"]
+
+
+def _spread(model, seed=0):
+    """Weights with some spread and biases with values (random inits leave attention near uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif "norm" in name:  # res-post-norm weights start at 0 (SwinV2): switch the branches on
+                p.fill_(1.0)
+    return model
+
+
+def _family_model(kind):
+    import timm
+
+    torch.manual_seed(0)
+    if kind == "beit":
+        return _spread(timm.create_model("beit_base_patch16_224", num_classes=3, depth=2, img_size=32, patch_size=8,
+                                         embed_dim=32, num_heads=4).eval()), 32
+    if kind == "swinv2":
+        return _spread(timm.create_model("swinv2_tiny_window8_256", img_size=64, window_size=4, depths=(2, 2),
+                                         num_heads=(2, 4), embed_dim=24, num_classes=3).eval()), 64
+    transformers = pytest.importorskip("transformers")
+    if kind == "hf_beit":
+        cfg = transformers.BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                                      patch_size=8, num_labels=3, intermediate_size=64,
+                                      use_relative_position_bias=True)
+        model, size = transformers.BeitForImageClassification(cfg), 32
+    else:
+        cls = {"hf_swin": (transformers.SwinConfig, transformers.SwinForImageClassification),
+               "hf_swinv2": (transformers.Swinv2Config, transformers.Swinv2ForImageClassification)}[kind]
+        cfg = cls[0](image_size=64, patch_size=4, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                     num_labels=3)
+        model, size = cls[1](cfg), 64
+    model = _spread(model.eval())
+    model.vitlens_image_processor = transformers.ViTImageProcessor(
+        size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    return model, size
+
+
+@pytest.mark.parametrize("kind", ["beit", "swinv2", "hf_beit", "hf_swin", "hf_swinv2"])
+def test_zero_ablation_equals_zeroing_the_heads_output_weights_in_every_family(kind):
+    """A head ablated by the hook writes nothing to the residual stream, as if the columns of the output
+    projection that read it were zero (BEiT, SwinV2 and transformers' BEiT, Swin and Swinv2)."""
+    model, size = _family_model(kind)
+    ad = adapter_for(model)
+    ablate = {1: [1], len(ad.parts) - 1: [0, 3 % ad.parts[-1].attn.num_heads]}
+    x = _pixels(model, random_images(2, size))
+    cap = vl.capture(model, x, ablate=ablate, grads=False, keep=["attention"])
+    zeroed = copy.deepcopy(model)
+    parts = adapter_for(zeroed).parts
+    with torch.no_grad():
+        for layer, heads in ablate.items():
+            for h in heads:
+                parts[layer].attn.proj.weight[:, parts[layer].attn.head_channels(h)] = 0
+    want = vl.capture(zeroed, x, grads=False, keep=["attention"])["logits"].values
+    np.testing.assert_allclose(cap["logits"].values, want, rtol=1e-5, atol=1e-6)
+    clean = vl.capture(model, x, grads=False, keep=["attention"])["logits"].values
+    assert np.abs(clean - want).max() > 1e-3  # the heads matter: the check can fail
