@@ -93,3 +93,19 @@ def test_the_ablate_mode_needs_the_model(setup):
     with pytest.raises(OptionError, match="needs|pass it"):
         vl.Explorer(cap, ablate=True)
     assert vl.Explorer(cap).ablation is None
+
+
+def test_the_ablated_recapture_follows_the_method_and_the_fusion_reading(setup):
+    """The recapture stores only what is shown; another method or reading is recaptured with what it reads."""
+    model, images, cap = setup
+    ex = vl.Explorer(cap, model, ablate=True, method="rollout", layer=2)
+    ex.ablation.toggle(0, 1)
+    assert "attention_grad" not in ex.classes.source(0, ex.target)[0]["stage0"]  # rollout: no backward pass
+    ablated = vl.capture(model, images[:1], target=int(cap["target"][0]), ablate={1: [0]})
+    for method in ("tokentm", "transformer_attribution"):
+        ex.method = method
+        want = vl.explain(ablated, method, per_layer=True).isel(sample=0).sel(layer=2).values
+        np.testing.assert_allclose(ex.panel_maps()["method"], normalized(want), rtol=1e-5, atol=1e-6, err_msg=method)
+    ex.fusion_grad.value = True
+    want = vl.explain(ablated, "lnstat", grad=True, per_layer=True).isel(sample=0).sel(layer=2).values
+    np.testing.assert_allclose(ex.panel_maps()["fusion"], normalized(want), rtol=1e-5, atol=1e-6)

@@ -118,13 +118,16 @@ class AblateControls:
 
     def keep(self) -> list[str]:
         """The groups an ablated recapture stores: what the panels read (attention, LayerNorm statistics,
-        gradients, norms) and what the shown method reads, as its registration says (all groups when
-        it does not say), so that the LRP pass runs only for a method that reads relevance."""
+        gradients for the gradient-weighted fusion) and what the shown method reads, as its registration
+        says (all groups when it does not say): no backward pass for class-agnostic views, and the LRP
+        pass only for a method that reads relevance."""
         from ..capture import KEEP_GROUPS
         from ..registry import METHOD_INFO
 
         ex = self.explorer
-        groups = {"attention", "attention_grad", "ln", "norms"}
+        groups = {"attention", "ln"}  # the attention, statistic and (gradient-free) fusion panels
+        if ex.fusion_grad.value:  # the gradient-weighted fusion
+            groups.add("attention_grad")
         reads = getattr(METHOD_INFO[ex.method], "groups", None)
         groups |= set(reads(ex.cap)) if reads is not None else set(KEEP_GROUPS)
         return sorted(groups & set(KEEP_GROUPS))
