@@ -88,6 +88,16 @@ def test_mean_ablation_in_the_explorer_uses_the_reference():
     np.testing.assert_allclose(ex.panel_maps()["method"], normalized(want), rtol=1e-5, atol=1e-6)
 
 
+def test_the_mode_switch_alone_until_it_is_switched_on(setup):
+    model, _, cap = setup
+    ex = vl.Explorer(cap, model)  # with the model: the mode's switch, off, and no bar chart on the page
+    assert ex.ablation is not None and not ex.ablation.mode.value and ex.ablation.bars is None
+    ex.ablation.mode.value = True
+    assert ex.ablation.bars is not None and ex.ablation.panel.children == (ex.ablation.bars,)
+    ex.ablation.toggle(1, 2)
+    assert ex.ablation.bars.data[1].visible and "ablated=2:1" in ex.probe.value
+
+
 def test_the_ablate_mode_needs_the_model(setup):
     _, _, cap = setup
     with pytest.raises(OptionError, match="needs|pass it"):

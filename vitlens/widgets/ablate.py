@@ -76,29 +76,18 @@ class AblateControls:
         self.reset_button.on_click(lambda _: self.reset())
         self.status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
         self.status.add_class("vitlens-ablate-status")
-        # the first view is drawn into a plain figure and wrapped (see figure.as_widget: a page that
-        # connects later, as Voila's does, sees only the state the widget was made with)
-        bars = go.Figure(layout=go.Layout(
-            height=180, margin=dict(l=10, r=10, t=34, b=10), barmode="group", bargap=0.25,
-            title=dict(text="top-5 class probabilities", font=dict(size=12), x=0.01, y=0.97, yanchor="top"),
-            xaxis=dict(range=[0, 1], tickformat=".0%", fixedrange=True),
-            yaxis=dict(autorange="reversed", fixedrange=True, automargin=True),
-            legend=dict(orientation="h", x=1, xanchor="right", y=1.0, yanchor="bottom")))
-        bars.add_bar(orientation="h", name="before", marker_color=BEFORE)
-        bars.add_bar(orientation="h", name="after switching heads off", marker_color=AFTER)
-        self.bars = bars
-        self._bars()
-        self.bars = as_widget(bars)
-        self.bars.add_class("vitlens-ablate-bars")
         self._quiet = False
         self.controls = widgets.HBox([self.label, *self.toggles, self.reset_button, self.status],
                                      layout=widgets.Layout(flex_flow="row wrap", align_items="center"))
-        self.panel = widgets.VBox([self.bars])  # shown while the mode is on, as the controls are
+        self.bars: Any = None  # the bar chart, made when the mode is first switched on (a page without it is lighter)
+        self.panel = widgets.VBox([])  # shown while the mode is on, as the controls are
         self.box = widgets.VBox([widgets.HBox([self.mode, self.controls],
                                               layout=widgets.Layout(flex_flow="row wrap", align_items="center")),
                                  self.panel])
         self.box.add_class("vitlens-ablate")
         self.mode.observe(lambda _: self.apply(), "value")
+        if active:
+            self._make_bars()
         explorer.observe(lambda _: self.show(), "version")  # after every redraw: toggles and bars follow
 
     # -- state -----------------------------------------------------------------------------------
@@ -212,14 +201,38 @@ class AblateControls:
         cap, i, _ = ex.classes.source(ex.sample, ex.target)
         return before, softmax(cap["logits"].isel(sample=i).values)
 
+    def _make_bars(self) -> None:
+        # the first view is drawn into a plain figure and wrapped (see figure.as_widget: a page that
+        # connects later, as Voila's does, sees only the state the widget was made with)
+        bars = go.Figure(layout=go.Layout(
+            height=180, margin=dict(l=10, r=10, t=34, b=10), barmode="group", bargap=0.25,
+            title=dict(text="top-5 class probabilities", font=dict(size=12), x=0.01, y=0.97, yanchor="top"),
+            xaxis=dict(range=[0, 1], tickformat=".0%", fixedrange=True),
+            yaxis=dict(autorange="reversed", fixedrange=True, automargin=True),
+            legend=dict(orientation="h", x=1, xanchor="right", y=1.0, yanchor="bottom")))
+        bars.add_bar(orientation="h", name="before", marker_color=BEFORE)
+        bars.add_bar(orientation="h", name="after switching heads off", marker_color=AFTER)
+        self._draw_bars(bars)
+        self.bars = as_widget(bars)
+        self.bars.add_class("vitlens-ablate-bars")
+        self.panel.children = [self.bars]
+
     def _bars(self) -> None:
+        if self.bars is None:
+            if not self.mode.value:
+                return
+            self._make_bars()
+            return
+        self._draw_bars(self.bars)
+
+    def _draw_bars(self, figure: Any) -> None:
         before, after = self.probabilities()
         order = list(np.argsort(-np.maximum(before, after), kind="stable")[:5])
         names = [self.explorer.class_names[c] for c in order]
         labels = [n if len(n) <= 18 else n[:17] + "…" for n in names]
-        with self.bars.batch_update():
-            self.bars.data[0].update(x=[float(before[c]) for c in order], y=labels)
-            self.bars.data[1].update(x=[float(after[c]) for c in order], y=labels, visible=self.active)
+        with figure.batch_update():
+            figure.data[0].update(x=[float(before[c]) for c in order], y=labels)
+            figure.data[1].update(x=[float(after[c]) for c in order], y=labels, visible=self.active)
 
     def _clicked(self, head: int, change: Any) -> None:
         if self._quiet:
