@@ -71,7 +71,10 @@ def test_a_linked_head_grid_ablates_on_click_in_ablate_mode(setup):
     assert ex.ablation.ablated == {ex.layer: frozenset({0})}
     assert "switched off" in grid.figure.layout.annotations[0].text
     assert grid.heads[0] == (0, 1, 2)  # the selection is untouched
+    ex.ablation.toggle(2)  # switched off in the Explorer: the grid marks it too
+    assert "switched off" in grid.figure.layout.annotations[2].text
     ex.ablation.mode.value = False
+    assert "switched off" not in grid.figure.layout.annotations[2].text
     grid.click_head(0)  # the mode off: a click selects, as before
     assert grid.heads[0] == (1, 2) and ex.heads[0] == (1, 2)
 

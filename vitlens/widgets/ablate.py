@@ -13,6 +13,7 @@ ablates the head it is clicked on while the mode is on.
 from __future__ import annotations
 
 import html
+import weakref
 from typing import Any
 
 import ipywidgets as widgets
@@ -54,6 +55,7 @@ class AblateControls:
             raise OptionError('reference= is only read by ablation="mean".')
         self.ablated: dict[int, frozenset[int]] = {}
         self.timings: list[float] = []
+        self._followers: list[weakref.WeakMethod] = []  # linked views redrawn after each change (HeadGrid)
         widest = max(s.num_heads for s in explorer.layout_info.stages)
         self.mode = widgets.ToggleButton(value=active, description="ablate", icon="power-off",
                                          tooltip="on: the head switches below turn heads off in the model "
@@ -151,7 +153,19 @@ class AblateControls:
         if ex.contrast_select is not None:
             ex.contrast.set_intervention(iv, self.keep)
         ex.refresh()
+        for ref in list(self._followers):
+            redraw = ref()
+            if redraw is None:
+                self._followers.remove(ref)
+            else:
+                redraw()
         self.timings.append(time.perf_counter() - start)
+
+    def follow(self, redraw: Any) -> None:
+        """Call the bound method ``redraw`` after every change (a linked view that marks switched-off
+        heads); held weakly, once."""
+        if not any(ref() == redraw for ref in self._followers):
+            self._followers.append(weakref.WeakMethod(redraw))
 
     # -- drawing ---------------------------------------------------------------------------------
     def show(self) -> None:

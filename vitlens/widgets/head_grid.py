@@ -220,7 +220,10 @@ class HeadGrid(AttentionView):
         maps = head_attention(self.cap, info, self.sample, layer, query)
         chosen = self.head_choice()[stage.index]
         ablate = getattr(self.explorer, "ablation", None)
-        off = ablate.switched_off(layer) if ablate is not None else frozenset()
+        off = frozenset()
+        if ablate is not None:
+            ablate.follow(self.refresh)  # switched-off heads are marked here too, whoever switches them
+            off = ablate.switched_off(layer)
         mx, my = patch_outline(info, layer, query)
         n = stage.num_heads
         with fig.batch_update():
