@@ -9,7 +9,7 @@ import torch
 from conftest import random_images
 
 import vitlens as vl
-from vitlens.capture import hooks, relevance
+from vitlens.capture import hooks, reduced, relevance
 from vitlens.registry import METHOD_INFO
 
 
@@ -101,3 +101,17 @@ def test_every_capture_group_says_which_passes_record_it():
 
     assert set(GROUP_PASSES) == set(vl.KEEP_GROUPS) | set(EXTRA_GROUPS)
     assert set().union(*GROUP_PASSES.values()) == {"backward", "lrp", "ablations"}
+    assert set(reduced.GROUP_VARS) == set(GROUP_PASSES)  # where each group's variables are kept or dropped
+
+
+def test_an_inference_mode_model_is_captured_when_no_backward_pass_is_asked(vit):
+    from conftest import make_vit
+
+    with torch.inference_mode():
+        frozen = make_vit()  # the fixture's seed: the same weights, as inference tensors
+    imgs = random_images(2, 32)
+    got = vl.capture(frozen, imgs, keep=["attention", "ln"], progress=False)
+    want = vl.capture(vit, imgs, keep=["attention", "ln"], progress=False)
+    np.testing.assert_array_equal(got["stage0"].attention.values, want["stage0"].attention.values)
+    with pytest.raises(vl.ModelLoadError, match="inference_mode"):
+        vl.capture(frozen, imgs, keep=["attention_grad"], progress=False)

@@ -6,7 +6,7 @@ import functools
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,8 @@ from .._version import __version__
 from ..errors import ImageError, OptionError, TargetError
 from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
-from ..registry import CAPTURE_GROUPS
+from ..registry import CAPTURE_GROUPS, METHOD_INFO, STAT_INFO
+from . import reduced
 from .hooks import Recorder
 from .images import prepare
 from .validate import check_finite, check_model
@@ -26,7 +27,7 @@ from .text import bind_inputs
 from ..models.windows import window_tokens
 
 #: What ``capture(keep=...)`` can store (the raw groups: the registry's list, which the methods'
-#: ``needs`` name). ``"all"`` (default) stores everything.
+#: ``needs`` name). ``"all"`` stores everything, ``"none"`` none of them.
 KEEP_GROUPS = CAPTURE_GROUPS
 
 #: The pass each group needs besides the forward pass (which the hooks record): ``"backward"``
@@ -64,21 +65,25 @@ _TOKEN_VARS = (
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def _resolve_keep(keep: str | Iterable[str], grads: bool) -> set[str]:
+def _resolve_keep(keep: str | Iterable[str] | None, grads: bool, answers: bool) -> tuple[set[str], bool]:
+    """The raw groups to store, and whether to store the pictures (``image``)."""
+    if keep is None:
+        keep = "none" if answers else "all"
     if isinstance(keep, str):
-        keep = KEEP_GROUPS if keep == "all" else (keep,)
+        keep = {"all": (*KEEP_GROUPS, "image"), "none": ()}.get(keep, (keep,))
+    elif not keep:
+        raise OptionError(f"keep= is empty; choose from {list(KEEP_GROUPS)}, 'all' or 'none'.")
     chosen = set(keep)
     if "all" in chosen:  # e.g. keep=["all", "head_output"]
-        chosen = (chosen - {"all"}) | set(KEEP_GROUPS)
-    unknown = chosen - set(KEEP_GROUPS) - set(EXTRA_GROUPS)
+        chosen = (chosen - {"all"}) | set(KEEP_GROUPS) | {"image"}
+    unknown = chosen - set(KEEP_GROUPS) - set(EXTRA_GROUPS) - {"image"}
     if unknown:
-        raise OptionError(f"keep= got {sorted(unknown)}; choose from {list(KEEP_GROUPS)} or 'all' "
-                          f"(and, named, {list(EXTRA_GROUPS)}).")
-    if not chosen:
-        raise OptionError(f"keep= is empty; choose from {list(KEEP_GROUPS)} or 'all'.")
+        raise OptionError(f"keep= got {sorted(unknown)}; choose from {list(KEEP_GROUPS)} (and, named, "
+                          f"{list(EXTRA_GROUPS)}, or 'image', the pictures), 'all' or 'none'.")
     if not grads:
         chosen -= {"attention_grad", "attention_relevance"}
-    return chosen
+    image = "image" in chosen or not answers  # a capture without maps=/stats= always shows its pictures
+    return chosen - {"image"}, image
 
 
 def class_names(model: nn.Module, num_classes: int) -> list[str]:
@@ -181,6 +186,40 @@ class _Buffers:
         return self.data[key].numpy()
 
 
+class _Sink:
+    """Where one batch's records go: the groups the capture stores into the batch's rows of the
+    capture's buffers, the groups only its maps and statistics read into buffers of the batch alone
+    (dropped with it)."""
+
+    def __init__(self, buffers: _Buffers, start: int, size: int, plan: CapturePlan):
+        self.buffers, self.start, self.size, self.plan = buffers, start, size, plan
+        self.scratch = _Buffers(size, buffers.dtype)
+        self.written: set[str] = set()
+
+    def _where(self, key: str) -> tuple[_Buffers, int]:
+        node, _, var = key.rpartition("/")
+        group = None if node in ("", reduced.MAPS, reduced.STATS) else reduced.group_of(var)
+        if group is None or group in self.plan.kept:
+            self.written.add(key)
+            return self.buffers, self.start
+        return self.scratch, 0
+
+    def put(self, key: str, value: torch.Tensor | list[torch.Tensor], dtype: torch.dtype | None = None) -> None:
+        """Write ``value`` (B, ...) — or per-layer values, stacked on axis 1 — as this batch's ``key``."""
+        buffers, start = self._where(key)
+        buffers.put(key, start, value, dtype)
+
+    def put_layer(self, key: str, index: int, layers: int, value: torch.Tensor) -> None:
+        """Write one layer's ``value`` (B, ...) at position ``index`` of ``layers``."""
+        buffers, start = self._where(key)
+        buffers.put_layer(key, start, index, layers, value)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """This batch's arrays, stored or not (views, no copy)."""
+        rows = {key: self.buffers[key][self.start : self.start + self.size] for key in self.written}
+        return {**rows, **dict(self.scratch.items())}
+
+
 def _model_name(model: nn.Module) -> str:
     name = getattr(model, "vitlens_name", None)
     if name:
@@ -196,13 +235,19 @@ class CapturePlan:
     Attributes
     ----------
     kept
-        The groups (:data:`KEEP_GROUPS`) stored.
+        The raw groups (:data:`KEEP_GROUPS`) stored.
     grads
         Whether gradients (and LRP relevances) may be recorded at all (``grads=``).
     dtype
-        The stored floating-point dtype.
+        The stored floating-point dtype of raw groups.
     batch_size
         Images per forward pass.
+    maps, stats
+        Reduced capture: the methods and head statistics computed on each batch, with their options.
+    needed
+        The raw groups those maps and statistics read (recorded for each batch, stored only if kept).
+    image
+        Whether the pictures are stored (the root ``image``).
     intervention
         The :class:`~vitlens.capture.interventions.Intervention` applied to every forward
         pass (ablation, patching), or ``None``.
@@ -212,12 +257,21 @@ class CapturePlan:
     grads: bool
     dtype: str
     batch_size: int
+    maps: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    stats: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    needed: frozenset[str] = frozenset()
+    image: bool = True
     intervention: Any = None
 
     @property
+    def answers(self) -> bool:
+        """Whether maps or statistics are computed during the capture (a reduced capture)."""
+        return bool(self.maps or self.stats)
+
+    @property
     def recorded(self) -> frozenset[str]:
-        """The groups each batch records."""
-        return self.kept
+        """The groups each batch records: those stored and those its maps and statistics read."""
+        return self.kept | self.needed
 
     @property
     def passes(self) -> frozenset[str]:
@@ -229,7 +283,11 @@ class CapturePlan:
     @property
     def options(self) -> dict[str, Any]:
         """The options recorded in the capture's attrs and in a streaming run's fingerprint."""
-        return {"grads": self.grads, "keep": sorted(self.kept), "dtype": self.dtype}
+        options: dict[str, Any] = {"grads": self.grads, "keep": sorted(self.kept), "dtype": self.dtype}
+        if self.answers:
+            options.update(maps=reduced._canonical(self.maps), stats=reduced._canonical(self.stats),
+                           image=self.image)
+        return options
 
     @property
     def run_options(self) -> dict[str, Any]:
@@ -239,15 +297,28 @@ class CapturePlan:
         return {**self.options, "intervention": self.intervention.digest()}
 
 
-def _plan(keep: str | Iterable[str], grads: bool, dtype: str, batch_size: int | None) -> CapturePlan:
+def _plan(adapter: Adapter, keep: str | Iterable[str] | None, grads: bool, dtype: str, batch_size: int | None,
+          maps: Any, stats: Any) -> CapturePlan:
     if dtype not in _DTYPES:
         raise OptionError(f"dtype={dtype!r}; choose 'float32' or 'float16'.")
     if batch_size is None:
         batch_size = 32
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
-    return CapturePlan(kept=frozenset(_resolve_keep(keep, grads)), grads=bool(grads), dtype=dtype,
-                       batch_size=int(batch_size))
+    maps, stats = reduced.resolve_maps(maps), reduced.resolve_stat_options(stats)
+    kept, image = _resolve_keep(keep, grads, bool(maps or stats))
+    needed = reduced.needed_groups(maps, stats, adapter.describe())
+    if not grads:  # what needs a pass after the forward one needs the gradients of the target
+        attrs = adapter.describe()
+        wanting = [name for name, options in maps.items()
+                   if any(GROUP_PASSES[g] for g in METHOD_INFO[name].groups(attrs, options))]
+        wanting += [name for name, options in stats.items()
+                    if any(GROUP_PASSES[g] for g in STAT_INFO[name].groups(options))]
+        if wanting:
+            raise OptionError(f"{', '.join(wanting)} need the gradients of the target; drop grads=False "
+                              "(or leave them out of maps=/stats=).")
+    return CapturePlan(kept=frozenset(kept), grads=bool(grads), dtype=dtype, batch_size=int(batch_size),
+                       maps=maps, stats=stats, needed=needed, image=image)
 
 
 def capture(
@@ -256,7 +327,7 @@ def capture(
     target: int | str | Sequence[int | str] | None = None,
     *,
     grads: bool = True,
-    keep: str | Iterable[str] = "all",
+    keep: str | Iterable[str] | None = None,
     dtype: str = "float32",
     batch_size: int | None = None,
     device: str | torch.device | None = None,
@@ -269,6 +340,8 @@ def capture(
     ablation: str = "zero",
     reference: Any = None,
     intervention: Any = None,
+    maps: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
+    stats: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
 ) -> xr.DataTree:
     """Run ``model`` once on ``images`` and record its internals into a labeled DataTree.
 
@@ -290,10 +363,15 @@ def capture(
         Class to explain: ``None`` (each image's predicted class), one int or
         class name for all images, or one per image.
     grads
-        Run the backward pass (needed by gradient-based methods and LRP).
+        Allow the backward pass (needed by gradient-based methods and LRP).
+        Each batch runs only the passes of what it records: attention alone
+        needs no backward pass, gradients no LRP pass.
     keep
-        ``"all"`` or a subset of :data:`KEEP_GROUPS` to bound storage; the groups of
-        :data:`EXTRA_GROUPS` are stored only when named (``keep=["all", "head_output"]``).
+        The raw groups to store: ``"all"``, ``"none"`` or a subset of
+        :data:`KEEP_GROUPS` (plus ``"image"``, the pictures, which a capture
+        without ``maps=``/``stats=`` always stores). Default: ``"all"``, or
+        ``"none"`` with ``maps=``/``stats=``. The groups of :data:`EXTRA_GROUPS`
+        are stored only when named (``keep=["all", "head_output"]``).
     dtype
         ``"float32"`` or ``"float16"`` for the stored floating-point arrays.
     batch_size
@@ -338,6 +416,15 @@ def capture(
     intervention
         A ready :class:`~vitlens.capture.interventions.Intervention` (what
         :func:`vitlens.patch` and the widgets pass) instead of ``ablate``/``ablation``/``reference``.
+    maps
+        Reduced capture: registered methods (``"all"``, a list, or
+        ``{name: options}``) computed on each batch while it is in memory and
+        stored under ``/maps`` (``(sample, map_y, map_x)`` on the token grid,
+        options in attrs); ``vl.explain`` returns them. See
+        :mod:`vitlens.capture.reduced`.
+    stats
+        Reduced capture: head statistics (``"all"`` or a list; ``vl.HEAD_STATS``)
+        stored under ``/stats`` as ``(sample, layer, head)``.
 
     Returns
     -------
@@ -357,10 +444,13 @@ def capture(
     >>> off = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)), ablate={11: [0, 1, 2]})
     >>> off.attrs["intervention"]
     '{"ablation": "zero", "heads": {"11": [0, 1, 2]}, "kind": "ablate"}'
+    >>> small = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)), maps=["rollout"])
+    >>> small["maps"]["rollout"].dims, "attention" in small["stage0"]
+    (('sample', 'map_y', 'map_x'), False)
     """
     adapter = bind_inputs(adapter_for(model), text, processor)
-    plan = _plan(keep, grads, dtype, batch_size)
-    device = check_model(model, device, grads)
+    plan = _plan(adapter, keep, grads, dtype, batch_size, maps, stats)
+    device = check_model(model, device, "backward" in plan.passes)  # inference tensors are fine without one
     if intervention is None:
         from .interventions import resolve
 
@@ -408,6 +498,7 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
     model_dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
 
     buffers = _Buffers(n, getattr(torch, plan.dtype))
+    layouts: dict[str, xr.DataArray] = {}  # one batch's answer per stored map/statistic: its dims, coords, attrs
     starts = range(0, n, plan.batch_size)
     if progress is None:
         progress = len(starts) > 1
@@ -429,9 +520,15 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
             rec.reset()
             x = batch.pixels[start : start + plan.batch_size].to(device, model_dtype)
             hooks.select(start, start + x.shape[0])
-            _capture_batch(adapter, rec, x, targets, start, plan, buffers, hooks, bool(progress))
-    check_finite(buffers.items())
-    tree = _assemble(adapter, model, batch, buffers, names, plan)
+            sink = _Sink(buffers, start, x.shape[0], plan)
+            _capture_batch(adapter, rec, x, targets, start, plan, sink, hooks, bool(progress))
+            if plan.answers:
+                rows = replace(batch, display=batch.display[start : start + x.shape[0]])
+                _answer_batch(_assemble(adapter, model, rows, sink.arrays(), names, plan, image=False),
+                              plan, sink, layouts)
+    # a statistic is NaN where a block has no such head (Swin stages differ in heads): not damage
+    check_finite((key, arr) for key, arr in buffers.items() if not key.startswith(reduced.STATS + "/"))
+    tree = _assemble(adapter, model, batch, dict(buffers.items()), names, plan, layouts)
     if iv is not None and (iv.heads or iv.token_layer is not None):
         tree.attrs["intervention"] = json.dumps(iv.describe(), sort_keys=True)
         for name, variables in stored_values(iv, adapter).items():  # what redoing it needs (mean ablation)
@@ -463,14 +560,27 @@ def _input_samples(images: Any, n: int) -> np.ndarray | None:
 
 
 def _capture_batch(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarray | None, start: int,
-                   plan: CapturePlan, buffers: _Buffers, hooks: Any = None, progress: bool = False) -> None:
-    """One batch: record the forward pass, run the plan's passes, store what the plan keeps."""
+                   plan: CapturePlan, sink: _Sink, hooks: Any = None, progress: bool = False) -> None:
+    """One batch: record the forward pass, run the plan's passes, keep what the plan records.
+
+    The passes are chosen here, from the groups the plan records (:attr:`CapturePlan.passes`):
+    the backward pass in :func:`_record`, one forward per head in :func:`_store_interventions`,
+    the LRP walk in :func:`_store_blocks`.
+    """
     logits, tgt, feat_grad = _record(adapter, rec, x, targets, start, "backward" in plan.passes)
-    buffers.put("logits", start, logits, torch.float32)
-    buffers.put("target", start, tgt.to(torch.int64))
-    _store_interventions(adapter, rec, x, tgt, logits, start, plan, buffers, hooks, progress)
-    _store_blocks(adapter, rec, tgt, start, plan, buffers)
-    _store_tokens(adapter, rec, start, plan, buffers, feat_grad)
+    sink.put("logits", logits, torch.float32)
+    sink.put("target", tgt.to(torch.int64))
+    _store_interventions(adapter, rec, x, tgt, logits, plan, sink, hooks, progress)
+    _store_blocks(adapter, rec, tgt, plan, sink)
+    _store_tokens(adapter, rec, plan, sink, feat_grad)
+
+
+def _answer_batch(tree: xr.DataTree, plan: CapturePlan, sink: _Sink, layouts: dict[str, xr.DataArray]) -> None:
+    """A reduced capture's maps and statistics of one batch (``tree``), stored in its rows."""
+    for key, da in reduced.answers(tree, plan.maps, plan.stats).items():
+        values = torch.from_numpy(np.ascontiguousarray(da.transpose("sample", ...).values))
+        sink.put(key, values, values.dtype)
+        layouts.setdefault(key, da)
 
 
 def _record(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarray | None, start: int,
@@ -504,15 +614,15 @@ def _record(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarra
 
 
 def _store_interventions(adapter: Adapter, rec: Recorder, x: torch.Tensor, tgt: torch.Tensor, logits: torch.Tensor,
-                         start: int, plan: CapturePlan, buffers: _Buffers, hooks: Any, progress: bool) -> None:
+                         plan: CapturePlan, sink: _Sink, hooks: Any, progress: bool) -> None:
     """The heads' outputs (``head_output``) and, one forward per head, each head's ablation effect."""
     b = x.shape[0]
     if "head_output" in plan.recorded:
         from .interventions import head_output_array
 
         for stage in adapter.stages:
-            buffers.put(f"{stage.name}/head_output", start,
-                        [head_output_array(hooks.head_outputs.pop(l), b, stage.num_heads) for l in stage.layers])
+            sink.put(f"{stage.name}/head_output",
+                     [head_output_array(hooks.head_outputs.pop(l), b, stage.num_heads) for l in stage.layers])
     if "ablations" in plan.passes:
         from .interventions import ablation_effects
 
@@ -524,11 +634,10 @@ def _store_interventions(adapter: Adapter, rec: Recorder, x: torch.Tensor, tgt: 
             rec.paused = False
         for stage in adapter.stages:
             for i, var in enumerate(("ablation_effect", "ablation_probability_drop")):
-                buffers.put(f"{stage.name}/{var}", start, [effects[l][i] for l in stage.layers], torch.float32)
+                sink.put(f"{stage.name}/{var}", [effects[l][i] for l in stage.layers], torch.float32)
 
 
-def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, start: int, plan: CapturePlan,
-                  buffers: _Buffers) -> None:
+def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, plan: CapturePlan, sink: _Sink) -> None:
     """Each block's attention, its gradient and (LRP pass) relevance, stored as soon as it is ready."""
     b = tgt.shape[0]
     where = {l: (stage, stage.layers.index(l)) for stage in adapter.stages for l in stage.layers}
@@ -538,12 +647,11 @@ def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, start: int
         stage, i = where[layer]
         size = len(stage.layers)
         if "attention" in plan.recorded:
-            buffers.put_layer(f"{stage.name}/attention", start, i, size, _attention_array(stage, rec.probs(layer), b))
+            sink.put_layer(f"{stage.name}/attention", i, size, _attention_array(stage, rec.probs(layer), b))
         if "attention_grad" in plan.recorded:
-            buffers.put_layer(f"{stage.name}/attention_grad", start, i, size,
-                              _attention_array(stage, rec.probs_grad(layer), b))
+            sink.put_layer(f"{stage.name}/attention_grad", i, size, _attention_array(stage, rec.probs_grad(layer), b))
         if r_probs is not None:
-            buffers.put_layer(f"{stage.name}/attention_relevance", start, i, size, _attention_array(stage, r_probs, b))
+            sink.put_layer(f"{stage.name}/attention_relevance", i, size, _attention_array(stage, r_probs, b))
         rec.release(layer)
 
     if "lrp" in plan.passes:  # each block is stored as soon as the LRP walk has passed it
@@ -555,7 +663,7 @@ def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, start: int
             store_layer(layer, None)
 
 
-def _store_tokens(adapter: Adapter, rec: Recorder, start: int, plan: CapturePlan, buffers: _Buffers,
+def _store_tokens(adapter: Adapter, rec: Recorder, plan: CapturePlan, sink: _Sink,
                   feat_grad: torch.Tensor | None) -> None:
     """The per-token records of every stage (merge shares, LayerNorm statistics, norms), the
     read-out weights and the Grad-CAM features."""
@@ -563,24 +671,24 @@ def _store_tokens(adapter: Adapter, rec: Recorder, start: int, plan: CapturePlan
     for stage in adapter.stages:
         key = stage.name
         if stage.index in state.merge_shares:
-            buffers.put(f"{key}/merge_share", start, state.merge_shares[stage.index])
+            sink.put(f"{key}/merge_share", state.merge_shares[stage.index])
         recs = [state.records[l] for l in stage.layers]
         if "ln" in plan.recorded:
             for stat in ("mean", "std"):
-                buffers.put(f"{key}/ln_{stat}", start, [torch.stack([r[f"ln1_{stat}"], r[f"ln2_{stat}"]], 1) for r in recs])
+                sink.put(f"{key}/ln_{stat}", [torch.stack([r[f"ln1_{stat}"], r[f"ln2_{stat}"]], 1) for r in recs])
         if "norms" in plan.recorded:
             for var in _TOKEN_VARS:
-                buffers.put(f"{key}/{var}", start, [r[var] for r in recs])
+                sink.put(f"{key}/{var}", [r[var] for r in recs])
     last = adapter.stages[-1].name
     if adapter.readout == "map":  # the read-out row: each token's weight in the attention pool
         assert adapter.head is not None and state.final_output is not None
         with torch.no_grad():
             weights = adapter.head.pool_weights(adapter.tokens(state.final_output))
-        buffers.put(f"{last}/readout_weights", start, weights)
+        sink.put(f"{last}/readout_weights", weights)
     if "features" in plan.recorded:
-        buffers.put(f"{last}/features", start, adapter.tokens(state.features))
+        sink.put(f"{last}/features", adapter.tokens(state.features))
         if feat_grad is not None:
-            buffers.put(f"{last}/features_grad", start, adapter.tokens(feat_grad))
+            sink.put(f"{last}/features_grad", adapter.tokens(feat_grad))
 
 
 _DIMS = {
@@ -609,19 +717,24 @@ def _assemble(
     adapter: Adapter,
     model: nn.Module,
     batch: Any,
-    stores: _Buffers,
+    arrays: Mapping[str, np.ndarray],
     names: list[str],
     plan: CapturePlan,
+    layouts: Mapping[str, xr.DataArray] | None = None,
+    image: bool | None = None,
 ) -> xr.DataTree:
+    """The capture tree of ``arrays`` (keys ``logits``, ``<stage>/<var>``, ``maps/<name>``…) and the
+    pictures of ``batch`` (stored when ``image``, by default the plan's choice)."""
     np_dtype = _DTYPES[plan.dtype]
     n = batch.display.shape[0]
     h, w = adapter.input_size
     options = plan.options
+    pictures = {"image": (("sample", "y", "x", "channel"), batch.display.astype(np_dtype))}
     root = xr.Dataset(
         {
-            "image": (("sample", "y", "x", "channel"), batch.display.astype(np_dtype)),
-            "logits": (("sample", "class"), stores["logits"]),
-            "target": ("sample", stores["target"]),
+            **(pictures if (plan.image if image is None else image) else {}),
+            "logits": (("sample", "class"), arrays["logits"]),
+            "target": ("sample", arrays["target"]),
         },
         coords={
             "sample": np.arange(n),
@@ -642,7 +755,8 @@ def _assemble(
             "options": json.dumps(options, sort_keys=True),
         },
     )
-    root["image"].attrs["description"] = "model input shown as an RGB picture in [0, 1] (after resize/crop)"
+    if "image" in root:
+        root["image"].attrs["description"] = "model input shown as an RGB picture in [0, 1] (after resize/crop)"
     root["logits"].attrs["description"] = "pre-softmax class scores"
     root["target"].attrs["description"] = "class explained for each image (gradients and LRP are of this logit)"
 
@@ -650,7 +764,7 @@ def _assemble(
     for stage in adapter.stages:
         windowed = stage.window is not None
         data_vars = {}
-        for key, arr in stores.items():
+        for key, arr in arrays.items():
             prefix, _, var = key.partition("/")
             if prefix == stage.name:
                 data_vars[var] = (_dims(var, windowed), arr)
@@ -685,7 +799,27 @@ def _assemble(
         ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
         _describe_stage(ds)
         tree[stage.name] = ds
+    for node in (reduced.MAPS, reduced.STATS):
+        stored = {key.partition("/")[2]: (layouts[key], arrays[key]) for key in layouts or {}
+                  if key.startswith(node + "/")}
+        if stored:
+            tree[node] = _answers_node(stored)
     return xr.DataTree.from_dict(tree)
+
+
+def _answers_node(stored: Mapping[str, tuple[xr.DataArray, np.ndarray]]) -> xr.Dataset:
+    """The ``/maps`` or ``/stats`` node: each answer's values for every image, with the labels
+    (coordinates without ``sample``) and attrs of one batch's answer."""
+    data_vars = {}
+    for name, (layout, values) in stored.items():
+        dims = ("sample", *(d for d in layout.dims if d != "sample"))
+        coords = {c: v.variable for c, v in layout.coords.items() if "sample" not in v.dims}
+        data_vars[name] = xr.DataArray(values, dims=dims, coords=coords, attrs=dict(layout.attrs))
+    try:
+        return xr.Dataset(data_vars)
+    except ValueError as exc:  # e.g. two per-layer maps of different layers
+        raise OptionError(f"the requested maps/statistics do not share their labels ({exc}); capture those "
+                          "that differ separately.") from None
 
 
 _DESCRIPTIONS = {

@@ -266,6 +266,8 @@ def write_batch(tree: xr.DataTree, store: Path, first: bool, batch_size: int, ma
                            write_empty_chunks=True)
             else:
                 keep = [n for n, v in ds.variables.items() if "sample" in v.dims]
+                if not keep:  # e.g. a stage node of a reduced capture: labels only, written with the first batch
+                    continue
                 ds[keep].to_zarr(target, group=group, mode="a", append_dim="sample", consolidated=False,
                                  write_empty_chunks=True)
         _fault("consolidate")

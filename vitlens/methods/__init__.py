@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ..capture.reduced import stored_map
 from ..errors import OptionError
 # importing a method module registers it: this order is the order of vl.METHODS
 from .attention import attention
@@ -82,6 +83,10 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
 
     Notes
     -----
+    A reduced capture (``vl.capture(..., maps=...)``) gives the map it stored when
+    the options match those it was stored with; another variant is computed from
+    the raw groups it kept, or refused with the capture call that makes it.
+
     Options not given take the method's registered defaults for the capture's
     family and read-out (``vl.methods.METHOD_INFO[method].defaults_for(cap)``),
     e.g. gradcam ``on="features"`` and ``identity_path="drop"`` under an average
@@ -99,6 +104,9 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     cap, target = explainable(cap), options.pop("target", None)  # cap.sel(sample=k); a class index or name
     if target is not None:
         return explain_for_target(cap, method, target, explain, options)
+    stored = stored_map(cap, method, options) if method != "all" else None
+    if stored is not None:  # a reduced capture's map, stored with these options
+        return stored
     blocks = _sample_blocks(cap) if isinstance(cap, xr.DataTree) else None
     if blocks is not None:
         # lazy (dask-backed) capture: one task per sample chunk, each loading only
@@ -133,7 +141,9 @@ def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
             accepted = {k: v for k, v in accepted.items() if k not in ("layers", "heads")}
         elif not info.per_layer and "layers" in accepted and not isinstance(accepted["layers"], int):
             accepted.pop("layers")  # a single-block method under a list of blocks: its default block
-        out[name] = info.function(cap, **accepted)
+        out[name] = stored_map(cap, name, accepted)
+        if out[name] is None:
+            out[name] = info.function(cap, **accepted)
     ds = xr.Dataset({n: da.drop_attrs() if hasattr(da, "drop_attrs") else da for n, da in out.items()})
     for n, da in out.items():
         ds[n].attrs = da.attrs

@@ -321,6 +321,15 @@ def evaluate_items(
     })
 
 
+def _groups(model: nn.Module, names: list[str], opts: dict[str, dict[str, Any]]) -> list[str]:
+    """The capture groups the methods read (their registered ``needs``): the captures run only their passes."""
+    from ..models import adapter_for
+    from ..registry import METHOD_INFO
+
+    attrs = adapter_for(model).describe()
+    return sorted(set().union(*(METHOD_INFO[name].groups(attrs, opts.get(name, {})) for name in names)))
+
+
 def _evaluate_batch(model: nn.Module, chunk: np.ndarray, s0: int, items: _Items, names: list[str],
                     opts: dict[str, dict[str, Any]], scores: _Scores, runs: list[tuple[int, bool]], order: np.ndarray,
                     target: str, size: tuple[int, ...], batch_size: int, device: Any
@@ -336,8 +345,9 @@ def _evaluate_batch(model: nn.Module, chunk: np.ndarray, s0: int, items: _Items,
 
     npix = size[0] * size[1]
     its, local = items.in_batch(s0, len(chunk))
+    keep = _groups(model, names, opts)
     t = time.perf_counter()
-    cap = capture(model, chunk, target=None, batch_size=batch_size, device=device, progress=False)
+    cap = capture(model, chunk, target=None, keep=keep, batch_size=batch_size, device=device, progress=False)
     scores.capture_seconds += time.perf_counter() - t
     mean, std = tuple(cap.attrs["mean"]), tuple(cap.attrs["std"])
     pics = Pictures(chunk, mean, std)
@@ -347,7 +357,7 @@ def _evaluate_batch(model: nn.Module, chunk: np.ndarray, s0: int, items: _Items,
     items.predicted[its], items.reference[its] = pred[local], lab
     cap_label = None
     if diff.any():
-        cap_label = capture(model, chunk[local[diff]], target=lab[diff].tolist(), batch_size=batch_size,
+        cap_label = capture(model, chunk[local[diff]], target=lab[diff].tolist(), keep=keep, batch_size=batch_size,
                             device=device, progress=False)
         pics_label = Pictures(chunk[local[diff]], mean, std)
     base = removal_probabilities(model, pics, order, [(0, True), (npix, True)], batch_size=batch_size, device=device)

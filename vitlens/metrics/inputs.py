@@ -147,6 +147,9 @@ def pictures_for(model: nn.Module, images: Any) -> Pictures:
     """
     if isinstance(images, xr.DataTree):
         root = images.to_dataset(inherit=False) if hasattr(images, "to_dataset") else images.ds
+        if "mean" in root.attrs and "image" not in root:
+            raise ImageError("this capture was stored without its pictures (a reduced capture keeps them only with "
+                             "keep=['image']); pass the images it was made from instead, in the same order.")
         if "image" not in root or "mean" not in root.attrs:
             raise ImageError("this DataTree is not a vitlens capture (no root 'image' / 'mean'); pass vl.capture(...)'s result.")
         image = root["image"].transpose("sample", "y", "x", "channel")

@@ -1,0 +1,245 @@
+"""Reduced capture: keep the answers, not the tensors.
+
+``vl.capture(model, images, maps=..., stats=..., keep=...)`` runs the registered
+methods and head statistics (read from :mod:`vitlens.registry`, never imported
+from ``vitlens.methods`` or ``vitlens.stats``) on each batch while its tensors
+are in memory, and stores what they return:
+
+- ``/maps/<method>``: ``(sample, map_y, map_x)`` on the first stage's token grid
+  (``(sample, layer, map_y, map_x)`` with ``per_layer=True``), the method's
+  options in its attrs. The grid's dimensions are renamed because the root's
+  ``y``/``x`` are the picture's pixels; :func:`stored_map` gives the map back as
+  ``vl.explain`` returns it, ``(sample, y, x)``.
+- ``/stats/<name>``: ``(sample, layer, head)``.
+
+Raw groups are dropped unless ``keep=`` names them, so a ViT-B/16 image costs
+kilobytes instead of megabytes. ``vl.explain(capture, method, **options)``
+returns a stored map when the options match those it was stored with (each
+stored answer records them, resolved against the method's defaults, in its
+``request`` attribute); otherwise it computes the map from raw groups that were
+kept, or says what was stored and which capture call would recompute it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ..errors import CaptureFormatError, OptionError
+from ..registry import METHOD_INFO, STAT_INFO, method_info, resolve_methods, resolve_stats
+
+#: The tree's nodes of stored answers.
+MAPS, STATS = "maps", "stats"
+
+#: The token grid's dims as stored under ``/maps`` (the root's ``y``/``x`` are pixels).
+STORED_GRID = {"y": "map_y", "x": "map_x"}
+
+#: Each raw group's variables in a stage node (where the capture keeps them).
+GROUP_VARS: dict[str, tuple[str, ...]] = {
+    "attention": ("attention",),
+    "attention_grad": ("attention_grad",),
+    "attention_relevance": ("attention_relevance", "merge_share"),
+    "ln": ("ln_mean", "ln_std"),
+    "norms": ("token_norm", "attn_value_norm", "attn_value_cos", "attn_out_norm", "mlp_in_norm", "mlp_out_norm",
+              "mlp_cos", "block_out_norm"),
+    "features": ("features", "features_grad"),
+    "head_output": ("head_output",),
+    "ablation_effect": ("ablation_effect", "ablation_probability_drop"),
+}
+
+
+def group_of(var: str) -> str | None:
+    """The raw group a stage variable belongs to; None for what every capture stores (read-out weights)."""
+    for group, names in GROUP_VARS.items():
+        if var in names:
+            return group
+    return None
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON-able form that is the same for equal options however they were spelled
+    (``range(3)`` and ``[0, 1, 2]``, numpy and Python integers, dict keys)."""
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (range, list, tuple, np.ndarray)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def request(info: Any, attrs: Mapping[str, Any], options: Mapping[str, Any]) -> str:
+    """The options of a map or statistic resolved for a capture, as one canonical JSON string."""
+    resolved = info.resolve(attrs, options) if hasattr(info, "resolve") else dict(options)
+    return json.dumps(_canonical(resolved), sort_keys=True)
+
+
+def _named(kind: str, spec: Any, names: list[str]) -> dict[str, dict[str, Any]]:
+    given = spec if isinstance(spec, Mapping) else {}
+    out = {}
+    for name in names:
+        options = given.get(name) or {}
+        if not isinstance(options, Mapping):
+            raise OptionError(f"{kind}={{{name!r}: {options!r}}}: give the options as a dict, e.g. "
+                              f"{{{name!r}: {{'per_layer': True}}}}, or list the name alone.")
+        out[name] = dict(options)
+    return out
+
+
+def resolve_maps(spec: Any) -> dict[str, dict[str, Any]]:
+    """``maps=``: ``"all"``, a name, a list of names or ``{name: options}`` → ``{name: options}``, checked.
+
+    Examples
+    --------
+    >>> import vitlens as vl
+    >>> resolve_maps({"rollout": {"start_layer": 1}, "gradcam": None})
+    {'rollout': {'start_layer': 1}, 'gradcam': {}}
+    >>> resolve_maps({"rollout": {"by_stage": True}})
+    Traceback (most recent call last):
+    ...
+    vitlens.errors.OptionError: maps={'rollout': {'by_stage': True}}: a reduced capture stores one map per method ...
+    """
+    maps = _named("maps", spec, resolve_methods(spec))
+    for name, options in maps.items():
+        allowed = METHOD_INFO[name].options()
+        unknown = set(options) - set(allowed)
+        if "target" in options:
+            raise OptionError(f"maps={{{name!r}: {{'target': ...}}}}: a reduced capture explains the class of "
+                              "capture(target=...); pass target= to vl.capture instead.")
+        if unknown:
+            raise OptionError(f"maps={{{name!r}: ...}}: {name} takes no option(s) {sorted(unknown)}; "
+                              f"its options are {allowed}.")
+        if options.get("by_stage"):
+            raise OptionError(f"maps={{{name!r}: {{'by_stage': True}}}}: a reduced capture stores one map per method "
+                              "on the first stage's grid; drop by_stage (vl.explain(cap, ..., by_stage=True) on a "
+                              "capture that keeps the raw groups gives the per-stage maps).")
+    return maps
+
+
+def resolve_stat_options(spec: Any) -> dict[str, dict[str, Any]]:
+    """``stats=``: ``"all"``, a name, a list of names or ``{name: options}`` → ``{name: options}``."""
+    return _named("stats", spec, resolve_stats(spec))
+
+
+def needed_groups(maps: Mapping[str, Mapping[str, Any]], stats: Mapping[str, Mapping[str, Any]],
+                  attrs: Mapping[str, Any]) -> frozenset[str]:
+    """The raw groups the requested maps and statistics read (their registered ``needs``)."""
+    groups: set[str] = set()
+    for name, options in maps.items():
+        groups |= METHOD_INFO[name].groups(attrs, options)
+    for name, options in stats.items():
+        groups |= STAT_INFO[name].groups(options)
+    return frozenset(groups)
+
+
+def answers(tree: xr.DataTree, maps: Mapping[str, Mapping[str, Any]],
+            stats: Mapping[str, Mapping[str, Any]]) -> dict[str, xr.DataArray]:
+    """The requested maps and statistics of one batch's capture, keyed ``maps/<name>`` / ``stats/<name>``,
+    in their stored layout (the map grid renamed, the ``request`` attribute added)."""
+    out = {}
+    for name, options in maps.items():
+        info = METHOD_INFO[name]
+        da = info.function(tree, **{**info.defaults_for(tree), **options})
+        da = da.drop_vars([c for c in da.coords if c not in da.dims]).rename(STORED_GRID)
+        da.attrs["request"] = request(info, tree.attrs, options)
+        out[f"{MAPS}/{name}"] = da
+    for name, options in stats.items():
+        info = STAT_INFO[name]
+        da = info.function(tree, **options)
+        da = da.drop_vars([c for c in da.coords if "sample" in da[c].dims and c != "sample"])
+        da.attrs["request"] = request(info, tree.attrs, options)
+        out[f"{STATS}/{name}"] = da
+    return out
+
+
+def stored_groups(cap: xr.DataTree) -> frozenset[str]:
+    """The raw groups a capture holds (in every stage that has any)."""
+    present = set()
+    for node in cap.children.values():
+        for var in node.to_dataset(inherit=False).data_vars:
+            group = group_of(str(var))
+            if group is not None:
+                present.add(group)
+    return frozenset(present)
+
+
+def stored_requests(cap: xr.DataTree, kind: str = MAPS) -> dict[str, dict[str, Any]]:
+    """What a reduced capture stored under ``/maps`` (or ``/stats``): name → the options it was made with."""
+    if kind not in cap.children:
+        return {}
+    node = cap[kind].to_dataset(inherit=False)
+    return {str(name): json.loads(var.attrs.get("request", "{}")) for name, var in node.data_vars.items()}
+
+
+def stored_map(cap: xr.DataTree, method: str, options: Mapping[str, Any]) -> xr.DataArray | None:
+    """``method``'s map under ``options`` as a reduced capture stored it, in ``vl.explain``'s layout.
+
+    None where the capture stores no maps, or stores another variant but kept the
+    raw groups to compute this one. A CaptureFormatError, naming what was stored
+    and the capture call that makes the map, where it can be neither read nor
+    computed.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
+    >>> small = vl.capture(model, np.zeros((2, 32, 32, 3)), maps={"rollout": {"start_layer": 1}})
+    >>> stored_map(small, "rollout", {"start_layer": 1}).dims
+    ('sample', 'y', 'x')
+    >>> stored_map(small, "rollout", {})
+    Traceback (most recent call last):
+    ...
+    vitlens.errors.CaptureFormatError: this reduced capture stores the maps rollout with {"start_layer": 1}, ...
+    """
+    if not isinstance(cap, xr.DataTree) or MAPS not in cap.children:
+        return None
+    info = method_info(method)
+    unknown = set(options) - set(info.options())
+    if unknown:
+        raise OptionError(f"{method} takes no option(s) {sorted(unknown)}; its options are {info.options()}.")
+    wanted = request(info, cap.attrs, options)
+    node = cap[MAPS]
+    if method in node.to_dataset(inherit=False).data_vars and node[method].attrs.get("request") == wanted:
+        return _as_explained(cap, method)
+    missing = info.groups(cap.attrs, options) - stored_groups(cap)
+    if not missing:
+        return None
+    stored = stored_requests(cap)
+    what = "; ".join(f"{name} with {_short(opts, info if name == method else METHOD_INFO.get(name))}"
+                     for name, opts in stored.items()) or "nothing"
+    call = f"maps={{{method!r}: {dict(options)!r}}}" if options else f"maps=[{method!r}]"
+    raise CaptureFormatError(
+        f"this reduced capture stores the maps {what}, and not {method} with "
+        f"{_short(json.loads(wanted), info)}; it kept no raw {', '.join(sorted(missing))} to compute it. "
+        f"Capture again with vl.capture(model, images, {call}) (add keep={sorted(missing)} to keep what any "
+        f"{method} map is computed from)."
+    )
+
+
+def _short(resolved: Mapping[str, Any], info: Any) -> str:
+    """The options that differ from the method's own defaults (what a user would have passed)."""
+    if info is None:
+        return json.dumps(resolved)
+    base = _canonical(info.resolve({}))  # the function's own defaults and the registry's for every capture
+    diff = {k: v for k, v in resolved.items() if base.get(k, object()) != v}
+    return json.dumps(diff, sort_keys=True) if diff else "its default options"
+
+
+def _as_explained(cap: xr.DataTree, method: str) -> xr.DataArray:
+    da = cap[MAPS][method]
+    da = da.drop_vars([c for c in da.coords if c not in da.dims and c != "sample"])
+    da = da.rename({v: k for k, v in STORED_GRID.items()})
+    da = da.assign_coords(y=np.arange(da.sizes["y"]), x=np.arange(da.sizes["x"]))
+    if "target" in cap.to_dataset(inherit=False):
+        da = da.assign_coords(target=("sample", cap["target"].values))
+    da.attrs = {k: v for k, v in da.attrs.items() if k != "request"}
+    da.name = method
+    return da
+
+
+__all__ = ["GROUP_VARS", "MAPS", "STATS", "STORED_GRID", "answers", "group_of", "needed_groups", "request",
+           "resolve_maps", "resolve_stat_options", "stored_groups", "stored_map", "stored_requests"]
