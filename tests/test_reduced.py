@@ -66,7 +66,8 @@ def hf_vit():
 def test_reduced_maps_and_stats_equal_those_of_a_full_capture(request, which):
     model = request.getfixturevalue(which)
     images = random_images(5, 64 if which == "swin" else 32, seed=2)
-    full = vl.capture(model, images, progress=False)
+    extra = set().union(*(info.groups() for info in STAT_INFO.values())) - set(vl.KEEP_GROUPS)
+    full = vl.capture(model, images, keep=["all", *sorted(extra)], progress=False)  # e.g. ablation_effect
     small = vl.capture(model, images, maps="all", stats="all", batch_size=2, progress=False)  # three batches
     assert set(small["maps"].data_vars) == set(METHOD_INFO) and set(small["stats"].data_vars) == set(STAT_INFO)
     for method in METHOD_INFO:

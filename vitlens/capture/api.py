@@ -454,7 +454,7 @@ def capture(
     if intervention is None:
         from .interventions import resolve
 
-        intervention = resolve(adapter, ablate, ablation, reference, for_importance="ablation_effect" in plan.kept,
+        intervention = resolve(adapter, ablate, ablation, reference, for_importance="ablation_effect" in plan.recorded,
                                batch_size=plan.batch_size, progress=progress)
     elif ablate is not None or reference is not None:
         raise OptionError("pass either intervention= or ablate=/ablation=/reference=, not both.")
