@@ -26,6 +26,7 @@ from .export import ExportControls
 from .figure import heatmap_trace, image_trace, image_uri, zsmooth
 from .layout import CaptureLayout, Query, capture_layout, check_view, checked_query
 from .panels import PanelMaps
+from .text import html_text, markup
 
 #: Traits two views of one capture can share (each widget links those both have).
 LINKABLE = ("sample", "layer", "query", "heads")
@@ -95,7 +96,7 @@ class ClassChoice:
         self._keep: Any = None  # () -> the groups a recapture stores (None: as the capture did)
         self.dropdown = widgets.Dropdown(description=description, layout=widgets.Layout(width="250px"))
         self.dropdown.add_class(css)
-        self.status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
+        self.status = html_text(css=f"{css}-status", margin="0 8px")
         if model is None:
             self.dropdown.disabled = True
             self.dropdown.tooltip = ("Explaining another class needs the model: pass it as the second argument, "
@@ -138,7 +139,7 @@ class ClassChoice:
 
         from ..capture import capture
 
-        self.status.value = f"capturing sample {sample} again to explain {self.names[c]!r}…"
+        self.status.value = markup("capturing sample {} again to explain {}…", sample, repr(self.names[c]))
         try:
             options = json.loads(self.cap.attrs.get("options", "{}"))
             image = np.asarray(self.cap["image"].isel(sample=[sample]).values, dtype=np.float32)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 from typing import Any
 
@@ -13,9 +12,10 @@ import xarray as xr
 from ..errors import VitlensError
 from . import captions
 from .base import CaptureView, ClassChoice
-from .controls import layer_slider, opacity_slider, probe, sample_dropdown
+from .controls import layer_slider, opacity_slider, probe, probe_text, sample_dropdown
 from .figure import as_widget, live_title, overlay_figure
 from .panels import PanelMaps, layer_dependent, method_maps, method_names, normalized
+from .text import html_text, join, markup
 
 
 class Compare(CaptureView):
@@ -98,8 +98,7 @@ class Compare(CaptureView):
         self.figure = overlay_figure(info, list(self.methods), "", cols=cols, height=height, opacity=opacity,
                                      smooth=smooth)
         self._show_image([self.figure])
-        self.captions = widgets.HTML()
-        self.captions.add_class("vitlens-captions")
+        self.captions = html_text(css="vitlens-captions")
         self.probe = probe("vitlens-probe")
         exporter = self._export_controls(export_dir)
         self._ready = True
@@ -135,8 +134,8 @@ class Compare(CaptureView):
 
     def export_panels(self) -> list[dict]:
         maps = self.panel_maps()
-        return [self._overlay_panel(maps[m], ann.text)
-                for m, ann in zip(self.methods, self.figure.layout.annotations, strict=True)]
+        return [self._overlay_panel(maps[m], captions.panel_title(captions.method_title(m), self.layer))
+                for m in self.methods]
 
     def _method(self, src: xr.DataTree, key: Any, method: str) -> tuple[np.ndarray, int, str]:
         info = self.layout_info
@@ -170,11 +169,10 @@ class Compare(CaptureView):
                 self.figure.layout.annotations[i].text = live_title(captions.panel_title(captions.method_title(method), layer))
                 text = error or captions.method_caption(info, method, layer, first, self.class_names[c],
                                                         not layer_dependent(info, method))
-                lines.append(f"<div><b>{html.escape(captions.method_title(method))}</b>: "
-                             f"{html.escape(text, quote=False)}</div>")
-        self.captions.value = "".join(lines)
+                lines.append(markup("<div><b>{}</b>: {}</div>", captions.method_title(method), text))
+        self.captions.value = join(lines)
         self.version += 1
-        self.probe.value = f"layer={layer} sample={sample} class={c}"
+        self.probe.value = probe_text(layer=layer, sample=sample, **{"class": c})
 
     def _fill_classes(self) -> None:
         self._hold = True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -16,7 +15,7 @@ import xarray as xr
 from ..errors import OptionError, VitlensError
 from . import captions
 from .base import AttentionView, ClassChoice
-from .controls import HeadToggles, layer_slider, opacity_slider, probe, sample_dropdown, top_classes
+from .controls import HeadToggles, layer_slider, opacity_slider, probe, probe_text, sample_dropdown, top_classes
 from .figure import as_widget, live_title, overlay_figure
 from .layout import Query, initial_query, parse_heads, patch_outline, window_edges, window_ids
 from .panels import (
@@ -31,6 +30,7 @@ from .panels import (
     safe,
     statistic_array,
 )
+from .text import escape, html_text, join, markup
 
 #: The four panels, left to right (a fifth, ``contrast``, explains a second class).
 PANELS = ("attention", "statistic", "fusion", "method")
@@ -189,8 +189,7 @@ class Explorer(AttentionView):
         self.heads = {s: tuple(sorted(h)) for s, h in parse_heads(info, heads).items()}
 
         self.layer_slider = layer_slider(info, layer)
-        self.stage_label = widgets.HTML(layout=widgets.Layout(margin="0 12px"))
-        self.stage_label.add_class("vitlens-stage")
+        self.stage_label = html_text(css="vitlens-stage", margin="0 12px")
         self.sample_select = sample_dropdown(self._sample_options(), sample, width="200px")
         self._fill_classes(sample)
 
@@ -233,10 +232,8 @@ class Explorer(AttentionView):
         self.figure = fig  # a plain figure until the first view is drawn into it (see as_widget)
         self._show_image([fig])
 
-        self.title = widgets.HTML()
-        self.title.add_class("vitlens-title")
-        self.captions = widgets.HTML(layout=widgets.Layout(margin="0 0 0 8px"))
-        self.captions.add_class("vitlens-captions")
+        self.title = html_text(css="vitlens-title")
+        self.captions = html_text(css="vitlens-captions", margin="0 0 0 8px")
         self.probe = probe("vitlens-probe")
         exporter = self._export_controls(export_dir)
 
@@ -330,8 +327,7 @@ class Explorer(AttentionView):
 
     def export_panels(self) -> list[dict]:
         maps = self.panel_maps()
-        return [self._overlay_panel(maps[name], ann.text)
-                for name, ann in zip(self.panels, self.figure.layout.annotations, strict=False)]
+        return [self._overlay_panel(maps[name], title) for name, title in zip(self.panels, self._titles, strict=True)]
 
     # -- computing the view ---------------------------------------------------------------
     def compute(self) -> dict[str, Any]:
@@ -436,18 +432,17 @@ class Explorer(AttentionView):
             fig.data[self._marker_trace].update(x=mx, y=my)
             for ann, text in zip(fig.layout.annotations, view["titles"], strict=True):
                 ann.text = live_title(text)
-        self.stage_label.value = captions.stage_text(info, layer) if len(info.stages) > 1 or info.windowed else ""
-        self.captions.value = "".join(
-            f"<div><b>{i + 1}.</b> {html.escape(t, quote=False)}</div>" for i, t in enumerate(view["captions"])
-        )
+        self._titles = list(view["titles"])  # plain text, for the static export
+        self.stage_label.value = escape(captions.stage_text(info, layer) if len(info.stages) > 1 or info.windowed else "")
+        self.captions.value = join(markup("<div><b>{}.</b> {}</div>", i + 1, t) for i, t in enumerate(view["captions"]))
         self.title.value = self._cache.get(("title", self.sample), self._title_html)
         self.version += 1
         heads = ",".join(map(str, self.heads[stage.index]))
         query = "cls" if self.query is None else f"{self.query[0]},{self.query[1]}"
-        self.probe.value = (f"v={self.version} layer={layer} sample={self.sample} heads={heads} query={query} "
-                            f"stat={self.stat} method={self.method} class={self.target}"
-                            + (f" vs={self.contrast_target}" if self.contrast_select is not None else "")
-                            + (self.ablation.probe() if self.ablation is not None else ""))
+        vs = {} if self.contrast_select is None else {"vs": self.contrast_target}
+        self.probe.value = probe_text(v=self.version, layer=layer, sample=self.sample, heads=heads, query=query,
+                                      stat=self.stat, method=self.method, **{"class": self.target}, **vs,
+                                      **(self.ablation.probe() if self.ablation is not None else {}))
         self.timings.append(time.perf_counter() - start)
 
     def _window_lines(self, layer: int) -> tuple[list, list]:
@@ -463,9 +458,8 @@ class Explorer(AttentionView):
         s = self.sample
         top = top_classes(self.cap, s, 1)[0]
         heads = "/".join(str(st.num_heads) for st in info.stages)
-        return (f"<b>vitlens Explorer</b> · {html.escape(str(self.cap.attrs.get('model', '')))} · "
-                f"{len(info.layers)} blocks × {heads} heads · sample {s}: predicted "
-                f"<b>{html.escape(top[1])}</b> ({100 * top[2]:.1f} %)")
+        return markup("<b>vitlens Explorer</b> · {} · {} blocks × {} heads · sample {}: predicted <b>{}</b> ({:.1f} %)",
+                      self.cap.attrs.get("model", ""), len(info.layers), heads, s, top[1], 100 * top[2])
 
     # -- widget callbacks -------------------------------------------------------------------
     def _changed(self, change: Any = None) -> None:

@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .layout import CaptureLayout
+from .text import Markup, escape, join, markup
 
 #: Colour scale shared by every panel.
 COLORSCALE = "Inferno"
@@ -111,16 +112,21 @@ def overlay_figure(
     return fig
 
 
-def live_title(title: str) -> str:
+def live_title(title: str) -> Markup:
     """A panel title for the live figure: its name on one line, block and details on a second.
+
+    plotly renders titles as (a little) HTML, so the text is escaped: a class name
+    like ``<b>x</b>`` is shown as it is written.
 
     Examples
     --------
     >>> live_title("attention · block 3 · CLS")
     'attention<br>block 3 · CLS'
+    >>> live_title("method · block 1 · class <i>")
+    'method<br>block 1 · class &lt;i&gt;'
     """
     name, _, rest = str(title).partition(" · ")
-    return name + ("<br>" + rest if rest else "")
+    return join([escape(name), markup("<br>"), escape(rest)]) if rest else escape(name)
 
 
 def heatmap_trace(panel: int, show_image: bool = True) -> int:
