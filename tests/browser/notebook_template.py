@@ -100,6 +100,32 @@ vl.Explorer(cap, model, ablate=True, layer=2, method="transformer_attribution")
 """
 
 
+#: Class names that are markup: shown literally, never run (issue 31.1).
+HOSTILE_NAMES = ["<img src=x onerror=alert(1)>", "<script>alert(2)</script>", '"><svg onload=alert(3)>',
+                 "<b>bold</b>", "a & b", "<i>x", "plain", "<style>*{display:none}</style>"]
+
+HOSTILE = """\
+torch.manual_seed(0)
+vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, num_classes={n},
+                        embed_dim=48, depth=4, num_heads=3).eval()
+vit.vitlens_class_names = {names!r}
+cap = vl.capture(vit, images)
+explorer = vl.Explorer(cap, vit, compare_class=True)
+explorer
+"""
+
+HOSTILE_OTHERS = """\
+grid = vl.HeadGrid(cap, explorer=explorer)
+grid
+""", """\
+vl.ModelView(cap, explorer=explorer, tile=48)
+""", """\
+vl.TokenCurves(cap, explorer=explorer)
+""", """\
+vl.Compare(cap, vit, height=420)
+"""
+
+
 NO_CARRIER = """\
 import plotly.graph_objects as go
 from vitlens.widgets.figure import as_widget
@@ -116,6 +142,12 @@ def write_notebook(folder: Path, name: str = "explorer.ipynb", carrier: bool = T
     setup = SETUP.format(here=str(folder)) + ("" if carrier else NO_CARRIER)
     cells = (setup, VIT, GRID, MODEL_VIEW, CURVES, COMPARE, SWIN)
     return _write(folder / name, cells)
+
+
+def write_hostile_notebook(folder: Path, name: str = "hostile.ipynb") -> Path:
+    """Every widget on a capture whose class names are markup (see :data:`HOSTILE_NAMES`)."""
+    setup = SETUP.format(here=str(folder))
+    return _write(folder / name, (setup, HOSTILE.format(n=len(HOSTILE_NAMES), names=HOSTILE_NAMES), *HOSTILE_OTHERS))
 
 
 def write_readme_notebook(folder: Path, name: str = "readme.ipynb", ablate: bool = False) -> Path:

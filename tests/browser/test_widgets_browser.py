@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from .conftest import CHROMIUM
+from .conftest import CHROMIUM, open_and_run_in_lab
 
 try:
     from playwright.sync_api import expect
@@ -480,48 +480,10 @@ def diagnosed(page, server, problems):
                              f"--- {server.name} log ---\n{server.tail()}") from exc
 
 
-KERNEL_DIALOG = ".jp-Dialog"
-IDLE = "!!document.querySelector(\".jp-Notebook-ExecutionIndicator[data-status='idle']\")"
-ALL_DRAWN = f"document.querySelectorAll('.js-plotly-plot').length >= {PLOTS}"
-
-
-def answer_kernel_dialog(page) -> bool:
-    """Accept JupyterLab's "Select Kernel" dialog (python3) if it is open; whether it was."""
-    if not page.locator(KERNEL_DIALOG).count():
-        return False
-    page.locator(f"{KERNEL_DIALOG} .jp-mod-accept").click()
-    page.wait_for_function(f"() => !document.querySelector('{KERNEL_DIALOG}') && {IDLE}", timeout=TIMEOUT_MS * 3)
-    return True
-
-
-def run_all(page) -> None:
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator("[data-command='runmenu:run-all']").click()
-
-
-def kernel_connected(lab) -> bool:
-    """The server's word that the notebook's kernel is up, idle, and the page connected to it."""
-    return any(s["path"].endswith("explorer.ipynb") and s["kernel"]["execution_state"] == "idle"
-               and s["kernel"]["connections"] > 0 for s in lab.api("sessions"))
-
-
 def test_widgets_in_jupyterlab_wide_then_narrow(page_factory, lab, latency_lines):
     page, problems = page_factory(viewport=WIDE)
     with diagnosed(page, lab, problems):
-        page.goto(lab.url, timeout=TIMEOUT_MS * 2)
-        page.wait_for_function(f"() => {IDLE} || !!document.querySelector('{KERNEL_DIALOG}')", timeout=TIMEOUT_MS * 3)
-        answer_kernel_dialog(page)
-        deadline = time.monotonic() + TIMEOUT_MS / 1000 * 3
-        while not kernel_connected(lab):  # the page shows "idle" before it has a kernel
-            assert time.monotonic() < deadline, f"no kernel connected: {lab.api('sessions')}"
-            answer_kernel_dialog(page)
-            page.wait_for_timeout(250)
-        run_all(page)
-        page.wait_for_function(f"() => {ALL_DRAWN} || !!document.querySelector('{KERNEL_DIALOG}')",
-                               timeout=TIMEOUT_MS * 4)
-        if answer_kernel_dialog(page):  # it can also open once the run has started: run again
-            run_all(page)
-            page.wait_for_function(f"() => {ALL_DRAWN}", timeout=TIMEOUT_MS * 4)
+        open_and_run_in_lab(page, lab, PLOTS)
         check_fit(page, "JupyterLab wide")
         screenshot(page, lab, "jupyterlab-wide")
         drive_widgets(page, lab, "JupyterLab")
@@ -536,7 +498,8 @@ def test_widgets_in_voila_narrow_then_wide(page_factory, voila, latency_lines):
     page, problems = page_factory(allow_offline="fontawesome-free", viewport=NARROW)
     with diagnosed(page, voila, problems):
         page.goto(voila.url, timeout=TIMEOUT_MS * 4)
-        page.wait_for_function(f"() => {ALL_DRAWN}", timeout=TIMEOUT_MS * 4)
+        page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length >= {PLOTS}",
+                               timeout=TIMEOUT_MS * 4)
         check_fit(page, "Voila narrow")
         screenshot(page, voila, "voila-narrow")
         drive_widgets(page, voila, "Voila")

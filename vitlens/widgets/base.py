@@ -26,7 +26,7 @@ from .export import ExportControls
 from .figure import heatmap_trace, image_trace, image_uri, zsmooth
 from .layout import CaptureLayout, Query, capture_layout, check_view, checked_query
 from .panels import PanelMaps
-from .text import html_text, markup
+from .text import Markup, escape, html_text, markup
 
 #: Traits two views of one capture can share (each widget links those both have).
 LINKABLE = ("sample", "layer", "query", "heads")
@@ -159,6 +159,14 @@ class ClassChoice:
                                **text)
         finally:
             self.status.value = ""
+
+    def describe(self, sample: int, c: int) -> Markup:
+        """The status line for class ``c`` of ``sample``: empty for the captured class as captured, else where
+        it comes from (a recapture, for another class or with heads switched off)."""
+        ablated = " with heads switched off" if self.intervention is not None else ""
+        if c == int(self.cap["target"].values[sample]):
+            return markup("sample {} captured again{}", sample, ablated) if ablated else escape("")
+        return markup("sample {} captured again for {}{}", sample, repr(self.names[c]), ablated)
 
 
 def _captured_intervention(cap: xr.DataTree, model: Any):

@@ -171,6 +171,7 @@ class Compare(CaptureView):
                                                         not layer_dependent(info, method))
                 lines.append(markup("<div><b>{}</b>: {}</div>", captions.method_title(method), text))
         self.captions.value = join(lines)
+        self.class_status.value = self.classes.describe(sample, c)
         self.version += 1
         self.probe.value = probe_text(layer=layer, sample=sample, **{"class": c})
 

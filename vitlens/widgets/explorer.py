@@ -436,6 +436,7 @@ class Explorer(AttentionView):
         self.stage_label.value = escape(captions.stage_text(info, layer) if len(info.stages) > 1 or info.windowed else "")
         self.captions.value = join(markup("<div><b>{}.</b> {}</div>", i + 1, t) for i, t in enumerate(view["captions"]))
         self.title.value = self._cache.get(("title", self.sample), self._title_html)
+        self.class_status.value = self.classes.describe(self.sample, self.target)
         self.version += 1
         heads = ",".join(map(str, self.heads[stage.index]))
         query = "cls" if self.query is None else f"{self.query[0]},{self.query[1]}"
