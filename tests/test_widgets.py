@@ -741,3 +741,42 @@ def test_explorer_panels_can_wrap_into_rows_for_narrow_screens(vit_cap):
     click(ex.figure, ex.heatmap_trace(3), x, y)  # a panel of the second row
     assert ex.query == (3, 0)
     close(ex.panel_maps()["attention"], vit_attention(vit_cap, 0, 2, [0, 1, 2], 1 + 3 * 4))
+
+
+# -- what travels to the page is JSON: no NaN -----------------------------------------------
+@pytest.fixture
+def page_messages(monkeypatch):
+    """Every widget state and update sent to the (absent) page, as the kernel would serialise it."""
+    import ipywidgets.widgets.widget as widget_module
+
+    sent = []
+    create = widget_module.comm.create_comm
+    send = widget_module.Widget._send
+
+    def opened(**kw):
+        sent.append(kw.get("data"))
+        return create(**kw)
+
+    def sending(self, msg, buffers=None):
+        sent.append(msg)
+        return send(self, msg, buffers)
+
+    monkeypatch.setattr(widget_module.comm, "create_comm", opened)
+    monkeypatch.setattr(widget_module.Widget, "_send", sending)
+    return sent
+
+
+def test_no_widget_sends_nan_to_the_page(swin_cap, page_messages):
+    import json
+
+    ex = Explorer(swin_cap)  # Swin: stages with 2 and 4 heads, so the ModelView has empty tiles
+    widgets_ = [ex, ModelView(swin_cap, explorer=ex), HeadGrid(swin_cap, explorer=ex), TokenCurves(swin_cap, explorer=ex)]
+    ex.sample, ex.query, ex.layer = 1, (2, 3), 1
+    assert np.isnan(widgets_[1].tile_maps()).any()  # the empty tiles are still gaps
+    bad = []
+    for msg in page_messages:
+        try:  # what jupyter_client does with every message (allow_nan=False), buffers aside
+            json.dumps(msg, allow_nan=False, default=lambda o: None)
+        except ValueError:
+            bad.append(str(msg)[:200])
+    assert len(page_messages) > 20 and not bad, bad

@@ -129,6 +129,21 @@ def live_title(title: str) -> Markup:
     return join([escape(name), markup("<br>"), escape(rest)]) if rest else escape(name)
 
 
+def with_gaps(values: np.ndarray) -> list:
+    """A heatmap's ``z`` for the page: NaN cells become ``None`` (a gap to plotly).
+
+    Widget state travels as JSON, which has no NaN: a NaN in it makes the kernel
+    print "Out of range float values are not JSON compliant" into the notebook.
+
+    Examples
+    --------
+    >>> with_gaps(np.array([[0.5, np.nan]]))
+    [[0.5, None]]
+    """
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(values), values, None).tolist()
+
+
 def heatmap_trace(panel: int, show_image: bool = True) -> int:
     """Index in ``figure.data`` of panel ``panel``'s heatmap in an :func:`overlay_figure`.
 

@@ -13,7 +13,7 @@ import xarray as xr
 from . import captions
 from .base import AttentionView
 from .controls import opacity_slider, probe, probe_text, sample_dropdown
-from .figure import COLORSCALE, as_widget, image_uri
+from .figure import COLORSCALE, as_widget, image_uri, with_gaps
 from .layout import Query, initial_query
 from .panels import head_attention, normalized, pooled
 from .text import escape, html_text
@@ -122,7 +122,7 @@ class ModelView(AttentionView):
         height_px, width_px = (L * py - 1) * p, (H * px - 1) * p
         fig = go.Figure()
         fig.add_trace(go.Image(source="", x0=0, dx=1, y0=0, dy=1, hoverinfo="skip", name="image"))
-        fig.add_trace(go.Heatmap(z=np.full((L * py - 1, H * px - 1), np.nan), x0=(p - 1) / 2, dx=p, y0=(p - 1) / 2,
+        fig.add_trace(go.Heatmap(z=with_gaps(np.full((L * py - 1, H * px - 1), np.nan)), x0=(p - 1) / 2, dx=p, y0=(p - 1) / 2,
                                  dy=p, colorscale=COLORSCALE, zmin=0, zmax=1, opacity=self.opacity, hoverongaps=False,
                                  colorbar=dict(title=dict(text="scaled 0–1", side="right"), thickness=10,
                                                tickvals=[0, 0.5, 1], len=0.6),
@@ -186,7 +186,7 @@ class ModelView(AttentionView):
         z = self._compute()
         with self.figure.batch_update():
             self.figure.data[0].source = image_uri(self._mosaic_image() / 255.0)
-            self.figure.data[1].z = z
+            self.figure.data[1].z = with_gaps(z)  # gaps between tiles: None, never NaN (JSON)
         self.caption.value = escape(
             f"Row = block, column = head. Each tile: the image under where {captions.query_text(self.query)} looks "
             f"(scaled to [0, 1] per tile). Click a patch in a tile to make it the query and that block the layer.")
