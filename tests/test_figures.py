@@ -214,3 +214,71 @@ def test_vl_plot_facets_a_batch_of_maps(cap):
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+# -- PNG, SVG and PDF show the same colours ---------------------------------------------------
+def _pdf_pixels(path, dpi):
+    import pypdfium2 as pdfium  # a test-only dependency ([dev]): renders PDF pages without a browser
+
+    page = pdfium.PdfDocument(str(path))[0]
+    return np.asarray(page.render(scale=dpi / 72).to_pil().convert("RGB")).astype(int)
+
+
+def _svg_centre_colour(path):
+    """The colour at the centre of the (one) panel: its embedded images composited in order, over white."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    colour = np.array([255.0, 255.0, 255.0])
+    for href in re.findall(r'<image[^>]*xlink:href="data:image/png;base64,([^"]+)"', path.read_text()):
+        rgba = np.asarray(Image.open(io.BytesIO(base64.b64decode(href))).convert("RGBA"), dtype=float)
+        r, g, b, a = rgba[rgba.shape[0] // 2, rgba.shape[1] // 2]
+        colour = (a / 255) * np.array([r, g, b]) + (1 - a / 255) * colour
+    return colour
+
+
+def _panel_centre(fig, ax, pixels):
+    box = ax.get_window_extent()
+    h, w = pixels.shape[:2]
+    sx, sy = w / fig.bbox.width, h / fig.bbox.height  # the rendered size may differ by a pixel
+    return pixels[int(h - (box.y0 + box.y1) / 2 * sy), int((box.x0 + box.x1) / 2 * sx)]
+
+
+def test_pdf_and_svg_overlays_have_the_colours_of_the_png(tmp_path):
+    from PIL import Image
+
+    img = np.zeros((16, 16, 3))
+    img[:] = (0.2, 0.4, 0.6)
+    fig = figures.render_panels([{"image": img, "overlay": np.full((4, 4), 0.3), "vmin": 0, "vmax": 1,
+                                  "alpha": 0.6}], colorbar=False)
+    png = np.asarray(Image.open(figures.save(fig, tmp_path / "x.png", dpi=100)).convert("RGB")).astype(int)
+    pdf = _pdf_pixels(figures.save(fig, tmp_path / "x.pdf"), 100)
+    want = _panel_centre(fig, fig.axes[0], png)
+    # the blend itself: 60 % inferno(0.3) over the image
+    import matplotlib
+
+    blend = 255 * (0.6 * np.array(matplotlib.colormaps["inferno"](0.3)[:3]) + 0.4 * img[0, 0])
+    assert np.abs(want - blend).max() <= 1.5, (want, blend)
+    assert np.abs(_panel_centre(fig, fig.axes[0], pdf) - want).max() <= 2, (_panel_centre(fig, fig.axes[0], pdf), want)
+    svg = _svg_centre_colour(figures.save(fig, tmp_path / "x.svg"))
+    assert np.abs(svg - want).max() <= 2, (svg, want)
+
+
+def test_a_method_grid_looks_the_same_in_pdf_and_png(cap, tmp_path):
+    from PIL import Image
+
+    fig = figures.grid(cap, methods=["rollout"], samples=[0], smooth=False, colorbar=False, titles=False)
+    png = np.asarray(Image.open(figures.save(fig, tmp_path / "g.png", dpi=100)).convert("RGB")).astype(int)
+    pdf = _pdf_pixels(figures.save(fig, tmp_path / "g.pdf"), 100)
+    box = fig.axes[1].get_window_extent()  # the overlay panel
+    n = cap["image"].sizes["y"]  # image pixels across the panel: compare at their centres
+    centres = (np.arange(n) + 0.5) / n
+    rows = (png.shape[0] - (box.y1 - centres * box.height)).astype(int)
+    cols = (box.x0 + centres * box.width).astype(int)
+    # the PDF renderer places pixel edges up to a pixel apart: the nearest match within one pixel
+    diff = np.min([np.abs(png[np.ix_(rows, cols)] - pdf[np.ix_(rows + dy, cols + dx)]).max(-1)
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+    assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 4, (diff.mean(), np.percentile(diff, 99))

@@ -204,6 +204,10 @@ def render_panels(
     height = nrows * (panel_inches + (0.3 if has_titles else 0)) + (0.4 if suptitle else 0)
     fig = _figure_class()(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
+    # PDF and SVG: matplotlib would composite each panel's image and heat map into one
+    # picture first, and got the transparency wrong (lighter overlays than the PNG);
+    # drawn as two images, every format blends the heat map over the image alike.
+    fig.suppressComposite = True
     fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     mappable = None
