@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import xarray as xr
 from conftest import make_swin, random_images
 
 import vitlens as vl
@@ -282,3 +283,20 @@ def test_a_method_grid_looks_the_same_in_pdf_and_png(cap, tmp_path):
     diff = np.min([np.abs(png[np.ix_(rows, cols)] - pdf[np.ix_(rows + dy, cols + dx)]).max(-1)
                    for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
     assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 4, (diff.mean(), np.percentile(diff, 99))
+
+
+def test_vl_plot_normalises_each_facet_unless_told_not_to():
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    maps = xr.DataArray(rng.random((3, 4, 4)) * np.array([1.0, 1e-3, 50.0])[:, None, None], dims=("sample", "y", "x"))
+    grid = vl.plot(maps)
+    drawn = [np.asarray(ax.get_images()[0].get_array()) for ax in grid.axs.flat if ax.get_images()]
+    assert len(drawn) == 3
+    for d, m in zip(drawn, maps.values, strict=True):  # each facet spans [0, 1] on its own
+        np.testing.assert_allclose(d, (m - m.min()) / (m.max() - m.min()), atol=1e-12)
+    assert all(ax.get_images()[0].get_clim() == (0.0, 1.0) for ax in grid.axs.flat if ax.get_images())
+    plt.close("all")
+    raw = vl.plot(maps, normalize=False)  # one shared scale: the small map is dark
+    assert {ax.get_images()[0].get_clim() for ax in raw.axs.flat if ax.get_images()} == {(float(maps.min()), float(maps.max()))}
+    plt.close("all")

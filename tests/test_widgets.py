@@ -23,6 +23,7 @@ from vitlens.widgets import Compare, Explorer, HeadGrid, ModelView, TokenCurves,
 from vitlens.widgets import model_view as model_view_module
 from vitlens.widgets import panels as panels_module
 from vitlens.widgets.base import CaptureView
+from vitlens.widgets.text import escape
 
 
 # -- fixtures and independent expectations -----------------------------------------------
@@ -230,7 +231,7 @@ def test_class_selector_lists_top5_and_recaptures_for_another_class(vit_cap, vit
     assert ex.target == other
     recap = vl.capture(vit_model, vit_cap.image.isel(sample=[0]).values, target=other)
     close(ex.panel_maps()["method"], cumulative(recap, "generic_attention", 2))
-    assert repr(str(vit_cap.class_name.values[other])) in ex.captions.value
+    assert escape(repr(str(vit_cap.class_name.values[other]))) in ex.captions.value  # the caption names it (escaped)
     # class-agnostic panels do not change with the class
     close(ex.panel_maps()["fusion"], cumulative(vit_cap, "lnstat", 2, grad=False))
 

@@ -36,6 +36,7 @@ import xarray as xr
 
 from .errors import ExportError, OptionError
 from .methods import METHOD_INFO, METHODS, explain, normalize, to_pixels
+from .methods import normalize as normalize_maps  # vl.plot's own argument is called normalize
 
 __all__ = ["render_panels", "grid", "layers", "plot", "overlay", "colormap", "save"]
 
@@ -400,7 +401,7 @@ def layers(
 
 
 def plot(obj: xr.DataArray, *, image: xr.DataArray | xr.DataTree | None = None, ax: Any = None,
-         **kwargs: Any) -> Any:
+         normalize: bool = True, **kwargs: Any) -> Any:
     """xarray's ``.plot()`` / ``.plot.imshow()`` the right way up (row 0 at the top).
 
     ``map.plot()`` and ``cap["image"].plot.imshow()`` follow xarray's default
@@ -408,6 +409,12 @@ def plot(obj: xr.DataArray, *, image: xr.DataArray | xr.DataTree | None = None, 
     with ``yincrease=False`` and equal aspect. A map with a ``sample`` (or
     ``layer``) dimension is drawn as facets; an image (``channel`` dimension)
     as RGB.
+
+    **Maps are min-max normalised per facet by default** (each sample's, or each
+    layer's, map scaled to [0, 1], as :func:`vitlens.normalize` does), so a map
+    whose values are a thousand times smaller than its neighbour's is not drawn
+    black; the colour bar then runs 0–1. ``normalize=False`` draws the raw values
+    on one shared scale (xarray's default).
 
     Parameters
     ----------
@@ -417,6 +424,9 @@ def plot(obj: xr.DataArray, *, image: xr.DataArray | xr.DataTree | None = None, 
     image
         Optional picture under a single map: a capture or its ``image`` (one
         sample); the map is upsampled to it and drawn at ``alpha=0.5``.
+    normalize
+        Min-max scale each facet's map to [0, 1] (default); False: raw values,
+        one colour scale for all facets. Images are never rescaled.
     ax, **kwargs
         Passed on to xarray's plotting (``cmap=``, ``col_wrap=``, ...).
 
@@ -444,6 +454,10 @@ def plot(obj: xr.DataArray, *, image: xr.DataArray | xr.DataTree | None = None, 
         kwargs.setdefault("col_wrap", min(obj.sizes[facets[0]], 6))
     if "channel" in obj.dims:
         return obj.clip(0, 1).plot.imshow(rgb="channel", **kwargs)
+    if normalize:  # per facet: each map scaled to [0, 1] on its own
+        obj = normalize_maps(obj)
+        kwargs.setdefault("vmin", 0.0)
+        kwargs.setdefault("vmax", 1.0)
     if image is not None:
         if facets:
             raise OptionError("vl.plot(map, image=...) draws one map over one picture; select one sample first.")
