@@ -300,3 +300,82 @@ def test_vl_plot_normalises_each_facet_unless_told_not_to():
     raw = vl.plot(maps, normalize=False)  # one shared scale: the small map is dark
     assert {ax.get_images()[0].get_clim() for ax in raw.axs.flat if ax.get_images()} == {(float(maps.min()), float(maps.max()))}
     plt.close("all")
+
+
+# -- real class names ----------------------------------------------------------------------
+IMAGENET_LIKE = ["sidewinder, horned rattlesnake, Crotalus cerastes", "ring", "Granny Smith",
+                 "African hunting dog, hyena dog, Cape hunting dog, Lycaon pictus",
+                 "a class name of sixty characters without a single comma in it"]
+
+
+@pytest.fixture(scope="module")
+def named_cap():
+    from conftest import make_vit
+
+    model = make_vit(seed=3, num_classes=len(IMAGENET_LIKE))
+    model.vitlens_class_names = list(IMAGENET_LIKE)
+    return vl.capture(model, random_images(10, 32, seed=4), target=[0, 3, 4, 1, 2, 0, 3, 4, 1, 2])
+
+
+def _texts(fig) -> str:
+    return "\n".join([t.get_text() for t in fig.texts] + [fig._supxlabel.get_text() if fig._supxlabel else ""]
+                     + [fig._suptitle.get_text() if fig._suptitle else ""])
+
+
+def test_grid_row_labels_fit_their_rows_and_the_full_names_are_given(named_cap):
+    fig = figures.grid(named_cap, methods=["rollout"], samples=[0, 1, 2, 3])
+    renderer = fig.canvas.get_renderer()
+    rows = fig.axes[0:8:2]  # the input column
+    figure_box = fig.bbox
+    boxes = []
+    for ax in rows:
+        label = ax.yaxis.label.get_window_extent(renderer)
+        panel = ax.get_window_extent(renderer)
+        assert label.height <= panel.height + 1, (ax.get_ylabel(), label.height, panel.height)  # fits beside its row
+        assert figure_box.x0 <= label.x0 and label.y0 >= figure_box.y0 - 1 and label.y1 <= figure_box.y1 + 1
+        boxes.append(label)
+    for a, b in zip(boxes, boxes[1:]):
+        assert not a.overlaps(b), "row labels overlap"
+    assert rows[0].get_ylabel() == "#0: sidewinder"
+    text = _texts(fig)
+    for s, c in enumerate([0, 3, 4]):  # shortened names are given in full under the panels
+        assert f"#{s}: {IMAGENET_LIKE[c]}" in text.replace("\n", " ")
+    caption = fig._supxlabel.get_window_extent(renderer)
+    assert caption.x0 >= figure_box.x0 - 1 and caption.x1 <= figure_box.x1 + 1 and caption.y0 >= figure_box.y0 - 1
+
+
+def test_grid_says_which_samples_it_leaves_out(named_cap):
+    fig = figures.grid(named_cap, methods=["rollout"])  # 10 samples: 8 rows
+    assert len(fig.axes) == 8 * 2 + 1
+    assert "0–7 of 10" in _texts(fig)
+    picked = figures.grid(named_cap, methods=["rollout"], samples=[9, 2])
+    assert "2 of 10 samples" in _texts(picked)
+    whole = figures.grid(named_cap.isel(sample=[0, 1]), methods=["rollout"])
+    assert "of 2" not in _texts(whole)
+
+
+def test_layers_titles_name_the_sample_and_class(named_cap):
+    fig = figures.layers(named_cap, "rollout", sample=1)
+    title = fig._suptitle.get_text().replace("\n", " ")
+    assert "sample 1" in title and IMAGENET_LIKE[3] in title and "Rollout" in title
+
+
+def test_figures_of_random_weights_say_untrained(cap):
+    trained_looking = figures.grid(cap, methods=["rollout"], samples=[0])
+    assert "UNTRAINED" not in _texts(trained_looking)  # a module given to capture: vitlens cannot know
+    model = vl.load_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                          depth=2)
+    random = vl.capture(model, random_images(1, 32))
+    assert random.attrs["weights"] == "random"
+    for fig in (figures.grid(random, methods=["rollout"]), figures.layers(random, "rollout")):
+        assert fig._suptitle.get_text().startswith("UNTRAINED (random weights)")
+    shipped = vl.capture(vl.load_model("vit-shapes"), vl.datasets.shapes(1, seed=0).image)
+    assert "weights" not in shipped.attrs and "UNTRAINED" not in _texts(figures.layers(shipped, "rollout"))
+
+
+def test_widget_exports_of_random_weights_say_untrained():
+    model = vl.load_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                          depth=2)
+    random = vl.capture(model, random_images(1, 32))
+    for widget in (vl.Explorer(random), vl.TokenCurves(random)):
+        assert widget.export_figure()._suptitle.get_text().startswith("UNTRAINED (random weights)")

@@ -43,6 +43,7 @@ __all__ = ["render_panels", "grid", "layers", "plot", "overlay", "colormap", "sa
 DEFAULT_CMAP = "inferno"
 DEFAULT_COLORSCALE = DEFAULT_CMAP  # the old (plotly-era) name, kept for callers
 PANEL_INCHES = 1.9  # one panel's side in a static figure
+MAX_ROWS = 8  # samples a method grid shows unless told which (it says so when it leaves some out)
 TITLES = {name: info.title for name, info in METHOD_INFO.items()}  # from the method registry
 # fixed metadata: the same figure always writes the same bytes
 _METADATA = {
@@ -147,6 +148,7 @@ def render_panels(
     ncols: int | None = None,
     colorbar_label: str = "relevance",
     panel_inches: float = PANEL_INCHES,
+    caption: str | None = None,
 ) -> Any:
     """Draw panels (an image, a heat map over it, a title) into one static figure.
 
@@ -170,6 +172,9 @@ def render_panels(
         Panels per row (default: all in one row, at most 6).
     colorbar_label, panel_inches
         Colour bar label; size of one panel in inches.
+    caption
+        Small print under the panels (wrapped to the figure's width): full class
+        names that labels shortened, which samples were left out.
 
     Returns
     -------
@@ -203,6 +208,10 @@ def render_panels(
     has_overlay = any(p.get("overlay") is not None for p in panels)
     width = ncols * panel_inches + (0.35 if has_labels else 0) + (0.8 if colorbar and has_overlay else 0)
     height = nrows * (panel_inches + (0.3 if has_titles else 0)) + (0.4 if suptitle else 0)
+    height += 0.18 * str(suptitle or "").count("\n")  # a wrapped title's further lines
+    if caption:
+        caption = _wrap(caption, width)
+        height += 0.14 * (caption.count("\n") + 1) + 0.1
     fig = _figure_class()(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     # PDF and SVG: matplotlib would composite each panel's image and heat map into one
@@ -261,11 +270,70 @@ def render_panels(
         bar.ax.tick_params(labelsize=8)
     if suptitle:
         fig.suptitle(str(suptitle), fontsize=10)
+    if caption:  # a figure-level x label: constrained layout keeps room for it under the panels
+        fig.supxlabel(caption, x=0.01, ha="left", multialignment="left", fontsize=7)
     # lay out once and keep it: constrained layout moves things a little on every
     # draw, so without this a figure saved twice would not give the same bytes
     fig.draw_without_rendering()
     fig.set_layout_engine("none")
     return fig
+
+
+# -- labels that fit -----------------------------------------------------------------------
+def _wrap(text: str, width_inches: float, fontsize: float = 7) -> str:
+    """``text`` wrapped to lines that fit ``width_inches`` at ``fontsize`` (each paragraph on its own)."""
+    import textwrap
+
+    chars = max(20, int(width_inches * 72 / (0.62 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in str(text).splitlines())
+
+
+def short_label(name: str, chars: int, lines: int = 2) -> str:
+    """A class name that fits a row label: its first synonym, wrapped to ``lines`` lines of ``chars``.
+
+    ImageNet names list synonyms ("sidewinder, horned rattlesnake, Crotalus
+    cerastes"): the label keeps the first; a name still too long is wrapped and
+    ends in "…". Figures give the full name in their caption.
+
+    Examples
+    --------
+    >>> short_label("sidewinder, horned rattlesnake, Crotalus cerastes", 14)
+    'sidewinder'
+    >>> short_label("a very long class name without any commas at all", 14)
+    'a very long\nclass name wi…'
+    """
+    import textwrap
+
+    first = str(name).split(",")[0].strip() or str(name)
+    wrapped = textwrap.wrap(first, chars, break_long_words=True) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][: chars - 1] + "…"
+    return "\n".join(wrapped)
+
+
+def figure_title(cap: xr.DataTree, text: str | None) -> str | None:
+    """A figure's title, marked "UNTRAINED (random weights)" when the capture's model had random weights.
+
+    :func:`vitlens.load_model` marks a timm model created without ``pretrained=``
+    or ``checkpoint=`` (it also warns, :class:`~vitlens.RandomWeightsWarning`), and
+    the capture records it (``attrs["weights"] == "random"``).
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> figure_title(xr.DataTree(xr.Dataset(attrs={"weights": "random"})), "Rollout")
+    'UNTRAINED (random weights) · Rollout'
+    """
+    if cap.attrs.get("weights") != "random":
+        return text
+    return "UNTRAINED (random weights)" + (f" · {text}" if text else "")
+
+
+def _class_names(cap: xr.DataTree) -> list[str] | None:
+    if "class_name" in cap.coords:
+        return [str(n) for n in cap["class_name"].values]
+    return [str(n) for n in cap.attrs.get("class_names", [])] or None
 
 
 # -- figures -----------------------------------------------------------------------------
@@ -319,7 +387,8 @@ def grid(
     methods
         Methods as columns (default: all seven).
     samples
-        Sample indices as rows (default: all, at most 8).
+        Sample indices as rows (default: the first 8; a figure of more samples
+        says which it left out under its panels).
     opacity, cmap, colorbar, titles, smooth
         Look of the overlay: one colour map for every panel (maps are min-max
         normalised per image, so the colour bar runs 0–1), an optional shared
@@ -327,8 +396,14 @@ def grid(
         token blocks. ``colorscale`` is the old name of ``cmap``.
     cell
         Size of one panel in inches.
+    suptitle
+        A title over the figure (a model with random weights is marked "UNTRAINED").
     **options
         Passed to the methods that take them (e.g. ``heads=``, ``start_layer=``).
+
+    Row labels name each sample and its class; a long class name (ImageNet's
+    "sidewinder, horned rattlesnake, Crotalus cerastes") is shortened to fit
+    beside its row, with the full name under the panels.
 
     Returns
     -------
@@ -336,25 +411,35 @@ def grid(
     """
     methods = _check_methods(methods)
     n = int(cap["sample"].size)
-    samples = list(range(min(n, 8))) if samples is None else [int(s) for s in samples]
+    samples = list(range(min(n, MAX_ROWS))) if samples is None else [int(s) for s in samples]
     if not samples or any(not 0 <= s < n for s in samples):
         raise OptionError(f"samples {samples} must be a non-empty selection of 0..{n - 1}.")
     sub = cap.isel(sample=samples)
     maps = _token_maps(sub, methods, options)
     images = sub["image"].values
-    names = list(cap.attrs.get("class_names", [])) or None
+    names = _class_names(cap)
     targets = sub["target"].values
-    panels = []
+    chars = max(8, int(cell * 72 / (0.6 * 9)))  # characters that fit beside one row (9 pt)
+    panels, notes = [], []
     for r, s in enumerate(samples):
-        label = f"#{s}: {names[int(targets[r])]}" if names else f"#{s}: class {int(targets[r])}"
+        full = names[int(targets[r])] if names else f"class {int(targets[r])}"
+        short = short_label(full, chars - len(f"#{s}: "))
+        label = f"#{s}: {short}"
+        if short.replace("\n", " ") != full:
+            notes.append(f"#{s}: {full}")
         panels.append({"image": images[r], "title": "input" if titles and r == 0 else "",
                        "ylabel": label if titles else None})
         for m in methods:
             panels.append({"image": images[r], "overlay": maps[m].values[r], "vmin": 0.0, "vmax": 1.0,
                            "alpha": opacity, "cmap": _cmap_arg(cmap, colorscale), "smooth": smooth,
                            "title": _title(m) if titles and r == 0 else ""})
-    return render_panels(panels, ncols=1 + len(methods), colorbar=colorbar, suptitle=suptitle,
-                         colorbar_label="relevance (min-max per image)", panel_inches=cell)
+    if len(samples) < n and samples == list(range(len(samples))):
+        notes.append(f"Samples 0–{len(samples) - 1} of {n} shown; samples= picks others.")
+    elif len(samples) < n:
+        notes.append(f"{len(samples)} of {n} samples shown.")
+    return render_panels(panels, ncols=1 + len(methods), colorbar=colorbar, suptitle=figure_title(cap, suptitle),
+                         colorbar_label="relevance (min-max per image)", panel_inches=cell,
+                         caption="\n".join(notes) if titles and notes else None)
 
 
 def layers(
@@ -396,7 +481,12 @@ def layers(
     panels = [{"image": img, "overlay": per.values[0, i], "title": f"after block {layer}", "vmin": 0.0,
                "vmax": 1.0, "alpha": opacity, "cmap": _cmap_arg(cmap, colorscale), "smooth": smooth}
               for i, layer in enumerate(chosen)]
-    return render_panels(panels, ncols=min(columns, len(chosen)), suptitle=f"{_title(method)} by depth",
+    names = _class_names(cap)
+    c = int(sub["target"].values[0])
+    title = (f"{_title(method)} by depth · {cap.attrs.get('model', 'model')} · sample {sample} · "
+             f"class {names[c] if names else c!r}")
+    ncols = min(columns, len(chosen))
+    return render_panels(panels, ncols=ncols, suptitle=_wrap(figure_title(cap, title), ncols * cell + 0.8, 10),
                          colorbar_label="relevance (min-max per map)", panel_inches=cell)
 
 

@@ -640,6 +640,8 @@ def _assemble(
             "std": list(batch.std),
             "vitlens_version": __version__,
             "options": json.dumps(options, sort_keys=True),
+            # vl.load_model marks random weights; figures of such a capture say "untrained"
+            **({"weights": "random"} if getattr(model, "vitlens_weights", None) == "random" else {}),
         },
     )
     root["image"].attrs["description"] = "model input shown as an RGB picture in [0, 1] (after resize/crop)"

@@ -317,9 +317,9 @@ class CaptureView(widgets.VBox):
 
     def export_figure(self, **options: Any) -> Any:
         """The current view as a static matplotlib figure (no browser), titled with :meth:`context`."""
-        from ..figures import render_panels
+        from ..figures import figure_title, render_panels
 
-        return render_panels(self.export_panels(), suptitle=self.context(), **options)
+        return render_panels(self.export_panels(), suptitle=figure_title(self.cap, self.context()), **options)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the current view to ``path`` (``.png``, ``.svg`` or ``.pdf``; matplotlib, no browser).

@@ -174,6 +174,8 @@ class TokenCurves(CaptureView):
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
+        from ..figures import figure_title
+
         fig = Figure(figsize=(3.2 * len(CURVES), 2.8), layout="constrained")
         axes = fig.subplots(1, len(CURVES))
         for ax, (_, _, label) in zip(np.atleast_1d(axes), CURVES, strict=True):
@@ -186,7 +188,7 @@ class TokenCurves(CaptureView):
             ax.set_xlabel("block")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         np.atleast_1d(axes)[0].legend(fontsize=8)
-        fig.suptitle(self.context(), fontsize=10)
+        fig.suptitle(figure_title(self.cap, self.context()), fontsize=10)
         return fig
 
     def context(self) -> str:
