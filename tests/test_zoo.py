@@ -219,3 +219,17 @@ def test_distillation_from_a_shipped_teacher(tmp_path):
     a, b = load_file(str(tmp_path / "swin-shapes.safetensors")), load_file(str(tmp_path / "plain" / "swin-shapes.safetensors"))
     assert set(a) == set(b)  # the distillation heads are not part of the shipped model
     assert not all(torch.equal(a[k], b[k]) for k in a)  # and the teacher changed the training
+
+
+def test_available_shows_a_table_of_names_and_scores_and_curves_only_on_request():
+    import vitlens as vl
+
+    shown = repr(vl.models.available())
+    lines = shown.splitlines()
+    assert len(lines) == 3 and "one-object top-1" in lines[0]
+    assert lines[2].startswith("vit-shapes") and "96.3 %" in lines[2] and "93.3 %" in lines[2]
+    assert "step" not in shown and "curve" not in vl.models.available()["vit-shapes"]["train"]
+    assert vl.models.available()["vit-shapes"]["scores"]["one_object_top1"] == 0.963  # still the configs
+    with_curves = vl.models.available(curves=True)
+    assert "curve" in with_curves["vit-shapes"]["train"] and "| step |" in repr(with_curves)
+    assert "<table>" in vl.models.available()._repr_html_()
