@@ -135,7 +135,7 @@ def quality(name: str, n_one: int, n_two: int, batch_size: int) -> tuple[list[st
         "Where the seed methods do not beat rollout (all items):", "", *verdict(every), "",
         "Two-object items only:", "", *verdict(two), "",
         f"Capture time (shared by all methods): {float(every['capture_seconds_per_image'][0]) * 1000:.1f} ms "
-        "per image; `s/img` above is each method's own `vl.explain` time.",
+        "per image; `ms/img` above is each method's own `vl.explain` time.",
         "",
     ]
     return out, seconds

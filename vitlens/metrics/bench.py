@@ -23,9 +23,10 @@ import xarray as xr
 
 from ..errors import OptionError
 
-__all__ = ["main", "format_table"]
+__all__ = ["main", "format_table", "COLUMNS", "LEGEND", "scaled"]
 
-#: Columns as printed (name, header, format).
+#: Columns as printed (name, header, format): the one naming of score tables
+#: (``vitlens bench``, ``vitlens demo``, benchmarks/RESULTS.md).
 COLUMNS = (
     ("pixel_accuracy", "pix.acc", "{:.3f}"),
     ("miou", "mIoU", "{:.3f}"),
@@ -37,8 +38,23 @@ COLUMNS = (
     ("negative_auc_label", "neg.label↑", "{:.1f}"),
     ("deletion_auc", "del↓", "{:.3f}"),
     ("insertion_auc", "ins↑", "{:.3f}"),
-    ("seconds_per_image", "s/img", "{:.4f}"),
+    ("seconds_per_image", "ms/img", "{:.1f}"),
 )
+#: Printed value = table value × factor (the explain time is printed in milliseconds).
+FACTORS = {"seconds_per_image": 1000.0}
+#: What the columns mean, printed under a table.
+LEGEND = (
+    "pix.acc, mIoU, mAP, point: localisation against the object masks, fractions in [0, 1] (higher is better). "
+    "pos/neg: area under the top-1 accuracy (in %) over 0-90 % of pixels removed, most (pos) or least (neg) "
+    "relevant first, for maps of the predicted (.pred) or label (.label) class, so 0-90 (pos: lower is better; "
+    "neg: higher). del/ins: deletion/insertion area. ms/img: vl.explain time per image for the method "
+    "(capture excluded)."
+)
+
+
+def scaled(table: xr.Dataset, name: str) -> xr.DataArray:
+    """Column ``name`` of a score table in its printed unit (see :data:`FACTORS`)."""
+    return table[name] * FACTORS.get(name, 1.0)
 
 
 def format_table(table: xr.Dataset, markdown: bool = False) -> str:
@@ -47,7 +63,7 @@ def format_table(table: xr.Dataset, markdown: bool = False) -> str:
     rows = []
     for i, method in enumerate(table["method"].values):
         row = table.isel(method=i)  # not .sel(method=...): `method` is a keyword of .sel itself
-        rows.append([str(method)] + [fmt.format(float(row[name])) for name, _, fmt in COLUMNS])
+        rows.append([str(method)] + [fmt.format(float(scaled(row, name))) for name, _, fmt in COLUMNS])
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * len(COLUMNS)) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -156,10 +172,7 @@ def main(argv: Sequence[str]) -> int:
           f"target={args.target}, clean accuracy {table.attrs['clean_accuracy']:.3f} "
           f"({table.attrs['accuracy_reference']}); {seconds:.0f} s on {table.attrs['machine']}")
     print(format_table(table))
-    print("pix.acc/mIoU/mAP/point: segmentation (higher is better); pos/neg: perturbation AUC for maps of the "
-          "predicted / label class (pos lower, neg higher is better); del/ins: deletion/insertion area; "
-          "s/img: explain time per image (capture: "
-          f"{float(table['capture_seconds_per_image'][0]):.4f} s/img).")
+    print(LEGEND + f" Capture: {1000 * float(table['capture_seconds_per_image'][0]):.1f} ms/img.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_dataframe().to_csv(out / f"{name}.csv")
