@@ -781,3 +781,43 @@ def test_no_widget_sends_nan_to_the_page(swin_cap, page_messages):
         except ValueError:
             bad.append(str(msg)[:200])
     assert len(page_messages) > 20 and not bad, bad
+
+
+# -- a narrow output: the Explorer wraps its panels by itself -------------------------------------
+def _title_lines(fig) -> list[str]:
+    import re
+
+    return [line for a in fig.layout.annotations for line in re.split("<br>", str(a.text))]
+
+
+def test_explorer_wraps_to_two_columns_in_a_narrow_output_and_back(vit_cap):
+    from vitlens.widgets.figure import COLORBAR_PX, TITLE_CHAR_PX
+
+    ex = Explorer(vit_cap)
+    assert ex.grid == (1, 4) and len({round(a.y, 3) for a in ex.figure.layout.annotations}) == 1
+    ex.figure._bundle_requested(ex.figure, {"vitlens": "width", "width": 388}, [])  # what the page sends
+    assert ex.grid == (2, 2)
+    assert len({round(a.y, 3) for a in ex.figure.layout.annotations}) == 2
+    assert len({round(a.x, 3) for a in ex.figure.layout.annotations}) == 2
+    assert ex.figure.layout.height < 60 + 2 * 250  # panels of a narrow output are smaller: so are their rows
+    panel_px = (388 - COLORBAR_PX) / 2
+    assert all(len(line) * TITLE_CHAR_PX <= panel_px for line in _title_lines(ex.figure))  # titles never overlap
+    close(ex.panel_maps()["fusion"], cumulative(vit_cap, "lnstat", 2, grad=False))
+    x, y = patch_centre(vit_cap, 1, 2)
+    click(ex.figure, ex.heatmap_trace(3), x, y)  # a panel of the second row still picks the query
+    assert ex.query == (1, 2)
+    ex.layer = 1  # later updates keep the short titles
+    assert all(len(line) * TITLE_CHAR_PX <= panel_px for line in _title_lines(ex.figure))
+    ex.figure.page_width_changed(1300)
+    assert ex.grid == (1, 4) and len({round(a.y, 3) for a in ex.figure.layout.annotations}) == 1
+    assert ex.figure.layout.height == 300
+
+
+def test_explorer_cols_stays_an_override_at_any_width(vit_cap):
+    ex = Explorer(vit_cap, cols=4, compare_class=False)
+    ex.figure.page_width_changed(388)
+    assert ex.grid == (1, 4) and len({round(a.y, 3) for a in ex.figure.layout.annotations}) == 1
+    assert max(len(line) for line in _title_lines(ex.figure)) <= 12  # shortened to fit their 80-px panels
+    ex2 = Explorer(vit_cap, cols=1)
+    ex2.figure.page_width_changed(1400)
+    assert ex2.grid == (4, 1)
