@@ -53,7 +53,7 @@ vl.TokenCurves(vit_cap, explorer=explorer)
 """
 
 COMPARE = """\
-vl.Compare(vit_cap, vit, height=420)
+vl.Compare(vit_cap, vit)
 """
 
 SWIN = """\
@@ -122,7 +122,7 @@ vl.ModelView(cap, explorer=explorer, tile=48)
 """, """\
 vl.TokenCurves(cap, explorer=explorer)
 """, """\
-vl.Compare(cap, vit, height=420)
+vl.Compare(cap, vit)
 """
 
 

@@ -23,7 +23,7 @@ import xarray as xr
 from ..errors import ImageProcessorWarning, OptionError
 from .controls import class_label, top_classes
 from .export import ExportControls
-from .figure import heatmap_trace, image_trace, image_uri, zsmooth
+from .figure import grid_height, grid_shape, heatmap_trace, image_trace, image_uri, live_title, set_grid, title_chars, zsmooth
 from .layout import CaptureLayout, Query, capture_layout, check_view, checked_query
 from .panels import PanelMaps
 from .text import Markup, escape, html_text, markup
@@ -272,6 +272,49 @@ class CaptureView(widgets.VBox):
 
     def _panels_in(self, fig: Any) -> int:
         return self.num_panels
+
+    # -- the grid of panels follows the width the page draws the figure at --------------------
+    #: The most panels a row when the widget chooses (None: as many as fit).
+    max_cols: int | None = None
+
+    def _init_grid(self, cols: int | None, height: int | None, default_cols: int) -> tuple[int, int]:
+        """The first grid: ``cols`` if given (then fixed), else ``default_cols`` until the page reports its width."""
+        self._cols_override, self._height_override = cols, height
+        cols = default_cols if cols is None else cols
+        cols = max(1, min(int(cols), self.num_panels))
+        self.grid = (-(-self.num_panels // cols), cols)
+        self._title_chars: int | None = None
+        self._titles: list[str] = []
+        return self.grid
+
+    def follow_width(self, width: float) -> None:
+        """Fit the panels to a figure drawn ``width`` pixels wide (the page reports it; tests call it).
+
+        Below :data:`~vitlens.widgets.figure.MIN_PANEL_PX` per panel the panels wrap
+        into more rows (the Explorer's 4 panels: 2 × 2 at a 388-px output); titles are
+        shortened to their panel's width, so neighbours never overlap. ``cols=``
+        given to the widget fixes the grid.
+        """
+        if self._cols_override is not None:
+            rows, cols = self.grid
+        else:
+            rows, cols = grid_shape(self.num_panels, width)
+            if self.max_cols is not None and cols > self.max_cols:
+                cols = self.max_cols
+                rows = -(-self.num_panels // cols)
+        chars = title_chars(width, cols)
+        if (rows, cols) != self.grid:
+            set_grid(self.figure, self.num_panels, rows, cols, self._height_override or grid_height(rows, cols, width))
+            self.grid = (rows, cols)
+        if chars != self._title_chars:
+            self._title_chars = chars
+            with self.figure.batch_update():
+                for ann, text in zip(self.figure.layout.annotations, self._titles, strict=False):
+                    ann.text = live_title(text, chars)
+
+    def _follow_page_width(self) -> None:
+        if hasattr(self.figure, "on_page_width"):  # vitlens' plotly widget (a plain FigureWidget says nothing)
+            self.figure.on_page_width(self.follow_width)
 
     def _opacity_of(self, panel: int, fig: Any) -> float:
         return self.opacity

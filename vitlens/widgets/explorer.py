@@ -18,7 +18,7 @@ from ..errors import OptionError, VitlensError
 from . import captions
 from .base import AttentionView, ClassChoice
 from .controls import HeadToggles, layer_slider, opacity_slider, probe, probe_text, sample_dropdown, top_classes
-from .figure import as_widget, grid_height, grid_shape, live_title, overlay_figure, set_grid, title_chars
+from .figure import as_widget, grid_height, live_title, overlay_figure
 from .layout import Query, initial_query, parse_heads, patch_outline, window_edges, window_ids
 from .panels import (
     STATISTICS,
@@ -229,7 +229,6 @@ class Explorer(AttentionView):
             self.contrast_select = self.contrast.dropdown
             self.contrast_select.tooltip = "the second class, explained by the fifth panel"
         self.timings: list[float] = []  # seconds per view update (server side)
-        self._titles: list[str] = []
         self.sample, self.layer, self.opacity, self.smooth = sample, layer, opacity, smooth
         self.stat, self.method = stat, method
         self.query = initial_query(info, query)
@@ -274,11 +273,7 @@ class Explorer(AttentionView):
         is drawn; then as many a row as stay readable (:meth:`follow_width`).
         """
         info = self.layout_info
-        self._cols_override, self._height_override = cols, height
-        cols = self.num_panels if cols is None else max(1, min(int(cols), self.num_panels))
-        rows = -(-self.num_panels // cols)
-        self.grid = (rows, cols)
-        self._title_chars: int | None = None
+        rows, cols = self._init_grid(cols, height, default_cols=self.num_panels)
         fig = overlay_figure(info, list(self.panels), "", cols=cols,
                              height=grid_height(rows, cols) if height is None else height,
                              opacity=self.opacity, smooth=self.smooth)
@@ -323,8 +318,7 @@ class Explorer(AttentionView):
         self.figure.add_class("vitlens-figure")
         for i in range(self.num_panels):
             self.figure.data[self.heatmap_trace(i)].on_click(self._clicked)
-        if hasattr(self.figure, "on_page_width"):
-            self.figure.on_page_width(self.follow_width)
+        self._follow_page_width()
 
     def control_rows(self) -> list[list[widgets.Widget]]:
         """The rows of controls above the figure (a mode that adds controls adds a row here)."""
@@ -343,25 +337,6 @@ class Explorer(AttentionView):
         rows = [widgets.HBox(r, layout=widgets.Layout(**wrap)) for r in self.control_rows()]
         below = [self.ablation.box] if self.ablation is not None else []  # below the maps: plots keep their order
         return [self.title, *rows, self.figure, *below, self.captions, self.exporter.box, self.probe]
-
-    def follow_width(self, width: float) -> None:
-        """Fit the panels to a figure drawn ``width`` pixels wide (the page reports it; tests call it).
-
-        Below :data:`~vitlens.widgets.figure.MIN_PANEL_PX` per panel the panels wrap
-        into more rows (4 panels: 2 × 2); titles are shortened to their panel's width,
-        so neighbours never overlap. ``cols=`` given to the Explorer fixes the grid.
-        """
-        rows, cols = self.grid if self._cols_override is not None else grid_shape(self.num_panels, width)
-        chars = title_chars(width, cols)
-        if (rows, cols) != self.grid:
-            height = self._height_override or grid_height(rows, cols, width)
-            set_grid(self.figure, self.num_panels, rows, cols, height)
-            self.grid = (rows, cols)
-        if chars != self._title_chars:
-            self._title_chars = chars
-            with self.figure.batch_update():
-                for ann, text in zip(self.figure.layout.annotations, self._titles, strict=False):
-                    ann.text = live_title(text, chars)
 
     # -- public state -------------------------------------------------------------------
     @property
