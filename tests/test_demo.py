@@ -44,7 +44,7 @@ def test_demo_writes_its_figures_with_no_browser_reachable(tmp_path):
     page = (out / "index.html").read_text()
     assert "vit-shapes-methods.png" in page and "<table" in page
     printed = run.stdout
-    assert "ms/img" in printed and "pos.label↓" in printed and "0-90" in printed  # the AUC scale is stated
+    assert "ms/img" in printed and "pos.label↓" in printed and "0-80 %" in printed  # the AUC scale is stated
     assert "evaluate" in run.stderr  # the metrics step shows a progress bar
 
 

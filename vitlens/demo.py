@@ -18,10 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics.bench import LEGEND
+from .metrics.bench import legend
 
 DEMO_SEED = 2026  # never used for training (training seeds start at 0 and count up in blocks)
-EVAL_IMAGES = 24  # the metrics step's default; 48 took ~35 s of the demo's minute on 2 cores
+#: The metrics step: one-object images (one item each, so no second capture for another class)
+#: and a 5-step perturbation grid, in one batch. 24 images of one and two objects on a 10-step grid
+#: took most of the demo's 413 s; the full table is ``vitlens bench``'s.
+EVAL_IMAGES = 12
+EVAL_STEPS = 5
 
 #: The score-table columns the demo prints (named and scaled as ``vitlens bench`` prints them).
 DEMO_COLUMNS = ("pixel_accuracy", "miou", "mean_ap", "pointing", "positive_auc_label", "negative_auc_label",
@@ -70,7 +74,7 @@ def _index_html(out: Path, written: Sequence[Path], tables: Sequence[tuple[str, 
     for name, table in tables:
         parts.append(f"<h2>{html.escape(name)}: metrics on {n_eval} generated images</h2>")
         parts.append(metrics_frame(table).to_html())
-        parts.append(f"<p>{html.escape(LEGEND)}</p>")
+        parts.append(f"<p>{html.escape(legend(EVAL_STEPS))}</p>")
     return _atomic_write(out / "index.html", lambda h: h.write("\n".join(parts).encode()))
 
 
@@ -112,8 +116,9 @@ def main(argv: Sequence[str] = ()) -> int:
         steps.update()
         if args.eval:
             steps.set_postfix_str(f"{name}: metrics on {args.eval} images")
-            table = vl.evaluate(model, vl.datasets.shapes(args.eval, seed=DEMO_SEED + 1, objects=(1, 2)),
-                                methods="all", target="label", progress=True, batch_size=8)
+            table = vl.evaluate(model, vl.datasets.shapes(args.eval, seed=DEMO_SEED + 1, objects=(1,)),
+                                methods="all", target="label", progress=True, batch_size=max(1, args.eval),
+                                steps=EVAL_STEPS)
             tables.append((name, table))
             steps.update()
     steps.close()
@@ -123,7 +128,8 @@ def main(argv: Sequence[str] = ()) -> int:
         print(f"\n{name}: localisation and faithfulness on {args.eval} generated images")
         print(metrics_frame(table).to_string())
     if tables:
-        print(textwrap.fill(LEGEND, 110))
+        print(textwrap.fill(legend(EVAL_STEPS) + f" A quick look: {args.eval} held-out one-object images; "
+                            "`vitlens bench` scores 500 by default.", 110))
     print(f"\nexplained {len(targets)} objects in {args.images} images with {len(vl.METHODS)} methods "
           f"in {time.perf_counter() - start:.0f} s; files in {out.resolve()}/ (open index.html):")
     for path in written:

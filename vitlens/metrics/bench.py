@@ -23,7 +23,7 @@ import xarray as xr
 
 from ..errors import OptionError
 
-__all__ = ["main", "format_table", "COLUMNS", "LEGEND", "scaled"]
+__all__ = ["main", "format_table", "COLUMNS", "legend", "scaled"]
 
 #: Columns as printed (name, header, format): the one naming of score tables
 #: (``vitlens bench``, ``vitlens demo``, benchmarks/RESULTS.md).
@@ -42,14 +42,22 @@ COLUMNS = (
 )
 #: Printed value = table value × factor (the explain time is printed in milliseconds).
 FACTORS = {"seconds_per_image": 1000.0}
-#: What the columns mean, printed under a table.
-LEGEND = (
-    "pix.acc, mIoU, mAP, point: localisation against the object masks, fractions in [0, 1] (higher is better). "
-    "pos/neg: area under the top-1 accuracy (in %) over 0-90 % of pixels removed, most (pos) or least (neg) "
-    "relevant first, for maps of the predicted (.pred) or label (.label) class, so 0-90 (pos: lower is better; "
-    "neg: higher). del/ins: deletion/insertion area. ms/img: vl.explain time per image for the method "
-    "(capture excluded)."
-)
+def legend(steps: int = 10) -> str:
+    """What the columns mean, printed under a table of a ``steps``-step perturbation grid.
+
+    Examples
+    --------
+    >>> "0-80 % of pixels removed" in legend(5)
+    True
+    """
+    top = 100 * (int(steps) - 1) // int(steps)
+    return (
+        "pix.acc, mIoU, mAP, point: localisation against the object masks, fractions in [0, 1] (higher is better). "
+        f"pos/neg: area under the top-1 accuracy (in %) over 0-{top} % of pixels removed (in steps of "
+        f"{100 // int(steps)} %), most (pos) or least (neg) relevant first, for maps of the predicted (.pred) or "
+        f"label (.label) class, so 0-{top} (pos: lower is better; neg: higher). del/ins: deletion/insertion area. "
+        "ms/img: vl.explain time per image for the method (capture excluded)."
+    )
 
 
 def scaled(table: xr.Dataset, name: str) -> xr.DataArray:
@@ -172,7 +180,7 @@ def main(argv: Sequence[str]) -> int:
           f"target={args.target}, clean accuracy {table.attrs['clean_accuracy']:.3f} "
           f"({table.attrs['accuracy_reference']}); {seconds:.0f} s on {table.attrs['machine']}")
     print(format_table(table))
-    print(LEGEND + f" Capture: {1000 * float(table['capture_seconds_per_image'][0]):.1f} ms/img.")
+    print(legend(args.steps) + f" Capture: {1000 * float(table['capture_seconds_per_image'][0]):.1f} ms/img.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_dataframe().to_csv(out / f"{name}.csv")
