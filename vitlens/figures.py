@@ -289,7 +289,7 @@ def _wrap(text: str, width_inches: float, fontsize: float = 7) -> str:
 
 
 def short_label(name: str, chars: int, lines: int = 2) -> str:
-    """A class name that fits a row label: its first synonym, wrapped to ``lines`` lines of ``chars``.
+    r"""A class name that fits a row label: its first synonym, wrapped to ``lines`` lines of ``chars``.
 
     ImageNet names list synonyms ("sidewinder, horned rattlesnake, Crotalus
     cerastes"): the label keeps the first; a name still too long is wrapped and
@@ -300,7 +300,7 @@ def short_label(name: str, chars: int, lines: int = 2) -> str:
     >>> short_label("sidewinder, horned rattlesnake, Crotalus cerastes", 14)
     'sidewinder'
     >>> short_label("a very long class name without any commas at all", 14)
-    'a very long\nclass name wi…'
+    'a very long\nclass name…'
     """
     import textwrap
 

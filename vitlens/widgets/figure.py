@@ -188,7 +188,7 @@ def live_title(title: str, chars: int | None = None) -> Markup:
     >>> live_title("method · block 1 · class <i>")
     'method<br>block 1 · class &lt;i&gt;'
     >>> live_title("Transformer Attribution · block 11 · class hexagon", chars=16)
-    'Transformer Attr…<br>block 11 · clas…'
+    'Transformer Att…<br>block 11 · clas…'
     """
     name, _, rest = str(title).partition(" · ")
     if chars is not None:
