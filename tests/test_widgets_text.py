@@ -161,6 +161,18 @@ def test_hostile_class_names_reach_every_widget_escaped(hostile):
     assert "&lt;" in str(ex.figure.layout.annotations[3].text)  # the class in a panel title, escaped for plotly
 
 
+def test_the_ablate_mode_shows_hostile_class_names_escaped(hostile):
+    model, cap = hostile
+    ex = vl.Explorer(cap, model, ablate=True)
+    ex.ablation.toggle(0)  # the "after" bars and a recapture: every text of the mode is drawn
+    labels = [str(y) for trace in ex.ablation.bars.data for y in trace.y]
+    shown = labels + [str(ex.ablation.label.value), str(ex.ablation.status.value), str(ex.class_status.value)]
+    for bad in ("<img", "<script", "<svg", "<b>bold"):
+        assert bad not in "\n".join(shown), bad
+    cut = [n if len(n) <= 18 else n[:17] + "…" for n in HOSTILE]  # the bars' labels: names cut to 18 characters
+    assert set(labels) <= {escape(n) for n in cut} and len(set(labels)) == 5  # the top 5, each escaped once
+
+
 def test_static_exports_show_the_class_names_as_written(hostile):
     model, cap = hostile
     ex = vl.Explorer(cap, model, compare_class=True)

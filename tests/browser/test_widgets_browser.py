@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from .conftest import CHROMIUM, open_and_run_in_lab
+from .conftest import CHROMIUM, TIMEOUT_MS, open_and_run_in_lab
 
 try:
     from playwright.sync_api import expect
@@ -36,7 +36,6 @@ from vitlens.methods import METHOD_INFO, statistic_maps
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-TIMEOUT_MS = 30_000
 #: Panels of the Explorer, and the trace index of each panel's heatmap in figure.data.
 HEATMAP = {"attention": 1, "statistic": 3, "fusion": 5, "method": 7, "contrast": 9}
 GRID_TRACE, MARKER_TRACE = 10, 11
