@@ -69,3 +69,66 @@ def test_31_10_a_decompression_bomb_is_an_image_error_that_says_what_to_do(model
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64×64 counts as a bomb: more than twice the limit
     with pytest.raises(vl.ImageError, match=r"bomb.png.*4096 pixels.*MAX_IMAGE_PIXELS"):
         vl.capture(model, str(path), grads=False)
+
+
+# -- 31.2: a resume checks the CLIP prompts ----------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def interrupted(capture_call, path, after_batches: int = 1):
+    """Run ``capture_call(store=path)`` and stop it (as a kill would) after ``after_batches`` commits."""
+    from vitlens.capture import stream
+
+    real, done = stream.write_batch, []
+
+    def write_then_stop(*args, **kwargs):
+        if len(done) == after_batches:
+            raise _Stop
+        real(*args, **kwargs)
+        done.append(1)
+
+    stream.write_batch = write_then_stop
+    try:
+        with pytest.raises(_Stop):
+            capture_call(store=path)
+    finally:
+        stream.write_batch = real
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from vitlens.models.families.hf_clip import save_random_clip
+
+    return vl.load_model("hf:" + save_random_clip(tmp_path_factory.mktemp("clip"), seed=0), device="cpu")
+
+
+PROMPTS = ["a photo of a dog", "a photo of a cat", "a drawing of a star"]
+
+
+def test_31_2_resuming_an_image_text_stream_with_other_prompts_is_refused(clip, tmp_path):
+    import torch
+
+    from vitlens.capture import stream
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    run = dict(batch_size=1, progress=False)
+    store = interrupted(lambda **kw: vl.capture(clip, x, text=PROMPTS, **run, **kw), tmp_path / "clip.zarr")
+    ids = clip.vitlens_text_processor(text=PROMPTS, padding=True, return_tensors="pt")["input_ids"]
+    for other in (
+        ["a photo of a dog", "a photo of a cow", "a drawing of a star"],  # same count, one prompt changed
+        PROMPTS[::-1],  # same prompts in another order: other class indices
+        PROMPTS[:2],  # another count (was a raw ValueError from zarr)
+        torch.cat([ids[:, :1], ids[:, 2:]], 1),  # token ids with one token dropped
+    ):
+        with pytest.raises(vl.ResumeError, match="text prompts"):
+            vl.capture(clip, x, text=other, store=store, resume=True, **run)
+        assert stream.committed(store) == 1  # nothing touched
+    resumed = vl.capture(clip, x, text=ids, store=store, resume=True, **run)  # the same prompts as ids: same run
+    expected = vl.capture(clip, x, text=PROMPTS)
+    np.testing.assert_allclose(resumed.logits.values, expected.logits.values, rtol=1e-5, atol=1e-6)
+    assert resumed.attrs["class_names"] == PROMPTS
