@@ -132,3 +132,17 @@ def test_31_2_resuming_an_image_text_stream_with_other_prompts_is_refused(clip, 
     expected = vl.capture(clip, x, text=PROMPTS)
     np.testing.assert_allclose(resumed.logits.values, expected.logits.values, rtol=1e-5, atol=1e-6)
     assert resumed.attrs["class_names"] == PROMPTS
+
+
+def test_31_10_prompts_beyond_the_text_encoders_limits_are_option_errors(clip):
+    import torch
+
+    x = torch.zeros(1, 3, 32, 32)
+    for text, words in (
+        (["a photo of a " + "very " * 20 + "big dog", "a cat"], r"prompt 0 \('a photo of a very.*is \d+ tokens long.*at most 64"),
+        (torch.zeros((1, 65), dtype=torch.long), r"prompt 0 is 65 tokens long.*at most 64"),
+        (torch.tensor([[0, 10**6, 1]]), r"token id 1000000, outside the text encoder's vocabulary"),
+        (torch.tensor([[0, -3, 1]]), r"token id -3, outside"),
+    ):
+        with pytest.raises(vl.OptionError, match=words):
+            vl.capture(clip, x, text=text, grads=False)
