@@ -146,3 +146,201 @@ def test_31_10_prompts_beyond_the_text_encoders_limits_are_option_errors(clip):
     ):
         with pytest.raises(vl.OptionError, match=words):
             vl.capture(clip, x, text=text, grads=False)
+
+
+# -- shared: a small capture, saved and streamed -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imgs():
+    from conftest import random_images
+
+    return random_images(4, 32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def cap(model, imgs):
+    return vl.capture(model, imgs)
+
+
+def _stored(how, model, imgs, cap, path):
+    if how == "saved":
+        return vl.save(cap, path)
+    vl.capture(model, imgs, store=path, batch_size=2, progress=False)
+    return path
+
+
+def _chunks_of(store, var: str):
+    return sorted(p for p in (store / var).rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+# -- 31.3: a missing array or group is named, never NaN -------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["saved", "streamed"])
+@pytest.mark.parametrize("removed, named", [
+    ("stage0/attention", "variable /stage0/attention"),
+    ("stage0/attention_grad", "variable /stage0/attention_grad"),
+    ("logits", "variable /logits"),
+    ("stage0", "group /stage0"),
+])
+def test_31_3_a_missing_array_or_group_fails_the_open_naming_it(how, removed, named, model, imgs, cap, tmp_path):
+    import shutil
+
+    path = _stored(how, model, imgs, cap, tmp_path / "c.zarr")
+    shutil.rmtree(path / removed)  # the consolidated metadata still lists it
+    for chunks in (None, {}):
+        with pytest.raises(vl.CaptureFormatError, match=f"{named} of .* is missing"):
+            vl.open(path, chunks=chunks)
+
+
+# -- 31.4: every committed chunk and every .nc file is checksummed -----------------------------------
+
+
+def _flip(path, bit: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[bit // 8] ^= 1 << (bit % 8)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["saved", "streamed"])
+def test_31_4_a_single_bit_flip_in_a_zstd_chunk_raises_naming_the_variable(how, model, imgs, cap, tmp_path):
+    path = _stored(how, model, imgs, cap, tmp_path / "c.zarr")
+    assert vl.verify(path).chunks > 0
+    chunk = _chunks_of(path, "stage0/attention")[0]
+    intact = chunk.read_bytes()
+    assert len(intact) > 16
+    for bit in np.linspace(0, 8 * len(intact) - 1, 7).round().astype(int):  # header, body, checksum
+        _flip(chunk, int(bit))
+        for chunks in (None, {}):
+            with pytest.raises(vl.CaptureFormatError, match="stage0/attention.*damaged"):
+                vl.explain(vl.open(path, chunks=chunks), "rollout")
+        with pytest.raises(vl.CaptureFormatError, match="stage0/attention"):
+            vl.verify(path)
+        chunk.write_bytes(intact)
+    np.testing.assert_array_equal(vl.open(path)["stage0"].attention.values, cap["stage0"].attention.values)
+
+
+def test_31_4_a_single_bit_flip_anywhere_in_a_nc_file_raises(cap, tmp_path):
+    path = vl.save(cap, tmp_path / "c.nc")
+    assert vl.verify(path).checksums.startswith("crc32c")
+    size = path.stat().st_size
+    intact = path.read_bytes()
+    for bit in np.linspace(0, 8 * size - 1, 41).round().astype(int):
+        _flip(path, int(bit))
+        with pytest.raises(vl.CaptureFormatError, match="c.nc"):
+            vl.open(path, chunks={})
+        with pytest.raises(vl.CaptureFormatError, match="c.nc"):
+            vl.verify(path)
+        path.write_bytes(intact)
+    vl.verify(path)
+
+
+def test_31_4_verify_reports_a_whole_store_and_finds_damage_beyond_what_an_open_reads(model, imgs, tmp_path):
+    path = tmp_path / "s.zarr"
+    vl.capture(model, imgs, store=path, batch_size=2, progress=False)
+    report = vl.verify(path)
+    assert report.images == 4 and report.checksums == "crc32c per chunk"
+    assert report.variables >= 10 and report.chunks >= 2 * report.variables - 20
+    lazy = vl.open(path, chunks={})  # opening lazily reads no chunk of the last batch's features ...
+    _flip(_chunks_of(path, "stage0/features")[-1], 40)
+    assert lazy["sample"].size == 4
+    with pytest.raises(vl.CaptureFormatError, match="stage0/features"):
+        vl.verify(path)  # ... verify reads every one
+
+
+def test_31_4_verify_says_what_it_checked_on_a_capture_without_checksums(cap, tmp_path):
+    plain = tmp_path / "old.zarr"
+    from vitlens.capture.store import _encode, _map_attrs
+
+    _map_attrs(cap, _encode).to_zarr(plain, mode="w-", consolidated=True, write_empty_chunks=True)  # no checksums
+    assert vl.verify(plain).checksums == "none (written before vitlens kept checksums)"
+
+
+# -- 31.8: bounds: nothing inside a store makes an open hang or allocate what is not there -------------
+
+
+def _returns_within(call, fifo, seconds: float = 30.0):
+    """``call()``'s exception (or None), failing if it waits on ``fifo`` for ``seconds`` (a hang).
+
+    On a hang the FIFO is opened for writing and closed, so the blocked reader sees its end
+    and the test process can exit.
+    """
+    import os
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["exc"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    hung = thread.is_alive()
+    for _ in range(200):  # let the blocked reader go
+        if not thread.is_alive():
+            break
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader waiting at this instant
+            pass
+        thread.join(0.1)
+    assert not hung, "hangs"
+    return box.get("exc")
+
+
+@pytest.mark.parametrize("where", ["stage0/attention/c/0/0/0/0/0", "zarr.json", "stage0/extra"])
+def test_31_8_a_fifo_inside_a_store_is_refused_not_waited_on(where, cap, tmp_path):
+    import os
+
+    path = vl.save(cap, tmp_path / "c.zarr")
+    fifo = path / where
+    if fifo.exists():
+        fifo.unlink()
+    os.mkfifo(fifo)
+    for call in (lambda: vl.open(path), lambda: vl.verify(path), lambda: vl.save(cap, path, overwrite=True)):
+        exc = _returns_within(call, fifo)
+        assert isinstance(exc, vl.CaptureFormatError), exc
+        assert "not a regular file" in str(exc) and where in str(exc)
+
+
+def test_31_8_a_fifo_given_as_a_nc_capture_is_refused(cap, tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "c.nc")
+    exc = _returns_within(lambda: vl.open(tmp_path / "c.nc"), tmp_path / "c.nc")
+    assert isinstance(exc, vl.CaptureFormatError) and "not a regular file" in str(exc)
+
+
+def test_31_8_a_claimed_huge_sample_count_is_refused_before_anything_is_allocated(cap, tmp_path):
+    """Every array's metadata claims 10^5 images (issue 31: 10^9, 7 GiB allocated before the refusal)."""
+    import json
+    import time
+    import tracemalloc
+
+    path = vl.save(cap, tmp_path / "c.zarr")
+
+    def grow(node):
+        if node.get("node_type") == "array" and (node.get("dimension_names") or [None])[0] == "sample":
+            node["shape"][0] = 10**5
+
+    for doc in path.rglob("zarr.json"):
+        meta = json.loads(doc.read_text())
+        grow(meta)
+        for node in meta.get("consolidated_metadata", {}).get("metadata", {}).values():
+            grow(node)
+        doc.write_text(json.dumps(meta))
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(vl.CaptureFormatError, match="sample"):
+            vl.open(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated before refusing"
+    assert time.perf_counter() - start < 10  # today's main: 110 MiB and 2 minutes
