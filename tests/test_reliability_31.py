@@ -319,7 +319,6 @@ def test_31_8_a_fifo_given_as_a_nc_capture_is_refused(cap, tmp_path):
 def test_31_8_a_claimed_huge_sample_count_is_refused_before_anything_is_allocated(cap, tmp_path):
     """Every array's metadata claims 10^5 images (issue 31: 10^9, 7 GiB allocated before the refusal)."""
     import json
-    import time
     import tracemalloc
 
     path = vl.save(cap, tmp_path / "c.zarr")
@@ -335,12 +334,10 @@ def test_31_8_a_claimed_huge_sample_count_is_refused_before_anything_is_allocate
             grow(node)
         doc.write_text(json.dumps(meta))
     tracemalloc.start()
-    start = time.perf_counter()
     try:
         with pytest.raises(vl.CaptureFormatError, match="sample"):
             vl.open(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated before refusing"
-    assert time.perf_counter() - start < 10  # today's main: 110 MiB and 2 minutes
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated before refusing"  # main: 110 MiB, 2 minutes
