@@ -341,3 +341,117 @@ def test_31_8_a_claimed_huge_sample_count_is_refused_before_anything_is_allocate
     finally:
         tracemalloc.stop()
     assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated before refusing"  # main: 110 MiB, 2 minutes
+
+
+# -- 31.9: what a killed vl.save left is cleaned up by the next save or open, and only that -------------
+
+
+def _save_and_die(path: str, how: str) -> None:
+    """In a child: ``vl.save(..., overwrite=True)`` killed (``os._exit``) at the point ``how`` names."""
+    import os
+
+    from conftest import random_images
+    from zarr.storage import LocalStore
+
+    from vitlens.capture import store
+
+    cap2 = vl.capture(make_vit(), random_images(2, 32, seed=9))
+    if how == "mid-write":
+        real, calls = LocalStore.set, []
+
+        async def set_then_die(self, key, value):
+            calls.append(key)
+            if len(calls) == 12:
+                os._exit(9)
+            await real(self, key, value)
+
+        LocalStore.set = set_then_die
+    elif how == "before the swap":
+        store.swap_in = lambda tmp, target: os._exit(9)
+    elif how == "between the renames":  # where the kernel cannot exchange folders atomically
+        store._exchange = lambda a, b: False
+        real_rename = os.rename
+
+        def rename(src, dst):
+            if store._TMP_TAG in os.fspath(src):
+                os._exit(9)
+            real_rename(src, dst)
+
+        os.rename = rename
+    vl.save(cap2, path, overwrite=True)
+    os._exit(0)
+
+
+def _entries(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("suffix, how, then", [
+    (".zarr", "mid-write", "save"),
+    (".nc", "before the swap", "open"),
+    (".zarr", "between the renames", "open"),
+])
+def test_31_9_a_killed_saves_leftovers_are_removed_by_the_next_save_or_open_and_nothing_else(
+        suffix, how, then, cap, model, imgs, tmp_path):
+    import multiprocessing
+    import warnings
+
+    from vitlens.capture import store
+
+    path = vl.save(cap, tmp_path / f"c{suffix}")
+    child = multiprocessing.get_context("spawn").Process(target=_save_and_die, args=(str(path), how))
+    child.start()
+    child.join(300)
+    assert child.exitcode == 9
+    left = [name for name in _entries(tmp_path) if name.startswith(f".c{suffix}.vitlens-")]
+    assert left, "the kill left nothing to clean up"
+    # what vitlens did not write, or wrote for another path, or is being written right now
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / f".c{suffix}.vitlens-tmp-notours").write_text("mine")
+    theirs = tmp_path / f".c{suffix}.vitlens-tmp-0123abcd{suffix}"  # named like a save's copy, holds a thesis
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    other_path = tmp_path / f".d{suffix}.vitlens-tmp-89abcdef{suffix}"
+    other_path.write_bytes(b"")
+    live = tmp_path / f".c{suffix}.vitlens-tmp-fedcba98{suffix}"
+    live.write_bytes(b"")
+    survivors = {"notes.txt", theirs.name, other_path.name, live.name, f".c{suffix}.vitlens-tmp-notours"}
+    with store._held(live):  # a save in progress (another process, here: this one) holds its copy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "put back in place" (between the renames)
+            if then == "save":
+                other = vl.capture(model, imgs[:2])
+                vl.save(other, path, overwrite=True)
+                expected = other
+            else:
+                expected = cap
+            back = vl.open(path)
+    assert set(_entries(tmp_path)) == survivors | {path.name}
+    assert (theirs / "thesis.tex").read_text() == "years of work"
+    np.testing.assert_array_equal(back["stage0"].attention.values, expected["stage0"].attention.values)
+
+
+# -- 31.10: a full disk while streaming -------------------------------------------------------------
+
+
+def test_31_10_a_full_disk_while_streaming_is_a_storage_error_and_the_store_resumes(model, imgs, cap, tmp_path,
+                                                                                     monkeypatch):
+    from zarr.storage import LocalStore
+
+    from vitlens.capture import stream
+
+    real, calls = LocalStore.set, []
+
+    async def fills_up(self, key, value):
+        calls.append(key)
+        if stream.committed(tmp_path / "s.zarr") == 2:  # the second batch finds the disk full
+            raise OSError(28, "No space left on device")
+        await real(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", fills_up)
+    with pytest.raises(vl.StorageError, match=r"No space left.*2 images committed before are intact.*resume=True"):
+        vl.capture(model, imgs, store=tmp_path / "s.zarr", batch_size=2, progress=False)
+    monkeypatch.undo()
+    assert stream.committed(tmp_path / "s.zarr") == 2
+    resumed = vl.capture(model, imgs, store=tmp_path / "s.zarr", batch_size=2, resume=True, progress=False)
+    np.testing.assert_allclose(resumed["stage0"].attention.values, cap["stage0"].attention.values, rtol=1e-5, atol=1e-7)

@@ -249,6 +249,18 @@ def _trim(store: Path, n: int) -> None:
 
 def write_batch(tree: xr.DataTree, store: Path, first: bool, batch_size: int, marker: dict[str, Any]) -> None:
     """Append one captured batch to ``store``, then commit it in the marker."""
+    try:
+        _write_batch(tree, store, first, batch_size, marker)
+    except OSError as exc:  # a full disk, a lost mount: the committed batches are intact
+        done = (read_marker(store) or {}).get("images", 0)
+        raise StorageError(
+            f"could not write images {marker['images'] - int(tree['sample'].size)}–{marker['images'] - 1} to "
+            f"{str(store)!r} ({exc}). The {done} images committed before are intact; free disk space, then "
+            "continue with vl.capture(model, images, store=..., resume=True)."
+        ) from exc
+
+
+def _write_batch(tree: xr.DataTree, store: Path, first: bool, batch_size: int, marker: dict[str, Any]) -> None:
     import zarr
 
     tree = for_disk(tree)  # attributes encoded, the layout recorded (checked at open)
