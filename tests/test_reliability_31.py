@@ -455,3 +455,44 @@ def test_31_10_a_full_disk_while_streaming_is_a_storage_error_and_the_store_resu
     assert stream.committed(tmp_path / "s.zarr") == 2
     resumed = vl.capture(model, imgs, store=tmp_path / "s.zarr", batch_size=2, resume=True, progress=False)
     np.testing.assert_allclose(resumed["stage0"].attention.values, cap["stage0"].attention.values, rtol=1e-5, atol=1e-7)
+
+
+# -- 31.10: hostile attributes are named at open, not raw errors deep inside a method -------------------
+
+
+@pytest.mark.parametrize("group, key, value, words", [
+    ("/", "class_names", "5", "a list of class names"),
+    ("/", "class_names", '["a", "b"]', "one name per class"),
+    ("/", "input_size", '"abc"', r"\[channels, height, width\]"),
+    ("/", "options", "nope", "JSON text"),
+    ("stage0", "grid", "[0, 0]", r"\[rows, columns\], positive"),
+    ("stage0", "grid", "[100, 100]", "at most the 17 tokens"),
+    ("stage0", "stride", '"x"', r"\[rows, columns\]"),
+    ("stage0", "num_prefix_tokens", "[1]", "a count"),
+    ("stage0", "num_heads", "7", "the number of heads stored"),
+    ("/", "class_names", "[" * 100000 + "]" * 100000, "RecursionError"),
+])
+def test_31_10_hostile_store_attributes_are_capture_format_errors_naming_them(group, key, value, words, cap, tmp_path):
+    import json
+
+    path = vl.save(cap, tmp_path / "c.zarr")
+    for doc in path.rglob("zarr.json"):
+        meta = json.loads(doc.read_text())
+        meta.pop("consolidated_metadata", None)
+        if doc.parent == (path / group.strip("/") if group != "/" else path):
+            meta["attributes"][key] = value
+            listed = set(json.loads(meta["attributes"].get("_vitlens_json_attrs", "[]")))
+            if key != "options":  # capture stores options as plain JSON text
+                meta["attributes"]["_vitlens_json_attrs"] = json.dumps(sorted(listed | {key}))
+        doc.write_text(json.dumps(meta))
+    with pytest.raises(vl.CaptureFormatError, match=f"{key if words != 'RecursionError' else 'damaged attributes'}.*{words}"):
+        vl.open(path)
+
+
+def test_31_10_captures_of_every_layout_pass_the_attribute_checks(tmp_path):
+    from conftest import make_swin, random_images
+
+    for name, model, size in (("vit", make_vit(reg_tokens=2), 32), ("swin", make_swin(), 64)):
+        cap = vl.capture(model, random_images(1, size), grads=False)
+        for suffix in (".zarr", ".nc"):
+            vl.open(vl.save(cap, tmp_path / f"{name}{suffix}"))

@@ -858,6 +858,87 @@ def _check_layout(groups: dict[str, xr.Dataset], layout: Any, path: Path) -> Non
                 )
 
 
+def _is_count(v: Any, least: int = 0) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and int(v) >= least
+
+
+def _is_numbers(v: Any, n: int, least: int | None = None) -> bool:
+    return (isinstance(v, list) and len(v) == n and all(
+        isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+        and (least is None or x >= least) for x in v))
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+#: The attributes capture writes that vitlens reads back, and what each must be (checked at open).
+_ATTR_RULES: dict[str, dict[str, tuple[str, Any]]] = {
+    "root": {
+        "class_names": ("a list of class names (strings)", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "input_size": ("[channels, height, width], positive", lambda v: _is_numbers(v, 3, 1)),
+        "mean": ("three numbers", lambda v: _is_numbers(v, 3)),
+        "std": ("three positive numbers", lambda v: _is_numbers(v, 3) and all(x > 0 for x in v)),
+        "num_prefix_tokens": ("a count", _is_count),
+        "num_stages": ("a positive count", lambda v: _is_count(v, 1)),
+        "num_layers": ("a positive count", lambda v: _is_count(v, 1)),
+        "model": ("a string", lambda v: isinstance(v, str)),
+        "family": ("a string", lambda v: isinstance(v, str)),
+        "readout": ("a string", lambda v: isinstance(v, str)),
+        "vitlens_version": ("a string", lambda v: isinstance(v, str)),
+        "options": ("the JSON text of the capture options", lambda v: isinstance(v, str) and _json_object(v)),
+    },
+    "stage": {
+        "stage": ("a count", _is_count),
+        "grid": ("[rows, columns], positive", lambda v: _is_numbers(v, 2, 1) and all(_is_count(x) for x in v)),
+        "stride": ("[rows, columns], positive", lambda v: _is_numbers(v, 2, 1)),
+        "num_heads": ("a positive count", lambda v: _is_count(v, 1)),
+        "num_prefix_tokens": ("a count", _is_count),
+        "embed_dim": ("a positive count", lambda v: _is_count(v, 1)),
+        "window_size": ("[rows, columns], positive", lambda v: _is_numbers(v, 2, 1) and all(_is_count(x) for x in v)),
+    },
+}
+
+
+def _check_attrs(groups: dict[str, xr.Dataset], path: Path) -> None:
+    """The capture's own attributes have the types and sizes capture wrote (a damaged one is named).
+
+    Runs on decoded attributes; an attribute vitlens does not know, or one a
+    capture does not have, is left alone.
+    """
+
+    def damaged(where: str, key: str, value: Any, what: str) -> CaptureFormatError:
+        return CaptureFormatError(
+            f"attribute {key!r} of {where} in {str(path)!r} is damaged: it should be {what}, got "
+            f"{str(value)[:80]!r}. The capture's metadata cannot be trusted; re-capture it or restore it "
+            "from a copy."
+        )
+
+    for group, ds in groups.items():
+        attrs = _decode(ds.attrs, group)
+        kind = "root" if group == "/" else "stage" if "stage" in attrs else None
+        if kind is None:
+            continue
+        for key, (what, ok) in _ATTR_RULES[kind].items():
+            if key in attrs and not ok(attrs[key]):
+                raise damaged(group, key, attrs[key], what)
+        sizes = ds.sizes
+        if kind == "root" and "class_names" in attrs and "class" in sizes and len(attrs["class_names"]) != sizes["class"]:
+            raise damaged(group, "class_names", attrs["class_names"], f"one name per class ({sizes['class']})")
+        if kind == "stage":
+            if "num_heads" in attrs and "head" in sizes and attrs["num_heads"] != sizes["head"]:
+                raise damaged(group, "num_heads", attrs["num_heads"], f"the number of heads stored ({sizes['head']})")
+            tokens = sizes.get("token")
+            if tokens and "grid" in attrs and math.prod(attrs["grid"]) > tokens:
+                raise damaged(group, "grid", attrs["grid"], f"a token grid of at most the {tokens} tokens stored")
+            if tokens and attrs.get("num_prefix_tokens", 0) >= tokens:
+                raise damaged(group, "num_prefix_tokens", attrs["num_prefix_tokens"],
+                              f"fewer than the {tokens} tokens stored")
+
+
 def _committed(groups: dict[str, xr.Dataset], n: int, path: Path) -> dict[str, xr.Dataset]:
     out = {}
     for group, ds in groups.items():
@@ -1011,6 +1092,7 @@ def open(path: str | os.PathLike, *, chunks: dict | str | None = None) -> xr.Dat
         )
     root_attrs = _decode(root.attrs, "/")
     _check_layout(groups, root_attrs.get(LAYOUT_KEY), path)
+    _check_attrs(groups, path)
     if marker is not None:
         n = marker["images"]
         groups = _committed(groups, n, path)
