@@ -95,8 +95,8 @@ def _decode(attrs: dict[str, Any], where: str = "") -> dict[str, Any]:
             attrs[k] = json.loads(attrs[k])
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CaptureFormatError(
-            f"damaged attributes{' of ' + where if where else ''}: {type(exc).__name__}: {str(exc)[:200]}. The capture's metadata cannot be "
-            "trusted; re-capture it or restore the file from a copy."
+            f"damaged attributes{' of ' + where if where else ''}: {type(exc).__name__}: {str(exc)[:200]}. "
+            "The capture's metadata cannot be trusted; re-capture it or restore the file from a copy."
         ) from exc
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
 
@@ -339,19 +339,22 @@ def clean_leftovers(path: str | os.PathLike) -> list[Path]:
     (['.c.nc.vitlens-tmp-0123abcd.nc'], [])
     """
     path = Path(path)
-    found = leftovers(path)
-    olds = [p for p in found if _OLD_TAG in p.name]
-    if olds and not (path.exists() or path.is_symlink()):
-        newest = max(olds, key=lambda p: p.stat().st_mtime)
-        os.rename(newest, path)
-        _fsync_dir(path.parent)
-        found.remove(newest)
-        warnings.warn(
-            f"{str(path)!r} was missing: a vl.save was killed while replacing it; the capture it was "
-            f"replacing ({newest.name}) is back in place.", UserWarning, stacklevel=3,
-        )
-    for entry in found:
-        _remove(entry)
+    try:  # best effort: a folder vitlens may not list or change never stops a save or an open
+        found = leftovers(path)
+        olds = [p for p in found if _OLD_TAG in p.name]
+        if olds and not (path.exists() or path.is_symlink()):
+            newest = max(olds, key=lambda p: p.stat().st_mtime)
+            os.rename(newest, path)
+            _fsync_dir(path.parent)
+            found.remove(newest)
+            warnings.warn(
+                f"{str(path)!r} was missing: a vl.save was killed while replacing it; the capture it was "
+                f"replacing ({newest.name}) is back in place.", UserWarning, stacklevel=3,
+            )
+        for entry in found:
+            _remove(entry)
+    except OSError:
+        return []
     return found
 
 
