@@ -156,3 +156,14 @@ def test_absurd_sizes_and_opacities_are_refused_before_any_work(option, value, w
     assert main(["explain", path, *TINY, option, value, "--out", str(tmp_path / "o")]) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_on_a_missing_gpu_is_a_clear_error_before_any_work(monkeypatch, capsys):
+    """Issue 31.10: ``vitlens bench --device cuda`` without a GPU ended in torch's raw error."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(vl.models, "load_model", lambda *a, **k: pytest.fail("refused only after loading the model"))
+    assert main(["bench", "--device", "cuda", "--n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda is not available here" in err and "--device cpu" in err
