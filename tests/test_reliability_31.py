@@ -110,6 +110,7 @@ def clip(tmp_path_factory):
 PROMPTS = ["a photo of a dog", "a photo of a cat", "a drawing of a star"]
 
 
+@pytest.mark.slow  # six streaming captures of a CLIP model
 def test_31_2_resuming_an_image_text_stream_with_other_prompts_is_refused(clip, tmp_path):
     import torch
 
@@ -386,6 +387,7 @@ def _entries(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
+@pytest.mark.slow  # three child processes, each importing torch
 @pytest.mark.parametrize("suffix, how, then", [
     (".zarr", "mid-write", "save"),
     (".nc", "before the swap", "open"),
