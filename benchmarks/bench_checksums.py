@@ -88,7 +88,6 @@ def main() -> None:
     import torch
 
     import vitlens as vl
-    from vitlens.capture import store
 
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -117,15 +116,6 @@ def main() -> None:
                     task(path)
                     times.setdefault((name, *key), []).append(time.process_time() - start)
                     inside.setdefault((name, *key), []).append(spent[0])
-        crc_alone = []
-        for _ in range(args.rounds):
-            start = time.process_time()
-            for key in (("zarr", True), (".nc", True)):
-                path = paths[(".zarr", True)] if key[0] == "zarr" else paths[(".nc", True)]
-                for f in (path.rglob("*") if path.is_dir() else [path]):
-                    if f.is_file():
-                        store._crc32c(f.read_bytes())
-            crc_alone.append(time.process_time() - start)
     mib = cap["stage0"].attention.nbytes * 3 / 2**20
     print(f"vit_tiny_patch16_224, {args.images} images at 224 px (attention, its gradient and relevance: "
           f"{mib:.0f} MiB); method {args.method!r}; median of {args.rounds} interleaved rounds\n")
@@ -139,11 +129,7 @@ def main() -> None:
             work = statistics.median(inside[(name, suffix, True)])
             print(f"| {suffix} | {name} | {plain:.3f} | {crc:.3f} | {100 * (crc - plain) / plain:+.1f} % | "
                   f"{work:.3f} | {100 * work / crc:.1f} % |")
-    crc = statistics.median(crc_alone)
-    eager = min(statistics.median(times[("open + explain (eager)", sfx, False)]) for sfx in (".zarr", ".nc"))
-    print(f"\nCRC32C of every stored byte of both checksummed copies, alone: {crc:.3f} CPU s "
-          f"({100 * crc / eager:.1f} % of the faster eager open + explain without checksums)")
-    print("bytes on disk: " + ", ".join(f"{s}{' (crc)' if c else ''}: {sizes[(s, c)] / 2**20:.1f} MiB"
+    print("\nbytes on disk: " + ", ".join(f"{s}{' (crc)' if c else ''}: {sizes[(s, c)] / 2**20:.1f} MiB"
                                           for s, c in paths))
 
 

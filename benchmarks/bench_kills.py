@@ -2,7 +2,8 @@
 
     python benchmarks/bench_kills.py [--kills 52] [--random 12] [--saves 16] [--seed 0]
 
-A forked child streams 10 images of a small ViT into a zarr store in batches of
+A child process (spawned: a fork of a process whose torch OpenMP threads
+have run can hang in the child) streams 10 images of a small ViT into a zarr store in batches of
 3 and dies: ``--kills - --random`` times at write steps spread evenly over the
 whole write path (``VITLENS_FAULT_POINT=N``: the writer ``os._exit``\\ s at its
 N-th write — store creation, every group, the root, consolidation, both sides
@@ -51,7 +52,7 @@ def images() -> np.ndarray:
     return np.random.default_rng(5).random((N, 32, 32, 3)).astype(np.float32)
 
 
-def _child(store: str, fault: int | None, log: str | None, delay: float) -> None:
+def _child(store: str, fault: int | None, log: str | None, delay: float, ready=None) -> None:
     os.environ.pop(stream.FAULT_ENV, None)
     os.environ.pop(stream.FAULT_LOG_ENV, None)
     if fault is not None:
@@ -65,14 +66,20 @@ def _child(store: str, fault: int | None, log: str | None, delay: float) -> None
             time.sleep(delay)
             yield imgs[i : i + BATCH]
 
-    vl.capture(model(), slow() if delay else imgs, store=store, batch_size=BATCH, progress=False)
+    net = model()
+    if ready is not None:
+        ready.set()  # imports done: a random kill lands in the capture, not in starting Python
+    vl.capture(net, slow() if delay else imgs, store=store, batch_size=BATCH, progress=False)
     os._exit(0)
 
 
 def run(store: Path, fault=None, log=None, delay=0.0, kill_after=None) -> int:
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(str(store), fault, log, delay))
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_child, args=(str(store), fault, log, delay, ready))
     proc.start()
     if kill_after is not None:
+        ready.wait(300)
         proc.join(kill_after)
         if proc.is_alive():
             os.kill(proc.pid, signal.SIGKILL)
@@ -115,7 +122,8 @@ def check(store: Path, ref) -> tuple[bool, bool, int, str]:
         return True, False, done, f"resume: {type(exc).__name__}: {exc}"
 
 
-def _save_child(cap, path: str) -> None:
+def _save_child(cap, path: str, ready) -> None:
+    ready.set()
     vl.save(cap, path, overwrite=True)
     os._exit(0)
 
@@ -132,8 +140,11 @@ def kill_saves(d: Path, old, new, count: int, rng) -> tuple[int, int, int, int]:
         suffix = (".zarr", ".nc")[i % 2]
         path = d / f"save{i}{suffix}"
         vl.save(old, path)
-        proc = multiprocessing.get_context("fork").Process(target=_save_child, args=(new, str(path)))
+        ctx = multiprocessing.get_context("spawn")
+        ready = ctx.Event()
+        proc = ctx.Process(target=_save_child, args=(new, str(path), ready))
         proc.start()
+        ready.wait(300)
         proc.join(rng.random() * durations[suffix] * 1.2)
         if proc.is_alive():
             os.kill(proc.pid, signal.SIGKILL)
