@@ -128,14 +128,14 @@ def _save_child(cap, path: str, ready) -> None:
     os._exit(0)
 
 
-def kill_saves(d: Path, old, new, count: int, rng) -> tuple[int, int, int, int]:
-    """(kills, opened whole, left something behind, lost) for ``count`` SIGKILLed overwrites."""
+def kill_saves(d: Path, old, new, count: int, rng) -> tuple[int, int, int, int, int]:
+    """(kills, kills that left copies beside the capture, next open whole, something left after it, lost)."""
     durations = {}
     for suffix in (".zarr", ".nc"):  # how long one save takes, to spread the kills over it
         start = time.perf_counter()
         vl.save(new, d / f"timing{suffix}")
         durations[suffix] = time.perf_counter() - start
-    kills = whole = left = lost = 0
+    kills = removed = whole = left = lost = 0
     for i in range(count):
         suffix = (".zarr", ".nc")[i % 2]
         path = d / f"save{i}{suffix}"
@@ -152,6 +152,7 @@ def kill_saves(d: Path, old, new, count: int, rng) -> tuple[int, int, int, int]:
         if proc.exitcode == 0:
             continue
         kills += 1
+        removed += any(q.name.startswith(f".{path.name}.vitlens-") for q in d.iterdir())
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
@@ -166,7 +167,7 @@ def kill_saves(d: Path, old, new, count: int, rng) -> tuple[int, int, int, int]:
         if rest:
             left += 1
             print(f"  save kill {i}: left {rest}", file=sys.stderr)
-    return kills, whole, left, lost
+    return kills, removed, whole, left, lost
 
 
 def main() -> None:
@@ -225,8 +226,9 @@ def main() -> None:
     print(f"| {kills} | {resumed_ok} | {lost} | {not_killed} |")
     print("\nkills by where they landed: " + ", ".join(f"{k}: {v}" for k, v in sorted(by_phase.items())))
     if saves is not None:
-        print("\n| vl.save kills | next open gave the old or new capture whole | left something behind | lost |")
-        print("|---:|---:|---:|---:|")
+        print("\n| vl.save kills | kills that left a copy beside the capture | next open gave the old or new "
+              "capture whole | something left after that open | lost |")
+        print("|---:|---:|---:|---:|---:|")
         print("| " + " | ".join(map(str, saves)) + " |")
 
 
