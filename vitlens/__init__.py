@@ -15,7 +15,7 @@ from __future__ import annotations
 from ._version import __version__
 
 from . import datasets, figures, methods, metrics, models, registry, stats, widgets
-from .capture import KEEP_GROUPS, capture, head_importance, open, patch, save  # noqa: A004
+from .capture import KEEP_GROUPS, Verification, capture, head_importance, open, patch, save, verify  # noqa: A004
 from .figures import plot
 from .errors import (
     CaptureError,
@@ -81,6 +81,8 @@ __all__ = [
     "open",
     "patch",
     "plot",
+    "verify",
+    "Verification",
     "registry",
     "save",
 ]

@@ -370,12 +370,12 @@ def capture(
         raise OptionError("pass either intervention= or ablate=/ablation=/reference=, not both.")
     plan = replace(plan, intervention=intervention)
     if store is not None:
-        from .fingerprint import run_fingerprint
+        from .fingerprint import run_fingerprint, text_fingerprint
         from .stream import capture_to_store
 
         if intervention is not None and intervention.per_image:
             raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
-        fingerprint = run_fingerprint(model, images, target, plan.run_options)
+        fingerprint = run_fingerprint(model, images, target, plan.run_options, text=text_fingerprint(adapter))
         part = functools.partial(_capture_part, adapter, model, plan, device)
         return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
                                 resume=resume, progress=progress, fingerprint=fingerprint)

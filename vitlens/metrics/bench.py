@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):  # noqa: ANN202
     import torch
 
+    from ..capture.validate import check_device
+    from ..errors import DeviceError
     from ..models import load_model
     from ..zoo import available
 
@@ -121,8 +123,14 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
             kwargs["num_classes"] = args.num_classes
     elif args.checkpoint:
         raise OptionError(f"{args.model} is shipped with vitlens; drop --checkpoint (or name a timm model).")
-    model = load_model(args.model, **kwargs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # before the model is built: torch's own error for a missing GPU says nothing about --device
+        check_device(device)
+    except DeviceError as exc:
+        exc.cli_message = (f"--device {device} is not available here ({exc}). Use --device cpu, or leave --device "
+                           "out (cuda when torch sees a GPU, else cpu).")
+        raise
+    model = load_model(args.model, **kwargs)
     return model.to(device).eval(), device
 
 
