@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from conftest import make_vit, random_images
+from conftest import assert_same_capture, make_vit, random_images
 
 import vitlens as vl
 from vitlens.capture import lock, stream
@@ -40,18 +40,6 @@ def model():
 @pytest.fixture(scope="module")
 def cap(model, imgs) -> xr.DataTree:
     return vl.capture(model, imgs)
-
-
-def same(a: xr.DataTree, b: xr.DataTree) -> None:
-    assert a.attrs == b.attrs
-    for path, node in a.subtree_with_keys:
-        da, db = node.to_dataset(inherit=False), b[path].to_dataset(inherit=False).load()
-        assert set(da.variables) == set(db.variables), path
-        for name in da.variables:
-            if da[name].dtype.kind == "f":
-                np.testing.assert_allclose(da[name].values, db[name].values, rtol=1e-4, atol=1e-6, err_msg=name)
-            else:
-                np.testing.assert_array_equal(da[name].values, db[name].values, err_msg=name)
 
 
 class _Stop(Exception):
@@ -95,10 +83,10 @@ def test_1_resume_after_a_kill_between_group_writes_equals_in_memory(model, imgs
     _grow_stage0_only(store, 2)
     with pytest.warns(UserWarning, match="resume=True"):
         partial = vl.open(store)  # the committed part, and how to continue
-    same(cap.isel(sample=slice(0, 4)), partial)
+    assert_same_capture(cap.isel(sample=slice(0, 4)), partial)
     resumed = vl.capture(model, imgs, store=store, batch_size=2, resume=True, progress=False)
-    same(cap, resumed)
-    same(cap, vl.open(store))
+    assert_same_capture(cap, resumed)
+    assert_same_capture(cap, vl.open(store))
 
 
 # -- 2: resume only touches its own run --------------------------------------------------
@@ -108,7 +96,7 @@ def test_2_resume_refuses_a_saved_capture_and_foreign_stores(model, imgs, cap, t
     saved = vl.save(cap, tmp_path / "saved.zarr")
     with pytest.raises(vl.ResumeError, match="vl.save"):
         vl.capture(model, imgs, store=saved, resume=True, progress=False)
-    same(cap, vl.open(saved))
+    assert_same_capture(cap, vl.open(saved))
 
     foreign = tmp_path / "theirs.zarr"
     xr.Dataset({"a": ("x", np.arange(3))}).to_zarr(foreign)
@@ -149,7 +137,7 @@ def test_3_a_resume_that_differs_from_its_run_is_refused_and_says_what(change, m
     with pytest.raises(vl.ResumeError, match=match):
         vl.capture(other_model, images, store=store, batch_size=2, resume=True, progress=False, **kw)
     assert stream.committed(store) == 4  # nothing was touched
-    same(cap, vl.capture(model, imgs, store=store, batch_size=2, resume=True, progress=False))
+    assert_same_capture(cap, vl.capture(model, imgs, store=store, batch_size=2, resume=True, progress=False))
 
 
 # -- 4 & 5: atomic saves -----------------------------------------------------------------
@@ -161,7 +149,7 @@ def test_4_save_never_loses_the_old_capture_and_overwrite_is_explicit(suffix, mo
     other = vl.capture(model, imgs[:2])
     with pytest.raises(vl.OptionError, match="overwrite=True"):
         vl.save(other, path)
-    same(cap, vl.open(path))
+    assert_same_capture(cap, vl.open(path))
 
     method = "to_zarr" if suffix == ".zarr" else "to_netcdf"
     real = getattr(xr.DataTree, method)
@@ -174,11 +162,11 @@ def test_4_save_never_loses_the_old_capture_and_overwrite_is_explicit(suffix, mo
     with pytest.raises(vl.StorageError, match="intact"):
         vl.save(other, path, overwrite=True)
     monkeypatch.undo()
-    same(cap, vl.open(path))
+    assert_same_capture(cap, vl.open(path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary copy left
 
     vl.save(other, path, overwrite=True)
-    same(other, vl.open(path))
+    assert_same_capture(other, vl.open(path))
 
 
 def test_4_save_never_replaces_what_is_not_a_capture(cap, tmp_path):
@@ -201,7 +189,7 @@ def test_5_saving_a_lazy_capture_onto_its_own_source_keeps_the_data(suffix, cap,
     vl.save(lazy, path, overwrite=True)
     back = vl.open(path)
     assert not np.isnan(back["stage0"].attention.values).any()
-    same(cap, back)
+    assert_same_capture(cap, back)
 
 
 # -- 4 & 6: a really full disk (tmpfs) ---------------------------------------------------
@@ -319,7 +307,7 @@ def test_8_a_second_writer_gets_a_clear_error_and_a_dead_writers_lock_is_release
         os.kill(writer.pid, signal.SIGKILL)  # dies holding the lock
         writer.join()
     assert (store / lock.LOCK).read_text().startswith(str(writer.pid))  # its stale lock file is still there
-    same(cap, vl.capture(model, imgs, store=store, batch_size=2, resume=True, progress=False))
+    assert_same_capture(cap, vl.capture(model, imgs, store=store, batch_size=2, resume=True, progress=False))
 
 
 # -- 11: silent wrong inputs -------------------------------------------------------------
