@@ -87,7 +87,7 @@ _RUNNER = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {tests!r})
-    from conftest import assert_same_capture, make_vit, random_images
+    from conftest import make_vit, random_images
     import vitlens as vl
 
     def slow_batches():
