@@ -198,7 +198,7 @@ def test_swin_features_are_the_final_norm_output_with_gradient(swin, images64):
 
 
 # -- batches, options, state --------------------------------------------------------
-@pytest.mark.parametrize("which", ["vit", "swin"])
+@pytest.mark.parametrize("which", ["vit", pytest.param("swin", marks=pytest.mark.slow)])
 def test_batch_capture_equals_single_image_captures(which, vit, swin):
     model = vit if which == "vit" else swin
     size = 32 if which == "vit" else 64
@@ -272,6 +272,7 @@ def test_capture_inside_no_grad_still_records_gradients(vit, images32):
 
 
 # -- inputs and targets -------------------------------------------------------------
+@pytest.mark.slow  # five input forms, each captured
 def test_image_inputs_in_every_form_give_the_same_capture(vit, tmp_path):
     from PIL import Image
 

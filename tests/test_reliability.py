@@ -78,6 +78,7 @@ def _grow_stage0_only(store: Path, extra: int) -> None:
             arr.resize((arr.shape[0] + extra, *arr.shape[1:]))
 
 
+@pytest.mark.slow  # a streamed run stopped and resumed, compared with the in-memory capture
 def test_1_resume_after_a_kill_between_group_writes_equals_in_memory(model, imgs, cap, tmp_path):
     store = interrupted_store(model, imgs, tmp_path / "r.zarr")
     _grow_stage0_only(store, 2)
@@ -117,13 +118,16 @@ def test_2_resume_refuses_a_saved_capture_and_foreign_stores(model, imgs, cap, t
 # -- 3: resume checks it continues the same run ------------------------------------------
 
 
+_SLOW = pytest.mark.slow  # each: an interrupted stream, a refused resume, then a full resume compared
+
+
 @pytest.mark.parametrize("change, match", [
     ({"model": "other weights"}, "weights"),
-    ({"images": "other images"}, "input images"),
-    ({"images": "reversed order"}, "input images"),
-    ({"keep": ["attention"]}, "keep"),
-    ({"dtype": "float16"}, "dtype"),
-    ({"target": 1}, "targets"),
+    pytest.param({"images": "other images"}, "input images", marks=_SLOW),
+    pytest.param({"images": "reversed order"}, "input images", marks=_SLOW),
+    pytest.param({"keep": ["attention"]}, "keep", marks=_SLOW),
+    pytest.param({"dtype": "float16"}, "dtype", marks=_SLOW),
+    pytest.param({"target": 1}, "targets", marks=_SLOW),
 ])
 def test_3_a_resume_that_differs_from_its_run_is_refused_and_says_what(change, match, model, imgs, cap, tmp_path):
     store = interrupted_store(model, imgs, tmp_path / "r.zarr")
@@ -249,7 +253,7 @@ def _a_chunk(store: Path, var: str) -> Path:
     return sorted(p for p in (store / var / "c").rglob("*") if p.is_file())[0]
 
 
-@pytest.mark.parametrize("how", ["saved", "streamed"])
+@pytest.mark.parametrize("how", ["saved", pytest.param("streamed", marks=pytest.mark.slow)])
 def test_7_a_missing_chunk_is_an_error_naming_the_variable_never_nan(how, model, imgs, cap, tmp_path):
     path = tmp_path / "c.zarr"
     if how == "saved":
@@ -272,6 +276,7 @@ def test_7_a_corrupt_chunk_is_an_error_naming_the_variable(cap, tmp_path):
         vl.explain(lazy, "rollout")  # damage found while computing lazily, too
 
 
+@pytest.mark.slow  # streams and reopens a capture
 def test_7_fill_values_are_not_mistaken_for_missing_data(model, imgs, tmp_path):
     """All-zero arrays (target 0 everywhere) are written, so a missing file always means damage."""
     cap0 = vl.capture(model, imgs, target=0)
@@ -291,6 +296,7 @@ def _hold_lock(store: str, ready, release) -> None:
     lock.release(handle)
 
 
+@pytest.mark.slow  # a second writer process
 def test_8_a_second_writer_gets_a_clear_error_and_a_dead_writers_lock_is_released(model, imgs, cap, tmp_path):
     store = interrupted_store(model, imgs, tmp_path / "r.zarr")
     ctx = multiprocessing.get_context("spawn")  # a fork of a threaded pytest process can hang
@@ -384,6 +390,7 @@ def test_12_a_fractional_target_is_named_as_such(model, imgs):
 # -- 13: memory is handed back after every batch -----------------------------------------------
 
 
+@pytest.mark.slow  # streams batch by batch, measuring memory
 def test_13_a_stream_returns_freed_memory_after_every_batch(model, imgs, tmp_path, monkeypatch):
     calls = []
     real = stream.release_memory

@@ -51,7 +51,7 @@ def _build(version: str) -> torch.nn.Module:
     return switch_on_res_post_norms(model) if version == "v2" else model
 
 
-@pytest.fixture(scope="module", params=["v1", "v2"])
+@pytest.fixture(scope="module", params=["v1", pytest.param("v2", marks=pytest.mark.slow)])  # v2: in make test
 def model(request):
     return _build(request.param)
 
@@ -301,6 +301,7 @@ def test_entropy_head_weights_average_real_queries_only(model, cap):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # four-stage Swin-T layouts at 256 and 200 px
 @pytest.mark.parametrize("size", [256, 200])
 def test_swin_t_layout_at_256_and_200_px(size):
     """Swin-T's own windows (7) and patch (4), narrowed: at 256 px every stage pads
