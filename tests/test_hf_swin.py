@@ -107,7 +107,7 @@ def hf_swin_from_timm(version: str, model: torch.nn.Module) -> torch.nn.Module:
     return hf
 
 
-@pytest.fixture(scope="module", params=VERSIONS)
+@pytest.fixture(scope="module", params=[VERSIONS[0], pytest.param(VERSIONS[1], marks=pytest.mark.slow)])  # v2: in make test
 def pair(request):
     model = timm_swin(request.param)
     return request.param, model, hf_swin_from_timm(request.param, model)
@@ -296,7 +296,7 @@ def _hf_layers(model):
     return [b for st in body.encoder.layers for b in st.blocks]
 
 
-@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("v2", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_window_layout_of_a_padded_grid_is_transformers_own(v2):
     """window_token, and the window maps of the LRP walk, against transformers' own maybe_pad,
     cyclic shift and window_partition / window_reverse (applied here to a grid of ids)."""
@@ -327,7 +327,7 @@ def test_window_layout_of_a_padded_grid_is_transformers_own(v2):
     assert (cap["stage0"].window_token.values < 0).any() and (cap["stage1"].window_token.values < 0).any()
 
 
-@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("v2", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_padded_grids_capture_attention_and_gradients_as_transformers_computes_them(v2):
     model = padded_hf(v2)
     x, target = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(5)), [1, 2]
@@ -349,7 +349,7 @@ def test_padded_grids_capture_attention_and_gradients_as_transformers_computes_t
     assert_padding_gets_nothing(cap)
 
 
-@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("v2", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_padded_grids_conserve_relevance_without_biases(v2):
     model = zero_hf_swin_biases(padded_hf(v2, seed=4))
     ad = adapter_for(model)

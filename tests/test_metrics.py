@@ -260,6 +260,7 @@ def test_perturbation_reads_pictures_and_normalisation_from_a_capture(vit, image
     np.testing.assert_array_equal(out.correct.values, same.correct.values)
 
 
+@pytest.mark.slow  # a streamed capture, then every metric on it chunk by chunk
 def test_metrics_on_a_lazy_capture_load_one_chunk_at_a_time(vit, tmp_path, monkeypatch):
     from conftest import random_images
 

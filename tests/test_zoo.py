@@ -136,6 +136,7 @@ def test_held_out_scores(name, held_out):
         assert abs(recorded[key] - scores[key]) <= 0.003, (key, recorded, scores)
 
 
+@pytest.mark.slow  # trains a model (a few steps) and evaluates it
 @pytest.mark.parametrize("name", NAMES)
 def test_train_tiny_run_writes_loadable_files(name, tmp_path):
     info = train(name, steps=3, batch_size=8, chunk_size=16, val_every=2, val_n=8, eval_n=8,
@@ -152,6 +153,7 @@ def test_train_tiny_run_writes_loadable_files(name, tmp_path):
     assert (ZOO_DIR / f"{name}.safetensors").is_file()
 
 
+@pytest.mark.slow  # trains twice
 def test_train_is_reproducible(tmp_path):
     kw = dict(steps=2, batch_size=4, chunk_size=8, val_every=5, val_n=4, eval_n=4, progress=False)
     a = train("swin-shapes", out_dir=tmp_path / "a", **kw)
@@ -164,12 +166,16 @@ def test_train_is_reproducible(tmp_path):
     assert a["scores"] == b["scores"]
 
 
-def test_cli_and_bad_options(tmp_path, capsys):
+@pytest.mark.slow  # trains a model through the command line
+def test_cli_trains_and_records_its_command(tmp_path, capsys):
     assert main(["--model", "vit-shapes", "--steps", "2", "--batch-size", "4", "--eval-n", "4",
                  "--val-every", "5", "--out", str(tmp_path), "--quiet"]) == 0
     assert (tmp_path / "vit-shapes.json").is_file()
     cfg = json.loads((tmp_path / "vit-shapes.json").read_text())
     assert cfg["train"]["command"].startswith("python -m vitlens.zoo.train --model vit-shapes")
+
+
+def test_bad_options_are_refused():
     with pytest.raises(SystemExit):
         main(["--model", "resnet"])
     with pytest.raises(OptionError):
