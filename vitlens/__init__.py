@@ -35,6 +35,7 @@ from .errors import (
     VitlensError,
 )
 from .methods import METHODS, explain, normalize, to_pixels
+from .stats import HEAD_STATS, head_stats
 from .metrics import evaluate
 from .models import load_model
 from .models.families.hf_headed import SimilarityHead, with_head
@@ -48,6 +49,7 @@ __all__ = [
     "TokenCurves",
     "KEEP_GROUPS",
     "METHODS",
+    "HEAD_STATS",
     "CaptureError",
     "CaptureFormatError",
     "DeviceError",
@@ -68,6 +70,7 @@ __all__ = [
     "datasets",
     "evaluate",
     "explain",
+    "head_stats",
     "figures",
     "head_importance",
     "methods",
@@ -83,4 +86,5 @@ __all__ = [
     "plot",
     "registry",
     "save",
+    "stats",
 ]
