@@ -39,11 +39,12 @@ from .stats import HEAD_STATS, head_stats
 from .metrics import evaluate
 from .models import load_model
 from .models.families.hf_headed import SimilarityHead, with_head
-from .widgets import Compare, Explorer, HeadGrid, ModelView, TokenCurves
+from .widgets import Compare, Explorer, HeadAtlas, HeadGrid, ModelView, TokenCurves
 
 __all__ = [
     "Compare",
     "Explorer",
+    "HeadAtlas",
     "HeadGrid",
     "ModelView",
     "TokenCurves",

@@ -49,13 +49,24 @@ def link(a: traitlets.HasTraits, b: traitlets.HasTraits, traits: Sequence[str] |
     >>> grid.layer
     1
     """
-    if getattr(a, "cap", None) is not getattr(b, "cap", None):
+    if getattr(a, "cap", None) is not getattr(b, "cap", None) and not _same_model(a, b):
         raise OptionError("link widgets of the same capture (make both from one cap).")
-    names = [t for t in (traits or LINKABLE) if a.has_trait(t) and b.has_trait(t)]
+    shared = [t for t in LINKABLE if t in getattr(a, "linkable", LINKABLE) and t in getattr(b, "linkable", LINKABLE)]
+    names = [t for t in (traits or shared) if a.has_trait(t) and b.has_trait(t)]
     if traits is not None and len(names) != len(traits):
         missing = sorted(set(traits) - set(names))
         raise OptionError(f"cannot link {missing}: not a trait of both widgets (shared: {names}).")
     return [traitlets.link((a, t), (b, t)) for t in names]
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    """Whether one of two widgets links across captures (the head atlas of a store) and both show
+    the same blocks, heads and token grids: their layer, query and heads then mean the same."""
+    if not (getattr(a, "links_across_captures", False) or getattr(b, "links_across_captures", False)):
+        return False
+    la, lb = getattr(a, "layout_info", None), getattr(b, "layout_info", None)
+    shape = lambda info: [(s.layers, s.num_heads, s.grid) for s in info.stages]  # noqa: E731
+    return la is not None and lb is not None and shape(la) == shape(lb)
 
 
 def export_title(title: str) -> str:

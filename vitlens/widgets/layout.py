@@ -91,14 +91,18 @@ class CaptureLayout:
         return {s.index: frozenset(range(s.num_heads)) for s in self.stages}
 
 
-def capture_layout(cap: xr.DataTree) -> CaptureLayout:
-    """Read the stage layout of a capture (no arrays are loaded)."""
+def capture_layout(cap: xr.DataTree, attention: bool = True) -> CaptureLayout:
+    """Read the stage layout of a capture (no arrays are loaded).
+
+    ``attention=False``: a store that kept no attention (a reduced store) is fine too.
+    """
     if not isinstance(cap, xr.DataTree) or "vitlens_version" not in cap.attrs:
         raise CaptureFormatError(
             f"widgets take a capture from vl.capture or vl.open (an xarray.DataTree); got {type(cap).__name__}."
         )
-    names = sorted(cap.children, key=lambda n: int(n.removeprefix("stage")))
-    if not names or "attention" not in cap[names[0]]:
+    # a reduced store also holds /maps and /stats beside the stages
+    names = sorted((n for n in cap.children if n.startswith("stage")), key=lambda n: int(n.removeprefix("stage")))
+    if not names or (attention and "attention" not in cap[names[0]]):
         raise CaptureFormatError("this capture holds no attention; capture again with keep='all' to explore it.")
     stages = []
     first_stride = None
