@@ -653,8 +653,7 @@ def draw_head_atlas(table: xr.Dataset, stat: str, *, selected: Any = None, cmap:
     FigureCanvasAgg(fig)
     top, bottom = (fig.subfigures(2, 1, height_ratios=[3.2, 1.9 * len(rows)]) if rows else (fig, None))
     ax_map, ax_dots = top.subplots(1, 2, width_ratios=[max(1.0, heads / max(len(layers), 1)) + 0.4, 1.6])
-    colours = _cmap(cmap).copy()
-    colours.set_bad("#eeeeee")  # a head the block does not have
+    colours = _cmap(cmap).with_extremes(bad="#eeeeee")  # grey: a head the block does not have
     im = ax_map.imshow(np.ma.masked_invalid(mean.values), cmap=colours, aspect="auto", interpolation="nearest")
     ax_map.set_xticks(range(heads), [str(h) for h in range(heads)], fontsize=8)
     ax_map.set_yticks(range(len(layers)), [f"block {l}" for l in layers], fontsize=8)

@@ -164,6 +164,11 @@ class HeadAtlas(AttentionView):
         self._ready = True
         self.refresh()
 
+    @property
+    def figure(self) -> go.FigureWidget:
+        """The overview (heat map and the statistic by depth); :attr:`examples` holds the images."""
+        return self.overview
+
     # -- what the atlas can show ------------------------------------------------------------------------
     def _available(self) -> list[str]:
         """Statistics the store holds, then those it can compute, in the registry's order."""
