@@ -499,9 +499,9 @@ def run_all(page) -> None:
     page.locator("[data-command='runmenu:run-all']").click()
 
 
-def kernel_connected(lab) -> bool:
+def kernel_connected(lab, notebook: str = "explorer.ipynb") -> bool:
     """The server's word that the notebook's kernel is up, idle, and the page connected to it."""
-    return any(s["path"].endswith("explorer.ipynb") and s["kernel"]["execution_state"] == "idle"
+    return any(s["path"].endswith(notebook) and s["kernel"]["execution_state"] == "idle"
                and s["kernel"]["connections"] > 0 for s in lab.api("sessions"))
 
 

@@ -21,7 +21,7 @@ from . import captions
 from .base import AttentionView
 from .controls import probe
 from .figure import as_widget, image_uri, overlay_figure, zsmooth
-from .layout import Query, capture_layout, checked_query, initial_query, patch_outline
+from .layout import Query, capture_layout, checked_query, initial_query, patch_at, patch_outline
 from .panels import PanelMaps, normalized
 
 #: Colour scale of the heat map (the statistic, not a relevance: not the overlays' inferno).
@@ -409,11 +409,7 @@ class HeadAtlas(AttentionView):
     def _patch_clicked(self, trace: Any, points: Any, state: Any) -> None:
         if not points.xs:
             return
-        sy, sx = self.layout_info.stride
-        gh, gw = self.layout_info.grid
-        col = int(round((points.xs[0] - (sx - 1) / 2) / sx))
-        row = int(round((points.ys[0] - (sy - 1) / 2) / sy))
-        self.query = (min(max(row, 0), gh - 1), min(max(col, 0), gw - 1))
+        self.query = patch_at(self.layout_info, points.xs[0], points.ys[0])
 
     # -- export ---------------------------------------------------------------------------------------------------
     def _panels_in(self, fig: Any) -> int:
