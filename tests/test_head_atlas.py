@@ -91,7 +91,7 @@ def test_heat_map_and_dots_are_the_dataset_mean_of_each_statistic(vit_cap, name)
     heads_of_dot = [h for _, h in dots.customdata]
     np.testing.assert_allclose(dots.y, want[layer_of_dot, heads_of_dot], rtol=1e-12)
     assert sorted(zip(layer_of_dot.tolist(), heads_of_dot)) == [(l, h) for l in range(3) for h in range(3)]
-    assert STAT_INFO[name].title in atlas.overview.layout.annotations[0].text
+    assert atlas.overview.layout.yaxis2.title.text == f"{STAT_INFO[name].title} ({STAT_INFO[name].unit})"
 
 
 def test_hovering_a_head_shows_its_spread_over_the_images(vit_cap):

@@ -38,7 +38,7 @@ import vitlens as vl
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-OVERVIEW = ".vitlens-head-atlas .js-plotly-plot"
+PLOT = {0: ".vitlens-atlas-overview .js-plotly-plot", 1: ".vitlens-atlas-examples .js-plotly-plot"}
 #: Plots on the page: the Explorer, the atlas's overview and its examples.
 PLOTS = 3
 K = 3
@@ -52,8 +52,8 @@ def atlas_folder(tmp_path_factory):
 
 
 def plot_js(i: int) -> str:
-    """The ``i``-th plot of the atlas (0: overview, 1: examples)."""
-    return f"document.querySelectorAll('{OVERVIEW}')[{i}]"
+    """Plot ``i`` of the atlas (0: overview, 1: examples)."""
+    return f"document.querySelector('{PLOT[i]}')"
 
 
 def expect_z(page, plot: int, trace: int, want, what: str, tol: float = 2e-5) -> None:
@@ -68,7 +68,15 @@ def expect_z(page, plot: int, trace: int, want, what: str, tol: float = 2e-5) ->
         page.wait_for_function(js, arg=[want, tol], timeout=TIMEOUT_MS)
     except Exception:
         got = page.evaluate(f"() => {plot_js(plot)}.data[{trace}].z")
-        raise AssertionError(f"{what}: page holds {got}, expected {want}") from None
+        raise AssertionError(f"{what}: page holds {got}, expected {want}; the atlas says {probe(page)!r}") from None
+
+
+def probe(page) -> str:
+    """The atlas's state as its hidden probe reports it (statistic, head, query, shown samples)."""
+    return page.evaluate("() => document.querySelector('.vitlens-head-atlas .vitlens-probe').textContent")
+
+
+
 
 
 def mean_rows(cap, stat: str) -> list[list[float | None]]:
@@ -94,15 +102,31 @@ def expect_examples(page, maps, what: str) -> None:
         expect_z(page, 1, 2 * i + 1, want, f"{what}: example {i}")
 
 
-def click_at(page, plot: int, axis: str, x: float, y: float) -> None:
-    """Click data point (x, y) of subplot ``axis`` ('' or '2', ...) of atlas plot ``plot``."""
-    wait_steady(page, OVERVIEW)
-    px, py = page.evaluate(f"""([x, y]) => {{
-        const gd = {plot_js(plot)}, fl = gd._fullLayout, box = gd.getBoundingClientRect();
-        const xa = fl['xaxis{axis}'], ya = fl['yaxis{axis}'];
-        return [box.left + xa._offset + xa.l2p(x), box.top + ya._offset + ya.l2p(y)]; }}""", [x, y])
-    page.mouse.move(px, py)
-    page.mouse.click(px, py)
+def click_at(page, plot: int, axis: str, x: float, y: float, then: str) -> int:
+    """Click data point (x, y) of subplot ``axis`` ('' or '2', ...) of atlas plot ``plot`` until the atlas's
+    probe says ``then``; returns the clicks it took.
+
+    plotly turns a click into a point from the hover it has processed; on a loaded machine a
+    click that follows the mouse's arrival too closely can come before that hover and select
+    nothing. A user clicks again: so does this, at most three times.
+    """
+    for attempt in range(1, 4):
+        wait_steady(page, PLOT[plot])
+        px, py = page.evaluate(f"""([x, y]) => {{
+            const gd = {plot_js(plot)}, fl = gd._fullLayout, box = gd.getBoundingClientRect();
+            const xa = fl['xaxis{axis}'], ya = fl['yaxis{axis}'];
+            return [box.left + xa._offset + xa.l2p(x), box.top + ya._offset + ya.l2p(y)]; }}""", [x, y])
+        page.mouse.move(px - 2, py - 2)
+        page.mouse.move(px, py)
+        page.wait_for_timeout(100 * attempt)
+        page.mouse.click(px, py)
+        try:
+            page.wait_for_function("(t) => document.querySelector('.vitlens-head-atlas .vitlens-probe').textContent"
+                                   ".includes(t)", arg=then, timeout=5_000 * attempt)
+            return attempt
+        except Exception:
+            continue
+    raise AssertionError(f"three clicks at ({x}, {y}) of plot {plot}: the atlas says {probe(page)!r}, not {then!r}")
 
 
 def check_fit(page, label: str) -> None:
@@ -129,20 +153,20 @@ def drive_atlas(page, folder, label: str) -> None:
     # a click on the heat map's cell (block 2, head 1): its images, and the linked Explorer moves to block 2
     page.locator(".vitlens-head-atlas").scroll_into_view_if_needed()
     t0 = time.perf_counter()
-    click_at(page, 0, "", 1, 2)
+    clicks = click_at(page, 0, "", 1, 2, then="layer=2 head=1")
     expect_examples(page, expected_examples(cap, "attention_distance", 2, 1, None), "cell (2, 1) clicked")
-    print(f"{label}: cell click → six example maps redrawn in {time.perf_counter() - t0:.2f} s")
+    print(f"{label}: cell click ({clicks} click(s)) → six example maps redrawn in {time.perf_counter() - t0:.2f} s")
     title_shows(page, 0, 2)  # the Explorer (the page's first) shows block 2
 
     # the statistic drop-down
-    page.locator(".vitlens-head-atlas .vitlens-stat select").select_option("attention_entropy")
+    page.locator(".vitlens-head-atlas .vitlens-stat select").select_option(label="Attention entropy")
     expect_z(page, 0, 0, mean_rows(cap, "attention_entropy"), "statistic → entropy")
     expect_examples(page, expected_examples(cap, "attention_entropy", 2, 1, None), "statistic → entropy")
 
     # a patch of the first example image becomes the query of every image
     stride = cap["stage0"].attrs["stride"][0]
-    page.locator(f"{OVERVIEW} >> nth=1").scroll_into_view_if_needed()
-    click_at(page, 1, "", 5 * stride + (stride - 1) / 2, 2 * stride + (stride - 1) / 2)
+    page.locator(PLOT[1]).scroll_into_view_if_needed()
+    click_at(page, 1, "", 5 * stride + (stride - 1) / 2, 2 * stride + (stride - 1) / 2, then="query=2,5")
     expect_examples(page, expected_examples(cap, "attention_entropy", 2, 1, (2, 5)), "patch (2, 5) clicked")
 
 

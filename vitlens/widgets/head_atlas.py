@@ -153,7 +153,8 @@ class HeadAtlas(AttentionView):
             self.examples.data[self.heatmap_trace(i)].on_click(self._patch_clicked)
         self.children = [widgets.HBox([self.stat_select, self.status],
                                       layout=widgets.Layout(align_items="center", flex_flow="row wrap")),
-                         self.overview, self.examples, self.caption, exporter.box, self.probe]
+                         self._box(self.overview, "vitlens-atlas-overview"),
+                         self._box(self.examples, "vitlens-atlas-examples"), self.caption, exporter.box, self.probe]
         self.add_class("vitlens-head-atlas")
         if explorer is not None:
             self.link(explorer)
@@ -168,6 +169,13 @@ class HeadAtlas(AttentionView):
     def figure(self) -> go.FigureWidget:
         """The overview (heat map and the statistic by depth); :attr:`examples` holds the images."""
         return self.overview
+
+    @staticmethod
+    def _box(figure: go.FigureWidget, css: str) -> widgets.VBox:
+        """A figure in a column of its own (it takes the full width), named for the page."""
+        box = widgets.VBox([figure])
+        box.add_class(css)
+        return box
 
     # -- what the atlas can show ------------------------------------------------------------------------
     def _available(self) -> list[str]:
@@ -283,7 +291,7 @@ class HeadAtlas(AttentionView):
         layers = info.layers
         heads = max(s.num_heads for s in info.stages)
         fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.12,
-                            subplot_titles=["dataset mean", "by depth (one dot per head)"])
+                            subplot_titles=["dataset mean", "by depth"])  # short: a narrow screen has ~190 px each
         fig.add_trace(go.Heatmap(z=np.zeros((len(layers), heads)), x=list(range(heads)), y=list(range(len(layers))),
                                  coloraxis="coloraxis", hoverongaps=False, name="mean",
                                  hovertemplate="%{customdata}<extra></extra>"), row=1, col=1)
@@ -339,8 +347,6 @@ class HeadAtlas(AttentionView):
             fig.data[4].update(x=list(range(len(layers))), y=per_layer.tolist())
             fig.layout.coloraxis.colorbar.title = dict(text=unit, side="right")
             fig.layout.yaxis2.title = dict(text=f"{info.title} ({unit})", font=dict(size=11))
-            fig.layout.annotations[0].text = f"{info.title}: dataset mean"
-            fig.layout.annotations[1].text = f"{info.title} by depth (one dot per head)"
 
     def _examples_figure(self) -> go.Figure:
         titles = [f"panel {i}" for i in range(2 * self.k)]
