@@ -43,8 +43,7 @@ def attention_distance(cap: xr.DataTree) -> xr.DataArray:
     per_layer = {}
     for stage, layer in every_layer(cap):
         rows = attention_rows(stage, layer)
-        weights = rows.values * rows.patch_key
-        mass = weights.sum(-1)  # (sample, head, row): a row with no weight on patches has no distance
-        distance = (weights * rows.key_distance()).sum(-1) / np.where(mass > 0, mass, 1.0)
+        mass = rows.row_sum(rows.patch_key)  # (sample, head, row): a row with no weight on patches has no distance
+        distance = rows.row_sum(rows.key_distance()) / np.where(mass > 0, mass, 1.0)  # 0 off the patch keys
         per_layer[layer] = row_mean(distance, mass > 0)
     return head_table(cap, per_layer, "attention_distance")

@@ -42,10 +42,11 @@ def attention_entropy(cap: xr.DataTree) -> xr.DataArray:
     per_layer = {}
     for stage, layer in every_layer(cap):
         rows = attention_rows(stage, layer)
-        p = rows.values * rows.real_key
-        mass = p.sum(-1, keepdims=True)
-        p = p / np.where(mass > 0, mass, 1.0)
+        p = rows.values if rows.real_key.all() else rows.values * rows.real_key  # padding is no token
+        mass = p.sum(-1)
+        # −Σ p/m·log(p/m) = log m − Σ p·log p / m, with 0·log 0 = 0
         with np.errstate(divide="ignore", invalid="ignore"):
-            entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
-        per_layer[layer] = row_mean(entropy, mass[..., 0] > 0)
+            plogp = np.where(p > 0, p * np.log(p), 0.0).sum(-1)
+            entropy = np.log(np.where(mass > 0, mass, 1.0)) - plogp / np.where(mass > 0, mass, 1.0)
+        per_layer[layer] = row_mean(entropy, mass > 0)
     return head_table(cap, per_layer, "attention_entropy")

@@ -43,7 +43,7 @@ def prefix_attention(cap: xr.DataTree) -> xr.DataArray:
     per_layer = {}
     for stage, layer in every_layer(cap):
         rows = attention_rows(stage, layer)
-        mass = (rows.values * rows.real_key).sum(-1)
-        prefix = (rows.values * rows.prefix_key).sum(-1)
+        mass = rows.row_sum(rows.real_key)
+        prefix = rows.row_sum(rows.prefix_key)
         per_layer[layer] = row_mean(prefix / np.where(mass > 0, mass, 1.0), mass > 0)
     return head_table(cap, per_layer, "prefix_attention")

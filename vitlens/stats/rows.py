@@ -58,6 +58,16 @@ class Rows:
         """(row or 1, key): the slot holds a prefix token."""
         return self.real_key & ~self.patch_key
 
+    def row_sum(self, weights: np.ndarray) -> np.ndarray:
+        """``Σ_k values[b, h, r, k] · weights[r, k]`` as (sample, head, row): one product, no temporaries.
+
+        ``weights``: (row or 1, key), e.g. a key mask or the mask times the key distances.
+        """
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape[0] == 1:  # the same keys for every row (ViT): a matrix-vector product
+            return self.values @ weights[0]
+        return np.einsum("bhrk,rk->bhr", self.values, weights, optimize=True)
+
     def key_distance(self) -> np.ndarray:
         """(row or 1, key): Euclidean distance in input pixels from the query to each patch key (0 elsewhere)."""
         keys = self.center[np.where(self.patch_key, self.key_token, self.num_prefix)]  # a patch stands in
