@@ -239,6 +239,9 @@ def test_a_sample_is_the_same_alone_and_in_a_batch(vit_cap):
     both = vl.head_stats(vit_cap, "attention_distance")
     one = vl.head_stats(vit_cap.isel(sample=[1]), "attention_distance")
     np.testing.assert_array_equal(one.values[0], both.values[1])
+    selected = vl.head_stats(vit_cap.sel(sample=1), "attention_distance")  # a plain xarray selection
+    assert selected.dims == ("sample", "layer", "head")
+    np.testing.assert_array_equal(selected.values[0], both.values[1])
 
 
 # -- stores: lazy, stored, and what is missing ---------------------------------------------------------------

@@ -105,6 +105,9 @@ def head_stats(cap: xr.DataTree | str | os.PathLike, name: str, **options: Any) 
         raise CaptureFormatError(
             f"head_stats takes a capture from vl.capture or vl.open (an xarray.DataTree); got {type(cap).__name__}."
         )
+    from ..methods.selection import explainable
+
+    cap = explainable(cap)  # cap.sel(sample=k): one image, still (sample, layer, head)
     (name,) = resolve_stats([name])
     info = stat_info(name)
     if name in stored_stats(cap):
