@@ -158,6 +158,8 @@ def test_swin_shows_missing_heads_as_gaps_and_window_rows(swin_cap):
     atlas = HeadAtlas(swin_cap, stat="attention_distance", k=2)
     z = atlas.overview.data[0].z
     assert z[0][2] is None and z[0][3] is None and z[2][3] is not None  # stage 0 has two heads of four
+    shapes = atlas.overview.layout.shapes  # the stage boundary, between blocks 1 and 2, in both views
+    assert [sh.y0 for sh in shapes if sh.yref == "y"] == [1.5] and [sh.x0 for sh in shapes if sh.xref == "x2"] == [1.5]
     with pytest.raises(OptionError, match="heads 0..1"):
         atlas.select(1, 3)
     atlas.select(3, 3)

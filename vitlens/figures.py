@@ -668,6 +668,14 @@ def draw_head_atlas(table: xr.Dataset, stat: str, *, selected: Any = None, cmap:
                         linewidths=0)
     with np.errstate(invalid="ignore"):
         ax_dots.plot(range(len(layers)), np.nanmean(mean.values, axis=1), color="#888888", lw=1, zorder=0)
+    if "stage" in mean.coords:  # Swin: where each stage begins (its tokens are coarser from there on)
+        stages = [int(v) for v in mean["stage"].values]
+        for i in range(1, len(stages)):
+            if stages[i] != stages[i - 1]:
+                ax_map.axhline(i - 0.5, color="white", lw=1.5)
+                ax_dots.axvline(i - 0.5, color="#bbbbbb", lw=1, ls="--", zorder=0)
+                ax_dots.text(i - 0.45, 1.0, f"stage {stages[i]}", transform=ax_dots.get_xaxis_transform(),
+                             fontsize=7, color="#777777", va="top")
     ax_dots.set_xticks(range(len(layers)), [str(l) for l in layers], fontsize=8)
     ax_dots.set_xlabel("block", fontsize=9)
     ax_dots.set_ylabel(info.unit, fontsize=9)

@@ -304,6 +304,10 @@ class HeadAtlas(AttentionView):
                       row=1, col=2)
         fig.add_trace(go.Scatter(x=[], y=[], mode="lines", line=dict(color="#999999", width=1), hoverinfo="skip",
                                  name="mean of heads"), row=1, col=2)
+        for i in range(1, len(layers)):  # Swin: where each stage begins
+            if info.stage_of(layers[i]) is not info.stage_of(layers[i - 1]):
+                fig.add_hline(y=i - 0.5, line=dict(color="white", width=2), row=1, col=1)
+                fig.add_vline(x=i - 0.5, line=dict(color="#bbbbbb", width=1, dash="dash"), row=1, col=2)
         ticks = dict(tickvals=list(range(len(layers))), ticktext=[f"block {l}" for l in layers])
         fig.update_layout(
             height=max(260, 26 * len(layers) + 110), autosize=True, margin=dict(l=60, r=10, t=46, b=40),
