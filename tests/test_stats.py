@@ -1,9 +1,10 @@
 """Head statistics: each equals a loop written here from its definition, and a tiny case worked by hand.
 
 The loops read the capture the plainest way (numpy, one query at a time); for Swin
-they first rebuild every block's dense token × token attention from timm's own roll,
-pad and ``window_partition`` (``test_swin_padded.timm_window_tokens``), not from
-vitlens's window helpers, and take distances from the grid position times the
+they first rebuild every block's dense token × token attention from the model's own
+window layout — timm's roll, pad and ``window_partition``
+(``test_swin_padded.timm_window_tokens``), transformers' pad, roll and
+``window_partition`` — not from vitlens's window helpers, and take distances from the grid position times the
 stride ``patch · 2^stage``. Contract tests are generated from the registry, so a new
 statistic is tested without editing them.
 """
@@ -96,18 +97,22 @@ def vit_by_hand(cap: xr.DataTree) -> dict[str, np.ndarray]:
     return {name: np.stack([p[name] for p in per_layer], 1) for name in per_layer[0]}
 
 
-def swin_by_hand(cap: xr.DataTree, model) -> dict[str, np.ndarray]:
-    """Dense per-block attention from timm's window layout, then the loops; heads padded with NaN."""
+def swin_by_hand(cap: xr.DataTree, window_tokens) -> dict[str, np.ndarray]:
+    """Dense per-block attention from the model's own window layout, then the loops; heads padded with NaN.
+
+    ``window_tokens(stage, block, grid)``: the grid token at each window position (-1: padding),
+    as the model itself lays the windows out.
+    """
     heads = max(cap[c].attrs["num_heads"] for c in cap.children)
     results = []
-    for s, stage in enumerate(model.layers):
+    for s in range(len(cap.children)):
         node = cap[f"stage{s}"]
         gh, gw = node.attrs["grid"]
         stride = 4 * 2 ** s
         rows, cols = np.divmod(np.arange(gh * gw), gw)
         pos = np.stack([(rows + 0.5) * stride, (cols + 0.5) * stride], -1)
-        for i, blk in enumerate(stage.blocks):
-            tokens = timm_window_tokens((gh, gw), blk)
+        for i in range(node.sizes["layer"]):
+            tokens = window_tokens(s, i, (gh, gw))
             dense = {}
             for var in ("attention", "attention_grad"):
                 a = node[var].values[:, i].astype(np.float64)  # (B, H, nW, M², M²)
@@ -137,7 +142,7 @@ def test_each_statistic_equals_the_loop_on_a_vit_with_registers(vit_cap, name):
 
 @pytest.fixture(scope="module")
 def swin_expected(swin_cap, swin_model):
-    return swin_by_hand(swin_cap, swin_model)
+    return swin_by_hand(swin_cap, lambda s, i, grid: timm_window_tokens(grid, swin_model.layers[s].blocks[i]))
 
 
 @pytest.mark.parametrize("name", list(STAT_INFO))
@@ -147,6 +152,32 @@ def test_each_statistic_equals_the_loop_on_a_padded_shifted_swin(swin_cap, swin_
     assert got.shape == want.shape == (2, 6, 4)
     np.testing.assert_array_equal(np.isnan(got.values), np.isnan(want))  # stages 0 and 1 have two heads
     np.testing.assert_allclose(got.values, want, rtol=1e-9, atol=1e-12)
+
+
+def hf_window_tokens(v2: bool, grid, window: int, shift: int) -> np.ndarray:
+    """transformers' own layout: pad the grid to whole windows first, then roll, then window_partition."""
+    import transformers
+
+    mod = transformers.models.swinv2.modeling_swinv2 if v2 else transformers.models.swin.modeling_swin
+    gh, gw = grid
+    ids = torch.arange(1.0, gh * gw + 1).reshape(1, gh, gw, 1)  # 0 is left for the padding
+    ph, pw = -(-gh // window) * window, -(-gw // window) * window
+    ids = torch.roll(torch.nn.functional.pad(ids, (0, 0, 0, pw - gw, 0, ph - gh)), (-shift, -shift), (1, 2))
+    return (mod.window_partition(ids, window).reshape(-1, window * window).long() - 1).numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("v2", [False, True])
+def test_each_statistic_equals_the_loop_on_a_padded_transformers_swin(v2):
+    # transformers pads before the cyclic shift (timm after): the loops lay the windows out its way
+    from test_hf_swin import padded_hf
+
+    model = padded_hf(v2, depths=(2, 2))
+    cap = vl.capture(model, torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(6)))
+    shifts = {s: cap[f"stage{s}"].attrs["shift_size"] for s in range(2)}
+    want = swin_by_hand(cap, lambda s, i, grid: hf_window_tokens(v2, grid, 4, shifts[s][i][0]))
+    for name in STAT_INFO:
+        np.testing.assert_allclose(vl.head_stats(cap, name).values, want[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
 # -- tiny cases worked by hand ------------------------------------------------------------------------
