@@ -18,6 +18,9 @@ from test_widgets import click
 import vitlens as vl
 from vitlens.errors import CaptureFormatError, OptionError
 from vitlens.registry import STAT_INFO
+
+#: The statistics a capture that kept its attention and gradients can give.
+FROM_ATTENTION = [n for n, info in STAT_INFO.items() if info.groups() <= {"attention", "attention_grad"}]
 from vitlens.widgets import Explorer, HeadAtlas
 from vitlens.widgets.base import CaptureView
 
@@ -81,7 +84,7 @@ def extremes_by_hand(values: xr.DataArray, layer: int, head: int, k: int) -> tup
 
 
 # -- the overview ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(STAT_INFO))
+@pytest.mark.parametrize("name", FROM_ATTENTION)
 def test_heat_map_and_dots_are_the_dataset_mean_of_each_statistic(vit_cap, name):
     atlas = HeadAtlas(vit_cap, stat=name, k=2)
     want = vl.head_stats(vit_cap, name).mean("sample").values
@@ -104,7 +107,7 @@ def test_hovering_a_head_shows_its_spread_over_the_images(vit_cap):
 
 def test_the_statistic_selector_switches_every_view(vit_cap):
     atlas = HeadAtlas(vit_cap, k=2)
-    assert atlas.stat == vl.HEAD_STATS[0] and [v for _, v in atlas.stat_select.options] == list(vl.HEAD_STATS)
+    assert atlas.stat == vl.HEAD_STATS[0] and [v for _, v in atlas.stat_select.options] == FROM_ATTENTION
     atlas.stat_select.value = "prefix_attention"
     assert atlas.stat == "prefix_attention"
     np.testing.assert_allclose(np.asarray(atlas.overview.data[0].z, dtype=float),
@@ -112,6 +115,15 @@ def test_the_statistic_selector_switches_every_view(vit_cap):
     assert "Attention to prefix tokens" in atlas.caption.value
     top, low = extremes_by_hand(vl.head_stats(vit_cap, "prefix_attention"), atlas.layer, atlas.head, 2)
     assert atlas.shown_samples() == top + low
+
+
+def test_a_capture_that_recorded_ablation_effects_offers_them(vit_model):
+    cap = vl.capture(vit_model, random_images(3, 32, seed=2), keep=["attention", "ablation_effect"], grads=False)
+    atlas = HeadAtlas(cap, k=1)
+    offered = [v for _, v in atlas.stat_select.options]
+    assert "ablation_effect" in offered and "gradient_weight" not in offered  # no gradients kept
+    atlas.stat = "ablation_effect"
+    np.testing.assert_allclose(atlas.mean(), vl.head_stats(cap, "ablation_effect").mean("sample").values)
 
 
 def test_it_opens_on_the_head_with_the_highest_mean(vit_cap):
@@ -170,7 +182,7 @@ def test_swin_shows_missing_heads_as_gaps_and_window_rows(swin_cap):
 
 # -- stores ----------------------------------------------------------------------------------------------
 def test_a_reduced_store_recaptures_the_shown_images_with_the_model(vit_cap, vit_model):
-    stats = {n: vl.head_stats(vit_cap, n) for n in STAT_INFO}
+    stats = {n: vl.head_stats(vit_cap, n) for n in FROM_ATTENTION}
     red = reduced(vit_cap, stats)
     with pytest.raises(CaptureFormatError, match="pass the model"):
         HeadAtlas(red, stat="attention_entropy", head=(1, 1), k=2)

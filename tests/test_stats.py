@@ -27,6 +27,8 @@ import vitlens as vl
 from vitlens.errors import CaptureFormatError, OptionError
 from vitlens.registry import STAT_INFO
 
+#: The statistics of the attention that the loops below define (the registry may hold more).
+LOOPED = ("attention_distance", "attention_entropy", "prefix_attention", "gradient_weight")
 SWIN_SIZE = 56  # grids 14, 7, 4 in windows of 4: timm pads the first two and merges the odd 7×7
 SWIN_KW = dict(img_size=SWIN_SIZE, patch_size=4, window_size=4, depths=(2, 2, 2), num_heads=(2, 2, 4), embed_dim=16,
                num_classes=5)
@@ -132,7 +134,7 @@ def swin_by_hand(cap: xr.DataTree, window_tokens) -> dict[str, np.ndarray]:
 
 
 # -- every statistic equals its loop ---------------------------------------------------------------
-@pytest.mark.parametrize("name", list(STAT_INFO))
+@pytest.mark.parametrize("name", LOOPED)
 def test_each_statistic_equals_the_loop_on_a_vit_with_registers(vit_cap, name):
     want = vit_by_hand(vit_cap)[name]
     got = vl.head_stats(vit_cap, name)
@@ -145,7 +147,7 @@ def swin_expected(swin_cap, swin_model):
     return swin_by_hand(swin_cap, lambda s, i, grid: timm_window_tokens(grid, swin_model.layers[s].blocks[i]))
 
 
-@pytest.mark.parametrize("name", list(STAT_INFO))
+@pytest.mark.parametrize("name", LOOPED)
 def test_each_statistic_equals_the_loop_on_a_padded_shifted_swin(swin_cap, swin_expected, name):
     got = vl.head_stats(swin_cap, name)
     want = swin_expected[name]
@@ -176,7 +178,7 @@ def test_each_statistic_equals_the_loop_on_a_padded_transformers_swin(v2):
     cap = vl.capture(model, torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(6)))
     shifts = {s: cap[f"stage{s}"].attrs["shift_size"] for s in range(2)}
     want = swin_by_hand(cap, lambda s, i, grid: hf_window_tokens(v2, grid, 4, shifts[s][i][0]))
-    for name in STAT_INFO:
+    for name in LOOPED:
         np.testing.assert_allclose(vl.head_stats(cap, name).values, want[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
@@ -202,7 +204,7 @@ def test_vit_statistics_of_a_hand_made_attention_matrix():
     g = np.full((5, 5), 2.0)
     g[4, 0] = -1.0  # p3's gradient on CLS is negative: (−1·0.2)⁺ = 0
     cap = with_values(cap, "stage0", attention=a[None, None, None], attention_grad=g[None, None, None])
-    value = {name: float(vl.head_stats(cap, name).item()) for name in STAT_INFO}
+    value = {name: float(vl.head_stats(cap, name).item()) for name in LOOPED}
     # distances: p0 0; p1 (8 + 0 + 8√2 + 8)/4; p2 8; p3 (8 + 0)/2
     assert value["attention_distance"] == pytest.approx((0 + (4 + 2 * np.sqrt(2)) + 8 + 4) / 4, rel=1e-6)
     h3 = -(0.2 * np.log(0.2) + 2 * 0.4 * np.log(0.4))
@@ -235,16 +237,24 @@ def test_swin_statistics_of_a_hand_made_padded_window(swin_cap):
 
 
 # -- the registry's contract, for every statistic -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def every_group_cap():
+    """vit_cap's model and images, with every group a registered statistic reads."""
+    groups = sorted(set().union(*(info.groups() for info in STAT_INFO.values())))
+    return vl.capture(make_vit(reg_tokens=2, seed=5), random_images(2, 32, seed=1), keep=groups)
+
+
 @pytest.mark.parametrize("name", list(STAT_INFO))
-def test_every_statistic_is_registered_documented_and_labeled(vit_cap, name):
+def test_every_statistic_is_registered_documented_and_labeled(every_group_cap, name):
     info = STAT_INFO[name]
     assert info.title and info.unit and info.caption and info.reference
     assert name in vl.HEAD_STATS
     methods = Path(__file__).resolve().parents[1].joinpath("docs", "METHODS.md").read_text()
     section = methods.split("## Head statistics", 1)[1].split("\n## ", 1)[0]
     assert f"`{name}`" in section, f"docs/METHODS.md, Head statistics: document {name}"
-    author = re.match(r"[A-Z][a-z]+", info.reference).group(0)
+    author = re.search(r"([A-Z][a-z]+) et al\.", info.reference).group(1)
     assert author in section
+    vit_cap = every_group_cap
     da = vl.head_stats(vit_cap, name)
     assert da.name == name and da.attrs["stat"] == name and da.attrs["unit"] == info.unit
     assert da["layer"].values.tolist() == [0, 1, 2] and da["head"].values.tolist() == [0, 1, 2]
@@ -282,7 +292,7 @@ def test_head_stats_of_a_lazy_store_are_dask_and_equal_the_capture(tmp_path):
     images = random_images(5, 32, seed=4)
     cap = vl.capture(model, images)
     store = vl.capture(model, images, store=tmp_path / "run.zarr", batch_size=2)
-    for name in STAT_INFO:
+    for name in LOOPED:
         lazy = vl.head_stats(store, name)
         assert lazy.chunks is not None  # nothing computed yet
         np.testing.assert_allclose(lazy.mean("sample").values, vl.head_stats(cap, name).mean("sample").values,
@@ -311,6 +321,8 @@ def test_a_reduced_store_gives_the_statistics_it_holds_and_says_what_it_lacks(vi
     assert vl.stats.stored_stats(red) == ["attention_distance"]
     with pytest.raises(CaptureFormatError, match=r"stats=\['attention_entropy'\]"):
         vl.head_stats(red, "attention_entropy")
+    with pytest.raises(CaptureFormatError, match="ablation_effect"):
+        vl.head_stats(vit_cap, "ablation_effect")  # recorded by capture, one forward per head
 
 
 def test_gradient_weight_without_gradients_names_the_capture_call(vit_cap):

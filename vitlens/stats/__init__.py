@@ -27,7 +27,7 @@ from .attention_entropy import attention_entropy
 from .prefix_attention import prefix_attention
 from .gradient_weight import gradient_weight
 from .ablation_effect import ablation_effect  # read from what capture recorded (one forward per head)
-from .rows import stage_nodes
+from .rows import holds_groups, stage_nodes
 
 #: Names of the registered head statistics, in registration order (see :data:`STAT_INFO`).
 HEAD_STATS: tuple[str, ...] = tuple(STAT_INFO)
@@ -90,7 +90,7 @@ def head_stats(cap: xr.DataTree | str | os.PathLike, name: str, **options: Any) 
     >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
     >>> cap = vl.capture(model, np.random.default_rng(0).random((4, 32, 32, 3)))
     >>> vl.HEAD_STATS
-    ('attention_distance', 'attention_entropy', 'prefix_attention', 'gradient_weight')
+    ('attention_distance', 'attention_entropy', 'prefix_attention', 'gradient_weight', 'ablation_effect')
     >>> d = vl.head_stats(cap, "attention_distance")
     >>> d.dims, d.shape, d.attrs["unit"]
     (('sample', 'layer', 'head'), (4, 2, 3), 'px')
@@ -114,11 +114,11 @@ def head_stats(cap: xr.DataTree | str | os.PathLike, name: str, **options: Any) 
         if options:
             raise OptionError(f"this store holds {name!r} as it was captured (without options); compute it with "
                               f"options from a capture that keeps the attention (keep='all').")
-        return _stored(cap, name).assign_attrs(stat=name, unit=info.unit)
+        return _labeled(_stored(cap, name), info)
     _check_computable(cap, name, info)
     blocks = _sample_blocks(cap)
     if blocks is None:
-        return info.function(cap, **options)
+        return _labeled(info.function(cap, **options), info)
     # lazy store: one dask task per sample chunk, loading only that chunk
     import dask
     import dask.array as da
@@ -128,26 +128,29 @@ def head_stats(cap: xr.DataTree | str | os.PathLike, name: str, **options: Any) 
     parts = [da.from_delayed(dask.delayed(_compute)(cap.isel(sample=slice(a, b)), name, options),
                              shape=(b - a, *template.shape[1:]), dtype=template.dtype) for a, b in blocks]
     coords = {k: v for k, v in template.coords.items() if "sample" not in v.dims}
-    return xr.DataArray(da.concatenate(parts, axis=0), dims=template.dims, name=name, attrs=template.attrs,
-                        coords={**coords, "sample": cap["sample"].values})
+    return _labeled(xr.DataArray(da.concatenate(parts, axis=0), dims=template.dims, attrs=template.attrs,
+                                 coords={**coords, "sample": cap["sample"].values}), info)
+
+
+def _labeled(values: xr.DataArray, info: StatInfo) -> xr.DataArray:
+    """The statistic named and labeled with its registration (whichever module computed it)."""
+    return values.rename(info.name).assign_attrs(stat=info.name, unit=info.unit)
 
 
 def _check_computable(cap: xr.DataTree, name: str, info: StatInfo) -> None:
     """A clear error when the capture cannot give ``name``: what it holds and the call that would."""
+    missing = sorted(g for g in info.groups() if not holds_groups(cap, [g]))
+    if not missing:
+        return
     held = stored_stats(cap)
-    stages = [c for c in cap.children if c.startswith("stage")]
-    if not stages or "attention" not in cap[stages[0]].to_dataset(inherit=False):
-        have = f"it holds the statistics {held}" if held else "it holds no statistics"
-        raise CaptureFormatError(
-            f"this store holds neither {name!r} nor the attention to compute it ({have}); capture again with "
-            f"vl.capture(model, images, stats=[{name!r}], ...) or with keep='all'."
-        )
-    if info.needs_gradients and "attention_grad" not in cap[stages[0]].to_dataset(inherit=False):
-        raise CaptureFormatError(
-            f"{name!r} reads the attention's gradients, which this capture has not kept; capture again with "
-            f"grads=True and keep='all' (or keep including 'attention_grad'), or with stats=[{name!r}]."
-        )
+    have = f"it stores the statistics {held}" if held else "it stores no statistics"
+    grads = " with grads=True" if "attention_grad" in missing else ""
+    raise CaptureFormatError(
+        f"this capture holds neither {name!r} nor the {', '.join(missing)} it is computed from ({have}); capture "
+        f"again with vl.capture(model, images, stats=[{name!r}]){grads}, or keep {missing} (keep='all' for the "
+        f"attention groups)."
+    )
 
 
 __all__ = ["HEAD_STATS", "STAT_INFO", "StatInfo", "ablation_effect", "attention_distance", "attention_entropy", "gradient_weight",
-           "head_stats", "prefix_attention", "register_stat", "stage_nodes", "stored_stats"]
+           "head_stats", "holds_groups", "prefix_attention", "register_stat", "stage_nodes", "stored_stats"]

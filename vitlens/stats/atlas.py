@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import CaptureFormatError, OptionError
-from .rows import attention_rows, stage_nodes
+from .rows import attention_rows, holds_groups, stage_nodes
 
 #: A query token: a patch ``(row, col)`` on the first-stage grid, or ``None`` for the first prefix token (CLS).
 Query = tuple[int, int] | None
@@ -88,8 +88,7 @@ def extremes(values: xr.DataArray, layer: int, head: int, k: int = 4) -> Extreme
 
 def holds_attention(cap: xr.DataTree) -> bool:
     """Whether the capture (or store) kept the raw attention of every stage."""
-    stages = [c for c in cap.children if c.startswith("stage")]
-    return bool(stages) and all("attention" in cap[c].to_dataset(inherit=False) for c in stages)
+    return holds_groups(cap, ["attention"])
 
 
 def query_maps(cap: xr.DataTree, layer: int, head: int, query: Query) -> np.ndarray:

@@ -13,7 +13,7 @@ array of the registry's contract.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -85,6 +85,17 @@ def stage_nodes(cap: xr.DataTree) -> list[StageView]:
             "again with keep='all' (or keep= including 'attention'), or with stats= to store them as it runs."
         )
     return stages
+
+
+def holds_groups(cap: xr.DataTree, groups: Iterable[str]) -> bool:
+    """Whether every stage of the capture holds each of the capture ``groups`` (``StatInfo.groups()``).
+
+    A group is held where the stage has its variable (``attention``, ``attention_grad``,
+    ``ablation_effect``) or variables named after it (``ln_mean``…, ``features``…).
+    """
+    stages = [cap[c].to_dataset(inherit=False) for c in cap.children if c.startswith("stage")]
+    return bool(stages) and all(any(v == g or str(v).startswith(f"{g}_") for v in ds.data_vars)
+                                for ds in stages for g in groups)
 
 
 def _centres(stage: StageView) -> np.ndarray:

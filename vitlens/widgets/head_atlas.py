@@ -15,7 +15,7 @@ from plotly.subplots import make_subplots
 
 from ..errors import CaptureFormatError, OptionError
 from ..registry import STAT_INFO, stat_info
-from ..stats import head_stats, stored_stats
+from ..stats import head_stats, holds_groups, stored_stats
 from ..stats.atlas import Extremes, examples, extremes, holds_attention, summary
 from . import captions
 from .base import AttentionView
@@ -181,10 +181,7 @@ class HeadAtlas(AttentionView):
     def _available(self) -> list[str]:
         """Statistics the store holds, then those it can compute, in the registry's order."""
         held = set(stored_stats(self.cap))
-        has_attention = holds_attention(self.cap)
-        grads = has_attention and all("attention_grad" in self.cap[s.name].to_dataset(inherit=False)
-                                      for s in self.layout_info.stages)
-        return [n for n in STAT_INFO if n in held or (has_attention and (grads or not STAT_INFO[n].needs_gradients))]
+        return [n for n in STAT_INFO if n in held or holds_groups(self.cap, STAT_INFO[n].groups())]
 
     def _checked_stat(self, name: str) -> str:
         stat_info(name)  # an unknown name: OptionError with a did-you-mean
