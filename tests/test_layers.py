@@ -95,7 +95,7 @@ PUBLIC = {
     "OptionError", "RandomWeightsWarning", "SimilarityHead", "ResumeError", "StorageError",
     "StoreLockedError", "TargetError", "UnsupportedModelError", "VitlensError", "capture", "datasets",
     "evaluate", "explain", "figures", "methods", "normalize", "to_pixels", "with_head", "widgets",
-    "load_model", "metrics", "models", "open", "plot", "save", "registry",
+    "load_model", "metrics", "models", "open", "plot", "save", "registry", "HEAD_STATS", "head_stats", "stats", "HeadAtlas",
 }
 
 

@@ -35,19 +35,22 @@ from .errors import (
     VitlensError,
 )
 from .methods import METHODS, explain, normalize, to_pixels
+from .stats import HEAD_STATS, head_stats
 from .metrics import evaluate
 from .models import load_model
 from .models.families.hf_headed import SimilarityHead, with_head
-from .widgets import Compare, Explorer, HeadGrid, ModelView, TokenCurves
+from .widgets import Compare, Explorer, HeadAtlas, HeadGrid, ModelView, TokenCurves
 
 __all__ = [
     "Compare",
     "Explorer",
+    "HeadAtlas",
     "HeadGrid",
     "ModelView",
     "TokenCurves",
     "KEEP_GROUPS",
     "METHODS",
+    "HEAD_STATS",
     "CaptureError",
     "CaptureFormatError",
     "DeviceError",
@@ -68,6 +71,7 @@ __all__ = [
     "datasets",
     "evaluate",
     "explain",
+    "head_stats",
     "figures",
     "head_importance",
     "methods",
@@ -85,4 +89,5 @@ __all__ = [
     "Verification",
     "registry",
     "save",
+    "stats",
 ]

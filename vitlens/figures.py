@@ -38,7 +38,7 @@ from .errors import ExportError, OptionError
 from .methods import METHOD_INFO, METHODS, explain, normalize, to_pixels
 from .methods import normalize as normalize_maps  # vl.plot's own argument is called normalize
 
-__all__ = ["render_panels", "grid", "layers", "plot", "overlay", "colormap", "save"]
+__all__ = ["render_panels", "grid", "layers", "head_atlas", "draw_head_atlas", "plot", "overlay", "colormap", "save"]
 
 DEFAULT_CMAP = "inferno"
 DEFAULT_COLORSCALE = DEFAULT_CMAP  # the old (plotly-era) name, kept for callers
@@ -661,3 +661,162 @@ def _atomic_write(path: Path, write: Any) -> Path:
         raise ExportError(f"could not write {str(path)!r} ({type(exc).__name__}: {exc}); "
                           "the previous file, if any, is unchanged.") from exc
     return path
+
+
+# -- the head atlas ---------------------------------------------------------------------------
+def head_atlas(
+    obj: xr.DataTree,
+    stat: str = "attention_distance",
+    *,
+    head: tuple[int, int] | None = None,
+    k: int = 4,
+    query: tuple[int, int] | None | str = "default",
+    model: Any = None,
+    images: Any = None,
+    cmap: str = "viridis",
+) -> Any:
+    """The head atlas of one statistic as a static figure: layers × heads, and the statistic by depth.
+
+    Left: the dataset mean of the statistic per block (rows) and head (columns).
+    Right: the ViT paper's view (Dosovitskiy et al. 2021, Fig. 7), the statistic
+    against depth, one dot per head, the mean of the heads as a line. With
+    ``head=(layer, h)`` two rows follow: the ``k`` images where that head's
+    statistic is highest and the ``k`` where it is lowest, each under the head's
+    attention of ``query`` (min-max per image).
+
+    Parameters
+    ----------
+    obj
+        A capture, or a store (full or reduced, see :func:`vitlens.head_stats`).
+    stat
+        One of :data:`vitlens.HEAD_STATS`.
+    head
+        ``(layer, head)`` whose extreme images to show (default: none).
+    k
+        Images per row.
+    query
+        ``"default"`` (CLS, or the centre patch without one), ``None`` (CLS) or a
+        patch ``(row, col)`` on the first-stage grid.
+    model, images
+        For a reduced store without attention: the model to capture the ``2k``
+        images again, and the images it was captured from if it kept none.
+    cmap
+        Colour map of the heat map.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
+    >>> cap = vl.capture(model, np.random.default_rng(0).random((4, 32, 32, 3)), grads=False)
+    >>> fig = vl.figures.head_atlas(cap, "attention_entropy", head=(1, 0), k=2)
+    >>> [ax.get_title() for ax in fig.axes[:2]]
+    ['Attention entropy: dataset mean', 'Attention entropy by depth']
+    """
+    from .stats import head_stats
+    from .stats.atlas import default_query, examples, extremes, summary
+
+    values = head_stats(obj, stat)
+    picked = None
+    if head is not None:
+        layer, h = (int(v) for v in head)
+        ext = extremes(values, layer, h, k)
+        q = default_query(obj) if isinstance(query, str) and query == "default" else query
+        rows = []
+        for label, positions in (("highest", ext.highest), ("lowest", ext.lowest)):
+            pictures, maps, _ = examples(obj, positions, layer, h, q, model=model, images=images)
+            samples = values["sample"].values[positions]
+            rows.append((label, [(pictures[i], maps[i], f"#{samples[i]} · {ext.value(p):.3g}")
+                                 for i, p in enumerate(positions)]))
+        picked = (layer, h, rows)
+    title = f"{obj.attrs.get('model', 'model')} · {values.sizes['sample']} images"
+    return draw_head_atlas(summary(values), stat, selected=picked, cmap=cmap, suptitle=title)
+
+
+def draw_head_atlas(table: xr.Dataset, stat: str, *, selected: Any = None, cmap: str = "viridis",
+                    suptitle: str | None = None) -> Any:
+    """Draw a head atlas from a :func:`vitlens.stats.atlas.summary` (what :func:`head_atlas` and the
+    widget's export call).
+
+    ``selected``: ``(layer, head, rows)``, ``rows`` a list of ``(label, [(image, map, title), ...])``
+    (image ``(H, W, 3)``, map on the token grid), drawn one row each under the overview.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.patches import Rectangle
+
+    from .registry import stat_info
+
+    info = stat_info(stat)
+    mean = table["mean"]
+    layers = [int(l) for l in mean["layer"].values]
+    heads = mean.sizes["head"]
+    rows = selected[2] if selected else []
+    ncols = max((len(r[1]) for r in rows), default=0)
+    width = max(8.0, 1.6 * ncols)
+    height = 3.2 + (1.9 * len(rows) if rows else 0) + (0.4 if suptitle else 0)
+    fig = _figure_class()(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = (fig.subfigures(2, 1, height_ratios=[3.2, 1.9 * len(rows)]) if rows else (fig, None))
+    ax_map, ax_dots = top.subplots(1, 2, width_ratios=[max(1.0, heads / max(len(layers), 1)) + 0.4, 1.6])
+    colours = _cmap(cmap).with_extremes(bad="#eeeeee")  # grey: a head the block does not have
+    im = ax_map.imshow(np.ma.masked_invalid(mean.values), cmap=colours, aspect="auto", interpolation="nearest")
+    ax_map.set_xticks(range(heads), [str(h) for h in range(heads)], fontsize=8)
+    ax_map.set_yticks(range(len(layers)), [f"block {l}" for l in layers], fontsize=8)
+    ax_map.set_xlabel("head", fontsize=9)
+    ax_map.set_title(f"{info.title}: dataset mean", fontsize=10)
+    bar = top.colorbar(im, ax=ax_map, shrink=0.9, aspect=25, pad=0.01)
+    bar.set_label(info.unit, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+    offsets = (np.arange(heads) - (heads - 1) / 2) * (0.5 / max(heads, 1))
+    for h in range(heads):
+        ax_dots.scatter(np.arange(len(layers)) + offsets[h], mean.values[:, h], s=14, color="#3b6ea8", alpha=0.8,
+                        linewidths=0)
+    with np.errstate(invalid="ignore"):
+        ax_dots.plot(range(len(layers)), np.nanmean(mean.values, axis=1), color="#888888", lw=1, zorder=0)
+    if "stage" in mean.coords:  # Swin: where each stage begins (its tokens are coarser from there on)
+        stages = [int(v) for v in mean["stage"].values]
+        for i in range(1, len(stages)):
+            if stages[i] != stages[i - 1]:
+                ax_map.axhline(i - 0.5, color="white", lw=1.5)
+                ax_dots.axvline(i - 0.5, color="#bbbbbb", lw=1, ls="--", zorder=0)
+                ax_dots.text(i - 0.45, 1.0, f"stage {stages[i]}", transform=ax_dots.get_xaxis_transform(),
+                             fontsize=7, color="#777777", va="top")
+    ax_dots.set_xticks(range(len(layers)), [str(l) for l in layers], fontsize=8)
+    ax_dots.set_xlabel("block", fontsize=9)
+    ax_dots.set_ylabel(info.unit, fontsize=9)
+    ax_dots.tick_params(labelsize=8)
+    ax_dots.set_title(f"{info.title} by depth", fontsize=10)
+    if selected:
+        layer, h = selected[0], selected[1]
+        li = layers.index(layer)
+        ax_map.add_patch(Rectangle((h - 0.5, li - 0.5), 1, 1, fill=False, edgecolor="#e4002b", lw=2))
+        ax_dots.scatter([li + offsets[h]], [mean.values[li, h]], s=40, facecolor="none", edgecolor="#e4002b", lw=1.5)
+        axes = bottom.subplots(len(rows), ncols, squeeze=False)
+        for r, (label, panels) in enumerate(rows):
+            for c, ax in enumerate(axes[r]):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c >= len(panels):
+                    ax.set_axis_off()
+                    continue
+                image, heat, text = panels[c]
+                image = np.clip(np.asarray(image, dtype=float), 0, 1)
+                heat = np.asarray(heat, dtype=float)
+                span = heat.max() - heat.min()
+                heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+                ax.imshow(image, interpolation="nearest")
+                ax.imshow(_upsample(heat, image.shape[:2], False), cmap=_cmap(DEFAULT_CMAP), vmin=0, vmax=1,
+                          alpha=0.6, interpolation="nearest")
+                ax.set_title(text, fontsize=8)
+                if c == 0:
+                    ax.set_ylabel(label, fontsize=9)
+        bottom.suptitle(f"block {layer}, head {h}: highest and lowest {info.title.lower()}, under its attention "
+                        f"(min-max per image)", fontsize=9)
+    if suptitle:
+        fig.suptitle(str(suptitle), fontsize=10)
+    fig.draw_without_rendering()  # lay out once: the same figure then always saves the same bytes
+    fig.set_layout_engine("none")
+    return fig

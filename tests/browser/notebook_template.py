@@ -7,7 +7,8 @@ Cells: the ViT Explorer (two classes side by side), a HeadGrid, a ModelView and
 TokenCurves linked to it, Compare, and a Swin Explorer (at a size whose windows timm pads).
 
 :func:`write_readme_notebook` writes the notebook behind the README screenshot:
-the shipped trained ``vit-shapes`` model.
+the shipped trained ``vit-shapes`` model; :func:`write_atlas_notebook` the head atlas's
+(a ViT's atlas over 12 images, linked to an Explorer of one of them).
 """
 
 from __future__ import annotations
@@ -126,6 +127,22 @@ vl.Compare(cap, vit)
 """
 
 
+ATLAS = """\
+torch.manual_seed(2)
+vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, num_classes=8,
+                        embed_dim=48, depth=4, num_heads=3).eval()
+vit.vitlens_class_names = list(CLASS_NAMES)
+cap = vl.capture(vit, vl.datasets.shapes(12, seed=5, size=64).image.values, grads=False)
+vl.save(cap, os.path.join(HERE, "atlas.nc"), overwrite=True)
+explorer = vl.Explorer(cap.isel(sample=[0]), vit)
+explorer
+"""
+
+ATLAS_VIEW = """\
+atlas = vl.HeadAtlas(cap, vit, stat="attention_distance", head=(3, 0), k=3, explorer=explorer)
+atlas
+"""
+
 NO_CARRIER = """\
 import plotly.graph_objects as go
 from vitlens.widgets.figure import as_widget
@@ -154,6 +171,11 @@ def write_readme_notebook(folder: Path, name: str = "readme.ipynb", ablate: bool
     """The notebook of the README screenshot (the shipped, trained ``vit-shapes``); ``ablate``: of the
     ablate-mode screenshot."""
     return _write(folder / name, (README_ABLATE if ablate else README,))
+
+
+def write_atlas_notebook(folder: Path, name: str = "atlas.ipynb") -> Path:
+    """The head atlas of a ViT over 12 images, linked to an Explorer of one of them."""
+    return _write(folder / name, (SETUP.format(here=str(folder)), ATLAS, ATLAS_VIEW))
 
 
 def _write(path: Path, cells) -> Path:

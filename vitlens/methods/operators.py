@@ -123,7 +123,8 @@ def view(cap: xr.DataTree) -> CaptureView:
 
     cap = decode_attrs(cap)  # a saved capture read with plain xr.open_datatree keeps JSON attrs
     stages = []
-    for name in sorted(cap.children, key=lambda n: int(n.removeprefix("stage"))):
+    # a reduced store also holds /maps and /stats beside the stages
+    for name in sorted((n for n in cap.children if n.startswith("stage")), key=lambda n: int(n.removeprefix("stage"))):
         ds = cap[name].to_dataset()
         wt = torch.from_numpy(ds["window_token"].values.astype(np.int64)) if "window_token" in ds else None
         stages.append(

@@ -36,8 +36,11 @@ def link(a: traitlets.HasTraits, b: traitlets.HasTraits, traits: Sequence[str] |
     """Link two widgets of the same capture: ``traitlets.link`` on every shared trait.
 
     By default the traits both widgets have among ``sample``, ``layer``, ``query``
-    and ``heads``; ``b`` takes ``a``'s values first. Returns the links
-    (``l.unlink()`` undoes one).
+    and ``heads`` (a widget's ``linkable`` may name fewer: the head atlas, a view of
+    a dataset, links no ``sample``); ``b`` takes ``a``'s values first. Returns the
+    links (``l.unlink()`` undoes one). Both widgets show one capture, except that
+    a :class:`~vitlens.widgets.HeadAtlas` links to a widget of any capture of the
+    same model (same blocks, heads and grids).
 
     Examples
     --------
@@ -50,13 +53,26 @@ def link(a: traitlets.HasTraits, b: traitlets.HasTraits, traits: Sequence[str] |
     >>> grid.layer
     1
     """
-    if getattr(a, "cap", None) is not getattr(b, "cap", None):
-        raise OptionError("link widgets of the same capture (make both from one cap).")
-    names = [t for t in (traits or LINKABLE) if a.has_trait(t) and b.has_trait(t)]
+    if getattr(a, "cap", None) is not getattr(b, "cap", None) and not _same_model(a, b):
+        raise OptionError("link widgets of the same capture (make both from one cap); the head atlas links to a "
+                          "widget of any capture of the same model.")
+    shared = [t for t in LINKABLE if t in getattr(a, "linkable", LINKABLE) and t in getattr(b, "linkable", LINKABLE)]
+    names = [t for t in (traits or shared) if a.has_trait(t) and b.has_trait(t)]
     if traits is not None and len(names) != len(traits):
         missing = sorted(set(traits) - set(names))
         raise OptionError(f"cannot link {missing}: not a trait of both widgets (shared: {names}).")
     return [traitlets.link((a, t), (b, t)) for t in names]
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    """Whether one of two widgets links across captures (the head atlas of a store) and both show
+    the same blocks, heads and token grids: their layer, query and heads then mean the same."""
+    if not (getattr(a, "links_across_captures", False) or getattr(b, "links_across_captures", False)):
+        return False
+    la, lb = getattr(a, "layout_info", None), getattr(b, "layout_info", None)
+    if la is None or lb is None:
+        return False
+    return [(s.layers, s.num_heads, s.grid) for s in la.stages] == [(s.layers, s.num_heads, s.grid) for s in lb.stages]
 
 
 def export_title(title: str) -> str:

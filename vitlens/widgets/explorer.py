@@ -589,8 +589,4 @@ class Explorer(AttentionView):
     def _clicked(self, trace: Any, points: Any, state: Any) -> None:
         if not points.xs:
             return
-        sy, sx = self.layout_info.stride
-        gh, gw = self.layout_info.grid
-        col = int(round((points.xs[0] - (sx - 1) / 2) / sx))
-        row = int(round((points.ys[0] - (sy - 1) / 2) / sy))
-        self.select_patch(min(max(row, 0), gh - 1), min(max(col, 0), gw - 1))
+        self.select_patch(*patch_at(self.layout_info, points.xs[0], points.ys[0]))
