@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 from typing import Any
 
@@ -19,10 +18,11 @@ from ..stats import head_stats, holds_groups, stored_stats
 from ..stats.atlas import Extremes, examples, extremes, holds_attention, summary
 from . import captions
 from .base import AttentionView
-from .controls import probe
+from .controls import probe, probe_text
 from .figure import as_widget, image_uri, overlay_figure, zsmooth
 from .layout import Query, capture_layout, checked_query, initial_query, patch_at, patch_outline
 from .panels import PanelMaps, normalized
+from .text import escape, html_text, markup
 
 #: Colour scale of the heat map (the statistic, not a relevance: not the overlays' inferno).
 ATLAS_COLORSCALE = "Viridis"
@@ -137,8 +137,8 @@ class HeadAtlas(AttentionView):
                                             layout=widgets.Layout(width="320px"))
         self.stat_select.add_class("vitlens-stat")
         self._link_control(self.stat_select, "stat")
-        self.status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
-        self.caption = widgets.HTML()
+        self.status = html_text(margin="0 8px")
+        self.caption = html_text()
         self.caption.add_class("vitlens-captions")
         self.probe = probe("vitlens-probe")
         exporter = self._export_controls(export_dir)
@@ -270,7 +270,7 @@ class HeadAtlas(AttentionView):
         positions = e.highest + e.lowest
         key = tuple(positions)
         if not holds_attention(self.cap):
-            self.status.value = f"capturing {len(positions)} images again to show their attention…"
+            self.status.value = escape(f"capturing {len(positions)} images again to show their attention…")
         try:
             _, _, source = self._sources.get(key, lambda: examples(self.cap, positions, self.layer, self.head,
                                                                    self.query, model=self.model,
@@ -377,8 +377,8 @@ class HeadAtlas(AttentionView):
                 trace.zsmooth = zsmooth(self.smooth)
                 fig.data[2 * n + i].update(x=mx if there else [], y=my if there else [])
                 row = "highest" if i < self.k else "lowest"
-                fig.layout.annotations[i].text = (f"{row} #{int(samples[i])}<br>{e.value(positions[i]):.4g} {unit}"
-                                                  if there else "")
+                fig.layout.annotations[i].text = (markup("{} #{}<br>{:.4g} {}", row, int(samples[i]),
+                                                         e.value(positions[i]), unit) if there else "")
 
     def refresh(self) -> None:
         """Redraw both figures for the statistic, the selected head and the query (batched updates)."""
@@ -387,7 +387,7 @@ class HeadAtlas(AttentionView):
         self._draw_overview(self.overview)
         self._draw_examples(self.examples)
         info = stat_info(self.stat)
-        self.caption.value = html.escape(
+        self.caption.value = escape(
             f"{info.title} ({info.unit}): {info.caption}. Left: its mean over the {self.num_samples} images per "
             f"block and head (hover for the spread); right: against depth. Block {self.layer}, head {self.head} "
             f"(outlined): the {self.k} images where it is highest (top row) and lowest (bottom row), each under that "
@@ -395,8 +395,8 @@ class HeadAtlas(AttentionView):
             f"choose another query). Click a cell or a dot to choose another head.")
         self.version += 1
         query = "cls" if self.query is None else f"{self.query[0]},{self.query[1]}"
-        self.probe.value = (f"v={self.version} stat={self.stat} layer={self.layer} head={self.head} query={query} "
-                            f"samples={','.join(map(str, self.shown_samples()))}")
+        self.probe.value = probe_text(v=self.version, stat=self.stat, layer=self.layer, head=self.head, query=query,
+                                      samples=",".join(map(str, self.shown_samples())))
 
     # -- clicks ------------------------------------------------------------------------------------------------
     def _cell_clicked(self, trace: Any, points: Any, state: Any) -> None:
