@@ -23,8 +23,17 @@ from .validate import check_finite, check_model
 from .text import bind_text
 from ..models.windows import window_tokens
 
-#: What ``capture(keep=...)`` can store. ``"all"`` (default) stores everything.
-KEEP_GROUPS = ("attention", "attention_grad", "attention_relevance", "ln", "norms", "features")
+#: What ``capture(keep=...)`` can store. ``"all"`` (default) stores every group but the extra passes.
+KEEP_GROUPS = ("attention", "attention_grad", "attention_relevance", "ln", "norms", "features",
+               "attnlrp", "attnlrp_cp", "legrad")
+
+#: Groups that cost a pass of their own (AttnLRP with relevance through the softmax, CP-LRP,
+#: LeGrad's per-layer gradients): stored only when named, e.g. ``keep=("all", "attnlrp_cp")``,
+#: so that nobody pays for a method they do not use.
+EXTRA_GROUPS = ("attnlrp", "attnlrp_cp", "legrad")
+
+#: groups that need the backward pass
+_GRADIENT_GROUPS = ("attention_grad", "attention_relevance", *EXTRA_GROUPS)
 
 _TOKEN_VARS = (
     "token_norm",
@@ -42,15 +51,17 @@ _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 def _resolve_keep(keep: str | Iterable[str], grads: bool) -> set[str]:
     if isinstance(keep, str):
-        keep = KEEP_GROUPS if keep == "all" else (keep,)
-    chosen = set(keep)
+        keep = (keep,)
+    chosen = set()
+    for group in keep:  # "all": every group but the extra passes, which are named
+        chosen |= {g for g in KEEP_GROUPS if g not in EXTRA_GROUPS} if group == "all" else {group}
     unknown = chosen - set(KEEP_GROUPS)
     if unknown:
         raise OptionError(f"keep= got {sorted(unknown)}; choose from {list(KEEP_GROUPS)} or 'all'.")
     if not chosen:
         raise OptionError(f"keep= is empty; choose from {list(KEEP_GROUPS)} or 'all'.")
     if not grads:
-        chosen -= {"attention_grad", "attention_relevance"}
+        chosen -= set(_GRADIENT_GROUPS)
     return chosen
 
 
@@ -195,11 +206,20 @@ def capture(
         only normalised; others go through timm's eval transform for the model.
     target
         Class to explain: ``None`` (each image's predicted class), one int or
-        class name for all images, or one per image.
+        class name for all images, or one per image; or a callable
+        ``f(logits) -> (batch,)`` tensor, or a :class:`vitlens.targets.Target`
+        (``vl.targets.similarity(reference)``, ``vl.targets.patch_similarity(row, col)``):
+        every gradient, LRP pass and class-specific method then explains that
+        scalar (``attrs["target"]`` names it, ``target_score`` holds its values).
+        A headless ``transformers`` backbone (``Dinov2Model``, a SigLIP tower)
+        takes a :class:`~vitlens.targets.Target` without a head.
     grads
         Run the backward pass (needed by gradient-based methods and LRP).
     keep
-        ``"all"`` or a subset of :data:`KEEP_GROUPS` to bound storage.
+        ``"all"`` or a subset of :data:`KEEP_GROUPS` to bound storage. The
+        :data:`EXTRA_GROUPS` (``"attnlrp"``, ``"attnlrp_cp"``, ``"legrad"``) run a
+        pass of their own and are stored only when named, e.g.
+        ``keep=("all", "legrad")``.
     dtype
         ``"float32"`` or ``"float16"`` for the stored floating-point arrays.
     batch_size
@@ -242,6 +262,12 @@ def capture(
     >>> cap["stage0"].attention.dims
     ('sample', 'layer', 'head', 'query', 'key')
     """
+    from .targets import Target, is_callable_target
+
+    if isinstance(target, Target):  # a headless backbone explains an embedding target without a head
+        from ..models import embedding_model
+
+        model = embedding_model(model) or model
     adapter = bind_text(adapter_for(model), text, processor)
     kept = _resolve_keep(keep, grads)
     if dtype not in _DTYPES:
@@ -274,10 +300,13 @@ def capture(
     n = batch.pixels.shape[0]
     num_classes = adapter.num_classes
     names = adapter.class_names() if hasattr(adapter, "class_names") else class_names(model, num_classes)
-    targets = _resolve_target(target, n, names)
+    explained = target if is_callable_target(target) else None
+    targets = None if explained is not None else _resolve_target(target, n, names)
     param = next(model.parameters(), None)
     model_dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
 
+    if explained is not None and not grads:
+        raise OptionError("a callable target is explained through gradients: pass grads=True.")
     relevance = "attention_relevance" in kept
     stores = _Buffers(n, getattr(torch, dtype))
     starts = range(0, n, int(batch_size))
@@ -292,10 +321,10 @@ def capture(
         for start in starts:
             rec.reset()
             x = batch.pixels[start : start + batch_size].to(device, model_dtype)
-            _run_batch(adapter, rec, x, targets, start, kept, grads, relevance, stores)
+            _run_batch(adapter, rec, x, targets, start, kept, grads, relevance, stores, explained)
 
     check_finite(stores.items())
-    tree = _assemble(adapter, model, batch, stores, names, kept, dtype, grads)
+    tree = _assemble(adapter, model, batch, stores, names, kept, dtype, grads, explained)
     samples = _input_samples(images, n)
     if samples is not None:  # keep the caller's labels (e.g. a subset of a dataset)
         tree.dataset = tree.to_dataset(inherit=False).assign_coords(sample=samples)
@@ -323,23 +352,49 @@ def _run_batch(
     grads: bool,
     relevance: bool,
     stores: _Buffers,
+    explained: Any = None,
 ) -> None:
+    from .targets import FinalTokens, outputs_of, score
+
     b = x.shape[0]
+    x_in = x
     grad_ctx = torch.enable_grad() if grads else torch.no_grad()
-    with torch.inference_mode(False), grad_ctx:
+    seed = seed_tokens = None
+    with torch.inference_mode(False), grad_ctx, FinalTokens(adapter) as final:
         if grads:
             x = x.clone().requires_grad_(True)  # a graph exists even for frozen models
         logits = adapter.logits(x) if hasattr(adapter, "logits") else adapter.model(x)
         if logits.ndim != 2 or logits.shape[0] != b:
             raise ImageError(f"the model returned logits of shape {tuple(logits.shape)}; expected ({b}, classes).")
-        if targets is None:
+        if explained is not None:
+            tgt = torch.full((b,), -1, dtype=torch.int64, device=logits.device)
+        elif targets is None:
             tgt = logits.detach().argmax(-1)
         else:
             tgt = torch.as_tensor(targets[start : start + b], device=logits.device)
+
+        def explained_of(out: Any) -> torch.Tensor:
+            return score(explained, out, tgt)
+
         if grads:
-            y = logits.gather(1, tgt[:, None]).sum()  # sum over images: each keeps its own gradient
-            outs = torch.autograd.grad(y, rec.grad_targets() + [rec.features], allow_unused=True)
+            out = None if explained is None else outputs_of(adapter, logits, final.output)
+            values = logits.gather(1, tgt[:, None]).squeeze(1) if out is None else explained_of(out)
+            extra = [] if out is None else [out.logits, out.tokens]
+            y = values.sum()  # sum over images: each keeps its own gradient
+            outs = torch.autograd.grad(y, rec.grad_targets() + [rec.features] + extra, allow_unused=True)
             del y
+            if explained is not None:  # the LRP pass starts from what the callable makes of the output
+                from .targets import Target
+
+                g_logits, g_tokens = outs[-2:]
+                outs = outs[:-2]
+                if isinstance(explained, Target):
+                    seed_tokens = out.tokens.detach() * (torch.zeros_like(out.tokens) if g_tokens is None
+                                                         else g_tokens)
+                else:
+                    seed = torch.zeros_like(logits) if g_logits is None else g_logits.detach()
+                stores.put("target_score", start, values.detach(), torch.float32)
+            del out, values
             rec.finish_attention(list(outs[:-1]))
             feat_grad = outs[-1]
             del outs
@@ -366,7 +421,7 @@ def _run_batch(
     if relevance:  # each block is stored as soon as the LRP walk has passed it
         from .relevance import attention_relevance
 
-        attention_relevance(adapter, rec, tgt, release=True, on_layer=store_layer)
+        attention_relevance(adapter, rec, tgt, release=True, on_layer=store_layer, seed=seed, seed_tokens=seed_tokens)
     else:
         for layer in range(len(adapter.blocks)):
             store_layer(layer, None)
@@ -392,6 +447,35 @@ def _run_batch(
         stores.put(f"{last}/features", start, adapter.tokens(rec.features))
         if grads and feat_grad is not None:
             stores.put(f"{last}/features_grad", start, adapter.tokens(feat_grad))
+    _extra_passes(adapter, rec, x_in, kept, stores, start, explained_of)
+
+
+def _extra_passes(adapter: Adapter, rec: Recorder, x: torch.Tensor, kept: set[str], stores: _Buffers, start: int,
+                  explained: Any) -> None:
+    """The passes of :data:`EXTRA_GROUPS` that ``kept`` names, each a forward and backward of its own
+    (the capture's hooks paused; the model's state is the capture's)."""
+    wanted = [g for g in EXTRA_GROUPS if g in kept]
+    if not wanted:
+        return
+    rec.paused = True
+    try:
+        with torch.inference_mode(False):
+            for group in ("attnlrp", "attnlrp_cp"):
+                if group in wanted:
+                    from .attnlrp import token_relevance
+
+                    per_layer, _ = token_relevance(adapter, x, explained, "cp" if group == "attnlrp_cp" else "attnlrp")
+                    for stage in adapter.stages:
+                        stores.put(f"{stage.name}/{group}_relevance", start, [per_layer[l] for l in stage.layers])
+            if "legrad" in wanted:
+                from .legrad import legrad_gradients
+
+                grads = legrad_gradients(adapter, x, explained)
+                last = adapter.stages[-1]
+                for name, per_layer in grads.items():
+                    stores.put(f"{last.name}/legrad_{name}", start, [per_layer[l] for l in last.layers])
+    finally:
+        rec.paused = False
 
 
 _DIMS = {
@@ -409,6 +493,8 @@ def _dims(var: str, windowed: bool) -> tuple[str, ...]:
         return d[:3] + ("window",) + d[3:] if windowed else d
     if var in ("merge_share", "readout_weights"):
         return ("sample", "token")
+    if var.startswith("legrad_"):
+        return ("sample", "layer", "head", "token")
     return _DIMS.get(var, ("sample", "layer", "token"))
 
 
@@ -421,11 +507,15 @@ def _assemble(
     kept: set[str],
     dtype: str,
     grads: bool,
+    explained: Any = None,
 ) -> xr.DataTree:
+    from .targets import describe
+
     np_dtype = _DTYPES[dtype]
     n = batch.display.shape[0]
     h, w = adapter.input_size
     options = {"grads": grads, "keep": sorted(kept), "dtype": dtype}
+    target_attrs = {} if explained is None else {"target": describe(explained)}
     root = xr.Dataset(
         {
             "image": (("sample", "y", "x", "channel"), batch.display.astype(np_dtype)),
@@ -449,11 +539,16 @@ def _assemble(
             "std": list(batch.std),
             "vitlens_version": __version__,
             "options": json.dumps(options, sort_keys=True),
+            **target_attrs,
         },
     )
+    if explained is not None:
+        root["target_score"] = ("sample", stores["target_score"])
+        root["target_score"].attrs["description"] = f"the explained scalar, {describe(explained)}, per image"
     root["image"].attrs["description"] = "model input shown as an RGB picture in [0, 1] (after resize/crop)"
     root["logits"].attrs["description"] = "pre-softmax class scores"
-    root["target"].attrs["description"] = "class explained for each image (gradients and LRP are of this logit)"
+    root["target"].attrs["description"] = ("class explained for each image (gradients and LRP are of this logit); "
+                                           "-1: a callable target, named in the attrs")
 
     tree: dict[str, xr.Dataset] = {"/": root}
     for stage in adapter.stages:
@@ -516,6 +611,10 @@ _DESCRIPTIONS = {
     "window_token": "stage token index of each window position (after the cyclic shift)",
     "readout_weights": "weight of each token in the attention-pool read-out (mean over heads): the read-out row",
     "merge_share": "LRP share of each token in the relevance of the merged token it forms in the next stage",
+    "attnlrp_relevance": "AttnLRP relevance (x·∂y/∂x over channels) of each token entering the block",
+    "attnlrp_cp_relevance": "CP-LRP relevance (attention held constant) of each token entering the block",
+    "legrad_mean": "LeGrad: mean over queries of (∂s_l/∂A_l)⁺, s_l = head(norm(mean of block l's tokens))",
+    "legrad_readout": "LeGrad: mean over queries of (∂s_l/∂A_l)⁺, s_l = the model's read-out of block l's tokens",
 }
 
 

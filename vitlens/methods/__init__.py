@@ -23,6 +23,8 @@ from .transformer_attribution import transformer_attribution
 from .generic_attention import generic_attention
 from .lnstat import lnstat, statistic_maps
 from .tokentm import tokentm
+from .attnlrp import attnlrp
+from .legrad import legrad
 from .maps import normalize, to_pixels
 from ..registry import METHOD_INFO, MethodInfo, method_info, register_method
 from .selection import explain_for_target, explainable
@@ -119,6 +121,18 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     return info.function(cap, **{**info.defaults_for(cap), **options})
 
 
+def _captured(cap: xr.DataTree, info: MethodInfo, options: dict[str, Any]) -> bool:
+    """Whether the capture holds the extra pass a method reads (AttnLRP, LeGrad), if it reads one.
+
+    ``"all"`` explains every method the capture can: the extra passes are made only when asked for.
+    """
+    captured = getattr(info.function, "captured", None)
+    if captured is None:
+        return True
+    accepted = {**info.defaults_for(cap), **{k: v for k, v in options.items() if k in info.options()}}
+    return bool(captured(cap, accepted))
+
+
 def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
     """Every registered method with the options each takes, on top of its defaults for ``cap``."""
     names = tuple(METHOD_INFO)
@@ -126,6 +140,7 @@ def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
     if unused:
         raise OptionError(f"no method takes {sorted(unused)}.")
     out = {}
+    names = tuple(n for n in names if _captured(cap, METHOD_INFO[n], options))
     for name in names:
         info = METHOD_INFO[name]
         accepted = {**info.defaults_for(cap), **{k: v for k, v in options.items() if k in info.options()}}
