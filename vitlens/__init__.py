@@ -16,6 +16,7 @@ from ._version import __version__
 
 from . import datasets, figures, methods, metrics, models, registry, widgets
 from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
+from .capture import targets
 from .figures import plot
 from .errors import (
     CaptureError,
@@ -79,4 +80,5 @@ __all__ = [
     "plot",
     "registry",
     "save",
+    "targets",
 ]
