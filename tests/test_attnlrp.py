@@ -266,6 +266,7 @@ def test_cp_lrp_agrees_with_lxt_on_torchvision_vit_with_the_same_weights():
 
 
 @pytest.mark.parametrize("softmax", ["cp", "attnlrp"])
+@pytest.mark.slow
 def test_attnlrp_agrees_with_lxt_attention_rules_on_a_transformers_vit(softmax):
     transformers = pytest.importorskip("transformers")
     patches, _ = _lxt()
@@ -309,6 +310,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.slow
 def test_cp_lrp_is_conserved_and_both_maps_finite_on_every_timm_family(family):
     torch.manual_seed(0)
     model = zero_biases(FAMILIES[family]())
@@ -322,6 +324,7 @@ def test_cp_lrp_is_conserved_and_both_maps_finite_on_every_timm_family(family):
     assert np.isfinite(vl.explain(cap, "legrad").values).all()
 
 
+@pytest.mark.slow
 def test_two_targets_give_different_attnlrp_maps_and_the_error_names_the_missing_pass(vit, images32):
     a = vl.capture(vit, images32[:2], target=0, keep=EXTRA)
     b = vl.capture(vit, images32[:2], target=3, keep=EXTRA)

@@ -43,6 +43,7 @@ def test_legrad_agrees_with_torchcam_on_the_same_weights(score):
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-5 * np.abs(theirs).max())
 
 
+@pytest.mark.slow
 def test_legrad_reads_swin_windows_as_an_independent_autograd_does(swin):
     """On Swin, each key token's value is the mean over the stage's queries of the clamped gradient
     of the layer's score at the block's windowed attention, gathered through ``window_token``."""
@@ -83,6 +84,7 @@ def test_legrad_reads_swin_windows_as_an_independent_autograd_does(swin):
         vl.explain(cap, "legrad", layers=[0])
 
 
+@pytest.mark.slow
 def test_legrad_is_class_specific_and_heads_select(vit, images32):
     a = vl.capture(vit, images32[:2], target=0, keep=KEEP)
     b = vl.capture(vit, images32[:2], target=3, keep=KEEP)

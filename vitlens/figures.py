@@ -264,9 +264,11 @@ def render_panels(
 
 
 # -- figures -----------------------------------------------------------------------------
-def _check_methods(methods: Sequence[str] | str | None) -> list[str]:
-    if methods is None or methods == "all":
-        return list(METHODS)
+def _check_methods(methods: Sequence[str] | str | None, cap: xr.DataTree | None = None) -> list[str]:
+    if methods is None or methods == "all":  # every method the capture holds what it reads for
+        from .methods import explainable_methods
+
+        return list(METHODS) if cap is None else list(explainable_methods(cap))
     if isinstance(methods, str):
         methods = [methods]
     bad = [m for m in methods if m not in METHODS]
@@ -278,7 +280,9 @@ def _check_methods(methods: Sequence[str] | str | None) -> list[str]:
 def _token_maps(cap: xr.DataTree, methods: Sequence[str], options: dict[str, Any]) -> xr.Dataset:
     from .methods import options_of
 
-    if set(methods) == set(METHODS):
+    from .methods import explainable_methods
+
+    if set(methods) == set(explainable_methods(cap, options)):
         maps = explain(cap, "all", **options)
     else:
         maps = xr.Dataset({m: explain(cap, m, **{k: v for k, v in options.items() if k in options_of(m)})
@@ -312,7 +316,9 @@ def grid(
     cap
         A capture.
     methods
-        Methods as columns (default: all seven).
+        Methods as columns (default: every method the capture can explain:
+        :func:`vitlens.methods.explainable_methods`; AttnLRP and LeGrad when it was made
+        with their passes).
     samples
         Sample indices as rows (default: all, at most 8).
     opacity, cmap, colorbar, titles, smooth
@@ -329,7 +335,7 @@ def grid(
     -------
     matplotlib.figure.Figure
     """
-    methods = _check_methods(methods)
+    methods = _check_methods(methods, cap)
     n = int(cap["sample"].size)
     samples = list(range(min(n, 8))) if samples is None else [int(s) for s in samples]
     if not samples or any(not 0 <= s < n for s in samples):

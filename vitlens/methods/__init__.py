@@ -9,7 +9,7 @@ itself once (:mod:`.registry`); :data:`METHODS` and :data:`METHOD_INFO` list the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import xarray as xr
@@ -121,16 +121,75 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     return info.function(cap, **{**info.defaults_for(cap), **options})
 
 
-def _captured(cap: xr.DataTree, info: MethodInfo, options: dict[str, Any]) -> bool:
-    """Whether the capture holds the extra pass a method reads (AttnLRP, LeGrad), if it reads one.
+def groups_of(method: str, options: Mapping[str, Any] | None = None) -> set[str]:
+    """The extra capture groups (``vl.capture``'s ``EXTRA_GROUPS``) ``method`` reads under ``options``.
 
-    ``"all"`` explains every method the capture can: the extra passes are made only when asked for.
+    Most methods read what every capture holds (an empty set); AttnLRP and LeGrad read
+    a pass of their own, made only when named in ``keep=``.
+
+    Examples
+    --------
+    >>> import vitlens as vl
+    >>> vl.methods.groups_of("attnlrp"), vl.methods.groups_of("attnlrp", {"softmax": "attnlrp"})
+    ({'attnlrp_cp'}, {'attnlrp'})
+    >>> vl.methods.groups_of("rollout")
+    set()
     """
-    captured = getattr(info.function, "captured", None)
-    if captured is None:
-        return True
-    accepted = {**info.defaults_for(cap), **{k: v for k, v in options.items() if k in info.options()}}
-    return bool(captured(cap, accepted))
+    groups = getattr(method_info(method).function, "groups", None)
+    return set() if groups is None else set(groups(dict(options or {})))
+
+
+def extra_groups(methods: Any = "all", options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The extra groups a capture needs so that every one of ``methods`` can be explained (for ``keep=``).
+
+    Examples
+    --------
+    >>> import vitlens as vl
+    >>> vl.methods.extra_groups(["rollout", "legrad"])
+    ('legrad',)
+    """
+    from ..registry import resolve_methods
+
+    out: set[str] = set()
+    for name in resolve_methods(methods):
+        info = METHOD_INFO[name]
+        out |= groups_of(name, {k: v for k, v in (options or {}).items() if k in info.options()})
+    return tuple(sorted(out))
+
+
+def _kept(cap: xr.DataTree) -> set[str]:
+    import json
+
+    options = cap.attrs.get("options", {})
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except ValueError:
+            options = {}
+    return set(options.get("keep", [])) if isinstance(options, Mapping) else set()
+
+
+def explainable_methods(cap: xr.DataTree, options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The registered methods ``cap`` holds what they read for (``vl.explain(cap, "all")`` computes these).
+
+    AttnLRP and LeGrad read a pass of their own: a capture made without it (the default)
+    explains every other method.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)), keep=("all", "legrad"))
+    >>> "legrad" in vl.methods.explainable_methods(cap), "attnlrp" in vl.methods.explainable_methods(cap)
+    (True, False)
+    """
+    kept = _kept(cap)
+    out = []
+    for name, info in METHOD_INFO.items():
+        accepted = {**info.defaults_for(cap), **{k: v for k, v in (options or {}).items() if k in info.options()}}
+        if groups_of(name, accepted) <= kept:
+            out.append(name)
+    return tuple(out)
 
 
 def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
@@ -140,7 +199,7 @@ def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
     if unused:
         raise OptionError(f"no method takes {sorted(unused)}.")
     out = {}
-    names = tuple(n for n in names if _captured(cap, METHOD_INFO[n], options))
+    names = explainable_methods(cap, options)  # "all": every method the capture holds what it reads for
     for name in names:
         info = METHOD_INFO[name]
         accepted = {**info.defaults_for(cap), **{k: v for k, v in options.items() if k in info.options()}}
@@ -156,5 +215,6 @@ def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
     return ds
 
 
-__all__ = ["METHODS", "METHOD_INFO", "MethodInfo", "explain", "method_info", "normalize", "options_of",
+__all__ = ["METHODS", "METHOD_INFO", "MethodInfo", "explain", "explainable_methods", "extra_groups", "groups_of",
+           "method_info", "normalize", "options_of",
            "register_method", "statistic_maps", "to_pixels", *METHODS]

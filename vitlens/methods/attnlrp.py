@@ -100,10 +100,9 @@ def attnlrp(
     return token_map(cv, maps[0], "attnlrp", options)
 
 
-def captured(cap: xr.DataTree, options: dict[str, Any]) -> bool:
-    """Whether ``cap`` holds the pass the map reads under ``options``."""
-    group = GROUPS.get(options.get("softmax", "cp"), "attnlrp_cp")
-    return any(f"{group}_relevance" in node.dataset for node in cap.children.values())
+def groups(options: dict[str, Any]) -> set[str]:
+    """The capture group the map reads under ``options`` (``softmax=``)."""
+    return {GROUPS.get(options.get("softmax", "cp"), "attnlrp_cp")}
 
 
-attnlrp.captured = captured  # type: ignore[attr-defined]
+attnlrp.groups = groups  # type: ignore[attr-defined]

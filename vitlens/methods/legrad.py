@@ -90,10 +90,9 @@ def legrad(
     return token_map(cv, stacked.mean(1), "legrad", options)
 
 
-def captured(cap: xr.DataTree, options: dict[str, Any]) -> bool:
-    """Whether ``cap`` holds the pass the map reads under ``options``."""
-    name = f"legrad_{options.get('score', 'mean')}"
-    return any(name in node.dataset for node in cap.children.values())
+def groups(options: dict[str, Any]) -> set[str]:
+    """The capture group the map reads (both read-outs are in it)."""
+    return {"legrad"}
 
 
-legrad.captured = captured  # type: ignore[attr-defined]
+legrad.groups = groups  # type: ignore[attr-defined]

@@ -181,6 +181,10 @@ def evaluate_items(
     opts = {k: dict(v) for k, v in (options or {}).items()}
     if set(opts) - set(names):
         raise OptionError(f"options for {sorted(set(opts) - set(names))}, which are not evaluated; evaluated: {names}.")
+    from ..methods import groups_of
+
+    # the extra passes the evaluated methods read (AttnLRP, LeGrad), on top of what every capture holds
+    keep = ("all", *sorted({g for n in names for g in groups_of(n, opts.get(n))}))
     if target not in TARGETS:
         raise OptionError(f"target={target!r}; choose 'label' (each object's class) or 'predicted'.")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
@@ -231,7 +235,7 @@ def evaluate_items(
         its = np.nonzero((item_sample >= s0) & (item_sample < s0 + len(chunk)))[0]
         local = item_sample[its] - s0
         t = time.perf_counter()
-        cap = capture(model, chunk, target=None, batch_size=batch_size, device=device, progress=False)
+        cap = capture(model, chunk, target=None, batch_size=batch_size, device=device, progress=False, keep=keep)
         capture_seconds += time.perf_counter() - t
         mean, std = tuple(cap.attrs["mean"]), tuple(cap.attrs["std"])
         model_name = str(cap.attrs.get("model", ""))
@@ -243,7 +247,7 @@ def evaluate_items(
         cap_label = None
         if diff.any():
             cap_label = capture(model, chunk[local[diff]], target=lab[diff].tolist(), batch_size=batch_size,
-                                device=device, progress=False)
+                                device=device, progress=False, keep=keep)
             pics_label = Pictures(chunk[local[diff]], mean, std)
         base = removal_probabilities(model, pics, order_all[: len(chunk)], [(0, True), (npix, True)],
                                      batch_size=batch_size, device=device)

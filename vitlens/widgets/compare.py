@@ -78,7 +78,7 @@ class Compare(CaptureView):
         layer = self._init_capture(cap, layer, sample)
         info = self.layout_info
         self.model = model
-        self.methods = method_names()
+        self.methods = method_names(cap)
         self.num_panels = len(self.methods)
         self.sample, self.layer, self.opacity, self.smooth = sample, layer, opacity, smooth
         self.classes = ClassChoice(cap, model)

@@ -14,6 +14,7 @@ import traitlets
 import xarray as xr
 
 from ..errors import OptionError, VitlensError
+from ..methods import extra_groups
 from . import captions
 from .base import AttentionView, ClassChoice
 from .controls import HeadToggles, layer_slider, opacity_slider, probe, sample_dropdown, top_classes
@@ -148,8 +149,10 @@ class Explorer(AttentionView):
         info = self.layout_info
         if stat not in STATISTICS:
             raise OptionError(f"stat={stat!r}; choose from {list(STATISTICS)}.")
-        if method not in method_names():
-            raise OptionError(f"method={method!r}; choose from {list(method_names())}.")
+        if method not in method_names(cap):
+            hint = (f" {method!r} reads a pass this capture was made without: capture with "
+                    f"keep=('all', {', '.join(map(repr, extra_groups([method])))})." if method in method_names() else "")
+            raise OptionError(f"method={method!r}; choose from {list(method_names(cap))}.{hint}")
         if compare_class and model is None:
             raise OptionError("compare_class=True explains a second class, which needs the model: "
                               "vl.Explorer(cap, model, compare_class=True).")
@@ -194,7 +197,7 @@ class Explorer(AttentionView):
             tooltip="fusion panel: lnstat's gradient-weighted reading (class-specific) instead of the gradient-free one")
         self.fusion_grad.add_class("vitlens-fusion-grad")
         self.fusion_grad.observe(self._changed, "value")
-        self.method_select = widgets.Dropdown(options=[(captions.method_title(m), m) for m in method_names()],
+        self.method_select = widgets.Dropdown(options=[(captions.method_title(m), m) for m in method_names(cap)],
                                               value=method, description="Method", layout=widgets.Layout(width="300px"))
         self.method_select.add_class("vitlens-method")
         self.opacity_slider = opacity_slider(opacity)

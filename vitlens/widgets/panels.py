@@ -23,9 +23,14 @@ from .layout import CaptureLayout, HeadChoice, Query, heads_option, query_token,
 STATISTICS = ("std", "mean", "var", "norm")
 
 
-def method_names() -> tuple[str, ...]:
-    """The methods the widgets offer: :data:`vitlens.METHODS` (the method registry's order)."""
-    return tuple(METHOD_INFO)
+def method_names(cap: xr.DataTree | None = None) -> tuple[str, ...]:
+    """The methods the widgets offer: :data:`vitlens.METHODS` (the method registry's order), or those
+    ``cap`` can explain (AttnLRP and LeGrad where it was made with their passes)."""
+    if cap is None:
+        return tuple(METHOD_INFO)
+    from ..methods import explainable_methods
+
+    return explainable_methods(cap)
 
 
 def normalized(values: np.ndarray) -> np.ndarray:
