@@ -105,7 +105,7 @@ def test_converted_swinv2_gives_the_same_logits(pair):
 def test_captures_and_all_seven_maps_agree_with_timm(pair):
     model, hf = pair
     x, target = _pixels(4, seed=2), [0, 2, 1, 1]
-    cap_t, cap_h = vl.capture(model, x, target=target), vl.capture(hf, x, target=target)
+    cap_t, cap_h = (vl.capture(m, x, target=target, keep=vl.KEEP_GROUPS) for m in (model, hf))
     assert cap_h.attrs["family"] == "hf_swinv2" and list(cap_h.children) == ["stage0", "stage1"]
     for stage in ("stage0", "stage1"):
         for var in ("attention", "attention_grad", "ln_mean", "token_norm", "attn_value_norm", "mlp_out_norm"):

@@ -11,7 +11,8 @@ Two read-outs of an intermediate block (both are captured):
 
 * ``"mean"`` — the final norm applied to the mean of all tokens, then the
   model's head: what the authors' code (``ln_post(x.mean(...))``) and
-  ``torchcam.methods.LeGrad`` do;
+  ``torchcam.methods.LeGrad`` do (a head that reads several tokens, such as
+  DINOv2's ``[CLS, patch mean]``, reads that mean in each place);
 * ``"readout"`` — the model's own read-out of the normalised tokens (the CLS
   token, the patch mean, the attention pool).
 
@@ -56,10 +57,11 @@ def layer_outputs(adapter: Adapter, z: torch.Tensor, score: str, logits: torch.T
     if score == "readout":
         pooled = head.pooled(tokens)
         out = head.logits(tokens)
-    else:
-        t = adapter.tokens(z)
-        pooled = head.fc_norm(final(t.mean(1)))
-        out = head.logits_of(pooled)
+    else:  # the read-out of a sequence whose every token is the normalised mean of all of them
+        mean = final(adapter.tokens(z).mean(1, keepdim=True))
+        same = mean.expand(-1, max(head.start, 1 + (head.head_dist is not None)) + 1, -1)
+        pooled = head.pooled(same)
+        out = head.logits(same)
     if out.shape != logits.shape:  # a headless embedding model: the "logits" are the pooled embedding
         out = pooled
     return Outputs(out, tokens, pooled, last.num_prefix, tuple(last.grid))

@@ -43,7 +43,7 @@ def legrad(
     ----------
     layers
         Blocks averaged (default: every block whose tokens the head can read — all of
-        a ViT's, the last stage of a Swin).
+        a ViT's, the last stage of a Swin; other stages' blocks in ``layers`` are left out).
     heads
         Heads averaged (default all; a dict maps layer → heads).
     score
@@ -51,7 +51,8 @@ def legrad(
         ``torchcam.methods.LeGrad`` read a layer out; ``"readout"``: the model's own
         read-out (CLS token, patch mean, attention pool) of the layer's tokens.
     per_layer
-        Each selected block's own map (dim ``layer``), before the average.
+        The cumulative map after each selected block (dim ``layer``): the mean over the
+        selected blocks up to it; the last is the map itself.
 
     Examples
     --------
@@ -71,10 +72,10 @@ def legrad(
             f"this capture has no {name!r}: LeGrad runs a pass of its own, made only when asked for. "
             "Capture with vl.capture(model, images, keep=('all', 'legrad'))."
         )
-    chosen = select_layers(cv, layers if layers is not None else last.layers)
-    outside = [l for l in chosen if l not in last.layers]
-    if outside:
-        raise OptionError(f"legrad: blocks {outside} have tokens the head cannot read (another stage's width); "
+    asked = select_layers(cv, layers if layers is not None else last.layers)
+    chosen = [l for l in asked if l in last.layers]  # a merged stage's blocks have another width than the head's
+    if not chosen:
+        raise OptionError(f"legrad: blocks {asked} have tokens the head cannot read (another stage's width); "
                           f"choose among {last.layers}.")
     grads = last.tensor(name)  # (B, layer, H, N)
     gh, gw = last.grid
@@ -86,7 +87,8 @@ def legrad(
     stacked = torch.stack(maps, 1)
     options: dict[str, Any] = {"layers": chosen, "heads": heads, "score": score, "per_layer": per_layer}
     if per_layer:
-        return token_map(cv, stacked, "legrad", options, chosen)
+        counts = torch.arange(1, len(chosen) + 1, dtype=stacked.dtype).reshape(1, -1, 1, 1)
+        return token_map(cv, stacked.cumsum(1) / counts, "legrad", options, chosen)
     return token_map(cv, stacked.mean(1), "legrad", options)
 
 

@@ -183,7 +183,9 @@ def method_maps(cap: xr.DataTree, layout: CaptureLayout, method: str, heads: Hea
             if l in layers:
                 out[:, j] = explain(cap, method, layers=l, heads=opt, **extra).transpose("sample", "y", "x").values
         return out, layout.layers[0]
-    maps = explain(cap, method, heads=opt, per_layer=True, layers=layers, **extra)
+    if "heads" in info.options():  # (a method whose map is not made of heads, AttnLRP, takes none)
+        extra = {**extra, "heads": opt}
+    maps = explain(cap, method, per_layer=True, layers=layers, **extra)
     return _per_layer_array(maps, layout.layers), int(maps["layer"].values[0])
 
 
