@@ -26,7 +26,7 @@ Examples
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from .errors import OptionError
 
@@ -38,6 +38,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: own (``"avg_with_prefix"``, ``"map"``) takes the ``"avg"`` entry: every token is
 #: read out, as under average pooling.
 DEFAULT_KEYS = ("*", "vit", "swin", "cls", "avg")
+
+#: The groups of raw tensors a capture can record and store (``vl.KEEP_GROUPS``): what the
+#: ``needs`` of methods and statistics name. A method or statistic that declares no ``needs``
+#: is taken to read them all. A new group is added here and, with the pass that records it,
+#: in ``vitlens.capture.api.GROUP_PASSES``.
+CAPTURE_GROUPS = ("attention", "attention_grad", "attention_relevance", "ln", "norms", "features",
+                  "attnlrp", "attnlrp_cp", "legrad")
+
+#: Groups that cost a pass of their own (AttnLRP with relevance through the softmax, CP-LRP, LeGrad's
+#: per-layer gradients): recorded only when named, e.g. ``keep=("all", "attnlrp_cp")`` — ``"all"``
+#: leaves them out, so that nobody pays for a method they do not use.
+EXTRA_GROUPS = ("attnlrp", "attnlrp_cp", "legrad")
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,12 @@ class MethodInfo:
         (gradcam ``on="features"``: the final feature map).
     reference
         The paper, and the section of ``docs/METHODS.md``.
+    needs
+        The capture groups the map reads (``vl.capture``'s ``keep=`` groups,
+        ``vitlens.KEEP_GROUPS``): under ``"*"`` always, under ``(option, value)``
+        when that option has that value, e.g. ``{"*": ("attention",),
+        ("merge", "lrp"): ("attention_relevance",)}``; see :meth:`groups`.
+        Capture runs only the passes that record them.
     """
 
     name: str
@@ -83,6 +101,7 @@ class MethodInfo:
     variant_captions: Mapping[tuple[str, Any], str] = field(default_factory=dict)
     layerless: Mapping[str, Any] = field(default_factory=dict)
     reference: str = ""
+    needs: Mapping[Any, tuple[str, ...]] = field(default_factory=dict)
 
     def defaults_for(self, cap_or_attrs: Any) -> dict[str, Any]:
         """The options to use for this capture's family and read-out.
@@ -111,6 +130,32 @@ class MethodInfo:
 
         return [p for p in inspect.signature(self.function).parameters if p != "cap"]
 
+    def resolve(self, cap_or_attrs: Any, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Every option's value for this capture: the function's own defaults, then the registry's
+        for the capture's family and read-out (:meth:`defaults_for`), then ``options``.
+
+        Examples
+        --------
+        >>> import vitlens as vl
+        >>> vl.methods.METHOD_INFO["gradcam"].resolve({"family": "vit", "readout": "cls"})
+        {'on': 'attention', 'layers': None, 'heads': None}
+        """
+        return {**_signature_defaults(self.function), **self.defaults_for(cap_or_attrs), **(options or {})}
+
+    def groups(self, cap_or_attrs: Any, options: Mapping[str, Any] | None = None) -> frozenset[str]:
+        """The capture groups the map reads under ``options`` (see ``needs``).
+
+        Examples
+        --------
+        >>> import vitlens as vl
+        >>> info = vl.methods.METHOD_INFO["gradcam"]
+        >>> sorted(info.groups({"family": "vit", "readout": "cls"}))
+        ['attention', 'attention_grad']
+        >>> sorted(info.groups({"family": "swin", "readout": "avg"}))
+        ['features']
+        """
+        return _groups(self.needs, self.resolve(cap_or_attrs, options))
+
     def caption_for(self, options: Mapping[str, Any] | None = None) -> str:
         """The caption template under ``options`` (a variant caption if one matches)."""
         for (key, value), text in self.variant_captions.items():
@@ -124,6 +169,34 @@ class MethodInfo:
             return True
         options = options or {}
         return not all(options.get(k) == v for k, v in self.layerless.items())
+
+
+def _signature_defaults(function: Callable[..., Any]) -> dict[str, Any]:
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if name != "cap" and p.default is not inspect.Parameter.empty}
+
+
+def _groups(needs: Mapping[Any, Sequence[str]], options: Mapping[str, Any]) -> frozenset[str]:
+    out: set[str] = set()
+    for key, groups in needs.items():
+        if key == "*" or options.get(key[0], _MISSING) == key[1]:
+            out.update(groups)
+    return frozenset(out)
+
+
+_MISSING = object()
+
+
+def _check_needs(kind: str, name: str, needs: Mapping[Any, Sequence[str]]) -> dict[Any, tuple[str, ...]]:
+    bad = [k for k, v in needs.items() if not (k == "*" or (isinstance(k, tuple) and len(k) == 2))
+           or isinstance(v, str) or not all(isinstance(g, str) for g in v)]
+    if bad:
+        raise OptionError(f"{kind} {name!r}: needs must map '*' or an (option, value) pair to a tuple of capture "
+                          f"groups (e.g. {{'*': ('attention',), ('grad', True): ('attention_grad',)}}); "
+                          f"got keys {bad}.")
+    return {k: tuple(v) for k, v in needs.items()}
 
 
 def _family_readout(obj: Any) -> tuple[str, str]:
@@ -155,8 +228,12 @@ def register_method(
     variant_captions: Mapping[tuple[str, Any], str] | None = None,
     layerless: Mapping[str, Any] | None = None,
     reference: str = "",
+    needs: Mapping[Any, Sequence[str]] | None = None,
 ) -> Callable[[F], F]:
     """Register ``function(cap, **options)`` as method ``name`` (a decorator).
+
+    ``needs``: the capture groups the map reads (see :class:`MethodInfo`); a
+    method that declares none is taken to read every group.
 
     Examples
     --------
@@ -171,6 +248,8 @@ def register_method(
     if bad:
         raise OptionError(f"method {name!r}: defaults must map '*', a family or a read-out name to a dict of "
                           f"options (e.g. {{'avg': {{'on': 'features'}}}}); got keys {bad}.")
+    default = tuple(g for g in CAPTURE_GROUPS if g not in EXTRA_GROUPS)  # what "all" records
+    needs = _check_needs("method", name, needs if needs is not None else {"*": default})
 
     def decorate(function: F) -> F:
         if name in METHOD_INFO and METHOD_INFO[name].function is not function:
@@ -186,6 +265,7 @@ def register_method(
             variant_captions=dict(variant_captions or {}),
             layerless=dict(layerless or {}),
             reference=reference,
+            needs=needs,
         )
         return function
 
@@ -260,6 +340,9 @@ class StatInfo:
         Whether it reads the target's gradients (``attention_grad``).
     reference
         The paper, and the section of ``docs/METHODS.md``.
+    needs
+        The capture groups it reads, as for :class:`MethodInfo` (default:
+        ``attention``, and ``attention_grad`` with ``needs_gradients``).
     """
 
     name: str
@@ -269,6 +352,11 @@ class StatInfo:
     caption: str
     needs_gradients: bool = False
     reference: str = ""
+    needs: Mapping[Any, tuple[str, ...]] = field(default_factory=dict)
+
+    def groups(self, options: Mapping[str, Any] | None = None) -> frozenset[str]:
+        """The capture groups the statistic reads under ``options``."""
+        return _groups(self.needs, {**_signature_defaults(self.function), **(options or {})})
 
 
 #: Every registered head statistic, in registration order.
@@ -276,14 +364,17 @@ STAT_INFO: dict[str, StatInfo] = {}
 
 
 def register_stat(name: str, *, title: str, unit: str, caption: str, needs_gradients: bool = False,
-                  reference: str = "") -> Callable[[F], F]:
+                  reference: str = "", needs: Mapping[Any, Sequence[str]] | None = None) -> Callable[[F], F]:
     """Register ``function(cap, **options)`` as head statistic ``name`` (a decorator)."""
+    if needs is None:
+        needs = {"*": ("attention", "attention_grad") if needs_gradients else ("attention",)}
+    needs = _check_needs("head statistic", name, needs)
 
     def decorate(function: F) -> F:
         if name in STAT_INFO and STAT_INFO[name].function is not function:
             raise OptionError(f"a head statistic named {name!r} is already registered; choose another name.")
         STAT_INFO[name] = StatInfo(name=name, function=function, title=title, unit=unit, caption=caption,
-                                   needs_gradients=needs_gradients, reference=reference)
+                                   needs_gradients=needs_gradients, reference=reference, needs=needs)
         return function
 
     return decorate

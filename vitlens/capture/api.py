@@ -6,6 +6,7 @@ import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,23 +18,34 @@ from .._version import __version__
 from ..errors import ImageError, OptionError, TargetError
 from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
+from ..registry import CAPTURE_GROUPS, EXTRA_GROUPS
 from .hooks import Recorder
 from .images import prepare
 from .validate import check_finite, check_model
 from .text import bind_text
 from ..models.windows import window_tokens
 
-#: What ``capture(keep=...)`` can store. ``"all"`` (default) stores every group but the extra passes.
-KEEP_GROUPS = ("attention", "attention_grad", "attention_relevance", "ln", "norms", "features",
-               "attnlrp", "attnlrp_cp", "legrad")
+#: What ``capture(keep=...)`` can store (the raw groups: the registry's list, which the methods'
+#: ``needs`` name). ``"all"`` (default) stores every group but the :data:`EXTRA_GROUPS`
+#: (``"attnlrp"``, ``"attnlrp_cp"``, ``"legrad"``), which run a pass of their own and are
+#: stored only when named: ``keep=("all", "legrad")``; ``keep=KEEP_GROUPS`` stores everything.
+KEEP_GROUPS = CAPTURE_GROUPS
 
-#: Groups that cost a pass of their own (AttnLRP with relevance through the softmax, CP-LRP,
-#: LeGrad's per-layer gradients): stored only when named, e.g. ``keep=("all", "attnlrp_cp")``,
-#: so that nobody pays for a method they do not use.
-EXTRA_GROUPS = ("attnlrp", "attnlrp_cp", "legrad")
-
-#: groups that need the backward pass
-_GRADIENT_GROUPS = ("attention_grad", "attention_relevance", *EXTRA_GROUPS)
+#: The pass each group needs besides the forward pass (which the hooks record): ``"backward"``
+#: (activation gradients of the target logit), ``"lrp"`` (the relevance walk of
+#: :mod:`vitlens.capture.relevance`, which also gives Swin's merge shares). A capture runs the
+#: passes of the groups it records, no more (:attr:`CapturePlan.passes`).
+GROUP_PASSES: dict[str, tuple[str, ...]] = {
+    "attention": (),
+    "attention_grad": ("backward",),
+    "attention_relevance": ("lrp",),
+    "ln": (),
+    "norms": (),
+    "features": ("backward",),  # features_grad, for Grad-CAM on features
+    "attnlrp": ("attnlrp",),  # a forward and backward of their own (vitlens.capture.attnlrp)
+    "attnlrp_cp": ("attnlrp_cp",),
+    "legrad": ("legrad",),  # a forward and one small backward per block (vitlens.capture.legrad)
+}
 
 _TOKEN_VARS = (
     "token_norm",
@@ -60,8 +72,8 @@ def _resolve_keep(keep: str | Iterable[str], grads: bool) -> set[str]:
         raise OptionError(f"keep= got {sorted(unknown)}; choose from {list(KEEP_GROUPS)} or 'all'.")
     if not chosen:
         raise OptionError(f"keep= is empty; choose from {list(KEEP_GROUPS)} or 'all'.")
-    if not grads:
-        chosen -= set(_GRADIENT_GROUPS)
+    if not grads:  # (the extra passes are gradients too)
+        chosen -= {"attention_grad", "attention_relevance", *EXTRA_GROUPS}
     return chosen
 
 
@@ -173,6 +185,56 @@ def _model_name(model: nn.Module) -> str:
     return str(cfg.get("architecture") or type(model).__name__)
 
 
+@dataclass(frozen=True)
+class CapturePlan:
+    """What one capture call records, which passes it runs and what it stores: its options, resolved once.
+
+    Attributes
+    ----------
+    kept
+        The groups (:data:`KEEP_GROUPS`) stored.
+    grads
+        Whether gradients (and LRP relevances) may be recorded at all (``grads=``).
+    dtype
+        The stored floating-point dtype.
+    batch_size
+        Images per forward pass.
+    """
+
+    kept: frozenset[str]
+    grads: bool
+    dtype: str
+    batch_size: int
+
+    @property
+    def recorded(self) -> frozenset[str]:
+        """The groups each batch records."""
+        return self.kept
+
+    @property
+    def passes(self) -> frozenset[str]:
+        """The passes each batch runs after its forward pass: those of the groups it records
+        (:data:`GROUP_PASSES`); no backward pass under ``grads=False``."""
+        passes = {p for group in self.recorded for p in GROUP_PASSES[group]}
+        return frozenset(passes if self.grads else passes - {"backward"})
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options recorded in the capture's attrs and in a streaming run's fingerprint."""
+        return {"grads": self.grads, "keep": sorted(self.kept), "dtype": self.dtype}
+
+
+def _plan(keep: str | Iterable[str], grads: bool, dtype: str, batch_size: int | None) -> CapturePlan:
+    if dtype not in _DTYPES:
+        raise OptionError(f"dtype={dtype!r}; choose 'float32' or 'float16'.")
+    if batch_size is None:
+        batch_size = 32
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
+    return CapturePlan(kept=frozenset(_resolve_keep(keep, grads)), grads=bool(grads), dtype=dtype,
+                       batch_size=int(batch_size))
+
+
 def capture(
     model: nn.Module,
     images: Any,
@@ -269,66 +331,64 @@ def capture(
 
         model = embedding_model(model) or model
     adapter = bind_text(adapter_for(model), text, processor)
-    kept = _resolve_keep(keep, grads)
-    if dtype not in _DTYPES:
-        raise OptionError(f"dtype={dtype!r}; choose 'float32' or 'float16'.")
-    if batch_size is None:
-        batch_size = 32
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
+    plan = _plan(keep, grads, dtype, batch_size)
+    if is_callable_target(target) and not grads:
+        raise OptionError("a callable target is explained through gradients: pass grads=True.")
     device = check_model(model, device, grads)
     if store is not None:
         from .fingerprint import run_fingerprint
         from .stream import capture_to_store
 
-        def capture_batch(part: Any, part_target: Any, offset: int) -> xr.DataTree:
-            tree = capture(model, part, part_target, grads=grads, keep=keep, dtype=dtype,
-                           batch_size=batch_size, device=device, progress=False, text=text, processor=processor)
-            tree.dataset = tree.to_dataset(inherit=False).assign_coords(
-                sample=np.arange(offset, offset + tree["sample"].size)
-            )
-            return tree
-
-        fingerprint = run_fingerprint(model, images, target, {"grads": grads, "keep": sorted(kept), "dtype": dtype})
-        return capture_to_store(capture_batch, images, store, target=target, batch_size=int(batch_size),
+        fingerprint = run_fingerprint(model, images, target, plan.options)
+        part = functools.partial(_capture_part, adapter, model, plan, device)
+        return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
                                 resume=resume, progress=progress, fingerprint=fingerprint)
     if resume:
         raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
+    tree = _capture_images(adapter, model, images, target, plan, device, progress)
+    samples = _input_samples(images, tree["sample"].size)
+    if samples is not None:  # keep the caller's labels (e.g. a subset of a dataset)
+        tree.dataset = tree.to_dataset(inherit=False).assign_coords(sample=samples)
+    return tree
 
+
+def _capture_part(adapter: Adapter, model: nn.Module, plan: CapturePlan, device: torch.device,
+                  images: Any, target: Any, offset: int) -> xr.DataTree:
+    """One part of a streaming capture, its samples numbered from ``offset`` (what the store appends)."""
+    tree = _capture_images(adapter, model, images, target, plan, device, progress=False)
+    tree.dataset = tree.to_dataset(inherit=False).assign_coords(sample=np.arange(offset, offset + tree["sample"].size))
+    return tree
+
+
+def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any, plan: CapturePlan,
+                    device: torch.device, progress: bool | None) -> xr.DataTree:
+    """Prepare ``images``, capture them batch by batch into one set of buffers, assemble the tree."""
     batch = prepare(images, adapter)
     adapter = adapter.for_input(tuple(batch.pixels.shape[-2:]))  # dynamic_img_size: grid follows the input
     n = batch.pixels.shape[0]
-    num_classes = adapter.num_classes
-    names = adapter.class_names() if hasattr(adapter, "class_names") else class_names(model, num_classes)
+    names = adapter.class_names() if hasattr(adapter, "class_names") else class_names(model, adapter.num_classes)
+    from .targets import is_callable_target
+
     explained = target if is_callable_target(target) else None
     targets = None if explained is not None else _resolve_target(target, n, names)
     param = next(model.parameters(), None)
     model_dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
 
-    if explained is not None and not grads:
-        raise OptionError("a callable target is explained through gradients: pass grads=True.")
-    relevance = "attention_relevance" in kept
-    stores = _Buffers(n, getattr(torch, dtype))
-    starts = range(0, n, int(batch_size))
+    buffers = _Buffers(n, getattr(torch, plan.dtype))
+    starts = range(0, n, plan.batch_size)
     if progress is None:
         progress = len(starts) > 1
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="capture", unit="batch")
-
-    with Recorder(adapter, keep_block_inputs=relevance, param_grads=False) as rec:
+    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False) as rec:
         for start in starts:
             rec.reset()
-            x = batch.pixels[start : start + batch_size].to(device, model_dtype)
-            _run_batch(adapter, rec, x, targets, start, kept, grads, relevance, stores, explained)
-
-    check_finite(stores.items())
-    tree = _assemble(adapter, model, batch, stores, names, kept, dtype, grads, explained)
-    samples = _input_samples(images, n)
-    if samples is not None:  # keep the caller's labels (e.g. a subset of a dataset)
-        tree.dataset = tree.to_dataset(inherit=False).assign_coords(sample=samples)
-    return tree
+            x = batch.pixels[start : start + plan.batch_size].to(device, model_dtype)
+            _capture_batch(adapter, rec, x, targets, start, plan, buffers, explained)
+    check_finite(buffers.items())
+    return _assemble(adapter, model, batch, buffers, names, plan, explained)
 
 
 def _input_samples(images: Any, n: int) -> np.ndarray | None:
@@ -342,26 +402,46 @@ def _input_samples(images: Any, n: int) -> np.ndarray | None:
     return values
 
 
-def _run_batch(
-    adapter: Adapter,
-    rec: Recorder,
-    x: torch.Tensor,
-    targets: np.ndarray | None,
-    start: int,
-    kept: set[str],
-    grads: bool,
-    relevance: bool,
-    stores: _Buffers,
-    explained: Any = None,
-) -> None:
-    from .targets import FinalTokens, outputs_of, score
+def _capture_batch(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarray | None, start: int,
+                   plan: CapturePlan, buffers: _Buffers, explained: Any = None) -> None:
+    """One batch: record the forward pass, run the plan's passes, store what the plan keeps."""
+    from .targets import score
+
+    recorded = _record(adapter, rec, x, targets, start, "backward" in plan.passes, explained)
+    logits, tgt, feat_grad = recorded.logits, recorded.target, recorded.features_grad
+    buffers.put("logits", start, logits, torch.float32)
+    buffers.put("target", start, tgt.to(torch.int64))
+    if recorded.scores is not None:
+        buffers.put("target_score", start, recorded.scores, torch.float32)
+    _store_blocks(adapter, rec, tgt, start, plan, buffers, recorded.seed, recorded.seed_tokens)
+    _store_tokens(adapter, rec, start, plan, buffers, feat_grad)
+    _extra_passes(adapter, rec, x, start, plan, buffers, lambda out: score(explained, out, tgt))
+
+
+@dataclass
+class _Recorded:
+    """What :func:`_record` hands on: the logits, the explained class (-1 for a callable target), the
+    gradient of the features, and for a callable target its values and the LRP pass's seed."""
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    features_grad: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    seed: torch.Tensor | None = None  # (B, classes): the callable's gradient at the logits
+    seed_tokens: torch.Tensor | None = None  # (B, N, C): a Target's gradient × input at the final tokens
+
+
+def _record(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarray | None, start: int,
+            backward: bool, explained: Any = None) -> _Recorded:
+    """The forward pass (hooks record it) and, with ``backward``, the gradients of the target logit
+    (or of ``explained``, a callable target, per image)."""
+    from .targets import FinalTokens, Target, outputs_of, score
 
     b = x.shape[0]
-    x_in = x
-    grad_ctx = torch.enable_grad() if grads else torch.no_grad()
-    seed = seed_tokens = None
-    with torch.inference_mode(False), grad_ctx, FinalTokens(adapter) as final:
-        if grads:
+    out = _Recorded(logits=torch.empty(0), target=torch.empty(0))
+    with torch.inference_mode(False), torch.enable_grad() if backward else torch.no_grad(), \
+            FinalTokens(adapter) as final:
+        if backward:
             x = x.clone().requires_grad_(True)  # a graph exists even for frozen models
         logits = adapter.logits(x) if hasattr(adapter, "logits") else adapter.model(x)
         if logits.ndim != 2 or logits.shape[0] != b:
@@ -372,89 +452,91 @@ def _run_batch(
             tgt = logits.detach().argmax(-1)
         else:
             tgt = torch.as_tensor(targets[start : start + b], device=logits.device)
-
-        def explained_of(out: Any) -> torch.Tensor:
-            return score(explained, out, tgt)
-
-        if grads:
-            out = None if explained is None else outputs_of(adapter, logits, final.output)
-            values = logits.gather(1, tgt[:, None]).squeeze(1) if out is None else explained_of(out)
-            extra = [] if out is None else [out.logits, out.tokens]
+        if backward:
+            given = None if explained is None else outputs_of(adapter, logits, final.output)
+            values = logits.gather(1, tgt[:, None]).squeeze(1) if given is None else score(explained, given, tgt)
+            extra = [] if given is None else [given.logits, given.tokens]
             y = values.sum()  # sum over images: each keeps its own gradient
-            outs = torch.autograd.grad(y, rec.grad_targets() + [rec.features] + extra, allow_unused=True)
+            outs = list(torch.autograd.grad(y, rec.grad_targets() + [rec.batch.features] + extra, allow_unused=True))
             del y
-            if explained is not None:  # the LRP pass starts from what the callable makes of the output
-                from .targets import Target
-
-                g_logits, g_tokens = outs[-2:]
-                outs = outs[:-2]
+            if given is not None:  # the LRP pass starts from what the callable makes of the output
+                g_tokens, g_logits = outs.pop(), outs.pop()
                 if isinstance(explained, Target):
-                    seed_tokens = out.tokens.detach() * (torch.zeros_like(out.tokens) if g_tokens is None
-                                                         else g_tokens)
+                    out.seed_tokens = given.tokens.detach() * (0 if g_tokens is None else g_tokens)
                 else:
-                    seed = torch.zeros_like(logits) if g_logits is None else g_logits.detach()
-                stores.put("target_score", start, values.detach(), torch.float32)
-            del out, values
-            rec.finish_attention(list(outs[:-1]))
-            feat_grad = outs[-1]
+                    out.seed = torch.zeros_like(logits) if g_logits is None else g_logits.detach()
+                out.scores = values.detach()
+            del given, values
+            rec.finish_attention(outs[:-1])
+            out.features_grad = outs[-1]
             del outs
         else:
             rec.finish_attention()
+    out.logits, out.target = logits.detach(), tgt
+    return out
 
-    stores.put("logits", start, logits.detach(), torch.float32)
-    stores.put("target", start, tgt.to(torch.int64))
+
+def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, start: int, plan: CapturePlan,
+                  buffers: _Buffers, seed: torch.Tensor | None = None, seed_tokens: torch.Tensor | None = None) -> None:
+    """Each block's attention, its gradient and (LRP pass) relevance, stored as soon as it is ready."""
+    b = tgt.shape[0]
     where = {l: (stage, stage.layers.index(l)) for stage in adapter.stages for l in stage.layers}
 
     def store_layer(layer: int, r_probs: torch.Tensor | None) -> None:
         """Store block ``layer``'s attention, its gradient and relevance, then let them go."""
         stage, i = where[layer]
         size = len(stage.layers)
-        if "attention" in kept:
-            stores.put_layer(f"{stage.name}/attention", start, i, size, _attention_array(stage, rec.probs(layer), b))
-        if grads and "attention_grad" in kept:
-            stores.put_layer(f"{stage.name}/attention_grad", start, i, size,
-                             _attention_array(stage, rec.probs_grad(layer), b))
+        if "attention" in plan.recorded:
+            buffers.put_layer(f"{stage.name}/attention", start, i, size, _attention_array(stage, rec.probs(layer), b))
+        if "attention_grad" in plan.recorded:
+            buffers.put_layer(f"{stage.name}/attention_grad", start, i, size,
+                              _attention_array(stage, rec.probs_grad(layer), b))
         if r_probs is not None:
-            stores.put_layer(f"{stage.name}/attention_relevance", start, i, size, _attention_array(stage, r_probs, b))
+            buffers.put_layer(f"{stage.name}/attention_relevance", start, i, size, _attention_array(stage, r_probs, b))
         rec.release(layer)
 
-    if relevance:  # each block is stored as soon as the LRP walk has passed it
+    if "lrp" in plan.passes:  # each block is stored as soon as the LRP walk has passed it
         from .relevance import attention_relevance
 
         attention_relevance(adapter, rec, tgt, release=True, on_layer=store_layer, seed=seed, seed_tokens=seed_tokens)
     else:
         for layer in range(len(adapter.blocks)):
             store_layer(layer, None)
+
+
+def _store_tokens(adapter: Adapter, rec: Recorder, start: int, plan: CapturePlan, buffers: _Buffers,
+                  feat_grad: torch.Tensor | None) -> None:
+    """The per-token records of every stage (merge shares, LayerNorm statistics, norms), the
+    read-out weights and the Grad-CAM features."""
+    state = rec.batch
     for stage in adapter.stages:
         key = stage.name
-        if relevance:
-            if stage.index in rec.merge_shares:
-                stores.put(f"{key}/merge_share", start, rec.merge_shares[stage.index])
-        recs = [rec.records[l] for l in stage.layers]
-        if "ln" in kept:
+        if stage.index in state.merge_shares:
+            buffers.put(f"{key}/merge_share", start, state.merge_shares[stage.index])
+        recs = [state.records[l] for l in stage.layers]
+        if "ln" in plan.recorded:
             for stat in ("mean", "std"):
-                stores.put(f"{key}/ln_{stat}", start, [torch.stack([r[f"ln1_{stat}"], r[f"ln2_{stat}"]], 1) for r in recs])
-        if "norms" in kept:
+                buffers.put(f"{key}/ln_{stat}", start, [torch.stack([r[f"ln1_{stat}"], r[f"ln2_{stat}"]], 1) for r in recs])
+        if "norms" in plan.recorded:
             for var in _TOKEN_VARS:
-                stores.put(f"{key}/{var}", start, [r[var] for r in recs])
+                buffers.put(f"{key}/{var}", start, [r[var] for r in recs])
     last = adapter.stages[-1].name
     if adapter.readout == "map":  # the read-out row: each token's weight in the attention pool
-        assert adapter.head is not None and rec.final_output is not None
+        assert adapter.head is not None and state.final_output is not None
         with torch.no_grad():
-            weights = adapter.head.pool_weights(adapter.tokens(rec.final_output))
-        stores.put(f"{last}/readout_weights", start, weights)
-    if "features" in kept:
-        stores.put(f"{last}/features", start, adapter.tokens(rec.features))
-        if grads and feat_grad is not None:
-            stores.put(f"{last}/features_grad", start, adapter.tokens(feat_grad))
-    _extra_passes(adapter, rec, x_in, kept, stores, start, explained_of)
+            weights = adapter.head.pool_weights(adapter.tokens(state.final_output))
+        buffers.put(f"{last}/readout_weights", start, weights)
+    if "features" in plan.recorded:
+        buffers.put(f"{last}/features", start, adapter.tokens(state.features))
+        if feat_grad is not None:
+            buffers.put(f"{last}/features_grad", start, adapter.tokens(feat_grad))
 
 
-def _extra_passes(adapter: Adapter, rec: Recorder, x: torch.Tensor, kept: set[str], stores: _Buffers, start: int,
-                  explained: Any) -> None:
-    """The passes of :data:`EXTRA_GROUPS` that ``kept`` names, each a forward and backward of its own
-    (the capture's hooks paused; the model's state is the capture's)."""
-    wanted = [g for g in EXTRA_GROUPS if g in kept]
+def _extra_passes(adapter: Adapter, rec: Recorder, x: torch.Tensor, start: int, plan: CapturePlan,
+                  buffers: _Buffers, explained: Any) -> None:
+    """The passes of the :data:`EXTRA_GROUPS` the plan records, each a forward and backward of its own
+    (the capture's hooks paused; the model's state is the capture's). ``explained(outputs) -> (B,)``."""
+    wanted = [g for g in EXTRA_GROUPS if g in plan.passes]
     if not wanted:
         return
     rec.paused = True
@@ -466,14 +548,13 @@ def _extra_passes(adapter: Adapter, rec: Recorder, x: torch.Tensor, kept: set[st
 
                     per_layer, _ = token_relevance(adapter, x, explained, "cp" if group == "attnlrp_cp" else "attnlrp")
                     for stage in adapter.stages:
-                        stores.put(f"{stage.name}/{group}_relevance", start, [per_layer[l] for l in stage.layers])
+                        buffers.put(f"{stage.name}/{group}_relevance", start, [per_layer[l] for l in stage.layers])
             if "legrad" in wanted:
                 from .legrad import legrad_gradients
 
-                grads = legrad_gradients(adapter, x, explained)
                 last = adapter.stages[-1]
-                for name, per_layer in grads.items():
-                    stores.put(f"{last.name}/legrad_{name}", start, [per_layer[l] for l in last.layers])
+                for name, per_layer in legrad_gradients(adapter, x, explained).items():
+                    buffers.put(f"{last.name}/legrad_{name}", start, [per_layer[l] for l in last.layers])
     finally:
         rec.paused = False
 
@@ -504,18 +585,15 @@ def _assemble(
     batch: Any,
     stores: _Buffers,
     names: list[str],
-    kept: set[str],
-    dtype: str,
-    grads: bool,
+    plan: CapturePlan,
     explained: Any = None,
 ) -> xr.DataTree:
     from .targets import describe
 
-    np_dtype = _DTYPES[dtype]
+    np_dtype = _DTYPES[plan.dtype]
     n = batch.display.shape[0]
     h, w = adapter.input_size
-    options = {"grads": grads, "keep": sorted(kept), "dtype": dtype}
-    target_attrs = {} if explained is None else {"target": describe(explained)}
+    options = plan.options
     root = xr.Dataset(
         {
             "image": (("sample", "y", "x", "channel"), batch.display.astype(np_dtype)),
@@ -539,7 +617,7 @@ def _assemble(
             "std": list(batch.std),
             "vitlens_version": __version__,
             "options": json.dumps(options, sort_keys=True),
-            **target_attrs,
+            **({} if explained is None else {"target": describe(explained)}),
         },
     )
     if explained is not None:

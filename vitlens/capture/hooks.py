@@ -16,6 +16,7 @@ as it was."""
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -73,25 +74,72 @@ def _fused_output_of_q(q: torch.Tensor) -> torch.Tensor | None:
     return q.as_strided((b, n, c3), (n * c3, c3, 1), offset)
 
 
+def _per_layer() -> defaultdict[int, dict[str, Any]]:
+    return defaultdict(dict)
+
+
+@dataclass
+class BatchRecords:
+    """Everything a :class:`Recorder` holds about one batch; :meth:`Recorder.reset` starts a fresh one.
+
+    Tensors are detached unless said otherwise; keys are global block indices.
+    """
+
+    records: defaultdict[int, dict[str, torch.Tensor]] = field(default_factory=_per_layer)
+    """Per block: ``ln1_mean``, ``ln1_std``, ``ln2_mean``, ``ln2_std``, token norms, value-path records."""
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Hooked probabilities *with* their graph; a fused block's, once rebuilt (:meth:`Recorder.probs`)."""
+    features: torch.Tensor | None = None
+    """The adapter's feature tensor for Grad-CAM on features, with its graph."""
+    final_input: torch.Tensor | None = None
+    final_output: torch.Tensor | None = None
+    # kept for the LRP pass (``keep_block_inputs``); fused blocks always keep attn_inputs and q/k/v maps
+    block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    block_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    mlp_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    attn_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    attn_ctx: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """The attention module's keyword arguments (masks, rotary tables)."""
+    linears: defaultdict[int, dict[str, tuple[torch.Tensor | None, torch.Tensor]]] = field(default_factory=_per_layer)
+    """Per block, every hooked Linear's ``(input, output)`` (input None where the LRP pass rebuilds it)."""
+    merge_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    attn_out: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Fused blocks: the heads' output O, with its graph (what the backward pass differentiates)."""
+    # written by the LRP pass (:mod:`vitlens.capture.relevance`)
+    relevance_totals: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    merge_shares: dict[int, torch.Tensor] = field(default_factory=dict)
+    # internal bookkeeping of the hooks
+    grads: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    """Gradients of :meth:`Recorder.grad_targets`, after the backward pass."""
+    pending: defaultdict[int, dict[str, Any]] = field(default_factory=_per_layer)
+    """Tensors one hook leaves for a later hook of the same block."""
+    filled: dict[int, list[str]] = field(default_factory=dict)
+    """q/k/v records computed by :meth:`Recorder.attn_linears`, not hooked."""
+    scores: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    freed: int = 0
+    """Bytes of attention released since the last heap trim."""
+
+
+#: The per-batch records readable as attributes of the Recorder itself, as tests and the coverage
+#: harnesses read them: ``rec.attention`` is ``rec.batch.attention``; ``rec._filled`` (its old
+#: private name) is ``rec.batch.filled``.
+_READABLE = {f.name: f.name for f in fields(BatchRecords) if f.name not in ("grads", "pending", "scores", "freed")}
+_READABLE["_filled"] = "filled"
+
+
 class Recorder:
     """Record the internals of one forward pass per batch.
 
-    After ``model(x)`` inside the context, ``records[layer][name]`` holds detached
-    tensors for block ``layer`` (global index): ``ln1_mean``, ``ln1_std``,
-    ``ln2_mean``, ``ln2_std`` (of the inputs of the block's two norms),
-    ``token_norm`` (block input), ``attn_value_norm``, ``attn_value_cos``,
-    ``attn_out_norm``, ``mlp_in_norm``, ``mlp_out_norm``, ``mlp_cos``,
-    ``block_out_norm``; ``attention[layer]`` keeps the attention probabilities
-    *with* their autograd graph (for gradients), and ``features`` the adapter's
-    feature tensor (for Grad-CAM on features) with its graph. With
-    ``keep_block_inputs`` it also keeps what the LRP pass needs, detached:
-    ``block_inputs``, ``mlp_inputs`` and ``block_outputs`` (tokens, (B, N, C)),
-    ``attn_inputs`` and ``attn_ctx`` (the attention module's input in its own
-    layout and its keyword arguments: masks, rotary tables), every Linear's
-    (input, output) in ``linears``, ``final_input`` and ``merge_inputs``.
-    With ``param_grads=False`` the model's parameters stop requiring gradients
-    inside the context (restored on exit), so autograd keeps only what the
-    activation gradients need and computes no weight gradients.
+    After ``model(x)`` inside the context, :attr:`batch` (a :class:`BatchRecords`,
+    fresh after each :meth:`reset`) holds the batch's records: LayerNorm statistics
+    and token norms per block, the attention probabilities *with* their autograd
+    graph (for gradients), the Grad-CAM features with theirs and, with
+    ``keep_block_inputs``, what the LRP pass needs (block, MLP and attention
+    inputs, every Linear's input and output, merge inputs). Its public fields
+    read as attributes of the Recorder too (``rec.attention``). With
+    ``param_grads=False`` the model's parameters stop requiring gradients inside
+    the context (restored on exit), so autograd keeps only what the activation
+    gradients need and computes no weight gradients.
     """
 
     def __init__(self, adapter: Adapter, *, keep_block_inputs: bool = False, param_grads: bool = True,
@@ -111,26 +159,13 @@ class Recorder:
         self.reset()
 
     def reset(self) -> None:
-        self.records: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-        self.attention: dict[int, torch.Tensor] = {}
-        self.block_inputs: dict[int, torch.Tensor] = {}
-        self.block_outputs: dict[int, torch.Tensor] = {}
-        self.attn_inputs: dict[int, torch.Tensor] = {}
-        self.attn_ctx: dict[int, dict[str, Any]] = {}
-        self.features: torch.Tensor | None = None
-        self.final_input: torch.Tensor | None = None
-        self.final_output: torch.Tensor | None = None
-        self.merge_inputs: dict[int, torch.Tensor] = {}
-        self.relevance_totals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.linears: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)
-        self.mlp_inputs: dict[int, torch.Tensor] = {}
-        self.merge_shares: dict[int, torch.Tensor] = {}
-        self._grads: dict[int, torch.Tensor | None] = {}
-        self._freed = 0  # bytes of attention released since the last trim
-        self.attn_out: dict[int, torch.Tensor] = {}  # fused layers: the heads' output O, with its graph
-        self._pending: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-        self._filled: dict[int, list[str]] = {}  # q/k/v records computed by attn_linears, not hooked
-        self._scores: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        """Start a new batch: forget everything recorded about the last one."""
+        self.batch = BatchRecords()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _READABLE:  # only reached for names the Recorder itself does not have
+            return getattr(self.__dict__["batch"], _READABLE[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- context ------------------------------------------------------------
     def __enter__(self) -> "Recorder":
@@ -235,12 +270,12 @@ class Recorder:
                 return
             with torch.no_grad():
                 u = self.adapter.tokens(inputs[0]).detach()
-                self.records[layer]["token_norm"] = u.float().norm(dim=-1)
-                self._pending[layer]["u"] = u
+                self.batch.records[layer]["token_norm"] = u.float().norm(dim=-1)
+                self.batch.pending[layer]["u"] = u
                 if part.post_norm:  # the attention reads the block input itself
                     self._value_path(layer, part, u, u)
                 if self.keep_block_inputs:
-                    self.block_inputs[layer] = u
+                    self.batch.block_inputs[layer] = u
 
         return hook
 
@@ -248,18 +283,18 @@ class Recorder:
         """The value-path records (tokentm); where the v map's hook is to fire, left to it
         (:meth:`_value_path_from_linear`: its output saves a matmul), else computed now."""
         if layer in self._value_from:
-            self._pending[layer]["value_path"] = (h, u)
+            self.batch.pending[layer]["value_path"] = (h, u)
             return
         self._store_value_path(layer, part.attn.value_path(h), u)
 
     def _store_value_path(self, layer: int, t: torch.Tensor, u: torch.Tensor) -> None:
-        rec = self.records[layer]
+        rec = self.batch.records[layer]
         rec["attn_value_norm"] = t.float().norm(dim=-1)
         rec["attn_value_cos"] = _cosine(t, u, rec["attn_value_norm"], rec["token_norm"])
 
     def _value_path_from_linear(self, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
         """The v map ran on ``x``: the value path from its output, when ``x`` is the tokens it was left for."""
-        pending = self._pending[layer].pop("value_path", None)
+        pending = self.batch.pending[layer].pop("value_path", None)
         if pending is None:
             return
         h, u = pending
@@ -270,7 +305,7 @@ class Recorder:
 
     def _value_path_left(self, layer: int) -> None:
         """At the MLP: a value path the v map's hook did not take is computed from its tokens."""
-        pending = self._pending[layer].pop("value_path", None)
+        pending = self.batch.pending[layer].pop("value_path", None)
         if pending is not None:
             self._store_value_path(layer, self.adapter.parts[layer].attn.value_path(pending[0]), pending[1])
 
@@ -279,10 +314,10 @@ class Recorder:
             if self.paused:
                 return
             with torch.no_grad():
-                rec = self.records[layer]
+                rec = self.batch.records[layer]
                 rec["ln1_mean"], rec["ln1_std"] = _token_stats(self.adapter.tokens(inputs[0]))
                 if not part.post_norm:
-                    self._value_path(layer, part, self.adapter.tokens(output.detach()), self._pending[layer]["u"])
+                    self._value_path(layer, part, self.adapter.tokens(output.detach()), self.batch.pending[layer]["u"])
 
         return hook
 
@@ -290,8 +325,8 @@ class Recorder:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self.paused:
                 return
-            self.attn_inputs[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
-            self.attn_ctx[layer] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            self.batch.attn_inputs[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
+            self.batch.attn_ctx[layer] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
         return hook
 
@@ -305,7 +340,7 @@ class Recorder:
             if self.paused:
                 return
             out = output.detach()
-            self.linears[layer][name] = (None if rebuilt else inputs[0].detach(), out.clone() if copy else out)
+            self.batch.linears[layer][name] = (None if rebuilt else inputs[0].detach(), out.clone() if copy else out)
             if value:
                 self._value_path_from_linear(layer, inputs[0], output)
 
@@ -321,14 +356,14 @@ class Recorder:
             if self.paused:
                 return
             full = _fused_output_of_q(inputs[0])
-            h = self.attn_inputs.get(layer)
+            h = self.batch.attn_inputs.get(layer)
             if full is None or h is None:
                 return  # not the layout of a split fused output: the record is computed as before
             with torch.no_grad():
                 full = full.detach()
                 # the map's input is the attention input (None); this replaces a hooked module's record
                 # whose output the model then added its biases into (qkv_bias_separate)
-                self.linears[layer]["qkv"] = (None, full - attn.qkv.extra_bias())
+                self.batch.linears[layer]["qkv"] = (None, full - attn.qkv.extra_bias())
                 self._value_path_from_linear(layer, h, full)
 
         return hook
@@ -336,20 +371,21 @@ class Recorder:
     def _on_attn_out(self, layer: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             if not self.paused:
-                self.attn_out[layer] = inputs[0]
+                self.batch.attn_out[layer] = inputs[0]
 
         return hook
 
     # -- attention of fused layers ----------------------------------------------------
     def grad_targets(self) -> list[torch.Tensor]:
         """Per block, the tensor to differentiate: the probabilities, or O for a fused block."""
-        return [self.attn_out[l] if l in self.fused_layers else self.attention[l] for l in range(len(self.adapter.parts))]
+        kept = self.batch
+        return [kept.attn_out[l] if l in self.fused_layers else kept.attention[l] for l in range(len(self.adapter.parts))]
 
     def finish_attention(self, grads: list[torch.Tensor | None] | None = None) -> None:
         """Keep the gradients of :meth:`grad_targets` (after the backward pass) for
         :meth:`probs_grad`, and let go of the fused blocks' graph tensors."""
-        self._grads = {} if grads is None else dict(enumerate(grads))
-        self.attn_out.clear()
+        self.batch.grads = {} if grads is None else dict(enumerate(grads))
+        self.batch.attn_out.clear()
         trim_heap()  # the graph is gone: give its pages back before the outputs fill
 
     def attn_linears(self, layer: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
@@ -357,63 +393,64 @@ class Recorder:
         their module never ran (EVA, BEiT and SwinV2 call ``F.linear`` on the fused
         ``qkv`` weight with biases of their own): computed once here, from the
         recorded attention input, instead of at each use; :meth:`release` drops them."""
-        lin = self.linears[layer]
-        h = self.attn_inputs.get(layer)
+        lin = self.batch.linears[layer]
+        h = self.batch.attn_inputs.get(layer)
         if h is None:
             return lin
         for name, part in self.adapter.parts[layer].attn.linears().items():
             if name != "proj" and name not in lin:
                 with torch.no_grad():  # the module's own output: LinearPart adds any outside bias itself
                     lin[name] = (None, torch.nn.functional.linear(h, part.weight, part.module.bias))
-                self._filled.setdefault(layer, []).append(name)
+                self.batch.filled.setdefault(layer, []).append(name)
         return lin
 
     def scores(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The ``(a, bᵀ, logits)`` a fused block's probabilities were rebuilt from, kept for
         the LRP pass until :meth:`release` (None for a block whose probabilities were hooked)."""
-        return self._scores.get(layer)
+        return self.batch.scores.get(layer)
 
     def probs(self, layer: int) -> torch.Tensor:
         """Block ``layer``'s attention probabilities; a fused block's are rebuilt here
         (outside autograd, once) from its recorded input and q/k maps."""
-        if layer not in self.attention:
+        if layer not in self.batch.attention:
             attn = self.adapter.parts[layer].attn
             with torch.no_grad():
-                scores = attn.scores(self.attn_inputs[layer], self.attn_ctx.get(layer, {}), self.attn_linears(layer))
-                self.attention[layer] = scores[2].softmax(-1)
+                kept = self.batch
+                scores = attn.scores(kept.attn_inputs[layer], kept.attn_ctx.get(layer, {}), self.attn_linears(layer))
+                self.batch.attention[layer] = scores[2].softmax(-1)
                 if self.keep_block_inputs:  # the LRP pass reuses them
-                    self._scores[layer] = scores
-        return self.attention[layer].detach()
+                    self.batch.scores[layer] = scores
+        return self.batch.attention[layer].detach()
 
     def probs_grad(self, layer: int) -> torch.Tensor:
         """``∂y/∂A`` of block ``layer``: kept as is, or ``(∂y/∂O)·Vᵀ`` for a fused block."""
-        g = self._grads.get(layer)
+        g = self.batch.grads.get(layer)
         if layer not in self.fused_layers:
             return g if g is not None else torch.zeros_like(self.probs(layer))
         if g is None:
             return torch.zeros_like(self.probs(layer))
         with torch.no_grad():
-            return self.adapter.parts[layer].attn.probabilities_grad(g, self.attn_inputs[layer],
+            return self.adapter.parts[layer].attn.probabilities_grad(g, self.batch.attn_inputs[layer],
                                                                      self.attn_linears(layer))
 
     def release(self, layer: int) -> None:
         """Drop what is kept of block ``layer``'s attention (once it is stored)."""
-        a = self.attention.pop(layer, None)
-        self._grads.pop(layer, None)
-        self._scores.pop(layer, None)
-        for name in self._filled.pop(layer, ()):
-            self.linears.get(layer, {}).pop(name, None)
+        a = self.batch.attention.pop(layer, None)
+        self.batch.grads.pop(layer, None)
+        self.batch.scores.pop(layer, None)
+        for name in self.batch.filled.pop(layer, ()):
+            self.batch.linears.get(layer, {}).pop(name, None)
         if a is not None and a.device.type == "cpu":
-            self._freed += a.numel() * a.element_size()
-            if self._freed >= _TRIM_EVERY:  # the block's records went too (LRP walk): return their pages
-                self._freed = 0
+            self.batch.freed += a.numel() * a.element_size()
+            if self.batch.freed >= _TRIM_EVERY:  # the block's records went too (LRP walk): return their pages
+                self.batch.freed = 0
                 trim_heap()
 
     def _on_attention(self, layer: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if self.paused:
                 return
-            self.attention[layer] = output
+            self.batch.attention[layer] = output
 
         return hook
 
@@ -422,7 +459,7 @@ class Recorder:
             if self.paused:
                 return
             with torch.no_grad():
-                rec = self.records[layer]
+                rec = self.batch.records[layer]
                 rec["ln2_mean"], rec["ln2_std"] = _token_stats(self.adapter.tokens(inputs[0]))
 
         return hook
@@ -433,14 +470,14 @@ class Recorder:
                 return
             with torch.no_grad():
                 x2 = self.adapter.tokens(inputs[0]).detach()
-                rec = self.records[layer]
+                rec = self.batch.records[layer]
                 rec["mlp_in_norm"] = x2.float().norm(dim=-1)
-                u = self._pending[layer].pop("u")
+                u = self.batch.pending[layer].pop("u")
                 rec["attn_out_norm"] = (x2.float() - u.float()).norm(dim=-1)
                 self._value_path_left(layer)
-                self._pending[layer]["x2"] = x2
+                self.batch.pending[layer]["x2"] = x2
                 if self.keep_block_inputs:
-                    self.mlp_inputs[layer] = x2
+                    self.batch.mlp_inputs[layer] = x2
 
         return hook
 
@@ -450,8 +487,8 @@ class Recorder:
                 return
             with torch.no_grad():
                 f = self.adapter.tokens(output).detach()
-                x2 = self._pending[layer].pop("x2")
-                rec = self.records[layer]
+                x2 = self.batch.pending[layer].pop("x2")
+                rec = self.batch.records[layer]
                 rec["mlp_out_norm"] = f.float().norm(dim=-1)
                 rec["mlp_cos"] = _cosine(f, x2, rec["mlp_out_norm"], rec["mlp_in_norm"])
 
@@ -463,29 +500,29 @@ class Recorder:
                 return
             with torch.no_grad():
                 out = self.adapter.tokens(output).detach()
-                self.records[layer]["block_out_norm"] = out.float().norm(dim=-1)
+                self.batch.records[layer]["block_out_norm"] = out.float().norm(dim=-1)
                 if self.keep_block_inputs:
-                    self.block_outputs[layer] = out
+                    self.batch.block_outputs[layer] = out
 
         return hook
 
     def _on_final_norm(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not self.paused:
-            self.final_input = inputs[0].detach()
-            self.final_output = output.detach()
+            self.batch.final_input = inputs[0].detach()
+            self.batch.final_output = output.detach()
 
     def _on_features(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not self.paused:
-            self.features = output
+            self.batch.features = output
 
     def _on_features_input(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         if not self.paused:
-            self.features = inputs[0]
+            self.batch.features = inputs[0]
 
     def _on_merge(self, stage: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if self.paused:
                 return
-            self.merge_inputs[stage] = inputs[0].detach()
+            self.batch.merge_inputs[stage] = inputs[0].detach()
 
         return hook

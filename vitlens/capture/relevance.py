@@ -47,8 +47,9 @@ def _scatter(r: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
 def _block(part: BlockPart, stage: StageInfo, rec: Recorder, layer: int, r_out: torch.Tensor,
            to_input: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Relevance at the block input (tokens, (B, N, C)) and at its attention probabilities."""
-    x, x2, out = rec.block_inputs[layer], rec.mlp_inputs[layer], rec.block_outputs[layer]
-    lin = rec.linears[layer]
+    kept = rec.batch
+    x, x2, out = kept.block_inputs[layer], kept.mlp_inputs[layer], kept.block_outputs[layer]
+    lin = kept.linears[layer]
     n = x.shape[1]
     token_wise = {**part.mlp.linears(), "proj": part.attn.proj}
     rows = None if stage.window is not None else _active_tokens(r_out)
@@ -71,8 +72,8 @@ def _block(part: BlockPart, stage: StageInfo, rec: Recorder, layer: int, r_out: 
     if rows is not None:
         r_res, r_o = _scatter(r_res, rows, n), _scatter(r_o, rows, n)
     probs = rec.probs(layer)  # first: rebuilding them keeps the scores the relevance step reuses
-    r_h, r_probs = part.attn.relevance(rec.attn_inputs[layer], probs, r_o, rec.attn_linears(layer),
-                                       rec.attn_ctx.get(layer, {}), to_input, rec.scores(layer))
+    r_h, r_probs = part.attn.relevance(kept.attn_inputs[layer], probs, r_o, rec.attn_linears(layer),
+                                       kept.attn_ctx.get(layer, {}), to_input, rec.scores(layer))
     if r_h is None:
         return None, r_probs
     if stage.window is not None:
@@ -97,11 +98,11 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, 
     """LRP relevance at every block's attention probabilities, keyed by global layer.
 
     Also stores, for tests and diagnostics, the relevance total entering each
-    block in ``rec.relevance_totals[layer] = (in, out)`` (per image; for the
+    block in ``rec.batch.relevance_totals[layer] = (in, out)`` (per image; for the
     first block only with ``to_input=True``, which carries the pass through
     its q/k/v maps to the embeddings, a step no map needs), and for
     Swin each parent token's share of its merged token's relevance in
-    ``rec.merge_shares[parent_stage]`` (B, N_parent). With ``release=True``
+    ``rec.batch.merge_shares[parent_stage]`` (B, N_parent). With ``release=True``
     each block's records are dropped from ``rec`` once the walk has passed
     the block (capture does this: the memory is free for the next step).
     ``on_layer(layer, relevance)`` is called as each block's relevance is
@@ -124,7 +125,7 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, 
                           else seed.to(feats.dtype))
                 r = adapter.head.relevance(feats, onehot)  # final norm: identity rule
             out: dict[int, torch.Tensor] = {}
-            rec.relevance_totals = {}
+            rec.batch.relevance_totals = {}
             merges = adapter.merges()
             for stage in reversed(adapter.stages):
                 for layer, part in zip(reversed(stage.layers), reversed(stage.parts)):
@@ -136,21 +137,22 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, 
                         on_layer(layer, r_probs)
                     del r_probs
                     if release:
-                        for records in (rec.block_inputs, rec.mlp_inputs, rec.block_outputs, rec.attn_inputs,
-                                        rec.attn_ctx, rec.linears):
+                        kept = rec.batch
+                        for records in (kept.block_inputs, kept.mlp_inputs, kept.block_outputs, kept.attn_inputs,
+                                        kept.attn_ctx, kept.linears):
                             records.pop(layer, None)
                     if r is not None:
-                        rec.relevance_totals[layer] = (r.reshape(r.shape[0], -1).sum(1), total_out)
+                        rec.batch.relevance_totals[layer] = (r.reshape(r.shape[0], -1).sum(1), total_out)
                 merge = merges.get(stage.index)
                 if merge is not None:
-                    x = rec.merge_inputs.pop(stage.index) if release else rec.merge_inputs[stage.index]  # (B, H, W, C)
+                    x = rec.batch.merge_inputs.pop(stage.index) if release else rec.batch.merge_inputs[stage.index]  # (B, H, W, C)
                     r_child = r.sum(-1).reshape(r.shape[0], *stage.grid)  # (B, h, w) per merged token
                     r = merge.relevance(x, r.reshape(r.shape[0], *stage.grid, -1))
                     # each parent's share of its merged token's relevance (for merge="lrp")
                     ph, pw = adapter.stages[adapter.stages.index(stage) - 1].grid  # an odd parent grid: cropped
                     child = r_child.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :ph, :pw]
                     share = r.sum(-1) / child.abs().clamp_min(1e-12).copysign(child)
-                    rec.merge_shares[stage.index - 1] = share.masked_fill(child == 0, 0.25).flatten(1)
+                    rec.batch.merge_shares[stage.index - 1] = share.masked_fill(child == 0, 0.25).flatten(1)
                     r = r.reshape(r.shape[0], -1, r.shape[-1])
             return out
     finally:

@@ -122,10 +122,10 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
 
 
 def groups_of(method: str, options: Mapping[str, Any] | None = None) -> set[str]:
-    """The extra capture groups (``vl.capture``'s ``EXTRA_GROUPS``) ``method`` reads under ``options``.
+    """The extra capture groups (:data:`vitlens.registry.EXTRA_GROUPS`) ``method`` reads under ``options``.
 
-    Most methods read what every capture holds (an empty set); AttnLRP and LeGrad read
-    a pass of their own, made only when named in ``keep=``.
+    Most methods read only what every capture holds (an empty set); AttnLRP and LeGrad
+    read a pass of their own, made only when named in ``keep=`` (their registered ``needs``).
 
     Examples
     --------
@@ -135,8 +135,11 @@ def groups_of(method: str, options: Mapping[str, Any] | None = None) -> set[str]
     >>> vl.methods.groups_of("rollout")
     set()
     """
-    groups = getattr(method_info(method).function, "groups", None)
-    return set() if groups is None else set(groups(dict(options or {})))
+    from ..registry import EXTRA_GROUPS
+
+    info = method_info(method)
+    given = {k: v for k, v in (options or {}).items() if k in info.options()}
+    return set(info.groups({}, given)) & set(EXTRA_GROUPS)
 
 
 def extra_groups(methods: Any = "all", options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
@@ -152,8 +155,7 @@ def extra_groups(methods: Any = "all", options: Mapping[str, Any] | None = None)
 
     out: set[str] = set()
     for name in resolve_methods(methods):
-        info = METHOD_INFO[name]
-        out |= groups_of(name, {k: v for k, v in (options or {}).items() if k in info.options()})
+        out |= groups_of(name, options)
     return tuple(sorted(out))
 
 
@@ -186,8 +188,8 @@ def explainable_methods(cap: xr.DataTree, options: Mapping[str, Any] | None = No
     kept = _kept(cap)
     out = []
     for name, info in METHOD_INFO.items():
-        accepted = {**info.defaults_for(cap), **{k: v for k, v in (options or {}).items() if k in info.options()}}
-        if groups_of(name, accepted) <= kept:
+        given = {k: v for k, v in (options or {}).items() if k in info.options()}
+        if info.groups(cap, given) <= kept:  # every group the map reads (its registered needs)
             out.append(name)
     return tuple(out)
 

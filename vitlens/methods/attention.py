@@ -17,6 +17,7 @@ from ..registry import register_method
     class_specific=False,
     per_layer=True,
     reference="docs/METHODS.md §1",
+    needs={"*": ("attention",)},
 )
 def attention(
     cap: xr.DataTree,

@@ -49,6 +49,7 @@ def _on_first_grid(cv: CaptureView, layer: int, r: torch.Tensor) -> torch.Tensor
     variant_captions={("softmax", "cp"): "CP-LRP: LRP relevance of the tokens entering block {l}, attention held "
                                          "constant (AttnLRP rules elsewhere), for class {cls}"},
     reference="Achtibat et al., ICML 2024 (AttnLRP); Ali et al., ICML 2022 (CP-LRP); docs/METHODS.md §8",
+    needs={("softmax", "cp"): ("attnlrp_cp",), ("softmax", "attnlrp"): ("attnlrp",)},
 )
 def attnlrp(
     cap: xr.DataTree,
@@ -98,11 +99,3 @@ def attnlrp(
     if per_layer:
         return token_map(cv, torch.stack(maps, 1), "attnlrp", options, chosen)
     return token_map(cv, maps[0], "attnlrp", options)
-
-
-def groups(options: dict[str, Any]) -> set[str]:
-    """The capture group the map reads under ``options`` (``softmax=``)."""
-    return {GROUPS.get(options.get("softmax", "cp"), "attnlrp_cp")}
-
-
-attnlrp.groups = groups  # type: ignore[attr-defined]

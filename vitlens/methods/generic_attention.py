@@ -18,6 +18,7 @@ from ..registry import register_method
     per_layer=True,
     defaults={"avg": {"identity_path": "drop"}},
     reference="Chefer, Gur & Wolf, ICCV 2021; docs/METHODS.md §5",
+    needs={"*": ("attention", "attention_grad"), ("merge", "lrp"): ("attention_relevance",)},
 )
 def generic_attention(
     cap: xr.DataTree,

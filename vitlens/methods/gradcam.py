@@ -23,6 +23,7 @@ ON = ("attention", "features")
     variant_captions={("on", "features"): "Grad-CAM on the final feature map for class {cls} (the same at every layer)"},
     layerless={"on": "features"},
     reference="Selvaraju et al. 2017, as in Chefer et al. 2021; docs/METHODS.md §3",
+    needs={("on", "attention"): ("attention", "attention_grad"), ("on", "features"): ("features",)},
 )
 def gradcam(
     cap: xr.DataTree,

@@ -23,6 +23,7 @@ SCORES = ("mean", "readout")
     class_specific=True,
     per_layer=True,
     reference="Bousselham et al., ICCV 2025; docs/METHODS.md §9",
+    needs={"*": ("legrad",)},
 )
 def legrad(
     cap: xr.DataTree,
@@ -90,11 +91,3 @@ def legrad(
         counts = torch.arange(1, len(chosen) + 1, dtype=stacked.dtype).reshape(1, -1, 1, 1)
         return token_map(cv, stacked.cumsum(1) / counts, "legrad", options, chosen)
     return token_map(cv, stacked.mean(1), "legrad", options)
-
-
-def groups(options: dict[str, Any]) -> set[str]:
-    """The capture group the map reads (both read-outs are in it)."""
-    return {"legrad"}
-
-
-legrad.groups = groups  # type: ignore[attr-defined]

@@ -121,6 +121,7 @@ def _check(stat: str, stat_norm: str, head_fusion: str) -> None:
     variant_captions={("grad", False): "LayerNorm statistic × attention, accumulated like rollout over {blocks}"},
     per_layer=True,
     reference="after Nguyen, Lee & Kim, arXiv 2311.11378; docs/METHODS.md §6",
+    needs={"*": ("attention", "ln"), ("grad", True): ("attention_grad",), ("merge", "lrp"): ("attention_relevance",)},
 )
 def lnstat(
     cap: xr.DataTree,

@@ -16,6 +16,7 @@ from ..registry import register_method
     class_specific=False,
     per_layer=True,
     reference="Abnar & Zuidema 2020; docs/METHODS.md §2",
+    needs={"*": ("attention",), ("merge", "lrp"): ("attention_relevance",)},
 )
 def rollout(
     cap: xr.DataTree,

@@ -66,6 +66,7 @@ def transformation_weights(stage: StageView, layer: int, part: str, necc_kind: s
     class_specific=True,
     per_layer=True,
     reference="Wu, Duan, Kang, Tang & Yan, CVPR 2024; docs/METHODS.md §7",
+    needs={"*": ("attention", "norms"), ("grad", True): ("attention_grad",), ("merge", "lrp"): ("attention_relevance",)},
 )
 def tokentm(
     cap: xr.DataTree,

@@ -18,6 +18,7 @@ from ..registry import register_method
     per_layer=True,
     defaults={"avg": {"identity_path": "drop"}},
     reference="Chefer, Gur & Wolf, CVPR 2021; docs/METHODS.md §4",
+    needs={"*": ("attention_grad", "attention_relevance")},
 )
 def transformer_attribution(
     cap: xr.DataTree,

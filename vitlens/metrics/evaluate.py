@@ -140,6 +140,114 @@ def _deletion_insertion(probs: np.ndarray, clean: np.ndarray, zero: np.ndarray, 
     return deletion, insertion
 
 
+def _check_options(names: list[str], options: Mapping[str, Mapping[str, Any]] | None, target: str, steps: Any,
+                   batch_size: Any) -> dict[str, dict[str, Any]]:
+    """The per-method options, after checking every argument of :func:`evaluate_items`."""
+    opts = {k: dict(v) for k, v in (options or {}).items()}
+    if set(opts) - set(names):
+        raise OptionError(f"options for {sorted(set(opts) - set(names))}, which are not evaluated; evaluated: {names}.")
+    if target not in TARGETS:
+        raise OptionError(f"target={target!r}; choose 'label' (each object's class) or 'predicted'.")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise OptionError(f"steps={steps!r}: use an int >= 2 (10 gives the 0 %, 10 %, ..., 90 % protocol).")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
+    return opts
+
+
+class _Items:
+    """The evaluation items: one per labelled object (a non-empty mask) of each image."""
+
+    def __init__(self, masks: np.ndarray, labels: np.ndarray):
+        self.sample, self.object = np.nonzero(masks.any((2, 3)))
+        if self.sample.size == 0:
+            raise ImageError("no image of the dataset has a non-empty mask; evaluate scores maps against masks.")
+        self.label = labels[self.sample, self.object]
+        self.masks = masks
+        self.predicted = np.zeros(self.sample.size, np.int64)
+        self.reference = np.zeros(self.sample.size, np.int64)
+
+    def __len__(self) -> int:
+        return int(self.sample.size)
+
+    def in_batch(self, start: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The items of images ``start … start + size − 1``, and their images' positions in the batch."""
+        its = np.nonzero((self.sample >= start) & (self.sample < start + size))[0]
+        return its, self.sample[its] - start
+
+
+class _Scores:
+    """Per-method, per-item results, filled batch by batch (segmentation counts, perturbation hits,
+    deletion and insertion curves, timings)."""
+
+    def __init__(self, n_methods: int, n_items: int, steps: int):
+        self.seg: dict[str, np.ndarray] = {
+            "correct": np.zeros((n_methods, n_items), np.int64),
+            "intersection": np.zeros((n_methods, n_items, 2), np.int64),
+            "union": np.zeros((n_methods, n_items, 2), np.int64),
+            "ap": np.zeros((n_methods, n_items)),
+            "pointing": np.zeros((n_methods, n_items)),
+        }
+        self.hits = {k: np.zeros((n_methods, n_items, steps), bool) for k in _CURVES}
+        self.deletion = np.zeros((n_methods, n_items, steps + 1), np.float32)
+        self.insertion = np.zeros((n_methods, n_items, steps + 1), np.float32)
+        self.explain_seconds = np.zeros(n_methods)
+        self.capture_seconds = 0.0
+
+    def put(self, m: int, its: np.ndarray, counts: xr.Dataset, probs: Mapping[str, np.ndarray], clean: np.ndarray,
+            zero: np.ndarray, reference: np.ndarray, explained: np.ndarray, curve_probs: np.ndarray) -> None:
+        """Method ``m``'s results for items ``its``: ``probs`` maps "predicted"/"label" to their runs."""
+        for key, arr in self.seg.items():
+            arr[m, its] = counts[key].values
+        for which, p in probs.items():
+            positive, negative = _hits(p, clean, reference)
+            self.hits[f"correct_positive_{which}"][m, its] = positive
+            self.hits[f"correct_negative_{which}"][m, its] = negative
+        self.deletion[m, its], self.insertion[m, its] = _deletion_insertion(curve_probs, clean, zero, explained)
+
+    def dataset(self, names: list[str], items: _Items, n_images: int, npix: int, steps: int,
+                attrs: dict[str, Any]) -> xr.Dataset:
+        """The per-item Dataset :func:`evaluate_items` returns."""
+        fractions = np.arange(steps) / steps
+        full = np.arange(steps + 1) / steps
+        objects_in_image = np.bincount(items.sample, minlength=n_images)[items.sample]
+        out = xr.Dataset(
+            {
+                "correct": (("method", "item"), self.seg["correct"]),
+                "pixels": ("item", np.full(len(items), npix, np.int64)),
+                "intersection": (("method", "item", "part"), self.seg["intersection"]),
+                "union": (("method", "item", "part"), self.seg["union"]),
+                "ap": (("method", "item"), self.seg["ap"]),
+                "pointing": (("method", "item"), self.seg["pointing"]),
+                **{k: (("method", "item", "removed"), v) for k, v in self.hits.items()},
+                "deletion": (("method", "item", "deleted"), self.deletion),
+                "insertion": (("method", "item", "inserted"), self.insertion),
+                "explain_seconds": ("method", self.explain_seconds),
+                "capture_seconds": ((), self.capture_seconds),
+            },
+            coords={
+                "method": names,
+                "item": np.arange(len(items)),
+                "sample": ("item", items.sample),
+                "object": ("item", items.object),
+                "label": ("item", items.label),
+                "reference": ("item", items.reference),
+                "predicted": ("item", items.predicted),
+                "objects_in_image": ("item", objects_in_image),
+                "part": list(PARTS),
+                "removed": fractions,
+                "deleted": full,
+                "inserted": full,
+            },
+            attrs=attrs,
+        )
+        out["reference"].attrs["description"] = ("class accuracy is measured against: the label, or the prediction "
+                                                 "where unknown")
+        out["explain_seconds"].attrs["description"] = "time spent in vl.explain for the predicted-class maps of all images"
+        out["capture_seconds"].attrs["description"] = "time spent in vl.capture (predicted class) for all images"
+        return out
+
+
 def evaluate_items(
     model: nn.Module | str,
     dataset: xr.Dataset,
@@ -170,27 +278,13 @@ def evaluate_items(
     >>> items.sizes["item"], summarize(items).sizes["method"]
     (4, 1)
     """
-    from ..capture import capture
-    from ..methods import explain
     from ..models import adapter_for, load_model
 
     if isinstance(model, str):
         model = load_model(model)
     adapter = adapter_for(model)
     names = _method_names(methods)
-    opts = {k: dict(v) for k, v in (options or {}).items()}
-    if set(opts) - set(names):
-        raise OptionError(f"options for {sorted(set(opts) - set(names))}, which are not evaluated; evaluated: {names}.")
-    from ..methods import groups_of
-
-    # the extra passes the evaluated methods read (AttnLRP, LeGrad), on top of what every capture holds
-    keep = ("all", *sorted({g for n in names for g in groups_of(n, opts.get(n))}))
-    if target not in TARGETS:
-        raise OptionError(f"target={target!r}; choose 'label' (each object's class) or 'predicted'.")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
-        raise OptionError(f"steps={steps!r}: use an int >= 2 (10 gives the 0 %, 10 %, ..., 90 % protocol).")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
+    opts = _check_options(names, options, target, steps, batch_size)
     steps, batch_size = int(steps), int(batch_size)
     device = model_device(model, device)
 
@@ -198,136 +292,93 @@ def evaluate_items(
     size = tuple(int(s) for s in adapter.input_size)
     resized = images.shape[1:3] != size
     images, masks = _fit(images, masks, size)
-    item_sample, item_object = np.nonzero(masks.any((2, 3)))
-    if item_sample.size == 0:
-        raise ImageError("no image of the dataset has a non-empty mask; evaluate scores maps against masks.")
-    item_label = labels[item_sample, item_object]
-    n_img, n_items, n_m = images.shape[0], item_sample.size, len(names)
-    npix = size[0] * size[1]
-
+    items = _Items(masks, labels)
+    n_img, npix = images.shape[0], size[0] * size[1]
     # removal schedule shared by every map: positive steps 1..S-1, then negative steps 1..S-1
     runs = [(npix * i // steps, True) for i in range(1, steps)] + [(npix * i // steps, False) for i in range(1, steps)]
-    fractions = np.arange(steps) / steps
-    full = np.arange(steps + 1) / steps
+    scores = _Scores(len(names), len(items), steps)
+    norm: tuple[tuple[float, ...], tuple[float, ...], str] = ((), (), "")
 
-    seg_arrays: dict[str, np.ndarray] = {
-        "correct": np.zeros((n_m, n_items), np.int64),
-        "intersection": np.zeros((n_m, n_items, 2), np.int64),
-        "union": np.zeros((n_m, n_items, 2), np.int64),
-        "ap": np.zeros((n_m, n_items)),
-        "pointing": np.zeros((n_m, n_items)),
-    }
-    hits = {k: np.zeros((n_m, n_items, steps), bool) for k in _CURVES}
-    deletion = np.zeros((n_m, n_items, steps + 1), np.float32)
-    insertion = np.zeros((n_m, n_items, steps + 1), np.float32)
-    predicted = np.zeros(n_items, np.int64)
-    reference = np.zeros(n_items, np.int64)
-    explain_seconds = np.zeros(n_m)
-    capture_seconds = 0.0
-    mean = std = None
-    model_name = ""
-
-    show = bool(progress) if progress is not None else n_img > batch_size
-    bar = progress_bar(n_img, "evaluate", show)
+    bar = progress_bar(n_img, "evaluate", bool(progress) if progress is not None else n_img > batch_size)
     order_all = np.tile(np.arange(npix), (min(batch_size, n_img), 1))
     for s0 in range(0, n_img, batch_size):
         chunk = images[s0 : s0 + batch_size]
-        its = np.nonzero((item_sample >= s0) & (item_sample < s0 + len(chunk)))[0]
-        local = item_sample[its] - s0
-        t = time.perf_counter()
-        cap = capture(model, chunk, target=None, batch_size=batch_size, device=device, progress=False, keep=keep)
-        capture_seconds += time.perf_counter() - t
-        mean, std = tuple(cap.attrs["mean"]), tuple(cap.attrs["std"])
-        model_name = str(cap.attrs.get("model", ""))
-        pics = Pictures(chunk, mean, std)
-        pred = cap["target"].values.astype(np.int64)
-        lab = np.where(item_label[its] >= 0, item_label[its], pred[local])
-        diff = lab != pred[local]
-        predicted[its], reference[its] = pred[local], lab
-        cap_label = None
-        if diff.any():
-            cap_label = capture(model, chunk[local[diff]], target=lab[diff].tolist(), batch_size=batch_size,
-                                device=device, progress=False, keep=keep)
-            pics_label = Pictures(chunk[local[diff]], mean, std)
-        base = removal_probabilities(model, pics, order_all[: len(chunk)], [(0, True), (npix, True)],
-                                     batch_size=batch_size, device=device)
-        clean, zero = base[local, 0], base[local, 1]
-        item_masks = masks[item_sample[its], item_object[its]]
-
-        for m, name in enumerate(names):
-            t = time.perf_counter()
-            maps_pred = explain(cap, name, **opts.get(name, {}))
-            explain_seconds[m] += time.perf_counter() - t
-            values = pixel_maps(maps_pred, size)
-            probs = removal_probabilities(model, pics, ranking(values), runs, batch_size=batch_size, device=device)
-            probs_pred = probs[local]
-            values_label, probs_label = values[local], probs_pred.copy()
-            if cap_label is not None:
-                v = pixel_maps(explain(cap_label, name, **opts.get(name, {})), size)
-                # class-agnostic maps (attention, rollout, ...) differ from the predicted-class
-                # ones only by float noise of the other batch: reuse those runs
-                if not np.allclose(v, values_label[diff], rtol=0.0, atol=1e-5):
-                    values_label[diff] = v
-                    probs_label[diff] = removal_probabilities(model, pics_label, ranking(v), runs,
-                                                              batch_size=batch_size, device=device)
-            counts = counts_dataset(values_label if target == "label" else values[local], item_masks, "item")
-            for key, arr in seg_arrays.items():
-                arr[m, its] = counts[key].values
-            for which, p in (("predicted", probs_pred), ("label", probs_label)):
-                positive, negative = _hits(p, clean, lab)
-                hits[f"correct_positive_{which}"][m, its] = positive
-                hits[f"correct_negative_{which}"][m, its] = negative
-            p, cls = (probs_label, lab) if target == "label" else (probs_pred, pred[local])
-            deletion[m, its], insertion[m, its] = _deletion_insertion(p, clean, zero, cls)
+        norm = _evaluate_batch(model, chunk, s0, items, names, opts, scores, runs, order_all[: len(chunk)], target,
+                               size, batch_size, device)
         bar.update(len(chunk))
     bar.close()
+    mean, std, model_name = norm
+    return scores.dataset(names, items, n_img, npix, steps, attrs={
+        "model": model_name,
+        "images": n_img,
+        "target": target,
+        "steps": steps,
+        "input_size": list(size),
+        "resized": int(resized),
+        "mean": list(mean),
+        "std": list(std),
+        "options": repr(opts),
+    })
 
-    objects_in_image = np.bincount(item_sample, minlength=n_img)[item_sample]
-    data: dict[str, Any] = {
-        "correct": (("method", "item"), seg_arrays["correct"]),
-        "pixels": ("item", np.full(n_items, npix, np.int64)),
-        "intersection": (("method", "item", "part"), seg_arrays["intersection"]),
-        "union": (("method", "item", "part"), seg_arrays["union"]),
-        "ap": (("method", "item"), seg_arrays["ap"]),
-        "pointing": (("method", "item"), seg_arrays["pointing"]),
-        **{k: (("method", "item", "removed"), v) for k, v in hits.items()},
-        "deletion": (("method", "item", "deleted"), deletion),
-        "insertion": (("method", "item", "inserted"), insertion),
-        "explain_seconds": ("method", explain_seconds),
-        "capture_seconds": ((), capture_seconds),
-    }
-    out = xr.Dataset(
-        data,
-        coords={
-            "method": names,
-            "item": np.arange(n_items),
-            "sample": ("item", item_sample),
-            "object": ("item", item_object),
-            "label": ("item", item_label),
-            "reference": ("item", reference),
-            "predicted": ("item", predicted),
-            "objects_in_image": ("item", objects_in_image),
-            "part": list(PARTS),
-            "removed": fractions,
-            "deleted": full,
-            "inserted": full,
-        },
-        attrs={
-            "model": model_name,
-            "images": n_img,
-            "target": target,
-            "steps": steps,
-            "input_size": list(size),
-            "resized": int(resized),
-            "mean": list(mean or ()),
-            "std": list(std or ()),
-            "options": repr(opts),
-        },
-    )
-    out["reference"].attrs["description"] = "class accuracy is measured against: the label, or the prediction where unknown"
-    out["explain_seconds"].attrs["description"] = "time spent in vl.explain for the predicted-class maps of all images"
-    out["capture_seconds"].attrs["description"] = "time spent in vl.capture (predicted class) for all images"
-    return out
+
+def _evaluate_batch(model: nn.Module, chunk: np.ndarray, s0: int, items: _Items, names: list[str],
+                    opts: dict[str, dict[str, Any]], scores: _Scores, runs: list[tuple[int, bool]], order: np.ndarray,
+                    target: str, size: tuple[int, ...], batch_size: int, device: Any
+                    ) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """Score every method on one batch of images (and their items); returns the capture's
+    normalisation and model name.
+
+    The batch is captured once for its predicted classes and, for items whose label differs,
+    once more for the labels; class-agnostic maps reuse the predicted-class runs.
+    """
+    from ..capture import capture
+    from ..methods import explain
+
+    npix = size[0] * size[1]
+    its, local = items.in_batch(s0, len(chunk))
+    from ..methods import groups_of
+
+    # the extra passes the evaluated methods read (AttnLRP, LeGrad), on top of what every capture holds
+    keep = ("all", *sorted({g for n in names for g in groups_of(n, opts.get(n))}))
+    t = time.perf_counter()
+    cap = capture(model, chunk, target=None, batch_size=batch_size, device=device, progress=False, keep=keep)
+    scores.capture_seconds += time.perf_counter() - t
+    mean, std = tuple(cap.attrs["mean"]), tuple(cap.attrs["std"])
+    pics = Pictures(chunk, mean, std)
+    pred = cap["target"].values.astype(np.int64)
+    lab = np.where(items.label[its] >= 0, items.label[its], pred[local])
+    diff = lab != pred[local]
+    items.predicted[its], items.reference[its] = pred[local], lab
+    cap_label = None
+    if diff.any():
+        cap_label = capture(model, chunk[local[diff]], target=lab[diff].tolist(), batch_size=batch_size,
+                            device=device, progress=False, keep=keep)
+        pics_label = Pictures(chunk[local[diff]], mean, std)
+    base = removal_probabilities(model, pics, order, [(0, True), (npix, True)], batch_size=batch_size, device=device)
+    clean, zero = base[local, 0], base[local, 1]
+    item_masks = items.masks[items.sample[its], items.object[its]]
+
+    for m, name in enumerate(names):
+        t = time.perf_counter()
+        maps_pred = explain(cap, name, **opts.get(name, {}))
+        scores.explain_seconds[m] += time.perf_counter() - t
+        values = pixel_maps(maps_pred, size)
+        probs = removal_probabilities(model, pics, ranking(values), runs, batch_size=batch_size, device=device)
+        probs_pred = probs[local]
+        values_label, probs_label = values[local], probs_pred.copy()
+        if cap_label is not None:
+            v = pixel_maps(explain(cap_label, name, **opts.get(name, {})), size)
+            # class-agnostic maps (attention, rollout, ...) differ from the predicted-class
+            # ones only by float noise of the other batch: reuse those runs
+            if not np.allclose(v, values_label[diff], rtol=0.0, atol=1e-5):
+                values_label[diff] = v
+                probs_label[diff] = removal_probabilities(model, pics_label, ranking(v), runs,
+                                                          batch_size=batch_size, device=device)
+        counts = counts_dataset(values_label if target == "label" else values[local], item_masks, "item")
+        curve_probs, explained = (probs_label, lab) if target == "label" else (probs_pred, pred[local])
+        scores.put(m, its, counts, {"predicted": probs_pred, "label": probs_label}, clean, zero, lab, explained,
+                   curve_probs)
+    return mean, std, str(cap.attrs.get("model", ""))
 
 
 def summarize(items: xr.Dataset, dim: str = "item") -> xr.Dataset:

@@ -30,6 +30,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +300,231 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@dataclass(frozen=True)
+class _Recipe:
+    """The optimisation recipe of one run: :data:`MODELS`' defaults with the caller's overrides."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup: int
+    reuse: int
+    curriculum: float
+    aux_weight: float
+    aux_end: float  # step at which the auxiliary (and feature / hint) weights reach 0
+
+    @classmethod
+    def of(cls, spec: dict[str, Any], **overrides: Any) -> "_Recipe":
+        recipe = dict(spec["recipe"])
+        recipe.update({k: v for k, v in overrides.items() if v is not None})
+        steps, bs = int(recipe["steps"]), int(recipe["batch_size"])
+        if steps < 1 or bs < 1:
+            raise OptionError(f"steps={steps} and batch_size={bs} must both be >= 1.")
+        return cls(steps=steps, batch_size=bs, lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
+                   warmup=min(int(recipe["warmup"]), max(1, steps // 10)), reuse=max(1, int(recipe.get("reuse", 1))),
+                   curriculum=float(recipe.get("curriculum", 0.0)), aux_weight=float(recipe.get("aux_weight", 0.0)),
+                   aux_end=float(recipe.get("aux_until", 0.0)) * steps)
+
+    def fading(self, weight: float, step: int) -> float:
+        """``weight`` fading linearly to 0 at :attr:`aux_end` (constant when there is no fade)."""
+        return weight * max(0.0, 1.0 - step / self.aux_end) if self.aux_end > 0 else weight
+
+
+def _zoo_config(name: str, spec: dict[str, Any], depths: list[int] | None) -> dict[str, Any]:
+    """The architecture part of a zoo json (what :func:`vitlens.zoo.build_from_config` reads)."""
+    return {
+        "name": name,
+        "family": spec["family"],
+        "timm_class": spec["timm_class"],
+        "kwargs": _with_depths(spec, depths),
+        "class_names": list(CLASS_NAMES),
+        "input_size": [3, _SIZE, _SIZE],
+        "mean": list(_MEAN),
+        "std": list(_STD),
+    }
+
+
+def _probe(model: torch.nn.Module) -> torch.Tensor:
+    """The model's final patch tokens for one blank image (their count and width size the extra heads)."""
+    with torch.no_grad():
+        return _tokens(model, model.forward_features(torch.zeros(1, 3, _SIZE, _SIZE)))
+
+
+class _Teacher:
+    """Distillation from a trained zoo model: KL on temperature-2 logits, a cosine term on the final
+    tokens through a temporary linear map and, optionally, a "hint" term matching the student's
+    first-stage tokens to the teacher's convolutional stem on the same grid.
+
+    Built after the auxiliary head, so that the temporary maps draw from torch's generator in the
+    same order as ever (the same seed gives the same weights).
+    """
+
+    temperature = 2.0
+
+    def __init__(self, path: str | Path, student: torch.nn.Module, student_width: int, kd_weight: float,
+                 feat_weight: float, hint_weight: float):
+        from vitlens.zoo import load_shipped
+
+        self.path = Path(path)
+        self.model = load_shipped(self.path.stem, directory=self.path.parent)
+        for prm in self.model.parameters():
+            prm.requires_grad_(False)
+        self.kd_weight, self.feat_weight, self.hint_weight = kd_weight, feat_weight, hint_weight
+        self.feat_map = torch.nn.Linear(student_width, _probe(self.model).shape[-1])
+        self.parameters = list(self.feat_map.parameters())
+        self.hint_cut = 0
+        self._student_stage0: dict[str, torch.Tensor] = {}
+        if hint_weight > 0:
+            self._hint(student)
+
+    def _hint(self, student: torch.nn.Module) -> None:
+        """Find the teacher's stem layer on the student's first-stage grid and a map onto it."""
+        stem = self.model.patch_embed.proj
+        blank = torch.zeros(1, 3, _SIZE, _SIZE)
+        with torch.no_grad():
+            t_hint = stem[:-1](blank)  # conv stem before the 1x1 projection
+            s_hint = student.layers[0](student.patch_embed(blank))
+        cut = len(stem) - 1
+        if t_hint.shape[-2:] != s_hint.shape[1:3]:
+            for cut in range(len(stem) - 1, 0, -1):
+                with torch.no_grad():
+                    t_hint = stem[:cut](blank)
+                if t_hint.shape[-2:] == s_hint.shape[1:3] and isinstance(stem[cut - 1], torch.nn.ReLU):
+                    break
+            else:
+                raise OptionError("hint_weight needs a teacher stem layer on the student's first-stage grid.")
+        self.hint_cut = cut
+        self.hint_map = torch.nn.Linear(s_hint.shape[-1], t_hint.shape[1])
+        self.parameters += list(self.hint_map.parameters())
+        student.layers[0].register_forward_hook(lambda mod, inp, out: self._student_stage0.__setitem__("s", out))
+
+    def loss(self, student: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, feats: torch.Tensor,
+             step: int, recipe: _Recipe) -> torch.Tensor:
+        """The distillation terms for one batch (added to the student's loss)."""
+        with torch.no_grad():
+            t_feats = self.model.forward_features(x)
+            t_logits = self.model.forward_head(t_feats)
+            t_tokens = _tokens(self.model, t_feats)
+        temp = self.temperature
+        kd = F.kl_div(F.log_softmax(logits / temp, dim=1), F.softmax(t_logits / temp, dim=1),
+                      reduction="batchmean") * temp * temp
+        total = self.kd_weight * kd
+        if self.hint_weight > 0:
+            with torch.no_grad():
+                t_stem = self.model.patch_embed.proj[:self.hint_cut](x).permute(0, 2, 3, 1)
+            cos_h = F.cosine_similarity(self.hint_map(self._student_stage0["s"]), t_stem, dim=-1)
+            total = total + recipe.fading(self.hint_weight, step) * (1.0 - cos_h).mean()
+        w_feat = recipe.fading(self.feat_weight, step)
+        if w_feat > 0:
+            cos = F.cosine_similarity(self.feat_map(_tokens(student, feats)), t_tokens, dim=-1)
+            total = total + w_feat * (1.0 - cos).mean()
+        return total
+
+    def record(self) -> dict[str, Any]:
+        """The teacher's part of the training record."""
+        return {
+            "weights": str(self.path), "kd_weight": self.kd_weight, "kd_temperature": self.temperature,
+            "feat_weight": self.feat_weight, "feat": "1 - cosine(linear(student tokens), teacher tokens)",
+            "hint_weight": self.hint_weight,
+            "hint": "1 - cosine(linear(student stage-0 tokens), teacher conv-stem features on that grid)"}
+
+
+class _Chunks:
+    """Training images generated in chunks, each with its own seed, each shown ``reuse`` times
+    (reshuffled), with random horizontal and vertical flips applied to images and patch targets."""
+
+    def __init__(self, seed: int, recipe: _Recipe, chunk_size: int, grid: int):
+        self.seed, self.recipe, self.grid = seed, recipe, grid
+        self.size = max(recipe.batch_size, int(chunk_size) // recipe.batch_size * recipe.batch_size)
+        self.steps_per_chunk = self.size * recipe.reuse // recipe.batch_size
+        self.flips = torch.Generator().manual_seed(seed + 12345)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images, soft targets and per-patch targets of training step ``step``."""
+        local = step % self.steps_per_chunk
+        if local == 0:  # fresh chunk of training images
+            r = self.recipe
+            data = shapes(self.size, seed=train_seed(self.seed, step // self.steps_per_chunk), objects=(1, 2),
+                          **_difficulty(step, r.steps, r.curriculum))
+            self.xs = _to_tensor(data.image.values, _MEAN, _STD)
+            self.ts = _soft_targets(data.label.values, len(CLASS_NAMES))
+            self.ps = _patch_targets(data.label.values, data.mask.values, self.grid, len(CLASS_NAMES))
+            self.order = torch.cat([torch.randperm(self.size, generator=self.flips) for _ in range(r.reuse)])
+        idx = self.order[local * self.recipe.batch_size : (local + 1) * self.recipe.batch_size]
+        x, t, p = self.xs[idx], self.ts[idx], self.ps[idx]
+        flips = torch.rand(2, x.shape[0], generator=self.flips) < 0.5
+        x = torch.where(flips[0].view(-1, 1, 1, 1), x.flip(3), x)
+        p = torch.where(flips[0].view(-1, 1, 1, 1), p.flip(2), p)
+        x = torch.where(flips[1].view(-1, 1, 1, 1), x.flip(2), x)
+        p = torch.where(flips[1].view(-1, 1, 1, 1), p.flip(1), p)
+        return x, t, p
+
+
+class _Validation:
+    """The small validation set watched during training (seeds :data:`VAL_SEED`, ``+ 1``)."""
+
+    def __init__(self, n: int):
+        self.one = shapes(n, seed=VAL_SEED, objects=1)
+        self.two = shapes(n, seed=VAL_SEED + 1, objects=2)
+        self.x1, self.x2 = _to_tensor(self.one.image.values, _MEAN, _STD), _to_tensor(self.two.image.values, _MEAN, _STD)
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        model.eval()
+        s = _score(_logits(model, self.x1, 250), self.one.label.values, _logits(model, self.x2, 250),
+                   self.two.label.values)
+        model.train()
+        return s
+
+
+def _aux_loss(aux_head: torch.nn.Module, tokens: torch.Tensor, p: torch.Tensor, grid: int) -> torch.Tensor:
+    """Per-token class-mix loss: object tokens count 5x background."""
+    aux_logp = F.log_softmax(aux_head(tokens), dim=-1)
+    p = p.reshape(p.shape[0], grid * grid, -1)
+    weight = 1.0 + 4.0 * (1.0 - p[..., -1])
+    return (-(p * aux_logp).sum(-1) * weight).sum() / weight.sum()
+
+
+class _Progress:
+    """Running loss and one-object accuracy between validations, and the tqdm bar."""
+
+    def __init__(self, name: str, steps: int, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.name, self.steps, self.enabled = name, steps, progress
+        self.bar = tqdm(range(steps), desc=name, disable=not progress, mininterval=2.0, dynamic_ncols=True)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.acc, self.n, self.acc_n = 0.0, 0.0, 0, 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, t: torch.Tensor, step: int, lr: float) -> None:
+        with torch.no_grad():
+            single = t.max(1).values > 0.99
+            if single.any():
+                self.acc += (logits[single].argmax(1) == t[single].argmax(1)).float().mean().item()
+                self.acc_n += 1
+        self.loss += loss.item()
+        self.n += 1
+        if self.enabled and (step + 1) % 10 == 0:
+            self.bar.set_postfix(loss=f"{self.loss / self.n:.3f}", acc1=f"{self.acc / max(1, self.acc_n):.3f}",
+                                 lr=f"{lr:.2e}", refresh=False)
+
+    def row(self, step: int, lr: float, v: dict[str, float], seconds: float) -> dict[str, Any]:
+        """One curve row (the running figures since the last row), printed under the bar."""
+        from tqdm.auto import tqdm
+
+        row = {"step": step + 1, "lr": lr, "train_loss": self.loss / self.n,
+               "train_acc1": self.acc / max(1, self.acc_n), "val_one_top1": v["one_object_top1"],
+               "val_two_top2": v["two_object_both_in_top2"], "seconds": round(seconds, 1)}
+        if self.enabled:
+            tqdm.write(f"[{self.name}] step {row['step']}/{self.steps} loss {row['train_loss']:.4f} "
+                       f"acc1 {row['train_acc1']:.3f} val1 {row['val_one_top1']:.3f} "
+                       f"val2 {row['val_two_top2']:.3f} ({row['seconds']:.0f}s)")
+        self.reset()
+        return row
+
+
 def train(
     name: str,
     *,
@@ -401,243 +627,135 @@ def train(
     >>> with tempfile.TemporaryDirectory() as tmp:  # doctest: +SKIP
     ...     info = train("swin-shapes", steps=3, batch_size=8, out_dir=tmp, eval_n=16)
     """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
     from vitlens.zoo import build_from_config
 
     if name not in MODELS:
         raise OptionError(f"unknown zoo model {name!r}; choose one of {sorted(MODELS)}.")
     spec = MODELS[name]
-    recipe = dict(spec["recipe"])
-    for key, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr),
-                       ("weight_decay", weight_decay), ("warmup", warmup), ("reuse", reuse),
-                       ("curriculum", curriculum), ("aux_weight", aux_weight), ("aux_until", aux_until)):
-        if value is not None:
-            recipe[key] = value
-    steps_, bs = int(recipe["steps"]), int(recipe["batch_size"])
-    warm = min(int(recipe["warmup"]), max(1, steps_ // 10))
-    reuse_ = max(1, int(recipe.get("reuse", 1)))
-    curriculum_ = float(recipe.get("curriculum", 0.0))
-    aux_w, aux_end = float(recipe.get("aux_weight", 0.0)), float(recipe.get("aux_until", 0.0)) * steps_
-    if steps_ < 1 or bs < 1:
-        raise OptionError(f"steps={steps_} and batch_size={bs} must both be >= 1.")
+    r = _Recipe.of(spec, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                   reuse=reuse, curriculum=curriculum, aux_weight=aux_weight, aux_until=aux_until)
     if threads is not None:
         if threads < 1:
             raise OptionError(f"threads={threads}: use a positive int (1 per parallel run).")
         torch.set_num_threads(int(threads))
     out = Path(out_dir) if out_dir is not None else Path.cwd() / "vitlens-zoo"
     out.mkdir(parents=True, exist_ok=True)
-    chunk_size = max(bs, int(chunk_size) // bs * bs)
 
-    config: dict[str, Any] = {
-        "name": name,
-        "family": spec["family"],
-        "timm_class": spec["timm_class"],
-        "kwargs": _with_depths(spec, depths),
-        "class_names": list(CLASS_NAMES),
-        "input_size": [3, _SIZE, _SIZE],
-        "mean": list(_MEAN),
-        "std": list(_STD),
-    }
+    config = _zoo_config(name, spec, depths)
     torch.manual_seed(seed)
     model = build_from_config(config)
-    grown: list[str] = []
-    if init_from is not None:
-        grown = _load_growing(model, init_from)
+    grown = _load_growing(model, init_from) if init_from is not None else []
     model.train()
-    with torch.no_grad():
-        probe = _tokens(model, model.forward_features(torch.zeros(1, 3, _SIZE, _SIZE)))
+    probe = _probe(model)
     grid = int(round(math.sqrt(probe.shape[1])))
     aux_head = torch.nn.Linear(probe.shape[-1], len(CLASS_NAMES) + 1)
     extra = list(aux_head.parameters())
-    teacher_model = feat_map = None
+    tutor = None
     if teacher is not None:
-        from vitlens.zoo import load_shipped
-
-        teacher_path = Path(teacher)
-        teacher_model = load_shipped(teacher_path.stem, directory=teacher_path.parent)
-        for prm in teacher_model.parameters():
-            prm.requires_grad_(False)
-        with torch.no_grad():
-            t_dim = _tokens(teacher_model, teacher_model.forward_features(torch.zeros(1, 3, _SIZE, _SIZE))).shape[-1]
-        feat_map = torch.nn.Linear(probe.shape[-1], t_dim)
-        extra += list(feat_map.parameters())
-        if hint_weight > 0:
-            hint_store: dict[str, torch.Tensor] = {}
-            stem = teacher_model.patch_embed.proj
-            with torch.no_grad():
-                t_hint = stem[:-1](torch.zeros(1, 3, _SIZE, _SIZE))  # conv stem before the 1x1 projection
-                s_hint = model.layers[0](model.patch_embed(torch.zeros(1, 3, _SIZE, _SIZE)))
-            if t_hint.shape[-2:] != s_hint.shape[1:3]:
-                # use the stem layer whose grid matches the student's first stage
-                for cut in range(len(stem) - 1, 0, -1):
-                    with torch.no_grad():
-                        t_hint = stem[:cut](torch.zeros(1, 3, _SIZE, _SIZE))
-                    if t_hint.shape[-2:] == s_hint.shape[1:3] and isinstance(stem[cut - 1], torch.nn.ReLU):
-                        break
-                else:
-                    raise OptionError("hint_weight needs a teacher stem layer on the student's first-stage grid.")
-            else:
-                cut = len(stem) - 1
-            hint_cut = cut
-            hint_map = torch.nn.Linear(s_hint.shape[-1], t_hint.shape[1])
-            extra += list(hint_map.parameters())
-            model.layers[0].register_forward_hook(lambda mod, inp, out: hint_store.__setitem__("s", out))
-    groups = _param_groups(model, float(recipe["weight_decay"]))
+        tutor = _Teacher(teacher, model, probe.shape[-1], kd_weight, feat_weight, hint_weight)
+        extra += tutor.parameters
+    groups = _param_groups(model, r.weight_decay)
     groups.append({"params": extra, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=float(recipe["lr"]), betas=(0.9, 0.999))
-    flip_gen = torch.Generator().manual_seed(seed + 12345)
-    steps_per_chunk = chunk_size * reuse_ // bs
-
-    # validation set (fixed, small)
-    val_one = shapes(val_n, seed=VAL_SEED, objects=1)
-    val_two = shapes(val_n, seed=VAL_SEED + 1, objects=2)
-    vx1, vx2 = _to_tensor(val_one.image.values, _MEAN, _STD), _to_tensor(val_two.image.values, _MEAN, _STD)
-
-    def validate() -> dict[str, float]:
-        model.eval()
-        s = _score(_logits(model, vx1, 250), val_one.label.values, _logits(model, vx2, 250), val_two.label.values)
-        model.train()
-        return s
+    opt = torch.optim.AdamW(groups, lr=r.lr, betas=(0.9, 0.999))
+    chunks = _Chunks(seed, r, chunk_size, grid)
+    validate = _Validation(val_n)
 
     curve: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    run_loss, run_acc, run_n, acc_n = 0.0, 0.0, 0, 0
-    xs = ts = ps = order = None
     t0 = time.perf_counter()
-    bar = tqdm(range(steps_), desc=name, disable=not progress, mininterval=2.0, dynamic_ncols=True)
-    for step in bar:
-        local = step % steps_per_chunk
-        if local == 0:  # fresh chunk of training images
-            data = shapes(chunk_size, seed=train_seed(seed, step // steps_per_chunk), objects=(1, 2),
-                          **_difficulty(step, steps_, curriculum_))
-            xs = _to_tensor(data.image.values, _MEAN, _STD)
-            ts = _soft_targets(data.label.values, len(CLASS_NAMES))
-            ps = _patch_targets(data.label.values, data.mask.values, grid, len(CLASS_NAMES))
-            order = torch.cat([torch.randperm(chunk_size, generator=flip_gen) for _ in range(reuse_)])
-            del data
-        idx = order[local * bs : (local + 1) * bs]
-        x, t, p = xs[idx], ts[idx], ps[idx]
-        flips = torch.rand(2, x.shape[0], generator=flip_gen) < 0.5
-        x = torch.where(flips[0].view(-1, 1, 1, 1), x.flip(3), x)
-        p = torch.where(flips[0].view(-1, 1, 1, 1), p.flip(2), p)
-        x = torch.where(flips[1].view(-1, 1, 1, 1), x.flip(2), x)
-        p = torch.where(flips[1].view(-1, 1, 1, 1), p.flip(1), p)
-
+    run = _Progress(name, r.steps, progress)
+    for step in run.bar:
+        x, t, p = chunks.batch(step)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps_, warm, float(recipe["lr"]))
+            group["lr"] = _lr_at(step, r.steps, r.warmup, r.lr)
         feats = model.forward_features(x)
         logits = model.forward_head(feats)
         loss = -(t * F.log_softmax(logits, dim=1)).sum(1).mean()
         total = loss
-        w_aux = aux_w * max(0.0, 1.0 - step / aux_end) if aux_end > 0 else 0.0
+        w_aux = r.aux_weight * max(0.0, 1.0 - step / r.aux_end) if r.aux_end > 0 else 0.0
         if w_aux > 0:
-            aux_logp = F.log_softmax(aux_head(_tokens(model, feats)), dim=-1)
-            p = p.reshape(p.shape[0], grid * grid, -1)
-            weight = 1.0 + 4.0 * (1.0 - p[..., -1])  # object tokens count 5x background
-            aux = (-(p * aux_logp).sum(-1) * weight).sum() / weight.sum()
-            total = total + w_aux * aux
-        if teacher_model is not None:
-            with torch.no_grad():
-                t_feats = teacher_model.forward_features(x)
-                t_logits = teacher_model.forward_head(t_feats)
-                t_tokens = _tokens(teacher_model, t_feats)
-            temp = 2.0
-            kd = F.kl_div(F.log_softmax(logits / temp, dim=1), F.softmax(t_logits / temp, dim=1),
-                          reduction="batchmean") * temp * temp
-            total = total + kd_weight * kd
-            if hint_weight > 0:
-                with torch.no_grad():
-                    t_stem = teacher_model.patch_embed.proj[:hint_cut](x).permute(0, 2, 3, 1)
-                w_hint = hint_weight * max(0.0, 1.0 - step / aux_end) if aux_end > 0 else hint_weight
-                cos_h = F.cosine_similarity(hint_map(hint_store["s"]), t_stem, dim=-1)
-                total = total + w_hint * (1.0 - cos_h).mean()
-            w_feat = feat_weight * max(0.0, 1.0 - step / aux_end) if aux_end > 0 else feat_weight
-            if w_feat > 0:
-                cos = F.cosine_similarity(feat_map(_tokens(model, feats)), t_tokens, dim=-1)
-                total = total + w_feat * (1.0 - cos).mean()
+            total = total + w_aux * _aux_loss(aux_head, _tokens(model, feats), p, grid)
+        if tutor is not None:
+            total = total + tutor.loss(model, x, logits, feats, step, r)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + extra, 1.0)
         opt.step()
 
-        with torch.no_grad():
-            single = t.max(1).values > 0.99
-            if single.any():
-                hit = (logits[single].argmax(1) == t[single].argmax(1)).float().mean().item()
-                run_acc += hit
-                acc_n += 1
-        run_loss += loss.item()
-        run_n += 1
-        if progress and (step + 1) % 10 == 0:
-            bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc1=f"{run_acc / max(1, acc_n):.3f}",
-                            lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
-        last = step + 1 == steps_
-        if (step + 1) % val_every == 0 or last:
-            v = validate()
-            row = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "train_loss": run_loss / run_n,
-                   "train_acc1": run_acc / max(1, acc_n), "val_one_top1": v["one_object_top1"],
-                   "val_two_top2": v["two_object_both_in_top2"],
-                   "seconds": round(time.perf_counter() - t0, 1)}
-            curve.append(row)
-            if progress:
-                tqdm.write(
-                    f"[{name}] step {row['step']}/{steps_} loss {row['train_loss']:.4f} "
-                    f"acc1 {row['train_acc1']:.3f} val1 {row['val_one_top1']:.3f} "
-                    f"val2 {row['val_two_top2']:.3f} ({row['seconds']:.0f}s)"
-                )
+        run.add(loss, logits, t, step, opt.param_groups[0]["lr"])
+        if (step + 1) % val_every == 0 or step + 1 == r.steps:
+            v = validate(model)
+            curve.append(run.row(step, opt.param_groups[0]["lr"], v, time.perf_counter() - t0))
             metric = v["one_object_top1"] + v["two_object_both_in_top2"]
             if best is None or metric >= best[0]:
                 best = (metric, step + 1, {k: p.detach().clone() for k, p in model.state_dict().items()})
-            run_loss, run_acc, run_n, acc_n = 0.0, 0.0, 0, 0
             sys.stdout.flush()
-    bar.close()
+    run.bar.close()
     wall = time.perf_counter() - t0
 
     assert best is not None
-    chosen_step = best[1]
     model.load_state_dict(best[2])
     model.eval()
     scores = evaluate_shipped(model, n=eval_n, seed=EVAL_SEED)
-    scores["chosen_step"] = chosen_step
+    scores["chosen_step"] = best[1]
     if command is None:
-        command = (f"python -c \"from vitlens.zoo.train import train; train({name!r}, steps={steps_}, "
-                   f"batch_size={bs}, seed={seed}, threads={threads})\"")
+        command = (f"python -c \"from vitlens.zoo.train import train; train({name!r}, steps={r.steps}, "
+                   f"batch_size={r.batch_size}, seed={seed}, threads={threads})\"")
     config["scores"] = scores
-    config["train"] = {
+    config["train"] = _training_record(r, seed=seed, grid=grid, chunk_size=chunks.size, threads=threads,
+                                       init_from=init_from, grown=grown, tutor=tutor, wall=wall, command=command,
+                                       curve=curve)
+    _write_zoo_files(out, name, model, config)
+    if progress:
+        print(
+            f"[{name}] held-out (seed {EVAL_SEED}, {eval_n}+{eval_n} images): one-object top-1 "
+            f"{scores['one_object_top1']:.4f}, two-object both-in-top-2 "
+            f"{scores['two_object_both_in_top2']:.4f}; weights from step {best[1]}; "
+            f"wall {wall:.0f}s; wrote {out / (name + '.safetensors')}",
+            flush=True,
+        )
+    return config
+
+
+def _training_record(r: _Recipe, *, seed: int, grid: int, chunk_size: int, threads: int | None,
+                     init_from: str | Path | None, grown: list[str], tutor: _Teacher | None, wall: float,
+                     command: str, curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``train`` part of a zoo json: how the weights were made, with the validation curve."""
+    return {
         "seed": seed,
-        "steps": steps_,
-        "batch_size": bs,
-        "lr": float(recipe["lr"]),
-        "weight_decay": float(recipe["weight_decay"]),
-        "warmup": warm,
+        "steps": r.steps,
+        "batch_size": r.batch_size,
+        "lr": r.lr,
+        "weight_decay": r.weight_decay,
+        "warmup": r.warmup,
         "schedule": "linear warm-up, cosine decay to 1% of lr",
         "optimizer": "AdamW(betas=(0.9, 0.999)), grad-norm clip 1.0",
         "loss": "cross-entropy with soft targets (0.5/0.5 for two-object images)",
         "augmentation": "random horizontal and vertical flips; 8-bit quantisation",
-        "curriculum": f"first {curriculum_:.0%} of steps ramp texture 0.25->1, min_contrast 0.7->0.4, "
+        "curriculum": f"first {r.curriculum:.0%} of steps ramp texture 0.25->1, min_contrast 0.7->0.4, "
                       f"clutter from half-way; then the full shapes distribution",
         "aux_loss": f"per-token class-mix loss on the final {grid}x{grid} tokens (temporary linear head, "
-                    f"object tokens weighted 5x), weight {aux_w} fading to 0 at step {int(aux_end)}",
-        "reuse": reuse_,
+                    f"object tokens weighted 5x), weight {r.aux_weight} fading to 0 at step {int(r.aux_end)}",
+        "reuse": r.reuse,
         "data": f"vitlens.datasets.shapes(objects=(1, 2)), chunks of {chunk_size} images, each "
-                f"used {reuse_}x, "
+                f"used {r.reuse}x, "
                 f"seeds train_seed(seed, chunk) = {_TRAIN_SEED_BASE} + seed*1e7 + chunk",
         "threads": threads,
         "init_from": None if init_from is None else str(init_from),
         "grown_blocks": grown,
-        "teacher": None if teacher is None else {
-            "weights": str(teacher), "kd_weight": kd_weight, "kd_temperature": 2.0,
-            "feat_weight": feat_weight, "feat": "1 - cosine(linear(student tokens), teacher tokens)",
-            "hint_weight": hint_weight,
-            "hint": "1 - cosine(linear(student stage-0 tokens), teacher conv-stem features on that grid)"},
+        "teacher": None if tutor is None else tutor.record(),
         "wall_seconds": round(wall, 1),
         "command": command,
         "torch": torch.__version__,
         "timm": __import__("timm").__version__,
         "curve": curve,
     }
+
+
+def _write_zoo_files(out: Path, name: str, model: torch.nn.Module, config: dict[str, Any]) -> None:
+    """``<name>.safetensors`` and ``<name>.json`` in ``out``, readable by everyone."""
+    from safetensors.torch import save_file
+
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / f"{name}.safetensors"), metadata={"format": "pt", "name": name})
     with open(out / f"{name}.json", "w", encoding="utf-8") as fh:
@@ -645,15 +763,6 @@ def train(
         fh.write("\n")
     for suffix in (".safetensors", ".json"):
         os.chmod(out / f"{name}{suffix}", 0o644)
-    if progress:
-        print(
-            f"[{name}] held-out (seed {EVAL_SEED}, {eval_n}+{eval_n} images): one-object top-1 "
-            f"{scores['one_object_top1']:.4f}, two-object both-in-top-2 "
-            f"{scores['two_object_both_in_top2']:.4f}; weights from step {chosen_step}; "
-            f"wall {wall:.0f}s; wrote {out / (name + '.safetensors')}",
-            flush=True,
-        )
-    return config
 
 
 def curve_table(config: dict[str, Any], every: int = 1) -> str:

@@ -1,0 +1,103 @@
+"""A capture pays only for what is asked (#30.4): each request runs the passes its groups need,
+and a map from such a capture is the map of a full capture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_images
+
+import vitlens as vl
+from vitlens.capture import hooks, relevance
+from vitlens.registry import METHOD_INFO
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """The passes the next captures run: ``backward`` (autograd calls), ``lrp`` (relevance walks),
+    and whether the Recorder kept what only the LRP pass reads (block inputs)."""
+    ran: list[str] = []
+    grad, walk, enter = torch.autograd.grad, relevance.attention_relevance, hooks.Recorder.__enter__
+
+    def counted_grad(*args, **kwargs):
+        ran.append("backward")
+        return grad(*args, **kwargs)
+
+    def counted_walk(*args, **kwargs):
+        ran.append("lrp")
+        return walk(*args, **kwargs)
+
+    def checked_enter(self):
+        if self.keep_block_inputs:
+            ran.append("block inputs kept")
+        return enter(self)
+
+    monkeypatch.setattr(torch.autograd, "grad", counted_grad)
+    monkeypatch.setattr(relevance, "attention_relevance", counted_walk)
+    monkeypatch.setattr(hooks.Recorder, "__enter__", checked_enter)
+    return ran
+
+
+@pytest.mark.parametrize("request_, expected", [
+    (dict(keep=["attention"]), []),
+    (dict(keep=["attention", "ln", "norms"]), []),
+    (dict(keep=["attention", "attention_grad"]), ["backward"]),
+    (dict(keep=["features"]), ["backward"]),
+    (dict(keep=["attention_relevance"]), ["lrp", "block inputs kept"]),
+    (dict(keep="all"), ["backward", "lrp", "block inputs kept"]),
+    (dict(keep="all", grads=False), []),
+], ids=["attention", "attention+tokens", "gradients", "features", "relevance", "all", "no-grads"])
+def test_a_capture_runs_only_the_passes_its_groups_need(passes, vit, request_, expected):
+    imgs = random_images(4, 32)
+    vl.capture(vit, imgs, batch_size=2, progress=False, **request_)
+    assert sorted(set(passes)) == sorted(expected)
+    assert passes.count("backward") in (0, 2) and passes.count("lrp") in (0, 2)  # once per batch
+
+
+MODELS = {"vit": 32, "swin": 64, "vit_avg": 32}
+CASES = [(which, name, {}) for which in MODELS for name in METHOD_INFO] + [
+    ("swin", name, {"merge": "lrp"}) for name in METHOD_INFO if "merge" in METHOD_INFO[name].options()]
+
+
+@pytest.fixture(scope="module")
+def full_captures(request):
+    """One full capture per model, shared by the cases below."""
+    cache = {}
+
+    def full(which):
+        if which not in cache:
+            model = request.getfixturevalue(which)
+            images = random_images(2, MODELS[which], seed=5)
+            cache[which] = model, images, vl.capture(model, images, progress=False)
+        return cache[which]
+
+    return full
+
+
+@pytest.mark.parametrize("which, method, options", CASES, ids=[f"{w}-{m}{'-lrp' if o else ''}" for w, m, o in CASES])
+def test_a_capture_of_the_groups_a_method_needs_gives_the_full_capture_map(full_captures, which, method, options):
+    """Every registered method's ``needs`` is complete: its map from a capture of exactly those
+    groups (fewer passes) equals its map from a full capture, bit for bit."""
+    model, images, full = full_captures(which)
+    groups = METHOD_INFO[method].groups(full.attrs, options)
+    assert groups < set(vl.KEEP_GROUPS)
+    part = vl.capture(model, images, keep=sorted(groups), progress=False)
+    want = vl.explain(full, method, **options)
+    got = vl.explain(part, method, **options)
+    np.testing.assert_array_equal(got.values, want.values)
+    assert got.attrs == want.attrs
+
+
+def test_rollout_with_lrp_merge_shares_runs_the_lrp_pass_without_a_backward_pass(passes, swin):
+    groups = METHOD_INFO["rollout"].groups({"family": "swin", "readout": "avg"}, {"merge": "lrp"})
+    assert groups == {"attention", "attention_relevance"}
+    cap = vl.capture(swin, random_images(2, 64), keep=sorted(groups), progress=False)
+    assert "merge_share" in cap["stage0"] and set(passes) == {"lrp", "block inputs kept"}
+
+
+def test_every_capture_group_says_which_passes_record_it():
+    from vitlens.capture.api import GROUP_PASSES
+
+    assert set(GROUP_PASSES) == set(vl.KEEP_GROUPS)
+    assert set().union(*GROUP_PASSES.values()) == {"backward", "lrp"}
