@@ -69,7 +69,8 @@ def full_captures(request):
         if which not in cache:
             model = request.getfixturevalue(which)
             images = random_images(2, MODELS[which], seed=5)
-            cache[which] = model, images, vl.capture(model, images, progress=False)
+            # every group, the extra passes (AttnLRP, LeGrad) too
+            cache[which] = model, images, vl.capture(model, images, progress=False, keep=vl.KEEP_GROUPS)
         return cache[which]
 
     return full
@@ -100,4 +101,15 @@ def test_every_capture_group_says_which_passes_record_it():
     from vitlens.capture.api import GROUP_PASSES
 
     assert set(GROUP_PASSES) == set(vl.KEEP_GROUPS)
-    assert set().union(*GROUP_PASSES.values()) == {"backward", "lrp"}
+    assert set().union(*GROUP_PASSES.values()) == {"backward", "lrp", "attnlrp", "attnlrp_cp", "legrad"}
+
+
+def test_the_extra_passes_run_only_when_named(passes, vit):
+    """AttnLRP's and LeGrad's passes are not part of "all": a capture pays for them only when asked."""
+    imgs = random_images(2, 32)
+    cap = vl.capture(vit, imgs, progress=False)
+    assert "attnlrp_cp_relevance" not in cap["stage0"] and "legrad_mean" not in cap["stage0"]
+    assert passes.count("backward") == 1
+    passes.clear()
+    cap = vl.capture(vit, imgs, progress=False, keep=["attnlrp_cp"])
+    assert list(cap["stage0"].data_vars) == ["attnlrp_cp_relevance"] and passes == ["backward"]  # its own, no other

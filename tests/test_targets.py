@@ -95,3 +95,12 @@ def test_patch_similarity_scores_the_mean_cosine_of_one_patch_with_the_others():
     assert np.isfinite(vl.explain(cap, "attnlrp").values).all()
     with pytest.raises(vl.TargetError, match="final grid is 4x4"):
         vl.capture(model, images, target=vl.targets.patch_similarity(4, 0))
+
+
+def test_a_callable_target_streams_to_a_store(vit, images32, tmp_path):
+    lazy = vl.capture(vit, images32[:3], target=lambda out: out[:, 2], store=str(tmp_path / "run.zarr"), batch_size=2,
+                      keep=("all", "attnlrp_cp"), progress=False)
+    eager = vl.capture(vit, images32[:3], target=2, keep=("all", "attnlrp_cp"))
+    np.testing.assert_allclose(lazy["target_score"].values, eager["logits"].values[:, 2], rtol=1e-6)
+    np.testing.assert_allclose(vl.explain(lazy, "attnlrp").values, vl.explain(eager, "attnlrp").values, rtol=1e-5,
+                               atol=1e-7)
