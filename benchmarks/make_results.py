@@ -296,9 +296,10 @@ NEW_PAIRS = (("attnlrp (softmax=cp, default)", "transformer_attribution"),
 NEW_START, NEW_END = "<!-- new-methods:start -->", "<!-- new-methods:end -->"
 
 
-def new_rows(name: str, n_one: int, n_two: int, batch_size: int) -> tuple[dict[str, list[str]], float, float]:
+def new_rows(name: str, n_one: int, n_two: int, batch_size: int, mark: str = "") -> tuple[dict[str, list[str]], float, float]:
     """The quality-table rows of the new methods (all / one-object / two-object items), the seconds the
-    evaluation took and its capture time per image (with the methods' extra passes)."""
+    evaluation took and its capture time per image (with the methods' extra passes). ``mark`` follows
+    the method's name (rows made on fewer images than the table's)."""
     model, _ = load(name)
     start = time.perf_counter()
     items = evaluate_items(model, shapes_set(n_one, n_two), list(NEW_METHODS), target="label",
@@ -307,7 +308,8 @@ def new_rows(name: str, n_one: int, n_two: int, batch_size: int) -> tuple[dict[s
     tables = {"all": summarize(items),
               "one": summarize(items.isel(item=items.objects_in_image.values == 1)),
               "two": summarize(items.isel(item=items.objects_in_image.values == 2))}
-    rows = {k: [line for line in format_table(t, markdown=True).splitlines()
+    rows = {k: [line.replace(f"| {line.split('|')[1].strip()} |", f"| {line.split('|')[1].strip()}{mark} |", 1)
+                for line in format_table(t, markdown=True).splitlines()
                 if line.split("|")[1].strip() in NEW_METHODS] for k, t in tables.items()}
     return rows, seconds, float(tables["all"]["capture_seconds_per_image"][0])
 
@@ -320,7 +322,8 @@ def splice_rows(path: Path, name: str, rows: dict[str, list[str]]) -> None:
     stop = rest.find("\n### ")
     stop = rest.find("\n## ") if stop < 0 else min(stop, rest.find("\n## ") if "\n## " in rest else stop)
     block, tail = rest[:stop], rest[stop:]
-    lines = [l for l in block.split("\n") if l.split("|")[1:2] == [] or l.split("|")[1].strip() not in NEW_METHODS]
+    lines = [l for l in block.split("\n")
+             if l.split("|")[1:2] == [] or l.split("|")[1].split()[:1] not in [[m] for m in NEW_METHODS]]
     out, table = [], 0
     for line in lines:
         out.append(line)
@@ -334,7 +337,7 @@ def splice_rows(path: Path, name: str, rows: dict[str, list[str]]) -> None:
     tmp.replace(path)
 
 
-def new_methods_section(n_one: int, n_two: int, batch_size: int, costs: dict[str, tuple]) -> list[str]:
+def new_methods_section(n_one: int, n_two: int, batch_size: int, costs: dict[str, tuple], mark: str = "") -> list[str]:
     """The RESULTS.md section on AttnLRP and LeGrad against the seven, with paired bootstrap intervals."""
     rng = np.random.default_rng(0)
     out = [NEW_START, "## AttnLRP and LeGrad against the seven (issue 29)", "",
@@ -343,6 +346,11 @@ def new_methods_section(n_one: int, n_two: int, batch_size: int, costs: dict[str
            "section; a full run makes both). Segmentation protocol of the tables above on the same items (maps "
            "of each item's own class); differences with a 95 % paired bootstrap interval over items (2,000 "
            "resamples): ✔ = interval above 0, ✘ = below 0, neither = not resolved at this n.", ""]
+    if mark:
+        out += [f"{mark.strip()} The `attnlrp` and `legrad` rows of the tables above and this section were made on "
+                f"the first {n_one} one-object and {n_two} two-object images of the same held-out seeds (a subset of "
+                "the tables' images; the machine was shared by eight sessions), so their n differs from the other "
+                "rows'; the comparisons below are paired on these items, the seven's scores recomputed on them.", ""]
     for name in ("vit-shapes", "swin-shapes"):
         items, seconds, trained = claim_items(name, n_one, n_two, batch_size, NEW_VARIANTS)
         out += [f"### {name}", ""]
@@ -628,11 +636,12 @@ def main() -> None:
     if args.only_new_methods:
         t = time.perf_counter()
         costs = {}
+        mark = "" if (args.n_one, args.n_two) == (250, 250) else " ‡"  # rows on fewer images than the tables'
         for name in ("vit-shapes", "swin-shapes"):
-            rows, seconds, capture = new_rows(name, args.n_one, args.n_two, args.batch_size)
+            rows, seconds, capture = new_rows(name, args.n_one, args.n_two, args.batch_size, mark)
             splice_rows(Path(args.out), name, rows)
             costs[name] = (seconds, capture)
-        splice(Path(args.out), new_methods_section(args.n_one, args.n_two, args.batch_size, costs), NEW_START,
+        splice(Path(args.out), new_methods_section(args.n_one, args.n_two, args.batch_size, costs, mark), NEW_START,
                NEW_END, before="\n## Does the LN-statistics")
         print(f"spliced the new methods into {args.out} in {(time.perf_counter() - t) / 60:.1f} min")
         return

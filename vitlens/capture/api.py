@@ -199,12 +199,15 @@ class CapturePlan:
         The stored floating-point dtype.
     batch_size
         Images per forward pass.
+    lrp_dtype
+        The dtype of the αβ LRP pass (:mod:`vitlens.capture.precision`).
     """
 
     kept: frozenset[str]
     grads: bool
     dtype: str
     batch_size: int
+    lrp_dtype: str = "float32"
 
     @property
     def recorded(self) -> frozenset[str]:
@@ -221,18 +224,26 @@ class CapturePlan:
     @property
     def options(self) -> dict[str, Any]:
         """The options recorded in the capture's attrs and in a streaming run's fingerprint."""
-        return {"grads": self.grads, "keep": sorted(self.kept), "dtype": self.dtype}
+        options = {"grads": self.grads, "keep": sorted(self.kept), "dtype": self.dtype}
+        if self.lrp_dtype != "float32":  # (recorded only when asked: older stores' fingerprints stay valid)
+            options["lrp_dtype"] = self.lrp_dtype
+        return options
 
 
-def _plan(keep: str | Iterable[str], grads: bool, dtype: str, batch_size: int | None) -> CapturePlan:
+def _plan(keep: str | Iterable[str], grads: bool, dtype: str, batch_size: int | None,
+          lrp_dtype: str = "float32") -> CapturePlan:
+    from .precision import LRP_DTYPES
+
     if dtype not in _DTYPES:
         raise OptionError(f"dtype={dtype!r}; choose 'float32' or 'float16'.")
+    if lrp_dtype not in LRP_DTYPES:
+        raise OptionError(f"lrp_dtype={lrp_dtype!r}; choose 'float32' or 'float64' (the αβ LRP pass's precision).")
     if batch_size is None:
         batch_size = 32
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
     return CapturePlan(kept=frozenset(_resolve_keep(keep, grads)), grads=bool(grads), dtype=dtype,
-                       batch_size=int(batch_size))
+                       batch_size=int(batch_size), lrp_dtype=lrp_dtype)
 
 
 def capture(
@@ -250,6 +261,7 @@ def capture(
     resume: bool = False,
     text: Sequence[str] | torch.Tensor | None = None,
     processor: Any = None,
+    lrp_dtype: str = "float32",
 ) -> xr.DataTree:
     """Run ``model`` once on ``images`` and record its internals into a labeled DataTree.
 
@@ -307,6 +319,12 @@ def capture(
         :mod:`vitlens.capture.text`.
     processor
         Tokenises ``text`` strings (default: the processor saved with the model).
+    lrp_dtype
+        ``"float32"`` (default) or ``"float64"``: the precision of the αβ LRP
+        pass behind Transformer Attribution (:mod:`vitlens.capture.precision`).
+        Either way the capture records ``lrp_condition`` (sample): the worst
+        cancellation the pass divided by; a float32 map is unreliable where it is
+        small (docs/METHODS.md, "Sensitivity to rounding").
 
     Returns
     -------
@@ -331,7 +349,7 @@ def capture(
 
         model = embedding_model(model) or model
     adapter = bind_text(adapter_for(model), text, processor)
-    plan = _plan(keep, grads, dtype, batch_size)
+    plan = _plan(keep, grads, dtype, batch_size, lrp_dtype)
     if is_callable_target(target) and not grads:
         raise OptionError("a callable target is explained through gradients: pass grads=True.")
     device = check_model(model, device, grads)
@@ -496,9 +514,16 @@ def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, start: int
         rec.release(layer)
 
     if "lrp" in plan.passes:  # each block is stored as soon as the LRP walk has passed it
+        from ..models.lrp_rules import conditioning
+        from .precision import lrp_precision
         from .relevance import attention_relevance
 
-        attention_relevance(adapter, rec, tgt, release=True, on_layer=store_layer, seed=seed, seed_tokens=seed_tokens)
+        with lrp_precision(adapter, rec, plan.lrp_dtype), conditioning() as seen:
+            attention_relevance(adapter, rec, tgt, release=True, on_layer=store_layer, seed=seed,
+                                seed_tokens=seed_tokens)
+        # per image, the worst cancellation a residual rescaling divided by (1: none)
+        worst = torch.stack(seen).amin(0) if seen else torch.ones(b, dtype=torch.float64)
+        buffers.put("lrp_condition", start, worst, torch.float64)
     else:
         for layer in range(len(adapter.blocks)):
             store_layer(layer, None)
@@ -620,6 +645,11 @@ def _assemble(
             **({} if explained is None else {"target": describe(explained)}),
         },
     )
+    if "lrp_condition" in stores.data:
+        root["lrp_condition"] = ("sample", stores["lrp_condition"])
+        root["lrp_condition"].attrs["description"] = (
+            f"LRP pass ({plan.lrp_dtype}): the smallest |Σ r|/Σ|r| of a residual branch it divided by; "
+            "float32 Transformer Attribution maps are unreliable where it is small")
     if explained is not None:
         root["target_score"] = ("sample", stores["target_score"])
         root["target_score"].attrs["description"] = f"the explained scalar, {describe(explained)}, per image"

@@ -94,9 +94,11 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     >>> import numpy as np, timm, vitlens as vl
     >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
     >>> cap = vl.capture(model, np.zeros((2, 32, 32, 3)))
-    >>> maps = vl.explain(cap, "all")
-    >>> sorted(maps.data_vars) == sorted(vl.METHODS)
+    >>> maps = vl.explain(cap, "all")    # every method this capture holds the passes for
+    >>> sorted(maps.data_vars) == sorted(vl.methods.explainable_methods(cap))
     True
+    >>> "legrad" in maps                   # LeGrad's pass is made only when asked: keep=("all", "legrad")
+    False
     """
     cap, target = explainable(cap), options.pop("target", None)  # cap.sel(sample=k); a class index or name
     if target is not None:

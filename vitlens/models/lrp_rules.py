@@ -9,6 +9,9 @@ denominator is exactly zero. ``vitlens.methods.lrp`` re-exports this module.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 EPS = 1e-9
@@ -81,6 +84,37 @@ def _per_image_sum(r: torch.Tensor) -> torch.Tensor:
     return r.reshape(r.shape[0], -1).sum(1).reshape(-1, *([1] * (r.ndim - 1)))
 
 
+#: While a :func:`conditioning` block runs: the per-image conditioning of every residual rescaling.
+_CONDITIONING: list[torch.Tensor] | None = None
+
+
+@contextmanager
+def conditioning() -> Iterator[list[torch.Tensor]]:
+    """Collect, for every :func:`residual_add` run inside, each image's conditioning (B,): the smaller
+    over the two branches of ``|Σ r| / Σ |r|`` — how far a branch's raw relevance total, which the
+    rescaling divides by, cancels. Near 0 the division amplifies rounding: ``1e-5`` turns float32's
+    ``6e-8`` into about ``1e-2`` of the branch's relevance.
+
+    Examples
+    --------
+    >>> with conditioning() as seen:
+    ...     _ = residual_add(torch.tensor([[1.0, -0.999]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 1.0]]))
+    >>> round(float(seen[0][0]), 4)   # branch a: 1 − 0.999 of a mass 1.999
+    0.0005
+    """
+    global _CONDITIONING
+    outer, _CONDITIONING = _CONDITIONING, []
+    try:
+        yield _CONDITIONING
+    finally:
+        _CONDITIONING = outer
+
+
+def _relative_total(r: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    mass = _per_image_sum(r.abs())
+    return torch.where(mass > 0, total.abs() / mass.clamp_min(torch.finfo(mass.dtype).tiny), 1.0).flatten()
+
+
 def residual_add(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Relevance of ``out = a + b``: LRP-0 shares, rescaled per image.
 
@@ -90,6 +124,8 @@ def residual_add(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor) -> t
     s = safe_div(relevance, a + b)
     r_a, r_b = a * s, b * s
     sa, sb, total = _per_image_sum(r_a), _per_image_sum(r_b), _per_image_sum(relevance)
+    if _CONDITIONING is not None:
+        _CONDITIONING.append(torch.minimum(_relative_total(r_a, sa), _relative_total(r_b, sb)))
     frac_a = safe_div(sa.abs(), sa.abs() + sb.abs())
     frac_b = safe_div(sb.abs(), sa.abs() + sb.abs())
     return r_a.mul_(safe_div(frac_a * total, sa)), r_b.mul_(safe_div(frac_b * total, sb))
