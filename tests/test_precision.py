@@ -79,3 +79,19 @@ def test_explain_marks_and_warns_about_samples_whose_float32_map_depends_on_roun
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a float64 pass is never flagged
         assert vl.explain(double, "transformer_attribution").attrs["lrp_unreliable"] == []
+
+
+def test_the_explorer_and_compare_say_where_the_float32_lrp_map_is_unreliable(vit, images32, monkeypatch):
+    cap = vl.capture(vit, images32[:2], target=2)
+    ex = vl.Explorer(cap, method="transformer_attribution")
+    assert "lrp_dtype" not in ex.captions.value
+    condition = cap["lrp_condition"].values
+    monkeypatch.setattr(precision, "RELIABLE_CONDITION", float(condition[1]) * 1.0001)  # sample 1 only
+    flagged = [i for i in (0, 1) if condition[i] < condition[1] * 1.0001]
+    for sample in (0, 1):
+        ex = vl.Explorer(cap, method="transformer_attribution", sample=sample)
+        assert ("lrp_dtype='float64'" in ex.captions.value) == (sample in flagged)
+        cmp = vl.Compare(cap, sample=sample)
+        assert ("lrp_dtype='float64'" in cmp.captions.value) == (sample in flagged)
+    ex = vl.Explorer(cap, method="rollout", sample=flagged[0])  # a map that does not read the LRP relevance
+    assert "lrp_dtype" not in ex.captions.value

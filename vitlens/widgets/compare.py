@@ -168,8 +168,8 @@ class Compare(CaptureView):
                 maps, first, error = self._method(src, key, method)
                 self.figure.data[self.heatmap_trace(i)].z = normalized(maps[si, li])
                 self.figure.layout.annotations[i].text = live_title(captions.panel_title(captions.method_title(method), layer))
-                text = error or captions.method_caption(info, method, layer, first, self.class_names[c],
-                                                        not layer_dependent(info, method))
+                text = (error or captions.method_caption(info, method, layer, first, self.class_names[c],
+                                                         not layer_dependent(info, method))) + captions.precision_note(src, si, method, info)
                 lines.append(f"<div><b>{html.escape(captions.method_title(method))}</b>: "
                              f"{html.escape(text, quote=False)}</div>")
         self.captions.value = "".join(lines)

@@ -354,8 +354,8 @@ class Explorer(AttentionView):
             src_shape = (int(src["sample"].size), *shape[1:])
             (per_layer, first), message = self._method(src, src_key, method, choice, key, src_shape)
             method_maps_.append(per_layer[si, li])
-            method_text.append(message or captions.method_caption(info, method, layer, first, self.class_names[c],
-                                                                  on_features))
+            method_text.append((message or captions.method_caption(info, method, layer, first, self.class_names[c],
+                                                                   on_features)) + captions.precision_note(src, si, method, info))
         maps = [attention, stats[sample, li], fusion[fi, li], *method_maps_]
         text = [
             captions.attention_caption(info, layer, choice, self.query),
