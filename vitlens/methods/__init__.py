@@ -112,6 +112,8 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
         parts = [dask.delayed(_explain_block)(cap.isel(sample=slice(a, b)), method, options) for a, b in blocks]
         results = dask.compute(*parts)
         out = xr.concat(results, "sample", combine_attrs="override")
+        if all("lrp_unreliable" in r.attrs for r in results):  # every chunk's flagged samples, not the first's
+            out.attrs["lrp_unreliable"] = [s for r in results for s in r.attrs["lrp_unreliable"]]
         return out
     if method == "all":
         return _explain_all(cap, options)

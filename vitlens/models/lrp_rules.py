@@ -97,8 +97,9 @@ def conditioning() -> Iterator[list[torch.Tensor]]:
 
     Examples
     --------
-    >>> with conditioning() as seen:
-    ...     _ = residual_add(torch.tensor([[1.0, -0.999]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 1.0]]))
+    >>> a, b = torch.tensor([[1.0, -0.999]]), torch.tensor([[1.0, 1.0]])
+    >>> with conditioning() as seen:   # relevance a + b at the sum: each branch's raw share is itself
+    ...     _ = residual_add(a, b, a + b)
     >>> round(float(seen[0][0]), 4)   # branch a: 1 − 0.999 of a mass 1.999
     0.0005
     """
