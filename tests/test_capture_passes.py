@@ -10,6 +10,7 @@ from conftest import random_images
 
 import vitlens as vl
 from vitlens.capture import hooks, relevance
+from vitlens.capture.api import EXTRA_GROUPS
 from vitlens.registry import METHOD_INFO
 
 
@@ -70,7 +71,7 @@ def full_captures(request):
             model = request.getfixturevalue(which)
             images = random_images(2, MODELS[which], seed=5)
             # every group, the extra passes (AttnLRP, LeGrad) too
-            cache[which] = model, images, vl.capture(model, images, progress=False, keep=vl.KEEP_GROUPS)
+            cache[which] = model, images, vl.capture(model, images, progress=False, keep=("all", *vl.methods.extra_groups()))
         return cache[which]
 
     return full
@@ -82,7 +83,7 @@ def test_a_capture_of_the_groups_a_method_needs_gives_the_full_capture_map(full_
     groups (fewer passes) equals its map from a full capture, bit for bit."""
     model, images, full = full_captures(which)
     groups = METHOD_INFO[method].groups(full.attrs, options)
-    assert groups < set(vl.KEEP_GROUPS)
+    assert groups < set(vl.KEEP_GROUPS) | set(EXTRA_GROUPS)
     part = vl.capture(model, images, keep=sorted(groups), progress=False)
     want = vl.explain(full, method, **options)
     got = vl.explain(part, method, **options)
@@ -98,10 +99,10 @@ def test_rollout_with_lrp_merge_shares_runs_the_lrp_pass_without_a_backward_pass
 
 
 def test_every_capture_group_says_which_passes_record_it():
-    from vitlens.capture.api import GROUP_PASSES
+    from vitlens.capture.api import EXTRA_GROUPS, GROUP_PASSES
 
-    assert set(GROUP_PASSES) == set(vl.KEEP_GROUPS)
-    assert set().union(*GROUP_PASSES.values()) == {"backward", "lrp", "attnlrp", "attnlrp_cp", "legrad"}
+    assert set(GROUP_PASSES) == set(vl.KEEP_GROUPS) | set(EXTRA_GROUPS)
+    assert set().union(*GROUP_PASSES.values()) == {"backward", "lrp", "ablations", "attnlrp", "attnlrp_cp", "legrad"}
 
 
 def test_the_extra_passes_run_only_when_named(passes, vit):

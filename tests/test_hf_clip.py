@@ -71,8 +71,8 @@ def test_target_by_prompt_text_or_index(clip):
 
 def test_prompt_a_and_prompt_b_give_different_maps_for_class_specific_methods(clip):
     x = _pixels(3, seed=4)
-    maps_a = vl.explain(vl.capture(clip, x, text=PROMPTS, target=0, keep=vl.KEEP_GROUPS), "all")
-    maps_b = vl.explain(vl.capture(clip, x, text=PROMPTS, target=1, keep=vl.KEEP_GROUPS), "all")
+    maps_a = vl.explain(vl.capture(clip, x, text=PROMPTS, target=0, keep=("all", *vl.methods.extra_groups())), "all")
+    maps_b = vl.explain(vl.capture(clip, x, text=PROMPTS, target=1, keep=("all", *vl.methods.extra_groups())), "all")
     for name in vl.METHODS:
         a, b = maps_a[name].values, maps_b[name].values
         assert np.isfinite(a).all() and a.std() > 0, name
@@ -203,3 +203,23 @@ def test_a_model_from_from_pretrained_finds_its_processors_beside_the_weights(cl
     cap = vl.capture(model, _pixels(), text=PROMPTS)
     np.testing.assert_allclose(cap.logits.values, vl.capture(clip, _pixels(), text=PROMPTS).logits.values, atol=1e-6)
     assert cap.attrs["mean"] == list(clip.vitlens_image_processor.image_mean)
+
+
+def test_prompts_that_a_tokenizer_maps_to_the_same_ids_are_refused_naming_it(clip_dir, tmp_path):
+    """#32.7: a tokenizer without a vocabulary turns every prompt into unknown tokens, so every prompt
+    got the same logits and maps, silently."""
+    import shutil
+
+    d = tmp_path / "clip"
+    shutil.copytree(clip_dir, d)
+    for f in d.iterdir():  # drop the saved tokenizer, keep the weights and the image processor
+        if f.name.startswith(("vocab", "merges", "tokenizer", "special_tokens")):
+            f.unlink()
+    empty = transformers.CLIPTokenizer(vocab={"<|startoftext|>": 0, "<|endoftext|>": 1}, merges=[])
+    empty.save_pretrained(d)
+    model = vl.load_model(f"hf:{d}", device="cpu")
+    with pytest.raises(vl.OptionError, match=r"CLIPTokenizer.*same token ids") as err:
+        vl.capture(model, _pixels(), text=["a photo of a dog", "a photo of a cat"])
+    assert "a photo of a dog" in str(err.value) and str(d) in str(err.value)
+    with pytest.raises(vl.OptionError, match="same token ids"):
+        vl.capture(model, _pixels(), text=torch.tensor([[0, 5, 1], [0, 5, 1]]))

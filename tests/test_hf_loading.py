@@ -57,6 +57,66 @@ def test_directory_without_image_processor_is_refused(tmp_path):
         load_hf_model(f"hf:{_tiny_vit_dir(tmp_path, processor=False)}")
 
 
+def _drop_tensors(directory: Path, prefix: str) -> list[str]:
+    """Remove every saved tensor whose name starts with ``prefix`` (a partial download, a pruned file)."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    dropped = sorted(k for k in tensors if k.startswith(prefix))
+    assert dropped, prefix
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, path, metadata={"format": "pt"})
+    return dropped
+
+
+def test_a_directory_missing_backbone_weights_is_refused_naming_them(tmp_path):
+    """#31.7: transformers fills missing tensors with random values and only its log says so."""
+    d = _tiny_vit_dir(tmp_path)
+    _drop_tensors(d, "vit.encoder.layer.0.attention")
+    with pytest.raises(ModelLoadError, match=r"missing .*layers\.0\.attention\.q_proj\.weight") as err:
+        load_hf_model(f"hf:{d}")
+    assert "random" in str(err.value).lower() and "save_pretrained" in str(err.value)
+    assert "mlp" not in str(err.value)  # only what is missing is named
+
+
+def test_a_directory_missing_only_the_head_loads_with_a_loud_warning(tmp_path):
+    import vitlens as vl
+
+    d = _tiny_vit_dir(tmp_path)
+    _drop_tensors(d, "classifier")
+    with pytest.warns(vl.RandomWeightsWarning, match=r"classifier\.weight"):
+        load_hf_model(f"hf:{d}")
+    import warnings
+
+    with warnings.catch_warnings():  # a new head asked for with num_classes= is no surprise
+        warnings.simplefilter("error", vl.RandomWeightsWarning)
+        assert load_hf_model(f"hf:{d}", num_classes=5).classifier.out_features == 5
+
+
+def test_an_absurd_config_is_refused_before_anything_is_built(tmp_path):
+    """#31.8: a config.json asking for 20,000 layers used to hang for minutes while transformers built them."""
+    import json
+    import time
+
+    d = _tiny_vit_dir(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 20_000
+    (d / "config.json").write_text(json.dumps(cfg))
+    t = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=r"20000 layers.*num_hidden_layers"):
+        load_hf_model(f"hf:{d}")
+    assert time.perf_counter() - t < 10
+    from vitlens.models.hf_loading import check_config_sizes
+
+    with pytest.raises(ModelLoadError, match=r"5000 layers \(text_config\.num_hidden_layers\)"):  # nested configs
+        check_config_sizes(transformers.CLIPConfig(text_config={"num_hidden_layers": 5000}), "clip")
+    with pytest.raises(ModelLoadError, match=r"2006 layers \(depths\)"):  # Swin: all stages together
+        check_config_sizes(transformers.SwinConfig(depths=[2, 2, 2000, 2]), "swin")
+    for real in (transformers.ViTConfig(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48),
+                 transformers.CLIPConfig(), transformers.SwinConfig()):
+        check_config_sizes(real, "real")  # ViT-bigG-sized, CLIP and Swin defaults pass
+
+
 def test_directory_without_config_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
         load_hf_model(f"hf:{tmp_path}")
@@ -144,14 +204,19 @@ def test_unsupported_transformers_models_are_refused_naming_the_supported_classe
 
     import vitlens as vl
     from vitlens.models import registry
-    from vitlens.models.hf_common import SUPPORTED, HFAdapter
+    from vitlens.models.hf_common import HFAdapter
 
-    explained = {c for a in registry.adapters() if issubclass(a, HFAdapter) for c in a.classes}
-    assert explained == set(SUPPORTED)
+    explained = [c.name for a in registry.adapters() if issubclass(a, HFAdapter) for c in a.classes]
+    headless = [b.name for a in registry.adapters() if issubclass(a, HFAdapter) for b in a.backbones]
+    assert len(explained) == 10 and len(headless) == 6
     cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                  image_size=16, patch_size=8)
-    with pytest.raises(vl.VitlensError, match="ViTModel: vitlens cannot explain .*ViTForImageClassification"):
+    with pytest.raises(vl.VitlensError, match="ViTModel: vitlens cannot explain .*ViTForImageClassification") as err:
         vl.capture(transformers.ViTModel(cfg), np.zeros((1, 16, 16, 3)))
+    instead = str(err.value).split("Supported models of a similar kind: ")[1]
+    assert instead.rstrip(".").split(", ") == explained  # every class an adapter declares, and only those
+    for name in headless:  # a headless backbone is told about vl.with_head
+        assert name in str(err.value).split("vl.with_head")[0], name
 
 
 def test_an_older_transformers_is_refused_with_the_upgrade_to_run(monkeypatch):
@@ -165,3 +230,24 @@ def test_an_older_transformers_is_refused_with_the_upgrade_to_run(monkeypatch):
     monkeypatch.setattr(hf_common, "transformers_version", lambda: "4.46.0")
     with pytest.raises(vl.UnsupportedModelError, match=r"transformers >= 5 \(installed: 4.46.0\).*--upgrade"):
         vl.models.adapter_for(model)
+
+
+def test_vitlens_explain_takes_a_transformers_directory(tmp_path, capsys):
+    """The command line goes through vl.load_model and vl.capture: a saved transformers classifier
+    and its image processor explain a picture of another size, as a timm model does."""
+    import numpy as np
+    from PIL import Image
+
+    import vitlens as vl
+    from vitlens.cli import main
+
+    d = _tiny_vit_dir(tmp_path / "model")
+    Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    out = tmp_path / "out"
+    assert main(["explain", str(tmp_path / "x.png"), "--model", f"hf:{d}", "--method", "rollout",
+                 "--out", str(out)]) == 0
+    assert "explaining class" in capsys.readouterr().out
+    cap = vl.open(out / "capture.nc")
+    assert cap.attrs["family"] == "hf_vit" and cap.attrs["class_names"] == ["cat", "dog", "fox"]
+    assert list(cap.attrs["mean"]) == [0.1, 0.2, 0.3]  # the directory's own image processor
+    assert Image.open(out / "x_rollout.png").size[0] > 0

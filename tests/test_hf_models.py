@@ -116,7 +116,7 @@ def test_capture_has_the_timm_layout_with_prefix_tokens(kind, model):
 
 
 def test_all_seven_maps_are_finite_and_not_constant(kind, model):
-    every = vl.explain(vl.capture(model, _images(), keep=vl.KEEP_GROUPS), "all")
+    every = vl.explain(vl.capture(model, _images(), keep=("all", *vl.methods.extra_groups())), "all")
     assert set(every.data_vars) == set(vl.METHODS)
     for name in vl.METHODS:
         values = every[name].values
@@ -214,7 +214,7 @@ def test_off_size_images_go_through_the_models_own_image_processor():
 def test_a_model_without_an_image_processor_is_refused_with_what_to_do():
     model = make_hf("vit")
     del model.vitlens_image_processor
-    with pytest.raises(vl.VitlensError, match="vitlens_image_processor"):
+    with pytest.raises(vl.VitlensError, match=r"processor=AutoImageProcessor"):
         vl.capture(model, _images())
 
 

@@ -115,7 +115,7 @@ def test_all_seven_maps_agree_between_timm_and_transformers(pair):
     x = _images(4)
     target = [0, 1, 2, 4]
     # every group: the new methods (AttnLRP, LeGrad) are compared too
-    cap_timm, cap_hf = (vl.capture(m, x, target=target, keep=vl.KEEP_GROUPS) for m in (model, hf))
+    cap_timm, cap_hf = (vl.capture(m, x, target=target, keep=("all", *vl.methods.extra_groups())) for m in (model, hf))
     np.testing.assert_allclose(cap_hf.logits.values, cap_timm.logits.values, rtol=1e-4, atol=1e-5)
     for var in ("attention", "attention_grad", "attention_relevance", "ln_mean", "token_norm", "attn_value_norm"):
         np.testing.assert_allclose(cap_hf["stage0"][var].values, cap_timm["stage0"][var].values,
@@ -154,3 +154,52 @@ def test_widgets_show_the_same_panels_for_both_implementations(pair):
         np.testing.assert_allclose(maps_h[name], maps_t[name], rtol=1e-3, atol=1e-5, err_msg=name)
     HeadGrid(cap_hf, layer=2)
     Compare(cap_hf)
+
+
+@pytest.mark.slow  # four captures, 28 maps, an Explorer and a recapture
+def test_an_in_memory_model_takes_a_ready_tensor_and_an_image_processor(pair):
+    """#30.1: ``vl.capture(ViTForImageClassification(config), pixel_values)`` with no processor at all,
+    and ``processor=`` an image processor: the seven maps equal timm's on the same weights and the
+    ``vitlens_image_processor`` path's; only the picture needs the processor (a one-line warning says how)."""
+    import vitlens as vl
+
+    model, _ = pair
+    bare = hf_vit_from_timm(model)  # as built in a notebook: no processor attached, no directory
+    assert getattr(bare, "vitlens_image_processor", None) is None and not bare.config._name_or_path
+    processor = transformers.ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3,
+                                               image_std=[0.5] * 3)
+    attached = hf_vit_from_timm(model)
+    attached.vitlens_image_processor = processor
+    x, target = _images(3), [0, 3, 1]
+    with pytest.warns(vl.ImageProcessorWarning, match="processor=") as caught:
+        cap_bare = vl.capture(bare, x, target=target)
+    assert len(str(caught[0].message).splitlines()) == 1
+    cap_given = vl.capture(bare, x, target=target, processor=processor)
+    assert getattr(bare, "vitlens_image_processor", None) is None  # the user's model is left as it was
+    cap_attached, cap_timm = vl.capture(attached, x, target=target), vl.capture(model, x, target=target)
+    maps = {name: vl.explain(c, "all") for name, c in
+            (("bare", cap_bare), ("given", cap_given), ("attached", cap_attached), ("timm", cap_timm))}
+    for method in vl.METHODS:
+        for name in ("bare", "given"):
+            np.testing.assert_array_equal(maps[name][method].values, maps["attached"][method].values,
+                                          err_msg=f"{name} {method}")
+        for i in range(len(target)):
+            a, b = maps["timm"][method].values[i], maps["bare"][method].values[i]
+            if a.std() == 0:
+                np.testing.assert_allclose(b, a, atol=1e-6, err_msg=f"{method} image {i}")
+            else:
+                assert _corr(a, b) > 0.999, (method, i)
+    # the picture: true colours through the processor; without one, the tensor itself shown in [0, 1]
+    np.testing.assert_allclose(cap_given["image"].values, cap_attached["image"].values)
+    shown = cap_bare["image"].values
+    assert shown.min() == pytest.approx(0.0, abs=1e-6) and shown.max() == pytest.approx(1.0, abs=1e-6)
+    back = (shown - np.array(cap_bare.attrs["mean"])) / np.array(cap_bare.attrs["std"])  # recorded normalisation
+    np.testing.assert_allclose(back, x.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    # a class the capture did not explain: the Explorer recaptures from the picture and the recorded normalisation
+    from vitlens.widgets import Explorer
+
+    ex = Explorer(cap_bare, bare)
+    recap = ex.classes._recapture(0, 2)
+    direct = vl.capture(attached, x[:1], target=[2])
+    np.testing.assert_allclose(recap["stage0"].attention_grad.values, direct["stage0"].attention_grad.values,
+                               rtol=1e-4, atol=1e-6)

@@ -1,9 +1,12 @@
-"""transformers Swin: a random timm Swin copied into ``SwinForImageClassification``, both explained.
+"""transformers Swin v1 and v2: a random timm Swin copied into ``SwinForImageClassification`` /
+``Swinv2ForImageClassification``, both explained.
 
-timm's Swin capture is itself tested against recomputations (tests/test_capture.py);
-with the same weights every captured array and all seven maps of the transformers
-model must agree with it. transformers' own eager ``output_attentions`` (the last
-block of each stage) is a second, independent reference.
+timm's Swin captures are themselves tested against recomputations (tests/test_capture.py,
+tests/test_family_swinv2.py); with the same weights every captured array and all seven
+maps of the transformers model must agree with them. transformers' own eager
+``output_attentions`` (the last block of each stage) is a second, independent reference.
+Every test runs on both versions; v2 adds res-post-norm blocks, cosine attention with a
+learned logit scale and the continuous (MLP) position bias.
 """
 
 from __future__ import annotations
@@ -25,57 +28,89 @@ from family_checks import assert_padding_gets_nothing, assert_parts_describe_the
 
 SIZE = 32
 ARCH = dict(patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), mlp_ratio=2)
+VERSIONS = ("v1", "v2")
+#: timm name, transformers class and config, attribute of the body, adapter family
+SPEC = {
+    "v1": ("swin_tiny_patch4_window7_224", "SwinForImageClassification", "SwinConfig", "swin", "hf_swin"),
+    "v2": ("swinv2_tiny_window8_256", "Swinv2ForImageClassification", "Swinv2Config", "swinv2", "hf_swinv2"),
+}
+#: per-image correlation of the LRP relevances of the two captures (v1 with the 0.3/0.05 spread: 1e-4)
+RELEVANCE_CORR = {"v1": 0.9999, "v2": 0.999}
 
 
-def timm_swin(seed: int = 0) -> torch.nn.Module:
+def timm_swin(version: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=SIZE, num_classes=3, **ARCH).eval()
+    model = timm.create_model(SPEC[version][0], img_size=SIZE, num_classes=3, **ARCH).eval()
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * (0.3 if p.ndim >= 2 else 0.05))
+        for name, p in model.named_parameters():
+            if version == "v2" and ("cpb_mlp" in name or "logit_scale" in name):
+                continue
+            p.add_(torch.randn_like(p) * (0.3 if p.ndim >= 2 else (0.05 if version == "v1" else 0.1)))
     return model
 
 
-def hf_swin_from_timm(model: torch.nn.Module) -> torch.nn.Module:
-    cfg = transformers.SwinConfig(image_size=SIZE, patch_size=ARCH["patch_size"], embed_dim=ARCH["embed_dim"],
-                                  depths=list(ARCH["depths"]), num_heads=list(ARCH["num_heads"]),
-                                  window_size=ARCH["window_size"], mlp_ratio=ARCH["mlp_ratio"], num_labels=3,
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
-    hf = transformers.SwinForImageClassification(cfg).eval()
+def _block_weights(version: str, t: dict, src: str, dst: str) -> dict:
+    """One block's weights, timm's names (``src``) → transformers' (``dst``)."""
+    out = {}
+    if version == "v1":
+        names = (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attn.proj", "attention.o_proj"),
+                 ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))
+    else:
+        names = (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attn.proj", "attention.output.dense"),
+                 ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"))
+    for a, h in names:
+        for kind in ("weight", "bias"):
+            out[f"{dst}{h}.{kind}"] = t[f"{src}{a}.{kind}"]
+    if version == "v1":
+        for kind in ("weight", "bias"):
+            for name, w in zip(("q_proj", "k_proj", "v_proj"), t[f"{src}attn.qkv.{kind}"].chunk(3, 0)):
+                out[f"{dst}attention.{name}.{kind}"] = w
+        out[f"{dst}attention.relative_position_bias.relative_position_bias_table"] = \
+            t[f"{src}attn.relative_position_bias_table"]
+        return out
+    q, k, v = t[f"{src}attn.qkv.weight"].chunk(3, 0)
+    att = f"{dst}attention.self."
+    out.update({f"{att}query.weight": q, f"{att}key.weight": k, f"{att}value.weight": v,
+                f"{att}query.bias": t[f"{src}attn.q_bias"], f"{att}value.bias": t[f"{src}attn.v_bias"],
+                f"{att}logit_scale": t[f"{src}attn.logit_scale"]})
+    for kind in ("0.weight", "0.bias", "2.weight"):
+        out[f"{att}continuous_position_bias_mlp.{kind}"] = t[f"{src}attn.cpb_mlp.{kind}"]
+    return out
+
+
+def hf_swin_from_timm(version: str, model: torch.nn.Module) -> torch.nn.Module:
+    _, cls, config, body, _ = SPEC[version]
+    cfg = getattr(transformers, config)(
+        image_size=SIZE, patch_size=ARCH["patch_size"], embed_dim=ARCH["embed_dim"], depths=list(ARCH["depths"]),
+        num_heads=list(ARCH["num_heads"]), window_size=ARCH["window_size"],
+        mlp_ratio=ARCH["mlp_ratio"] if version == "v1" else float(ARCH["mlp_ratio"]), num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+    hf = getattr(transformers, cls)(cfg).eval()
     t = model.state_dict()
     out = {
-        "swin.embeddings.patch_embeddings.projection.weight": t["patch_embed.proj.weight"],
-        "swin.embeddings.patch_embeddings.projection.bias": t["patch_embed.proj.bias"],
-        "swin.embeddings.norm.weight": t["patch_embed.norm.weight"],
-        "swin.embeddings.norm.bias": t["patch_embed.norm.bias"],
-        "swin.layernorm.weight": t["norm.weight"], "swin.layernorm.bias": t["norm.bias"],
+        f"{body}.embeddings.patch_embeddings.projection.weight": t["patch_embed.proj.weight"],
+        f"{body}.embeddings.patch_embeddings.projection.bias": t["patch_embed.proj.bias"],
+        f"{body}.embeddings.norm.weight": t["patch_embed.norm.weight"],
+        f"{body}.embeddings.norm.bias": t["patch_embed.norm.bias"],
+        f"{body}.layernorm.weight": t["norm.weight"], f"{body}.layernorm.bias": t["norm.bias"],
         "classifier.weight": t["head.fc.weight"], "classifier.bias": t["head.fc.bias"],
     }
     for s, depth in enumerate(ARCH["depths"]):
         for b in range(depth):
-            src, dst = f"layers.{s}.blocks.{b}.", f"swin.encoder.layers.{s}.blocks.{b}."
-            for a, h in (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attn.proj", "attention.o_proj"),
-                         ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-                for kind in ("weight", "bias"):
-                    out[f"{dst}{h}.{kind}"] = t[f"{src}{a}.{kind}"]
-            for kind in ("weight", "bias"):
-                for name, w in zip(("q_proj", "k_proj", "v_proj"), t[f"{src}attn.qkv.{kind}"].chunk(3, 0)):
-                    out[f"{dst}attention.{name}.{kind}"] = w
-            out[f"{dst}attention.relative_position_bias.relative_position_bias_table"] = \
-                t[f"{src}attn.relative_position_bias_table"]
+            out.update(_block_weights(version, t, f"layers.{s}.blocks.{b}.", f"{body}.encoder.layers.{s}.blocks.{b}."))
         if s + 1 < len(ARCH["depths"]):  # timm merges at the start of stage s+1, transformers at the end of s
             for kind in ("norm.weight", "norm.bias", "reduction.weight"):
-                out[f"swin.encoder.layers.{s}.downsample.{kind}"] = t[f"layers.{s + 1}.downsample.{kind}"]
+                out[f"{body}.encoder.layers.{s}.downsample.{kind}"] = t[f"layers.{s + 1}.downsample.{kind}"]
     hf.load_state_dict(out, strict=True)
     hf.vitlens_image_processor = transformers.ViTImageProcessor(
         size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return hf
 
 
-@pytest.fixture(scope="module")
-def pair():
-    model = timm_swin()
-    return model, hf_swin_from_timm(model)
+@pytest.fixture(scope="module", params=VERSIONS)
+def pair(request):
+    model = timm_swin(request.param)
+    return request.param, model, hf_swin_from_timm(request.param, model)
 
 
 def _pixels(n=3, seed=1):
@@ -87,8 +122,12 @@ def _corr(a, b):
     return float(a @ b / np.sqrt((a @ a) * (b @ b)))
 
 
+def _body(model):
+    return model.swinv2 if hasattr(model, "swinv2") else model.swin
+
+
 def test_converted_swin_gives_the_same_logits(pair):
-    model, hf = pair
+    _, model, hf = pair
     x = _pixels()
     with torch.no_grad():
         a, b = model(x), hf(pixel_values=x).logits
@@ -97,10 +136,10 @@ def test_converted_swin_gives_the_same_logits(pair):
 
 
 def test_capture_layout_and_every_array_agree_with_timm(pair):
-    model, hf = pair
+    version, model, hf = pair
     x, target = _pixels(), [0, 2, 1]
     cap_t, cap_h = vl.capture(model, x, target=target), vl.capture(hf, x, target=target)
-    assert cap_h.attrs["family"] == "hf_swin" and cap_h.attrs["readout"] == "avg"
+    assert cap_h.attrs["family"] == SPEC[version][4] and cap_h.attrs["readout"] == "avg"
     assert list(cap_h.children) == list(cap_t.children) == ["stage0", "stage1"]
     for stage in ("stage0", "stage1"):
         st_h, st_t = cap_h[stage], cap_t[stage]
@@ -115,31 +154,44 @@ def test_capture_layout_and_every_array_agree_with_timm(pair):
         # relevances by ~1e-4 — a 1e-6 change of the input moves timm's own relevances more. Compare
         # each image's relevances as a whole.
         for i in range(3):
-            assert _corr(st_h.attention_relevance.values[i], st_t.attention_relevance.values[i]) > 0.9999, (stage, i)
+            assert _corr(st_h.attention_relevance.values[i], st_t.attention_relevance.values[i]) > \
+                RELEVANCE_CORR[version], (stage, i)
     np.testing.assert_allclose(cap_h["stage1"].features.values, cap_t["stage1"].features.values, rtol=1e-4, atol=1e-5)
 
 
-def test_all_seven_maps_agree_with_timm(pair):
-    model, hf = pair
+@pytest.mark.parametrize("target", [None, [0, 2, 1, 1]], ids=["predicted", "given"])
+def test_all_seven_maps_agree_with_timm(pair, target):
+    version, model, hf = pair
     x = _pixels(4, seed=2)
-    maps_t, maps_h = (vl.explain(vl.capture(m, x, keep=vl.KEEP_GROUPS), "all") for m in (model, hf))
+    cap_t, cap_h = (vl.capture(m, x, target=target, keep=("all", *vl.methods.extra_groups())) for m in (model, hf))
+    if target is not None:
+        for stage in ("stage0", "stage1"):  # LRP: compared as a whole per image
+            for i in range(4):
+                assert _corr(cap_h[stage].attention_relevance.values[i],
+                             cap_t[stage].attention_relevance.values[i]) > 0.999, (stage, i)
+    maps_t, maps_h = vl.explain(cap_t, "all"), vl.explain(cap_h, "all")
     worst = {}
     for name in vl.METHODS:
         corrs = [_corr(maps_t[name].values[i], maps_h[name].values[i]) for i in range(4)
                  if maps_t[name].values[i].std() > 0]
         assert len(corrs) >= 3, name
         worst[name] = min(corrs)
-    print("worst per-image correlation timm Swin vs transformers Swin:", worst)
+    print(f"worst per-image correlation timm vs transformers, Swin {version}:", worst)
     assert all(c > 0.999 for c in worst.values()), worst
 
 
+def _eager(model):
+    m = copy.deepcopy(model)
+    if hasattr(m, "swin"):  # Swinv2 computes its attention explicitly anyway
+        m.set_attn_implementation("eager")
+    return m
+
+
 def test_last_attention_of_each_stage_and_its_gradient_equal_transformers_eager(pair):
-    _, hf = pair
+    _, _, hf = pair
     x, target = _pixels(2), [1, 2]
     cap = vl.capture(hf, x, target=target)
-    m = copy.deepcopy(hf)
-    m.set_attn_implementation("eager")
-    out = m(pixel_values=x, output_attentions=True)  # one per stage: its last block
+    out = _eager(hf)(pixel_values=x, output_attentions=True)  # one per stage: its last block
     grads = torch.autograd.grad(out.logits.gather(1, torch.tensor(target)[:, None]).sum(), out.attentions)
     for stage, a, g in zip(("stage0", "stage1"), out.attentions, grads):
         nw = a.shape[0] // 2
@@ -149,15 +201,24 @@ def test_last_attention_of_each_stage_and_its_gradient_equal_transformers_eager(
         np.testing.assert_allclose(cap[stage].attention_grad.values[:, -1], g, rtol=1e-5, atol=1e-6)
 
 
-def test_lrp_leak_comes_only_from_position_bias_and_masks():
-    hf = hf_swin_from_timm(timm_swin(seed=4))
+def _without_biases(version: str, model: torch.nn.Module) -> torch.nn.Module:
+    """v1: no Linear biases nor relative position tables; v2: also its continuous position bias ≈ 0."""
+    if version == "v2":
+        return zero_hf_swin_biases(model)
     with torch.no_grad():
-        for m in hf.modules():
+        for m in model.modules():
             if isinstance(m, torch.nn.Linear) and m.bias is not None:
                 m.bias.zero_()
             if hasattr(m, "relative_position_bias_table"):
                 m.relative_position_bias_table.zero_()
-    ad = adapter_for(hf)
+    return model
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_lrp_leak_comes_only_from_position_bias_and_masks(pair, seed):
+    version, _, hf = pair
+    model = _without_biases(version, hf_swin_from_timm(version, timm_swin(version, seed=seed)))
+    ad = adapter_for(model)
     with Recorder(ad, keep_block_inputs=True) as rec:
         logits = ad.logits(_pixels(2))
         attention_relevance(ad, rec, logits.argmax(-1), to_input=True)
@@ -168,7 +229,7 @@ def test_lrp_leak_comes_only_from_position_bias_and_masks():
 
 
 def test_capture_restores_the_swin_after_an_exception(pair):
-    _, hf = pair
+    _, _, hf = pair
     model = copy.deepcopy(hf)
     model.train()
     hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
@@ -176,7 +237,7 @@ def test_capture_restores_the_swin_after_an_exception(pair):
     def explode(module, inputs, output):
         raise RuntimeError("boom")
 
-    handle = model.swin.encoder.layers[1].blocks[0].register_forward_hook(explode)
+    handle = _body(model).encoder.layers[1].blocks[0].register_forward_hook(explode)
     with pytest.raises(RuntimeError, match="boom"):
         vl.capture(model, _pixels(1))
     handle.remove()
@@ -189,7 +250,7 @@ def test_capture_restores_the_swin_after_an_exception(pair):
 def test_explorer_shows_the_same_panels_as_for_timm(pair):
     from vitlens.widgets import Explorer, HeadGrid
 
-    model, hf = pair
+    _, model, hf = pair
     x = _pixels(1)
     ex_t, ex_h = Explorer(vl.capture(model, x), layer=1), Explorer(vl.capture(hf, x), layer=1)
     for ex in (ex_t, ex_h):
@@ -203,7 +264,7 @@ def test_explorer_shows_the_same_panels_as_for_timm(pair):
 
 def test_parts_describe_the_attention_the_model_computed(pair):
     """Position bias + shift mask included: the description reproduces every window's probabilities."""
-    _, hf = pair
+    _, _, hf = pair
     ad = adapter_for(hf)
     with Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():
         ad.logits(_pixels(2))
@@ -233,13 +294,6 @@ def padded_hf(v2: bool, depths=(2, 2, 2), seed: int = 0) -> torch.nn.Module:
 def _hf_layers(model):
     body = model.swinv2 if hasattr(model, "swinv2") else model.swin
     return [b for st in body.encoder.layers for b in st.blocks]
-
-
-def _eager(model):
-    m = copy.deepcopy(model)
-    if hasattr(m, "swin"):
-        m.set_attn_implementation("eager")
-    return m
 
 
 @pytest.mark.parametrize("v2", [False, True])

@@ -105,7 +105,29 @@ def test_no_refusal_asks_to_change_a_pretrained_architecture():
     from vitlens.models import registry
 
     registry.adapters()  # loads every family module and its refusals
-    texts = [r.missing + r.instead for r in registry._REFUSALS]
+    texts = ["".join(r.texts()) for r in registry._REFUSALS]
     assert len(texts) >= 10
     for text in texts:
         assert "global_pool=" not in text and "create the model with" not in text.lower()
+
+
+def test_an_unsupported_model_is_told_timm_families_from_transformers_classes():
+    """#32.6: a ResNet was told that hf_clip and hf_siglip are "timm families"."""
+    import re
+
+    import timm
+
+    pytest.importorskip("transformers")
+    from vitlens.models import registry
+
+    with pytest.raises(vl.UnsupportedModelError) as err:
+        vl.models.adapter_for(timm.create_model("resnet18", num_classes=3))
+    text = str(err.value)
+    timm_families = re.search(r"timm families: ([\w, ]+)", text).group(1).split(", ")
+    assert timm_families == [a.family for a in registry.adapters() if a.timm_modules]
+    assert timm_families[:5] == ["vit", "swin", "eva", "beit", "swinv2"]
+    hf = text[text.index("transformers classes"):]
+    for name in ("ViTForImageClassification", "SwinForImageClassification", "CLIPModel", "SiglipModel"):
+        assert name in hf, name
+    assert re.search(r"vl\.with_head.*ViTModel|ViTModel.*vl\.with_head", hf)
+    assert "hf_" not in text

@@ -33,7 +33,7 @@ def vit_model():
 
 @pytest.fixture(scope="module")
 def vit_cap(vit_model):  # every group: the widgets show every registered method, AttnLRP and LeGrad too
-    return vl.capture(vit_model, random_images(2, 32, seed=7), keep=vl.KEEP_GROUPS)
+    return vl.capture(vit_model, random_images(2, 32, seed=7), keep=("all", *vl.methods.extra_groups()))
 
 
 @pytest.fixture(scope="module")

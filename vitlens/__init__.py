@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from ._version import __version__
 
-from . import datasets, figures, methods, metrics, models, registry, widgets
-from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
+from . import datasets, figures, methods, metrics, models, registry, stats, widgets
+from .capture import KEEP_GROUPS, capture, head_importance, open, patch, save  # noqa: A004
 from .capture import targets
 from .figures import plot
 from .errors import (
@@ -24,6 +24,7 @@ from .errors import (
     DeviceError,
     ExportError,
     ImageError,
+    ImageProcessorWarning,
     ModelLoadError,
     OptionError,
     PrecisionWarning,
@@ -54,6 +55,7 @@ __all__ = [
     "DeviceError",
     "ExportError",
     "ImageError",
+    "ImageProcessorWarning",
     "ModelLoadError",
     "OptionError",
     "PrecisionWarning",
@@ -70,6 +72,7 @@ __all__ = [
     "evaluate",
     "explain",
     "figures",
+    "head_importance",
     "methods",
     "normalize",
     "to_pixels",
@@ -79,6 +82,7 @@ __all__ = [
     "metrics",
     "models",
     "open",
+    "patch",
     "plot",
     "registry",
     "save",

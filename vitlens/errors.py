@@ -18,6 +18,7 @@ __all__ = [
     "ExportError",
     "PrecisionWarning",
     "RandomWeightsWarning",
+    "ImageProcessorWarning",
     "CaptureError",
     "DeviceError",
     "ResumeError",
@@ -74,6 +75,15 @@ class RandomWeightsWarning(UserWarning):
     ``vl.load_model("vit_small_patch16_224")`` without ``pretrained=`` or
     ``checkpoint=`` warns with this class; pass ``pretrained=False`` to say that
     random weights are what you want (no warning).
+    """
+
+
+class ImageProcessorWarning(UserWarning):
+    """A Hugging Face model was captured from a ready tensor without its image processor.
+
+    The maps do not depend on it, but the picture is then drawn from the tensor
+    itself (rescaled to [0, 1], not in its true colours); ``processor=`` (the image
+    processor that made the tensor) gives the true colours.
     """
 
 

@@ -43,13 +43,7 @@ DEFAULT_KEYS = ("*", "vit", "swin", "cls", "avg")
 #: ``needs`` of methods and statistics name. A method or statistic that declares no ``needs``
 #: is taken to read them all. A new group is added here and, with the pass that records it,
 #: in ``vitlens.capture.api.GROUP_PASSES``.
-CAPTURE_GROUPS = ("attention", "attention_grad", "attention_relevance", "ln", "norms", "features",
-                  "attnlrp", "attnlrp_cp", "legrad")
-
-#: Groups that cost a pass of their own (AttnLRP with relevance through the softmax, CP-LRP, LeGrad's
-#: per-layer gradients): recorded only when named, e.g. ``keep=("all", "attnlrp_cp")`` — ``"all"``
-#: leaves them out, so that nobody pays for a method they do not use.
-EXTRA_GROUPS = ("attnlrp", "attnlrp_cp", "legrad")
+CAPTURE_GROUPS = ("attention", "attention_grad", "attention_relevance", "ln", "norms", "features")
 
 
 @dataclass(frozen=True)
@@ -248,8 +242,7 @@ def register_method(
     if bad:
         raise OptionError(f"method {name!r}: defaults must map '*', a family or a read-out name to a dict of "
                           f"options (e.g. {{'avg': {{'on': 'features'}}}}); got keys {bad}.")
-    default = tuple(g for g in CAPTURE_GROUPS if g not in EXTRA_GROUPS)  # what "all" records
-    needs = _check_needs("method", name, needs if needs is not None else {"*": default})
+    needs = _check_needs("method", name, needs if needs is not None else {"*": CAPTURE_GROUPS})
 
     def decorate(function: F) -> F:
         if name in METHOD_INFO and METHOD_INFO[name].function is not function:

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,14 +153,12 @@ def served_folder(tmp_path_factory, name: str, **options) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def voila(tmp_path_factory) -> Iterator[Server]:
+@contextmanager
+def voila_server(folder: Path, notebook: str = "explorer.ipynb") -> Iterator[Server]:
+    """Voila serving ``folder/notebook`` on 127.0.0.1 (stopped on exit)."""
     port = free_port()
-    # Voila's page gets plotly's bundle from the kernel (its first figure, the carrier, is closed);
-    # JupyterLab's from the first figure, as usual.
-    folder = served_folder(tmp_path_factory, "voila", carrier=False)
     server = start("voila", [sys.executable, "-m", "voila", "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
-                             "explorer.ipynb"], folder, f"http://127.0.0.1:{port}/")
+                             notebook], folder, f"http://127.0.0.1:{port}/")
     try:
         # a TCP answer is enough: GET / would start a kernel and run the notebook
         wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None,
@@ -169,11 +168,11 @@ def voila(tmp_path_factory) -> Iterator[Server]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator[Server]:
+@contextmanager
+def lab_server(folder: Path, notebook: str = "explorer.ipynb") -> Iterator[Server]:
+    """JupyterLab opening ``folder/notebook`` on 127.0.0.1 (stopped on exit)."""
     port = free_port()
     token = secrets.token_hex(16)
-    folder = served_folder(tmp_path_factory, "lab")
     # Render every cell (no notebook windowing), so that outputs scrolled away stay drawn,
     # and start the notebook's kernel without asking which one.
     settings = folder / ".jupyter" / "lab-settings" / "@jupyterlab" / "notebook-extension"
@@ -182,13 +181,27 @@ def lab(tmp_path_factory) -> Iterator[Server]:
     server = start("jupyterlab", [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", "--ip=127.0.0.1",
                                   f"--port={port}", f"--IdentityProvider.token={token}",
                                   f"--ServerApp.root_dir={folder}"],
-                   folder, f"http://127.0.0.1:{port}/lab/tree/explorer.ipynb?token={token}&reset")
+                   folder, f"http://127.0.0.1:{port}/lab/tree/{notebook}?token={token}&reset")
     server.base, server.token = f"http://127.0.0.1:{port}", token
     try:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/api/status?token={token}"), "answering /api/status", server)
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def voila(tmp_path_factory) -> Iterator[Server]:
+    # Voila's page gets plotly's bundle from the kernel (its first figure, the carrier, is closed);
+    # JupyterLab's from the first figure, as usual.
+    with voila_server(served_folder(tmp_path_factory, "voila", carrier=False)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory) -> Iterator[Server]:
+    with lab_server(served_folder(tmp_path_factory, "lab")) as server:
+        yield server
 
 
 # -- the browser -----------------------------------------------------------------------------

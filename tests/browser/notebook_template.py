@@ -80,6 +80,26 @@ vl.Explorer(cap, model)
 """
 
 
+#: The README's ablate-mode screenshot: the image of 200 where head 1 of block 2 (the most important head
+#: of notebook 08) matters most, shown at block 2 with Transformer Attribution; the screenshot script
+#: then clicks that head's switch in the page.
+README_ABLATE = """\
+import os
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np
+import vitlens as vl
+model = vl.load_model("vit-shapes")
+ds = vl.datasets.shapes(200, seed=7, objects=(1,))
+clean = vl.capture(model, ds.image, grads=False, keep=["ln"], progress=False)
+off = vl.capture(model, ds.image, grads=False, keep=["ln"], progress=False, ablate={2: [1]})
+p = lambda c: np.exp(c.logits.values - c.logits.values.max(1, keepdims=True))
+drop = [p(clean)[i, t] / p(clean)[i].sum() - p(off)[i, t] / p(off)[i].sum() for i, t in enumerate(clean.target.values)]
+i = int(np.argmax(drop))
+cap = vl.capture(model, ds.image[i:i + 1])
+vl.Explorer(cap, model, ablate=True, layer=2, method="transformer_attribution")
+"""
+
+
 NO_CARRIER = """\
 import plotly.graph_objects as go
 from vitlens.widgets.figure import as_widget
@@ -98,9 +118,10 @@ def write_notebook(folder: Path, name: str = "explorer.ipynb", carrier: bool = T
     return _write(folder / name, cells)
 
 
-def write_readme_notebook(folder: Path, name: str = "readme.ipynb") -> Path:
-    """The notebook of the README screenshot (the shipped, trained ``vit-shapes``)."""
-    return _write(folder / name, (README,))
+def write_readme_notebook(folder: Path, name: str = "readme.ipynb", ablate: bool = False) -> Path:
+    """The notebook of the README screenshot (the shipped, trained ``vit-shapes``); ``ablate``: of the
+    ablate-mode screenshot."""
+    return _write(folder / name, (README_ABLATE if ablate else README,))
 
 
 def _write(path: Path, cells) -> Path:

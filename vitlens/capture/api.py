@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,17 +18,15 @@ from .._version import __version__
 from ..errors import ImageError, OptionError, TargetError
 from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
-from ..registry import CAPTURE_GROUPS, EXTRA_GROUPS
+from ..registry import CAPTURE_GROUPS
 from .hooks import Recorder
 from .images import prepare
 from .validate import check_finite, check_model
-from .text import bind_text
+from .text import bind_inputs
 from ..models.windows import window_tokens
 
 #: What ``capture(keep=...)`` can store (the raw groups: the registry's list, which the methods'
-#: ``needs`` name). ``"all"`` (default) stores every group but the :data:`EXTRA_GROUPS`
-#: (``"attnlrp"``, ``"attnlrp_cp"``, ``"legrad"``), which run a pass of their own and are
-#: stored only when named: ``keep=("all", "legrad")``; ``keep=KEEP_GROUPS`` stores everything.
+#: ``needs`` name). ``"all"`` (default) stores everything but the :data:`EXTRA_GROUPS`.
 KEEP_GROUPS = CAPTURE_GROUPS
 
 #: The pass each group needs besides the forward pass (which the hooks record): ``"backward"``
@@ -42,10 +40,24 @@ GROUP_PASSES: dict[str, tuple[str, ...]] = {
     "ln": (),
     "norms": (),
     "features": ("backward",),  # features_grad, for Grad-CAM on features
+    "head_output": (),
+    "ablation_effect": ("ablations",),  # one forward per head (capture/interventions.py), no backward
     "attnlrp": ("attnlrp",),  # a forward and backward of their own (vitlens.capture.attnlrp)
     "attnlrp_cp": ("attnlrp_cp",),
     "legrad": ("legrad",),  # a forward and one small backward per block (vitlens.capture.legrad)
 }
+
+#: Groups stored only when named in ``keep=`` (not part of ``"all"``: they cost storage or forwards):
+#: ``head_output``, each head's output as it reaches the output projection (what mean-ablation
+#: averages, see :mod:`vitlens.capture.interventions`); ``ablation_effect``, the drop of the target
+#: logit and probability when each head alone is ablated (one forward per head, no backward);
+#: ``attnlrp`` / ``attnlrp_cp``, the AttnLRP passes (relevance through the softmax / CP-LRP), and
+#: ``legrad``, LeGrad's per-layer gradients — each a pass of its own, for those methods
+#: (``keep=("all", *vl.methods.extra_groups())`` records what every method reads).
+EXTRA_GROUPS = ("head_output", "ablation_effect", "attnlrp", "attnlrp_cp", "legrad")
+
+#: the extra groups that need the target's gradients (dropped under ``grads=False``)
+_GRADIENT_EXTRAS = ("attnlrp", "attnlrp_cp", "legrad")
 
 _TOKEN_VARS = (
     "token_norm",
@@ -63,17 +75,18 @@ _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 def _resolve_keep(keep: str | Iterable[str], grads: bool) -> set[str]:
     if isinstance(keep, str):
-        keep = (keep,)
-    chosen = set()
-    for group in keep:  # "all": every group but the extra passes, which are named
-        chosen |= {g for g in KEEP_GROUPS if g not in EXTRA_GROUPS} if group == "all" else {group}
-    unknown = chosen - set(KEEP_GROUPS)
+        keep = KEEP_GROUPS if keep == "all" else (keep,)
+    chosen = set(keep)
+    if "all" in chosen:  # e.g. keep=["all", "head_output"]
+        chosen = (chosen - {"all"}) | set(KEEP_GROUPS)
+    unknown = chosen - set(KEEP_GROUPS) - set(EXTRA_GROUPS)
     if unknown:
-        raise OptionError(f"keep= got {sorted(unknown)}; choose from {list(KEEP_GROUPS)} or 'all'.")
+        raise OptionError(f"keep= got {sorted(unknown)}; choose from {list(KEEP_GROUPS)} or 'all' "
+                          f"(and, named, {list(EXTRA_GROUPS)}).")
     if not chosen:
         raise OptionError(f"keep= is empty; choose from {list(KEEP_GROUPS)} or 'all'.")
-    if not grads:  # (the extra passes are gradients too)
-        chosen -= {"attention_grad", "attention_relevance", *EXTRA_GROUPS}
+    if not grads:
+        chosen -= {"attention_grad", "attention_relevance", *_GRADIENT_EXTRAS}
     return chosen
 
 
@@ -199,6 +212,9 @@ class CapturePlan:
         The stored floating-point dtype.
     batch_size
         Images per forward pass.
+    intervention
+        The :class:`~vitlens.capture.interventions.Intervention` applied to every forward
+        pass (ablation, patching), or ``None``.
     lrp_dtype
         The dtype of the αβ LRP pass (:mod:`vitlens.capture.precision`).
     """
@@ -207,6 +223,7 @@ class CapturePlan:
     grads: bool
     dtype: str
     batch_size: int
+    intervention: Any = None
     lrp_dtype: str = "float32"
 
     @property
@@ -228,6 +245,13 @@ class CapturePlan:
         if self.lrp_dtype != "float32":  # (recorded only when asked: older stores' fingerprints stay valid)
             options["lrp_dtype"] = self.lrp_dtype
         return options
+
+    @property
+    def run_options(self) -> dict[str, Any]:
+        """What a streaming run's fingerprint holds: the options and the intervention's digest."""
+        if self.intervention is None:
+            return self.options
+        return {**self.options, "intervention": self.intervention.digest()}
 
 
 def _plan(keep: str | Iterable[str], grads: bool, dtype: str, batch_size: int | None,
@@ -261,6 +285,10 @@ def capture(
     resume: bool = False,
     text: Sequence[str] | torch.Tensor | None = None,
     processor: Any = None,
+    ablate: Mapping[int, Any] | None = None,
+    ablation: str = "zero",
+    reference: Any = None,
+    intervention: Any = None,
     lrp_dtype: str = "float32",
 ) -> xr.DataTree:
     """Run ``model`` once on ``images`` and record its internals into a labeled DataTree.
@@ -276,8 +304,9 @@ def capture(
     images
         A path or list of paths, PIL image(s), arrays ``(H, W, 3)`` or
         ``(sample, H, W, 3)`` in [0, 1] or uint8 (xarray too), or a ready,
-        normalised tensor ``(B, 3, H, W)``. Arrays at the model's input size are
-        only normalised; others go through timm's eval transform for the model.
+        normalised tensor ``(B, 3, H, W)`` (e.g. a processor's ``pixel_values``).
+        Arrays at the model's input size are only normalised; others go through
+        timm's eval transform for the model (a transformers model's image processor).
     target
         Class to explain: ``None`` (each image's predicted class), one int or
         class name for all images, or one per image; or a callable
@@ -290,10 +319,9 @@ def capture(
     grads
         Run the backward pass (needed by gradient-based methods and LRP).
     keep
-        ``"all"`` or a subset of :data:`KEEP_GROUPS` to bound storage. The
-        :data:`EXTRA_GROUPS` (``"attnlrp"``, ``"attnlrp_cp"``, ``"legrad"``) run a
-        pass of their own and are stored only when named, e.g.
-        ``keep=("all", "legrad")``.
+        ``"all"`` or a subset of :data:`KEEP_GROUPS` to bound storage; the groups of
+        :data:`EXTRA_GROUPS` are stored only when named (``keep=["all", "head_output"]``;
+        ``keep=("all", "legrad")`` for LeGrad's pass, ``"attnlrp_cp"``/``"attnlrp"`` for AttnLRP's).
     dtype
         ``"float32"`` or ``"float16"`` for the stored floating-point arrays.
     batch_size
@@ -318,7 +346,26 @@ def capture(
         prompts, and ``target`` picks a prompt by index or text. See
         :mod:`vitlens.capture.text`.
     processor
-        Tokenises ``text`` strings (default: the processor saved with the model).
+        Hugging Face models: the image processor that preprocesses the pictures
+        (default: the one saved or loaded with the model), the tokenizer of the
+        ``text`` prompts, or a multimodal processor holding both. A ready tensor
+        needs none: the maps do not depend on it, and without one the picture is
+        the tensor itself (with an :class:`~vitlens.ImageProcessorWarning`).
+    ablate
+        Switch heads off in the model for this capture: ``{block: [heads]}`` (global
+        block indices; ``"all"`` for every head of a block). A head's output is its slice
+        of the input of the attention's output projection; in Swin it is switched off in
+        every window of its block. Everything is recorded from the ablated forward and
+        backward; the capture's ``intervention`` attribute says what was done.
+    ablation
+        ``"zero"`` (the heads' outputs become 0) or ``"mean"`` (their mean over
+        ``reference``, per token position).
+    reference
+        For ``ablation="mean"``: images, or a capture/store made with
+        ``keep=[..., "head_output"]``.
+    intervention
+        A ready :class:`~vitlens.capture.interventions.Intervention` (what
+        :func:`vitlens.patch` and the widgets pass) instead of ``ablate``/``ablation``/``reference``.
     lrp_dtype
         ``"float32"`` (default) or ``"float64"``: the precision of the αβ LRP
         pass behind Transformer Attribution (:mod:`vitlens.capture.precision`).
@@ -341,6 +388,9 @@ def capture(
     >>> cap = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)))
     >>> cap["stage0"].attention.dims
     ('sample', 'layer', 'head', 'query', 'key')
+    >>> off = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)), ablate={11: [0, 1, 2]})
+    >>> off.attrs["intervention"]
+    '{"ablation": "zero", "heads": {"11": [0, 1, 2]}, "kind": "ablate"}'
     """
     from .targets import Target, is_callable_target
 
@@ -348,16 +398,29 @@ def capture(
         from ..models import embedding_model
 
         model = embedding_model(model) or model
-    adapter = bind_text(adapter_for(model), text, processor)
+    adapter = bind_inputs(adapter_for(model), text, processor)
     plan = _plan(keep, grads, dtype, batch_size, lrp_dtype)
     if is_callable_target(target) and not grads:
         raise OptionError("a callable target is explained through gradients: pass grads=True.")
+    if is_callable_target(target) and "ablation_effect" in plan.kept:
+        raise OptionError("ablation_effect measures the drop of a class's logit; a callable target has none: "
+                          "capture it with a class target.")
     device = check_model(model, device, grads)
+    if intervention is None:
+        from .interventions import resolve
+
+        intervention = resolve(adapter, ablate, ablation, reference, for_importance="ablation_effect" in plan.kept,
+                               batch_size=plan.batch_size, progress=progress)
+    elif ablate is not None or reference is not None:
+        raise OptionError("pass either intervention= or ablate=/ablation=/reference=, not both.")
+    plan = replace(plan, intervention=intervention)
     if store is not None:
         from .fingerprint import run_fingerprint
         from .stream import capture_to_store
 
-        fingerprint = run_fingerprint(model, images, target, plan.options)
+        if intervention is not None and intervention.per_image:
+            raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
+        fingerprint = run_fingerprint(model, images, target, plan.run_options)
         part = functools.partial(_capture_part, adapter, model, plan, device)
         return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
                                 resume=resume, progress=progress, fingerprint=fingerprint)
@@ -400,13 +463,40 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="capture", unit="batch")
-    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False) as rec:
+    from .interventions import Intervening, stored_values
+
+    iv = plan.intervention
+    if iv is not None and iv.per_image:
+        _check_rows(iv, n)
+    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False) as rec, \
+            Intervening(adapter, iv, record_heads="head_output" in plan.recorded,
+                        every_block="ablations" in plan.passes) as hooks:
+        if iv is not None and iv.token_layer is not None:  # patched tokens: the LRP walk stops there
+            rec.constant_tokens = {iv.token_layer: list(iv.token_index)}
         for start in starts:
             rec.reset()
             x = batch.pixels[start : start + plan.batch_size].to(device, model_dtype)
-            _capture_batch(adapter, rec, x, targets, start, plan, buffers, explained)
+            hooks.select(start, start + x.shape[0])
+            _capture_batch(adapter, rec, x, targets, start, plan, buffers, hooks, bool(progress), explained)
     check_finite(buffers.items())
-    return _assemble(adapter, model, batch, buffers, names, plan, explained)
+    tree = _assemble(adapter, model, batch, buffers, names, plan, explained)
+    if iv is not None and (iv.heads or iv.token_layer is not None):
+        tree.attrs["intervention"] = json.dumps(iv.describe(), sort_keys=True)
+        for name, variables in stored_values(iv, adapter).items():  # what redoing it needs (mean ablation)
+            node = tree[name].to_dataset(inherit=False)
+            tree[name].dataset = node.assign_coords(ablated_layer=variables.pop("ablated_layer")).assign(variables)
+    if "ablations" in plan.passes:  # how each head was ablated in turn
+        tree.attrs["ablation_effect"] = json.dumps({"ablation": iv.mode, **iv.source}, sort_keys=True)
+    return tree
+
+
+def _check_rows(intervention: Any, n: int) -> None:
+    rows = {v.shape[0] for v in intervention.values.values()}
+    if intervention.token_values is not None:
+        rows.add(intervention.token_values.shape[0])
+    if rows - {1, n}:
+        raise OptionError(f"the intervention holds values for {sorted(rows - {1})} images; the capture has {n}: "
+                          "give one source image for all, or one per image.")
 
 
 def _input_samples(images: Any, n: int) -> np.ndarray | None:
@@ -421,7 +511,8 @@ def _input_samples(images: Any, n: int) -> np.ndarray | None:
 
 
 def _capture_batch(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarray | None, start: int,
-                   plan: CapturePlan, buffers: _Buffers, explained: Any = None) -> None:
+                   plan: CapturePlan, buffers: _Buffers, hooks: Any = None, progress: bool = False,
+                   explained: Any = None) -> None:
     """One batch: record the forward pass, run the plan's passes, store what the plan keeps."""
     from .targets import score
 
@@ -431,6 +522,7 @@ def _capture_batch(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np
     buffers.put("target", start, tgt.to(torch.int64))
     if recorded.scores is not None:
         buffers.put("target_score", start, recorded.scores, torch.float32)
+    _store_interventions(adapter, rec, x, tgt, logits, start, plan, buffers, hooks, progress)
     _store_blocks(adapter, rec, tgt, start, plan, buffers, recorded.seed, recorded.seed_tokens)
     _store_tokens(adapter, rec, start, plan, buffers, feat_grad)
     _extra_passes(adapter, rec, x, start, plan, buffers, lambda out: score(explained, out, tgt))
@@ -492,6 +584,30 @@ def _record(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarra
             rec.finish_attention()
     out.logits, out.target = logits.detach(), tgt
     return out
+
+
+def _store_interventions(adapter: Adapter, rec: Recorder, x: torch.Tensor, tgt: torch.Tensor, logits: torch.Tensor,
+                         start: int, plan: CapturePlan, buffers: _Buffers, hooks: Any, progress: bool) -> None:
+    """The heads' outputs (``head_output``) and, one forward per head, each head's ablation effect."""
+    b = x.shape[0]
+    if "head_output" in plan.recorded:
+        from .interventions import head_output_array
+
+        for stage in adapter.stages:
+            buffers.put(f"{stage.name}/head_output", start,
+                        [head_output_array(hooks.head_outputs.pop(l), b, stage.num_heads) for l in stage.layers])
+    if "ablations" in plan.passes:
+        from .interventions import ablation_effects
+
+        rec.paused = True
+        try:
+            effects = ablation_effects(adapter, x.detach(), tgt, logits, hooks, rows=plan.batch_size,
+                                       progress=progress)
+        finally:
+            rec.paused = False
+        for stage in adapter.stages:
+            for i, var in enumerate(("ablation_effect", "ablation_probability_drop")):
+                buffers.put(f"{stage.name}/{var}", start, [effects[l][i] for l in stage.layers], torch.float32)
 
 
 def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, start: int, plan: CapturePlan,
@@ -594,6 +710,10 @@ _DIMS = {
 
 
 def _dims(var: str, windowed: bool) -> tuple[str, ...]:
+    if var in ("ablation_effect", "ablation_probability_drop"):
+        return ("sample", "layer", "head")
+    if var == "head_output":
+        return ("sample", "layer", "head", *(("window",) if windowed else ()), "query", "head_dim")
     if var.startswith("attention"):
         d = _DIMS["attention"]
         return d[:3] + ("window",) + d[3:] if windowed else d
@@ -718,6 +838,10 @@ _DESCRIPTIONS = {
     "features_grad": "gradient of the target logit w.r.t. the features",
     "window_token": "stage token index of each window position (after the cyclic shift)",
     "readout_weights": "weight of each token in the attention-pool read-out (mean over heads): the read-out row",
+    "head_output": "each head's output as it reaches the attention's output projection (after any intervention)",
+    "ablation_effect": "drop of the target logit when this head alone is ablated (clean minus ablated)",
+    "ablation_probability_drop": "drop of the target's softmax probability when this head alone is ablated",
+    "ablation_mean": "the mean each ablated head's output was replaced with (mean ablation), per token position",
     "merge_share": "LRP share of each token in the relevance of the merged token it forms in the next stage",
     "attnlrp_relevance": "AttnLRP relevance (x·∂y/∂x over channels) of each token entering the block",
     "attnlrp_cp_relevance": "CP-LRP relevance (attention held constant) of each token entering the block",

@@ -2,12 +2,16 @@
 
 Arrays and images already at the model's input size are only normalised (so maps
 align with their pixels); anything else goes through timm's own eval transform
-for the model (``resolve_data_config`` / ``create_transform``).
+for the model (``resolve_data_config`` / ``create_transform``), or a Hugging Face
+model's own image processor. A ready tensor is the model's input as it is; only
+its picture needs the normalisation, and a Hugging Face model without an image
+processor shows the tensor itself (see :func:`prepare`).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ImageError
+from ..errors import ImageError, ImageProcessorWarning
 from ..models.adapter import Adapter
 
 
@@ -29,10 +33,14 @@ class Batch:
     std: tuple[float, float, float]
 
 
-def data_config(adapter: Adapter) -> dict[str, Any]:
-    """timm's data config with the model's *real* input size (not the pretrained one)."""
+def data_config(adapter: Adapter, required: bool = True) -> dict[str, Any] | None:
+    """timm's data config with the model's *real* input size (not the pretrained one).
+
+    A transformers model's comes from its image processor; without one, ``None``
+    unless it is ``required`` (then an :class:`ImageError` says how to pass it).
+    """
     if hasattr(adapter, "data_config"):  # e.g. from a transformers image processor
-        return adapter.data_config()
+        return adapter.data_config(required=required)
     from timm.data import resolve_data_config
 
     h, w = adapter.input_size
@@ -153,42 +161,23 @@ def _split(images: Any) -> list[Any]:
 
 
 def prepare(images: Any, adapter: Adapter) -> Batch:
-    """Model-ready batch for ``images`` (see :func:`vitlens.capture`)."""
+    """Model-ready batch for ``images`` (see :func:`vitlens.capture`).
+
+    A tensor is the model's input as it is. Its picture undoes the model's
+    normalisation; a transformers model without an image processor has none to
+    undo, so the picture is the tensor rescaled to [0, 1] as a whole, recorded as
+    its ``mean``/``std`` (normalising the picture with them gives the tensor back),
+    with an :class:`~vitlens.errors.ImageProcessorWarning`.
+    """
+    if isinstance(images, torch.Tensor):
+        return _ready_tensor(images, adapter)
     cfg = data_config(adapter)
+    assert cfg is not None
     mean = tuple(float(m) for m in cfg["mean"])
     std = tuple(float(s) for s in cfg["std"])
     h, w = adapter.input_size
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
-
-    if isinstance(images, torch.Tensor):
-        x = images.detach()
-        if x.is_complex() or x.dtype == torch.bool or not x.is_floating_point():
-            raise ImageError(
-                f"a tensor is taken as a ready, normalised float batch (B, 3, {h}, {w}); got dtype {x.dtype}. "
-                "Pass real float pixels normalised for the model, or pictures as numpy arrays (H, W, 3) in "
-                "[0, 1] / uint8 for vitlens to normalise."
-            )
-        if x.ndim == 3:
-            x = x.unsqueeze(0)
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ImageError(
-                f"a tensor is taken as a ready, normalised batch (B, 3, {h}, {w}); got shape "
-                f"{tuple(images.shape)}."
-            )
-        if x.shape[0] == 0:
-            raise ImageError("empty batch: pass at least one image.")
-        if tuple(x.shape[-2:]) != (h, w) and not adapter.dynamic_size:  # dynamic: any size
-            raise ImageError(
-                f"this model takes {h}×{w} inputs; the tensor is {x.shape[-2]}×{x.shape[-1]}. "
-                "Resize it, or pass the picture as an array or PIL image so vitlens applies "
-                "the model's own transform."
-            )
-        x = x.float().cpu()
-        if not torch.isfinite(x).all():
-            raise ImageError("the input tensor contains NaN or infinite values.")
-        display = (x * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-        return Batch(x, np.ascontiguousarray(display, dtype=np.float32), mean, std)
 
     items = _split(images)
     if not items:
@@ -229,3 +218,49 @@ def prepare(images: Any, adapter: Adapter) -> Batch:
         displays.append((t * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy())
     x = torch.cat(pixels)
     return Batch(x, np.ascontiguousarray(np.concatenate(displays), dtype=np.float32), mean, std)
+
+
+def _ready_tensor(images: torch.Tensor, adapter: Adapter) -> Batch:
+    h, w = adapter.input_size
+    x = images.detach()
+    if x.is_complex() or x.dtype == torch.bool or not x.is_floating_point():
+        raise ImageError(
+            f"a tensor is taken as a ready, normalised float batch (B, 3, {h}, {w}); got dtype {x.dtype}. "
+            "Pass real float pixels normalised for the model, or pictures as numpy arrays (H, W, 3) in "
+            "[0, 1] / uint8 for vitlens to normalise."
+        )
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ImageError(
+            f"a tensor is taken as a ready, normalised batch (B, 3, {h}, {w}); got shape "
+            f"{tuple(images.shape)}."
+        )
+    if x.shape[0] == 0:
+        raise ImageError("empty batch: pass at least one image.")
+    if tuple(x.shape[-2:]) != (h, w) and not adapter.dynamic_size:  # dynamic: any size
+        raise ImageError(
+            f"this model takes {h}×{w} inputs; the tensor is {x.shape[-2]}×{x.shape[-1]}. "
+            "Resize it, or pass the picture as an array or PIL image so vitlens applies "
+            "the model's own transform."
+        )
+    x = x.float().cpu()
+    if not torch.isfinite(x).all():
+        raise ImageError("the input tensor contains NaN or infinite values.")
+    cfg = data_config(adapter, required=False)
+    if cfg is None:  # picture = (x - lo) / span, i.e. the normalisation mean = -lo / span, std = 1 / span
+        lo, span = float(x.min()), float(x.max() - x.min()) or 1.0
+        mean, std = (-lo / span,) * 3, (1.0 / span,) * 3
+        warnings.warn(
+            f"{type(adapter.model).__name__} has no image processor: the maps are exact, but the picture is the "
+            "input tensor rescaled to [0, 1], not its true colours; for those, pass the processor that made it: "
+            "vl.capture(model, pixel_values, processor=image_processor).",
+            ImageProcessorWarning, stacklevel=4,
+        )
+    else:
+        mean = tuple(float(m) for m in cfg["mean"])
+        std = tuple(float(s) for s in cfg["std"])
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    display = (x * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return Batch(x, np.ascontiguousarray(display, dtype=np.float32), mean, std)

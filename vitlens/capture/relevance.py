@@ -131,6 +131,9 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, 
                 for layer, part in zip(reversed(stage.layers), reversed(stage.parts)):
                     total_out = r.reshape(r.shape[0], -1).sum(1)
                     r, r_probs = _block(part, stage, rec, layer, r, to_input or layer > 0)
+                    cut = rec.constant_tokens.get(layer)
+                    if cut is not None and r is not None:  # patched tokens: constants, no relevance flows back
+                        r[:, cut] = 0
                     if on_layer is None:
                         out[layer] = r_probs
                     else:

@@ -1,4 +1,4 @@
-"""Text prompts as classes: ``vl.capture(clip_model, images, text=[...])``.
+"""Text prompts as classes, and the processor a capture is given: ``vl.capture(model, images, text=, processor=)``.
 
 For image–text models (CLIP) the logits of a capture are the similarities of
 each image with each prompt, one column per prompt, and the class names are
@@ -6,7 +6,14 @@ the prompts; ``target`` picks a prompt by index or by its text. Prompts are
 strings, tokenised by the model's own processor (the one ``vl.load_model``
 found beside the weights, or ``processor=``), or ready ``input_ids`` (a
 LongTensor, one row per prompt). The adapter computes the text embeddings
-(:meth:`bind_text`); this module only turns what the user passed into ids.
+(:meth:`bind_text`); this module only turns what the user passed into ids, and
+refuses prompts the tokenizer cannot tell apart (identical ids would give every
+prompt the same logits and maps).
+
+``processor=`` is what the user has from ``transformers``: an image processor
+(it preprocesses the pictures), a tokenizer (it tokenises the prompts), or a
+multimodal processor holding both (``CLIPProcessor``, ``AutoProcessor``):
+:func:`bind_inputs` gives each part to what uses it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,30 @@ import torch
 
 from ..errors import OptionError
 from ..models.adapter import Adapter
+
+#: base classes of transformers' image processors (by name: transformers is never imported here)
+_IMAGE_PROCESSORS = ("ImageProcessingMixin", "BaseImageProcessor", "BaseImageProcessorFast")
+
+
+def split_processor(processor: Any) -> tuple[Any | None, Any | None]:
+    """``(image processor, tokenizer)`` of a ``processor=``: either, or both for a multimodal processor.
+
+    Examples
+    --------
+    >>> import transformers
+    >>> split_processor(transformers.ViTImageProcessor())[1] is None
+    True
+    >>> split_processor(None)
+    (None, None)
+    """
+    if processor is None:
+        return None, None
+    images, tokenizer = getattr(processor, "image_processor", None), getattr(processor, "tokenizer", None)
+    if images is not None or tokenizer is not None:  # CLIPProcessor, SiglipProcessor, AutoProcessor...
+        return images, tokenizer
+    if any(c.__name__ in _IMAGE_PROCESSORS for c in type(processor).__mro__):
+        return processor, None
+    return None, processor  # a tokenizer: anything that turns text=[...] into input_ids
 
 
 def _tokenizer(model: Any, processor: Any, required: bool) -> Any | None:
@@ -58,6 +89,7 @@ def tokenize(model: Any, text: Any, processor: Any = None) -> tuple[torch.Tensor
                 f"text= as a tensor takes token ids: a LongTensor (prompts, tokens); got {text.dtype} "
                 f"of shape {tuple(text.shape)}."
             )
+        _check_distinct(text, [f"prompt {i}" for i in range(text.shape[0])], None)
         tok = _tokenizer(model, processor, required=False) if model is not None else None
         prompts = [f"prompt {i}" for i in range(text.shape[0])]
         if tok is not None and hasattr(tok, "batch_decode"):
@@ -72,19 +104,65 @@ def tokenize(model: Any, text: Any, processor: Any = None) -> tuple[torch.Tensor
         raise OptionError(f"text= has repeated prompts {prompts}: each prompt is one class; pass each once.")
     tok = _tokenizer(model, processor, required=True)
     enc = tok(text=prompts, padding=True, return_tensors="pt")
+    _check_distinct(enc["input_ids"], prompts, tok)
     return enc["input_ids"], enc.get("attention_mask"), prompts
 
 
-def bind_text(adapter: Adapter, text: Any, processor: Any = None) -> Adapter:
+def _check_distinct(ids: torch.Tensor, prompts: list[str], tokenizer: Any) -> None:
+    """Refuse prompts that became the same token ids: they would be one class under several names."""
+    seen: dict[tuple[int, ...], str] = {}
+    for prompt, row in zip(prompts, ids.tolist(), strict=True):
+        if tuple(row) in seen:
+            first = seen[tuple(row)]
+            if tokenizer is None:
+                raise OptionError(f"text= has the same token ids in two rows ({first!r} and {prompt!r}): each row is "
+                                  "one class; pass each prompt once.")
+            source = getattr(tokenizer, "name_or_path", "") or "(not saved)"
+            raise OptionError(
+                f"the tokenizer {type(tokenizer).__name__} from {source} gives the prompts {first!r} and {prompt!r} "
+                f"the same token ids {list(row)}: their logits and maps would be identical. It probably has no "
+                "vocabulary (e.g. built offline without its files): save the model's real tokenizer beside the "
+                "weights, pass it with processor=, or pass token ids as a LongTensor."
+            )
+        seen[tuple(row)] = prompt
+
+
+def bind_text(adapter: Adapter, text: Any, tokenizer: Any = None) -> Adapter:
     """The adapter with ``text`` as its classes; unchanged when no text is given."""
     if text is None:
-        if processor is not None:
-            raise OptionError("processor= tokenises the text= prompts; pass text=[...] too.")
         return adapter
     if not hasattr(adapter, "bind_text"):
         raise OptionError(
             f"text= is for image-text models (CLIP); {type(adapter.model).__name__} has class logits: "
             "choose a class with target= instead."
         )
-    ids, mask, prompts = tokenize(adapter.model, text, processor)
+    ids, mask, prompts = tokenize(adapter.model, text, tokenizer)
     return adapter.bind_text(ids, mask, prompts)
+
+
+def bind_inputs(adapter: Adapter, text: Any = None, processor: Any = None) -> Adapter:
+    """The adapter with ``processor``'s image part preprocessing and ``text`` as its classes (tokenised by
+    ``processor``'s tokenizer, else the model's own); see the module docstring.
+
+    Examples
+    --------
+    >>> import torch, transformers, vitlens as vl
+    >>> cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...                              intermediate_size=32, image_size=16, patch_size=8, num_labels=2)
+    >>> adapter = vl.models.adapter_for(transformers.ViTForImageClassification(cfg))
+    >>> processor = transformers.ViTImageProcessor(size={"height": 16, "width": 16})
+    >>> bind_inputs(adapter, processor=processor).image_processor() is processor
+    True
+    """
+    images, tokenizer = split_processor(processor)
+    if images is not None:
+        if not hasattr(adapter, "with_image_processor"):
+            raise OptionError(
+                f"processor= takes a Hugging Face image processor for transformers models; "
+                f"{type(adapter.model).__name__} preprocesses with timm's data config: pass no processor."
+            )
+        adapter = adapter.with_image_processor(images)
+    elif tokenizer is not None and text is None:
+        raise OptionError("processor= got a tokenizer, which tokenises the text= prompts: pass text=[...] too, or "
+                          "an image processor to preprocess the pictures.")
+    return bind_text(adapter, text, tokenizer)

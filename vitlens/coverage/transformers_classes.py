@@ -1,9 +1,9 @@
 """Which ``transformers`` classes vitlens explains: build each tiny at random init and check it.
 
 The classes come from the adapters (each :class:`~vitlens.models.hf_common.HFAdapter`
-lists its ``classes``); :func:`check` builds one from a small config (2 blocks per
-stage, 32 px input), captures two images — for image–text models against three
-token-id prompts —, computes all seven maps and runs the LRP pass on a bias-free
+declares its ``classes`` and ``backbones``, each with a tiny configuration:
+2 blocks per stage, 32 px input); :func:`check` builds one from it, captures two
+images — for image–text models against three token-id prompts —, computes all seven maps and runs the LRP pass on a bias-free
 copy to check conservation block by block and through the read-out, as
 :func:`vitlens.coverage.timm_names.check` does for timm names. Used by
 ``benchmarks/coverage.py`` for the transformers rows of ``docs/COVERAGE.md``.
@@ -19,62 +19,23 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any
-
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..models.registry import adapter_for
 from .timm_names import TOLERANCE, Result
-from ..models.registry import adapter_for, adapters
-
-_TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-_IMAGE = dict(image_size=32, patch_size=8)
-
-
-def _config(transformers: Any, name: str) -> Any:
-    if name.startswith("ViT"):
-        return transformers.ViTConfig(**_TOWER, **_IMAGE)
-    if name.startswith("DeiT"):
-        return transformers.DeiTConfig(**_TOWER, **_IMAGE)
-    if name.startswith("Dinov2WithRegisters"):
-        tower = {k: v for k, v in _TOWER.items() if k != "intermediate_size"}
-        return transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **tower, **_IMAGE)
-    if name.startswith("Dinov2"):
-        tower = {k: v for k, v in _TOWER.items() if k != "intermediate_size"}
-        return transformers.Dinov2Config(mlp_ratio=2, **tower, **_IMAGE)
-    if name.startswith("Beit"):
-        return transformers.BeitConfig(use_relative_position_bias=True, **_TOWER, **_IMAGE)
-    if name.startswith("Swinv2"):
-        return transformers.Swinv2Config(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
-                                         window_size=4, mlp_ratio=2.0)
-    if name.startswith("Swin"):
-        return transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
-                                       window_size=4, mlp_ratio=2)
-    text = dict(vocab_size=100, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                **_TOWER)
-    if name == "CLIPVisionModel":
-        return transformers.CLIPVisionConfig(**_TOWER, **_IMAGE)
-    if name == "SiglipVisionModel":
-        return transformers.SiglipVisionConfig(**_TOWER, **_IMAGE)
-    if name == "CLIPModel":
-        return transformers.CLIPConfig(text_config=text, vision_config={**_TOWER, **_IMAGE}, projection_dim=16)
-    if name == "SiglipModel":
-        return transformers.SiglipConfig(text_config=text, vision_config={**_TOWER, **_IMAGE})
-    raise KeyError(name)
-
 
 #: how a headless backbone given a head by :func:`vitlens.with_head` is named in the table
 HEADED = " + vl.with_head"
 
 
 def classes() -> list[str]:
-    """Every transformers class an adapter explains, in registry order, then the headless backbones."""
-    from ..models.hf_common import HFAdapter
-    from ..models.families.hf_headed import POOLS
+    """Every transformers class an adapter declares, in registry order, then the headless backbones."""
+    from ..models.hf_common import backbones, declared
 
-    return [c for a in adapters() if issubclass(a, HFAdapter) for c in a.classes] + [b + HEADED for b in POOLS]
+    return [c.name for c in declared()] + [b + HEADED for b in backbones()]
 
 
 def spread_weights(model: nn.Module, std: float = 0.3, bias_std: float = 0.1) -> nn.Module:
@@ -100,9 +61,11 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor | None]:
     """
     import transformers
 
+    from ..models.hf_common import declaration
+
     torch.manual_seed(seed)
     backbone = name.removesuffix(HEADED)
-    model = getattr(transformers, backbone)(_config(transformers, backbone)).eval()
+    model = getattr(transformers, backbone)(declaration(backbone).tiny_config(transformers)).eval()
     if backbone != name:  # a linear probe on the default pool
         from ..models.families.hf_headed import with_head
 

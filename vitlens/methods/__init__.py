@@ -126,7 +126,7 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
 
 
 def groups_of(method: str, options: Mapping[str, Any] | None = None) -> set[str]:
-    """The extra capture groups (:data:`vitlens.registry.EXTRA_GROUPS`) ``method`` reads under ``options``.
+    """The extra capture groups (:data:`vitlens.capture.api.EXTRA_GROUPS`) ``method`` reads under ``options``.
 
     Most methods read only what every capture holds (an empty set); AttnLRP and LeGrad
     read a pass of their own, made only when named in ``keep=`` (their registered ``needs``).
@@ -139,7 +139,7 @@ def groups_of(method: str, options: Mapping[str, Any] | None = None) -> set[str]
     >>> vl.methods.groups_of("rollout")
     set()
     """
-    from ..registry import EXTRA_GROUPS
+    from ..capture.api import EXTRA_GROUPS
 
     info = method_info(method)
     given = {k: v for k, v in (options or {}).items() if k in info.options()}

@@ -100,6 +100,11 @@ class Adapter:
         """Whether this adapter is the one for ``model`` (it may still refuse a variant)."""
         return False
 
+    @classmethod
+    def explains(cls) -> dict[str, list[str]]:
+        """What this adapter explains, by kind, for messages: a timm family by its name."""
+        return {"timm families" if cls.timm_modules else "other registered families": [cls.family]}
+
     # -- geometry (timm's common surface) -----------------------------------------
     @property
     def input_size(self) -> tuple[int, int]:
@@ -167,6 +172,14 @@ class Adapter:
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """A block's input/output as (B, N, C) tokens in the stage's order."""
         return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def with_tokens(self, x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """A copy of the block input ``x`` whose tokens ``index`` (stage order, as :meth:`tokens`
+        numbers them) are ``values`` (B or 1, k, C); the other tokens keep their autograd graph."""
+        out = torch.clone(x, memory_format=torch.contiguous_format)
+        flat = out.view(out.shape[0], -1, out.shape[-1])
+        flat[:, index] = values.to(flat.dtype).expand(flat.shape[0], -1, -1)
+        return out
 
     def for_input(self, size: tuple[int, int]) -> "Adapter":
         """The adapter for an input of ``size`` (H, W) pixels; refuses sizes the model cannot take.

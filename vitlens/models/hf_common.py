@@ -14,23 +14,28 @@
   config gets its implementation back. The user's model is never changed.
 - :class:`HFAdapter`: input size, class count, logits out of the model's output
   object, and preprocessing from the model's own image processor.
+- :class:`HFClass` and :class:`Backbone`: one declaration per transformers class,
+  made by its family's adapter (``classes``, ``backbones``). The adapter matches
+  models by it; the refusal of other transformers classes, ``vl.with_head``'s
+  backbones and pools, and the coverage check (:meth:`HFClass.tiny_config`) read it.
 """
 
 from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ImageError, UnsupportedModelError
-from .adapter import Adapter
+from ..errors import ImageError, OptionError, UnsupportedModelError
+from .adapter import Adapter, StageInfo
 from .hf_loading import HF_EXTRA
-from .parts import AttentionPart, LinearPart, MlpPart
+from .parts import AttentionPart, LinearPart, MlpPart, Readout
 
 #: The attention implementation a capture switches to.
 CAPTURE_ATTENTION = "vitlens_capture"
@@ -140,6 +145,113 @@ def layer_scale(module: nn.Module | None) -> nn.Module | None:
     return None if module is None or isinstance(module, nn.Identity) else module
 
 
+# -- declarations: one per transformers class --------------------------------------------------
+#: the blocks of a tiny tower (2 blocks): what the coverage check builds every class from
+TINY_BLOCKS: dict[str, Any] = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+#: a tiny image: 32 px in patches of 8
+TINY_IMAGE: dict[str, Any] = dict(image_size=32, patch_size=8)
+
+
+@dataclass(frozen=True, eq=False)
+class HFClass:
+    """One ``transformers`` class an adapter explains: everything vitlens records of it, in one place.
+
+    ``config`` names its configuration class and ``tiny`` the arguments of a tiny
+    one (2 blocks per stage, 32 px): the coverage check builds every declared
+    class from it at random init.
+
+    Examples
+    --------
+    >>> import transformers
+    >>> vit = HFClass("ViTForImageClassification", "ViTConfig", {**TINY_BLOCKS, **TINY_IMAGE})
+    >>> vit.tiny_config(transformers).num_hidden_layers
+    2
+    """
+
+    name: str
+    config: str
+    tiny: Mapping[str, Any]
+
+    def tiny_config(self, transformers: Any) -> Any:
+        """The tiny configuration (``transformers`` is the imported module)."""
+        return getattr(transformers, self.config)(**self.tiny)
+
+
+@dataclass(frozen=True, eq=False)
+class Backbone(HFClass):
+    """A headless vision backbone (no logits of its own) that :func:`vitlens.with_head` gives a head.
+
+    ``pools`` are the pooled vectors it offers the head (the first is the default):
+    ``"cls"``, ``"mean"`` (patch tokens) or ``"pooler"`` (its own pooler). A family
+    subclasses it to say where its blocks are (:meth:`stage`) and how a pool is
+    read out (:meth:`readout`).
+    """
+
+    pools: tuple[str, ...] = ("cls",)
+    #: the attention modules are called with keywords only (CLIP, SigLIP): Grad-CAM on features of a
+    #: CLS read-out then reads the last block's norm1 output, not the attention's input
+    keyword_attention: bool = False
+
+    def num_prefix(self, backbone: nn.Module) -> int:
+        """Tokens before the patch grid."""
+        return 1
+
+    def check(self, backbone: nn.Module, pool: str) -> None:
+        """Refuse a pool this instance was built without."""
+        if pool == "pooler" and getattr(backbone, "pooler", 1) is None:
+            raise OptionError(f"vl.with_head: this {self.name} was built without its pooler (add_pooling_layer=False); "
+                              "use pool='cls' or 'mean', or build it with add_pooling_layer=True.")
+
+    def pooled(self, output: Any, pool: str, num_prefix: int) -> torch.Tensor:
+        """The head's input (B, C) from the backbone's output object."""
+        if pool == "pooler":
+            return output.pooler_output
+        tokens = output.last_hidden_state
+        return tokens[:, 0] if pool == "cls" else tokens[:, num_prefix:].mean(1)
+
+    def stage(self, backbone: nn.Module, input_size: tuple[int, int], name: str) -> StageInfo:
+        """The backbone's one stage of blocks at ``input_size``."""
+        raise NotImplementedError
+
+    def readout(self, backbone: nn.Module, pool: str, head: nn.Module,
+                rule: Callable[[Sequence[nn.Module]], Callable], num_prefix: int) -> tuple[nn.Module, Readout]:
+        """``(final, read-out)`` for ``pool`` and the user's ``head``.
+
+        ``rule(layers)`` is the head's LRP rule with ``layers`` of the backbone
+        (e.g. its pooler's dense and activation) run before the head."""
+        raise NotImplementedError
+
+
+def _hf_adapters() -> list[type["HFAdapter"]]:
+    from .registry import adapters
+
+    return [a for a in adapters() if issubclass(a, HFAdapter)]
+
+
+def declared() -> list[HFClass]:
+    """Every transformers class an adapter explains (with logits of its own), in registry order."""
+    return [c for a in _hf_adapters() for c in a.classes]
+
+
+def backbones() -> dict[str, Backbone]:
+    """Every headless backbone :func:`vitlens.with_head` takes, by class name."""
+    return {b.name: b for a in _hf_adapters() for b in a.backbones}
+
+
+def declaration(name: str) -> HFClass:
+    """The declaration of the transformers class ``name`` (a class with logits or a headless backbone).
+
+    Examples
+    --------
+    >>> declaration("Dinov2Model").pools
+    ('cls', 'mean')
+    """
+    found = {c.name: c for c in declared()} | backbones()
+    if name not in found:
+        raise KeyError(f"{name}: no transformers adapter declares this class")
+    return found[name]
+
+
 class HFAdapter(Adapter):
     """Base of the ``transformers`` adapters.
 
@@ -148,12 +260,24 @@ class HFAdapter(Adapter):
     """
 
     family = ""
-    #: the transformers classes (exact names) this adapter explains
-    classes: tuple[str, ...] = ()
+    #: the transformers classes (exact classes, with logits) this adapter explains
+    classes: tuple[HFClass, ...] = ()
+    #: headless backbones of this family that vl.with_head gives a head (explained by ``hf_headed``)
+    backbones: tuple[Backbone, ...] = ()
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return transformers_class(*cls.classes)(model) if cls.classes else False
+        return transformers_class(*(c.name for c in cls.classes))(model) if cls.classes else False
+
+    @classmethod
+    def explains(cls) -> dict[str, list[str]]:
+        return {"transformers classes": [c.name for c in cls.classes],
+                "headless transformers backbones (given a head with vl.with_head)": [b.name for b in cls.backbones]}
+
+    @classmethod
+    def declaration_of(cls, model: nn.Module) -> HFClass:
+        """This adapter's declaration of ``type(model)``."""
+        return next(c for c in cls.classes if c.name == type(model).__name__)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -218,9 +342,15 @@ class HFAdapter(Adapter):
                 _PROBES.pop(part.attn.module, None)
 
     # -- preprocessing ----------------------------------------------------------------
-    def image_processor(self) -> Any:
-        """The model's own image processor (saved with it; see ``vl.load_model("hf:...")``)."""
-        proc = getattr(self.model, "vitlens_image_processor", None)
+    def with_image_processor(self, processor: Any) -> "HFAdapter":
+        """This adapter preprocessing with ``processor`` (``vl.capture(..., processor=)``); the model is untouched."""
+        self._image_processor = processor
+        return self
+
+    def image_processor(self, required: bool = True) -> Any:
+        """The model's own image processor: the one given to the capture, the one ``vl.load_model("hf:...")``
+        attached, or the one saved beside the weights; ``None`` when there is none and it is not ``required``."""
+        proc = getattr(self, "_image_processor", None) or getattr(self.model, "vitlens_image_processor", None)
         if proc is not None:
             return proc
         source = getattr(self.model.config, "_name_or_path", "") or getattr(self.model, "name_or_path", "")
@@ -231,15 +361,19 @@ class HFAdapter(Adapter):
                 return AutoImageProcessor.from_pretrained(source, local_files_only=True)
             except Exception:  # not cached / not a directory: say what to do below
                 pass
+        if not required:
+            return None
         raise ImageError(
-            f"{type(self.model).__name__}: vitlens preprocesses images with the model's own image "
-            "processor, and none was found. Load the model with vl.load_model('hf:<repo or dir>'), "
-            "or attach one: model.vitlens_image_processor = AutoImageProcessor.from_pretrained(...)."
+            f"{type(self.model).__name__}: vitlens preprocesses pictures with the model's own image processor, and "
+            "none was found. Pass it: vl.capture(model, images, processor=AutoImageProcessor.from_pretrained(...)); "
+            "or pass the pixel_values tensor your processor made; or load the model with vl.load_model('hf:<dir>')."
         )
 
-    def data_config(self) -> dict[str, Any]:
-        """``mean``, ``std`` and ``input_size`` from the image processor's config."""
-        proc = self.image_processor()
+    def data_config(self, required: bool = True) -> dict[str, Any] | None:
+        """``mean``, ``std`` and ``input_size`` from the image processor's config (``None``: no processor)."""
+        proc = self.image_processor(required)
+        if proc is None:
+            return None
         h, w = self.input_size
         return {"input_size": (3, h, w), "mean": tuple(proc.image_mean), "std": tuple(proc.image_std)}
 
@@ -260,28 +394,26 @@ class HFAdapter(Adapter):
         return transform
 
 
-#: transformers classes vitlens explains, for messages (a test keeps it equal to the adapters' ``classes``).
-SUPPORTED = (
-    "ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher",
-    "Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification", "BeitForImageClassification",
-    "SwinForImageClassification", "Swinv2ForImageClassification", "CLIPModel", "SiglipModel",
-)
-
-
 def _any_transformers_model(model: nn.Module) -> bool:
     return "transformers" in sys.modules and type(model).__module__.startswith("transformers.")
+
+
+def _missing() -> str:
+    image_text = [c.name for a in _hf_adapters() if getattr(a, "needs_text", False) for c in a.classes]
+    heads = list(backbones())
+    return ("this transformers class (a model without class or image-text logits, or a family vitlens has no "
+            f"adapter for; give a headless {', '.join(heads[:-1])} or {heads[-1]} a head with "
+            f"vl.with_head(model, head), or load the full {'/'.join(image_text)} and pass text=[...])")
+
+
+def _supported() -> str:
+    return ", ".join(c.name for c in declared())
 
 
 def _refusal() -> None:
     from .registry import register_refusal
 
-    register_refusal(
-        _any_transformers_model,
-        "this transformers class (a model without class or image-text logits, or a family vitlens has no "
-        "adapter for; give a headless ViTModel, DeiTModel, Dinov2Model, CLIPVisionModel or SiglipVisionModel "
-        "a head with vl.with_head(model, head), or load the full CLIPModel/SiglipModel and pass text=[...])",
-        ", ".join(SUPPORTED),
-    )
+    register_refusal(_any_transformers_model, _missing, _supported)
 
 
 _refusal()

@@ -12,19 +12,27 @@ directory: the cache is tried first with ``local_files_only=True``, and the hub
 is contacted only when one connection to it (or to the configured proxy)
 succeeds, so no minute of download retries is spent on a machine without a
 network.
+
+Nothing is silent: a configuration asking for absurd sizes (thousands of layers)
+is refused before anything is built, weights missing from the directory are
+named — an error for the backbone's (transformers would fill them with random
+values and only log it), a :class:`~vitlens.errors.RandomWeightsWarning` for a
+classifier head or pooler.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, RandomWeightsWarning
 
 #: Prefix of model names loaded through ``transformers``.
 HF_PREFIX = "hf:"
@@ -95,6 +103,91 @@ def _not_available(repo: str, reason: str) -> ModelLoadError:
         "model.save_pretrained(DIR) together with its image processor's save_pretrained(DIR)), "
         "copy the directory here and pass it: vl.load_model('hf:/path/to/DIR')."
     )
+
+
+#: the most layers (all stages, each tower) a configuration may ask for: ten times the deepest published ViT
+MAX_LAYERS = 1000
+#: the widest hidden / MLP size, and the largest input side, a configuration may ask for
+MAX_WIDTH = 100_000
+MAX_IMAGE_SIZE = 16_384
+
+
+def _config_sizes(config: dict, where: str = "") -> Iterator[tuple[str, str, int]]:
+    """``(kind, key, value)`` of every size in a configuration dict and its nested configs."""
+    for key, value in config.items():
+        path = f"{where}{key}"
+        if isinstance(value, dict):
+            yield from _config_sizes(value, path + ".")
+        elif key in ("num_hidden_layers", "num_layers") and isinstance(value, int):
+            yield "layers", path, value
+        elif key == "depths" and isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+            yield "layers", path, sum(value)
+        elif key in ("hidden_size", "intermediate_size", "embed_dim") and isinstance(value, int):
+            yield "width", path, value
+        elif key == "image_size":
+            sides = value if isinstance(value, (list, tuple)) else [value]
+            if all(isinstance(v, int) for v in sides):
+                yield "image", path, max(sides, default=0)
+
+
+def check_config_sizes(config: Any, source: str) -> None:
+    """Refuse a configuration whose sizes no vision transformer has, before building it.
+
+    Examples
+    --------
+    >>> import transformers
+    >>> check_config_sizes(transformers.ViTConfig(num_hidden_layers=20_000), "cfg")
+    Traceback (most recent call last):
+    ...
+    vitlens.errors.ModelLoadError: cfg: its config asks for 20000 layers (num_hidden_layers); vitlens refuses more than 1000 before building the model (the deepest published vision transformers have fewer than 100): check config.json.
+    """
+    limits = {"layers": (MAX_LAYERS, "layers", "the deepest published vision transformers have fewer than 100"),
+              "width": (MAX_WIDTH, "features per token", "the widest published ones have about 25,000"),
+              "image": (MAX_IMAGE_SIZE, "pixels per side", "pretrained ones take at most a few thousand")}
+    for kind, key, value in _config_sizes(config.to_dict()):
+        limit, unit, why = limits[kind]
+        if value > limit:
+            raise ModelLoadError(
+                f"{source}: its config asks for {value} {unit} ({key}); vitlens refuses more than {limit} before "
+                f"building the model ({why}): check config.json."
+            )
+
+
+def check_loaded_weights(model: nn.Module, info: dict, source: str, new_head: bool) -> None:
+    """Name the tensors ``from_pretrained`` could not find (``info``: its loading info).
+
+    A missing backbone tensor is a :class:`ModelLoadError`: transformers would have
+    filled it with random values. A missing classifier head or pooler is a
+    :class:`RandomWeightsWarning`, unless a new head was asked for (``new_head``).
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    if not missing:
+        return
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    body = getattr(model, prefix, None) if prefix else None
+    split = isinstance(body, nn.Module) and body is not model  # a classifier: its body, then its head
+
+    def in_head(key: str) -> bool:
+        return (split and not key.startswith(prefix + ".")) or ".pooler." in f".{key}"
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+
+    backbone = [k for k in missing if not in_head(k)]
+    if backbone:
+        raise ModelLoadError(
+            f"{source}: {len(backbone)} of the {type(model).__name__}'s tensors are missing from its weights "
+            f"({listed(backbone)}); transformers would fill them with random values, and the maps would explain "
+            "an untrained network. Save the whole model (model.save_pretrained(DIR)) or pass the directory that "
+            "holds its weights."
+        )
+    if not new_head:
+        warnings.warn(
+            f"vl.load_model({HF_PREFIX + source!r}): {listed(missing)} are not in the saved weights, so transformers "
+            "gave them RANDOM values: the logits read out through them explain nothing. Load the directory that "
+            "holds them, or pass num_classes=N to say a new, untrained head is intended.",
+            RandomWeightsWarning, stacklevel=4,
+        )
 
 
 def _model_class(transformers: Any, config: Any) -> Any:
@@ -168,11 +261,13 @@ def load_hf_model(source: str, *, num_classes: int | None = None, **kwargs: Any)
 
     try:
         config = transformers.AutoConfig.from_pretrained(where, local_files_only=local_only)
+        check_config_sizes(config, repo)
         cls = _model_class(transformers, config)
         options = dict(kwargs)
         if num_classes is not None:
             options.update(num_labels=int(num_classes), ignore_mismatched_sizes=True)
-        model = cls.from_pretrained(where, local_files_only=local_only, **options)
+        model, info = cls.from_pretrained(where, local_files_only=local_only, output_loading_info=True, **options)
+        check_loaded_weights(model, info, repo, new_head=num_classes is not None)
     except ModelLoadError:
         raise
     except Exception as exc:  # hub, format and state-dict errors come in many types

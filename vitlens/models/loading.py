@@ -72,12 +72,11 @@ def load_model(
         )
     name = name_or_module
     if name.startswith("hf:"):  # Hugging Face transformers (optional extra)
+        from .hf_common import backbones
         from .hf_loading import load_hf_model
 
-        from .families.hf_headed import POOLS
-
         model = load_hf_model(name, num_classes=num_classes, **timm_kwargs)
-        if type(model).__name__ not in POOLS:  # a headless backbone is explained once it has a head: vl.with_head
+        if type(model).__name__ not in backbones():  # a headless backbone is explained once it has a head: vl.with_head
             adapter_for(model)
         return model.to(_device(device))
     from .. import zoo

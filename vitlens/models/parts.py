@@ -215,6 +215,18 @@ class AttentionPart:
             return self.inner_norm
         return self.proj.module
 
+    def heads_output_module(self) -> nn.Module:
+        """The module whose input holds each head's output as it reaches the output projection:
+        ``proj`` (after any inner norm), shaped (B[·nW], N, heads·hd), head ``h`` in channels
+        :meth:`head_channels` ``(h)``. Interventions (ablation, patching) replace a head's slice
+        there, so that head's term ``W_O,h·o_h`` is all that changes in the branch output."""
+        return self.proj.module
+
+    def head_channels(self, head: int) -> slice:
+        """The channels of head ``head`` in the heads' concatenation (heads are concatenated in order)."""
+        hd = int(self.proj.weight.shape[1]) // self.num_heads
+        return slice(head * hd, (head + 1) * hd)
+
     def value_path(self, h: torch.Tensor) -> torch.Tensor:
         """Each token's value vector after the output projection, without its bias.
 

@@ -9,7 +9,10 @@ module to import, as xarray's backends do).
 
 Models that are recognised but not explained are listed with
 :func:`register_refusal`: the refusal names the block or head that is missing
-and, where one exists, a supported model to use instead.
+and, where one exists, a supported model to use instead. A model nothing
+recognises is told what the adapters explain, in their own terms
+(:meth:`Adapter.explains <vitlens.models.adapter.Adapter.explains>`: timm
+families, transformers classes, ...).
 
 Examples
 --------
@@ -37,16 +40,25 @@ _loaded = False
 
 @dataclass(frozen=True)
 class Refusal:
-    """A recognised but unsupported model: what is missing, and what to use instead."""
+    """A recognised but unsupported model: what is missing, and what to use instead.
+
+    Either text may be a function, read when a model is refused (e.g. a list of the
+    classes the adapters declare, which is complete only once every family is loaded).
+    """
 
     matches: Callable[[nn.Module], bool]
-    missing: str
-    instead: str = ""
+    missing: str | Callable[[], str]
+    instead: str | Callable[[], str] = ""
+
+    def texts(self) -> tuple[str, str]:
+        """``(missing, instead)`` as text."""
+        return tuple(t() if callable(t) else t for t in (self.missing, self.instead))  # type: ignore[return-value]
 
     def message(self, model: nn.Module) -> str:
-        text = f"{type(model).__name__}: vitlens cannot explain {self.missing}."
-        if self.instead:
-            text += f" Supported models of a similar kind: {self.instead}."
+        missing, instead = self.texts()
+        text = f"{type(model).__name__}: vitlens cannot explain {missing}."
+        if instead:
+            text += f" Supported models of a similar kind: {instead}."
         return text
 
 
@@ -61,7 +73,8 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-def register_refusal(matches: Callable[[nn.Module], bool], missing: str, instead: str = "") -> None:
+def register_refusal(matches: Callable[[nn.Module], bool], missing: str | Callable[[], str],
+                     instead: str | Callable[[], str] = "") -> None:
     """Refuse models for which ``matches(model)``, naming what is ``missing`` and a supported alternative."""
     _REFUSALS.append(Refusal(matches, missing, instead))
 
@@ -103,7 +116,9 @@ def _load() -> None:
         pass
 
 
-_FAMILY_ORDER = ("vit", "swin", "eva", "beit", "swinv2")  # built-ins first, whatever the import order
+# built-ins first, whatever the import order: timm's, then transformers' (as messages list them)
+_FAMILY_ORDER = ("vit", "swin", "eva", "beit", "swinv2", "hf_vit", "hf_beit", "hf_swin", "hf_swinv2", "hf_clip",
+                 "hf_siglip", "hf_headed")
 
 
 def adapters() -> list[type[Adapter]]:
@@ -131,6 +146,21 @@ def families() -> list[str]:
     return [a.family for a in adapters()]
 
 
+def supported() -> str:
+    """What the registered adapters explain, grouped as they say (timm families, transformers classes, ...).
+
+    Examples
+    --------
+    >>> supported().startswith("timm families: vit, swin, eva, beit, swinv2")
+    True
+    """
+    kinds: dict[str, list[str]] = {}
+    for cls in adapters():
+        for kind, names in cls.explains().items():
+            kinds.setdefault(kind, []).extend(names)
+    return "; ".join(f"{kind}: {', '.join(names)}" for kind, names in kinds.items() if names)
+
+
 def adapter_for(model: nn.Module) -> Adapter:
     """The :class:`Adapter` for ``model``; raises :class:`UnsupportedModelError` otherwise.
 
@@ -143,8 +173,7 @@ def adapter_for(model: nn.Module) -> Adapter:
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(
-            f"expected a torch.nn.Module (a timm model of a supported family: {', '.join(families())}); "
-            f"got {type(model).__name__}"
+            f"expected a torch.nn.Module (vitlens explains {supported()}); got {type(model).__name__}"
         )
     for cls in adapters():
         if cls.matches(model):
@@ -153,6 +182,6 @@ def adapter_for(model: nn.Module) -> Adapter:
         if refusal.matches(model):
             raise UnsupportedModelError(refusal.message(model))
     raise UnsupportedModelError(
-        f"{type(model).__name__}: vitlens explains these timm families: {', '.join(families())} "
-        "(see docs/COVERAGE.md for the model names); load one with vl.load_model(...)."
+        f"{type(model).__name__}: vitlens explains {supported()} (docs/COVERAGE.md lists the timm model names "
+        "and transformers classes); load one with vl.load_model(...)."
     )

@@ -5,13 +5,24 @@ after the cyclic shift in timm (roll, then pad, then partition), before it in
 transformers (``pad_first=True``: pad, then roll the padded grid). Padded
 positions hold no token: :func:`window_tokens` marks them :data:`PAD`,
 :func:`to_windows` fills them with zeros and :func:`from_windows` drops them.
+
+:func:`window_stages` builds the stages of a Swin (timm's and transformers', v1
+and v2) once: each family only says how one of its blocks is described.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .adapter import StageInfo
+from .parts import BlockPart
 
 #: ``window_token`` entry of a padded window position (no token of the grid).
 PAD = -1
@@ -117,3 +128,46 @@ def from_windows(xw: torch.Tensor, window: tuple[int, int], shift: tuple[int, in
     if pad_first and (ph, pw) != (h, w):
         x = x[:, :h, :w]
     return x
+
+
+class WindowBlock(NamedTuple):
+    """One Swin block as a family describes it: its parts, window and shift (rows, cols)."""
+
+    part: BlockPart
+    window: tuple[int, int]
+    shift: tuple[int, int]
+
+
+def window_stages(name: str, stages: Sequence[tuple[Sequence[nn.Module], tuple[int, int], tuple[int, int]]],
+                  block: Callable[[nn.Module, tuple[int, int], str], WindowBlock], *,
+                  pad_first: bool = False) -> list[StageInfo]:
+    """The :class:`StageInfo` of each ``(blocks, grid, stride)`` of a Swin model named ``name``.
+
+    ``block(module, grid, where)`` describes one block at its stage's token ``grid``
+    (``where`` names it in messages). Layers are numbered across stages; a stage
+    without blocks, or whose blocks do not share one window, is refused.
+
+    Examples
+    --------
+    >>> window_stages("Empty", [([], (4, 4), (8, 8))], block=None)
+    Traceback (most recent call last):
+    ...
+    vitlens.errors.UnsupportedModelError: Empty: stage 0 has no blocks.
+    """
+    out: list[StageInfo] = []
+    first = 0
+    for s, (modules, grid, stride) in enumerate(stages):
+        modules = list(modules)
+        if not modules:
+            raise UnsupportedModelError(f"{name}: stage {s} has no blocks.")
+        described = [block(m, grid, f"{name} stage {s} block {b}") for b, m in enumerate(modules)]
+        for b, d in enumerate(described):
+            if d.window != described[0].window:
+                raise UnsupportedModelError(f"{name} stage {s} block {b}: its window differs from the stage's "
+                                            "first block's.")
+        parts = [d.part for d in described]
+        out.append(StageInfo(index=s, parts=parts, layers=list(range(first, first + len(parts))), grid=grid,
+                             stride=stride, num_heads=parts[0].attn.num_heads, window=described[0].window,
+                             shifts=[d.shift for d in described], pad_first=pad_first))
+        first += len(parts)
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import traitlets
 import xarray as xr
 
-from ..errors import OptionError
+from ..errors import ImageProcessorWarning, OptionError
 from .controls import class_label, top_classes
 from .export import ExportControls
 from .figure import heatmap_trace, image_trace, image_uri, zsmooth
@@ -88,6 +89,10 @@ class ClassChoice:
         self.names = [str(n) for n in cap["class_name"].values]
         self.targets = {s: int(t) for s, t in enumerate(np.asarray(cap["target"].values))}
         self.recaptures = PanelMaps(size=4)
+        self.intervention: Any = None  # applied to every recapture (the Explorer's ablate mode)
+        self.captured = _captured_intervention(cap, model)  # the one the capture itself was made with
+        self._intervention_key: Any = None
+        self._keep: Any = None  # () -> the groups a recapture stores (None: as the capture did)
         self.dropdown = widgets.Dropdown(description=description, layout=widgets.Layout(width="250px"))
         self.dropdown.add_class(css)
         self.status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
@@ -108,16 +113,27 @@ class ClassChoice:
     def probability(self, sample: int, c: int) -> float:
         return float(softmax(self.cap["logits"].isel(sample=sample).values)[c])
 
+    def set_intervention(self, intervention: Any, keep: Any = None) -> None:
+        """Recapture with ``intervention`` (an ablation) from now on, storing the groups ``keep()``
+        returns when it runs (default: what the capture stored); ``None``: read the capture again."""
+        self.intervention = intervention
+        self._keep = keep
+        self._intervention_key = None if intervention is None else intervention.digest()
+
+    def _groups(self) -> Any:
+        return None if self._keep is None else tuple(sorted(self._keep()))
+
     def source(self, sample: int, c: int) -> tuple[xr.DataTree, int, Any]:
         """The capture explaining class ``c`` of ``sample``, its sample index there, and a cache key."""
-        if c == int(self.cap["target"].values[sample]):
+        if c == int(self.cap["target"].values[sample]) and self.intervention is None:
             return self.cap, sample, "capture"
         if self.model is None:
             raise OptionError("explaining another class needs the model: pass it, e.g. vl.Explorer(cap, model).")
-        key = (sample, c)
-        return self.recaptures.get(key, lambda: self._recapture(sample, c)), 0, key
+        keep = self._groups()
+        key = (sample, c, self._intervention_key, keep)
+        return self.recaptures.get(key, lambda: self._recapture(sample, c, keep)), 0, key
 
-    def _recapture(self, sample: int, c: int) -> xr.DataTree:
+    def _recapture(self, sample: int, c: int, keep: Any = None) -> xr.DataTree:
         import torch
 
         from ..capture import capture
@@ -126,12 +142,35 @@ class ClassChoice:
         try:
             options = json.loads(self.cap.attrs.get("options", "{}"))
             image = np.asarray(self.cap["image"].isel(sample=[sample]).values, dtype=np.float32)
+            # the model's input again: the picture normalised as the capture recorded (also for a model
+            # captured from a tensor, without the image processor that made it)
+            mean = torch.tensor(self.cap.attrs["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+            std = torch.tensor(self.cap.attrs["std"], dtype=torch.float32).view(1, 3, 1, 1)
+            pixels = (torch.from_numpy(image).permute(0, 3, 1, 2) - mean) / std
             ids = json.loads(self.cap.attrs.get("text_input_ids", "[]"))  # image-text models: the same prompts
             text = {"text": torch.tensor(ids)} if ids else {}
-            return capture(self.model, image, target=c, keep=options.get("keep", "all"),
-                           grads=options.get("grads", True), progress=False, **text)
+            keep = keep if keep is not None else options.get("keep", "all")
+            with warnings.catch_warnings():  # the capture already said how its picture was made
+                warnings.simplefilter("ignore", ImageProcessorWarning)
+                return capture(self.model, pixels, target=c, keep=keep,
+                               grads=options.get("grads", True), progress=False,
+                               intervention=self.intervention if self.intervention is not None else self.captured(),
+                               **text)
         finally:
             self.status.value = ""
+
+
+def _captured_intervention(cap: xr.DataTree, model: Any):
+    """``() -> `` the intervention ``cap`` was made with (an ablated capture's recaptures repeat it)."""
+    def rebuild():
+        if model is None or not cap.attrs.get("intervention"):
+            return None
+        from ..capture.interventions import intervention_of
+        from ..models import adapter_for
+
+        return intervention_of(cap, adapter_for(model))
+
+    return rebuild
 
 
 class CaptureView(widgets.VBox):

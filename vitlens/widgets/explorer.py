@@ -107,6 +107,15 @@ class Explorer(AttentionView):
     export_dir
         The only directory the "Save as" box writes into (default: the working
         directory); :meth:`save` from Python writes anywhere.
+    ablate
+        Start in ablate mode (needs ``model``; :mod:`vitlens.widgets.ablate`): a row of
+        head switches turns heads of the shown block off *in the model*, and every panel
+        and a top-5 probability bar (before/after) follow, one forward + backward of the
+        shown image per change. ``ablate=False`` keeps the mode's switch, off, whenever
+        ``model`` is given.
+    ablation, reference
+        How a switched-off head is replaced: ``"zero"``, or ``"mean"`` over the
+        ``reference`` images (see :func:`vitlens.capture`).
 
     Examples
     --------
@@ -142,6 +151,9 @@ class Explorer(AttentionView):
         cols: int | None = None,
         height: int | None = None,
         export_dir: str | os.PathLike | None = None,
+        ablate: bool = False,
+        ablation: str = "zero",
+        reference: Any = None,
     ) -> None:
         super().__init__()
         self._hold = 1
@@ -153,6 +165,9 @@ class Explorer(AttentionView):
             hint = (f" {method!r} reads a pass this capture was made without: capture with "
                     f"keep=('all', {', '.join(map(repr, extra_groups([method])))})." if method in method_names() else "")
             raise OptionError(f"method={method!r}; choose from {list(method_names(cap))}.{hint}")
+        if ablate and model is None:
+            raise OptionError("ablate=True switches heads off in the model: pass it, vl.Explorer(cap, model, "
+                              "ablate=True).")
         if compare_class and model is None:
             raise OptionError("compare_class=True explains a second class, which needs the model: "
                               "vl.Explorer(cap, model, compare_class=True).")
@@ -236,6 +251,10 @@ class Explorer(AttentionView):
         if self.contrast_select is not None:
             self.contrast_select.observe(self._on_contrast, "value")
 
+        from .ablate import AblateControls  # the ablate mode (a switch, off, whenever the model is given)
+
+        self.ablation = None if model is None else AblateControls(self, ablation=ablation, reference=reference,
+                                                                  active=ablate)
         self._hold = 0
         self.refresh()  # draws the first view into the plain figure
         self.figure = as_widget(fig)
@@ -255,6 +274,7 @@ class Explorer(AttentionView):
             row([self.stat_select, self.fusion_grad, self.method_select, self.opacity_slider, self.smooth_toggle],
                 layout=wrap),
             self.figure,
+            *([self.ablation.box] if self.ablation is not None else []),  # below the maps: plots keep their order
             self.captions,
             exporter.box,
             self.probe,
@@ -328,16 +348,17 @@ class Explorer(AttentionView):
         shape = (self.num_samples, len(info.layers), *info.grid)
         messages = {}
 
-        attention = query_attention(self.cap, info, sample, layer, sorted(choice[stage.index]), self.query)
-        stats = self._cache.get(("statistic", stat), lambda: statistic_array(self.cap, stat))
+        base, bi, bkey = self._shown(sample)
+        attention = query_attention(base, info, bi, layer, sorted(choice[stage.index]), self.query)
+        stats = self._cache.get(("statistic", stat, bkey), lambda: statistic_array(base, stat))
         grad = bool(self.fusion_grad.value)
         if grad:  # the gradient-weighted fusion explains a class: it reads the capture of the chosen class
             try:
                 fcap, fi, fkey = self.classes.source(sample, self.target)
             except VitlensError:
-                fcap, fi, fkey = self.cap, sample, "capture"
+                fcap, fi, fkey = base, bi, bkey
         else:
-            fcap, fi, fkey = self.cap, sample, "capture"
+            fcap, fi, fkey = base, bi, bkey
         fusion, messages["fusion"] = self._cache.get(
             ("fusion", key, stat, grad, fkey),
             lambda: safe(lambda: fusion_maps(fcap, info, choice, stat, grad), (int(fcap["sample"].size), *shape[1:])))
@@ -356,7 +377,7 @@ class Explorer(AttentionView):
             method_maps_.append(per_layer[si, li])
             method_text.append((message or captions.method_caption(info, method, layer, first, self.class_names[c],
                                                                    on_features)) + captions.precision_note(src, si, method, info))
-        maps = [attention, stats[sample, li], fusion[fi, li], *method_maps_]
+        maps = [attention, stats[bi, li], fusion[fi, li], *method_maps_]
         text = [
             captions.attention_caption(info, layer, choice, self.query),
             captions.statistic_caption(info, layer, stat),
@@ -377,6 +398,13 @@ class Explorer(AttentionView):
         if len(classes) > 1:
             titles.append(captions.panel_title(captions.method_title(method), layer, self._class_detail(classes[1])))
         return {"maps": [normalized(m) for m in maps], "captions": text, "titles": titles}
+
+    def _shown(self, sample: int) -> tuple[xr.DataTree, int, Any]:
+        """The capture the class-agnostic panels read: the Explorer's, or (heads switched off in the
+        ablate mode) the shown image's ablated recapture."""
+        if self.classes.intervention is None:
+            return self.cap, sample, "capture"
+        return self.classes.source(sample, self.target)
 
     def _class_detail(self, c: int) -> str:
         name = self.class_names[c]
@@ -421,7 +449,8 @@ class Explorer(AttentionView):
         query = "cls" if self.query is None else f"{self.query[0]},{self.query[1]}"
         self.probe.value = (f"v={self.version} layer={layer} sample={self.sample} heads={heads} query={query} "
                             f"stat={self.stat} method={self.method} class={self.target}"
-                            + (f" vs={self.contrast_target}" if self.contrast_select is not None else ""))
+                            + (f" vs={self.contrast_target}" if self.contrast_select is not None else "")
+                            + (self.ablation.probe() if self.ablation is not None else ""))
         self.timings.append(time.perf_counter() - start)
 
     def _window_lines(self, layer: int) -> tuple[list, list]:

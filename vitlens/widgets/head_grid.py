@@ -34,7 +34,8 @@ class HeadGrid(AttentionView):
     ``opacity``, ``smooth``): ``HeadGrid(cap, explorer=ex)`` (or
     ``grid.link(ex)``) links the first four to an :class:`Explorer` with
     ``traitlets.link``, so the grid follows its layer, sample and query, and a
-    click toggles the head in the Explorer.
+    click toggles the head in the Explorer — or, while the Explorer is in its
+    ablate mode, switches the head off in the model (titled "✕ switched off").
 
     Parameters
     ----------
@@ -165,6 +166,16 @@ class HeadGrid(AttentionView):
         picked = set(self.heads[stage.index]) ^ {head}
         self.heads = {**self.heads, stage.index: tuple(sorted(picked))}
 
+    def click_head(self, head: int) -> None:
+        """What a click on a head's panel does: toggle it, or — the linked Explorer in its ablate
+        mode — switch it off (or on again) in the model at the shown block."""
+        ablate = getattr(self.explorer, "ablation", None)
+        if ablate is not None and ablate.mode.value:
+            ablate.toggle(head, self.layer)
+            self.refresh()
+        else:
+            self.toggle_head(head)
+
     def export_panels(self) -> list[dict]:
         return [self._overlay_panel(t.z, ann.text) for t, ann in zip(self.heatmaps(), self.figure.layout.annotations,
                                                                       strict=True)]
@@ -197,7 +208,7 @@ class HeadGrid(AttentionView):
         widget.add_class("vitlens-figure")
         for h in range(stage.num_heads):
             widget.data[self.heatmap_trace(h)].on_click(
-                lambda trace, points, state, h=h: self.toggle_head(h) if points.xs else None)
+                lambda trace, points, state, h=h: self.click_head(h) if points.xs else None)
         self._figures[stage_index] = widget
         self._boxes[stage_index] = widgets.VBox([widget])  # a column: the figure takes its full width
 
@@ -208,6 +219,11 @@ class HeadGrid(AttentionView):
         query = self.query
         maps = head_attention(self.cap, info, self.sample, layer, query)
         chosen = self.head_choice()[stage.index]
+        ablate = getattr(self.explorer, "ablation", None)
+        off = frozenset()
+        if ablate is not None:
+            ablate.follow(self.refresh)  # switched-off heads are marked here too, whoever switches them
+            off = ablate.switched_off(layer)
         mx, my = patch_outline(info, layer, query)
         n = stage.num_heads
         with fig.batch_update():
@@ -217,7 +233,8 @@ class HeadGrid(AttentionView):
                 trace.opacity = self.opacity if h in chosen else self.opacity * DIMMED
                 trace.zsmooth = zsmooth(self.smooth)
                 fig.data[2 * n + h].update(x=mx, y=my)  # the query marker of head h's panel
-                fig.layout.annotations[h].text = f"head {h}" + ("" if h in chosen else " (off)")
+                fig.layout.annotations[h].text = f"head {h}" + ("" if h in chosen else " (off)") + (
+                    " · <span style='color:#d62728'>✕ switched off</span>" if h in off else "")
         return chosen
 
     def refresh(self) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ...errors import UnsupportedModelError
 from ..adapter import StageInfo
-from ..hf_common import HFAdapter, mlp_part, split_attention
+from ..hf_common import TINY_BLOCKS, TINY_IMAGE, HFAdapter, HFClass, mlp_part, split_attention
 from ..parts import BlockPart, Readout
 from ..registry import register_adapter
 
@@ -33,7 +33,8 @@ class HFBeitAdapter(HFAdapter):
     """``transformers`` BEiT image classifiers."""
 
     family = "hf_beit"
-    classes = ("BeitForImageClassification",)
+    classes = (HFClass("BeitForImageClassification", "BeitConfig",
+                       dict(use_relative_position_bias=True, **TINY_BLOCKS, **TINY_IMAGE)),)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

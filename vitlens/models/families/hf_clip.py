@@ -21,6 +21,8 @@ that scales every prompt's logit alike —, pass relevance on).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,9 +30,13 @@ from torch import nn
 
 from ...errors import OptionError, UnsupportedModelError
 from ..adapter import StageInfo
-from ..hf_common import HFAdapter, mlp_part, split_attention
+from ..hf_common import TINY_BLOCKS, TINY_IMAGE, Backbone, HFAdapter, HFClass, mlp_part, split_attention
 from ..parts import BlockPart, Readout
 from ..registry import register_adapter
+
+#: a tiny text tower for image-text models (token ids 3..99 are prompts in the coverage check)
+TINY_TEXT = dict(vocab_size=100, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                 **TINY_BLOCKS)
 
 
 def _pooled(out: Any) -> torch.Tensor:
@@ -54,6 +60,33 @@ def tower_stage(vision: nn.Module, input_size: tuple[int, int], num_prefix: int,
     return StageInfo(index=0, parts=parts, layers=list(range(len(parts))), grid=(h // p, w // p),
                      stride=(p, p), num_heads=parts[0].attn.num_heads, num_prefix=num_prefix,
                      prefix_kinds=["cls"] * num_prefix)
+
+
+@dataclass(frozen=True, eq=False)
+class TowerBackbone(Backbone):
+    """A CLIP or SigLIP vision tower alone (``CLIPVisionModel``, ``SiglipVisionModel``).
+
+    Its attention modules are called with keywords only, so Grad-CAM's features of a
+    CLS read-out are the last block's norm1 output."""
+
+    keyword_attention: bool = True
+
+    def stage(self, backbone: nn.Module, input_size: tuple[int, int], name: str) -> StageInfo:
+        return tower_stage(backbone, input_size, self.num_prefix(backbone), name)
+
+
+@dataclass(frozen=True, eq=False)
+class CLIPVisionBackbone(TowerBackbone):
+    """``CLIPVisionModel``: its pooled vector (``"cls"``) is ``post_layernorm`` of the CLS token."""
+
+    def pooled(self, output: Any, pool: str, num_prefix: int) -> torch.Tensor:
+        return output.pooler_output
+
+    def readout(self, backbone: nn.Module, pool: str, head: nn.Module,
+                rule: Callable[[Sequence[nn.Module]], Callable], num_prefix: int) -> tuple[nn.Module, Readout]:
+        # the read-out takes the last layer's output tokens (post_layernorm acts on the CLS token only)
+        return (backbone.encoder.layers[-1],
+                Readout("cls", head, fc_norm=backbone.post_layernorm, head_rule=rule([])))
 
 
 class ImageTextAdapter(HFAdapter):
@@ -144,7 +177,9 @@ class HFCLIPAdapter(ImageTextAdapter):
     """``CLIPModel``: the vision tower explained against text prompts, read out at CLS."""
 
     family = "hf_clip"
-    classes = ("CLIPModel",)
+    classes = (HFClass("CLIPModel", "CLIPConfig", dict(text_config=TINY_TEXT, vision_config={**TINY_BLOCKS, **TINY_IMAGE},
+                                                       projection_dim=16)),)
+    backbones = (CLIPVisionBackbone("CLIPVisionModel", "CLIPVisionConfig", {**TINY_BLOCKS, **TINY_IMAGE}),)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -20,6 +20,10 @@ backbone                                       pools
 ``SiglipVisionModel``                          ``"pooler"`` (the attention-pool head), ``"mean"``
 =============================================  ===============================================================
 
+Each backbone is declared once, by its family's module (a
+:class:`~vitlens.models.hf_common.Backbone`: its pools, blocks and read-out); the
+code here reads the declarations and names no backbone.
+
 ``head`` is an ``nn.Linear``, a :class:`SimilarityHead` (scaled cosine
 similarity with fixed embeddings, e.g. CLIP/SigLIP text embeddings), or an
 ``nn.Sequential`` of those with element-wise activations (ReLU, GELU, SiLU,
@@ -37,7 +41,7 @@ rule; the pools themselves use the read-out rules of :class:`~vitlens.models.par
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,23 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import OptionError, UnsupportedModelError
-from .hf_clip import tower_stage
-from ..hf_common import SUPPORTED, HFAdapter
-from .hf_siglip import ProbePoolReadout
-from .hf_vit import BACKBONES, prefix_kinds, vit_stage
+from ..hf_common import Backbone, HFAdapter, backbones, declared
 from ..lrp_rules import linear_alphabeta
-from ..parts import Readout
 from ..registry import register_adapter
-
-#: backbone class -> the pools it offers (the first is the default)
-POOLS: dict[str, tuple[str, ...]] = {
-    "ViTModel": ("cls", "mean", "pooler"),
-    "DeiTModel": ("cls", "mean", "pooler"),
-    "Dinov2Model": ("cls", "mean"),
-    "Dinov2WithRegistersModel": ("cls", "mean"),
-    "CLIPVisionModel": ("cls",),
-    "SiglipVisionModel": ("pooler", "mean"),
-}
 
 #: modules a head may hold between its Linears: relevance passes them unchanged
 PASS_THROUGH = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU, nn.Dropout, nn.Identity, nn.LayerNorm,
@@ -165,15 +155,16 @@ class HeadedModel(nn.Module):
     """``head(pool(backbone(pixel_values)))``: a headless transformers backbone with a head. See :func:`with_head`."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, pool: str, class_names: list[str] | None,
-                 image_processor: Any = None):
+                 image_processor: Any = None, declaration: Backbone | None = None):
         super().__init__()
         self._image_processor = image_processor
         self.backbone = backbone
         self.head = head
         self.pool = pool
         self.config = backbone.config
-        kind = type(backbone).__name__
-        self.num_prefix = len(prefix_kinds(backbone)) if kind in BACKBONES else int(kind == "CLIPVisionModel")
+        #: what vitlens knows of the backbone's class (its family's declaration)
+        self.declaration = declaration if declaration is not None else backbones()[type(backbone).__name__]
+        self.num_prefix = self.declaration.num_prefix(backbone)
         if class_names is not None:
             self.vitlens_class_names = [str(c) for c in class_names]
         name = getattr(backbone, "vitlens_name", None)
@@ -193,13 +184,7 @@ class HeadedModel(nn.Module):
 
     def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The backbone's pooled vector (B, C): the head's input."""
-        out = self.backbone(pixel_values=pixel_values)
-        if self.pool == "pooler" or type(self.backbone).__name__ == "CLIPVisionModel":
-            return out.pooler_output
-        tokens = out.last_hidden_state
-        if self.pool == "cls":
-            return tokens[:, 0]
-        return tokens[:, self.num_prefix:].mean(1)
+        return self.declaration.pooled(self.backbone(pixel_values=pixel_values), self.pool, self.num_prefix)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Logits (B, classes) of a normalised batch."""
@@ -221,7 +206,7 @@ def with_head(backbone: nn.Module, head: nn.Module, *, pool: str | None = None,
         element-wise activations, dropout and norms (see :mod:`vitlens.models.families.hf_headed`).
     pool
         Which pooled vector the head reads: ``"cls"``, ``"mean"`` or ``"pooler"``,
-        as the backbone offers (default: the first in :data:`POOLS`).
+        as the backbone offers (the table above; default: the first).
     class_names
         One name per logit (default ``"0"``, ``"1"``, ...).
     image_processor
@@ -246,26 +231,22 @@ def with_head(backbone: nn.Module, head: nn.Module, *, pool: str | None = None,
     ('hf_headed', ['cat', 'dog', 'fox'])
     """
     kind = type(backbone).__name__
-    if not isinstance(backbone, nn.Module) or not _is_transformers(backbone) or kind not in POOLS:
-        has_head = kind in SUPPORTED
+    known = backbones() if isinstance(backbone, nn.Module) and _is_transformers(backbone) else {}
+    if kind not in known:
+        has_head = kind in {c.name for c in declared()}
         hint = (f" A {kind} already has logits: pass it to vl.capture as it is." if has_head else
                 " A timm model takes its head from timm: timm.create_model(..., num_classes=N)."
                 if type(backbone).__module__.startswith("timm.") else "")
         raise UnsupportedModelError(
-            f"vl.with_head takes a headless transformers backbone ({', '.join(POOLS)}); got {kind}.{hint}"
+            f"vl.with_head takes a headless transformers backbone ({', '.join(backbones())}); got {kind}.{hint}"
         )
     if not isinstance(head, nn.Module):
         raise OptionError(f"vl.with_head: head must be a torch.nn.Module (e.g. nn.Linear); got {type(head).__name__}.")
-    pools = POOLS[kind]
+    pools = known[kind].pools
     pool = pools[0] if pool is None else pool
     if pool not in pools:
         raise OptionError(f"vl.with_head: a {kind} offers pool={' or '.join(map(repr, pools))}; got {pool!r}.")
-    if pool == "pooler" and getattr(backbone, "pooler", 1) is None:
-        raise OptionError(f"vl.with_head: this {kind} was built without its pooler (add_pooling_layer=False); "
-                          "use pool='cls' or 'mean', or build it with add_pooling_layer=True.")
-    if kind == "SiglipVisionModel" and pool == "pooler" and not getattr(backbone, "use_head", False):
-        raise OptionError("vl.with_head: this SiglipVisionModel has no attention-pool head (vision_use_head=False); "
-                          "use pool='mean'.")
+    known[kind].check(backbone, pool)
     layers = head_layers(head)
     scoring = _scoring(layers)
     if not scoring:
@@ -277,7 +258,8 @@ def with_head(backbone: nn.Module, head: nn.Module, *, pool: str | None = None,
     classes = scoring[-1].out_features
     if class_names is not None and len(class_names) != classes:
         raise OptionError(f"vl.with_head: {len(class_names)} class names for a head with {classes} outputs.")
-    return HeadedModel(backbone, head, pool, None if class_names is None else list(class_names), image_processor)
+    return HeadedModel(backbone, head, pool, None if class_names is None else list(class_names), image_processor,
+                       known[kind])
 
 
 @register_adapter
@@ -292,31 +274,17 @@ class HFHeadedAdapter(HFAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        backbone, pool = model.backbone, model.pool
-        kind = type(backbone).__name__
-        name = f"vl.with_head({kind})"
+        backbone, spec = model.backbone, model.declaration
+        name = f"vl.with_head({spec.name})"
         layers = head_layers(model.head)
         scoring = _scoring(layers)  # none: an embedding model (its "logits" are the pooled embedding)
         self._classes = scoring[-1].out_features if scoring else int(backbone.config.hidden_size)
-        if kind in BACKBONES:
-            self.stages = [vit_stage(backbone, self.input_size, name)]
-            self.final = backbone.layernorm
-            if pool == "pooler":
-                layers = [backbone.pooler.dense, backbone.pooler.activation, *layers]
-            rule = functools.partial(head_relevance, layers)
-            self.head = (Readout("cls", model.head, head_rule=rule) if pool in ("cls", "pooler") else
-                         Readout("avg", model.head, start=model.num_prefix, head_rule=rule))
-        elif kind == "CLIPVisionModel":
-            self.stages = [tower_stage(backbone, self.input_size, 1, name)]
-            self.final = self.parts[-1].module  # post_layernorm acts on the CLS token only
-            self.head = Readout("cls", model.head, fc_norm=backbone.post_layernorm,
-                                head_rule=functools.partial(head_relevance, layers))
-        else:  # SiglipVisionModel
-            self.stages = [tower_stage(backbone, self.input_size, 0, name)]
-            self.final = backbone.post_layernorm
-            rule = functools.partial(head_relevance, layers)
-            self.head = (ProbePoolReadout("map", model.head, start=0, pool=backbone.head, head_rule=rule)
-                         if pool == "pooler" else Readout("avg", model.head, start=0, head_rule=rule))
+        self.stages = [spec.stage(backbone, self.input_size, name)]
+
+        def rule(before: Sequence[nn.Module]) -> Callable:
+            return functools.partial(head_relevance, [*before, *layers])
+
+        self.final, self.head = spec.readout(backbone, model.pool, model.head, rule, model.num_prefix)
 
     @property
     def num_classes(self) -> int:
@@ -332,7 +300,7 @@ class HFHeadedAdapter(HFAdapter):
         return self.model(pixel_values=x)
 
     def features(self) -> tuple[nn.Module, str]:
-        if self.readout == "cls" and type(self.model.backbone).__name__ == "CLIPVisionModel":
+        if self.readout == "cls" and self.model.declaration.keyword_attention:
             return self.parts[-1].norm1, "output"  # the attention module is called with keywords only
         return super().features()
 

@@ -21,17 +21,19 @@ through the value projection.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import UnsupportedModelError
-from .hf_clip import ImageTextAdapter
+from ...errors import OptionError, UnsupportedModelError
+from ..hf_common import TINY_BLOCKS, TINY_IMAGE, HFClass
 from ..lrp_rules import linear_alphabeta, residual_add, safe_div
 from ..parts import LinearPart, MlpPart, Readout
 from ..registry import register_adapter
+from .hf_clip import TINY_TEXT, ImageTextAdapter, TowerBackbone
 
 
 @dataclass
@@ -86,12 +88,37 @@ class ProbePoolReadout(Readout):
         return linear_alphabeta(tokens, mha.in_proj_weight[2 * c:], r_v)
 
 
+@dataclass(frozen=True, eq=False)
+class SiglipVisionBackbone(TowerBackbone):
+    """``SiglipVisionModel``: patch tokens only; ``"pooler"`` is its attention-pool head."""
+
+    def num_prefix(self, backbone: nn.Module) -> int:
+        return 0
+
+    def check(self, backbone: nn.Module, pool: str) -> None:
+        if pool == "pooler" and not getattr(backbone, "use_head", False):
+            raise OptionError("vl.with_head: this SiglipVisionModel has no attention-pool head "
+                              "(vision_use_head=False); use pool='mean'.")
+
+    def readout(self, backbone: nn.Module, pool: str, head: nn.Module,
+                rule: Callable[[Sequence[nn.Module]], Callable], num_prefix: int) -> tuple[nn.Module, Readout]:
+        if pool == "pooler":
+            return backbone.post_layernorm, ProbePoolReadout("map", head, start=0, pool=backbone.head,
+                                                             head_rule=rule([]))
+        return backbone.post_layernorm, Readout("avg", head, start=0, head_rule=rule([]))
+
+
+_TINY_VISION = {**TINY_BLOCKS, **TINY_IMAGE}
+
+
 @register_adapter
 class HFSiglipAdapter(ImageTextAdapter):
     """``SiglipModel``: the vision tower (attention-pool head) explained against text prompts."""
 
     family = "hf_siglip"
-    classes = ("SiglipModel",)
+    classes = (HFClass("SiglipModel", "SiglipConfig", dict(text_config=TINY_TEXT, vision_config=_TINY_VISION)),)
+    backbones = (SiglipVisionBackbone("SiglipVisionModel", "SiglipVisionConfig", _TINY_VISION,
+                                      pools=("pooler", "mean")),)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -17,17 +17,20 @@ through the mergings (an odd grid merges into its ceiling half), not read from
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..windows import padded_size
 from ...errors import UnsupportedModelError
-from ..adapter import StageInfo
-from ..hf_common import HFAdapter, mlp_part, split_attention
-from ..parts import BlockPart, MergePart, Readout
+from ..hf_common import HFAdapter, HFClass, mlp_part, split_attention
+from ..parts import AttentionPart, BlockPart, LinearPart, MergePart, MlpPart, Readout
 from ..registry import register_adapter
+from ..windows import WindowBlock, padded_size, window_stages
+
+#: a tiny Swin: 32 px in patches of 2, windows of 4, two stages of 2 blocks
+_TINY = dict(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
 
 
 @dataclass
@@ -40,14 +43,6 @@ class TokenMergePart(MergePart):
         if x.ndim == 3:
             x = x.reshape(x.shape[0], *self.grid, x.shape[-1])
         return super().relevance(x, r_out)
-
-
-def _window_and_shift(layer: nn.Module, grid: tuple[int, int]) -> tuple[int, int]:
-    """What ``SwinLayer.set_shift_and_window_size`` makes of the window at this grid."""
-    window, shift = int(layer.window_size), int(layer.shift_size)
-    if min(grid) <= window:
-        return min(grid), 0
-    return window, shift
 
 
 def stage_grids(body: nn.Module) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -80,51 +75,49 @@ def _bias(layer: nn.Module, grid: tuple[int, int]):
 
 @register_adapter
 class HFSwinAdapter(HFAdapter):
-    """``transformers`` Swin v1 image classifiers."""
+    """``transformers`` Swin v1 image classifiers.
+
+    The stages are built once for v1 and v2 (:func:`~vitlens.models.windows.window_stages`);
+    a version says how one block is described (:meth:`_block`), where its body is and
+    whether its patch merging normalises before its Linear.
+    """
 
     family = "hf_swin"
-    classes = ("SwinForImageClassification",)
+    classes = (HFClass("SwinForImageClassification", "SwinConfig", dict(_TINY, mlp_ratio=2)),)
+    body = "swin"
+    merge_norm_first = True
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         name = type(model).__name__
-        swin = model.swin
+        body = getattr(model, self.body)
         if not isinstance(model.classifier, nn.Linear):
             raise UnsupportedModelError(f"{name} has no classifier head (num_labels=0).")
-        layer_index, self.stages, self._merges = 0, [], {}
-        stages = list(swin.encoder.layers)
-        grids = stage_grids(swin)
-        for s, stage in enumerate(stages):
-            blocks = list(stage.blocks)
-            if not blocks:
-                raise UnsupportedModelError(f"{name}: stage {s} has no blocks.")
-            grid, stride = grids[s]
-            parts, shifts, window = [], [], None
-            for b, layer in enumerate(blocks):
-                where = f"{name} stage {s} block {b}"
-                ws, shift = _window_and_shift(layer, grid)  # type: ignore[arg-type]
-                if window is not None and window != (ws, ws):
-                    raise UnsupportedModelError(f"{where}: its window differs from the stage's first block's.")
-                if ws != int(layer.attention.relative_position_bias.window_size[0]):
-                    raise UnsupportedModelError(f"{where}: its window shrinks below the position-bias table.")
-                window = (ws, ws)
-                shifts.append((shift, shift))
-                attn = split_attention(layer.attention, where)
-                attn.position_bias = _bias(layer, padded_size(grid, (ws, ws)))  # type: ignore[arg-type]
-                parts.append(BlockPart(module=layer, norm1=layer.layernorm_before, attn=attn,
-                                       norm2=layer.layernorm_after, mlp=mlp_part(layer.mlp, where)))
-            self.stages.append(StageInfo(
-                index=s, parts=parts, layers=list(range(layer_index, layer_index + len(parts))),
-                grid=grid, stride=stride, num_heads=parts[0].attn.num_heads,
-                window=window, shifts=shifts, pad_first=True,
-            ))
-            layer_index += len(parts)
+        stages = list(body.encoder.layers)
+        grids = stage_grids(body)
+        self.stages = window_stages(name, [(stage.blocks, *grids[s]) for s, stage in enumerate(stages)], self._block,
+                                    pad_first=True)
+        self._merges: dict[int, MergePart] = {}
+        for s, stage in enumerate(stages[:-1]):
             down = stage.downsample
-            if down is not None and s + 1 < len(stages):  # an odd grid is padded by one row/column first
-                self._merges[s + 1] = TokenMergePart(down, down.reduction, down.norm, norm_first=True,
-                                                      grid=grid)  # type: ignore[arg-type]
-        self.final = swin.layernorm
+            if down is not None:  # merges at the end of stage s: vitlens' (timm's) start of stage s + 1
+                self._merges[s + 1] = TokenMergePart(down, down.reduction, down.norm,  # an odd grid is padded first
+                                                      norm_first=self.merge_norm_first, grid=grids[s][0])
+        self.final = body.layernorm
         self.head = Readout("avg", model.classifier, start=0)
+
+    @staticmethod
+    def _block(layer: nn.Module, grid: tuple[int, int], where: str) -> WindowBlock:
+        window, shift = int(layer.window_size), int(layer.shift_size)
+        if min(grid) <= window:  # what SwinLayer.set_shift_and_window_size makes of the window at this grid
+            window, shift = min(grid), 0
+        if window != int(layer.attention.relative_position_bias.window_size[0]):
+            raise UnsupportedModelError(f"{where}: its window shrinks below the position-bias table.")
+        attn = split_attention(layer.attention, where)
+        attn.position_bias = _bias(layer, padded_size(grid, (window, window)))
+        part = BlockPart(module=layer, norm1=layer.layernorm_before, attn=attn, norm2=layer.layernorm_after,
+                         mlp=mlp_part(layer.mlp, where))
+        return WindowBlock(part, (window, window), (shift, shift))
 
     def merges(self) -> dict[int, MergePart]:
         return dict(self._merges)
@@ -181,55 +174,24 @@ class HFSwinv2Adapter(HFSwinAdapter):
     """
 
     family = "hf_swinv2"
-    classes = ("Swinv2ForImageClassification",)
+    classes = (HFClass("Swinv2ForImageClassification", "Swinv2Config", dict(_TINY, mlp_ratio=2.0)),)
+    body = "swinv2"
+    merge_norm_first = False
 
-    def __init__(self, model: nn.Module):
-        HFAdapter.__init__(self, model)
-        from ..parts import AttentionPart, LinearPart, MlpPart
+    @staticmethod
+    def _block(layer: nn.Module, grid: tuple[int, int], where: str) -> WindowBlock:
+        window, shift = int(layer.window_size), int(layer.shift_size)  # fixed at build time in v2
+        sa = layer.attention.self
+        attn = AttentionPart(
+            module=layer.attention, probs=sa.dropout, num_heads=int(sa.num_attention_heads),
+            proj=LinearPart(layer.attention.output.dense), q=LinearPart(sa.query), k=LinearPart(sa.key),
+            v=LinearPart(sa.value), logit_scale=_v2_logit_scale(sa),
+            position_bias=_v2_bias(layer, padded_size(grid, (window, window))),
+        )
+        mlp = MlpPart(layer.output, "plain", LinearPart(layer.output.dense), fc1=LinearPart(layer.intermediate.dense))
+        part = _PostNormMlpBlock(module=layer, norm1=layer.layernorm_before, attn=attn, norm2=layer.layernorm_after,
+                                 mlp=mlp, post_norm=True, mlp_in=layer.intermediate)
+        return WindowBlock(part, (window, window), (shift, shift))
 
-        name = type(model).__name__
-        body = model.swinv2
-        if not isinstance(model.classifier, nn.Linear):
-            raise UnsupportedModelError(f"{name} has no classifier head (num_labels=0).")
-        layer_index, self.stages, self._merges = 0, [], {}
-        stages = list(body.encoder.layers)
-        grids = stage_grids(body)
-        for s, stage in enumerate(stages):
-            blocks = list(stage.blocks)
-            grid, stride = grids[s]
-            parts, shifts = [], []
-            for b, layer in enumerate(blocks):
-                where = f"{name} stage {s} block {b}"
-                ws, shift = int(layer.window_size), int(layer.shift_size)  # fixed at build time in v2
-                if ws != int(blocks[0].window_size):
-                    raise UnsupportedModelError(f"{where}: its window differs from the stage's first block's.")
-                sa = layer.attention.self
-                attn = AttentionPart(
-                    module=layer.attention, probs=sa.dropout, num_heads=int(sa.num_attention_heads),
-                    proj=LinearPart(layer.attention.output.dense), q=LinearPart(sa.query), k=LinearPart(sa.key),
-                    v=LinearPart(sa.value), logit_scale=_v2_logit_scale(sa),
-                    position_bias=_v2_bias(layer, padded_size(grid, (ws, ws))),  # type: ignore[arg-type]
-                )
-                mlp = MlpPart(layer.output, "plain", LinearPart(layer.output.dense),
-                              fc1=LinearPart(layer.intermediate.dense))
-                parts.append(_PostNormMlpBlock(module=layer, norm1=layer.layernorm_before, attn=attn,
-                                               norm2=layer.layernorm_after, mlp=mlp, post_norm=True,
-                                               mlp_in=layer.intermediate))
-                shifts.append((shift, shift))
-            self.stages.append(StageInfo(
-                index=s, parts=parts, layers=list(range(layer_index, layer_index + len(parts))),
-                grid=grid, stride=stride, num_heads=parts[0].attn.num_heads,
-                window=(int(blocks[0].window_size),) * 2, shifts=shifts, pad_first=True,  # type: ignore[arg-type]
-            ))
-            layer_index += len(parts)
-            down = stage.downsample
-            if down is not None and s + 1 < len(stages):  # an odd grid is padded by one row/column first
-                self._merges[s + 1] = TokenMergePart(down, down.reduction, down.norm, norm_first=False,
-                                                      grid=grid)  # type: ignore[arg-type]
-        self.final = body.layernorm
-        self.head = Readout("avg", model.classifier, start=0)
-
-    def explicit_attention(self):
-        from contextlib import nullcontext
-
+    def explicit_attention(self) -> AbstractContextManager[None]:
         return nullcontext()  # always explicit

@@ -23,6 +23,7 @@ whole head.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,27 +31,69 @@ from torch import nn
 
 from ...errors import UnsupportedModelError
 from ..adapter import StageInfo
-from ..hf_common import HFAdapter, layer_scale, mlp_part, split_attention
+from ..hf_common import TINY_BLOCKS, TINY_IMAGE, Backbone, HFAdapter, HFClass, layer_scale, mlp_part, split_attention
 from ..lrp_rules import linear_alphabeta, mean_lrp0
 from ..parts import BlockPart, Readout
 from ..registry import register_adapter
 
-#: headless backbone class -> (layers path inside it, names of norm1/attention/norm2, layer scales)
-BACKBONES = {
-    "ViTModel": ("layers", ("layernorm_before", "attention", "layernorm_after"), None),
-    "DeiTModel": ("layers", ("layernorm_before", "attention", "layernorm_after"), None),
-    "Dinov2Model": ("encoder.layer", ("norm1", "attention", "norm2"), ("layer_scale1", "layer_scale2")),
-    "Dinov2WithRegistersModel": ("encoder.layer", ("norm1", "attention", "norm2"), ("layer_scale1", "layer_scale2")),
-}
 
-#: classifier class name -> the attribute holding its backbone (one of :data:`BACKBONES`)
-_LAYOUTS = {
-    "ViTForImageClassification": "vit",
-    "DeiTForImageClassification": "deit",
-    "DeiTForImageClassificationWithTeacher": "deit",
-    "Dinov2ForImageClassification": "dinov2",
-    "Dinov2WithRegistersForImageClassification": "dinov2_with_registers",
-}
+@dataclass(frozen=True, eq=False)
+class ViTBackbone(Backbone):
+    """A ViT-like backbone: pre-norm layers at ``layers``, each with ``norms`` (norm1, attention,
+    norm2) and, for DINOv2, LayerScales ``scales``; its final norm is ``layernorm``."""
+
+    layers: str = "layers"
+    norms: tuple[str, str, str] = ("layernorm_before", "attention", "layernorm_after")
+    scales: tuple[str, str] | None = None
+
+    def num_prefix(self, backbone: nn.Module) -> int:
+        return len(prefix_kinds(backbone))
+
+    def stage(self, backbone: nn.Module, input_size: tuple[int, int], name: str) -> StageInfo:
+        return vit_stage(backbone, input_size, name)
+
+    def readout(self, backbone: nn.Module, pool: str, head: nn.Module,
+                rule: Callable[[Sequence[nn.Module]], Callable], num_prefix: int) -> tuple[nn.Module, Readout]:
+        if pool == "pooler":  # tanh(dense(CLS)): two more layers for the head's rule
+            return backbone.layernorm, Readout("cls", head, head_rule=rule([backbone.pooler.dense,
+                                                                          backbone.pooler.activation]))
+        if pool == "cls":
+            return backbone.layernorm, Readout("cls", head, head_rule=rule([]))
+        return backbone.layernorm, Readout("avg", head, start=num_prefix, head_rule=rule([]))
+
+
+@dataclass(frozen=True, eq=False)
+class ViTClassifier(HFClass):
+    """A ViT-like image classifier: its backbone at ``body``, read out as ``readout``:
+    ``"cls"``, ``"cls+dist"`` (DeiT with teacher: the mean of a CLS and a distillation head)
+    or ``"cls+mean"`` (DINOv2: one head over ``[CLS, mean of patches]``)."""
+
+    body: str = "vit"
+    readout: str = "cls"
+
+
+_DINOV2 = dict(layers="encoder.layer", norms=("norm1", "attention", "norm2"), scales=("layer_scale1", "layer_scale2"))
+_TINY = {**TINY_BLOCKS, **TINY_IMAGE}
+_TINY_DINOV2 = {**{k: v for k, v in _TINY.items() if k != "intermediate_size"}, "mlp_ratio": 2}
+_TINY_REGISTERS = {**_TINY_DINOV2, "num_register_tokens": 2}
+
+#: the headless backbones (vl.with_head), and the classifiers built on them
+BACKBONES = (
+    ViTBackbone("ViTModel", "ViTConfig", _TINY, pools=("cls", "mean", "pooler")),
+    ViTBackbone("DeiTModel", "DeiTConfig", _TINY, pools=("cls", "mean", "pooler")),
+    ViTBackbone("Dinov2Model", "Dinov2Config", _TINY_DINOV2, pools=("cls", "mean"), **_DINOV2),
+    ViTBackbone("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", _TINY_REGISTERS, pools=("cls", "mean"),
+                **_DINOV2),
+)
+CLASSIFIERS = (
+    ViTClassifier("ViTForImageClassification", "ViTConfig", _TINY, body="vit"),
+    ViTClassifier("DeiTForImageClassification", "DeiTConfig", _TINY, body="deit"),
+    ViTClassifier("DeiTForImageClassificationWithTeacher", "DeiTConfig", _TINY, body="deit", readout="cls+dist"),
+    ViTClassifier("Dinov2ForImageClassification", "Dinov2Config", _TINY_DINOV2, body="dinov2", readout="cls+mean"),
+    ViTClassifier("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", _TINY_REGISTERS,
+                  body="dinov2_with_registers", readout="cls+mean"),
+)
+_LAYOUTS = {b.name: b for b in BACKBONES}
 
 
 @dataclass
@@ -91,7 +134,8 @@ def prefix_kinds(backbone: nn.Module) -> list[str]:
 
 def vit_stage(backbone: nn.Module, input_size: tuple[int, int], name: str) -> StageInfo:
     """The one stage of a ViT/DeiT/DINOv2 backbone (one of :data:`BACKBONES`) at ``input_size``."""
-    layers_path, (n1, att, n2), scales = BACKBONES[type(backbone).__name__]
+    layout = _LAYOUTS[type(backbone).__name__]
+    layers_path, (n1, att, n2), scales = layout.layers, layout.norms, layout.scales
     try:
         layers = list(_get(backbone, layers_path))
     except AttributeError:
@@ -131,19 +175,21 @@ class HFViTAdapter(HFAdapter):
     """``transformers`` ViT, DeiT and DINOv2 image classifiers."""
 
     family = "hf_vit"
-    classes = tuple(_LAYOUTS)
+    classes = CLASSIFIERS
+    backbones = BACKBONES
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        backbone = getattr(model, _LAYOUTS[type(model).__name__])
+        declared = self.declaration_of(model)
+        backbone = getattr(model, declared.body)
         self.stages = [vit_stage(backbone, self.input_size, type(model).__name__)]
         self.final = backbone.layernorm
-        self.head = self._readout(model, self.stages[0].num_prefix)
+        self.head = self._readout(model, declared.readout, self.stages[0].num_prefix)
 
     @staticmethod
-    def _readout(model: nn.Module, num_prefix: int) -> Readout:
+    def _readout(model: nn.Module, readout: str, num_prefix: int) -> Readout:
         name = type(model).__name__
-        if name == "DeiTForImageClassificationWithTeacher":
+        if readout == "cls+dist":
             head, dist = model.cls_classifier, model.distillation_classifier
             if not (isinstance(head, nn.Linear) and isinstance(dist, nn.Linear)):
                 raise UnsupportedModelError(f"{name} has no classifier heads (num_labels=0).")
@@ -154,10 +200,10 @@ class HFViTAdapter(HFAdapter):
                 f"{name} has no classifier head (num_labels=0); vitlens explains class logits: "
                 "load it with num_classes=..."
             )
-        if name.startswith("Dinov2"):
+        if readout == "cls+mean":
             return ConcatReadout("cls", head, start=num_prefix)
         return Readout("cls", head)
 
     @property
     def distilled(self) -> bool:
-        return type(self.model).__name__ == "DeiTForImageClassificationWithTeacher"
+        return self.declaration_of(self.model).readout == "cls+dist"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 from torch import nn
 
 from ...errors import UnsupportedModelError
 from ..adapter import Adapter, StageInfo
 from ..parts import AttentionPart, BlockPart, LinearPart, MergePart, Readout
 from ..registry import register_adapter, timm_class
+from ..windows import WindowBlock, window_stages
 from .vit import mlp_part
 
 is_swin = timm_class("swin_transformer", "SwinTransformer")
@@ -24,36 +28,38 @@ def swin_bias(attn: nn.Module):
     return bias
 
 
-def window_stage(s: int, blocks: list[nn.Module], parts: list[BlockPart], first_layer: int,
-                 stride: tuple[int, int]) -> StageInfo:
-    """Stage ``s`` of a timm Swin (v1 or v2): its token grid, windows and per-block shifts.
+def timm_window_stages(model: nn.Module, merging: type, norm_first: bool,
+                       block: Callable[[nn.Module, str], BlockPart]) -> tuple[list[StageInfo], dict[int, MergePart]]:
+    """The stages and patch mergings of a timm Swin (v1 or v2); ``block(module, where)`` describes a block.
 
-    ``stride``: input pixels per token of this stage (the patch size times 2 per
-    merging so far; a merged odd grid hangs over the image edge by one token).
-    A grid that is not a multiple of the window is padded, as timm pads it (see
-    :mod:`vitlens.models.windows`).
+    A stage's grid is its blocks' ``input_resolution``; its stride (input pixels per
+    token) the patch size, doubled at each merging (a merged odd grid hangs over the
+    image edge by one token). A grid that is not a multiple of the window is padded,
+    as timm pads it (see :mod:`vitlens.models.windows`).
     """
-    return StageInfo(
-        index=s,
-        parts=parts,
-        layers=list(range(first_layer, first_layer + len(blocks))),
-        grid=tuple(int(r) for r in blocks[0].input_resolution),  # type: ignore[arg-type]
-        stride=stride,
-        num_heads=parts[0].attn.num_heads,
-        window=tuple(int(w) for w in blocks[0].window_size),  # type: ignore[arg-type]
-        shifts=[tuple(int(v) for v in b.shift_size) for b in blocks],  # type: ignore[misc]
-    )
-
-
-def stage_strides(model: nn.Module) -> list[tuple[int, int]]:
-    """Input pixels per token of each stage of a timm Swin: the patch size, doubled at each merging."""
+    name = type(model).__name__
+    merges: dict[int, MergePart] = {}
+    stages = []
     sy, sx = (int(p) for p in model.patch_embed.patch_size)
-    out = []
-    for stage in model.layers:
-        if not isinstance(stage.downsample, nn.Identity):
+    for s, stage in enumerate(model.layers):
+        down = stage.downsample
+        if isinstance(down, merging):
+            merges[s] = MergePart(down, down.reduction, down.norm, norm_first=norm_first)
             sy, sx = 2 * sy, 2 * sx
-        out.append((sy, sx))
-    return out
+        elif not isinstance(down, nn.Identity):
+            raise UnsupportedModelError(f"{name}: stage {s} downsamples with {type(down).__name__}; "
+                                        "vitlens explains timm's PatchMerging.")
+        blocks = list(stage.blocks)
+        grid = tuple(int(r) for r in blocks[0].input_resolution) if blocks else (0, 0)
+        stages.append((blocks, grid, (sy, sx)))
+
+    def describe(b: nn.Module, grid: tuple[int, int], where: str) -> WindowBlock:
+        if getattr(b, "dynamic_mask", False):
+            raise UnsupportedModelError(f"{where}: dynamic shift masks (dynamic_mask=True) are not supported.")
+        return WindowBlock(block(b, where), tuple(int(w) for w in b.window_size),  # type: ignore[arg-type]
+                           tuple(int(v) for v in b.shift_size))  # type: ignore[arg-type]
+
+    return window_stages(name, stages, describe), merges
 
 
 @register_adapter
@@ -71,49 +77,34 @@ class SwinAdapter(Adapter):
     def matches(cls, model: nn.Module) -> bool:
         return is_swin(model)
 
+    #: timm's patch merging normalises before its Linear in v1 (after it in v2)
+    merge_norm_first = True
+
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        from timm.layers import Mlp
-        from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
-
-        name = type(model).__name__
-        pool = getattr(model.head, "global_pool", None)
-        pool_type = getattr(pool, "pool_type", "avg")
-        if pool_type != "avg":
+        pool_type = getattr(getattr(model.head, "global_pool", None), "pool_type", "avg")
+        if pool_type != "avg" or not isinstance(model.head.fc, nn.Linear):
             raise UnsupportedModelError(
-                f"{name} pools with {pool_type!r}; vitlens explains Swin models read out "
-                "by global average pooling (timm's default)."
+                f"{type(model).__name__} has a {pool_type!r}-pooled head"
+                f"{'' if isinstance(model.head.fc, nn.Linear) else ' without a Linear classifier'}; vitlens "
+                "explains Swin models read out by global average pooling into class logits (timm's default, "
+                "num_classes > 0)."
             )
-        layer = 0
-        strides = stage_strides(model)
-        for s, stage in enumerate(model.layers):
-            if not isinstance(stage.downsample, (nn.Identity, PatchMerging)):
-                raise UnsupportedModelError(
-                    f"{name}: stage {s} downsamples with {type(stage.downsample).__name__}; "
-                    "vitlens supports timm's PatchMerging."
-                )
-            blocks = list(stage.blocks)
-            if not blocks:
-                raise UnsupportedModelError(f"{name}: stage {s} has no blocks.")
-            for b in blocks:
-                if type(b) is not SwinTransformerBlock or type(b.attn) is not WindowAttention:
-                    raise UnsupportedModelError(
-                        f"{name}: stage {s} has {type(b).__name__}; vitlens explains Swin v1 "
-                        "blocks (SwinTransformerBlock with WindowAttention)."
-                    )
-                if type(b.mlp) is not Mlp:
-                    raise UnsupportedModelError(f"{name}: stage {s} has a {type(b.mlp).__name__} MLP.")
-                if getattr(b, "dynamic_mask", False):
-                    raise UnsupportedModelError(f"{name}: dynamic shift masks are not supported.")
-            parts = [self._block(b) for b in blocks]
-            self.stages.append(window_stage(s, blocks, parts, layer, strides[s]))
-            layer += len(blocks)
-
+        merging = importlib.import_module(f"timm.models.{self.timm_modules[0]}").PatchMerging
+        self.stages, self._merges = timm_window_stages(model, merging, self.merge_norm_first, self._block)
         self.final = model.norm
         self.head = Readout("avg", model.head.fc, start=0)
 
     @staticmethod
-    def _block(b: nn.Module) -> BlockPart:
+    def _block(b: nn.Module, where: str) -> BlockPart:
+        from timm.layers import Mlp
+        from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
+
+        if type(b) is not SwinTransformerBlock or type(b.attn) is not WindowAttention:
+            raise UnsupportedModelError(f"{where} is a {type(b).__name__}; vitlens explains Swin v1 blocks "
+                                        "(SwinTransformerBlock with WindowAttention).")
+        if type(b.mlp) is not Mlp:
+            raise UnsupportedModelError(f"{where} has a {type(b.mlp).__name__} MLP.")
         attn = b.attn
         part = AttentionPart(
             module=attn,
@@ -124,11 +115,7 @@ class SwinAdapter(Adapter):
             scale=float(attn.scale),
             position_bias=swin_bias(attn),
         )
-        return BlockPart(module=b, norm1=b.norm1, attn=part, norm2=b.norm2, mlp=mlp_part(b.mlp, "Swin block"))
+        return BlockPart(module=b, norm1=b.norm1, attn=part, norm2=b.norm2, mlp=mlp_part(b.mlp, where))
 
     def merges(self) -> dict[int, MergePart]:
-        return {
-            s: MergePart(stage.downsample, stage.downsample.reduction, stage.downsample.norm, norm_first=True)
-            for s, stage in enumerate(self.model.layers)
-            if not isinstance(stage.downsample, nn.Identity)
-        }
+        return dict(self._merges)

@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 from ...errors import UnsupportedModelError
-from ..adapter import Adapter
-from ..parts import AttentionPart, BlockPart, LinearPart, MergePart, Readout
+from ..parts import AttentionPart, BlockPart, LinearPart
 from ..registry import register_adapter, timm_class
-from .swin import stage_strides, window_stage
+from .swin import SwinAdapter
 from .vit import mlp_part
 
 is_swin_v2 = timm_class("swin_transformer_v2", "SwinTransformerV2")
@@ -49,70 +48,36 @@ def _position_bias(attn: nn.Module):
 
 
 @register_adapter
-class SwinV2Adapter(Adapter):
+class SwinV2Adapter(SwinAdapter):
     """Tokens of a stage are its (rows × cols) grid in row-major order; no prefix tokens.
 
     Blocks hand tokens around as (B, H, W, C); the read-out is global average pooling.
+    Built as timm's Swin v1 (:class:`~vitlens.models.families.swin.SwinAdapter`), with v2's blocks.
     """
 
     family = "swinv2"
     timm_modules = ("swin_transformer_v2",)
+    merge_norm_first = False
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return is_swin_v2(model)
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        from timm.models.swin_transformer_v2 import PatchMerging, SwinTransformerV2Block, WindowAttention
+    @staticmethod
+    def _block(b: nn.Module, where: str) -> BlockPart:
+        from timm.models.swin_transformer_v2 import SwinTransformerV2Block, WindowAttention
 
-        name = type(model).__name__
-        pool_type = getattr(getattr(model.head, "global_pool", None), "pool_type", "avg")
-        if pool_type != "avg" or not isinstance(model.head.fc, nn.Linear):
-            raise UnsupportedModelError(
-                f"{name} has a {pool_type!r}-pooled head without a Linear classifier; vitlens explains "
-                "SwinV2 read out by global average pooling into class logits (num_classes > 0)."
-            )
-        layer = 0
-        strides = stage_strides(model)
-        self._merges: dict[int, MergePart] = {}
-        for s, stage in enumerate(model.layers):
-            if isinstance(stage.downsample, PatchMerging):
-                m = stage.downsample
-                self._merges[s] = MergePart(m, m.reduction, m.norm, norm_first=False)
-            elif not isinstance(stage.downsample, nn.Identity):
-                raise UnsupportedModelError(
-                    f"{name}: stage {s} downsamples with {type(stage.downsample).__name__}; "
-                    "vitlens explains timm's PatchMerging."
-                )
-            blocks = list(stage.blocks)
-            if not blocks:
-                raise UnsupportedModelError(f"{name}: stage {s} has no blocks.")
-            parts = []
-            for b in blocks:
-                if type(b) is not SwinTransformerV2Block or type(b.attn) is not WindowAttention:
-                    raise UnsupportedModelError(
-                        f"{name}: stage {s} has {type(b).__name__}; vitlens explains SwinTransformerV2Block "
-                        "with its WindowAttention."
-                    )
-                if getattr(b, "dynamic_mask", False):
-                    raise UnsupportedModelError(f"{name}: dynamic shift masks (dynamic_mask=True) are not supported.")
-                a = b.attn
-                attn = AttentionPart(
-                    module=a,
-                    probs=a.attn_drop,
-                    num_heads=int(a.num_heads),
-                    proj=LinearPart(a.proj),
-                    qkv=LinearPart(a.qkv, extra_bias=_qkv_bias(a) if a.q_bias is not None else None),
-                    logit_scale=_logit_scale(a),
-                    position_bias=_position_bias(a),
-                )
-                parts.append(BlockPart(module=b, norm1=b.norm1, attn=attn, norm2=b.norm2,
-                                       mlp=mlp_part(b.mlp, f"{name} stage {s}"), post_norm=True))
-            self.stages.append(window_stage(s, blocks, parts, layer, strides[s]))
-            layer += len(blocks)
-        self.final = model.norm
-        self.head = Readout("avg", model.head.fc, start=0)
-
-    def merges(self) -> dict[int, MergePart]:
-        return dict(self._merges)
+        if type(b) is not SwinTransformerV2Block or type(b.attn) is not WindowAttention:
+            raise UnsupportedModelError(f"{where} is a {type(b).__name__}; vitlens explains SwinTransformerV2Block "
+                                        "with its WindowAttention.")
+        a = b.attn
+        attn = AttentionPart(
+            module=a,
+            probs=a.attn_drop,
+            num_heads=int(a.num_heads),
+            proj=LinearPart(a.proj),
+            qkv=LinearPart(a.qkv, extra_bias=_qkv_bias(a) if a.q_bias is not None else None),
+            logit_scale=_logit_scale(a),
+            position_bias=_position_bias(a),
+        )
+        return BlockPart(module=b, norm1=b.norm1, attn=attn, norm2=b.norm2, mlp=mlp_part(b.mlp, where), post_norm=True)
