@@ -316,7 +316,8 @@ def embedding_model(backbone: nn.Module, pool: str | None = None) -> HeadedModel
     :class:`vitlens.targets.Target` such as ``similarity`` turns into the scalar to explain.
     """
     kind = type(backbone).__name__
-    if not isinstance(backbone, nn.Module) or not _is_transformers(backbone) or kind not in POOLS:
+    known = backbones() if isinstance(backbone, nn.Module) and _is_transformers(backbone) else {}
+    if kind not in known:
         return None
-    pools = POOLS[kind]
-    return HeadedModel(backbone, nn.Identity(), pools[0] if pool is None else pool, None, None)
+    pools = known[kind].pools
+    return HeadedModel(backbone, nn.Identity(), pools[0] if pool is None else pool, None, None, known[kind])
