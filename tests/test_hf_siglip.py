@@ -80,7 +80,7 @@ def test_attention_and_gradients_equal_transformers_eager(siglip):
 
 def test_all_seven_maps_and_prompt_a_differs_from_prompt_b(siglip):
     x = _pixels(3, seed=3)
-    cap_a, cap_b = vl.capture(siglip, x, text=IDS, target=0), vl.capture(siglip, x, text=IDS, target=1)
+    cap_a, cap_b = (vl.capture(siglip, x, text=IDS, target=t, keep=("all", *vl.methods.extra_groups())) for t in (0, 1))
     maps_a, maps_b = vl.explain(cap_a, "all"), vl.explain(cap_b, "all")
     for name in vl.METHODS:
         a, b = maps_a[name].values, maps_b[name].values

@@ -33,8 +33,8 @@ def vit_model():
 
 
 @pytest.fixture(scope="module")
-def vit_cap(vit_model):
-    return vl.capture(vit_model, random_images(2, 32, seed=7))
+def vit_cap(vit_model):  # every group: the widgets show every registered method, AttnLRP and LeGrad too
+    return vl.capture(vit_model, random_images(2, 32, seed=7), keep=("all", *vl.methods.extra_groups()))
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +180,8 @@ def test_method_dropdown_shows_each_method_up_to_the_layer(vit_cap, method):
         got = ex.panel_maps()["method"]
         if method == "gradcam":
             want = vl.explain(vit_cap, "gradcam", layers=layer).isel(sample=0).values
-        elif method == "attention":
-            want = vl.explain(vit_cap, "attention", layers=layer).isel(sample=0).values
+        elif method in ("attention", "attnlrp"):  # one block; AttnLRP: the relevance entering the block
+            want = vl.explain(vit_cap, method, layers=layer).isel(sample=0).values
         elif method == "transformer_attribution" and layer == 0:
             want = np.zeros_like(got)  # starts at block 1
             assert "starts at block 1" in ex.captions.value

@@ -16,6 +16,7 @@ from ._version import __version__
 
 from . import datasets, figures, methods, metrics, models, registry, stats, widgets
 from .capture import KEEP_GROUPS, Verification, capture, head_importance, open, patch, save, verify  # noqa: A004
+from .capture import targets
 from .figures import plot
 from .errors import (
     CaptureError,
@@ -26,6 +27,7 @@ from .errors import (
     ImageProcessorWarning,
     ModelLoadError,
     OptionError,
+    PrecisionWarning,
     RandomWeightsWarning,
     ResumeError,
     StorageError,
@@ -59,6 +61,7 @@ __all__ = [
     "ImageProcessorWarning",
     "ModelLoadError",
     "OptionError",
+    "PrecisionWarning",
     "RandomWeightsWarning",
     "SimilarityHead",
     "ResumeError",
@@ -90,4 +93,5 @@ __all__ = [
     "registry",
     "save",
     "stats",
+    "targets",
 ]

@@ -337,9 +337,11 @@ def _class_names(cap: xr.DataTree) -> list[str] | None:
 
 
 # -- figures -----------------------------------------------------------------------------
-def _check_methods(methods: Sequence[str] | str | None) -> list[str]:
-    if methods is None or methods == "all":
-        return list(METHODS)
+def _check_methods(methods: Sequence[str] | str | None, cap: xr.DataTree | None = None) -> list[str]:
+    if methods is None or methods == "all":  # every method the capture holds what it reads for
+        from .methods import explainable_methods
+
+        return list(METHODS) if cap is None else list(explainable_methods(cap))
     if isinstance(methods, str):
         methods = [methods]
     bad = [m for m in methods if m not in METHODS]
@@ -351,7 +353,9 @@ def _check_methods(methods: Sequence[str] | str | None) -> list[str]:
 def _token_maps(cap: xr.DataTree, methods: Sequence[str], options: dict[str, Any]) -> xr.Dataset:
     from .methods import options_of
 
-    if set(methods) == set(METHODS):
+    from .methods import explainable_methods
+
+    if set(methods) == set(explainable_methods(cap, options)):
         maps = explain(cap, "all", **options)
     else:
         maps = xr.Dataset({m: explain(cap, m, **{k: v for k, v in options.items() if k in options_of(m)})
@@ -385,7 +389,9 @@ def grid(
     cap
         A capture.
     methods
-        Methods as columns (default: all seven).
+        Methods as columns (default: every method the capture can explain:
+        :func:`vitlens.methods.explainable_methods`; AttnLRP and LeGrad when it was made
+        with their passes).
     samples
         Sample indices as rows (default: the first 8; a figure of more samples
         says which it left out under its panels).
@@ -409,7 +415,7 @@ def grid(
     -------
     matplotlib.figure.Figure
     """
-    methods = _check_methods(methods)
+    methods = _check_methods(methods, cap)
     n = int(cap["sample"].size)
     samples = list(range(min(n, MAX_ROWS))) if samples is None else [int(s) for s in samples]
     if not samples or any(not 0 <= s < n for s in samples):

@@ -109,8 +109,12 @@ def run_fingerprint(model: nn.Module, images: Any, target: Any, options: dict[st
 
     ``text`` is :func:`text_fingerprint` of the adapter bound to the prompts.
     """
-    if target is None or isinstance(target, (int, np.integer, str)):
-        tgt: Any = None if target is None else str(target)
+    if callable(target):  # a callable target (vl.targets): its name
+        from .targets import describe
+
+        tgt: Any = f"callable {describe(target)}"
+    elif target is None or isinstance(target, (int, np.integer, str)):
+        tgt = None if target is None else str(target)
     else:
         tgt = hashlib.blake2b(",".join(map(str, list(target))).encode(), digest_size=16).hexdigest()
     return {

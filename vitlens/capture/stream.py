@@ -386,7 +386,7 @@ def capture_to_store(
             for start, part in batches(images, batch_size, skip=done):
                 part_target = target
                 count = _length(part) or (part.shape[0] if hasattr(part, "shape") else 1)
-                if target is not None and not isinstance(target, (int, np.integer, str)):
+                if target is not None and not isinstance(target, (int, np.integer, str)) and not callable(target):
                     part_target = list(target)[start : start + count]
                 tree = capture_batch(part, part_target, start)
                 size = int(tree["sample"].size)

@@ -30,4 +30,21 @@ def available(curves: bool = False) -> dict[str, dict]:
     return zoo.Catalog(zoo.available(), curves=curves)
 
 
-__all__ = ["Adapter", "StageInfo", "adapter_for", "available", "load_model", "register_adapter", "register_refusal"]
+def embedding_model(model: object) -> object | None:
+    """A headless backbone (``Dinov2Model``, a SigLIP tower, ...) as a model whose output is its pooled
+    embedding, for targets that read the embedding (``vl.targets.similarity``); None for any other model.
+
+    Examples
+    --------
+    >>> import torch, vitlens as vl
+    >>> vl.models.embedding_model(torch.nn.Linear(2, 2)) is None
+    True
+    """
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    from .families.hf_headed import embedding_model as headless
+
+    return headless(model)  # type: ignore[arg-type]
+
+
+__all__ = ["Adapter", "embedding_model", "StageInfo", "adapter_for", "available", "load_model", "register_adapter", "register_refusal"]

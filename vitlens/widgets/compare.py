@@ -81,7 +81,7 @@ class Compare(CaptureView):
         layer = self._init_capture(cap, layer, sample)
         info = self.layout_info
         self.model = model
-        self.methods = method_names()
+        self.methods = method_names(cap)
         self.num_panels = len(self.methods)
         self.sample, self.layer, self.opacity, self.smooth = sample, layer, opacity, smooth
         self.classes = ClassChoice(cap, model)
@@ -175,6 +175,7 @@ class Compare(CaptureView):
                 self.figure.layout.annotations[i].text = live_title(self._titles[i], self._title_chars)
                 text = error or captions.method_caption(info, method, layer, first, self.class_names[c],
                                                         not layer_dependent(info, method))
+                text += captions.precision_note(src, si, method, info)
                 lines.append(markup("<div><b>{}</b>: {}</div>", captions.method_title(method), text))
         self.captions.value = join(lines)
         self.class_status.value = self.classes.describe(sample, c)

@@ -15,6 +15,7 @@ import traitlets
 import xarray as xr
 
 from ..errors import OptionError, VitlensError
+from ..methods import extra_groups
 from . import captions
 from .base import AttentionView, ClassChoice
 from .controls import HeadToggles, layer_slider, opacity_slider, probe, probe_text, sample_dropdown, top_classes
@@ -202,8 +203,10 @@ class Explorer(AttentionView):
     def _check_options(self, model: Any, stat: str, method: str, compare_class: bool, ablate: bool) -> None:
         if stat not in STATISTICS:
             raise OptionError(f"stat={stat!r}; choose from {list(STATISTICS)}.")
-        if method not in method_names():
-            raise OptionError(f"method={method!r}; choose from {list(method_names())}.")
+        if method not in method_names(cap):
+            hint = (f" {method!r} reads a pass this capture was made without: capture with "
+                    f"keep=('all', {', '.join(map(repr, extra_groups([method])))})." if method in method_names() else "")
+            raise OptionError(f"method={method!r}; choose from {list(method_names(cap))}.{hint}")
         if ablate and model is None:
             raise OptionError("ablate=True switches heads off in the model: pass it, vl.Explorer(cap, model, "
                               "ablate=True).")
@@ -255,7 +258,7 @@ class Explorer(AttentionView):
             value=bool(fusion_grad), description="gradient-weighted", layout=widgets.Layout(width="auto"),
             tooltip="fusion panel: lnstat's gradient-weighted reading (class-specific) instead of the gradient-free one")
         self.fusion_grad.add_class("vitlens-fusion-grad")
-        self.method_select = widgets.Dropdown(options=[(captions.method_title(m), m) for m in method_names()],
+        self.method_select = widgets.Dropdown(options=[(captions.method_title(m), m) for m in method_names(self.cap)],
                                               value=self.method, description="Method",
                                               layout=widgets.Layout(width="300px"))
         self.method_select.add_class("vitlens-method")
@@ -462,6 +465,7 @@ class Explorer(AttentionView):
             (per_layer, first), message = self._method(src, src_key, method, now.choice, now.key, src_shape)
             caption = message or captions.method_caption(info, method, now.layer, first, self.class_names[c],
                                                          on_features)
+            caption += captions.precision_note(src, si, method, info)
             views.append(PanelView(per_layer[si, now.li], caption, title))
         return views
 
