@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import warnings
 
 import numpy as np
@@ -90,8 +91,8 @@ def test_the_explorer_and_compare_say_where_the_float32_lrp_map_is_unreliable(vi
     flagged = [i for i in (0, 1) if condition[i] < condition[1] * 1.0001]
     for sample in (0, 1):
         ex = vl.Explorer(cap, method="transformer_attribution", sample=sample)
-        assert ("lrp_dtype='float64'" in ex.captions.value) == (sample in flagged)
+        assert ("lrp_dtype='float64'" in html.unescape(ex.captions.value)) == (sample in flagged)
         cmp = vl.Compare(cap, sample=sample)
-        assert ("lrp_dtype='float64'" in cmp.captions.value) == (sample in flagged)
+        assert ("lrp_dtype='float64'" in html.unescape(cmp.captions.value)) == (sample in flagged)
     ex = vl.Explorer(cap, method="rollout", sample=flagged[0])  # a map that does not read the LRP relevance
     assert "lrp_dtype" not in ex.captions.value

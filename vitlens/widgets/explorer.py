@@ -20,7 +20,7 @@ from . import captions
 from .base import AttentionView, ClassChoice
 from .controls import HeadToggles, layer_slider, opacity_slider, probe, probe_text, sample_dropdown, top_classes
 from .figure import as_widget, grid_height, live_title, overlay_figure
-from .layout import Query, initial_query, parse_heads, patch_outline, window_edges, window_ids
+from .layout import Query, initial_query, parse_heads, patch_at, patch_outline, window_edges, window_ids
 from .panels import (
     STATISTICS,
     PanelMaps,
@@ -203,10 +203,10 @@ class Explorer(AttentionView):
     def _check_options(self, model: Any, stat: str, method: str, compare_class: bool, ablate: bool) -> None:
         if stat not in STATISTICS:
             raise OptionError(f"stat={stat!r}; choose from {list(STATISTICS)}.")
-        if method not in method_names(cap):
+        if method not in method_names(self.cap):
             hint = (f" {method!r} reads a pass this capture was made without: capture with "
                     f"keep=('all', {', '.join(map(repr, extra_groups([method])))})." if method in method_names() else "")
-            raise OptionError(f"method={method!r}; choose from {list(method_names(cap))}.{hint}")
+            raise OptionError(f"method={method!r}; choose from {list(method_names(self.cap))}.{hint}")
         if ablate and model is None:
             raise OptionError("ablate=True switches heads off in the model: pass it, vl.Explorer(cap, model, "
                               "ablate=True).")

@@ -25,12 +25,14 @@ STATISTICS = ("std", "mean", "var", "norm")
 
 def method_names(cap: xr.DataTree | None = None) -> tuple[str, ...]:
     """The methods the widgets offer: :data:`vitlens.METHODS` (the method registry's order), or those
-    ``cap`` can explain (AttnLRP and LeGrad where it was made with their passes)."""
+    offered for ``cap``: AttnLRP and LeGrad only where it was made with their passes (a method that
+    reads gradients of a ``grads=False`` capture stays offered; its panel says to capture again)."""
     if cap is None:
         return tuple(METHOD_INFO)
-    from ..methods import explainable_methods
+    from ..methods import explainable_methods, extra_groups
 
-    return explainable_methods(cap)
+    can = set(explainable_methods(cap))
+    return tuple(m for m in METHOD_INFO if m in can or not extra_groups([m]))
 
 
 def normalized(values: np.ndarray) -> np.ndarray:
