@@ -18,13 +18,14 @@ import pytest
 from .conftest import TIMEOUT_MS, lab_server, open_and_run_in_lab, voila_server
 from .notebook_template import write_atlas_notebook
 from .test_widgets_browser import (
+    DRAWN_JS,
     FIT_JS,
     NARROW,
     WIDE,
     diagnosed,
     minmax,
+    resize,
     title_shows,
-    wait_settled,
     wait_steady,
 )
 
@@ -126,12 +127,9 @@ def click_at(page, plot: int, axis: str, x: float, y: float, then: str) -> int:
 def check_fit(page, label: str) -> None:
     """Every figure fits its output area and fills most of it; colour bars inside; no modebar."""
     page.wait_for_function(f"() => ({FIT_JS})().plots.length >= {PLOTS}", timeout=TIMEOUT_MS * 2)
+    page.wait_for_function(DRAWN_JS, timeout=TIMEOUT_MS)  # plotly follows a resize asynchronously
     fits = f"() => ({FIT_JS})().plots.every((p) => p.fig > 0.85 * p.area && p.fig <= p.area + 1)"
-    try:
-        wait_settled(page, fits)
-    except Exception:  # one more resize event, as a dragged window sends; the assertions decide
-        page.evaluate("() => window.dispatchEvent(new Event('resize'))")
-        wait_settled(page, fits, TIMEOUT_MS // 2)
+    page.wait_for_function(fits, timeout=TIMEOUT_MS)  # a state: every figure drawn at its area's width
     plots = page.evaluate(FIT_JS)["plots"]
     print(f"\n{label}: figure/output width px: " + ", ".join(f"{p['fig']:.0f}/{p['area']:.0f}" for p in plots))
     for p in plots:
@@ -171,7 +169,7 @@ def test_head_atlas_in_jupyterlab_wide_then_narrow(page_factory, atlas_folder):
             open_and_run_in_lab(page, lab, PLOTS)
             check_fit(page, "JupyterLab wide")
             drive_atlas(page, atlas_folder, "JupyterLab")
-            page.set_viewport_size(NARROW)
+            resize(page, NARROW)
             check_fit(page, "JupyterLab narrow")
             page.screenshot(path=str(atlas_folder / "atlas-jupyterlab-narrow.png"), full_page=True)
         problems.check()
@@ -186,7 +184,7 @@ def test_head_atlas_in_voila_narrow_then_wide(page_factory, atlas_folder):
                                    timeout=TIMEOUT_MS * 4)
             check_fit(page, "Voila narrow")
             drive_atlas(page, atlas_folder, "Voila")
-            page.set_viewport_size(WIDE)
+            resize(page, WIDE)
             check_fit(page, "Voila wide")
             page.screenshot(path=str(atlas_folder / "atlas-voila-wide.png"), full_page=True)
         problems.check()
