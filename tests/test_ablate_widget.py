@@ -8,6 +8,7 @@ from conftest import make_swin, make_vit, random_images
 
 import vitlens as vl
 from vitlens.errors import OptionError
+from vitlens.methods import statistic_maps
 from vitlens.widgets.base import softmax
 from vitlens.widgets.panels import normalized
 
@@ -61,6 +62,23 @@ def test_the_switches_show_the_shown_block_and_ablated_heads_look_distinct(setup
     assert "ablated=-" in ex.probe.value
     np.testing.assert_array_equal(ex.panel_maps()["method"], vl.Explorer(cap, model, layer=1).panel_maps()["method"])
     assert all(t.disabled for t in ex.ablation.toggles)
+
+
+def test_the_statistic_and_fusion_panels_read_the_ablated_capture(setup):
+    """Every class-agnostic panel view reads the shown image's ablated recapture (``Explorer._shown``)."""
+    model, images, cap = setup
+    ex = vl.Explorer(cap, model, ablate=True, sample=1, layer=2, stat="norm")
+    clean = ex.panel_maps()
+    ex.ablation.toggle(1, 0)  # block 0, head 1: every later LayerNorm input changes
+    ablated = vl.capture(model, images[1:], target=int(cap["target"][1]), ablate={0: [1]})
+    stat = statistic_maps(ablated, stat="norm").isel(sample=0).sel(layer=2).values
+    fusion = vl.explain(ablated, "lnstat", stat="norm", layers=range(0, 3), grad=False).isel(sample=0).values
+    maps = ex.panel_maps()
+    np.testing.assert_allclose(maps["statistic"], normalized(stat), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(maps["fusion"], normalized(fusion), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(maps["statistic"], clean["statistic"], atol=1e-4)  # the ablation shows
+    ex.ablation.reset()
+    np.testing.assert_array_equal(ex.panel_maps()["statistic"], clean["statistic"])
 
 
 def test_a_linked_head_grid_ablates_on_click_in_ablate_mode(setup):

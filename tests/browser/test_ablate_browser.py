@@ -15,21 +15,8 @@ import nbformat
 import numpy as np
 import pytest
 
-from .conftest import lab_server, voila_server
-from .test_widgets_browser import (
-    HEATMAP,
-    IDLE,
-    KERNEL_DIALOG,
-    TIMEOUT_MS,
-    answer_kernel_dialog,
-    diagnosed,
-    expect_panels,
-    explorer,
-    kernel_connected,
-    minmax,
-    run_all,
-    wait_steady,
-)
+from .conftest import TIMEOUT_MS, lab_server, open_and_run_in_lab, served_folder, voila_server
+from .test_widgets_browser import HEATMAP, diagnosed, expect_panels, explorer, minmax, wait_steady
 
 try:
     from playwright.sync_api import expect
@@ -72,6 +59,7 @@ BARS = "() => document.querySelector('.vitlens-ablate .js-plotly-plot')"
 
 
 def write(folder):
+    """The ablate-mode notebook, ``explorer.ipynb`` (a ``served_folder`` writer)."""
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell(c.format(here=str(folder)) if "{here" in c else c) for c in CELLS]
@@ -80,17 +68,13 @@ def write(folder):
 
 @pytest.fixture(scope="module")
 def ablate_voila(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ablate-voila")
-    write(folder)
-    with voila_server(folder) as server:
+    with voila_server(served_folder(tmp_path_factory, "ablate-voila", writer=write)) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def ablate_lab(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ablate-lab")
-    write(folder)
-    with lab_server(folder) as server:
+    with lab_server(served_folder(tmp_path_factory, "ablate-lab", writer=write)) as server:
         yield server
 
 
@@ -166,21 +150,7 @@ def drive_ablation(page, server) -> None:
 def test_ablate_mode_in_jupyterlab(page_factory, ablate_lab):
     page, problems = page_factory()
     with diagnosed(page, ablate_lab, problems):
-        page.goto(ablate_lab.url, timeout=TIMEOUT_MS * 2)
-        page.wait_for_function(f"() => {IDLE} || !!document.querySelector('{KERNEL_DIALOG}')", timeout=TIMEOUT_MS * 3)
-        answer_kernel_dialog(page)
-        deadline = time.monotonic() + TIMEOUT_MS / 1000 * 3
-        while not kernel_connected(ablate_lab):
-            assert time.monotonic() < deadline, f"no kernel connected: {ablate_lab.api('sessions')}"
-            answer_kernel_dialog(page)
-            page.wait_for_timeout(250)
-        run_all(page)
-        drawn = "document.querySelectorAll('.js-plotly-plot').length >= 3"  # Explorer, its bars, HeadGrid
-        page.wait_for_function(f"() => {drawn} || !!document.querySelector('{KERNEL_DIALOG}')",
-                               timeout=TIMEOUT_MS * 4)
-        if answer_kernel_dialog(page):
-            run_all(page)
-            page.wait_for_function(f"() => {drawn}", timeout=TIMEOUT_MS * 4)
+        open_and_run_in_lab(page, ablate_lab, plots=3)  # the Explorer, its bars, the HeadGrid
         drive_ablation(page, ablate_lab)
     problems.check()
 

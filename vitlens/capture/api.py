@@ -27,7 +27,7 @@ from .text import bind_inputs
 from ..models.windows import window_tokens
 
 #: What ``capture(keep=...)`` can store (the raw groups: the registry's list, which the methods'
-#: ``needs`` name). ``"all"`` stores everything, ``"none"`` none of them.
+#: ``needs`` name). ``"all"`` stores everything but the :data:`EXTRA_GROUPS`, ``"none"`` none of them.
 KEEP_GROUPS = CAPTURE_GROUPS
 
 #: The pass each group needs besides the forward pass (which the hooks record): ``"backward"``
@@ -43,13 +43,22 @@ GROUP_PASSES: dict[str, tuple[str, ...]] = {
     "features": ("backward",),  # features_grad, for Grad-CAM on features
     "head_output": (),
     "ablation_effect": ("ablations",),  # one forward per head (capture/interventions.py), no backward
+    "attnlrp": ("attnlrp",),  # a forward and backward of their own (vitlens.capture.attnlrp)
+    "attnlrp_cp": ("attnlrp_cp",),
+    "legrad": ("legrad",),  # a forward and one small backward per block (vitlens.capture.legrad)
 }
 
 #: Groups stored only when named in ``keep=`` (not part of ``"all"``: they cost storage or forwards):
 #: ``head_output``, each head's output as it reaches the output projection (what mean-ablation
 #: averages, see :mod:`vitlens.capture.interventions`); ``ablation_effect``, the drop of the target
-#: logit and probability when each head alone is ablated (one forward per head, no backward).
-EXTRA_GROUPS = ("head_output", "ablation_effect")
+#: logit and probability when each head alone is ablated (one forward per head, no backward);
+#: ``attnlrp`` / ``attnlrp_cp``, the AttnLRP passes (relevance through the softmax / CP-LRP), and
+#: ``legrad``, LeGrad's per-layer gradients — each a pass of its own, for those methods
+#: (``keep=("all", *vl.methods.extra_groups())`` records what every method reads).
+EXTRA_GROUPS = ("head_output", "ablation_effect", "attnlrp", "attnlrp_cp", "legrad")
+
+#: the extra groups that need the target's gradients (dropped under ``grads=False``)
+_GRADIENT_EXTRAS = ("attnlrp", "attnlrp_cp", "legrad")
 
 _TOKEN_VARS = (
     "token_norm",
@@ -81,7 +90,7 @@ def _resolve_keep(keep: str | Iterable[str] | None, grads: bool, answers: bool) 
         raise OptionError(f"keep= got {sorted(unknown)}; choose from {list(KEEP_GROUPS)} (and, named, "
                           f"{list(EXTRA_GROUPS)}, or 'image', the pictures), 'all' or 'none'.")
     if not grads:
-        chosen -= {"attention_grad", "attention_relevance"}
+        chosen -= {"attention_grad", "attention_relevance", *_GRADIENT_EXTRAS}
     image = "image" in chosen or not answers  # a capture without maps=/stats= always shows its pictures
     return chosen - {"image"}, image
 
@@ -251,6 +260,8 @@ class CapturePlan:
     intervention
         The :class:`~vitlens.capture.interventions.Intervention` applied to every forward
         pass (ablation, patching), or ``None``.
+    lrp_dtype
+        The dtype of the αβ LRP pass (:mod:`vitlens.capture.precision`).
     """
 
     kept: frozenset[str]
@@ -262,6 +273,7 @@ class CapturePlan:
     needed: frozenset[str] = frozenset()
     image: bool = True
     intervention: Any = None
+    lrp_dtype: str = "float32"
 
     @property
     def answers(self) -> bool:
@@ -284,6 +296,8 @@ class CapturePlan:
     def options(self) -> dict[str, Any]:
         """The options recorded in the capture's attrs and in a streaming run's fingerprint."""
         options: dict[str, Any] = {"grads": self.grads, "keep": sorted(self.kept), "dtype": self.dtype}
+        if self.lrp_dtype != "float32":  # (recorded only when asked: older stores' fingerprints stay valid)
+            options["lrp_dtype"] = self.lrp_dtype
         if self.answers:
             options.update(maps=reduced._canonical(self.maps), stats=reduced._canonical(self.stats),
                            image=self.image)
@@ -298,27 +312,32 @@ class CapturePlan:
 
 
 def _plan(adapter: Adapter, keep: str | Iterable[str] | None, grads: bool, dtype: str, batch_size: int | None,
-          maps: Any, stats: Any) -> CapturePlan:
+          maps: Any = None, stats: Any = None, lrp_dtype: str = "float32") -> CapturePlan:
+    from .precision import LRP_DTYPES
+
     if dtype not in _DTYPES:
         raise OptionError(f"dtype={dtype!r}; choose 'float32' or 'float16'.")
+    if lrp_dtype not in LRP_DTYPES:
+        raise OptionError(f"lrp_dtype={lrp_dtype!r}; choose 'float32' or 'float64' (the αβ LRP pass's precision).")
     if batch_size is None:
         batch_size = 32
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
     maps, stats = reduced.resolve_maps(maps), reduced.resolve_stat_options(stats)
     kept, image = _resolve_keep(keep, grads, bool(maps or stats))
-    needed = reduced.needed_groups(maps, stats, adapter.describe())
-    if not grads:  # what needs a pass after the forward one needs the gradients of the target
-        attrs = adapter.describe()
-        wanting = [name for name, options in maps.items()
-                   if any(GROUP_PASSES[g] for g in METHOD_INFO[name].groups(attrs, options))]
-        wanting += [name for name, options in stats.items()
-                    if any(GROUP_PASSES[g] for g in STAT_INFO[name].groups(options))]
+    attrs = adapter.describe()
+    needed = reduced.needed_groups(maps, stats, attrs)
+    if not grads:  # what needs the target's gradients (a backward or LRP pass) cannot be made without them
+        def gradient(groups: frozenset[str]) -> bool:
+            return any(p != "ablations" for g in groups for p in GROUP_PASSES[g])
+
+        wanting = [name for name, options in maps.items() if gradient(METHOD_INFO[name].groups(attrs, options))]
+        wanting += [name for name, options in stats.items() if gradient(STAT_INFO[name].groups(options))]
         if wanting:
             raise OptionError(f"{', '.join(wanting)} need the gradients of the target; drop grads=False "
                               "(or leave them out of maps=/stats=).")
     return CapturePlan(kept=frozenset(kept), grads=bool(grads), dtype=dtype, batch_size=int(batch_size),
-                       maps=maps, stats=stats, needed=needed, image=image)
+                       maps=maps, stats=stats, needed=needed, image=image, lrp_dtype=lrp_dtype)
 
 
 def capture(
@@ -340,6 +359,7 @@ def capture(
     ablation: str = "zero",
     reference: Any = None,
     intervention: Any = None,
+    lrp_dtype: str = "float32",
     maps: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
     stats: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
 ) -> xr.DataTree:
@@ -361,7 +381,13 @@ def capture(
         timm's eval transform for the model (a transformers model's image processor).
     target
         Class to explain: ``None`` (each image's predicted class), one int or
-        class name for all images, or one per image.
+        class name for all images, or one per image; or a callable
+        ``f(logits) -> (batch,)`` tensor, or a :class:`vitlens.targets.Target`
+        (``vl.targets.similarity(reference)``, ``vl.targets.patch_similarity(row, col)``):
+        every gradient, LRP pass and class-specific method then explains that
+        scalar (``attrs["target"]`` names it, ``target_score`` holds its values).
+        A headless ``transformers`` backbone (``Dinov2Model``, a SigLIP tower)
+        takes a :class:`~vitlens.targets.Target` without a head.
     grads
         Allow the backward pass (needed by gradient-based methods and LRP).
         Each batch runs only the passes of what it records: attention alone
@@ -371,7 +397,8 @@ def capture(
         :data:`KEEP_GROUPS` (plus ``"image"``, the pictures, which a capture
         without ``maps=``/``stats=`` always stores). Default: ``"all"``, or
         ``"none"`` with ``maps=``/``stats=``. The groups of :data:`EXTRA_GROUPS`
-        are stored only when named (``keep=["all", "head_output"]``).
+        are stored only when named (``keep=["all", "head_output"]``;
+        ``keep=("all", "legrad")`` for LeGrad's pass, ``"attnlrp_cp"``/``"attnlrp"`` for AttnLRP's).
     dtype
         ``"float32"`` or ``"float16"`` for the stored floating-point arrays.
     batch_size
@@ -416,6 +443,12 @@ def capture(
     intervention
         A ready :class:`~vitlens.capture.interventions.Intervention` (what
         :func:`vitlens.patch` and the widgets pass) instead of ``ablate``/``ablation``/``reference``.
+    lrp_dtype
+        ``"float32"`` (default) or ``"float64"``: the precision of the αβ LRP
+        pass behind Transformer Attribution (:mod:`vitlens.capture.precision`).
+        Either way the capture records ``lrp_condition`` (sample): the worst
+        cancellation the pass divided by; a float32 map is unreliable where it is
+        small (docs/METHODS.md, "Sensitivity to rounding").
     maps
         Reduced capture: registered methods (``"all"``, a list, or
         ``{name: options}``) computed on each batch while it is in memory and
@@ -448,9 +481,21 @@ def capture(
     >>> small["maps"]["rollout"].dims, "attention" in small["stage0"]
     (('sample', 'map_y', 'map_x'), False)
     """
+    from .targets import Target, is_callable_target
+
+    if isinstance(target, Target):  # a headless backbone explains an embedding target without a head
+        from ..models import embedding_model
+
+        model = embedding_model(model) or model
     adapter = bind_inputs(adapter_for(model), text, processor)
-    plan = _plan(adapter, keep, grads, dtype, batch_size, maps, stats)
-    device = check_model(model, device, "backward" in plan.passes)  # inference tensors are fine without one
+    plan = _plan(adapter, keep, grads, dtype, batch_size, maps, stats, lrp_dtype)
+    if is_callable_target(target) and not grads:
+        raise OptionError("a callable target is explained through gradients: pass grads=True.")
+    if is_callable_target(target) and "ablation_effect" in plan.recorded:
+        raise OptionError("ablation_effect measures the drop of a class's logit; a callable target has none: "
+                          "capture it with a class target.")
+    # inference tensors are fine where no pass after the forward one differentiates
+    device = check_model(model, device, bool(plan.passes - {"ablations"}))
     if intervention is None:
         from .interventions import resolve
 
@@ -460,12 +505,12 @@ def capture(
         raise OptionError("pass either intervention= or ablate=/ablation=/reference=, not both.")
     plan = replace(plan, intervention=intervention)
     if store is not None:
-        from .fingerprint import run_fingerprint
+        from .fingerprint import run_fingerprint, text_fingerprint
         from .stream import capture_to_store
 
         if intervention is not None and intervention.per_image:
             raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
-        fingerprint = run_fingerprint(model, images, target, plan.run_options)
+        fingerprint = run_fingerprint(model, images, target, plan.run_options, text=text_fingerprint(adapter))
         part = functools.partial(_capture_part, adapter, model, plan, device)
         return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
                                 resume=resume, progress=progress, fingerprint=fingerprint)
@@ -493,7 +538,10 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
     adapter = adapter.for_input(tuple(batch.pixels.shape[-2:]))  # dynamic_img_size: grid follows the input
     n = batch.pixels.shape[0]
     names = adapter.class_names() if hasattr(adapter, "class_names") else class_names(model, adapter.num_classes)
-    targets = _resolve_target(target, n, names)
+    from .targets import is_callable_target
+
+    explained = target if is_callable_target(target) else None
+    targets = None if explained is not None else _resolve_target(target, n, names)
     param = next(model.parameters(), None)
     model_dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
 
@@ -521,14 +569,14 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
             x = batch.pixels[start : start + plan.batch_size].to(device, model_dtype)
             hooks.select(start, start + x.shape[0])
             sink = _Sink(buffers, start, x.shape[0], plan)
-            _capture_batch(adapter, rec, x, targets, start, plan, sink, hooks, bool(progress))
+            _capture_batch(adapter, rec, x, targets, start, plan, sink, hooks, bool(progress), explained)
             if plan.answers:
                 rows = replace(batch, display=batch.display[start : start + x.shape[0]])
-                _answer_batch(_assemble(adapter, model, rows, sink.arrays(), names, plan, image=False),
+                _answer_batch(_assemble(adapter, model, rows, sink.arrays(), names, plan, explained, image=False),
                               plan, sink, layouts)
     # a statistic is NaN where a block has no such head (Swin stages differ in heads): not damage
     check_finite((key, arr) for key, arr in buffers.items() if not key.startswith(reduced.STATS + "/"))
-    tree = _assemble(adapter, model, batch, dict(buffers.items()), names, plan, layouts)
+    tree = _assemble(adapter, model, batch, dict(buffers.items()), names, plan, explained, layouts)
     if iv is not None and (iv.heads or iv.token_layer is not None):
         tree.attrs["intervention"] = json.dumps(iv.describe(), sort_keys=True)
         for name, variables in stored_values(iv, adapter).items():  # what redoing it needs (mean ablation)
@@ -560,19 +608,26 @@ def _input_samples(images: Any, n: int) -> np.ndarray | None:
 
 
 def _capture_batch(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarray | None, start: int,
-                   plan: CapturePlan, sink: _Sink, hooks: Any = None, progress: bool = False) -> None:
+                   plan: CapturePlan, sink: _Sink, hooks: Any = None, progress: bool = False,
+                   explained: Any = None) -> None:
     """One batch: record the forward pass, run the plan's passes, keep what the plan records.
 
     The passes are chosen here, from the groups the plan records (:attr:`CapturePlan.passes`):
     the backward pass in :func:`_record`, one forward per head in :func:`_store_interventions`,
-    the LRP walk in :func:`_store_blocks`.
+    the LRP walk in :func:`_store_blocks`, AttnLRP's and LeGrad's in :func:`_extra_passes`.
     """
-    logits, tgt, feat_grad = _record(adapter, rec, x, targets, start, "backward" in plan.passes)
+    from .targets import score
+
+    recorded = _record(adapter, rec, x, targets, start, "backward" in plan.passes, explained)
+    logits, tgt, feat_grad = recorded.logits, recorded.target, recorded.features_grad
     sink.put("logits", logits, torch.float32)
     sink.put("target", tgt.to(torch.int64))
+    if recorded.scores is not None:
+        sink.put("target_score", recorded.scores, torch.float32)
     _store_interventions(adapter, rec, x, tgt, logits, plan, sink, hooks, progress)
-    _store_blocks(adapter, rec, tgt, plan, sink)
+    _store_blocks(adapter, rec, tgt, plan, sink, recorded.seed, recorded.seed_tokens)
     _store_tokens(adapter, rec, plan, sink, feat_grad)
+    _extra_passes(adapter, rec, x, plan, sink, lambda out: score(explained, out, tgt))
 
 
 def _answer_batch(tree: xr.DataTree, plan: CapturePlan, sink: _Sink, layouts: dict[str, xr.DataArray]) -> None:
@@ -583,34 +638,62 @@ def _answer_batch(tree: xr.DataTree, plan: CapturePlan, sink: _Sink, layouts: di
         layouts.setdefault(key, da)
 
 
-def _record(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarray | None, start: int,
-            backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The forward pass (hooks record it) and, with ``backward``, the gradients of the target logit.
+@dataclass
+class _Recorded:
+    """What :func:`_record` hands on: the logits, the explained class (-1 for a callable target), the
+    gradient of the features, and for a callable target its values and the LRP pass's seed."""
 
-    Returns the logits, the explained class of each image and the gradient of the features.
-    """
+    logits: torch.Tensor
+    target: torch.Tensor
+    features_grad: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    seed: torch.Tensor | None = None  # (B, classes): the callable's gradient at the logits
+    seed_tokens: torch.Tensor | None = None  # (B, N, C): a Target's gradient × input at the final tokens
+
+
+def _record(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarray | None, start: int,
+            backward: bool, explained: Any = None) -> _Recorded:
+    """The forward pass (hooks record it) and, with ``backward``, the gradients of the target logit
+    (or of ``explained``, a callable target, per image)."""
+    from .targets import FinalTokens, Target, outputs_of, score
+
     b = x.shape[0]
-    feat_grad = None
-    with torch.inference_mode(False), torch.enable_grad() if backward else torch.no_grad():
+    out = _Recorded(logits=torch.empty(0), target=torch.empty(0))
+    with torch.inference_mode(False), torch.enable_grad() if backward else torch.no_grad(), \
+            FinalTokens(adapter) as final:
         if backward:
             x = x.clone().requires_grad_(True)  # a graph exists even for frozen models
         logits = adapter.logits(x) if hasattr(adapter, "logits") else adapter.model(x)
         if logits.ndim != 2 or logits.shape[0] != b:
             raise ImageError(f"the model returned logits of shape {tuple(logits.shape)}; expected ({b}, classes).")
-        if targets is None:
+        if explained is not None:
+            tgt = torch.full((b,), -1, dtype=torch.int64, device=logits.device)
+        elif targets is None:
             tgt = logits.detach().argmax(-1)
         else:
             tgt = torch.as_tensor(targets[start : start + b], device=logits.device)
         if backward:
-            y = logits.gather(1, tgt[:, None]).sum()  # sum over images: each keeps its own gradient
-            outs = torch.autograd.grad(y, rec.grad_targets() + [rec.batch.features], allow_unused=True)
+            given = None if explained is None else outputs_of(adapter, logits, final.output)
+            values = logits.gather(1, tgt[:, None]).squeeze(1) if given is None else score(explained, given, tgt)
+            extra = [] if given is None else [given.logits, given.tokens]
+            y = values.sum()  # sum over images: each keeps its own gradient
+            outs = list(torch.autograd.grad(y, rec.grad_targets() + [rec.batch.features] + extra, allow_unused=True))
             del y
-            rec.finish_attention(list(outs[:-1]))
-            feat_grad = outs[-1]
+            if given is not None:  # the LRP pass starts from what the callable makes of the output
+                g_tokens, g_logits = outs.pop(), outs.pop()
+                if isinstance(explained, Target):
+                    out.seed_tokens = given.tokens.detach() * (0 if g_tokens is None else g_tokens)
+                else:
+                    out.seed = torch.zeros_like(logits) if g_logits is None else g_logits.detach()
+                out.scores = values.detach()
+            del given, values
+            rec.finish_attention(outs[:-1])
+            out.features_grad = outs[-1]
             del outs
         else:
             rec.finish_attention()
-    return logits.detach(), tgt, feat_grad
+    out.logits, out.target = logits.detach(), tgt
+    return out
 
 
 def _store_interventions(adapter: Adapter, rec: Recorder, x: torch.Tensor, tgt: torch.Tensor, logits: torch.Tensor,
@@ -637,7 +720,8 @@ def _store_interventions(adapter: Adapter, rec: Recorder, x: torch.Tensor, tgt: 
                 sink.put(f"{stage.name}/{var}", [effects[l][i] for l in stage.layers], torch.float32)
 
 
-def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, plan: CapturePlan, sink: _Sink) -> None:
+def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, plan: CapturePlan, sink: _Sink,
+                  seed: torch.Tensor | None = None, seed_tokens: torch.Tensor | None = None) -> None:
     """Each block's attention, its gradient and (LRP pass) relevance, stored as soon as it is ready."""
     b = tgt.shape[0]
     where = {l: (stage, stage.layers.index(l)) for stage in adapter.stages for l in stage.layers}
@@ -655,9 +739,16 @@ def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, plan: Capt
         rec.release(layer)
 
     if "lrp" in plan.passes:  # each block is stored as soon as the LRP walk has passed it
+        from ..models.lrp_rules import conditioning
+        from .precision import lrp_precision
         from .relevance import attention_relevance
 
-        attention_relevance(adapter, rec, tgt, release=True, on_layer=store_layer)
+        with lrp_precision(adapter, rec, plan.lrp_dtype), conditioning() as seen:
+            attention_relevance(adapter, rec, tgt, release=True, on_layer=store_layer, seed=seed,
+                                seed_tokens=seed_tokens)
+        # per image, the worst cancellation a residual rescaling divided by (1: none)
+        worst = torch.stack(seen).amin(0) if seen else torch.ones(b, dtype=torch.float64)
+        sink.put("lrp_condition", worst, torch.float64)
     else:
         for layer in range(len(adapter.blocks)):
             store_layer(layer, None)
@@ -691,6 +782,33 @@ def _store_tokens(adapter: Adapter, rec: Recorder, plan: CapturePlan, sink: _Sin
             sink.put(f"{last}/features_grad", adapter.tokens(feat_grad))
 
 
+def _extra_passes(adapter: Adapter, rec: Recorder, x: torch.Tensor, plan: CapturePlan, sink: _Sink,
+                  explained: Any) -> None:
+    """The passes of the :data:`EXTRA_GROUPS` the plan records, each a forward and backward of its own
+    (the capture's hooks paused; the model's state is the capture's). ``explained(outputs) -> (B,)``."""
+    wanted = [g for g in EXTRA_GROUPS if g in plan.passes]
+    if not wanted:
+        return
+    rec.paused = True
+    try:
+        with torch.inference_mode(False):
+            for group in ("attnlrp", "attnlrp_cp"):
+                if group in wanted:
+                    from .attnlrp import token_relevance
+
+                    per_layer, _ = token_relevance(adapter, x, explained, "cp" if group == "attnlrp_cp" else "attnlrp")
+                    for stage in adapter.stages:
+                        sink.put(f"{stage.name}/{group}_relevance", [per_layer[l] for l in stage.layers])
+            if "legrad" in wanted:
+                from .legrad import legrad_gradients
+
+                last = adapter.stages[-1]
+                for name, per_layer in legrad_gradients(adapter, x, explained).items():
+                    sink.put(f"{last.name}/legrad_{name}", [per_layer[l] for l in last.layers])
+    finally:
+        rec.paused = False
+
+
 _DIMS = {
     "attention": ("sample", "layer", "head", "query", "key"),
     "ln_mean": ("sample", "layer", "norm", "token"),
@@ -710,6 +828,8 @@ def _dims(var: str, windowed: bool) -> tuple[str, ...]:
         return d[:3] + ("window",) + d[3:] if windowed else d
     if var in ("merge_share", "readout_weights"):
         return ("sample", "token")
+    if var.startswith("legrad_"):
+        return ("sample", "layer", "head", "token")
     return _DIMS.get(var, ("sample", "layer", "token"))
 
 
@@ -720,11 +840,14 @@ def _assemble(
     arrays: Mapping[str, np.ndarray],
     names: list[str],
     plan: CapturePlan,
+    explained: Any = None,
     layouts: Mapping[str, xr.DataArray] | None = None,
     image: bool | None = None,
 ) -> xr.DataTree:
     """The capture tree of ``arrays`` (keys ``logits``, ``<stage>/<var>``, ``maps/<name>``…) and the
     pictures of ``batch`` (stored when ``image``, by default the plan's choice)."""
+    from .targets import describe
+
     np_dtype = _DTYPES[plan.dtype]
     n = batch.display.shape[0]
     h, w = adapter.input_size
@@ -753,12 +876,24 @@ def _assemble(
             "std": list(batch.std),
             "vitlens_version": __version__,
             "options": json.dumps(options, sort_keys=True),
+            # vl.load_model marks random weights; figures of such a capture say "untrained"
+            **({"weights": "random"} if getattr(model, "vitlens_weights", None) == "random" else {}),
+            **({} if explained is None else {"target": describe(explained)}),
         },
     )
+    if "lrp_condition" in arrays:
+        root["lrp_condition"] = ("sample", arrays["lrp_condition"])
+        root["lrp_condition"].attrs["description"] = (
+            f"LRP pass ({plan.lrp_dtype}): the smallest |Σ r|/Σ|r| of a residual branch it divided by; "
+            "float32 Transformer Attribution maps are unreliable where it is small")
+    if explained is not None:
+        root["target_score"] = ("sample", arrays["target_score"])
+        root["target_score"].attrs["description"] = f"the explained scalar, {describe(explained)}, per image"
     if "image" in root:
         root["image"].attrs["description"] = "model input shown as an RGB picture in [0, 1] (after resize/crop)"
     root["logits"].attrs["description"] = "pre-softmax class scores"
-    root["target"].attrs["description"] = "class explained for each image (gradients and LRP are of this logit)"
+    root["target"].attrs["description"] = ("class explained for each image (gradients and LRP are of this logit); "
+                                           "-1: a callable target, named in the attrs")
 
     tree: dict[str, xr.Dataset] = {"/": root}
     for stage in adapter.stages:
@@ -845,6 +980,10 @@ _DESCRIPTIONS = {
     "ablation_probability_drop": "drop of the target's softmax probability when this head alone is ablated",
     "ablation_mean": "the mean each ablated head's output was replaced with (mean ablation), per token position",
     "merge_share": "LRP share of each token in the relevance of the merged token it forms in the next stage",
+    "attnlrp_relevance": "AttnLRP relevance (x·∂y/∂x over channels) of each token entering the block",
+    "attnlrp_cp_relevance": "CP-LRP relevance (attention held constant) of each token entering the block",
+    "legrad_mean": "LeGrad: mean over queries of (∂s_l/∂A_l)⁺, s_l = head(norm(mean of block l's tokens))",
+    "legrad_readout": "LeGrad: mean over queries of (∂s_l/∂A_l)⁺, s_l = the model's read-out of block l's tokens",
 }
 
 

@@ -49,6 +49,9 @@ GROUP_VARS: dict[str, tuple[str, ...]] = {
     "features": ("features", "features_grad"),
     "head_output": ("head_output",),
     "ablation_effect": ("ablation_effect", "ablation_probability_drop"),
+    "attnlrp": ("attnlrp_relevance",),
+    "attnlrp_cp": ("attnlrp_cp_relevance",),
+    "legrad": ("legrad_mean", "legrad_readout"),
 }
 
 

@@ -9,7 +9,7 @@ itself once (:mod:`.registry`); :data:`METHODS` and :data:`METHOD_INFO` list the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import xarray as xr
@@ -24,6 +24,8 @@ from .transformer_attribution import transformer_attribution
 from .generic_attention import generic_attention
 from .lnstat import lnstat, statistic_maps
 from .tokentm import tokentm
+from .attnlrp import attnlrp
+from .legrad import legrad
 from .maps import normalize, to_pixels
 from ..registry import METHOD_INFO, MethodInfo, method_info, register_method
 from .selection import explain_for_target, explainable
@@ -97,9 +99,11 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     >>> import numpy as np, timm, vitlens as vl
     >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
     >>> cap = vl.capture(model, np.zeros((2, 32, 32, 3)))
-    >>> maps = vl.explain(cap, "all")
-    >>> sorted(maps.data_vars) == sorted(vl.METHODS)
+    >>> maps = vl.explain(cap, "all")    # every method this capture holds the passes for
+    >>> sorted(maps.data_vars) == sorted(vl.methods.explainable_methods(cap))
     True
+    >>> "legrad" in maps                   # LeGrad's pass is made only when asked: keep=("all", "legrad")
+    False
     """
     cap, target = explainable(cap), options.pop("target", None)  # cap.sel(sample=k); a class index or name
     if target is not None:
@@ -116,6 +120,8 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
         parts = [dask.delayed(_explain_block)(cap.isel(sample=slice(a, b)), method, options) for a, b in blocks]
         results = dask.compute(*parts)
         out = xr.concat(results, "sample", combine_attrs="override")
+        if all("lrp_unreliable" in r.attrs for r in results):  # every chunk's flagged samples, not the first's
+            out.attrs["lrp_unreliable"] = [s for r in results for s in r.attrs["lrp_unreliable"]]
         return out
     if method == "all":
         return _explain_all(cap, options)
@@ -127,6 +133,79 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     return info.function(cap, **{**info.defaults_for(cap), **options})
 
 
+def groups_of(method: str, options: Mapping[str, Any] | None = None) -> set[str]:
+    """The extra capture groups (:data:`vitlens.capture.api.EXTRA_GROUPS`) ``method`` reads under ``options``.
+
+    Most methods read only what every capture holds (an empty set); AttnLRP and LeGrad
+    read a pass of their own, made only when named in ``keep=`` (their registered ``needs``).
+
+    Examples
+    --------
+    >>> import vitlens as vl
+    >>> vl.methods.groups_of("attnlrp"), vl.methods.groups_of("attnlrp", {"softmax": "attnlrp"})
+    ({'attnlrp_cp'}, {'attnlrp'})
+    >>> vl.methods.groups_of("rollout")
+    set()
+    """
+    from ..capture.api import EXTRA_GROUPS
+
+    info = method_info(method)
+    given = {k: v for k, v in (options or {}).items() if k in info.options()}
+    return set(info.groups({}, given)) & set(EXTRA_GROUPS)
+
+
+def extra_groups(methods: Any = "all", options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The extra groups a capture needs so that every one of ``methods`` can be explained (for ``keep=``).
+
+    Examples
+    --------
+    >>> import vitlens as vl
+    >>> vl.methods.extra_groups(["rollout", "legrad"])
+    ('legrad',)
+    """
+    from ..registry import resolve_methods
+
+    out: set[str] = set()
+    for name in resolve_methods(methods):
+        out |= groups_of(name, options)
+    return tuple(sorted(out))
+
+
+def _kept(cap: xr.DataTree) -> set[str]:
+    import json
+
+    options = cap.attrs.get("options", {})
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except ValueError:
+            options = {}
+    return set(options.get("keep", [])) if isinstance(options, Mapping) else set()
+
+
+def explainable_methods(cap: xr.DataTree, options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The registered methods ``cap`` holds what they read for (``vl.explain(cap, "all")`` computes these).
+
+    AttnLRP and LeGrad read a pass of their own: a capture made without it (the default)
+    explains every other method.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)), keep=("all", "legrad"))
+    >>> "legrad" in vl.methods.explainable_methods(cap), "attnlrp" in vl.methods.explainable_methods(cap)
+    (True, False)
+    """
+    kept = _kept(cap)
+    out = []
+    for name, info in METHOD_INFO.items():
+        given = {k: v for k, v in (options or {}).items() if k in info.options()}
+        if info.groups(cap, given) <= kept:  # every group the map reads (its registered needs)
+            out.append(name)
+    return tuple(out)
+
+
 def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
     """Every registered method with the options each takes, on top of its defaults for ``cap``."""
     names = tuple(METHOD_INFO)
@@ -134,6 +213,7 @@ def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
     if unused:
         raise OptionError(f"no method takes {sorted(unused)}.")
     out = {}
+    names = explainable_methods(cap, options)  # "all": every method the capture holds what it reads for
     for name in names:
         info = METHOD_INFO[name]
         accepted = {**info.defaults_for(cap), **{k: v for k, v in options.items() if k in info.options()}}
@@ -151,5 +231,6 @@ def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
     return ds
 
 
-__all__ = ["METHODS", "METHOD_INFO", "MethodInfo", "explain", "method_info", "normalize", "options_of",
+__all__ = ["METHODS", "METHOD_INFO", "MethodInfo", "explain", "explainable_methods", "extra_groups", "groups_of",
+           "method_info", "normalize", "options_of",
            "register_method", "statistic_maps", "to_pixels", *METHODS]

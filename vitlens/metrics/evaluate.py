@@ -327,7 +327,11 @@ def _groups(model: nn.Module, names: list[str], opts: dict[str, dict[str, Any]])
     from ..registry import METHOD_INFO
 
     attrs = adapter_for(model).describe()
-    return sorted(set().union(*(METHOD_INFO[name].groups(attrs, opts.get(name, {})) for name in names)))
+    groups: set[str] = set()
+    for name in names:
+        info = METHOD_INFO[name]
+        groups |= info.groups(attrs, {k: v for k, v in opts.get(name, {}).items() if k in info.options()})
+    return sorted(groups)
 
 
 def _evaluate_batch(model: nn.Module, chunk: np.ndarray, s0: int, items: _Items, names: list[str],
@@ -345,7 +349,7 @@ def _evaluate_batch(model: nn.Module, chunk: np.ndarray, s0: int, items: _Items,
 
     npix = size[0] * size[1]
     its, local = items.in_batch(s0, len(chunk))
-    keep = _groups(model, names, opts)
+    keep = _groups(model, names, opts)  # the extra passes (AttnLRP, LeGrad) included, nothing unread
     t = time.perf_counter()
     cap = capture(model, chunk, target=None, keep=keep, batch_size=batch_size, device=device, progress=False)
     scores.capture_seconds += time.perf_counter() - t

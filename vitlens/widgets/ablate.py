@@ -12,7 +12,6 @@ ablates the head it is clicked on while the mode is on.
 
 from __future__ import annotations
 
-import html
 import weakref
 from typing import Any
 
@@ -25,6 +24,7 @@ from ..errors import OptionError
 from ..models import adapter_for
 from .base import softmax
 from .figure import as_widget
+from .text import escape, html_text, markup
 
 #: Colours of the probability bars: before (the capture) and after (the ablated model).
 BEFORE, AFTER = "#9e9e9e", "#d62728"
@@ -62,8 +62,7 @@ class AblateControls:
                                                  "(one forward + backward of this image per change)",
                                          layout=widgets.Layout(width="auto", margin="0 8px 0 0"))
         self.mode.add_class("vitlens-ablate-mode")
-        self.label = widgets.HTML(layout=widgets.Layout(width="auto", margin="0 6px 0 0"))
-        self.label.add_class("vitlens-ablate-label")
+        self.label = html_text(css="vitlens-ablate-label", width="auto", margin="0 6px 0 0")
         self.toggles = []
         for h in range(widest):
             t = widgets.ToggleButton(value=False, description=str(h), tooltip=f"switch head {h} off in this block",
@@ -76,8 +75,7 @@ class AblateControls:
                                            layout=widgets.Layout(width="auto", margin="1px 1px 1px 6px"))
         self.reset_button.add_class("vitlens-ablate-reset")
         self.reset_button.on_click(lambda _: self.reset())
-        self.status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
-        self.status.add_class("vitlens-ablate-status")
+        self.status = html_text(css="vitlens-ablate-status", margin="0 8px")
         self._quiet = False
         self.controls = widgets.HBox([self.label, *self.toggles, self.reset_button, self.status],
                                      layout=widgets.Layout(flex_flow="row wrap", align_items="center"))
@@ -185,7 +183,7 @@ class AblateControls:
                 t.icon = "times" if h in off else ""
         finally:
             self._quiet = False
-        self.label.value = f"Switch off, block <b>{layer}</b>:"
+        self.label.value = markup("Switch off, block <b>{}</b>:", layer)
         chosen = {l: sorted(h) for l, h in sorted(self.ablated.items()) if h}
         if not self.mode.value:
             text = "ablate mode off: the model as it is"
@@ -194,13 +192,14 @@ class AblateControls:
                                        for l, h in chosen.items())
         else:
             text = "no head switched off"
-        self.status.value = html.escape(text)
+        self.status.value = escape(text)
         self._bars()
 
-    def probe(self) -> str:
-        """The ablation for the Explorer's probe (what the browser tests read): `` ablated=3:0,2;5:1``."""
+    def probe(self) -> dict[str, str]:
+        """The ablation's field of the Explorer's probe (what the browser tests read): ``{"ablated": "3:0,2;5:1"}``
+        (``"-"``: none)."""
         off = ";".join(f"{l}:{','.join(map(str, sorted(h)))}" for l, h in sorted(self.ablated.items()) if h)
-        return f" ablated={off if self.active else '-'}"
+        return {"ablated": off if self.active else "-"}
 
     def switched_off(self, layer: int) -> frozenset[int]:
         """The heads of ``layer`` switched off in the model now (none while the mode is off)."""
@@ -243,7 +242,7 @@ class AblateControls:
         before, after = self.probabilities()
         order = list(np.argsort(-np.maximum(before, after), kind="stable")[:5])
         names = [self.explorer.class_names[c] for c in order]
-        labels = [n if len(n) <= 18 else n[:17] + "…" for n in names]
+        labels = [escape(n if len(n) <= 18 else n[:17] + "…") for n in names]  # plotly renders tick labels as markup
         with figure.batch_update():
             figure.data[0].update(x=[float(before[c]) for c in order], y=labels)
             figure.data[1].update(x=[float(after[c]) for c in order], y=labels, visible=self.active)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -15,13 +14,16 @@ import xarray as xr
 from ..errors import OptionError
 from . import captions
 from .base import AttentionView
-from .controls import layer_slider, opacity_slider, probe, sample_dropdown
+from .controls import layer_slider, opacity_slider, probe, probe_text, sample_dropdown
 from .figure import as_widget, image_uri, overlay_figure, zsmooth
 from .layout import Query, initial_query, parse_heads, patch_outline
 from .panels import head_attention, normalized
+from .text import escape, html_text, markup
 
 #: Heatmap opacity of a deselected head, relative to the opacity slider.
 DIMMED = 0.2
+#: The title mark of a head switched off in the model (a linked Explorer's ablate mode).
+SWITCHED_OFF = markup(" · <span style='color:#d62728'>✕ switched off</span>")
 
 
 class HeadGrid(AttentionView):
@@ -113,8 +115,7 @@ class HeadGrid(AttentionView):
                                (self.opacity_slider, "opacity")):
             self._link_control(control, trait)
         self.smooth_toggle = self._smooth_toggle()
-        self.caption = widgets.HTML()
-        self.caption.add_class("vitlens-captions")
+        self.caption = html_text(css="vitlens-captions")
         self.probe = probe("vitlens-probe")
         self._figure_box = widgets.VBox()
         exporter = self._export_controls(export_dir)
@@ -233,8 +234,8 @@ class HeadGrid(AttentionView):
                 trace.opacity = self.opacity if h in chosen else self.opacity * DIMMED
                 trace.zsmooth = zsmooth(self.smooth)
                 fig.data[2 * n + h].update(x=mx, y=my)  # the query marker of head h's panel
-                fig.layout.annotations[h].text = f"head {h}" + ("" if h in chosen else " (off)") + (
-                    " · <span style='color:#d62728'>✕ switched off</span>" if h in off else "")
+                fig.layout.annotations[h].text = markup("head {}{}{}", h, "" if h in chosen else " (off)",
+                                                        SWITCHED_OFF if h in off else "")
         return chosen
 
     def refresh(self) -> None:
@@ -249,13 +250,13 @@ class HeadGrid(AttentionView):
                 box.layout.display = None if index == stage else "none"
             self._stage = stage
         linked = self.explorer is not None
-        self.caption.value = html.escape(
+        self.caption.value = escape(
             f"Each panel: the image under where {captions.query_text(self.query)} looks at block {layer}, one head "
             f"at a time (scaled to [0, 1]). Click a head to toggle it" + (" (linked)." if linked else ".")
         )
         heads = ",".join(map(str, sorted(chosen)))
         self.version += 1
-        self.probe.value = f"layer={layer} sample={sample} heads={heads}"
+        self.probe.value = probe_text(layer=layer, sample=sample, heads=heads)
 
     def _on_sample(self, change: Any) -> None:
         self._show_image(self._figures.values())

@@ -91,14 +91,18 @@ class CaptureLayout:
         return {s.index: frozenset(range(s.num_heads)) for s in self.stages}
 
 
-def capture_layout(cap: xr.DataTree) -> CaptureLayout:
-    """Read the stage layout of a capture (no arrays are loaded)."""
+def capture_layout(cap: xr.DataTree, attention: bool = True) -> CaptureLayout:
+    """Read the stage layout of a capture (no arrays are loaded).
+
+    ``attention=False``: a store that kept no attention (a reduced store) is fine too.
+    """
     if not isinstance(cap, xr.DataTree) or "vitlens_version" not in cap.attrs:
         raise CaptureFormatError(
             f"widgets take a capture from vl.capture or vl.open (an xarray.DataTree); got {type(cap).__name__}."
         )
-    names = sorted(cap.children, key=lambda n: int(n.removeprefix("stage")))
-    if not names or "attention" not in cap[names[0]]:
+    # a reduced store also holds /maps and /stats beside the stages
+    names = sorted((n for n in cap.children if n.startswith("stage")), key=lambda n: int(n.removeprefix("stage")))
+    if not names or (attention and "attention" not in cap[names[0]]):
         raise CaptureFormatError("this capture holds no attention; capture again with keep='all' to explore it.")
     stages = []
     first_stride = None
@@ -159,6 +163,23 @@ def initial_query(layout: CaptureLayout, query: Query | str) -> Query:
             raise OptionError(f"query={query!r}; pass 'default', None (the CLS token) or a patch (row, col).")
         return layout.default_query()
     return checked_query(layout, query)
+
+
+def patch_at(layout: CaptureLayout, x: float, y: float) -> tuple[int, int]:
+    """The first-stage patch ``(row, col)`` under a click at pixel ``(x, y)`` of a panel (clamped to the grid).
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=1)
+    >>> patch_at(capture_layout(vl.capture(model, np.zeros((1, 32, 32, 3)), grads=False)), 27.5, 3.5)
+    (0, 3)
+    """
+    sy, sx = layout.stride
+    gh, gw = layout.grid
+    col = int(round((x - (sx - 1) / 2) / sx))
+    row = int(round((y - (sy - 1) / 2) / sy))
+    return min(max(row, 0), gh - 1), min(max(col, 0), gw - 1)
 
 
 def query_token(layout: CaptureLayout, stage: StageLayout, query: Query) -> int:
