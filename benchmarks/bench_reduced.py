@@ -1,124 +1,223 @@
-"""What a capture costs for what is asked: bytes per image and time, full against reduced.
+"""A store of answers (#27.1): bytes per image, images/s and memory of a reduced capture.
 
-    python benchmarks/bench_reduced.py [--n 8] [--batch 8] [--models vit_base_patch16_224,swin_tiny_patch4_window7_224]
+    python benchmarks/bench_reduced.py [--n 2] [--speed-n 4] [--stream-seconds 120] [--splice]
 
-Random-init timm models (``pretrained=False``) at their own input size. Prints,
-all measured in this run, per model:
+Three tables, every number measured in this run (random-init timm models, no
+download; the shipped ``vit-shapes`` for the stream):
 
-- bytes per image of a streamed store: the full capture (float32, every group)
-  against a reduced one (``maps="all", stats="all"``, ``keep="none"``: the seven
-  maps, every registered head statistic, logits and targets). ``marginal`` is
-  the growth per image between a store of ``n`` and of ``2n`` images (what a
-  dataset pays; the zarr metadata is a fixed cost); the target is ≤ 64 KB for
-  ViT-B/16 at 224 px (issue #27);
-- seconds per image of in-memory captures that ask for less and less, against
-  a plain forward pass and a plain forward+backward pass (#30.4: attention and
-  rollout need no backward pass, the gradient methods no LRP pass).
+1. Bytes per image of a streamed store, ViT-B/16 and Swin-T at 224 px: the full
+   capture (float32, every raw group) against a reduced one (``maps="all",
+   stats="all"``, ``keep="none"``: every registered map and head statistic,
+   logits, targets). ``marginal`` is the growth per image from a store of ``n``
+   to one of ``2n`` images (what a dataset pays; zarr metadata is a fixed cost).
+   Target (issue #27): ≤ 64 KB per image for ViT-B/16.
+2. Images/s of reduced captures against a plain forward and a plain
+   forward+backward pass of the same images (ViT-B/16, in memory).
+3. Peak memory over one long reduced stream (``vit-shapes``, every map and
+   statistic, images made batch by batch so the source holds none): the
+   process's peak RSS after each tenth of the stream. Flat means the store,
+   not the process, grows. The image count is what fits ``--stream-seconds``.
+
+``--splice`` writes the tables between the ``reduced`` markers of
+benchmarks/RESULTS.md (atomically), with the machine and its load (``uptime``).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import os
 import platform
+import resource
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 
 import vitlens as vl
+
+MODELS = {"ViT-B/16": "vit_base_patch16_224", "Swin-T": "swin_tiny_patch4_window7_224"}
+TARGET_KB = 64
 
 
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def seconds(fn, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
-def store_bytes(model, images, tmp: Path, label: str, batch: int, **kw) -> tuple[float, float]:
-    """(bytes per image of a store of ``images``, marginal bytes per image from n to 2n images)."""
+def load() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def store_bytes(model, images: torch.Tensor, tmp: Path, label: str, batch: int, **kw) -> tuple[float, float, float]:
+    """(bytes per image of a store of ``images``, marginal bytes per image from n to 2n images, s/img of the
+    first store)."""
     n = images.shape[0]
-    sizes = []
+    sizes, seconds = [], 0.0
     for k, part in ((1, images), (2, torch.cat([images, images.flip(0)]))):
         path = tmp / f"{label}-{k}.zarr"
+        t = time.perf_counter()
         vl.capture(model, part, store=path, batch_size=batch, progress=False, **kw)
+        seconds = seconds or time.perf_counter() - t
         sizes.append(du(path))
         shutil.rmtree(path)
-    return sizes[0] / n, (sizes[1] - sizes[0]) / n
+    return sizes[0] / n, (sizes[1] - sizes[0]) / n, seconds / n
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--models", default="vit_base_patch16_224,swin_tiny_patch4_window7_224")
-    p.add_argument("--full-n", type=int, default=2, help="images in the full-capture store (58 MB each for ViT-B)")
-    args = p.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
-          f"n={args.n}, batch {args.batch}; head statistics: {list(vl.registry.STAT_INFO)}")
-    tmp = Path(tempfile.mkdtemp())
-    try:
-        for name in args.models.split(","):
-            torch.manual_seed(0)
-            model = timm.create_model(name, pretrained=False).eval()
-            size = vl.models.adapter_for(model).input_size
-            images = torch.randn(args.n, 3, *size)
-            run(model, name, images, args, tmp)
-    finally:
-        shutil.rmtree(tmp)
+def bytes_table(args, tmp: Path) -> list[str]:
+    rows = ["| model | store | KB/image (n images) | marginal KB/image | full / reduced (marginal) |",
+            "|---|---|---:|---:|---:|"]
+    for label, name in MODELS.items():
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False).eval()
+        images = torch.randn(args.n, 3, 224, 224)
+        full, full_m, _ = store_bytes(model, images[: args.full_n], tmp, "full", args.n)
+        small, small_m, secs = store_bytes(model, images, tmp, "reduced", args.n, maps="all", stats="all")
+        ok = "meets" if small_m <= TARGET_KB * 1e3 else "MISSES"
+        rows.append(f"| {label} | full (float32, every raw group; n={args.full_n}) | {full / 1e3:,.0f} | "
+                    f"{full_m / 1e3:,.0f} | |")
+        rows.append(f"| {label} | reduced: maps='all', stats='all', logits (n={args.n}) | {small / 1e3:.1f} | "
+                    f"{small_m / 1e3:.1f} ({ok} ≤ {TARGET_KB} KB) | {full_m / max(small_m, 1):,.0f}× |")
+        print(rows[-2], rows[-1], f"(reduced store written at {secs:.1f} s/img)", sep="\n", flush=True)
+    return rows
 
 
-def run(model, name: str, images: torch.Tensor, args, tmp: Path) -> None:
-    n, batch = images.shape[0], args.batch
-    print(f"\n{name}")
-    full, full_marginal = store_bytes(model, images[: args.full_n], tmp, "full", batch)
-    small, small_marginal = store_bytes(model, images, tmp, "reduced", batch, maps="all", stats="all")
-    print(f"{'store bytes per image':58s} {'per image':>12s} {'marginal':>12s}")
-    print(f"{'full capture (float32, every group)':58s} {full / 1e3:10.1f}KB {full_marginal / 1e3:10.1f}KB")
-    print(f"{'reduced: 7 maps + every statistic + logits (keep=none)':58s} {small / 1e3:10.1f}KB "
-          f"{small_marginal / 1e3:10.1f}KB")
-    print(f"{'full / reduced (marginal)':58s} {full_marginal / max(small_marginal, 1):12.0f}×")
+def speed_table(args) -> list[str]:
+    torch.manual_seed(0)
+    model = timm.create_model(MODELS["ViT-B/16"], pretrained=False).eval()
+    images = torch.randn(args.speed_n, 3, 224, 224)
+    n = images.shape[0]
 
     def forward():
         with torch.no_grad():
-            for i in range(0, n, batch):
-                model(images[i : i + batch])
+            model(images)
 
     def forward_backward():
-        for i in range(0, n, batch):
-            model.zero_grad(set_to_none=True)
-            x = images[i : i + batch].clone().requires_grad_(True)
-            model(x).max(1).values.sum().backward()
+        model.zero_grad(set_to_none=True)
+        model(images.clone().requires_grad_(True)).max(1).values.sum().backward()
+
+    cheap = [s for s in vl.HEAD_STATS if "ablation_effect" not in vl.registry.STAT_INFO[s].groups()]
 
     def capture(**kw):
-        return lambda: vl.capture(model, images, batch_size=batch, progress=False, **kw)
+        return lambda: vl.capture(model, images, batch_size=n, progress=False, **kw)
 
     forward()  # warm-up
-    rows = [
-        ("plain forward (no_grad)", forward),
-        ("plain forward+backward", forward_backward),
-        ("capture maps=[attention, rollout]", capture(maps=["attention", "rollout"])),
-        ("capture keep=['attention'] (raw, no maps)", capture(keep=["attention"])),
-        ("capture maps=[gradcam, generic_attention, lnstat, tokentm]",
-         capture(maps=["gradcam", "generic_attention", "lnstat", "tokentm"])),
-        ("capture maps='all', stats='all'", capture(maps="all", stats="all")),
-        ("capture keep='all' (full, in memory)", capture()),
-    ]
-    times = {label: seconds(fn) for label, fn in rows}
-    fwd, fb = times["plain forward (no_grad)"], times["plain forward+backward"]
-    print(f"\n{'time':58s} {'s/img':>8s} {'× fwd':>7s} {'× fwd+bwd':>10s}")
-    for label, t in times.items():
-        print(f"{label:58s} {t / n:8.3f} {t / fwd:7.2f} {t / fb:10.2f}")
+    runs = [("plain forward (no_grad)", forward), ("plain forward+backward", forward_backward),
+            ("reduced: maps=['attention', 'rollout'] (no backward pass)", capture(maps=["attention", "rollout"])),
+            ("reduced: the seven original maps + " + ", ".join(cheap),
+             capture(maps=list(vl.METHODS[:7]), stats=cheap)),
+            ("reduced: maps='all' (AttnLRP, LeGrad passes too) + the same statistics",
+             capture(maps="all", stats=cheap))]
+    times = {}
+    for label, fn in runs:
+        t = time.perf_counter()
+        fn()
+        times[label] = time.perf_counter() - t
+        print(f"{label}: {n / times[label]:.2f} img/s", flush=True)
+    fb = times["plain forward+backward"]
+    rows = [f"| ViT-B/16, batch {n} | images/s | × plain fwd+bwd time |", "|---|---:|---:|"]
+    rows += [f"| {label} | {n / t:.2f} | {t / fb:.2f} |" for label, t in times.items()]
+    return rows
+
+
+def stream_table(args, tmp: Path) -> list[str]:
+    model = vl.load_model("vit-shapes")
+    size = vl.models.adapter_for(model).input_size[-1]
+    batch = args.stream_batch
+    rng = np.random.default_rng(0)
+
+    def batches(count: int, marks: list[float] | None = None):
+        for _ in range(count):
+            if marks is not None:
+                marks.append(peak_rss_mb())
+            yield rng.random((batch, size, size, 3), dtype=np.float32)
+
+    t = time.perf_counter()  # the rate, from a short run (the first batch pays the warm-up)
+    vl.capture(model, batches(3), store=tmp / "probe.zarr", maps="all", stats="all", progress=False)
+    per_batch = (time.perf_counter() - t) / 3
+    shutil.rmtree(tmp / "probe.zarr")
+    count = max(10, int(args.stream_seconds / per_batch))
+    marks: list[float] = []
+    t = time.perf_counter()
+    vl.capture(model, batches(count, marks), store=tmp / "stream.zarr", maps="all", stats="all", progress=False)
+    seconds = time.perf_counter() - t
+    marks.append(peak_rss_mb())
+    images = count * batch
+    assert vl.open(tmp / "stream.zarr")["sample"].size == images
+    kb = du(tmp / "stream.zarr") / images / 1e3
+    shutil.rmtree(tmp / "stream.zarr")
+    tenths = [marks[min(len(marks) - 1, round(i * count / 10))] for i in range(1, 11)]
+    rows = [f"vit-shapes, {images} images ({count} batches of {batch}, {size} px) streamed in {seconds:.0f} s "
+            f"({images / seconds:.1f} img/s), maps='all', stats='all', {kb:.1f} KB/image on disk; peak RSS of the "
+            "process after each tenth of the stream:", "",
+            "| images | " + " | ".join(f"{round(i * images / 10)}" for i in range(1, 11)) + " |",
+            "|---|" + "---:|" * 10,
+            "| peak RSS (MB) | " + " | ".join(f"{m:.0f}" for m in tenths) + " |", "",
+            f"Growth from the first tenth to the end: {tenths[-1] - tenths[0]:+.0f} MB "
+            f"({(tenths[-1] - tenths[0]) / (images * 0.9) * 1e3:+.2f} KB per image)."]
+    print("\n".join(rows), flush=True)
+    return rows
+
+
+def splice(path: Path, lines: list[str]) -> None:
+    """Replace the text between the reduced markers of ``path`` (or append them), atomically."""
+    start, end = "<!-- reduced:start -->", "<!-- reduced:end -->"
+    text = path.read_text(encoding="utf-8")
+    block = "\n".join([start, *lines, end])
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2, help="images in the smaller reduced store (the larger holds 2n)")
+    p.add_argument("--full-n", type=int, default=1, help="images in the smaller full store (58 MB each for ViT-B)")
+    p.add_argument("--speed-n", type=int, default=4, help="images (one batch) for the images/s table")
+    p.add_argument("--stream-seconds", type=float, default=120)
+    p.add_argument("--stream-batch", type=int, default=32)
+    p.add_argument("--splice", action="store_true", help="write the tables into benchmarks/RESULTS.md")
+    args = p.parse_args()
+    before = load()
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+               f"with {torch.get_num_threads()} thread(s), no GPU used")
+    print(f"{machine}\nload at start: {before}\nhead statistics: {list(vl.HEAD_STATS)}; maps: {list(vl.METHODS)}")
+    tmp = Path(tempfile.mkdtemp())
+    start = time.perf_counter()
+    try:
+        sizes = bytes_table(args, tmp)
+        speed = speed_table(args)
+        stream = stream_table(args, tmp)
+    finally:
+        shutil.rmtree(tmp)
+    after = load()
+    lines = ["## A store of answers (reduced capture, #27.1)", "",
+             f"Generated by `python benchmarks/bench_reduced.py --splice` on {_dt.date.today().isoformat()} "
+             f"in {(time.perf_counter() - start) / 60:.1f} min (spliced into this file). Machine: {machine}. "
+             f"Load (`uptime`) at the start: `{before}`; at the end: `{after}` — the machine is shared, so "
+             "times are slower than on an idle one; sizes do not depend on it.", "",
+             f"Bytes per image of a streamed store (random init, 224 px; marginal: from n to 2n images; "
+             f"maps='all' is {len(vl.METHODS)} maps, stats='all' is {len(vl.HEAD_STATS)} statistics, "
+             "ablation_effect's one forward per head included):", "", *sizes, "",
+             "Images/s (in memory, one batch, one run each after a warm-up forward; "
+             "ablation_effect, one forward per head, left out here):", "", *speed, "",
+             "Memory over a long reduced stream:", "", *stream]
+    print("\n" + "\n".join(lines))
+    if args.splice:
+        splice(Path(__file__).with_name("RESULTS.md"), lines)
 
 
 if __name__ == "__main__":

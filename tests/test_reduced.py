@@ -14,30 +14,13 @@ from conftest import make_vit, random_images
 
 import vitlens as vl
 from vitlens.capture import stream
-from vitlens.registry import METHOD_INFO, STAT_INFO, register_stat
+from vitlens.registry import METHOD_INFO, STAT_INFO
 
 
-def _first_key_share(cap: xr.DataTree) -> xr.DataArray:
-    """A head statistic for the tests (the real ones live in vitlens/stats): the mean attention
-    every query pays the first key, per image, block and head, over every stage."""
-    parts = [node.to_dataset(inherit=False)["attention"].isel(key=0).mean("query") for node in
-             (cap[name] for name in cap.children if name.startswith("stage"))]
-    parts = [p.mean("window") if "window" in p.dims else p for p in parts]
-    heads = max(p.sizes["head"] for p in parts)
-    padded = [p.reindex(head=np.arange(heads)) for p in parts]  # Swin stages differ in heads: NaN where none
-    return xr.concat(padded, "layer").transpose("sample", "layer", "head")
-
-
-def _register_test_stat() -> None:
-    register_stat("first_key_share", title="First-key share", unit="share",
-                  caption="attention paid to the first key")(_first_key_share)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def test_stat():
-    _register_test_stat()
-    yield "first_key_share"
-    STAT_INFO.pop("first_key_share")
+def _full(model, images) -> xr.DataTree:
+    """A capture of everything every method and statistic reads (their extra passes too)."""
+    extra = set().union(*(info.groups() for info in STAT_INFO.values())) | set(vl.methods.extra_groups())
+    return vl.capture(model, images, keep=["all", *sorted(extra - set(vl.KEEP_GROUPS))], progress=False)
 
 
 def make_hf_vit(seed: int = 0) -> torch.nn.Module:
@@ -62,27 +45,65 @@ def hf_vit():
     return make_hf_vit()
 
 
-@pytest.mark.parametrize("which", ["vit", "swin", "vit_avg", "hf_vit"])
-def test_reduced_maps_and_stats_equal_those_of_a_full_capture(request, which):
-    model = request.getfixturevalue(which)
-    images = random_images(5, 64 if which == "swin" else 32, seed=2)
-    extra = set().union(*(info.groups() for info in STAT_INFO.values())) - set(vl.KEEP_GROUPS)
-    full = vl.capture(model, images, keep=["all", *sorted(extra)], progress=False)  # e.g. ablation_effect
-    small = vl.capture(model, images, maps="all", stats="all", batch_size=2, progress=False)  # three batches
-    assert set(small["maps"].data_vars) == set(METHOD_INFO) and set(small["stats"].data_vars) == set(STAT_INFO)
+# every method and statistic (AttnLRP's, LeGrad's and the ablation passes included) takes seconds a model
+MODELS = [pytest.param(which, marks=pytest.mark.slow) for which in ("vit", "swin", "vit_avg", "hf_vit")]
+
+
+@pytest.fixture(scope="module")
+def pair(request):
+    """(full capture, reduced capture with every map and statistic) of the same images, per model."""
+    cache = {}
+
+    def make(which: str) -> tuple[xr.DataTree, xr.DataTree]:
+        if which not in cache:
+            model = request.getfixturevalue(which)
+            images = random_images(5, 64 if which == "swin" else 32, seed=2)
+            small = vl.capture(model, images, maps="all", stats="all", batch_size=2, progress=False)  # three batches
+            cache[which] = _full(model, images), small
+        return cache[which]
+
+    return make
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_reduced_maps_equal_explain_on_a_full_capture(pair, which):
+    full, small = pair(which)
+    assert set(small["maps"].data_vars) == set(METHOD_INFO)
     for method in METHOD_INFO:
         want, got = vl.explain(full, method), vl.explain(small, method)
-        assert got.dims == want.dims and got.attrs == want.attrs
+        assert got.dims == want.dims and got.attrs == want.attrs, method
         np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=0, err_msg=method)
         np.testing.assert_array_equal(got["target"].values, want["target"].values)
-    for name in STAT_INFO:
-        want = STAT_INFO[name].function(full)
-        got = small["stats"][name]
-        assert got.dims == ("sample", "layer", "head")
-        np.testing.assert_allclose(got.values, want.values, rtol=1e-5, err_msg=name)
     every = vl.explain(small, "all")
     for method in METHOD_INFO:
         np.testing.assert_array_equal(every[method].values, vl.explain(small, method).values)
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_reduced_stats_equal_head_stats_of_a_full_capture(pair, which):
+    full, small = pair(which)
+    assert list(small["stats"].data_vars) == list(vl.HEAD_STATS)
+    assert not any("attention" in small[node] for node in small.children if node.startswith("stage"))
+    for name in vl.HEAD_STATS:
+        want, got = vl.head_stats(full, name), vl.head_stats(small, name)
+        assert got.dims == ("sample", "layer", "head") and got.attrs == want.attrs, name
+        np.testing.assert_array_equal(np.isnan(got.values), np.isnan(want.values))  # Swin: heads a stage lacks
+        np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=0, err_msg=name)
+        np.testing.assert_array_equal(got["stage"].values, want["stage"].values)
+
+
+def test_a_few_reduced_maps_and_stats_equal_those_of_a_full_capture(vit):
+    """The fast lane's check: a map and a statistic with and without gradients, over two batches."""
+    images = random_images(3, 32, seed=4)
+    full = vl.capture(vit, images, progress=False)
+    small = vl.capture(vit, images, maps=["rollout", "gradcam"], stats=["attention_distance", "gradient_weight"],
+                       batch_size=2, progress=False)
+    for method in ("rollout", "gradcam"):
+        np.testing.assert_allclose(vl.explain(small, method).values, vl.explain(full, method).values, rtol=1e-5,
+                                   atol=0, err_msg=method)
+    for name in ("attention_distance", "gradient_weight"):
+        np.testing.assert_allclose(vl.head_stats(small, name).values, vl.head_stats(full, name).values, rtol=1e-5,
+                                   atol=0, err_msg=name)
 
 
 def test_a_reduced_capture_keeps_no_raw_groups_unless_asked(vit, images32):
@@ -120,6 +141,18 @@ def test_map_options_are_stored_and_another_variant_is_refused_with_the_call_tha
     np.testing.assert_array_equal(vl.explain(kept, "rollout").values, vl.explain(full, "rollout").values)
 
 
+def test_a_reduced_capture_without_the_map_or_its_groups_says_which_capture_call_makes_it(vit, images32):
+    stats_only = vl.capture(vit, images32, stats=["attention_entropy"], progress=False)
+    with pytest.raises(vl.CaptureFormatError, match=r"stores no maps.*vl.capture\(model, images, maps=\['rollout'\]\)"):
+        vl.explain(stats_only, "rollout")
+    # a stored map named "attention" is not the raw attention rollout is computed from
+    attention_map = vl.capture(vit, images32, maps=["attention"], progress=False)
+    with pytest.raises(vl.CaptureFormatError, match="kept no raw attention"):
+        vl.explain(attention_map, "rollout")
+    assert vl.methods.explainable_methods(attention_map) == ("attention",)
+    assert set(vl.explain(attention_map, "all").data_vars) == {"attention"}
+
+
 def test_a_stored_map_is_for_the_captured_class_only(vit, images32):
     small = vl.capture(vit, images32, target=2, maps=["gradcam", "rollout"], progress=False)
     assert vl.explain(small, "gradcam", target=2).equals(vl.explain(small, "gradcam"))
@@ -141,6 +174,7 @@ def test_bad_reduced_requests_say_what_to_do(vit, images32, kwargs, match):
         vl.capture(vit, images32, progress=False, **kwargs)
 
 
+@pytest.mark.slow  # every map and statistic, twice
 def test_a_reduced_store_streams_opens_lazily_and_equals_the_in_memory_one(tmp_path, vit):
     images = random_images(7, 32, seed=3)
     small = vl.capture(vit, images, maps="all", stats="all", batch_size=3, progress=False)
@@ -151,7 +185,8 @@ def test_a_reduced_store_streams_opens_lazily_and_equals_the_in_memory_one(tmp_p
         got = vl.explain(lazy, method)
         np.testing.assert_array_equal(np.asarray(got.values), vl.explain(small, method).values)
         assert got.attrs == vl.explain(small, method).attrs
-    np.testing.assert_array_equal(lazy["stats"]["first_key_share"].values, small["stats"]["first_key_share"].values)
+    for name in vl.HEAD_STATS:
+        np.testing.assert_array_equal(vl.head_stats(lazy, name).values, small["stats"][name].values)
     again = vl.open(tmp_path / "r.zarr")
     assert again.attrs == small.attrs
 
@@ -176,7 +211,6 @@ def _run_reduced(store: str, fault: int | None, log: str | None = None) -> None:
     for key, value in ((stream.FAULT_ENV, fault), (stream.FAULT_LOG_ENV, log)):
         if value is not None:
             os.environ[key] = str(value)
-    _register_test_stat()  # a fresh process: stats="all" must mean what it means in the test
     vl.capture(make_vit(), random_images(N_IMAGES, 32, seed=5), store=store, batch_size=BATCH, maps="all",
                stats="all", progress=False)
     os._exit(0)
@@ -200,8 +234,8 @@ def reduced_trace(tmp_path_factory) -> list[str]:
     return [line.split("\t", 1)[1] for line in (d / "steps.txt").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("where", ["mid /maps", pytest.param("mid root", marks=pytest.mark.slow),
-                                   pytest.param("marker written, not renamed", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a spawned child per kill, every map and statistic
+@pytest.mark.parametrize("where", ["mid /maps", "mid root", "marker written, not renamed"])
 def test_a_killed_reduced_capture_loses_nothing_and_resumes(tmp_path, reduced_trace, where):
     """A child dies at a write step of the second batch (``VITLENS_FAULT_POINT``, as test_faults does);
     the committed images open as they were, and the resumed store equals an in-memory reduced capture."""
@@ -225,8 +259,8 @@ def test_a_killed_reduced_capture_loses_nothing_and_resumes(tmp_path, reduced_tr
     for method in METHOD_INFO:
         np.testing.assert_array_equal(np.asarray(vl.explain(resumed, method).values),
                                       vl.explain(reference, method).values, err_msg=method)
-    np.testing.assert_array_equal(resumed["stats"]["first_key_share"].values,
-                                  reference["stats"]["first_key_share"].values)
+    for name in vl.HEAD_STATS:
+        np.testing.assert_array_equal(resumed["stats"][name].values, reference["stats"][name].values, err_msg=name)
 
 
 def test_metrics_run_on_a_reduced_store(tmp_path, vit):

@@ -160,9 +160,11 @@ def answers(tree: xr.DataTree, maps: Mapping[str, Mapping[str, Any]],
 
 
 def stored_groups(cap: xr.DataTree) -> frozenset[str]:
-    """The raw groups a capture holds (in every stage that has any)."""
+    """The raw groups a capture holds (in every stage that has any; ``/maps`` and ``/stats`` hold answers)."""
     present = set()
-    for node in cap.children.values():
+    for name, node in cap.children.items():
+        if name in (MAPS, STATS):  # a stored map named "attention" is no raw attention
+            continue
         for var in node.to_dataset(inherit=False).data_vars:
             group = group_of(str(var))
             if group is not None:
@@ -176,6 +178,37 @@ def stored_requests(cap: xr.DataTree, kind: str = MAPS) -> dict[str, dict[str, A
         return {}
     node = cap[kind].to_dataset(inherit=False)
     return {str(name): json.loads(var.attrs.get("request", "{}")) for name, var in node.data_vars.items()}
+
+
+def is_reduced(cap: xr.DataTree) -> bool:
+    """Whether ``cap`` was made by a reduced capture (``maps=`` or ``stats=``), whatever it kept."""
+    if MAPS in cap.children or STATS in cap.children:
+        return True
+    options = cap.attrs.get("options", "{}")
+    try:
+        options = json.loads(options) if isinstance(options, str) else options
+    except ValueError:
+        return False
+    return isinstance(options, Mapping) and ("maps" in options or "stats" in options)
+
+
+def holds_map(cap: xr.DataTree, method: str, options: Mapping[str, Any] | None = None) -> bool:
+    """Whether a reduced capture stores ``method``'s map made with ``options`` (resolved as the method does).
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
+    >>> small = vl.capture(model, np.zeros((1, 32, 32, 3)), maps={"rollout": {"start_layer": 1}})
+    >>> holds_map(small, "rollout", {"start_layer": 1}), holds_map(small, "rollout"), holds_map(small, "gradcam")
+    (True, False, False)
+    """
+    if not isinstance(cap, xr.DataTree) or MAPS not in cap.children:
+        return False
+    node = cap[MAPS].to_dataset(inherit=False)
+    info = method_info(method)
+    given = {k: v for k, v in (options or {}).items() if k in info.options()}
+    return method in node.data_vars and node[method].attrs.get("request") == request(info, cap.attrs, given)
 
 
 def stored_map(cap: xr.DataTree, method: str, options: Mapping[str, Any]) -> xr.DataArray | None:
@@ -198,25 +231,24 @@ def stored_map(cap: xr.DataTree, method: str, options: Mapping[str, Any]) -> xr.
     ...
     vitlens.errors.CaptureFormatError: this reduced capture stores the maps rollout with {"start_layer": 1}, ...
     """
-    if not isinstance(cap, xr.DataTree) or MAPS not in cap.children:
+    if not isinstance(cap, xr.DataTree) or not is_reduced(cap):
         return None
     info = method_info(method)
     unknown = set(options) - set(info.options())
     if unknown:
         raise OptionError(f"{method} takes no option(s) {sorted(unknown)}; its options are {info.options()}.")
-    wanted = request(info, cap.attrs, options)
-    node = cap[MAPS]
-    if method in node.to_dataset(inherit=False).data_vars and node[method].attrs.get("request") == wanted:
+    if holds_map(cap, method, options):
         return _as_explained(cap, method)
+    wanted = request(info, cap.attrs, options)
     missing = info.groups(cap.attrs, options) - stored_groups(cap)
     if not missing:
         return None
     stored = stored_requests(cap)
     what = "; ".join(f"{name} with {_short(opts, info if name == method else METHOD_INFO.get(name))}"
-                     for name, opts in stored.items()) or "nothing"
+                     for name, opts in stored.items())
     call = f"maps={{{method!r}: {dict(options)!r}}}" if options else f"maps=[{method!r}]"
     raise CaptureFormatError(
-        f"this reduced capture stores the maps {what}, and not {method} with "
+        f"this reduced capture stores {'the maps ' + what if what else 'no maps'}, and not {method} with "
         f"{_short(json.loads(wanted), info)}; it kept no raw {', '.join(sorted(missing))} to compute it. "
         f"Capture again with vl.capture(model, images, {call}) (add keep={sorted(missing)} to keep what any "
         f"{method} map is computed from)."
@@ -244,5 +276,5 @@ def _as_explained(cap: xr.DataTree, method: str) -> xr.DataArray:
     return da
 
 
-__all__ = ["GROUP_VARS", "MAPS", "STATS", "STORED_GRID", "answers", "group_of", "needed_groups", "request",
-           "resolve_maps", "resolve_stat_options", "stored_groups", "stored_map", "stored_requests"]
+__all__ = ["GROUP_VARS", "MAPS", "STATS", "STORED_GRID", "answers", "group_of", "holds_map", "is_reduced",
+           "needed_groups", "request", "resolve_maps", "resolve_stat_options", "stored_groups", "stored_map", "stored_requests"]

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 import xarray as xr
 
-from ..capture.reduced import stored_map
+from ..capture.reduced import holds_map, stored_map
 from ..errors import OptionError
 # importing a method module registers it: this order is the order of vl.METHODS
 from .attention import attention
@@ -187,7 +187,8 @@ def explainable_methods(cap: xr.DataTree, options: Mapping[str, Any] | None = No
     """The registered methods ``cap`` holds what they read for (``vl.explain(cap, "all")`` computes these).
 
     AttnLRP and LeGrad read a pass of their own: a capture made without it (the default)
-    explains every other method.
+    explains every other method. A reduced capture explains the methods whose maps it
+    stores under ``options`` (``vl.capture(..., maps=...)``).
 
     Examples
     --------
@@ -201,7 +202,7 @@ def explainable_methods(cap: xr.DataTree, options: Mapping[str, Any] | None = No
     out = []
     for name, info in METHOD_INFO.items():
         given = {k: v for k, v in (options or {}).items() if k in info.options()}
-        if info.groups(cap, given) <= kept:  # every group the map reads (its registered needs)
+        if info.groups(cap, given) <= kept or holds_map(cap, name, given):  # what it reads, or its stored map
             out.append(name)
     return tuple(out)
 

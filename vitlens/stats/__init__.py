@@ -47,6 +47,9 @@ def stored_stats(cap: xr.DataTree) -> list[str]:
 def _stored(cap: xr.DataTree, name: str) -> xr.DataArray:
     node = cap[STATS_GROUP]
     da = node[name] if name in node.to_dataset(inherit=False).data_vars else next(iter(node[name].data_vars.values()))
+    # the options it was captured with (what a resume compares) are the store's, not the statistic's
+    da = da.copy(deep=False)
+    da.attrs = {k: v for k, v in da.attrs.items() if k != "request"}
     return da
 
 
