@@ -263,6 +263,7 @@ def test_a_killed_reduced_capture_loses_nothing_and_resumes(tmp_path, reduced_tr
         np.testing.assert_array_equal(resumed["stats"][name].values, reference["stats"][name].values, err_msg=name)
 
 
+@pytest.mark.slow  # a full capture, a store and two deletion curves: about 2 s of CPU
 def test_metrics_run_on_a_reduced_store(tmp_path, vit):
     from vitlens.metrics import deletion, segmentation
 
