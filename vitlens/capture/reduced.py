@@ -272,6 +272,15 @@ def _as_explained(cap: xr.DataTree, method: str) -> xr.DataArray:
     if "target" in cap.to_dataset(inherit=False):
         da = da.assign_coords(target=("sample", cap["target"].values))
     da.attrs = {k: v for k, v in da.attrs.items() if k != "request"}
+    root = cap.to_dataset(inherit=False)
+    if "lrp_unreliable" in da.attrs and "lrp_condition" in root:
+        # each batch flagged its own samples, numbered within the batch: flag them again over the whole capture
+        from .precision import unreliable
+
+        condition = np.asarray(root["lrp_condition"].values)
+        bad = unreliable(condition, str(da.attrs.get("lrp_dtype", "float32")))
+        da = da.assign_coords(lrp_condition=("sample", condition))
+        da.attrs["lrp_unreliable"] = [v.item() if hasattr(v, "item") else v for v in root["sample"].values[bad]]
     da.name = method
     return da
 
