@@ -13,9 +13,10 @@ download; the shipped ``vit-shapes`` for the stream):
    fixed cost). Target (issue #27): ≤ 64 KB per image for ViT-B/16.
 2. Images/s of reduced captures against a plain forward and a plain
    forward+backward pass of the same images (``vit-shapes``, in memory).
-3. Peak memory over one long reduced stream (``vit-shapes``, every map and
-   statistic, images made batch by batch so the source holds none): the
-   process's peak RSS after each tenth of the stream. Flat means the store,
+3. Peak memory over one long reduced stream (``vit-shapes``, the seven original
+   maps and the statistics without ablation_effect, images made batch by batch
+   so the source holds none): the
+   process's peak RSS during each tenth of the stream. Flat means the store,
    not the process, grows. The image count is what fits ``--stream-seconds``.
 
 ``--splice`` writes the tables between the ``reduced`` markers of
@@ -50,8 +51,15 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+def peak_rss_mb(reset: bool = False) -> float:
+    """The process's peak resident memory (MB) since the last reset (Linux: VmHWM, reset through clear_refs)."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the lifetime peak (kilobytes on Linux)
+    peak = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM"))
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from the current RSS
+    return peak / 1024
 
 
 def load() -> str:
@@ -111,7 +119,8 @@ def speed_table(args) -> list[str]:
     def capture(**kw):
         return lambda: vl.capture(model, images.numpy(), batch_size=n, progress=False, **kw)
 
-    forward()  # warm-up
+    forward()  # warm-up: the model, and every code path of a capture (imports, first calls) on two images
+    vl.capture(model, images[:2].numpy(), maps="all", stats="all", progress=False)
     runs = [("plain forward (no_grad)", forward), ("plain forward+backward", forward_backward),
             ("reduced: maps=['attention', 'rollout'] (no backward pass)", capture(maps=["attention", "rollout"])),
             ("reduced: the seven original maps + the four statistics without ablation_effect",
@@ -119,14 +128,15 @@ def speed_table(args) -> list[str]:
             ("reduced: maps='all', stats='all'", capture(maps="all", stats="all")),
             ("full capture in memory (keep='all')", capture())]
     times = {}
-    for label, fn in runs:
-        t = time.perf_counter()
+    for label, fn in runs:  # CPU time of this process (its threads): what a loaded, shared machine distorts least
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        times[label] = time.perf_counter() - t
-        print(f"{label}: {n / times[label]:.1f} img/s", flush=True)
-    fb = times["plain forward+backward"]
-    rows = [f"| vit-shapes ({size} px), one batch of {n} | images/s | time × plain fwd+bwd |", "|---|---:|---:|"]
-    rows += [f"| {label} | {n / t:.1f} | {t / fb:.2f} |" for label, t in times.items()]
+        times[label] = time.process_time() - c, time.perf_counter() - t
+        print(f"{label}: {n / times[label][0]:.1f} img/CPU-s, {n / times[label][1]:.1f} img/s wall", flush=True)
+    fb = times["plain forward+backward"][0]
+    rows = [f"| vit-shapes ({size} px), one batch of {n} | images per CPU-second | × plain fwd+bwd (CPU) | "
+            "images/s (wall) |", "|---|---:|---:|---:|"]
+    rows += [f"| {label} | {n / c:.1f} | {c / fb:.2f} | {n / w:.1f} |" for label, (c, w) in times.items()]
     return rows
 
 
@@ -138,29 +148,34 @@ def stream_table(args, tmp: Path) -> list[str]:
 
     def batches(count: int, marks: list[float] | None = None):
         for _ in range(count):
-            if marks is not None:
-                marks.append(peak_rss_mb())
+            if marks is not None:  # the peak while the previous batch was captured and written
+                marks.append(peak_rss_mb(reset=True))
             yield rng.random((batch, size, size, 3), dtype=np.float32)
 
+    # the seven original maps and the four statistics without ablation_effect (one forward per head):
+    # a stream long enough to show whether memory grows, in the time given
+    maps, stats = list(vl.METHODS[:7]), [s for s in vl.HEAD_STATS if s != "ablation_effect"]
     t = time.perf_counter()  # the rate, from a short run (the first batch pays the warm-up)
-    vl.capture(model, batches(3), store=tmp / "probe.zarr", maps="all", stats="all", progress=False)
+    vl.capture(model, batches(3), store=tmp / "probe.zarr", maps=maps, stats=stats, progress=False)
     per_batch = (time.perf_counter() - t) / 3
     shutil.rmtree(tmp / "probe.zarr")
     count = max(10, int(args.stream_seconds / per_batch))
     marks: list[float] = []
     t = time.perf_counter()
-    vl.capture(model, batches(count, marks), store=tmp / "stream.zarr", maps="all", stats="all", progress=False)
+    vl.capture(model, batches(count, marks), store=tmp / "stream.zarr", maps=maps, stats=stats, progress=False)
     seconds = time.perf_counter() - t
     marks.append(peak_rss_mb())
+    marks = marks[1:]  # marks[i]: the peak during batch i
     images = count * batch
     assert vl.open(tmp / "stream.zarr")["sample"].size == images
     kb = du(tmp / "stream.zarr") / images / 1e3
     shutil.rmtree(tmp / "stream.zarr")
-    tenths = [marks[min(len(marks) - 1, round(i * count / 10))] for i in range(1, 11)]
+    tenths = [max(marks[round(i * count / 10) : max(round((i + 1) * count / 10), round(i * count / 10) + 1)])
+              for i in range(10)]
     rows = [f"vit-shapes, {images} images ({count} batches of {batch}, {size} px) streamed in {seconds:.0f} s "
-            f"({images / seconds:.1f} img/s), maps='all', stats='all', {kb:.1f} KB/image on disk; peak RSS of the "
-            "process after each tenth of the stream:", "",
-            "| images | " + " | ".join(f"{round(i * images / 10)}" for i in range(1, 11)) + " |",
+            f"({images / seconds:.1f} img/s), the seven original maps and {', '.join(stats)}, {kb:.1f} KB/image on "
+            "disk; the process's peak RSS during each tenth of the stream:", "",
+            "| images up to | " + " | ".join(f"{round(i * images / 10)}" for i in range(1, 11)) + " |",
             "|---|" + "---:|" * 10,
             "| peak RSS (MB) | " + " | ".join(f"{m:.0f}" for m in tenths) + " |", "",
             f"Growth from the first tenth to the end: {tenths[-1] - tenths[0]:+.0f} MB "
@@ -191,6 +206,7 @@ def main() -> None:
     p.add_argument("--stream-seconds", type=float, default=120)
     p.add_argument("--stream-batch", type=int, default=32)
     p.add_argument("--splice", action="store_true", help="write the tables into benchmarks/RESULTS.md")
+    p.add_argument("--only", choices=("bytes", "speed", "stream"), default=None, help="print one table alone")
     args = p.parse_args()
     before = load()
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
@@ -199,6 +215,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     start = time.perf_counter()
     try:
+        if args.only:
+            table = {"bytes": lambda: bytes_table(args, tmp), "speed": lambda: speed_table(args),
+                     "stream": lambda: stream_table(args, tmp)}[args.only]()
+            print("\n".join(table))
+            return
         sizes = bytes_table(args, tmp)
         speed = speed_table(args)
         stream = stream_table(args, tmp)
@@ -214,7 +235,9 @@ def main() -> None:
              f"its sample-indexed arrays per image, what the store grows by; maps='all' is {len(vl.METHODS)} "
              f"maps, stats='all' the {len(vl.HEAD_STATS)} statistics, ablation_effect's one forward per head "
              "included):", "", *sizes, "",
-             "Images/s (in memory, one batch, one run each after a warm-up forward):", "", *speed, "",
+             "Speed (in memory, one batch, one run each after a warm-up forward and a warm-up capture of two "
+             "images; CPU time of the process, which the machine's load distorts least, and wall time):", "",
+             *speed, "",
              "Memory over a long reduced stream:", "", *stream]
     print("\n" + "\n".join(lines))
     if args.splice:

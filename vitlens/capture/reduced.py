@@ -181,7 +181,16 @@ def stored_requests(cap: xr.DataTree, kind: str = MAPS) -> dict[str, dict[str, A
 
 
 def is_reduced(cap: xr.DataTree) -> bool:
-    """Whether ``cap`` was made by a reduced capture (``maps=`` or ``stats=``), whatever it kept."""
+    """Whether ``cap`` was made by a reduced capture (``maps=`` or ``stats=``), whatever it kept.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
+    >>> images = np.zeros((1, 32, 32, 3))
+    >>> is_reduced(vl.capture(model, images, stats=["attention_entropy"])), is_reduced(vl.capture(model, images))
+    (True, False)
+    """
     if MAPS in cap.children or STATS in cap.children:
         return True
     options = cap.attrs.get("options", "{}")
