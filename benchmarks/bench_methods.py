@@ -1,12 +1,14 @@
 """Cost of a default capture and of each explanation method, as ratios to one plain
 forward+backward of the same model on the same batch (issues: all seven maps from
-one capture ≤ 2.5×, goal 2×; later goal 1.5×).
+one capture ≤ 2.5×, goal 2×; #30.5: within 1.15× of the exact αβ-LRP floor, and the
+attention/rollout and gradient-method captures within 1.15× of a plain forward /
+forward+backward — ``benchmarks/bench_cost.py`` prints those targets).
 
     python benchmarks/bench_methods.py [--batch 4] [--repeat 5] [--models vit_base_patch16_224 swin_tiny_patch4_window7_224]
         [--chefer DIR]
 
-Prints one table per model; every ratio is measured in the same run. The same
-rounds also time pytorch-grad-cam's ``GradCAM`` (one map, when the package is
+Prints one table per model (wall and CPU seconds); every ratio is measured in the same
+run. The same rounds also time pytorch-grad-cam's ``GradCAM`` (one map, when the package is
 installed: it is a test dependency) and, for ViT-B/16, Chefer et al.'s reference
 Transformer Attribution (one map per image, their ``relprop``) when a copy of
 their repository is given by ``--chefer`` or ``$VITLENS_CHEFER_REF`` (it needs
