@@ -139,8 +139,8 @@ def readable_name(name: str) -> str:
 
     Examples
     --------
-    >>> readable_name("caf\udce9.png")
-    'caf\\xe9.png'
+    >>> readable_name("caf\\udce9.png")
+    'caf\\\\xe9.png'
     """
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
