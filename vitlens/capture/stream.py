@@ -246,6 +246,12 @@ def _trim(store: Path, n: int) -> None:
 # -- writing ----------------------------------------------------------------------------
 
 
+def _without_source(tree: xr.DataTree) -> xr.DataTree:
+    root = tree.to_dataset(inherit=False).drop_vars("source")
+    tree.dataset = root
+    return tree
+
+
 def write_batch(tree: xr.DataTree, store: Path, first: bool, batch_size: int, marker: dict[str, Any]) -> None:
     """Append one captured batch to ``store``, then commit it in the marker."""
     try:
@@ -388,6 +394,8 @@ def capture_to_store(
                 if target is not None and not isinstance(target, (int, np.integer, str)) and not callable(target):
                     part_target = list(target)[start : start + count]
                 tree = capture_batch(part, part_target, start)
+                if start > 0 and "source" in tree.coords and not (path / "source").is_dir():
+                    tree = _without_source(tree)  # resuming a store written before vitlens recorded sources
                 size = int(tree["sample"].size)
                 marker = {**marker, "images": start + size}
                 write_batch(tree, path, first=(start == 0), batch_size=batch_size, marker=marker)
