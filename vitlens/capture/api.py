@@ -302,7 +302,9 @@ def capture(
     model
         A timm ViT / DeiT / Swin model (see :func:`vitlens.load_model`).
     images
-        A path or list of paths, PIL image(s), arrays ``(H, W, 3)`` or
+        A folder (its image files, sorted by name: see
+        :func:`~vitlens.capture.images.folder_images`), a path or list of
+        paths, PIL image(s), arrays ``(H, W, 3)`` or
         ``(sample, H, W, 3)`` in [0, 1] or uint8 (xarray too), or a ready,
         normalised tensor ``(B, 3, H, W)`` (e.g. a processor's ``pixel_values``).
         Arrays at the model's input size are only normalised; others go through
@@ -376,7 +378,8 @@ def capture(
     Returns
     -------
     xarray.DataTree
-        Root: ``image``, ``logits``, ``target``; one child per stage
+        Root: ``image``, ``logits``, ``target`` (and, for images read from files,
+        ``source``: each one's name in the folder or its path as given); one child per stage
         (``stage0``…) with ``attention``, ``attention_grad``, ``ln_mean``,
         ``ln_std``, token norms and value-path quantities, labeled by
         ``layer``, ``head``, ``token`` (with ``row``, ``col``, ``kind``).
@@ -422,7 +425,7 @@ def capture(
         if intervention is not None and intervention.per_image:
             raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
         fingerprint = run_fingerprint(model, images, target, plan.run_options, text=text_fingerprint(adapter))
-        part = functools.partial(_capture_part, adapter, model, plan, device, sources)
+        part = functools.partial(_capture_part, adapter, model, plan, device, sources=sources)
         return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
                                 resume=resume, progress=progress, fingerprint=fingerprint)
     if resume:
@@ -433,7 +436,7 @@ def capture(
 
 
 def _capture_part(adapter: Adapter, model: nn.Module, plan: CapturePlan, device: torch.device,
-                  sources: list[str] | None, images: Any, target: Any, offset: int) -> xr.DataTree:
+                  images: Any, target: Any, offset: int, sources: list[str] | None = None) -> xr.DataTree:
     """One part of a streaming capture, its samples numbered from ``offset`` (what the store appends);
     ``sources``: those of the whole input (:func:`~vitlens.capture.images.image_sources`)."""
     tree = _capture_images(adapter, model, images, target, plan, device, progress=False)
