@@ -115,22 +115,26 @@ def test_save_and_open_keep_the_source_of_hostile_file_names(tmp_path, vit, suff
     assert back["source"].dims == ("sample",)
 
 
-def test_streaming_and_resume_keep_the_source(folder, vit, tmp_path, monkeypatch):
-    path, _ = folder
-    store = tmp_path / "run.zarr"
-    write = stream.write_batch
-    calls = []
+def _interrupted_after_one_batch(monkeypatch, model, images, store: Path) -> None:
+    """A streaming run of 2-image batches stopped (KeyboardInterrupt) after its first batch was committed."""
+    write, calls = stream.write_batch, []
 
-    def stop_after_first(tree, *args, **kwargs):  # an interrupted run: one batch committed
+    def stop_at_second(tree, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return write(tree, *args, **kwargs)
 
-    monkeypatch.setattr(stream, "write_batch", stop_after_first)
+    monkeypatch.setattr(stream, "write_batch", stop_at_second)
     with pytest.raises(KeyboardInterrupt):
-        vl.capture(vit, path, store=store, batch_size=2, progress=False)
+        vl.capture(model, images, store=store, batch_size=2, progress=False)
     monkeypatch.setattr(stream, "write_batch", write)
+
+
+def test_streaming_and_resume_keep_the_source(folder, vit, tmp_path, monkeypatch):
+    path, _ = folder
+    store = tmp_path / "run.zarr"
+    _interrupted_after_one_batch(monkeypatch, vit, path, store)
     with pytest.warns(UserWarning, match="resume=True"):
         assert vl.open(store)["source"].values.tolist() == ["C.png", "a.png"]
     resumed = vl.capture(vit, path, store=store, batch_size=2, progress=False, resume=True)
@@ -152,18 +156,8 @@ def test_resuming_a_store_written_without_sources_stays_whole(folder, vit, tmp_p
 
     path, _ = folder
     store = tmp_path / "old.zarr"
-    write, calls = stream.write_batch, []
-
-    def stop_after_first(tree, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return write(tree, *args, **kwargs)
-
     monkeypatch.setattr(api, "image_sources", lambda images: None)  # the old capture
-    monkeypatch.setattr(stream, "write_batch", stop_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        vl.capture(vit, path, store=store, batch_size=2, progress=False)
+    _interrupted_after_one_batch(monkeypatch, vit, path, store)
     monkeypatch.undo()
     resumed = vl.capture(vit, path, store=store, batch_size=2, progress=False, resume=True)
     assert "source" not in resumed.coords and resumed["sample"].size == 4
