@@ -560,7 +560,7 @@ def save(cap: xr.DataTree, path: str | os.PathLike, *, overwrite: bool = False) 
     Examples
     --------
     >>> import numpy as np, timm, tempfile, os, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
     >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)))
     >>> path = vl.save(cap, os.path.join(tempfile.mkdtemp(), "cap.nc"))
     >>> bool(vl.open(path)["stage0"].attention.identical(cap["stage0"].attention))
@@ -1043,7 +1043,7 @@ def open(path: str | os.PathLike, *, chunks: dict | str | None = None) -> xr.Dat
     Examples
     --------
     >>> import numpy as np, timm, tempfile, os, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
     >>> path = vl.save(vl.capture(model, np.zeros((2, 32, 32, 3))), os.path.join(tempfile.mkdtemp(), "c.zarr"))
     >>> vl.open(path, chunks={})["stage0"].attention.sizes["sample"]
     2
@@ -1188,7 +1188,7 @@ def verify(path: str | os.PathLike) -> Verification:
     Examples
     --------
     >>> import numpy as np, timm, tempfile, os, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
     >>> path = vl.save(vl.capture(model, np.zeros((2, 32, 32, 3))), os.path.join(tempfile.mkdtemp(), "c.zarr"))
     >>> report = vl.verify(path)
     >>> report.images, report.checksums

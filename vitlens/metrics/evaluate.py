@@ -275,7 +275,7 @@ def evaluate_items(
     Examples
     --------
     >>> import timm, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8, depth=2)
     >>> from vitlens.metrics import evaluate_items, summarize
     >>> items = evaluate_items(model, vl.datasets.shapes(2, objects=2), "rollout")
     >>> items.sizes["item"], summarize(items).sizes["method"]
@@ -393,7 +393,7 @@ def summarize(items: xr.Dataset, dim: str = "item") -> xr.Dataset:
     Examples
     --------
     >>> import timm, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8, depth=2)
     >>> from vitlens.metrics import evaluate_items, summarize
     >>> items = evaluate_items(model, vl.datasets.shapes(4, objects=2), ["rollout", "gradcam"])
     >>> first_objects = summarize(items.isel(item=items.object.values == 0))
@@ -504,7 +504,7 @@ def evaluate(
     Examples
     --------
     >>> import timm, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8, depth=2)
     >>> from vitlens.metrics import evaluate
     >>> table = evaluate(model, vl.datasets.shapes(4), methods=["rollout", "tokentm"])
     >>> table.to_dataframe().shape[0]
