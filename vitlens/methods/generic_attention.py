@@ -5,7 +5,7 @@ from __future__ import annotations
 import xarray as xr
 
 from .maps import finish
-from .operators import (HeadSelection, Step, head_fused, identity_baseline, resolve_identity_path,
+from .operators import (HeadSelection, Step, head_fused, resolve_identity_path,
                         select_layers, view)
 from ..registry import register_method
 
@@ -54,4 +54,4 @@ def generic_attention(
     identity_path = resolve_identity_path(cv, "generic_attention", identity_path)
     options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "identity_path": identity_path}
     return finish(cv, steps, chosen, "generic_attention", options, per_layer=per_layer, merge=merge,
-                  by_stage=by_stage, baseline=identity_baseline(steps, identity_path))
+                  by_stage=by_stage, identity_path=identity_path)

@@ -18,7 +18,7 @@ import xarray as xr
 
 from ..errors import OptionError
 from .maps import finish, token_map
-from .operators import (HeadSelection, StageView, Step, heads_for, identity_baseline,
+from .operators import (HeadSelection, StageView, Step, heads_for,
                         onto_grid, pick_heads, resolve_identity_path, select_layers, view, with_spare)
 from ..registry import METHOD_INFO, register_method
 
@@ -165,7 +165,7 @@ def lnstat(
         gradient-weighted reading; chosen from the evaluation on both shipped
         models, docs/METHODS.md §6). *vitlens' choice.*
     identity_path
-        ``"drop"`` subtracts the part of ``R`` that never crossed an attention
+        ``"drop"`` leaves out the part of ``R`` that never crossed an attention
         (the read-out row, scaled by ``0.5^L`` for ``grad=False``); ``"keep"``
         leaves it. ``None``: ``"drop"`` for ``grad=True`` under an average
         read-out (as transformer_attribution's default), ``"keep"`` otherwise
@@ -209,7 +209,7 @@ def lnstat(
     options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "stat": stat,
                "stat_norm": stat_norm, "head_fusion": head_fusion, "grad": grad, "identity_path": identity_path}
     return finish(cv, steps, chosen, "lnstat", options, per_layer=per_layer, merge=merge,
-                  by_stage=by_stage, baseline=identity_baseline(steps, identity_path))
+                  by_stage=by_stage, identity_path=identity_path)
 
 
 def statistic_maps(

@@ -57,13 +57,13 @@ def chain_map(
     *,
     final: Callable[[torch.Tensor], torch.Tensor] | None = None,
     merge: str = "uniform",
+    drop_identity: bool = False,
 ) -> tuple[torch.Tensor, list[int] | None]:
     """The read-out map of the product, or one cumulative map after each selected block."""
-    shares = merge_shares(cv, merge)
+    kw = {"final": final, "shares": merge_shares(cv, merge), "drop_identity": drop_identity}
     if not per_layer:
-        return propagate(cv, steps, layers[-1], final=final, shares=shares), None
-    maps = [propagate(cv, {l: s for l, s in steps.items() if l <= top}, top, final=final, shares=shares)
-            for top in layers]
+        return propagate(cv, steps, layers[-1], **kw), None
+    maps = [propagate(cv, {l: s for l, s in steps.items() if l <= top}, top, **kw) for top in layers]
     return torch.stack(maps, 1), layers
 
 
@@ -78,25 +78,24 @@ def finish(
     merge: str = "uniform",
     by_stage: bool = False,
     final: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    baseline: Mapping[int, Step] | None = None,
+    identity_path: str = "keep",
 ) -> xr.DataArray | xr.Dataset:
     """Propagate ``steps`` and label the result (the common tail of every chain method).
 
     ``by_stage=True`` returns a Dataset with each stage's map on its own grid
     (``stage0`` … ; ViT has one stage) instead of the first-stage map.
-    ``baseline``: steps whose propagated map is subtracted before labelling (give
-    float64 steps when the difference is small against either term).
+    ``identity_path="drop"``: the map of the product's off-identity part, the
+    part that crossed at least one attention term (computed directly, see
+    :func:`~vitlens.methods.operators.propagate`).
     """
     options = {**options, "per_layer": per_layer, "merge": merge, "by_stage": by_stage}
+    drop = identity_path == "drop"
     if by_stage:
         if per_layer:
             raise OptionError("by_stage=True gives one map per stage; it does not combine with per_layer=True.")
         collect: dict[str, torch.Tensor] = {}
-        propagate(cv, steps, layers[-1], final=final, shares=merge_shares(cv, merge), collect=collect)
-        if baseline is not None:
-            base: dict[str, torch.Tensor] = {}
-            propagate(cv, baseline, layers[-1], final=final, shares=merge_shares(cv, merge), collect=base)
-            collect = {name: value - base[name] for name, value in collect.items()}
+        propagate(cv, steps, layers[-1], final=final, shares=merge_shares(cv, merge), collect=collect,
+                  drop_identity=drop)
         out = xr.Dataset()
         for stage in cv.stages:
             if stage.name in collect:
@@ -104,9 +103,7 @@ def finish(
                 out[stage.name] = da.rename({"y": f"y_{stage.name}", "x": f"x_{stage.name}"})
         out.attrs = {"method": method, **{k: json_safe(v) for k, v in options.items()}}
         return out
-    values, per = chain_map(cv, steps, layers, per_layer, final=final, merge=merge)
-    if baseline is not None:
-        values = values - chain_map(cv, baseline, layers, per_layer, final=final, merge=merge)[0]
+    values, per = chain_map(cv, steps, layers, per_layer, final=final, merge=merge, drop_identity=drop)
     return token_map(cv, values, method, options, per)
 
 

@@ -17,7 +17,7 @@ builds the dense matrices only for tests and teaching.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -234,8 +234,9 @@ class Step:
     post: torch.Tensor | None = None
 
 
-def apply_row(stage: StageView, step: Step, r: torch.Tensor) -> torch.Tensor:
-    """``r · O`` for a batch of row vectors ``r`` (B, N), in ``r``'s precision.
+def row_parts(stage: StageView, step: Step, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r · O`` for a batch of row vectors ``r`` (B, N) as its two parts, in ``r``'s precision:
+    the identity part ``α·(r⊙pre)`` and the attention part ``β·((r⊙pre)·G(x))⊙post``.
 
     The step's float32 tensors are promoted to ``r``'s dtype (float64 in
     :func:`propagate`) before the products.
@@ -254,7 +255,13 @@ def apply_row(stage: StageView, step: Step, r: torch.Tensor) -> torch.Tensor:
         g = torch.einsum("bq,bqk->bk", r, x)
     if step.post is not None:
         g = g * step.post.to(r.dtype)
-    return step.alpha * r + step.beta * g
+    return step.alpha * r, step.beta * g
+
+
+def apply_row(stage: StageView, step: Step, r: torch.Tensor) -> torch.Tensor:
+    """``r · O`` for a batch of row vectors ``r`` (B, N), in ``r``'s precision (see :func:`row_parts`)."""
+    identity, attention = row_parts(stage, step, r)
+    return identity + attention
 
 
 def merge_row(r: torch.Tensor, grid_from: tuple[int, int], share: torch.Tensor | None = None,
@@ -316,6 +323,7 @@ def propagate(
     shares: Mapping[int, torch.Tensor | None] | None = None,
     collect: dict[str, torch.Tensor] | None = None,
     dense: bool = False,
+    drop_identity: bool = False,
 ) -> torch.Tensor:
     """Read-out row of ``O_top ··· O_first`` (blocks missing from ``steps`` are identity).
 
@@ -326,34 +334,63 @@ def propagate(
     (from :func:`merge_shares`) picks the merge rule; ``collect`` receives each
     stage's map on its own grid (after its blocks, before merging down).
     ``dense=True`` multiplies dense matrices instead (tests and teaching only).
+
+    ``drop_identity=True`` returns the part of the product that crossed at least
+    one attention term: the full row minus its identity path (every ``β`` set to
+    0), computed directly rather than by subtraction. Two rows go down the chain,
+    the identity path ``b`` and the rest ``d``; each block adds to ``d`` what its
+    attention term takes from either::
+
+        b ← b·O_id,     d ← d·O + b·O_att,     O = O_id + O_att
+
+    (for the ``(I + Ē)`` chains: ``D_l = D_{l−1} + Ē_l·(I + D_{l−1})`` with
+    ``D = C − I``), so no scale of ``Ē`` is rounded away against the identity
+    (docs/METHODS.md, "Average read-out").
     """
     shares = shares or {}
     top_stage = cv.stage_of(top_layer)
-    r = readout_row(cv, top_stage)  # float64 (ACCUMULATE): every product below runs in it
+    start = readout_row(cv, top_stage)  # float64 (ACCUMULATE): every product below runs in it
+    # rows: the rest d (the whole row when the identity path is kept) and the identity path b.
+    # Every identity part is diagonal, so a read-out row that is 0 on the patches (CLS)
+    # keeps its identity path on the prefix tokens: the map has no identity part to drop
+    drop_identity = drop_identity and bool(start[:, top_stage.num_prefix :].any())
+    rest, base = (torch.zeros_like(start), start) if drop_identity else (start, None)
+
+    def parts(stage: StageView, step: Step, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not dense:
+            return row_parts(stage, step, r)
+        identity, attention = dense_parts(stage, step)
+        return (torch.einsum("bi,bij->bj", r, identity.to(r.dtype)),
+                torch.einsum("bi,bij->bj", r, attention.to(r.dtype)))
+
+    def merge(r: torch.Tensor, stage: StageView) -> torch.Tensor:
+        share = shares.get(stage.index - 1)
+        parent = cv.stages[cv.stages.index(stage) - 1].grid
+        if not dense:
+            return merge_row(r, stage.grid, share, parent)
+        pm = dense_merge(stage.grid, parent).to(r.dtype)
+        return torch.einsum("bi,ij->bj", r, pm) if share is None else torch.einsum("bi,ij->bj", r, pm * 4) * share.to(r.dtype)
+
     for stage in reversed(cv.stages[: cv.stages.index(top_stage) + 1]):
         for layer in reversed(stage.layers):
             if layer <= top_layer and layer in steps:
-                if dense:
-                    r = torch.einsum("bi,bij->bj", r, dense_operator(stage, steps[layer]).to(r.dtype))
-                else:
-                    r = apply_row(stage, steps[layer], r)
+                identity, attention = parts(stage, steps[layer], rest)
+                rest = identity + attention
+                if base is not None:
+                    identity, attention = parts(stage, steps[layer], base)
+                    rest, base = rest + attention, identity
         if collect is not None:
-            collect[stage.name] = r[:, stage.num_prefix :].reshape(-1, *stage.grid)
+            collect[stage.name] = rest[:, stage.num_prefix :].reshape(-1, *stage.grid)
         if stage.index > 0:
-            share = shares.get(stage.index - 1)
-            parent = cv.stages[cv.stages.index(stage) - 1].grid
-            if dense:
-                pm = dense_merge(stage.grid, parent).to(r.dtype)
-                r = torch.einsum("bi,ij->bj", r, pm) if share is None else torch.einsum("bi,ij->bj", r, pm * 4) * share.to(r.dtype)
-            else:
-                r = merge_row(r, stage.grid, share, parent)
+            rest = merge(rest, stage)
+            base = None if base is None else merge(base, stage)
     first = cv.stages[0]
     if final is not None:
-        r = final(r)
+        rest = final(rest)
     if collect is not None and final is not None:
-        collect[first.name] = r[:, first.num_prefix :].reshape(-1, *first.grid)
+        collect[first.name] = rest[:, first.num_prefix :].reshape(-1, *first.grid)
     gh, gw = first.grid
-    return r[:, first.num_prefix :].reshape(-1, gh, gw)
+    return rest[:, first.num_prefix :].reshape(-1, gh, gw)
 
 
 def grid_factor(stage: StageView, first: StageView) -> tuple[int, int]:
@@ -387,16 +424,25 @@ def dense_global(stage: StageView, layer: int, x: torch.Tensor) -> torch.Tensor:
     return g[:, :n, :n]
 
 
-def dense_operator(stage: StageView, step: Step) -> torch.Tensor:
-    """The block operator ``O`` as a dense (B, N, N) matrix, in float64 (:data:`ACCUMULATE`)."""
+def dense_parts(stage: StageView, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block operator ``O`` as dense (B, N, N) matrices, in float64 (:data:`ACCUMULATE`):
+    its identity part ``α·diag(pre)`` and its attention part ``β·diag(pre)·G·diag(post)``."""
     g = dense_global(stage, step.layer, step.x.to(ACCUMULATE))
     n = g.shape[-1]
     if step.post is not None:
         g = g * step.post.to(g.dtype)[:, None, :]
-    o = step.alpha * torch.eye(n, dtype=g.dtype).expand_as(g) + step.beta * g
+    identity = step.alpha * torch.eye(n, dtype=g.dtype).expand_as(g)
+    attention = step.beta * g
     if step.pre is not None:
-        o = step.pre.to(g.dtype)[:, :, None] * o
-    return o
+        identity = step.pre.to(g.dtype)[:, :, None] * identity
+        attention = step.pre.to(g.dtype)[:, :, None] * attention
+    return identity, attention
+
+
+def dense_operator(stage: StageView, step: Step) -> torch.Tensor:
+    """The block operator ``O`` as a dense (B, N, N) matrix, in float64 (:data:`ACCUMULATE`)."""
+    identity, attention = dense_parts(stage, step)
+    return identity + attention
 
 
 def dense_merge(grid_from: tuple[int, int], grid_to: tuple[int, int] | None = None) -> torch.Tensor:
@@ -443,16 +489,3 @@ def resolve_identity_path(cv: CaptureView, method: str, identity_path: str | Non
     if identity_path not in IDENTITY_PATHS:
         raise OptionError(f"{method} identity_path={identity_path!r}; choose from {list(IDENTITY_PATHS)}.")
     return identity_path
-
-
-def identity_baseline(steps: Mapping[int, Step], identity_path: str) -> dict[int, Step] | None:
-    """The steps with every attention term off (``β = 0``), to subtract under ``"drop"``.
-
-    Their product is the part of the map that never crossed an attention: for
-    ``R ← R + Ā·R`` chains the read-out row itself (carried down the merges),
-    i.e. the uniform ``1/N`` under an average read-out and zero on the patches
-    under a CLS read-out (where ``"drop"`` and ``"keep"`` agree).
-    """
-    if identity_path == "keep":
-        return None
-    return {l: replace(step, beta=0.0) for l, step in steps.items()}

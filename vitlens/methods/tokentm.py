@@ -13,7 +13,6 @@ part is a switchable option recorded in the result's attrs.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 import xarray as xr
@@ -106,7 +105,7 @@ def tokentm(
     layers, heads, start_layer, per_layer
         As for rollout.
     identity_path
-        ``"drop"`` (default) subtracts the part of ``C_L`` that never crossed an
+        ``"drop"`` (default) leaves out the part of ``C_L`` that never crossed an
         attention (the product with every ``Ā`` set to 0: residual and FFN scaling
         only); ``"keep"`` returns ``C_L`` as it is.  *vitlens' choice, for
         average-pooled read-outs (Swin, ``global_pool="avg"`` ViTs)*: there every
@@ -152,16 +151,5 @@ def tokentm(
         final = lambda r: r * e0  # noqa: E731 - r·C_0 with C_0 = diag(‖e⁰‖)
     options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "necc": necc_kind,
                "length": length, "grad": grad, "ffn": ffn, "init": init, "identity_path": identity_path}
-    kw = {"per_layer": per_layer, "merge": merge, "by_stage": by_stage, "final": final}
-    if identity_path == "keep":
-        return finish(cv, steps, chosen, "tokentm", options, **kw)
-    # subtract the same product with every attention term switched off (beta = 0),
-    # in float64: with weak attention the difference is small against both terms
-    steps = {l: _double(step) for l, step in steps.items()}
-    no_attention = {l: replace(step, beta=0.0) for l, step in steps.items()}
-    return finish(cv, steps, chosen, "tokentm", options, baseline=no_attention, **kw)
-
-
-def _double(step: Step) -> Step:
-    as64 = lambda t: None if t is None else t.double()  # noqa: E731
-    return replace(step, x=step.x.double(), pre=as64(step.pre), post=as64(step.post))
+    return finish(cv, steps, chosen, "tokentm", options, per_layer=per_layer, merge=merge, by_stage=by_stage,
+                  final=final, identity_path=identity_path)
