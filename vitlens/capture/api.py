@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from ..errors import ImageError, OptionError, TargetError
 from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
 from ..registry import CAPTURE_GROUPS
+from .attrs import json_text
 from .hooks import Recorder
 from .images import prepare
 from .validate import check_finite, check_model
@@ -528,7 +528,7 @@ def _assemble(
             "mean": list(batch.mean),
             "std": list(batch.std),
             "vitlens_version": __version__,
-            "options": json.dumps(options, sort_keys=True),
+            "options": json_text(options),
         },
     )
     root["image"].attrs["description"] = "model input shown as an RGB picture in [0, 1] (after resize/crop)"

@@ -9,7 +9,8 @@ import torch
 import xarray as xr
 
 from ..errors import OptionError
-from .operators import CaptureView, StageView, Step, json_safe, merge_shares, propagate
+from ..capture.attrs import attr_value
+from .operators import CaptureView, StageView, Step, merge_shares, propagate
 
 
 def token_map(
@@ -34,7 +35,7 @@ def token_map(
         coords["layer"] = np.asarray(layers, dtype=np.int64)
     attrs = {
         "method": method,
-        **{k: json_safe(v) for k, v in options.items()},
+        **{k: attr_value(v) for k, v in options.items()},
         "grid": list(grid_stage.grid),
         "stride": [int(s) for s in grid_stage.ds.attrs["stride"]],
         "input_size": list(cv.tree.attrs["input_size"]),
@@ -101,7 +102,7 @@ def finish(
             if stage.name in collect:
                 da = token_map(cv, collect[stage.name], method, options, stage=stage)
                 out[stage.name] = da.rename({"y": f"y_{stage.name}", "x": f"x_{stage.name}"})
-        out.attrs = {"method": method, **{k: json_safe(v) for k, v in options.items()}}
+        out.attrs = {"method": method, **{k: attr_value(v) for k, v in options.items()}}
         return out
     values, per = chain_map(cv, steps, layers, per_layer, final=final, merge=merge, drop_identity=drop)
     return token_map(cv, values, method, options, per)

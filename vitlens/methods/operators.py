@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..capture.attrs import decode_tree
 from ..errors import CaptureFormatError, OptionError
 
 
@@ -119,9 +120,7 @@ def view(cap: xr.DataTree) -> CaptureView:
         raise CaptureFormatError(
             f"expected a capture from vl.capture (an xarray.DataTree); got {type(cap).__name__}."
         )
-    from ..capture.store import decode_attrs
-
-    cap = decode_attrs(cap)  # a saved capture read with plain xr.open_datatree keeps JSON attrs
+    cap = decode_tree(cap)  # a saved capture read with plain xr.open_datatree keeps JSON attrs
     stages = []
     for name in sorted(cap.children, key=lambda n: int(n.removeprefix("stage"))):
         ds = cap[name].to_dataset()
@@ -198,23 +197,6 @@ def head_mean(x: torch.Tensor, heads: list[int], clamp: bool = False, owned: boo
     if clamp:
         x = x.clamp_(min=0) if owned else x.clamp(min=0)
     return x.mean(1)
-
-
-def json_safe(value: Any) -> Any:
-    """Option values as attrs that survive netCDF/zarr (via vl.save)."""
-    if value is None:
-        return "none"
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, range):
-        return list(value)
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, bool):
-        return str(value).lower()
-    return value
 
 
 # -- the operator chain --------------------------------------------------------------------

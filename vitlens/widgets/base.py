@@ -8,7 +8,6 @@ that two widgets follow each other with plain ``traitlets.link`` (see
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -24,6 +23,7 @@ from ..errors import ImageProcessorWarning, OptionError
 from .controls import class_label, top_classes
 from .export import ExportControls
 from .figure import heatmap_trace, image_trace, image_uri, zsmooth
+from ..capture.attrs import json_attr
 from .layout import CaptureLayout, Query, capture_layout, check_view, checked_query
 from .panels import PanelMaps
 
@@ -125,14 +125,14 @@ class ClassChoice:
 
         self.status.value = f"capturing sample {sample} again to explain {self.names[c]!r}…"
         try:
-            options = json.loads(self.cap.attrs.get("options", "{}"))
+            options = json_attr(self.cap.attrs, "options", {})
             image = np.asarray(self.cap["image"].isel(sample=[sample]).values, dtype=np.float32)
             # the model's input again: the picture normalised as the capture recorded (also for a model
             # captured from a tensor, without the image processor that made it)
             mean = torch.tensor(self.cap.attrs["mean"], dtype=torch.float32).view(1, 3, 1, 1)
             std = torch.tensor(self.cap.attrs["std"], dtype=torch.float32).view(1, 3, 1, 1)
             pixels = (torch.from_numpy(image).permute(0, 3, 1, 2) - mean) / std
-            ids = json.loads(self.cap.attrs.get("text_input_ids", "[]"))  # image-text models: the same prompts
+            ids = json_attr(self.cap.attrs, "text_input_ids", [])  # image-text models: the same prompts
             text = {"text": torch.tensor(ids)} if ids else {}
             with warnings.catch_warnings():  # the capture already said how its picture was made
                 warnings.simplefilter("ignore", ImageProcessorWarning)
