@@ -399,7 +399,7 @@ def test_bad_method_options_are_refused(vit_cap):
         vl.explain(vit_cap, "rollout", layers=[0], start_layer=1)
     with pytest.raises(vl.OptionError, match="stat"):
         vl.explain(vit_cap, "lnstat", stat="kurtosis")
-    with pytest.raises(vl.CaptureFormatError, match="keep"):
+    with pytest.raises(vl.CaptureFormatError, match="grads=True"):
         vl.explain(vl.capture(make_vit(), random_images(1, 32), grads=False), "generic_attention")
     with pytest.raises(vl.CaptureFormatError):
         vl.explain(xr.DataTree(), "rollout")

@@ -37,7 +37,7 @@ def token_map(
         "method": method,
         **{k: attr_value(v) for k, v in options.items()},
         "grid": list(grid_stage.grid),
-        "stride": [int(s) for s in grid_stage.ds.attrs["stride"]],
+        "stride": list(grid_stage.stride),
         "input_size": list(cv.tree.attrs["input_size"]),
         "model": cv.tree.attrs.get("model", ""),
     }

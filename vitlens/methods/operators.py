@@ -25,48 +25,63 @@ import torch
 import xarray as xr
 
 from ..capture.attrs import decode_tree
-from ..errors import CaptureFormatError, OptionError
+from ..capture.layout import CaptureLayout, StageLayout, capture_layout, missing_variable
+from ..errors import OptionError
 
 
 # -- reading the capture -------------------------------------------------------------
 @dataclass
 class StageView:
-    """One stage of a capture as torch tensors (float32), plus its layout."""
+    """One stage of a capture as torch tensors (float32), plus its layout (:class:`StageLayout`)."""
 
-    name: str
-    index: int
-    layers: list[int]
-    grid: tuple[int, int]
-    num_prefix: int
+    layout: StageLayout
     ds: xr.Dataset
+    tree: xr.DataTree
     window_token: torch.Tensor | None = None  # (layer, window, M²) int64
     _cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.layout.name
+
+    @property
+    def index(self) -> int:
+        return self.layout.index
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.layout.layers
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.layout.grid
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        """Input pixels per token along (y, x)."""
+        return self.layout.stride
+
+    @property
+    def num_prefix(self) -> int:
+        return self.layout.num_prefix
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layout.num_tokens
 
     @property
     def windowed(self) -> bool:
         return self.window_token is not None
 
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prefix + self.grid[0] * self.grid[1]
-
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self._cache:
             if name not in self.ds:
-                raise CaptureFormatError(
-                    f"this capture has no '{name}' in {self.name}; capture again with "
-                    f"keep='all' (or include the group that holds {name!r})."
-                )
+                raise missing_variable(self.tree, name, self.name)
             self._cache[name] = torch.from_numpy(np.asarray(self.ds[name].values, dtype=np.float32))
         return self._cache[name]
 
     def layer_index(self, layer: int) -> int:
         return self.layers.index(layer)
-
-    @property
-    def stride(self) -> tuple[int, int]:
-        """Input pixels per token along (y, x)."""
-        return tuple(int(v) for v in self.ds.attrs["stride"])  # type: ignore[return-value]
 
     def window_index(self, layer: int) -> torch.Tensor:
         """``window_token`` at ``layer`` with padded positions sent to the spare slot ``num_tokens``.
@@ -93,22 +108,26 @@ def with_spare(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CaptureView:
-    """What the methods need from a capture DataTree."""
+    """What the methods need from a capture DataTree: its layout and its stages' tensors."""
 
     tree: xr.DataTree
+    layout: CaptureLayout
     stages: list[StageView]
-    readout: str
-    family: str
+
+    @property
+    def readout(self) -> str:
+        return self.layout.readout
+
+    @property
+    def family(self) -> str:
+        return self.layout.family
 
     @property
     def all_layers(self) -> list[int]:
-        return [l for s in self.stages for l in s.layers]
+        return self.layout.layers
 
     def stage_of(self, layer: int) -> StageView:
-        for s in self.stages:
-            if layer in s.layers:
-                return s
-        raise OptionError(f"layer {layer} is not in this capture (layers {self.all_layers}).")
+        return self.stages[self.layout.stages.index(self.layout.stage_of(layer))]
 
     @property
     def num_samples(self) -> int:
@@ -116,27 +135,15 @@ class CaptureView:
 
 
 def view(cap: xr.DataTree) -> CaptureView:
-    if not isinstance(cap, xr.DataTree) or "vitlens_version" not in cap.attrs:
-        raise CaptureFormatError(
-            f"expected a capture from vl.capture (an xarray.DataTree); got {type(cap).__name__}."
-        )
+    """The capture as the methods read it (its layout from :func:`~vitlens.capture.layout.capture_layout`)."""
+    layout = capture_layout(cap)  # refuses anything that is not a capture
     cap = decode_tree(cap)  # a saved capture read with plain xr.open_datatree keeps JSON attrs
     stages = []
-    for name in sorted(cap.children, key=lambda n: int(n.removeprefix("stage"))):
-        ds = cap[name].to_dataset()
+    for stage in layout.stages:
+        ds = cap[stage.name].to_dataset()
         wt = torch.from_numpy(ds["window_token"].values.astype(np.int64)) if "window_token" in ds else None
-        stages.append(
-            StageView(
-                name=name,
-                index=int(ds.attrs["stage"]),
-                layers=[int(v) for v in ds["layer"].values],
-                grid=tuple(int(g) for g in ds.attrs["grid"]),  # type: ignore[arg-type]
-                num_prefix=int(ds.attrs["num_prefix_tokens"]),
-                ds=ds,
-                window_token=wt,
-            )
-        )
-    return CaptureView(cap, stages, str(cap.attrs["readout"]), str(cap.attrs["family"]))
+        stages.append(StageView(layout=stage, ds=ds, tree=cap, window_token=wt))
+    return CaptureView(cap, layout, stages)
 
 
 # -- options --------------------------------------------------------------------------
@@ -145,14 +152,10 @@ HeadSelection = None | int | Sequence[int] | Mapping[int, Sequence[int]]
 
 def select_layers(cv: CaptureView, layers: int | Iterable[int] | None, start_layer: int = 0) -> list[int]:
     """Global block indices entering the aggregation (sorted)."""
-    every = cv.all_layers
     if layers is None:
-        chosen = list(every)
+        chosen = list(cv.all_layers)
     else:
-        chosen = [int(layers)] if isinstance(layers, (int, np.integer)) else [int(l) for l in layers]
-        bad = [l for l in chosen if l not in every]
-        if bad:
-            raise OptionError(f"layers {bad} are not in this capture; it has layers {every[0]}..{every[-1]}.")
+        chosen = cv.layout.check_layers([layers] if isinstance(layers, (int, np.integer)) else layers)
     chosen = sorted({l for l in chosen if l >= start_layer})
     if not chosen:
         raise OptionError(

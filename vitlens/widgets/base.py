@@ -24,7 +24,8 @@ from .controls import class_label, top_classes
 from .export import ExportControls
 from .figure import heatmap_trace, image_trace, image_uri, zsmooth
 from ..capture.attrs import json_attr
-from .layout import CaptureLayout, Query, capture_layout, check_view, checked_query
+from ..capture.layout import capture_options
+from .layout import CaptureLayout, Query, check_view, checked_query, explorable_layout
 from .panels import PanelMaps
 
 #: Traits two views of one capture can share (each widget links those both have).
@@ -125,7 +126,7 @@ class ClassChoice:
 
         self.status.value = f"capturing sample {sample} again to explain {self.names[c]!r}…"
         try:
-            options = json_attr(self.cap.attrs, "options", {})
+            options = capture_options(self.cap)
             image = np.asarray(self.cap["image"].isel(sample=[sample]).values, dtype=np.float32)
             # the model's input again: the picture normalised as the capture recorded (also for a model
             # captured from a tensor, without the image processor that made it)
@@ -163,7 +164,7 @@ class CaptureView(widgets.VBox):
 
     def _init_capture(self, cap: xr.DataTree, layer: int | None, sample: int) -> int:
         self.cap = cap
-        self.layout_info: CaptureLayout = capture_layout(cap)
+        self.layout_info: CaptureLayout = explorable_layout(cap)
         layer = check_view(self.layout_info, cap, layer, sample)
         self.class_names = [str(n) for n in cap["class_name"].values]
         self.num_samples = int(cap["sample"].size)

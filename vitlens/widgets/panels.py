@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ..capture.layout import missing_variable
 from ..errors import OptionError, VitlensError
 from ..methods import METHOD_INFO, explain, statistic_maps
 from .layout import CaptureLayout, HeadChoice, Query, heads_option, query_token, upsample, usable_layers
@@ -249,8 +250,6 @@ def token_curves(cap: xr.DataTree, layout: CaptureLayout, sample: int, query: Qu
     >>> token_curves(cap, capture_layout(cap), 0, None)["token norm ‖x‖"]["token"].shape
     (2,)
     """
-    from ..errors import CaptureFormatError
-
     out: dict[str, dict[str, list]] = {label: {"layer": [], "token": [], "patches": []} for _, _, label in CURVES}
     for stage in layout.stages:
         node = cap[stage.name]
@@ -258,8 +257,7 @@ def token_curves(cap: xr.DataTree, layout: CaptureLayout, sample: int, query: Qu
         patch = np.flatnonzero(np.asarray(node["kind"].values) == "patch")
         for var, norm, label in CURVES:
             if var not in node:
-                raise CaptureFormatError(f"this capture holds no {var!r}; capture again with keep='all' "
-                                         "(or a keep= that includes 'norms' and 'ln') to see token curves.")
+                raise missing_variable(cap, var, stage.name)
             values = node[var].isel(sample=sample)
             if norm is not None:
                 values = values.sel(norm=norm)
