@@ -40,34 +40,10 @@ class StageView:
     window_token: torch.Tensor | None = None  # (layer, window, M²) int64
     _cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def name(self) -> str:
-        return self.layout.name
-
-    @property
-    def index(self) -> int:
-        return self.layout.index
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return self.layout.layers
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.layout.grid
-
-    @property
-    def stride(self) -> tuple[int, int]:
-        """Input pixels per token along (y, x)."""
-        return self.layout.stride
-
-    @property
-    def num_prefix(self) -> int:
-        return self.layout.num_prefix
-
-    @property
-    def num_tokens(self) -> int:
-        return self.layout.num_tokens
+    def __getattr__(self, name: str) -> Any:  # name, index, layers, grid, stride, num_prefix, num_tokens
+        if name.startswith("_") or name == "layout":
+            raise AttributeError(name)
+        return getattr(self.layout, name)
 
     @property
     def windowed(self) -> bool:
