@@ -23,7 +23,7 @@ from .transformer_attribution import transformer_attribution
 from .generic_attention import generic_attention
 from .lnstat import lnstat, statistic_maps
 from .tokentm import tokentm
-from .maps import normalize, to_pixels
+from .maps import minmax, normalize, to_pixels
 from ..registry import METHOD_INFO, MethodInfo, method_info, register_method
 from .selection import explain_for_target, explainable
 
@@ -141,5 +141,5 @@ def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
     return ds
 
 
-__all__ = ["METHODS", "METHOD_INFO", "MethodInfo", "explain", "method_info", "normalize", "options_of",
+__all__ = ["METHODS", "METHOD_INFO", "MethodInfo", "explain", "method_info", "minmax", "normalize", "options_of",
            "register_method", "statistic_maps", "to_pixels", *METHODS]

@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 
 from ..errors import OptionError
-from .maps import finish, token_map
+from .maps import finish, minmax, token_map
 from .operators import (HeadSelection, StageView, Step, heads_for,
                         onto_grid, pick_heads, resolve_identity_path, select_layers, view, with_spare)
 from ..registry import METHOD_INFO, register_method
@@ -48,8 +48,7 @@ def token_statistic(stage: StageView, layer: int, stat: str, stat_norm: str) -> 
     if stat_norm == "max":
         patches = patches / patches.amax(1, keepdim=True).clamp_min(1e-12)
     elif stat_norm == "minmax":
-        lo = patches.amin(1, keepdim=True)
-        patches = (patches - lo) / (patches.amax(1, keepdim=True) - lo).clamp_min(1e-12)
+        patches = torch.from_numpy(minmax(patches.numpy(), axis=1))
     out = s.clone()
     out[:, :p] = 1.0
     out[:, p:] = patches

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -148,10 +149,35 @@ def to_pixels(maps: xr.DataArray, size: int | tuple[int, int] | None = None) -> 
     return out
 
 
+def minmax(values: np.ndarray, axis: int | tuple[int, ...] = (-2, -1)) -> np.ndarray:
+    """The one min-max rule: each map (over ``axis``) to [0, 1]; a constant map becomes zeros.
+
+    NaN entries are left out of the minimum and maximum and stay NaN. The dtype
+    is kept (float64 keeps a tiny class-specific part of a map; see
+    docs/METHODS.md, "Average read-out"). :func:`normalize` applies it to labeled
+    maps; the metrics and the widgets call it on arrays.
+
+    Examples
+    --------
+    >>> minmax(np.array([[1.0, 3.0], [2.0, 2.0]])).tolist()
+    [[0.0, 1.0], [0.5, 0.5]]
+    >>> minmax(np.array([[1.0, 3.0], [2.0, 2.0]]), axis=-1).tolist()
+    [[0.0, 1.0], [0.0, 0.0]]
+    """
+    values = np.asarray(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN map has no minimum: it becomes zeros
+        lo = np.nanmin(values, axis=axis, keepdims=True)
+        span = np.nanmax(values, axis=axis, keepdims=True) - lo
+    ok = span > 0
+    out = np.where(ok, (values - lo) / np.where(ok, span, 1), 0)
+    return out.astype(values.dtype, copy=False) if np.issubdtype(values.dtype, np.floating) else out
+
+
 def normalize(maps: xr.DataArray) -> xr.DataArray:
     """Min-max normalise each map (per sample, and per layer if present) to [0, 1].
 
-    Constant maps become all zeros.
+    Constant maps become all zeros (the rule is :func:`minmax`).
 
     Examples
     --------
@@ -160,10 +186,8 @@ def normalize(maps: xr.DataArray) -> xr.DataArray:
     >>> vl.normalize(m).values.tolist()
     [[[0.0, 1.0]]]
     """
-    lo = maps.min(("y", "x"))
-    span = maps.max(("y", "x")) - lo
-    out = (maps - lo) / xr.where(span > 0, span, 1.0)
-    out = out.where(span > 0, 0.0).transpose(*maps.dims)
+    out = xr.apply_ufunc(minmax, maps, input_core_dims=[["y", "x"]], output_core_dims=[["y", "x"]],
+                         dask="parallelized", output_dtypes=[np.result_type(maps.dtype, np.float32)]).transpose(*maps.dims)
     out.attrs = {**maps.attrs, "normalized": "minmax"}
     out.name = maps.name
     return out

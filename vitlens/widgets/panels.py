@@ -17,7 +17,7 @@ import xarray as xr
 
 from ..capture.layout import missing_variable
 from ..errors import OptionError, VitlensError
-from ..methods import METHOD_INFO, explain, statistic_maps
+from ..methods import METHOD_INFO, explain, minmax, statistic_maps
 from .layout import CaptureLayout, HeadChoice, Query, heads_option, query_token, upsample, usable_layers
 
 #: LayerNorm statistics the widgets offer (``vl.explain(..., "lnstat", stat=...)``).
@@ -32,18 +32,14 @@ def method_names() -> tuple[str, ...]:
 def normalized(values: np.ndarray) -> np.ndarray:
     """Min-max normalise one map to [0, 1] (a constant map becomes zeros), float32.
 
-    The same rule as :func:`vitlens.normalize`, so all panels share one colour scale.
+    The rule of :func:`vitlens.normalize` (:func:`vitlens.methods.minmax`), so all panels share one colour scale.
 
     Examples
     --------
     >>> normalized(np.array([[1.0, 3.0]])).tolist()
     [[0.0, 1.0]]
     """
-    values = np.asarray(values, dtype=np.float32)
-    lo, hi = float(values.min()), float(values.max())
-    if not hi > lo:
-        return np.zeros_like(values)
-    return (values - lo) / (hi - lo)
+    return np.nan_to_num(minmax(np.asarray(values, dtype=np.float32), axis=None))  # no NaN to the front end
 
 
 def query_attention(
