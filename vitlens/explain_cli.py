@@ -113,9 +113,7 @@ def main(argv: Sequence[str]) -> int:
         raise OptionError(f"--out {str(out)!r} is a file, not a folder; give a folder (it is created if missing).")
     if args.size < 16:
         raise OptionError(f"--size {args.size}: give at least 16 pixels.")
-    if args.method != "all" and args.method not in vl.METHODS:
-        raise OptionError(f"--method {args.method!r}: choose one of {', '.join(vl.METHODS)} or 'all'.")
-    methods = list(vl.METHODS) if args.method == "all" else [args.method]
+    methods = vl.registry.resolve_methods(args.method)  # the one reader of method names (did-you-mean hint)
     paths = expand_inputs(args.images)
     stems = output_stems(paths)
     planned = [out / f"{s}_{kind}.png" for s in stems for kind in ("input", *methods)]

@@ -36,6 +36,7 @@ import xarray as xr
 
 from .errors import ExportError, OptionError
 from .methods import METHOD_INFO, METHODS, explain, normalize, to_pixels
+from .registry import method_info, resolve_methods
 
 __all__ = ["render_panels", "grid", "layers", "plot", "overlay", "colormap", "save"]
 
@@ -265,14 +266,10 @@ def render_panels(
 
 # -- figures -----------------------------------------------------------------------------
 def _check_methods(methods: Sequence[str] | str | None) -> list[str]:
-    if methods is None or methods == "all":
-        return list(METHODS)
-    if isinstance(methods, str):
-        methods = [methods]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise OptionError(f"methods {bad or '[]'} not known; choose from {list(METHODS)}.")
-    return list(methods)
+    names = resolve_methods("all" if methods is None else methods)  # the one reader of method names
+    if not names:
+        raise OptionError(f"methods is empty; choose from {list(METHODS)} or 'all'.")
+    return names
 
 
 def _token_maps(cap: xr.DataTree, methods: Sequence[str], options: dict[str, Any]) -> xr.Dataset:
@@ -376,7 +373,7 @@ def layers(
     -------
     matplotlib.figure.Figure
     """
-    if method not in METHODS or not METHOD_INFO[method].per_layer:
+    if not method_info(method).per_layer:
         raise OptionError(f"layers() needs a method with a per-layer form: {[m for m in METHODS if METHOD_INFO[m].per_layer]}.")
     n = int(cap["sample"].size)
     if not 0 <= sample < n:

@@ -17,6 +17,7 @@ import xarray as xr
 
 from ..capture.layout import missing_variable
 from ..errors import OptionError, VitlensError
+from ..registry import method_info
 from ..methods import METHOD_INFO, explain, minmax, statistic_maps
 from .layout import CaptureLayout, HeadChoice, Query, heads_option, query_token, upsample, usable_layers
 
@@ -156,15 +157,13 @@ def method_maps(cap: xr.DataTree, layout: CaptureLayout, method: str, heads: Hea
     map (the same at every layer) for feature Grad-CAM. Layers before a method's
     ``start_layer`` are zeros.
     """
-    if method not in METHOD_INFO:
-        raise OptionError(f"unknown method {method!r}; choose from {list(METHOD_INFO)}.")
+    info = method_info(method)  # the one reader of method names (did-you-mean hint)
     n = int(cap["sample"].size)
     layers = usable_layers(layout, heads)
     out = np.zeros((n, len(layout.layers), *layout.grid), dtype=np.float32)
     if not layers:
         return out, layout.layers[0]
     extra = method_options(layout, method)
-    info = METHOD_INFO[method]
     if not info.uses_layers(extra):  # one map for every layer (gradcam on the final feature map)
         single = explain(cap, method, **extra).transpose("sample", "y", "x").values
         out[:] = np.asarray(single, dtype=np.float32)[:, None]
