@@ -8,6 +8,7 @@ from .maps import finish
 from .operators import (HeadSelection, Step, head_fused, resolve_identity_path,
                         select_layers, view)
 from ..registry import register_method
+from .options import IdentityPath, Merge
 
 
 @register_method(
@@ -27,9 +28,9 @@ def generic_attention(
     heads: HeadSelection = None,
     start_layer: int = 0,
     per_layer: bool = False,
-    merge: str = "uniform",
+    merge: Merge = "uniform",
     by_stage: bool = False,
-    identity_path: str | None = None,
+    identity_path: IdentityPath | None = None,
 ) -> xr.DataArray | xr.Dataset:
     """``R ← I``; per block ``R ← R + Ā·R`` with ``Ā = E_h[(∂y_c/∂A ⊙ A)⁺]`` (docs/METHODS.md §5).
 

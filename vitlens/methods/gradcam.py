@@ -9,9 +9,7 @@ from ..errors import OptionError
 from .maps import token_map
 from .operators import HeadSelection, grid_factor, heads_for, select_layers, view
 from ..registry import METHOD_INFO, register_method
-
-ON = ("attention", "features")
-
+from .options import GradcamOn, check
 
 @register_method(
     "gradcam",
@@ -28,7 +26,7 @@ ON = ("attention", "features")
 def gradcam(
     cap: xr.DataTree,
     *,
-    on: str | None = None,
+    on: GradcamOn | None = None,
     layers: int | None = None,
     heads: HeadSelection = None,
 ) -> xr.DataArray:
@@ -61,8 +59,7 @@ def gradcam(
     cv = view(cap)
     if on is None:  # the registry's default for this read-out (CLS: attention, average: features)
         on = METHOD_INFO["gradcam"].defaults_for(cv).get("on", "attention")
-    if on not in ON:
-        raise OptionError(f"gradcam on={on!r}; choose from {list(ON)}.")
+    check("gradcam", on=on)
     if on == "attention":
         if cv.readout != "cls":
             raise OptionError("gradcam on='attention' needs a CLS token; use on='features' for this model.")

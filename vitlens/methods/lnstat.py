@@ -16,18 +16,13 @@ import math
 import torch
 import xarray as xr
 
-from ..errors import OptionError
 from .maps import finish, minmax, token_map
 from .operators import (HeadSelection, StageView, Step, heads_for,
                         onto_grid, pick_heads, resolve_identity_path, select_layers, view, with_spare)
 from ..registry import METHOD_INFO, register_method
+from .options import HeadFusion, IdentityPath, Merge, Statistic, StatisticNorm, check
 
-STATS = ("std", "mean", "var", "norm")
-STAT_NORMS = ("max", "minmax", "none")
-HEAD_FUSIONS = ("mean", "max", "entropy")
-
-
-def token_statistic(stage: StageView, layer: int, stat: str, stat_norm: str) -> torch.Tensor:
+def token_statistic(stage: StageView, layer: int, stat: Statistic, stat_norm: StatisticNorm) -> torch.Tensor:
     """``s_l[j]`` (B, N) at the input of block ``layer``'s first LayerNorm, normalised.
 
     Prefix tokens are excluded from the normalisation and get 1.
@@ -55,7 +50,7 @@ def token_statistic(stage: StageView, layer: int, stat: str, stat_norm: str) -> 
     return out
 
 
-def fuse_heads(stage: StageView, layer: int, heads: HeadSelection, head_fusion: str, grad: bool = False) -> torch.Tensor:
+def fuse_heads(stage: StageView, layer: int, heads: HeadSelection, head_fusion: HeadFusion, grad: bool = False) -> torch.Tensor:
     """``F_l = fuse_h(X[l])`` over the selected heads.
 
     ``X = A`` (``grad=False``), or ``X = (∂y_c/∂A ⊙ A)⁺`` per head (``grad=True``,
@@ -103,13 +98,6 @@ def fused_operator(stage: StageView, layer: int, f: torch.Tensor, s: torch.Tenso
     return m / m.abs().sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-def _check(stat: str, stat_norm: str, head_fusion: str) -> None:
-    for name, value, allowed in (("stat", stat, STATS), ("stat_norm", stat_norm, STAT_NORMS),
-                                 ("head_fusion", head_fusion, HEAD_FUSIONS)):
-        if value not in allowed:
-            raise OptionError(f"lnstat {name}={value!r}; choose from {list(allowed)}.")
-
-
 @register_method(
     "lnstat",
     title="LN-statistic",
@@ -129,13 +117,13 @@ def lnstat(
     heads: HeadSelection = None,
     start_layer: int = 0,
     per_layer: bool = False,
-    merge: str = "uniform",
+    merge: Merge = "uniform",
     by_stage: bool = False,
-    stat: str = "std",
-    stat_norm: str = "max",
-    head_fusion: str = "mean",
+    stat: Statistic = "std",
+    stat_norm: StatisticNorm = "max",
+    head_fusion: HeadFusion = "mean",
     grad: bool | None = None,
-    identity_path: str | None = None,
+    identity_path: IdentityPath | None = None,
 ) -> xr.DataArray | xr.Dataset:
     """LayerNorm-statistic × attention fusion (docs/METHODS.md §6), in either reading of the paper.
 
@@ -188,7 +176,7 @@ def lnstat(
     >>> vl.explain(cap, "lnstat", grad=False).attrs["grad"]
     'false'
     """
-    _check(stat, stat_norm, head_fusion)
+    check("lnstat", stat=stat, stat_norm=stat_norm, head_fusion=head_fusion)
     cv = view(cap)
     if grad is None:
         grad = bool(METHOD_INFO["lnstat"].defaults_for(cv).get("grad", True))
@@ -214,8 +202,8 @@ def lnstat(
 def statistic_maps(
     cap: xr.DataTree,
     *,
-    stat: str = "std",
-    stat_norm: str = "max",
+    stat: Statistic = "std",
+    stat_norm: StatisticNorm = "max",
     layers: list[int] | None = None,
 ) -> xr.DataArray:
     """The per-layer statistic ``s_l`` itself as maps ``(sample, layer, y, x)``.
@@ -230,7 +218,7 @@ def statistic_maps(
     >>> vl.methods.statistic_maps(cap).dims
     ('sample', 'layer', 'y', 'x')
     """
-    _check(stat, stat_norm, "mean")
+    check("lnstat", stat=stat, stat_norm=stat_norm)
     cv = view(cap)
     chosen = select_layers(cv, layers)
     maps = []

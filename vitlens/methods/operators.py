@@ -27,6 +27,7 @@ import xarray as xr
 from ..capture.attrs import decode_tree
 from ..capture.layout import CaptureLayout, StageLayout, capture_layout, missing_variable
 from ..errors import OptionError
+from .options import IdentityPath, Merge, check
 
 
 # -- reading the capture -------------------------------------------------------------
@@ -241,13 +242,9 @@ def merge_row(r: torch.Tensor, grid_from: tuple[int, int], share: torch.Tensor |
     return r / 4 if share is None else r * share.to(r.dtype)
 
 
-MERGES = ("uniform", "lrp")
-
-
-def merge_shares(cv: "CaptureView", merge: str) -> dict[int, torch.Tensor | None]:
+def merge_shares(cv: "CaptureView", merge: Merge) -> dict[int, torch.Tensor | None]:
     """Per parent stage, the merge shares for ``merge`` (None = uniform)."""
-    if merge not in MERGES:
-        raise OptionError(f"merge={merge!r}; choose from {list(MERGES)}.")
+    check("", merge=merge)
     if merge == "uniform":
         return {}
     return {s.index: s.tensor("merge_share") for s in cv.stages[:-1]}
@@ -438,15 +435,11 @@ def head_fused(stage: StageView, layer: int, heads: HeadSelection, *names: str, 
 
 
 # -- the identity path (average read-out) ---------------------------------------------------
-IDENTITY_PATHS = ("drop", "keep")
-
-
-def resolve_identity_path(cv: CaptureView, method: str, identity_path: str | None) -> str:
+def resolve_identity_path(cv: CaptureView, method: str, identity_path: IdentityPath | None) -> IdentityPath:
     """``identity_path``, or the registry's default for this capture's read-out when None."""
     if identity_path is None:
         from ..registry import METHOD_INFO
 
         identity_path = METHOD_INFO[method].defaults_for(cv).get("identity_path", "keep")
-    if identity_path not in IDENTITY_PATHS:
-        raise OptionError(f"{method} identity_path={identity_path!r}; choose from {list(IDENTITY_PATHS)}.")
+    check(method, identity_path=identity_path)
     return identity_path

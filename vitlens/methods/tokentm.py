@@ -17,17 +17,12 @@ import math
 import torch
 import xarray as xr
 
-from ..errors import OptionError
 from .maps import finish
 from .operators import HeadSelection, StageView, Step, head_fused, select_layers, view
 from ..registry import register_method
+from .options import IdentityPath, Init, Merge, Necc, check
 
-NECCS = ("range", "softmax", "none")
-INITS = ("norm", "identity")
-IDENTITY_PATHS = ("drop", "keep")
-
-
-def necc(cos: torch.Tensor, kind: str) -> torch.Tensor:
+def necc(cos: torch.Tensor, kind: Necc) -> torch.Tensor:
     """Normalised exponential cosine correlation of (B, N) cosines.
 
     ``"range"``: ``(exp(c) − e⁻¹)/(e − e⁻¹)`` ∈ [0, 1]; ``"softmax"``:
@@ -74,14 +69,14 @@ def tokentm(
     heads: HeadSelection = None,
     start_layer: int = 0,
     per_layer: bool = False,
-    merge: str = "uniform",
+    merge: Merge = "uniform",
     by_stage: bool = False,
-    necc: str = "range",
+    necc: Necc = "range",
     length: bool = True,
     grad: bool = True,
     ffn: bool = True,
-    init: str = "norm",
-    identity_path: str = "drop",
+    init: Init = "norm",
+    identity_path: IdentityPath = "drop",
 ) -> xr.DataArray | xr.Dataset:
     """Token-transformation-weighted attention propagation (docs/METHODS.md §7).
 
@@ -128,12 +123,7 @@ def tokentm(
     'softmax'
     """
     necc_kind = necc
-    if necc_kind not in NECCS:
-        raise OptionError(f"tokentm necc={necc_kind!r}; choose from {list(NECCS)}.")
-    if identity_path not in IDENTITY_PATHS:
-        raise OptionError(f"tokentm identity_path={identity_path!r}; choose from {list(IDENTITY_PATHS)}.")
-    if init not in INITS:
-        raise OptionError(f"tokentm init={init!r}; choose from {list(INITS)}.")
+    check("tokentm", necc=necc_kind, identity_path=identity_path, init=init)
     cv = view(cap)
     chosen = select_layers(cv, layers, start_layer)
     names = ("attention_grad", "attention") if grad else ("attention",)

@@ -8,6 +8,7 @@ from .maps import finish
 from .operators import (HeadSelection, Step, head_fused, resolve_identity_path,
                         select_layers, view)
 from ..registry import register_method
+from .options import IdentityPath, Merge
 
 
 @register_method(
@@ -27,9 +28,9 @@ def transformer_attribution(
     heads: HeadSelection = None,
     start_layer: int = 1,
     per_layer: bool = False,
-    merge: str = "uniform",
+    merge: Merge = "uniform",
     by_stage: bool = False,
-    identity_path: str | None = None,
+    identity_path: IdentityPath | None = None,
 ) -> xr.DataArray | xr.Dataset:
     """``C = (I + Ē_L)···(I + Ē_s)``, ``Ē_l = E_h[(∂y_c/∂A ⊙ R_A)⁺]`` (docs/METHODS.md §4).
 

@@ -19,10 +19,11 @@ from ..capture.layout import missing_variable
 from ..errors import OptionError, VitlensError
 from ..registry import method_info
 from ..methods import METHOD_INFO, explain, minmax, statistic_maps
+from ..methods.options import CHOICES
 from .layout import CaptureLayout, HeadChoice, Query, heads_option, query_token, upsample, usable_layers
 
-#: LayerNorm statistics the widgets offer (``vl.explain(..., "lnstat", stat=...)``).
-STATISTICS = ("std", "mean", "var", "norm")
+#: LayerNorm statistics the widgets offer (``vl.explain(..., "lnstat", stat=...)``): the options table's.
+STATISTICS = CHOICES["stat"]
 
 
 def method_names() -> tuple[str, ...]:
