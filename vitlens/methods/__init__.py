@@ -9,6 +9,8 @@ itself once (:mod:`.registry`); :data:`METHODS` and :data:`METHOD_INFO` list the
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,8 +26,9 @@ from .generic_attention import generic_attention
 from .lnstat import lnstat, statistic_maps
 from .tokentm import tokentm
 from .maps import minmax, normalize, to_pixels
-from ..registry import METHOD_INFO, MethodInfo, method_info, register_method
-from .selection import explain_for_target, explainable
+from ..capture.layout import MissingVariableError
+from ..registry import METHOD_INFO, MethodInfo, method_info, register_method, resolve_methods
+from .selection import check_target, explainable
 
 #: Names of the registered methods, in registration order (see :data:`METHOD_INFO`).
 METHODS: tuple[str, ...] = tuple(METHOD_INFO)
@@ -51,11 +54,11 @@ def _sample_blocks(cap: xr.DataTree) -> list[tuple[int, int]] | None:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _explain_block(cap: xr.DataTree, method: str, options: dict[str, Any]) -> xr.DataArray | xr.Dataset:
+def _explain_block(cap: xr.DataTree, method: Any, options: dict[str, Any]) -> xr.DataArray | xr.Dataset:
     return explain(cap.load(), method, **options)
 
 
-def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArray | xr.Dataset:
+def explain(cap: xr.DataTree, method: str | Sequence[str] = "all", **options: Any) -> xr.DataArray | xr.Dataset:
     """Compute an explanation map from a capture, without running the model again.
 
     Parameters
@@ -63,8 +66,11 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     cap
         A capture from :func:`vitlens.capture` (or :func:`vitlens.open`).
     method
-        One of :data:`vitlens.METHODS`, or ``"all"`` for a Dataset with one
-        variable per method (options apply to the methods that take them).
+        One of :data:`vitlens.METHODS` for a DataArray; ``"all"`` or a list of
+        names for a Dataset with one variable per method (options apply to the
+        methods that take them). For a Dataset, methods whose inputs the capture
+        does not hold (e.g. the gradient methods after ``grads=False``) are left
+        out with a warning, and listed in its ``attrs["left_out"]``.
     target
         Optional: the class to explain (index, name such as ``"star"``, or one
         per sample). Class-agnostic methods give their map for any class;
@@ -76,16 +82,17 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
 
     Returns
     -------
-    xarray.DataArray
+    xarray.DataArray or xarray.Dataset
         ``(sample, y, x)`` on the token grid (Swin: the first-stage grid), or
-        ``(sample, layer, y, x)`` with ``per_layer=True``.
+        ``(sample, layer, y, x)`` with ``per_layer=True``; a Dataset of them for
+        ``"all"`` or a list.
 
     Notes
     -----
     Options not given take the method's registered defaults for the capture's
     family and read-out (``vl.methods.METHOD_INFO[method].defaults_for(cap)``),
-    e.g. gradcam ``on="features"`` and ``identity_path="drop"`` under an average
-    read-out; the map's ``attrs`` record what was used.
+    e.g. ``identity_path="drop"`` under an average read-out; the map's ``attrs``
+    record what was used.
 
     Examples
     --------
@@ -95,10 +102,13 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     >>> maps = vl.explain(cap, "all")
     >>> sorted(maps.data_vars) == sorted(vl.METHODS)
     True
+    >>> list(vl.explain(cap, ["rollout", "tokentm"]).data_vars)
+    ['rollout', 'tokentm']
     """
+    names = resolve_methods(method)  # the one reader of method names (did-you-mean hint)
+    single = isinstance(method, str) and method != "all"
     cap, target = explainable(cap), options.pop("target", None)  # cap.sel(sample=k); a class index or name
-    if target is not None:
-        return explain_for_target(cap, method, target, explain, options)
+    other_class = None if target is None else check_target(cap, names, target)
     blocks = _sample_blocks(cap) if isinstance(cap, xr.DataTree) else None
     if blocks is not None:
         # lazy (dask-backed) capture: one task per sample chunk, each loading only
@@ -106,12 +116,18 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
         import dask
 
         parts = [dask.delayed(_explain_block)(cap.isel(sample=slice(a, b)), method, options) for a, b in blocks]
-        results = dask.compute(*parts)
-        out = xr.concat(results, "sample", combine_attrs="override")
-        return out
-    if method == "all":
-        return _explain_all(cap, options)
-    info = method_info(method)
+        out = xr.concat(dask.compute(*parts), "sample", combine_attrs="override")
+    elif single:
+        out = _explain_one(cap, names[0], options)
+    else:
+        out = _explain_many(cap, names, options)
+    if other_class is not None and "sample" in out.dims:  # class-agnostic: say which class it was asked for
+        out = out.assign_coords(target=("sample", other_class))
+    return out
+
+
+def _explain_one(cap: xr.DataTree, method: str, options: dict[str, Any]) -> xr.DataArray:
+    info = METHOD_INFO[method]
     allowed = info.options()
     unknown = set(options) - set(allowed)
     if unknown:
@@ -119,13 +135,13 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     return info.function(cap, **{**info.defaults_for(cap), **options})
 
 
-def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
-    """Every registered method with the options each takes, on top of its defaults for ``cap``."""
-    names = tuple(METHOD_INFO)
+def _explain_many(cap: xr.DataTree, names: list[str], options: dict[str, Any]) -> xr.Dataset:
+    """``names`` with the options each takes, on top of its defaults for ``cap``; a method whose
+    inputs the capture lacks is left out (with a warning), unless every one is."""
     unused = set(options) - {o for n in names for o in METHOD_INFO[n].options()}
     if unused:
         raise OptionError(f"no method takes {sorted(unused)}.")
-    out = {}
+    out, left_out = {}, {}
     for name in names:
         info = METHOD_INFO[name]
         accepted = {**info.defaults_for(cap), **{k: v for k, v in options.items() if k in info.options()}}
@@ -133,11 +149,19 @@ def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
             accepted = {k: v for k, v in accepted.items() if k not in ("layers", "heads")}
         elif not info.per_layer and "layers" in accepted and not isinstance(accepted["layers"], int):
             accepted.pop("layers")  # a single-block method under a list of blocks: its default block
-        out[name] = info.function(cap, **accepted)
+        try:
+            out[name] = info.function(cap, **accepted)
+        except MissingVariableError as exc:
+            left_out[name] = exc
+    if not out:
+        raise next(iter(left_out.values()))
+    if left_out:
+        reasons = {str(exc) for exc in left_out.values()}
+        warnings.warn(f"left out {', '.join(left_out)}: {' '.join(sorted(reasons))}", UserWarning, stacklevel=3)
     ds = xr.Dataset({n: da.drop_attrs() if hasattr(da, "drop_attrs") else da for n, da in out.items()})
     for n, da in out.items():
         ds[n].attrs = da.attrs
-    ds.attrs = {"methods": list(names)}
+    ds.attrs = {"methods": list(out), **({"left_out": list(left_out)} if left_out else {})}
     return ds
 
 
