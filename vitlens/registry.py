@@ -20,7 +20,7 @@ Examples
 >>> info.title, info.class_specific, info.per_layer
 ('Grad-CAM', True, False)
 >>> info.defaults_for({"family": "vit", "readout": "avg"})
-{'on': 'features'}
+{'on': 'attention'}
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ class MethodInfo:
         Examples
         --------
         >>> import vitlens as vl
-        >>> vl.methods.METHOD_INFO["gradcam"].defaults_for({"family": "swin", "readout": "avg"})
-        {'on': 'features'}
+        >>> vl.methods.METHOD_INFO["transformer_attribution"].defaults_for({"family": "swin", "readout": "avg"})
+        {'identity_path': 'drop'}
         """
         family, readout = _family_readout(cap_or_attrs)
         if readout and readout != "cls" and readout not in self.defaults:
