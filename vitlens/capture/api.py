@@ -253,7 +253,8 @@ def capture(
     Parameters
     ----------
     model
-        A timm ViT / DeiT / Swin model (see :func:`vitlens.load_model`).
+        A model of a supported family: timm ViT/DeiT/EVA/BEiT/Swin v1-v2 or transformers
+        ViT/DeiT/DINOv2/BEiT/Swin/CLIP/SigLIP (see :func:`vitlens.load_model`).
     images
         A path or list of paths, PIL image(s), arrays ``(H, W, 3)`` or
         ``(sample, H, W, 3)`` in [0, 1] or uint8 (xarray too), or a ready,

@@ -38,7 +38,7 @@ DEFAULT_METHOD = "generic_attention"
 
 
 class Explorer(AttentionView):
-    """Look inside a captured ViT or Swin: one layer slider drives four linked maps.
+    """Look inside a captured vision transformer: one layer slider drives four linked maps.
 
     Panels, each the input image under a heatmap (all min-max scaled to [0, 1],
     one shared colour scale, shown by the colour bar):
