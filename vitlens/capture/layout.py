@@ -168,20 +168,18 @@ def capture_layout(cap: xr.DataTree) -> CaptureLayout:
     return CaptureLayout(tuple(stages), str(cap.attrs["family"]), str(cap.attrs["readout"]), (h, w))
 
 
-#: The ``keep=`` group of :func:`vitlens.capture` that stores each variable, and whether it
-#: also needs ``grads=True`` (gradients and LRP relevances exist only with a backward pass).
-VARIABLE_GROUPS: dict[str, tuple[str, bool]] = {
-    "attention": ("attention", False),
-    "attention_grad": ("attention_grad", True),
-    "attention_relevance": ("attention_relevance", True),
-    "merge_share": ("attention_relevance", True),
-    "ln_mean": ("ln", False),
-    "ln_std": ("ln", False),
-    "features": ("features", False),
-    "features_grad": ("features", True),
-    **{v: ("norms", False) for v in ("token_norm", "attn_value_norm", "attn_value_cos", "attn_out_norm",
-                                      "mlp_in_norm", "mlp_out_norm", "mlp_cos", "block_out_norm")},
-}
+#: The ``keep=`` group of :func:`vitlens.capture` that stores each variable a view reads.
+KEPT_IN: dict[str, str] = {var: group for group, variables in {
+    "attention": ("attention",),
+    "attention_grad": ("attention_grad",),
+    "attention_relevance": ("attention_relevance", "merge_share"),
+    "ln": ("ln_mean", "ln_std"),
+    "features": ("features", "features_grad"),
+    "norms": ("token_norm", "attn_value_norm", "attn_value_cos", "attn_out_norm", "mlp_in_norm", "mlp_out_norm",
+              "mlp_cos", "block_out_norm"),
+}.items() for var in variables}
+#: The variables that exist only with ``grads=True``: gradients and LRP relevances need the backward pass.
+NEED_GRADS = frozenset({"attention_grad", "attention_relevance", "merge_share", "features_grad"})
 
 
 def capture_options(cap: xr.DataTree) -> dict[str, Any]:
@@ -200,10 +198,10 @@ def missing_variable(cap: xr.DataTree, variable: str, where: str = "") -> Captur
     >>> print(missing_variable(cap, "attention_grad"))
     this capture holds no 'attention_grad': it was made with grads=False, and gradients and relevances need the backward pass; capture again with grads=True: vl.capture(model, cap['image'], grads=True).
     """
-    group, needs_grads = VARIABLE_GROUPS.get(variable, (None, False))
+    group = KEPT_IN.get(variable)
     options = capture_options(cap) if isinstance(cap, xr.DataTree) else {}
     place = f" in {where}" if where else ""
-    if needs_grads and options.get("grads", True) is False:
+    if variable in NEED_GRADS and options.get("grads", True) is False:
         fix = ("it was made with grads=False, and gradients and relevances need the backward pass; capture "
                "again with grads=True: vl.capture(model, cap['image'], grads=True)")
     elif group is not None:
@@ -222,5 +220,5 @@ class MissingVariableError(CaptureFormatError):
         self.variable = variable
 
 
-__all__ = ["CaptureLayout", "MissingVariableError", "Query", "StageLayout", "VARIABLE_GROUPS", "capture_layout",
+__all__ = ["CaptureLayout", "KEPT_IN", "MissingVariableError", "NEED_GRADS", "Query", "StageLayout", "capture_layout",
            "capture_options", "missing_variable", "stage_names"]
