@@ -378,15 +378,18 @@ def test_every_method_runs_on_vit_variants(fixture, request, images32):
     maps = vl.explain(cap, "all", per_layer=False)  # average-pooled too: gradcam takes its registry default
     for m in vl.METHODS:
         assert maps[m].shape == (3, 4, 4) and np.isfinite(maps[m].values).all(), m
-    if fixture == "vit_avg":  # heads as channels under an average read-out: the mean of the query rows
-        assert maps["gradcam"].attrs["on"] == "attention"
+    if fixture == "vit_avg":
+        assert maps["gradcam"].attrs["on"] == "features"
+        # heads as channels under an average read-out: the mean of the query rows
         st = cap["stage0"]
         a, g = (st[v].values[:, -1].astype(np.float64).mean(2) for v in ("attention", "attention_grad"))  # (B, H, N)
         pre = (g.mean(-1, keepdims=True) * a).mean(1).reshape(3, 4, 4)  # before the ReLU
-        np.testing.assert_allclose(maps["gradcam"].values, np.maximum(pre, 0), rtol=1e-5, atol=1e-7)
+        got = vl.explain(cap, "gradcam", on="attention").values
+        np.testing.assert_allclose(got, np.maximum(pre, 0), rtol=1e-5, atol=1e-7)
         # the other sign of the gradient shows the other half (a random model's map can be all ≤ 0)
         flipped = _with(cap, "stage0", "attention_grad", -st.attention_grad.values)
-        np.testing.assert_allclose(vl.explain(flipped, "gradcam").values, np.maximum(-pre, 0), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(vl.explain(flipped, "gradcam", on="attention").values, np.maximum(-pre, 0),
+                                   rtol=1e-5, atol=1e-7)
         assert np.abs(pre).max() > 0
 
 

@@ -46,27 +46,27 @@ def test_class_specific_flags_match_the_maps(cls_cap):
 
 def test_defaults_follow_family_and_readout(avg_cap, cls_cap):
     gc = METHOD_INFO["gradcam"]
-    # gradcam: heads as channels under every read-out (chosen by evidence, docs/METHODS.md §3)
     assert gc.defaults_for(cls_cap) == {"on": "attention"}
-    assert gc.defaults_for(avg_cap) == {"on": "attention"}
-    ta = METHOD_INFO["transformer_attribution"]
-    assert ta.defaults_for(avg_cap) == {"identity_path": "drop"}
-    assert ta.defaults_for(avg_cap.attrs) == {"identity_path": "drop"}
-    assert ta.defaults_for(capture_layout(avg_cap)) == {"identity_path": "drop"}
-    assert ta.defaults_for({"family": "swin", "readout": "avg"}) == {"identity_path": "drop"}
+    assert gc.defaults_for(avg_cap) == {"on": "features"}
+    assert gc.defaults_for(avg_cap.attrs) == {"on": "features"}
+    assert gc.defaults_for(capture_layout(avg_cap)) == {"on": "features"}
+    # a family's entry is the most specific: Swin v1 takes heads as channels (docs/METHODS.md §3)
+    assert gc.defaults_for({"family": "swin", "readout": "avg"}) == {"on": "attention"}
+    assert gc.defaults_for({"family": "hf_swin", "readout": "avg"}) == {"on": "attention"}
+    assert gc.defaults_for({"family": "swinv2", "readout": "avg"}) == {"on": "features"}
     # other read-outs that read every token out (attention pool, mean with prefix) follow "avg"
-    assert ta.defaults_for({"family": "vit", "readout": "map"}) == {"identity_path": "drop"}
-    assert ta.defaults_for({"readout": "avg_with_prefix"}) == {"identity_path": "drop"}
-    assert ta.defaults_for({"readout": "cls"}) == {}
-    assert vl.explain(avg_cap, "gradcam").attrs["on"] == "attention"
+    assert gc.defaults_for({"family": "vit", "readout": "map"}) == {"on": "features"}
+    assert METHOD_INFO["transformer_attribution"].defaults_for({"readout": "avg_with_prefix"}) == {"identity_path": "drop"}
+    assert METHOD_INFO["transformer_attribution"].defaults_for({"readout": "cls"}) == {}
+    assert vl.explain(avg_cap, "gradcam").attrs["on"] == "features"
     assert vl.explain(cls_cap, "gradcam").attrs["on"] == "attention"
 
 
 def test_explain_all_works_under_an_average_readout(avg_cap):
     maps = vl.explain(avg_cap, "all", heads=[0, 1], layers=[0, 1])
     assert sorted(maps.data_vars) == sorted(vl.METHODS)
-    assert maps["gradcam"].attrs["on"] == "attention"  # one block (its default, the last) under a list of blocks
-    np.testing.assert_allclose(maps["gradcam"].values, vl.explain(avg_cap, "gradcam", heads=[0, 1]).values)
+    assert maps["gradcam"].attrs["on"] == "features"
+    np.testing.assert_allclose(maps["gradcam"].values, vl.explain(avg_cap, "gradcam", on="features").values)
     assert all(np.isfinite(maps[m].values).all() for m in vl.METHODS)
 
 
@@ -78,11 +78,9 @@ def test_widgets_and_figures_read_titles_and_captions(avg_cap, cls_cap):
     text = captions.method_caption(layout, "generic_attention", 1, 0, "cat", False)
     assert text.startswith("Chefer et al. 2021 (generic)") and "'cat'" in text and "blocks 0–1" in text
     avg = capture_layout(avg_cap)
-    assert panels.method_options(avg, "gradcam") == {"on": "attention"}
-    assert panels.method_options(avg, "transformer_attribution") == {"identity_path": "drop"}
-    assert panels.layer_dependent(avg, "gradcam") and panels.layer_dependent(layout, "gradcam")
-    assert "attention heads of block 1" in captions.method_caption(avg, "gradcam", 1, 0, "cat", False)
-    assert "final feature map" in captions.method_caption(avg, "gradcam", 1, 0, "cat", True, {"on": "features"})
+    assert panels.method_options(avg, "gradcam") == {"on": "features"}
+    assert not panels.layer_dependent(avg, "gradcam") and panels.layer_dependent(layout, "gradcam")
+    assert "final feature map" in captions.method_caption(avg, "gradcam", 1, 0, "cat", True)
 
 
 def test_a_registered_method_shows_up_everywhere(cls_cap):

@@ -345,7 +345,7 @@ def test_swin_head_toggles_are_per_stage(swin_cap):
 
 
 def test_swin_gradcam_panel_is_the_block_at_the_slider(swin_cap):
-    # gradcam's default is heads as channels for every read-out (docs/METHODS.md §3): one block at a time
+    # gradcam's default on Swin v1 is heads as channels (docs/METHODS.md §3): one block at a time
     ex = Explorer(swin_cap, method="gradcam")
     for layer in (0, 3):
         ex.layer_slider.value = layer

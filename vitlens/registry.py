@@ -20,6 +20,8 @@ Examples
 >>> info.title, info.class_specific, info.per_layer
 ('Grad-CAM', True, False)
 >>> info.defaults_for({"family": "vit", "readout": "avg"})
+{'on': 'features'}
+>>> info.defaults_for({"family": "swin", "readout": "avg"})
 {'on': 'attention'}
 """
 
@@ -33,11 +35,11 @@ from .errors import OptionError
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: How a ``defaults`` table is read, in this order (later keys win): ``"*"`` (every
-#: capture), the capture's family (``"vit"``, ``"swin"``, ...), then its read-out
-#: (``"cls"``, ``"avg"``, ...). A read-out other than ``"cls"`` with no entry of its
-#: own (``"avg_with_prefix"``, ``"map"``) takes the ``"avg"`` entry: every token is
-#: read out, as under average pooling.
-DEFAULT_KEYS = ("*", "vit", "swin", "cls", "avg")
+#: capture), the capture's read-out (``"cls"``, ``"avg"``, ...), then its family
+#: (``"vit"``, ``"swin"``, ...: the most specific). A read-out other than ``"cls"`` with
+#: no entry of its own (``"avg_with_prefix"``, ``"map"``) takes the ``"avg"`` entry:
+#: every token is read out, as under average pooling.
+DEFAULT_KEYS = ("*", "cls", "avg", "vit", "swin")
 
 #: The groups of raw tensors a capture can record and store (``vl.KEEP_GROUPS``): what the
 #: ``needs`` of methods and statistics name. A method or statistic that declares no ``needs``
@@ -114,7 +116,7 @@ class MethodInfo:
         if readout and readout != "cls" and readout not in self.defaults:
             readout = "avg"  # other non-CLS read-outs (avg_with_prefix, map) read out every token too
         out: dict[str, Any] = {}
-        for key in ("*", family, readout):
+        for key in ("*", readout, family):
             out.update(self.defaults.get(key, {}))
         return out
 
@@ -145,7 +147,7 @@ class MethodInfo:
         >>> info = vl.methods.METHOD_INFO["gradcam"]
         >>> sorted(info.groups({"family": "vit", "readout": "cls"}))
         ['attention', 'attention_grad']
-        >>> sorted(info.groups({"family": "swin", "readout": "avg"}))
+        >>> sorted(info.groups({"family": "swinv2", "readout": "avg"}))
         ['features']
         """
         return _groups(self.needs, self.resolve(cap_or_attrs, options))

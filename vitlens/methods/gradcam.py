@@ -18,7 +18,10 @@ from .options import GradcamOn, check
     caption="Grad-CAM on the attention heads of block {l} (heads weighted by their gradient) for class {cls}",
     class_specific=True,
     per_layer=False,
-    defaults={"*": {"on": "attention"}},  # chosen by evidence on both shipped models: docs/METHODS.md §3
+    # chosen by evidence (docs/METHODS.md §3): heads as channels under CLS and on Swin v1 (swin-shapes),
+    # features under other average read-outs
+    defaults={"cls": {"on": "attention"}, "avg": {"on": "features"}, "swin": {"on": "attention"},
+              "hf_swin": {"on": "attention"}},
     variant_captions={("on", "features"): "Grad-CAM on the final feature map for class {cls} (the same at every layer)"},
     layerless={"on": "features"},
     reference="Selvaraju et al. 2017, as in Chefer et al. 2021; docs/METHODS.md §3",
@@ -33,14 +36,15 @@ def gradcam(
 ) -> xr.DataArray:
     """Grad-CAM (docs/METHODS.md §3).
 
-    ``on=None`` picks the registry's default for the capture's read-out:
-    ``"attention"`` under a CLS read-out, ``"features"`` under any other (average,
-    attention pool; Swin, average-pooled ViTs).
+    ``on=None`` picks the registry's default for the capture, chosen by evidence
+    (docs/METHODS.md §3): ``"attention"`` under a CLS read-out and for Swin v1
+    (timm and transformers), ``"features"`` under other average read-outs.
 
-    ``on="attention"``: in the chosen block (default last), per
-    head ``cam_h = A[h, CLS, patches]``, weight ``w_h`` = spatial mean of
-    ``∂y_c/∂A[h, CLS, patches]``; map ``= max(0, mean_h(w_h·cam_h))`` — heads play
-    the role of channels.
+    ``on="attention"`` (every read-out): in the chosen block (default last), per
+    head ``cam_h = r·A[h]`` over the patch columns, with ``r`` the read-out row
+    (the CLS row; the mean of the query rows under an average read-out, through
+    Swin's windows), weight ``w_h`` = the spatial mean of ``r·∂y_c/∂A[h]``; map
+    ``= max(0, mean_h(w_h·cam_h))`` — heads play the role of channels.
 
     ``on="features"`` (available for every model): classic Grad-CAM on
     normalised token features reshaped to the grid — channels weighted by the
@@ -58,7 +62,7 @@ def gradcam(
     'features'
     """
     cv = view(cap)
-    if on is None:  # the registry's default for this read-out (CLS: attention, average: features)
+    if on is None:  # the registry's default for this capture (docs/METHODS.md §3)
         on = METHOD_INFO["gradcam"].defaults_for(cv).get("on", "attention")
     check("gradcam", on=on)
     if on == "attention":
