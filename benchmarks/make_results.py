@@ -135,7 +135,7 @@ def quality(name: str, n_one: int, n_two: int, batch_size: int) -> tuple[list[st
         "Where the seed methods do not beat rollout (all items):", "", *verdict(every), "",
         "Two-object items only:", "", *verdict(two), "",
         f"Capture time (shared by all methods): {float(every['capture_seconds_per_image'][0]) * 1000:.1f} ms "
-        "per image; `s/img` above is each method's own `vl.explain` time.",
+        "per image; `ms/img` above is each method's own `vl.explain` time.",
         "",
     ]
     return out, seconds
@@ -178,8 +178,9 @@ def _claim_maps(cap: xr.DataTree, method: str, options: dict) -> xr.DataArray:
     return vl.explain(cap, method, **options)
 
 
-def claim_items(name: str, n_one: int, n_two: int, batch_size: int) -> tuple[xr.Dataset, float, bool]:
-    """Segmentation counts of every CLAIM_VARIANTS row on every item (its own class and mask)."""
+def claim_items(name: str, n_one: int, n_two: int, batch_size: int,
+                variants: tuple = CLAIM_VARIANTS) -> tuple[xr.Dataset, float, bool]:
+    """Segmentation counts of every ``variants`` row (CLAIM_VARIANTS) on every item (its own class and mask)."""
     from vitlens.metrics.inputs import pixel_maps
     from vitlens.metrics.segmentation import counts_dataset
 
@@ -188,18 +189,22 @@ def claim_items(name: str, n_one: int, n_two: int, batch_size: int) -> tuple[xr.
     images, masks, labels = data["image"].values, data["mask"].values, data["label"].values
     item_sample, item_object = np.nonzero(masks.any((2, 3)))
     item_label = labels[item_sample, item_object]
+    from vitlens.methods import groups_of
+
+    keep = ("all", *sorted({g for _, method, opts in variants
+                            for g in groups_of(method, {k: v for k, v in opts.items() if not k.startswith("_")})}))
     start = time.perf_counter()
     parts = []
     for a in range(0, item_sample.size, batch_size):
         sl = slice(a, a + batch_size)
         cap = vl.capture(model, images[item_sample[sl]], target=item_label[sl].tolist(), batch_size=batch_size,
-                         progress=False)
+                         progress=False, keep=keep)
         size = tuple(int(v) for v in cap.attrs["input_size"][-2:])
         per = [counts_dataset(pixel_maps(_claim_maps(cap, method, opts), size), masks[item_sample[sl], item_object[sl]],
-                              "item") for _, method, opts in CLAIM_VARIANTS]
+                              "item") for _, method, opts in variants]
         parts.append(xr.concat(per, "variant"))
     items = xr.concat(parts, "item").assign_coords(
-        variant=[label for label, _, _ in CLAIM_VARIANTS], item=np.arange(item_sample.size),
+        variant=[label for label, _, _ in variants], item=np.arange(item_sample.size),
         objects_in_image=("item", np.bincount(item_sample, minlength=images.shape[0])[item_sample]))
     return items, time.perf_counter() - start, trained
 
@@ -269,6 +274,105 @@ def claim_section(n_one: int, n_two: int, batch_size: int) -> tuple[list[str], d
         out.append("")
     out += claim_verdict(raw) + ["", CLAIM_END]
     return out, raw
+
+
+# ------------------------------------------------------- AttnLRP and LeGrad (issue 29)
+NEW_METHODS = ("attnlrp", "legrad")
+NEW_VARIANTS = (
+    ("rollout", "rollout", {}),
+    ("transformer_attribution", "transformer_attribution", {}),
+    ("generic_attention", "generic_attention", {}),
+    ("attnlrp (softmax=cp, default)", "attnlrp", {"softmax": "cp"}),
+    ("attnlrp, softmax=attnlrp", "attnlrp", {"softmax": "attnlrp"}),
+    ("legrad (score=mean, default)", "legrad", {"score": "mean"}),
+    ("legrad, score=readout", "legrad", {"score": "readout"}),
+)
+NEW_PAIRS = (("attnlrp (softmax=cp, default)", "transformer_attribution"),
+             ("legrad (score=mean, default)", "transformer_attribution"),
+             ("attnlrp (softmax=cp, default)", "rollout"),
+             ("legrad (score=mean, default)", "rollout"),
+             ("attnlrp, softmax=attnlrp", "attnlrp (softmax=cp, default)"),
+             ("legrad, score=readout", "legrad (score=mean, default)"))
+NEW_START, NEW_END = "<!-- new-methods:start -->", "<!-- new-methods:end -->"
+
+
+def new_rows(name: str, n_one: int, n_two: int, batch_size: int, mark: str = "") -> tuple[dict[str, list[str]], float, float]:
+    """The quality-table rows of the new methods (all / one-object / two-object items), the seconds the
+    evaluation took and its capture time per image (with the methods' extra passes). ``mark`` follows
+    the method's name (rows made on fewer images than the table's)."""
+    model, _ = load(name)
+    start = time.perf_counter()
+    items = evaluate_items(model, shapes_set(n_one, n_two), list(NEW_METHODS), target="label",
+                           batch_size=batch_size, progress=True)
+    seconds = time.perf_counter() - start
+    tables = {"all": summarize(items),
+              "one": summarize(items.isel(item=items.objects_in_image.values == 1)),
+              "two": summarize(items.isel(item=items.objects_in_image.values == 2))}
+    rows = {k: [line.replace(f"| {line.split('|')[1].strip()} |", f"| {line.split('|')[1].strip()}{mark} |", 1)
+                for line in format_table(t, markdown=True).splitlines()
+                if line.split("|")[1].strip() in NEW_METHODS] for k, t in tables.items()}
+    return rows, seconds, float(tables["all"]["capture_seconds_per_image"][0])
+
+
+def splice_rows(path: Path, name: str, rows: dict[str, list[str]]) -> None:
+    """Put the new methods' rows into the three quality tables of model ``name`` (after tokentm; replaces
+    earlier rows of theirs), keeping the rest of RESULTS.md as it is. Written atomically."""
+    text = path.read_text(encoding="utf-8")
+    head, rest = text.split(f"\n### {name}\n", 1)
+    stop = rest.find("\n### ")
+    stop = rest.find("\n## ") if stop < 0 else min(stop, rest.find("\n## ") if "\n## " in rest else stop)
+    block, tail = rest[:stop], rest[stop:]
+    lines = [l for l in block.split("\n")
+             if l.split("|")[1:2] == [] or l.split("|")[1].split()[:1] not in [[m] for m in NEW_METHODS]]
+    out, table = [], 0
+    for line in lines:
+        out.append(line)
+        if line.startswith("| tokentm |"):
+            out += rows[("all", "one", "two")[table]]
+            table += 1
+    if table != 3:
+        raise SystemExit(f"{path}: expected three quality tables with a tokentm row under '### {name}', found {table}")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(head + f"\n### {name}\n" + "\n".join(out) + tail, encoding="utf-8")
+    tmp.replace(path)
+
+
+def new_methods_section(n_one: int, n_two: int, batch_size: int, costs: dict[str, tuple], mark: str = "") -> list[str]:
+    """The RESULTS.md section on AttnLRP and LeGrad against the seven, with paired bootstrap intervals."""
+    rng = np.random.default_rng(0)
+    out = [NEW_START, "## AttnLRP and LeGrad against the seven (issue 29)", "",
+           "Generated by `python benchmarks/make_results.py --only-new-methods` (adds the `attnlrp` and `legrad` "
+           "rows to the quality tables above, evaluated with the same protocol and data, and writes this "
+           "section; a full run makes both). Segmentation protocol of the tables above on the same items (maps "
+           "of each item's own class); differences with a 95 % paired bootstrap interval over items (2,000 "
+           "resamples): ✔ = interval above 0, ✘ = below 0, neither = not resolved at this n.", ""]
+    if mark:
+        out += [f"{mark.strip()} The `attnlrp` and `legrad` rows of the tables above and this section were made on "
+                f"the first {n_one} one-object and {n_two} two-object images of the same held-out seeds (a subset of "
+                "the tables' images; the machine was shared by eight sessions), so their n differs from the other "
+                "rows'; the comparisons below are paired on these items, the seven's scores recomputed on them.", ""]
+    for name in ("vit-shapes", "swin-shapes"):
+        items, seconds, trained = claim_items(name, n_one, n_two, batch_size, NEW_VARIANTS)
+        out += [f"### {name}", ""]
+        if not trained:
+            out += ["> **PENDING:** random-init weights; these numbers say nothing about the methods.", ""]
+        table_seconds, capture = costs.get(name, (float("nan"), float("nan")))
+        out += [f"{n_one} one-object + {n_two} two-object held-out images → n = {items.sizes['item']} items "
+                f"({seconds:.0f} s here; the table rows: {table_seconds:.0f} s, capture with the AttnLRP (CP) and "
+                f"LeGrad passes {capture * 1000:.1f} ms per image).", ""]
+        two = items.isel(item=items.objects_in_image.values == 2)
+        s_all, s_two = _scores(items), _scores(two)
+        out += ["| variant | mIoU | mAP | point | point (two-object items) |", "|---|---:|---:|---:|---:|"]
+        for i, label in enumerate(items.variant.values):
+            out.append(f"| {label} | {s_all['miou'][i]:.3f} | {s_all['mean_ap'][i]:.3f} | {s_all['pointing'][i]:.3f} "
+                       f"| {s_two['pointing'][i]:.3f} |")
+        out += ["", "| difference (all items) | mIoU | mAP | point |", "|---|---:|---:|---:|"]
+        for a, b in NEW_PAIRS:
+            d = _paired(items, a, b, rng)
+            out.append(f"| {a} − {b} | {_fmt_diff(d['miou'])} | {_fmt_diff(d['mean_ap'])} | "
+                       f"{_fmt_diff(d['pointing'])} |")
+        out.append("")
+    return out + [NEW_END]
 
 
 def _word(d: list, higher: str = "better", lower: str = "worse") -> str:
@@ -510,6 +614,9 @@ def main() -> None:
     p.add_argument("--only-lnstat-claim", action="store_true",
                    help="compute only the section on the LN-statistics paper's claim and splice it into --out")
     p.add_argument("--claim-json", default=None, help="also write the claim section's raw scores as JSON here")
+    p.add_argument("--only-new-methods", action="store_true",
+                   help="evaluate only attnlrp and legrad: add their rows to the quality tables of --out and "
+                        "splice in their section (~1/3 of a quality run)")
     p.add_argument("--only-cost", action="store_true",
                    help="measure only the cost section (~15 min) and splice it into --out")
     args = p.parse_args()
@@ -526,6 +633,18 @@ def main() -> None:
             Path(args.claim_json).write_text(json.dumps(raw, indent=1), encoding="utf-8")
         print(f"spliced the lnstat-claim section into {args.out} in {(time.perf_counter() - t) / 60:.1f} min")
         return
+    if args.only_new_methods:
+        t = time.perf_counter()
+        costs = {}
+        mark = "" if (args.n_one, args.n_two) == (250, 250) else " ‡"  # rows on fewer images than the tables'
+        for name in ("vit-shapes", "swin-shapes"):
+            rows, seconds, capture = new_rows(name, args.n_one, args.n_two, args.batch_size, mark)
+            splice_rows(Path(args.out), name, rows)
+            costs[name] = (seconds, capture)
+        splice(Path(args.out), new_methods_section(args.n_one, args.n_two, args.batch_size, costs, mark), NEW_START,
+               NEW_END, before="\n## Does the LN-statistics")
+        print(f"spliced the new methods into {args.out} in {(time.perf_counter() - t) / 60:.1f} min")
+        return
     cost_args = dict(batch=8, repeat=5, batches=(1, 8, 32), memory_batch=8) if not args.quick else \
         dict(batch=1, repeat=1, batches=(1, 2), memory_batch=1)
     if args.only_cost:
@@ -539,6 +658,8 @@ def main() -> None:
     for name in ("vit-shapes", "swin-shapes"):
         lines, spent[name] = quality(name, args.n_one, args.n_two, args.batch_size)
         body += lines
+    costs = {name: (float("nan"), float("nan")) for name in spent}
+    body += new_methods_section(args.n_one, args.n_two, args.batch_size, costs) + [""]
     body += claim_section(args.n_one, args.n_two, args.batch_size)[0] + [""]
     if not args.skip_cost:
         body += cost(**cost_args)

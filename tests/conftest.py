@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import xarray as xr
 
 
 def make_vit(**kw):
@@ -54,6 +55,21 @@ def vit_registers():
 @pytest.fixture(scope="session")
 def vit_avg():
     return make_vit(global_pool="avg", class_token=False, seed=3)
+
+
+def assert_same_capture(reference: xr.DataTree, tree: xr.DataTree, n: int | None = None) -> None:
+    """``tree`` (e.g. opened from a store) equals the first ``n`` images of ``reference`` (all by
+    default): the same attributes, nodes and variables; floats to float32 rounding, the rest exactly."""
+    ref = reference if n is None else reference.isel(sample=slice(0, n))
+    assert tree.attrs == ref.attrs
+    for path, node in ref.subtree_with_keys:
+        a, b = node.to_dataset(inherit=False), tree[path].to_dataset(inherit=False).load()
+        assert set(a.variables) == set(b.variables), path
+        for name in a.variables:
+            if a[name].dtype.kind == "f":
+                np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-4, atol=1e-6, err_msg=f"{path}/{name}")
+            else:
+                np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=f"{path}/{name}")
 
 
 def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:

@@ -8,6 +8,7 @@ model, or a hand-computed relevance total.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -16,11 +17,70 @@ from torch import nn
 import vitlens as vl
 from vitlens.capture.hooks import Recorder
 from vitlens.capture.relevance import attention_relevance
-from vitlens.models import adapter_for
+from vitlens.capture.text import bind_text
+from vitlens.models import adapter_for, hf_common
 from vitlens.coverage.timm_names import bias_free
 
 #: LRP conservation tolerance (relative to the block's relevance total): float32 sums.
 CONSERVATION_RTOL = 1e-4
+
+
+def bound_adapter(model: nn.Module, text: torch.Tensor | None = None):
+    """The model's adapter; an image-text model's with the prompts ``text`` (token ids) as its classes."""
+    return bind_text(adapter_for(model), text)
+
+
+def forward_logits(ad, x: torch.Tensor) -> torch.Tensor:
+    """The logits the adapter explains (a timm model's output; a transformers model's ``logits``)."""
+    return ad.logits(x) if hasattr(ad, "logits") else ad.model(x)
+
+
+def attention_grads_by_autograd(model: nn.Module, x: torch.Tensor, target: list[int],
+                                text: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """∂y_target/∂A of every block by plain autograd on a copy: a zero tensor is added to the
+    probabilities where the adapter says they appear (each attention's ``probs`` module, in the
+    model's explicit attention) and differentiated — no vitlens hook or recorder involved."""
+    m = copy.deepcopy(model).eval()
+    ad = bound_adapter(m, text)
+    deltas: dict[int, torch.Tensor] = {}
+
+    def probe(layer: int):
+        def hook(module, inputs, out):
+            deltas[layer] = torch.zeros_like(out, requires_grad=True)
+            return out + deltas[layer]
+        return hook
+
+    for part in ad.parts:
+        if hasattr(part.attn.module, "fused_attn"):
+            part.attn.module.fused_attn = False
+    handles = [p.attn.probs.register_forward_hook(probe(i)) for i, p in enumerate(ad.parts)]
+    explicit = getattr(ad, "explicit_attention", None)
+    try:
+        with explicit() if explicit is not None else nullcontext():
+            logits = forward_logits(ad, x)
+    finally:
+        for h in handles:
+            h.remove()
+    y = logits.gather(1, torch.as_tensor(target)[:, None]).sum()
+    return list(torch.autograd.grad(y, [deltas[i] for i in range(len(ad.parts))]))
+
+
+def assert_attention_grads_equal_autograd(model: nn.Module, x: torch.Tensor, target: list[int],
+                                          text: torch.Tensor | None = None):
+    """The captured ``attention_grad`` of every block (windows included) equals autograd's ∂y/∂A.
+
+    Returns the capture (of ``x`` for ``target``)."""
+    cap = vl.capture(model, x, target=target, text=text)
+    n = x.shape[0]
+    got = stacked(cap, "attention_grad")
+    want = attention_grads_by_autograd(model, x, target, text)
+    assert len(got) == len(want) == len(adapter_for(model).parts)
+    for layer, (g, e) in enumerate(zip(got, want, strict=True)):
+        if g.ndim == e.ndim + 1:  # windows: (B·nW, heads, M², M²) → (B, heads, nW, M², M²)
+            e = e.view(n, -1, *e.shape[1:]).transpose(1, 2)
+        assert np.abs(g).max() > 0, f"block {layer}: no gradient reached the attention"
+        np.testing.assert_allclose(g, e.numpy(), atol=1e-6, err_msg=f"block {layer}")
+    return cap
 
 
 def attention_inputs(model: nn.Module, x: torch.Tensor, attn_modules: list[nn.Module]) -> list[tuple]:
@@ -38,44 +98,20 @@ def attention_inputs(model: nn.Module, x: torch.Tensor, attn_modules: list[nn.Mo
     return [s[1:] for s in sorted(seen, key=lambda s: order[id(s[0])])]
 
 
-class _Probe(nn.Module):
-    """Adds a zero parameter to the attention probabilities: its .grad is ∂y/∂A."""
-
-    def __init__(self, drop: nn.Module):
-        super().__init__()
-        self.drop = drop
-        self.delta: nn.Parameter | None = None
-
-    def forward(self, attn):
-        if self.delta is None:
-            self.delta = nn.Parameter(torch.zeros_like(attn))
-        return self.drop(attn + self.delta)
-
-
-def attention_grads_by_probe(model: nn.Module, x: torch.Tensor, target: list[int], attn_names: list[str]):
-    """∂y_target/∂A for the attention modules named ``attn_names`` (autograd on a probed copy)."""
-    m = copy.deepcopy(model).eval()
-    probes = []
-    mods = dict(m.named_modules())
-    for name in attn_names:
-        mod = mods[name]
-        if hasattr(mod, "fused_attn"):
-            mod.fused_attn = False
-        mod.attn_drop = _Probe(mod.attn_drop)
-        probes.append(mod.attn_drop)
-    logits = m(x)
-    logits.gather(1, torch.as_tensor(target)[:, None]).sum().backward()
-    return [p.delta.grad for p in probes]
-
-
-def assert_window_grads_equal_autograd(model: nn.Module, cap, images: np.ndarray, target: int) -> None:
-    """timm Swin (v1/v2): the captured ``∂y/∂A`` of every window equals autograd through
-    timm's own attention (``cap`` captured from ``images`` with ``target``)."""
-    names = [f"layers.{s}.blocks.{b}.attn" for s, st in enumerate(model.layers) for b in range(len(st.blocks))]
-    n = len(images)
-    grads = attention_grads_by_probe(model, normalised(images, model), [target] * n, names)
-    for got, e in zip(stacked(cap, "attention_grad"), grads, strict=True):
-        np.testing.assert_allclose(got, e.view(n, -1, *e.shape[1:]).transpose(1, 2).numpy(), atol=1e-6)
+def assert_attention_equals_by_hand(model: nn.Module, inputs, by_hand) -> tuple:
+    """The captured attention of every block equals ``by_hand(attn, h, kwargs)``, computed from
+    the model's own attention modules on the input each received (``inputs``: pictures or a
+    ready tensor). Returns ``(capture, [(h, kwargs)] per block, [by_hand probabilities])``."""
+    cap = vl.capture(model, inputs)
+    x = inputs if isinstance(inputs, torch.Tensor) else normalised(inputs, model)
+    received = attention_inputs(model, x, [b.attn for b in model.blocks])
+    with torch.no_grad():
+        want = [by_hand(b.attn, h, kw) for b, (h, kw) in zip(model.blocks, received, strict=True)]
+    got = stacked(cap, "attention")
+    assert len(got) == len(want)
+    for layer, (g, e) in enumerate(zip(got, want)):
+        np.testing.assert_allclose(g, e.numpy(), atol=1e-5, err_msg=f"block {layer}")
+    return cap, received, want
 
 
 def assert_padding_gets_nothing(cap, stages=("stage0", "stage1")) -> None:
@@ -122,11 +158,22 @@ def zero_biases(model: nn.Module, seed: int = 0) -> nn.Module:
     return bias_free(model, seed)
 
 
-def relevance_totals(model: nn.Module, x: torch.Tensor):
+def bias_free_copy(model: nn.Module) -> nn.Module:
+    """A copy without additive biases: a timm model's by :func:`zero_biases`, a transformers
+    model's as the coverage check makes it (Linear and attention-pool biases, position tables,
+    Swinv2's continuous position bias)."""
+    if isinstance(adapter_for(model), hf_common.HFAdapter):
+        from vitlens.coverage.transformers_classes import _bias_free
+
+        return _bias_free(model)
+    return zero_biases(model)
+
+
+def relevance_totals(model: nn.Module, x: torch.Tensor, text: torch.Tensor | None = None):
     """Per block (in, out) relevance totals and the read-out's total, from the capture's LRP pass."""
-    ad = adapter_for(model)
+    ad = bound_adapter(model, text)
     with Recorder(ad, keep_block_inputs=True) as rec:
-        logits = model(x)
+        logits = forward_logits(ad, x)
         target = logits.argmax(-1)
         attention_relevance(ad, rec, target, to_input=True)
     with torch.no_grad():
@@ -135,13 +182,16 @@ def relevance_totals(model: nn.Module, x: torch.Tensor):
     return rec.relevance_totals, head_total
 
 
-def assert_conserved(model: nn.Module, x: torch.Tensor) -> None:
+def assert_conserved(model: nn.Module, x: torch.Tensor, text: torch.Tensor | None = None,
+                     rtol: float = CONSERVATION_RTOL, atol: float = 1e-5) -> None:
     """LRP conserves relevance block by block and through the read-out on a bias-free copy."""
-    totals, head_total = relevance_totals(zero_biases(model), x)
+    totals, head_total = relevance_totals(bias_free_copy(model), x, text)
     assert len(totals) == len(adapter_for(model).blocks)
     for layer, (r_in, r_out) in totals.items():
-        torch.testing.assert_close(r_in, r_out, rtol=CONSERVATION_RTOL, atol=1e-5, msg=f"block {layer}")
+        torch.testing.assert_close(r_in, r_out, rtol=rtol, atol=atol, msg=f"block {layer}")
     torch.testing.assert_close(head_total, torch.ones_like(head_total), rtol=CONSERVATION_RTOL, atol=1e-5)
+    last = max(totals)  # the final norm hands the read-out's relevance to the last block whole
+    torch.testing.assert_close(totals[last][1], head_total, rtol=CONSERVATION_RTOL, atol=1e-5, msg="final norm")
 
 
 def model_state(model: nn.Module):
@@ -151,25 +201,29 @@ def model_state(model: nn.Module):
         [getattr(m, "fused_attn", None) for m in model.modules()],
         [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()],
         [(n, p.requires_grad, p.grad) for n, p in model.named_parameters()],
+        [getattr(getattr(m, "config", None), "_attn_implementation", None) for m in model.modules()],
     )
 
 
-def assert_state_restored(model: nn.Module, images: np.ndarray) -> None:
-    """Capture leaves train mode, fused-attention flags, hooks and weights as they were."""
+def assert_state_restored(model: nn.Module, images: np.ndarray, text: torch.Tensor | None = None) -> None:
+    """Capture leaves train mode, fused-attention flags (timm), attention implementations
+    (transformers), hooks, requires_grad, gradients and weights as they were."""
     model.train()
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = True
     before = model_state(model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    vl.capture(model, images)
+    vl.capture(model, images, text=text)
     assert model_state(model) == before
+    assert len(hf_common._PROBES) == 0  # no probe left registered for a transformers attention
     for k, v in model.state_dict().items():
         assert torch.equal(v, weights[k]), k
     model.eval()
 
 
-def bright_square_token(model: nn.Module, size: tuple[int, int], cell: tuple[int, int]):
+def bright_square_token(model: nn.Module, size: tuple[int, int], cell: tuple[int, int],
+                        text: torch.Tensor | None = None):
     """Light one token's pixel cell (from the capture's own centre coordinates) on a black image.
 
     Returns (token index of that cell, index of the token whose block-0 input
@@ -178,7 +232,7 @@ def bright_square_token(model: nn.Module, size: tuple[int, int], cell: tuple[int
     """
     h, w = size
     black = np.zeros((1, h, w, 3), np.float32)
-    cap0 = vl.capture(model, black, grads=False)
+    cap0 = vl.capture(model, black, grads=False, text=text)
     st = cap0["stage0"]
     sy, sx = st.attrs["stride"]
     kinds = st["kind"].values
@@ -188,7 +242,7 @@ def bright_square_token(model: nn.Module, size: tuple[int, int], cell: tuple[int
     y0, x0 = int(cy - sy / 2), int(cx - sx / 2)
     img = black.copy()
     img[:, y0:y0 + sy, x0:x0 + sx] = 1.0
-    cap1 = vl.capture(model, img, grads=False)
+    cap1 = vl.capture(model, img, grads=False, text=text)
     d = np.abs(cap1["stage0"].token_norm.values[0, 0] - st.token_norm.values[0, 0])
     d[kinds != "patch"] = -1
     gh, gw = st.attrs["grid"]
@@ -200,12 +254,12 @@ def bright_square_token(model: nn.Module, size: tuple[int, int], cell: tuple[int
     return tok, int(d.argmax()), pix, (y0, x0, sy, sx)
 
 
-def assert_geometry(model: nn.Module, size: tuple[int, int]) -> None:
+def assert_geometry(model: nn.Module, size: tuple[int, int], text: torch.Tensor | None = None) -> None:
     """A bright token cell lights that token first, and to_pixels puts that token's map on the cell."""
     ad = adapter_for(model)
     gh, gw = ad.stages[0].grid
     for cell in [(0, 0), (gh - 1, gw // 2), (gh // 2, gw - 1)]:
-        tok, found, pix, (y0, x0, sy, sx) = bright_square_token(model, size, cell)
+        tok, found, pix, (y0, x0, sy, sx) = bright_square_token(model, size, cell, text)
         assert found == tok, (cell, tok, found)
         py, px = np.unravel_index(pix.argmax(), pix.shape)
         assert y0 <= py < y0 + sy and x0 <= px < x0 + sx, (cell, (py, px), (y0, x0, sy, sx))
@@ -213,7 +267,7 @@ def assert_geometry(model: nn.Module, size: tuple[int, int]) -> None:
 
 def assert_all_maps_finite(cap) -> dict:
     maps = vl.explain(cap, "all", per_layer=False)
-    for m in vl.METHODS:
+    for m in maps.data_vars:  # every method the capture can explain
         assert np.isfinite(maps[m].values).all(), m
         assert maps[m].shape[-2:] == tuple(cap["stage0"].attrs["grid"]), m
     return maps
@@ -247,20 +301,20 @@ def assert_receptive_field_centres(model: nn.Module, size: tuple[int, int]) -> N
         assert abs(cx - float(st["center_x"].values[tok])) < sx / 2, (r, c, cx)
 
 
-def assert_parts_describe_the_attention(model: nn.Module, x: torch.Tensor) -> None:
+def assert_parts_describe_the_attention(model: nn.Module, x: torch.Tensor, text: torch.Tensor | None = None) -> None:
     """The adapter's description of each attention (q/k/v maps, norms, rotary, position bias,
     cosine scale) reproduces the probabilities the model computed: the LRP pass splits the
     logits of the model's real attention, not of an approximation."""
-    ad = adapter_for(model)
+    ad = bound_adapter(model, text)
     with Recorder(ad, keep_block_inputs=True, fused=False) as rec, torch.no_grad():  # the model's own probabilities
-        model(x)
+        forward_logits(ad, x)
         for layer, part in enumerate(ad.parts):
             z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
             torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4,
                                        msg=f"block {layer}")
         explicit = {layer: rec.attention[layer] for layer in range(len(ad.parts))}
     with Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():  # fused where timm can: rebuilt
-        model(x)
+        forward_logits(ad, x)
         for layer in range(len(ad.parts)):
             torch.testing.assert_close(rec.probs(layer), explicit[layer], atol=1e-5, rtol=1e-4,
                                        msg=f"block {layer} (fused forward)")
@@ -280,7 +334,7 @@ def randomize_biases(model: nn.Module, seed: int = 0) -> nn.Module:
 CLASS_AGNOSTIC = tuple(m for m in vl.METHODS if not vl.methods.METHOD_INFO[m].class_specific)
 
 
-def assert_targets_differ(model: nn.Module, size: tuple[int, int]) -> None:
+def assert_targets_differ(model: nn.Module, size: tuple[int, int], text: torch.Tensor | None = None) -> None:
     """Random-initialised model: class-specific maps of two targets on the same image differ
     (far above float noise); the class-agnostic ones agree.
 
@@ -292,7 +346,7 @@ def assert_targets_differ(model: nn.Module, size: tuple[int, int]) -> None:
     and Grad-CAM's ReLU can zero a random model's map.
     """
     img = np.random.default_rng(8).random((1, *size, 3)).astype(np.float32)
-    cap = vl.capture(model, np.concatenate([img, img]), target=[0, 1])
+    cap = vl.capture(model, np.concatenate([img, img]), target=[0, 1], text=text)
     maps = vl.explain(cap, "all", per_layer=False)
     must = ["tokentm"] + (["transformer_attribution", "generic_attention"] if cap.attrs["readout"] == "cls" else [])
     for m in must:

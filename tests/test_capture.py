@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import make_swin, make_vit, random_images
-from torch import nn
+from family_checks import assert_attention_grads_equal_autograd
 
 import vitlens as vl
 
@@ -142,49 +141,12 @@ def test_swin_attention_equals_recomputation_with_shifted_windows(swin, images64
         np.testing.assert_allclose(g, e.numpy(), atol=1e-5)
 
 
-class _Probe(nn.Module):
-    """Adds a zero parameter to the attention probabilities: its .grad is ∂y/∂A."""
-
-    def __init__(self, drop: nn.Module):
-        super().__init__()
-        self.drop = drop
-        self.delta: nn.Parameter | None = None
-
-    def forward(self, attn):
-        if self.delta is None:
-            self.delta = nn.Parameter(torch.zeros_like(attn))
-        return self.drop(attn + self.delta)
-
-
-def _attention_grad_by_probe(model, x, target):
-    m = copy.deepcopy(model)
-    probes = []
-    for mod in m.modules():
-        if hasattr(mod, "attn_drop") and hasattr(mod, "fused_attn"):
-            mod.fused_attn = False
-            mod.attn_drop = _Probe(mod.attn_drop)
-            probes.append(mod.attn_drop)
-    logits = m(x)
-    logits.gather(1, torch.as_tensor(target)[:, None]).sum().backward()
-    return [p.delta.grad for p in probes]
-
-
 def test_vit_attention_grad_equals_autograd_on_an_explicit_forward(vit, images32):
-    cap = vl.capture(vit, images32, target=[0, 3, 1])
-    grads = _attention_grad_by_probe(vit, _normalise(images32, vit), [0, 3, 1])
-    np.testing.assert_allclose(cap["stage0"].attention_grad.values, torch.stack(grads, 1).numpy(), atol=1e-6)
+    assert_attention_grads_equal_autograd(vit, _normalise(images32, vit), [0, 3, 1])
 
 
 def test_swin_attention_grad_equals_autograd_on_an_explicit_forward(swin, images64):
-    cap = vl.capture(swin, images64, target=2)
-    grads = _attention_grad_by_probe(swin, _normalise(images64, swin), [2, 2])
-    got = [cap["stage0"].attention_grad.values[:, i] for i in range(2)] + [
-        cap["stage1"].attention_grad.values[:, i] for i in range(2)
-    ]
-    for g, e in zip(got, grads):
-        nw = e.shape[0] // 2
-        e = e.view(2, nw, *e.shape[1:]).transpose(1, 2)
-        np.testing.assert_allclose(g, e.numpy(), atol=1e-6)
+    assert_attention_grads_equal_autograd(swin, _normalise(images64, swin), [2, 2])
 
 
 def test_layernorm_statistics_and_token_norms_match_the_block_inputs(vit, images32):
@@ -236,7 +198,7 @@ def test_swin_features_are_the_final_norm_output_with_gradient(swin, images64):
 
 
 # -- batches, options, state --------------------------------------------------------
-@pytest.mark.parametrize("which", ["vit", "swin"])
+@pytest.mark.parametrize("which", ["vit", pytest.param("swin", marks=pytest.mark.slow)])
 def test_batch_capture_equals_single_image_captures(which, vit, swin):
     model = vit if which == "vit" else swin
     size = 32 if which == "vit" else 64
@@ -310,6 +272,7 @@ def test_capture_inside_no_grad_still_records_gradients(vit, images32):
 
 
 # -- inputs and targets -------------------------------------------------------------
+@pytest.mark.slow  # five input forms, each captured
 def test_image_inputs_in_every_form_give_the_same_capture(vit, tmp_path):
     from PIL import Image
 

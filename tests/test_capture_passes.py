@@ -10,6 +10,7 @@ from conftest import random_images
 
 import vitlens as vl
 from vitlens.capture import hooks, relevance
+from vitlens.capture.api import EXTRA_GROUPS
 from vitlens.registry import METHOD_INFO
 
 
@@ -69,7 +70,8 @@ def full_captures(request):
         if which not in cache:
             model = request.getfixturevalue(which)
             images = random_images(2, MODELS[which], seed=5)
-            cache[which] = model, images, vl.capture(model, images, progress=False)
+            # every group, the extra passes (AttnLRP, LeGrad) too
+            cache[which] = model, images, vl.capture(model, images, progress=False, keep=("all", *vl.methods.extra_groups()))
         return cache[which]
 
     return full
@@ -81,7 +83,7 @@ def test_a_capture_of_the_groups_a_method_needs_gives_the_full_capture_map(full_
     groups (fewer passes) equals its map from a full capture, bit for bit."""
     model, images, full = full_captures(which)
     groups = METHOD_INFO[method].groups(full.attrs, options)
-    assert groups < set(vl.KEEP_GROUPS)
+    assert groups < set(vl.KEEP_GROUPS) | set(EXTRA_GROUPS)
     part = vl.capture(model, images, keep=sorted(groups), progress=False)
     want = vl.explain(full, method, **options)
     got = vl.explain(part, method, **options)
@@ -97,7 +99,18 @@ def test_rollout_with_lrp_merge_shares_runs_the_lrp_pass_without_a_backward_pass
 
 
 def test_every_capture_group_says_which_passes_record_it():
-    from vitlens.capture.api import GROUP_PASSES
+    from vitlens.capture.api import EXTRA_GROUPS, GROUP_PASSES
 
-    assert set(GROUP_PASSES) == set(vl.KEEP_GROUPS)
-    assert set().union(*GROUP_PASSES.values()) == {"backward", "lrp"}
+    assert set(GROUP_PASSES) == set(vl.KEEP_GROUPS) | set(EXTRA_GROUPS)
+    assert set().union(*GROUP_PASSES.values()) == {"backward", "lrp", "ablations", "attnlrp", "attnlrp_cp", "legrad"}
+
+
+def test_the_extra_passes_run_only_when_named(passes, vit):
+    """AttnLRP's and LeGrad's passes are not part of "all": a capture pays for them only when asked."""
+    imgs = random_images(2, 32)
+    cap = vl.capture(vit, imgs, progress=False)
+    assert "attnlrp_cp_relevance" not in cap["stage0"] and "legrad_mean" not in cap["stage0"]
+    assert passes.count("backward") == 1
+    passes.clear()
+    cap = vl.capture(vit, imgs, progress=False, keep=["attnlrp_cp"])
+    assert list(cap["stage0"].data_vars) == ["attnlrp_cp_relevance"] and passes == ["backward"]  # its own, no other

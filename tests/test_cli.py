@@ -114,3 +114,56 @@ def test_output_stems_are_unique(paths, expected, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     assert output_stems([Path(p) for p in paths]) == expected
+
+
+def test_a_repeated_image_never_takes_another_images_output_name(tmp_path, capsys):
+    """Issue 31.5: ``x-2.png x.png x.png`` wrote x-2's outputs twice and reported 6 files where 4 existed."""
+    other, same = _image(tmp_path / "x-2.png", 1), _image(tmp_path / "x.png", 2)
+    out = tmp_path / "out"
+    assert main(["explain", other, same, same, *TINY, "--out", str(out)]) == 0
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert len(written) == 6
+    assert "wrote 6 PNG files" in capsys.readouterr().out
+    ours = np.asarray(Image.open(out / "x-2_input.png"))
+    assert not np.array_equal(ours, np.asarray(Image.open(out / "x_input.png")))
+    for name in written:  # every output of the repeated image shows x.png, never x-2.png
+        if name.endswith("_input.png") and not name.startswith("x-2_"):
+            assert not np.array_equal(np.asarray(Image.open(out / name)), ours), name
+
+
+@pytest.mark.parametrize("paths,expected", [
+    (["x-2.png", "x.png", "x.png"], ["x-2", "x", "x-3"]),
+    (["a/X.png", "b/x.png"], ["a_X", "b_x"]),  # one file on a case-insensitive disk (macOS, Windows)
+])
+def test_output_stems_stay_unique_against_every_other_name(paths, expected, tmp_path, monkeypatch):
+    from vitlens.explain_cli import output_stems
+
+    monkeypatch.chdir(tmp_path)
+    assert output_stems([Path(p) for p in paths]) == expected
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--size", "100000", "--size 100000: give at most"),
+    ("--size", "8", "--size 8: give at least 16"),
+    ("--alpha", "1.5", "--alpha 1.5: give an opacity between 0 and 1"),
+    ("--alpha", "-0.1", "--alpha -0.1: give an opacity between 0 and 1"),
+    ("--alpha", "nan", "--alpha nan: give an opacity between 0 and 1"),
+])
+def test_absurd_sizes_and_opacities_are_refused_before_any_work(option, value, words, tmp_path, capsys, monkeypatch):
+    """Issue 31.8/31.10: ``--size 100000`` tried to allocate 30 GB; ``--alpha`` outside [0, 1] passed silently."""
+    path = _image(tmp_path / "img.png", 1)
+    monkeypatch.setattr(vl, "load_model", lambda *a, **k: pytest.fail("refused only after loading the model"))
+    assert main(["explain", path, *TINY, option, value, "--out", str(tmp_path / "o")]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_on_a_missing_gpu_is_a_clear_error_before_any_work(monkeypatch, capsys):
+    """Issue 31.10: ``vitlens bench --device cuda`` without a GPU ended in torch's raw error."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(vl.models, "load_model", lambda *a, **k: pytest.fail("refused only after loading the model"))
+    assert main(["bench", "--device", "cuda", "--n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda is not available here" in err and "--device cpu" in err

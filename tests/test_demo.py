@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def test_demo_writes_its_figures_with_no_browser_reachable(tmp_path):
     page = (out / "index.html").read_text()
     assert "vit-shapes-methods.png" in page and "<table" in page
     printed = run.stdout
-    assert "ms_per_image" in printed and "pos_AUC" in printed and "0-90" in printed  # the AUC scale is stated
+    assert "ms/img" in printed and "pos.label↓" in printed and "0-80 %" in printed  # the AUC scale is stated
     assert "evaluate" in run.stderr  # the metrics step shows a progress bar
 
 
@@ -56,8 +57,28 @@ def test_demo_metrics_table_shows_explain_time_in_milliseconds():
     table = xr.Dataset({"pixel_accuracy": ("method", [0.5]), "positive_auc_label": ("method", [13.75]),
                         "seconds_per_image": ("method", [0.00042])}, coords={"method": ["rollout"]})
     frame = metrics_frame(table)
-    assert frame.columns.tolist() == ["pixel_acc", "pos_AUC", "ms_per_image"]
-    assert frame["ms_per_image"].iloc[0] == pytest.approx(0.4) and np.isfinite(frame.values).all()
+    assert frame.columns.tolist() == ["pix.acc", "pos.label↓", "ms/img"]
+    assert frame["ms/img"].iloc[0] == pytest.approx(0.4) and np.isfinite(frame.values).all()
+
+
+def test_demo_and_bench_name_and_scale_their_columns_alike():
+    import xarray as xr
+
+    from vitlens.demo import metrics_frame
+    from vitlens.metrics.bench import COLUMNS, format_table
+
+    rng = np.random.default_rng(0)
+    table = xr.Dataset({name: ("method", rng.random(2) * (0.01 if name == "seconds_per_image" else 50))
+                        for name, _, _ in COLUMNS}, coords={"method": ["rollout", "tokentm"]})
+    frame = metrics_frame(table)
+    printed = format_table(table).splitlines()
+    header = printed[0].split()
+    assert set(frame.columns) < set(header)  # the demo prints a subset of the bench's columns, named alike
+    for r, method in enumerate(["rollout", "tokentm"]):
+        row = dict(zip(header, printed[1 + r].split(), strict=True))
+        assert row["method"] == method
+        for column in frame.columns:  # the same numbers in the same unit
+            assert float(row[column]) == pytest.approx(frame.loc[method, column], abs=1e-9), column
 
 
 def test_demo_refuses_a_file_as_its_output_folder(tmp_path, capsys):

@@ -1,9 +1,11 @@
 """timm VisionTransformer variants: every block and head a pretrained name uses.
 
-Random-initialised, two blocks, 32 px inputs. For each variant: captured attention
-equals a recomputation from timm's own q/k, gradients equal autograd, LRP
-conserves block by block and through the read-out on a bias-free copy, every map
-is finite, and the model's state is restored.
+Random-initialised, two blocks, 32 px inputs (the variants: ``family_models.VIT_VARIANTS``).
+The contract every family keeps (parts reproduce the attention, gradients equal
+autograd, LRP conservation, state restored, targets differ, geometry) is generated in
+test_family_contract.py; here: captured attention against a recomputation from timm's
+own q/k, the read-out pools, the LRP rules of pools and GLUs on hand-computed cases,
+hybrid stems, dynamic input sizes and refusals.
 """
 
 from __future__ import annotations
@@ -14,47 +16,19 @@ import timm
 import torch
 from family_checks import (
     assert_all_maps_finite,
-    assert_conserved,
-    assert_geometry,
-    assert_parts_describe_the_attention,
+    assert_attention_equals_by_hand,
     assert_receptive_field_centres,
-    assert_state_restored,
-    assert_targets_differ,
-    attention_grads_by_probe,
-    attention_inputs,
     normalised,
-    randomize_biases,
-    stacked,
 )
-from timm.layers import GluMlp, SwiGLU, SwiGLUPacked
-from timm.models.vision_transformer import ResPostBlock
+from family_models import VIT_BASE as BASE
+from family_models import VIT_VARIANTS as VARIANTS
+from family_models import images as _family_images
+from family_models import make_vit_variant as make
+from timm.layers import SwiGLU
 
 import vitlens as vl
 from vitlens.methods.operators import readout_row, view
 from vitlens.models import adapter_for
-
-BASE = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=48, depth=2, num_heads=3)
-VARIANTS = {
-    "layerscale": dict(init_values=0.3),
-    "qk_norm": dict(qk_norm=True),
-    "swiglu_packed": dict(mlp_layer=SwiGLUPacked, mlp_ratio=2.0),
-    "swiglu": dict(mlp_layer=SwiGLU),
-    "glu_gate_last": dict(mlp_layer=GluMlp),
-    "map": dict(global_pool="map"),
-    "map_no_cls": dict(global_pool="map", class_token=False),
-    "avg": dict(global_pool="avg"),
-    "avg_with_prefix": dict(global_pool="avg", pool_include_prefix=True, reg_tokens=2),
-    "avg_no_fc_norm": dict(global_pool="avg", fc_norm=False, class_token=False),
-    "registers_no_embed_class": dict(reg_tokens=4, no_embed_class=True),
-    "no_final_norm": dict(final_norm=False),
-    "res_post_block": dict(block_fn=ResPostBlock, init_values=0.5),
-    "scale_norms": dict(scale_attn_norm=True, scale_mlp_norm=True),
-}
-
-
-def make(name: str, **extra) -> torch.nn.Module:
-    torch.manual_seed(sum(map(ord, name)))
-    return randomize_biases(timm.create_model("vit_tiny_patch16_224", **{**BASE, **VARIANTS[name], **extra}).eval())
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -63,7 +37,7 @@ def variant(request):
 
 
 def _images(n=2, size=32, seed=0):
-    return np.random.default_rng(seed).random((n, size, size, 3)).astype(np.float32)
+    return _family_images((size, size), n, seed)
 
 
 def attention_by_hand(attn, h, kwargs):
@@ -76,41 +50,7 @@ def attention_by_hand(attn, h, kwargs):
 
 def test_attention_equals_recomputation_from_q_and_k(variant):
     name, model = variant
-    images = _images()
-    cap = vl.capture(model, images)
-    x = normalised(images, model)
-    inputs = attention_inputs(model, x, [b.attn for b in model.blocks])
-    with torch.no_grad():
-        want = [attention_by_hand(b.attn, h, kw) for b, (h, kw) in zip(model.blocks, inputs)]
-    for got, exp in zip(stacked(cap, "attention"), want):
-        np.testing.assert_allclose(got, exp.numpy(), atol=1e-5)
-
-
-def test_adapter_parts_reproduce_the_attention(variant):
-    name, model = variant
-    assert_parts_describe_the_attention(model, normalised(_images(), model))
-
-
-def test_attention_grad_equals_autograd(variant):
-    name, model = variant
-    images = _images()
-    cap = vl.capture(model, images, target=[1, 4])
-    grads = attention_grads_by_probe(model, normalised(images, model), [1, 4],
-                                     [f"blocks.{i}.attn" for i in range(len(model.blocks))])
-    for got, exp in zip(stacked(cap, "attention_grad"), grads):
-        np.testing.assert_allclose(got, exp.numpy(), atol=1e-6)
-
-
-def test_lrp_conserves_block_by_block_and_through_the_readout(variant):
-    name, model = variant
-    assert_conserved(model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
-
-
-def test_all_maps_finite_and_state_restored(variant):
-    name, model = variant
-    cap = vl.capture(model, _images())
-    assert_all_maps_finite(cap)
-    assert_state_restored(model, _images(1))
+    assert_attention_equals_by_hand(model, _images(), attention_by_hand)
 
 
 @pytest.mark.parametrize("name", ["avg", "avg_with_prefix", "map", "map_no_cls", "registers_no_embed_class"])
@@ -237,22 +177,11 @@ def test_hybrid_token_centres_sit_on_their_receptive_fields(name, stride):
     assert vl.to_pixels(maps).shape == (1, 128, 128)
 
 
-def test_token_geometry_bright_patch():
-    assert_geometry(make("layerscale"), (32, 32))
-    assert_geometry(make("registers_no_embed_class"), (32, 32))
-
-
 def test_dynamic_img_size_explains_at_another_input_size():
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", **{**BASE, "dynamic_img_size": True}).eval()
-    x = torch.randn(2, 3, 48, 40)
-    cap = vl.capture(model, x)
+    cap, _, _ = assert_attention_equals_by_hand(model, torch.randn(2, 3, 48, 40), attention_by_hand)
     assert cap["stage0"].attrs["grid"] == [6, 5] and cap.attrs["input_size"] == [3, 48, 40]
-    inputs = attention_inputs(model, x, [b.attn for b in model.blocks])
-    with torch.no_grad():
-        want = [attention_by_hand(b.attn, h, kw) for b, (h, kw) in zip(model.blocks, inputs)]
-    for got, exp in zip(stacked(cap, "attention"), want):
-        np.testing.assert_allclose(got, exp.numpy(), atol=1e-5)
     maps = assert_all_maps_finite(cap)
     assert vl.to_pixels(maps["rollout"]).shape == (2, 48, 40)
     with pytest.raises(vl.ImageError, match="multiple"):
@@ -275,8 +204,3 @@ def test_refusals_name_the_block_or_head_and_never_suggest_changing_the_model(kw
     for n in names:
         assert n in msg
     assert "global_pool='token'" not in msg and "Create the model" not in msg
-
-
-def test_class_specific_maps_differ_between_targets(variant):
-    name, model = variant  # random init (the shipped trained models are checked in test_methods.py)
-    assert_targets_differ(model, (32, 32))

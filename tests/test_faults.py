@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import make_vit, random_images
+from conftest import assert_same_capture, make_vit, random_images
 
 import vitlens as vl
 from vitlens.capture import stream
@@ -85,20 +85,6 @@ def reference() -> xr.DataTree:
     return vl.capture(make_vit(), _images())
 
 
-def assert_same(reference: xr.DataTree, tree: xr.DataTree, n: int | None = None) -> None:
-    """``tree`` equals the first ``n`` images of ``reference`` (all by default)."""
-    ref = reference if n is None else reference.isel(sample=slice(0, n))
-    assert tree.attrs == ref.attrs
-    for path, node in ref.subtree_with_keys:
-        a, b = node.to_dataset(inherit=False), tree[path].to_dataset(inherit=False).load()
-        assert set(a.variables) == set(b.variables), path
-        for name in a.variables:
-            if a[name].dtype.kind == "f":
-                np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-4, atol=1e-6, err_msg=f"{path}/{name}")
-            else:
-                np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=f"{path}/{name}")
-
-
 def check_after_kill(store, reference) -> int:
     """The invariants after a kill; returns the number of images that were committed."""
     done = stream.committed(store) if store.exists() else 0
@@ -107,14 +93,14 @@ def check_after_kill(store, reference) -> int:
             warnings.simplefilter("ignore", UserWarning)  # "unfinished capture" is the point here
             partial = vl.open(store, chunks={})
         assert partial["sample"].size == done
-        assert_same(reference, partial, done)
+        assert_same_capture(reference, partial, done)
     elif store.exists():
         with pytest.raises(vl.CaptureFormatError, match="resume=True"):
             vl.open(store)
     resumed = vl.capture(make_vit(), _images(), store=store, batch_size=BATCH, resume=True, progress=False)
     assert resumed["sample"].values.tolist() == list(range(N_IMAGES))
-    assert_same(reference, resumed)
-    assert_same(reference, vl.open(store))
+    assert_same_capture(reference, resumed)
+    assert_same_capture(reference, vl.open(store))
     return done
 
 

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import xarray as xr
 from conftest import make_swin, random_images
 
 import vitlens as vl
@@ -214,3 +215,167 @@ def test_vl_plot_facets_a_batch_of_maps(cap):
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+# -- PNG, SVG and PDF show the same colours ---------------------------------------------------
+def _pdf_pixels(path, dpi):
+    import pypdfium2 as pdfium  # a test-only dependency ([dev]): renders PDF pages without a browser
+
+    page = pdfium.PdfDocument(str(path))[0]
+    return np.asarray(page.render(scale=dpi / 72).to_pil().convert("RGB")).astype(int)
+
+
+def _svg_centre_colour(path):
+    """The colour at the centre of the (one) panel: its embedded images composited in order, over white."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    colour = np.array([255.0, 255.0, 255.0])
+    for href in re.findall(r'<image[^>]*xlink:href="data:image/png;base64,([^"]+)"', path.read_text()):
+        rgba = np.asarray(Image.open(io.BytesIO(base64.b64decode(href))).convert("RGBA"), dtype=float)
+        r, g, b, a = rgba[rgba.shape[0] // 2, rgba.shape[1] // 2]
+        colour = (a / 255) * np.array([r, g, b]) + (1 - a / 255) * colour
+    return colour
+
+
+def _panel_centre(fig, ax, pixels):
+    box = ax.get_window_extent()
+    h, w = pixels.shape[:2]
+    sx, sy = w / fig.bbox.width, h / fig.bbox.height  # the rendered size may differ by a pixel
+    return pixels[int(h - (box.y0 + box.y1) / 2 * sy), int((box.x0 + box.x1) / 2 * sx)]
+
+
+def test_pdf_and_svg_overlays_have_the_colours_of_the_png(tmp_path):
+    from PIL import Image
+
+    img = np.zeros((16, 16, 3))
+    img[:] = (0.2, 0.4, 0.6)
+    fig = figures.render_panels([{"image": img, "overlay": np.full((4, 4), 0.3), "vmin": 0, "vmax": 1,
+                                  "alpha": 0.6}], colorbar=False)
+    png = np.asarray(Image.open(figures.save(fig, tmp_path / "x.png", dpi=100)).convert("RGB")).astype(int)
+    pdf = _pdf_pixels(figures.save(fig, tmp_path / "x.pdf"), 100)
+    want = _panel_centre(fig, fig.axes[0], png)
+    # the blend itself: 60 % inferno(0.3) over the image
+    import matplotlib
+
+    blend = 255 * (0.6 * np.array(matplotlib.colormaps["inferno"](0.3)[:3]) + 0.4 * img[0, 0])
+    assert np.abs(want - blend).max() <= 1.5, (want, blend)
+    assert np.abs(_panel_centre(fig, fig.axes[0], pdf) - want).max() <= 2, (_panel_centre(fig, fig.axes[0], pdf), want)
+    svg = _svg_centre_colour(figures.save(fig, tmp_path / "x.svg"))
+    assert np.abs(svg - want).max() <= 2, (svg, want)
+
+
+def test_a_method_grid_looks_the_same_in_pdf_and_png(cap, tmp_path):
+    from PIL import Image
+
+    fig = figures.grid(cap, methods=["rollout"], samples=[0], smooth=False, colorbar=False, titles=False)
+    png = np.asarray(Image.open(figures.save(fig, tmp_path / "g.png", dpi=100)).convert("RGB")).astype(int)
+    pdf = _pdf_pixels(figures.save(fig, tmp_path / "g.pdf"), 100)
+    box = fig.axes[1].get_window_extent()  # the overlay panel
+    n = cap["image"].sizes["y"]  # image pixels across the panel: compare at their centres
+    centres = (np.arange(n) + 0.5) / n
+    rows = (png.shape[0] - (box.y1 - centres * box.height)).astype(int)
+    cols = (box.x0 + centres * box.width).astype(int)
+    # the PDF renderer places pixel edges up to a pixel apart: the nearest match within one pixel
+    diff = np.min([np.abs(png[np.ix_(rows, cols)] - pdf[np.ix_(rows + dy, cols + dx)]).max(-1)
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+    assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 4, (diff.mean(), np.percentile(diff, 99))
+
+
+def test_vl_plot_normalises_each_facet_unless_told_not_to():
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    maps = xr.DataArray(rng.random((3, 4, 4)) * np.array([1.0, 1e-3, 50.0])[:, None, None], dims=("sample", "y", "x"))
+    grid = vl.plot(maps)
+    drawn = [np.asarray(ax.get_images()[0].get_array()) for ax in grid.axs.flat if ax.get_images()]
+    assert len(drawn) == 3
+    for d, m in zip(drawn, maps.values, strict=True):  # each facet spans [0, 1] on its own
+        np.testing.assert_allclose(d, (m - m.min()) / (m.max() - m.min()), atol=1e-12)
+    assert all(ax.get_images()[0].get_clim() == (0.0, 1.0) for ax in grid.axs.flat if ax.get_images())
+    plt.close("all")
+    raw = vl.plot(maps, normalize=False)  # one shared scale: the small map is dark
+    assert {ax.get_images()[0].get_clim() for ax in raw.axs.flat if ax.get_images()} == {(float(maps.min()), float(maps.max()))}
+    plt.close("all")
+
+
+# -- real class names ----------------------------------------------------------------------
+IMAGENET_LIKE = ["sidewinder, horned rattlesnake, Crotalus cerastes", "ring", "Granny Smith",
+                 "African hunting dog, hyena dog, Cape hunting dog, Lycaon pictus",
+                 "a class name of sixty characters without a single comma in it"]
+
+
+@pytest.fixture(scope="module")
+def named_cap():
+    from conftest import make_vit
+
+    model = make_vit(seed=3, num_classes=len(IMAGENET_LIKE))
+    model.vitlens_class_names = list(IMAGENET_LIKE)
+    return vl.capture(model, random_images(10, 32, seed=4), target=[0, 3, 4, 1, 2, 0, 3, 4, 1, 2])
+
+
+def _texts(fig) -> str:
+    return "\n".join([t.get_text() for t in fig.texts] + [fig._supxlabel.get_text() if fig._supxlabel else ""]
+                     + [fig._suptitle.get_text() if fig._suptitle else ""])
+
+
+def test_grid_row_labels_fit_their_rows_and_the_full_names_are_given(named_cap):
+    fig = figures.grid(named_cap, methods=["rollout"], samples=[0, 1, 2, 3])
+    renderer = fig.canvas.get_renderer()
+    rows = fig.axes[0:8:2]  # the input column
+    figure_box = fig.bbox
+    boxes = []
+    for ax in rows:
+        label = ax.yaxis.label.get_window_extent(renderer)
+        panel = ax.get_window_extent(renderer)
+        assert label.height <= panel.height + 1, (ax.get_ylabel(), label.height, panel.height)  # fits beside its row
+        assert figure_box.x0 <= label.x0 and label.y0 >= figure_box.y0 - 1 and label.y1 <= figure_box.y1 + 1
+        boxes.append(label)
+    for a, b in zip(boxes, boxes[1:]):
+        assert not a.overlaps(b), "row labels overlap"
+    assert rows[0].get_ylabel() == "#0: sidewinder"
+    text = _texts(fig)
+    for s, c in enumerate([0, 3, 4]):  # shortened names are given in full under the panels
+        assert f"#{s}: {IMAGENET_LIKE[c]}" in text.replace("\n", " ")
+    caption = fig._supxlabel.get_window_extent(renderer)
+    assert caption.x0 >= figure_box.x0 - 1 and caption.x1 <= figure_box.x1 + 1 and caption.y0 >= figure_box.y0 - 1
+
+
+def test_grid_says_which_samples_it_leaves_out(named_cap):
+    fig = figures.grid(named_cap, methods=["rollout"])  # 10 samples: 8 rows
+    assert len(fig.axes) == 8 * 2 + 1
+    assert "0–7 of 10" in _texts(fig)
+    picked = figures.grid(named_cap, methods=["rollout"], samples=[9, 2])
+    assert "2 of 10 samples" in _texts(picked)
+    whole = figures.grid(named_cap.isel(sample=[0, 1]), methods=["rollout"])
+    assert "of 2" not in _texts(whole)
+
+
+def test_layers_titles_name_the_sample_and_class(named_cap):
+    fig = figures.layers(named_cap, "rollout", sample=1)
+    title = fig._suptitle.get_text().replace("\n", " ")
+    assert "sample 1" in title and IMAGENET_LIKE[3] in title and "Rollout" in title
+
+
+def test_figures_of_random_weights_say_untrained(cap):
+    trained_looking = figures.grid(cap, methods=["rollout"], samples=[0])
+    assert "UNTRAINED" not in _texts(trained_looking)  # a module given to capture: vitlens cannot know
+    model = vl.load_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                          depth=2)
+    random = vl.capture(model, random_images(1, 32))
+    assert random.attrs["weights"] == "random"
+    for fig in (figures.grid(random, methods=["rollout"]), figures.layers(random, "rollout")):
+        assert fig._suptitle.get_text().startswith("UNTRAINED (random weights)")
+    shipped = vl.capture(vl.load_model("vit-shapes"), vl.datasets.shapes(1, seed=0).image)
+    assert "weights" not in shipped.attrs and "UNTRAINED" not in _texts(figures.layers(shipped, "rollout"))
+
+
+def test_widget_exports_of_random_weights_say_untrained():
+    model = vl.load_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                          depth=2)
+    random = vl.capture(model, random_images(1, 32))
+    for widget in (vl.Explorer(random), vl.TokenCurves(random)):
+        assert widget.export_figure()._suptitle.get_text().startswith("UNTRAINED (random weights)")

@@ -11,10 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import vitlens as vl  # noqa: E402
-from vitlens.capture.hooks import Recorder  # noqa: E402
-from vitlens.capture.relevance import attention_relevance  # noqa: E402
-from vitlens.capture.text import bind_text  # noqa: E402
-from vitlens.models import adapter_for, hf_common  # noqa: E402
+from family_checks import assert_conserved, assert_parts_describe_the_attention  # noqa: E402
+from vitlens.models import hf_common  # noqa: E402
 from vitlens.models.families.hf_clip import save_random_clip  # noqa: E402
 
 CLASS_SPECIFIC = tuple(name for name, info in vl.methods.METHOD_INFO.items() if info.class_specific)
@@ -71,8 +69,8 @@ def test_target_by_prompt_text_or_index(clip):
 
 def test_prompt_a_and_prompt_b_give_different_maps_for_class_specific_methods(clip):
     x = _pixels(3, seed=4)
-    maps_a = vl.explain(vl.capture(clip, x, text=PROMPTS, target=0), "all")
-    maps_b = vl.explain(vl.capture(clip, x, text=PROMPTS, target=1), "all")
+    maps_a = vl.explain(vl.capture(clip, x, text=PROMPTS, target=0, keep=("all", *vl.methods.extra_groups())), "all")
+    maps_b = vl.explain(vl.capture(clip, x, text=PROMPTS, target=1, keep=("all", *vl.methods.extra_groups())), "all")
     for name in vl.METHODS:
         a, b = maps_a[name].values, maps_b[name].values
         assert np.isfinite(a).all() and a.std() > 0, name
@@ -101,20 +99,7 @@ def test_attention_and_gradients_equal_transformers_eager(clip):
 
 
 def test_lrp_relevance_is_conserved_block_by_block_on_a_bias_free_clip(clip):
-    model = copy.deepcopy(clip)
-    with torch.no_grad():
-        for mod in model.vision_model.modules():
-            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
-                mod.bias.zero_()
-    ad = bind_text(adapter_for(model), PROMPTS)
-    with Recorder(ad, keep_block_inputs=True) as rec:
-        logits = ad.logits(_pixels())
-        attention_relevance(ad, rec, logits.argmax(-1), to_input=True)
-    totals = rec.relevance_totals
-    assert set(totals) == {0, 1}
-    for r_in, r_out in totals.values():
-        torch.testing.assert_close(r_in, r_out, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(totals[1][1], torch.ones(2), rtol=1e-4, atol=1e-5)
+    assert_conserved(clip, _pixels(), PROMPTS)
 
 
 def test_capture_restores_both_towers_after_an_exception(clip):
@@ -189,12 +174,7 @@ def test_explorer_lists_the_prompts_and_recaptures_for_another_prompt(clip):
 
 
 def test_parts_describe_the_attention_the_model_computed(clip):
-    ad = bind_text(adapter_for(clip), PROMPTS)
-    with Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():
-        ad.logits(_pixels())
-        for layer, part in enumerate(ad.parts):
-            z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
-            torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4)
+    assert_parts_describe_the_attention(clip, _pixels(), PROMPTS)
 
 
 def test_a_model_from_from_pretrained_finds_its_processors_beside_the_weights(clip, clip_dir):

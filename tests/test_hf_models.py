@@ -116,7 +116,7 @@ def test_capture_has_the_timm_layout_with_prefix_tokens(kind, model):
 
 
 def test_all_seven_maps_are_finite_and_not_constant(kind, model):
-    every = vl.explain(vl.capture(model, _images()), "all")
+    every = vl.explain(vl.capture(model, _images(), keep=("all", *vl.methods.extra_groups())), "all")
     assert set(every.data_vars) == set(vl.METHODS)
     for name in vl.METHODS:
         values = every[name].values

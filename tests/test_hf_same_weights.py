@@ -114,7 +114,8 @@ def test_all_seven_maps_agree_between_timm_and_transformers(pair):
         size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     x = _images(4)
     target = [0, 1, 2, 4]
-    cap_timm, cap_hf = vl.capture(model, x, target=target), vl.capture(hf, x, target=target)
+    # every group: the new methods (AttnLRP, LeGrad) are compared too
+    cap_timm, cap_hf = (vl.capture(m, x, target=target, keep=("all", *vl.methods.extra_groups())) for m in (model, hf))
     np.testing.assert_allclose(cap_hf.logits.values, cap_timm.logits.values, rtol=1e-4, atol=1e-5)
     for var in ("attention", "attention_grad", "attention_relevance", "ln_mean", "token_norm", "attn_value_norm"):
         np.testing.assert_allclose(cap_hf["stage0"][var].values, cap_timm["stage0"][var].values,

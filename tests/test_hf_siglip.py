@@ -11,10 +11,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import vitlens as vl  # noqa: E402
-from vitlens.capture.hooks import Recorder  # noqa: E402
 from vitlens.capture.relevance import attention_relevance  # noqa: E402
-from vitlens.capture.text import bind_text  # noqa: E402
-from vitlens.models import adapter_for, hf_common  # noqa: E402
+from family_checks import assert_conserved, assert_parts_describe_the_attention  # noqa: E402
+from vitlens.models import hf_common  # noqa: E402
 from vitlens.coverage.transformers_classes import spread_weights  # noqa: E402
 
 CLASS_SPECIFIC = tuple(name for name, info in vl.methods.METHOD_INFO.items() if info.class_specific)
@@ -81,7 +80,7 @@ def test_attention_and_gradients_equal_transformers_eager(siglip):
 
 def test_all_seven_maps_and_prompt_a_differs_from_prompt_b(siglip):
     x = _pixels(3, seed=3)
-    cap_a, cap_b = vl.capture(siglip, x, text=IDS, target=0), vl.capture(siglip, x, text=IDS, target=1)
+    cap_a, cap_b = (vl.capture(siglip, x, text=IDS, target=t, keep=("all", *vl.methods.extra_groups())) for t in (0, 1))
     maps_a, maps_b = vl.explain(cap_a, "all"), vl.explain(cap_b, "all")
     for name in vl.METHODS:
         a, b = maps_a[name].values, maps_b[name].values
@@ -103,21 +102,7 @@ def test_all_seven_maps_and_prompt_a_differs_from_prompt_b(siglip):
 
 
 def test_lrp_is_conserved_block_by_block_and_through_the_attention_pool():
-    model = make_siglip(seed=2)
-    with torch.no_grad():
-        for mod in model.vision_model.modules():
-            for name in ("bias", "in_proj_bias"):
-                if isinstance(getattr(mod, name, None), torch.nn.Parameter):
-                    getattr(mod, name).zero_()
-    ad = bind_text(adapter_for(model), IDS)
-    with Recorder(ad, keep_block_inputs=True) as rec:
-        logits = ad.logits(_pixels())
-        attention_relevance(ad, rec, logits.argmax(-1), to_input=True)
-    totals = rec.relevance_totals
-    assert set(totals) == {0, 1}
-    for r_in, r_out in totals.values():
-        torch.testing.assert_close(r_in, r_out, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(totals[1][1], torch.ones(2), rtol=1e-4, atol=1e-5)
+    assert_conserved(make_siglip(seed=2), _pixels(), IDS)
 
 
 def test_capture_restores_the_model_after_an_exception(siglip):
@@ -137,9 +122,4 @@ def test_capture_restores_the_model_after_an_exception(siglip):
 
 
 def test_parts_describe_the_attention_the_model_computed(siglip):
-    ad = bind_text(adapter_for(siglip), IDS)
-    with Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():
-        ad.logits(_pixels())
-        for layer, part in enumerate(ad.parts):
-            z = part.attn.logits(rec.attn_inputs[layer], rec.attn_ctx.get(layer, {}), rec.linears[layer])
-            torch.testing.assert_close(z.softmax(-1), rec.attention[layer], atol=1e-5, rtol=1e-4)
+    assert_parts_describe_the_attention(siglip, _pixels(), IDS)

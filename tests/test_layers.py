@@ -92,10 +92,10 @@ def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
 PUBLIC = {
     "Compare", "Explorer", "HeadGrid", "ModelView", "TokenCurves", "KEEP_GROUPS", "METHODS",
     "CaptureError", "CaptureFormatError", "DeviceError", "ExportError", "ImageError", "ModelLoadError",
-    "OptionError", "RandomWeightsWarning", "SimilarityHead", "ResumeError", "StorageError",
+    "OptionError", "PrecisionWarning", "RandomWeightsWarning", "SimilarityHead", "ResumeError", "StorageError",
     "StoreLockedError", "TargetError", "UnsupportedModelError", "VitlensError", "capture", "datasets",
     "evaluate", "explain", "figures", "methods", "normalize", "to_pixels", "with_head", "widgets",
-    "load_model", "metrics", "models", "open", "plot", "save", "registry",
+    "load_model", "metrics", "models", "open", "plot", "save", "registry", "HEAD_STATS", "head_stats", "stats", "HeadAtlas",
 }
 
 

@@ -261,7 +261,7 @@ def test_tokentm_weights_follow_the_definition(vit_cap):
 
 # -- Swin: row-vector path = dense global operators ---------------------------------------------
 def test_swin_row_vector_path_equals_dense_global_operators(swin_cap, monkeypatch):
-    fast = {m: vl.explain(swin_cap, m) for m in vl.METHODS}
+    fast = {m: vl.explain(swin_cap, m) for m in vl.methods.explainable_methods(swin_cap)}
     fast_layers = vl.explain(swin_cap, "rollout", per_layer=True)
     import sys
 
@@ -271,7 +271,7 @@ def test_swin_row_vector_path_equals_dense_global_operators(swin_cap, monkeypatc
 
     monkeypatch.setattr(maps, "propagate", operators.propagate_dense)
     monkeypatch.setattr(attention_module, "propagate", operators.propagate_dense)
-    for m in vl.METHODS:
+    for m in fast:
         dense = vl.explain(swin_cap, m)
         np.testing.assert_allclose(fast[m].values, dense.values, rtol=1e-5, atol=1e-5 * float(abs(dense).max()))
     np.testing.assert_allclose(fast_layers.values, vl.explain(swin_cap, "rollout", per_layer=True).values, atol=1e-6)
@@ -376,7 +376,7 @@ def test_every_method_runs_on_vit_variants(fixture, request, images32):
     model = request.getfixturevalue(fixture)
     cap = vl.capture(model, images32)
     maps = vl.explain(cap, "all", per_layer=False)  # average-pooled too: gradcam takes its registry default
-    for m in vl.METHODS:
+    for m in maps.data_vars:
         assert maps[m].shape == (3, 4, 4) and np.isfinite(maps[m].values).all(), m
     if fixture == "vit_avg":
         assert maps["gradcam"].attrs["on"] == "features"
@@ -707,7 +707,7 @@ def test_no_method_writes_into_the_capture(request, family):
     model = request.getfixturevalue(family)
     cap = vl.capture(model, random_images(2, 32 if family == "vit" else 64), progress=False)
     before = {(node.path, k): v.values.copy() for node in cap.subtree for k, v in node.dataset.data_vars.items()}
-    for method in vl.METHODS:
+    for method in vl.methods.explainable_methods(cap):
         vl.explain(cap, method)
         if method != "gradcam":  # (Grad-CAM reads features, not heads)
             vl.explain(cap, method, heads=[0])

@@ -17,12 +17,14 @@ from vitlens.widgets.layout import capture_layout
 
 @pytest.fixture(scope="module")
 def avg_cap():
-    return vl.capture(make_vit(global_pool="avg", class_token=False, seed=3, depth=2), random_images(2, 32))
+    # every group, the extra passes too: the registry's tests cover every registered method
+    return vl.capture(make_vit(global_pool="avg", class_token=False, seed=3, depth=2), random_images(2, 32),
+                      keep=("all", *vl.methods.extra_groups()))
 
 
 @pytest.fixture(scope="module")
 def cls_cap():
-    return vl.capture(make_vit(depth=2, seed=4), random_images(2, 32))
+    return vl.capture(make_vit(depth=2, seed=4), random_images(2, 32), keep=("all", *vl.methods.extra_groups()))
 
 
 def test_methods_tuple_is_the_registry_in_order():
@@ -38,7 +40,7 @@ def test_class_specific_flags_match_the_maps(cls_cap):
     # a class-specific method gives different maps for two targets on the same images
     pics = cls_cap["image"].values
     model = make_vit(depth=2, seed=4)
-    a, b = vl.capture(model, pics, target=0), vl.capture(model, pics, target=1)
+    a, b = (vl.capture(model, pics, target=t, keep=("all", *vl.methods.extra_groups())) for t in (0, 1))
     for name, info in METHOD_INFO.items():
         differ = not np.allclose(vl.explain(a, name).values, vl.explain(b, name).values, rtol=1e-6, atol=1e-9)
         assert differ == info.class_specific, name

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from conftest import make_vit, random_images
+from conftest import assert_same_capture, make_vit, random_images
 
 import vitlens as vl
 from vitlens.capture import lock, stream
@@ -40,18 +40,6 @@ def model():
 @pytest.fixture(scope="module")
 def cap(model, imgs) -> xr.DataTree:
     return vl.capture(model, imgs)
-
-
-def same(a: xr.DataTree, b: xr.DataTree) -> None:
-    assert a.attrs == b.attrs
-    for path, node in a.subtree_with_keys:
-        da, db = node.to_dataset(inherit=False), b[path].to_dataset(inherit=False).load()
-        assert set(da.variables) == set(db.variables), path
-        for name in da.variables:
-            if da[name].dtype.kind == "f":
-                np.testing.assert_allclose(da[name].values, db[name].values, rtol=1e-4, atol=1e-6, err_msg=name)
-            else:
-                np.testing.assert_array_equal(da[name].values, db[name].values, err_msg=name)
 
 
 class _Stop(Exception):
@@ -90,15 +78,16 @@ def _grow_stage0_only(store: Path, extra: int) -> None:
             arr.resize((arr.shape[0] + extra, *arr.shape[1:]))
 
 
+@pytest.mark.slow  # a streamed run stopped and resumed, compared with the in-memory capture
 def test_1_resume_after_a_kill_between_group_writes_equals_in_memory(model, imgs, cap, tmp_path):
     store = interrupted_store(model, imgs, tmp_path / "r.zarr")
     _grow_stage0_only(store, 2)
     with pytest.warns(UserWarning, match="resume=True"):
         partial = vl.open(store)  # the committed part, and how to continue
-    same(cap.isel(sample=slice(0, 4)), partial)
+    assert_same_capture(cap.isel(sample=slice(0, 4)), partial)
     resumed = vl.capture(model, imgs, store=store, batch_size=2, resume=True, progress=False)
-    same(cap, resumed)
-    same(cap, vl.open(store))
+    assert_same_capture(cap, resumed)
+    assert_same_capture(cap, vl.open(store))
 
 
 # -- 2: resume only touches its own run --------------------------------------------------
@@ -108,7 +97,7 @@ def test_2_resume_refuses_a_saved_capture_and_foreign_stores(model, imgs, cap, t
     saved = vl.save(cap, tmp_path / "saved.zarr")
     with pytest.raises(vl.ResumeError, match="vl.save"):
         vl.capture(model, imgs, store=saved, resume=True, progress=False)
-    same(cap, vl.open(saved))
+    assert_same_capture(cap, vl.open(saved))
 
     foreign = tmp_path / "theirs.zarr"
     xr.Dataset({"a": ("x", np.arange(3))}).to_zarr(foreign)
@@ -129,13 +118,16 @@ def test_2_resume_refuses_a_saved_capture_and_foreign_stores(model, imgs, cap, t
 # -- 3: resume checks it continues the same run ------------------------------------------
 
 
+_SLOW = pytest.mark.slow  # each: an interrupted stream, a refused resume, then a full resume compared
+
+
 @pytest.mark.parametrize("change, match", [
     ({"model": "other weights"}, "weights"),
-    ({"images": "other images"}, "input images"),
-    ({"images": "reversed order"}, "input images"),
-    ({"keep": ["attention"]}, "keep"),
-    ({"dtype": "float16"}, "dtype"),
-    ({"target": 1}, "targets"),
+    pytest.param({"images": "other images"}, "input images", marks=_SLOW),
+    pytest.param({"images": "reversed order"}, "input images", marks=_SLOW),
+    pytest.param({"keep": ["attention"]}, "keep", marks=_SLOW),
+    pytest.param({"dtype": "float16"}, "dtype", marks=_SLOW),
+    pytest.param({"target": 1}, "targets", marks=_SLOW),
 ])
 def test_3_a_resume_that_differs_from_its_run_is_refused_and_says_what(change, match, model, imgs, cap, tmp_path):
     store = interrupted_store(model, imgs, tmp_path / "r.zarr")
@@ -149,7 +141,7 @@ def test_3_a_resume_that_differs_from_its_run_is_refused_and_says_what(change, m
     with pytest.raises(vl.ResumeError, match=match):
         vl.capture(other_model, images, store=store, batch_size=2, resume=True, progress=False, **kw)
     assert stream.committed(store) == 4  # nothing was touched
-    same(cap, vl.capture(model, imgs, store=store, batch_size=2, resume=True, progress=False))
+    assert_same_capture(cap, vl.capture(model, imgs, store=store, batch_size=2, resume=True, progress=False))
 
 
 # -- 4 & 5: atomic saves -----------------------------------------------------------------
@@ -161,7 +153,7 @@ def test_4_save_never_loses_the_old_capture_and_overwrite_is_explicit(suffix, mo
     other = vl.capture(model, imgs[:2])
     with pytest.raises(vl.OptionError, match="overwrite=True"):
         vl.save(other, path)
-    same(cap, vl.open(path))
+    assert_same_capture(cap, vl.open(path))
 
     method = "to_zarr" if suffix == ".zarr" else "to_netcdf"
     real = getattr(xr.DataTree, method)
@@ -174,11 +166,11 @@ def test_4_save_never_loses_the_old_capture_and_overwrite_is_explicit(suffix, mo
     with pytest.raises(vl.StorageError, match="intact"):
         vl.save(other, path, overwrite=True)
     monkeypatch.undo()
-    same(cap, vl.open(path))
+    assert_same_capture(cap, vl.open(path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary copy left
 
     vl.save(other, path, overwrite=True)
-    same(other, vl.open(path))
+    assert_same_capture(other, vl.open(path))
 
 
 def test_4_save_never_replaces_what_is_not_a_capture(cap, tmp_path):
@@ -201,7 +193,7 @@ def test_5_saving_a_lazy_capture_onto_its_own_source_keeps_the_data(suffix, cap,
     vl.save(lazy, path, overwrite=True)
     back = vl.open(path)
     assert not np.isnan(back["stage0"].attention.values).any()
-    same(cap, back)
+    assert_same_capture(cap, back)
 
 
 # -- 4 & 6: a really full disk (tmpfs) ---------------------------------------------------
@@ -261,7 +253,7 @@ def _a_chunk(store: Path, var: str) -> Path:
     return sorted(p for p in (store / var / "c").rglob("*") if p.is_file())[0]
 
 
-@pytest.mark.parametrize("how", ["saved", "streamed"])
+@pytest.mark.parametrize("how", ["saved", pytest.param("streamed", marks=pytest.mark.slow)])
 def test_7_a_missing_chunk_is_an_error_naming_the_variable_never_nan(how, model, imgs, cap, tmp_path):
     path = tmp_path / "c.zarr"
     if how == "saved":
@@ -284,6 +276,7 @@ def test_7_a_corrupt_chunk_is_an_error_naming_the_variable(cap, tmp_path):
         vl.explain(lazy, "rollout")  # damage found while computing lazily, too
 
 
+@pytest.mark.slow  # streams and reopens a capture
 def test_7_fill_values_are_not_mistaken_for_missing_data(model, imgs, tmp_path):
     """All-zero arrays (target 0 everywhere) are written, so a missing file always means damage."""
     cap0 = vl.capture(model, imgs, target=0)
@@ -303,6 +296,7 @@ def _hold_lock(store: str, ready, release) -> None:
     lock.release(handle)
 
 
+@pytest.mark.slow  # a second writer process
 def test_8_a_second_writer_gets_a_clear_error_and_a_dead_writers_lock_is_released(model, imgs, cap, tmp_path):
     store = interrupted_store(model, imgs, tmp_path / "r.zarr")
     ctx = multiprocessing.get_context("spawn")  # a fork of a threaded pytest process can hang
@@ -319,7 +313,7 @@ def test_8_a_second_writer_gets_a_clear_error_and_a_dead_writers_lock_is_release
         os.kill(writer.pid, signal.SIGKILL)  # dies holding the lock
         writer.join()
     assert (store / lock.LOCK).read_text().startswith(str(writer.pid))  # its stale lock file is still there
-    same(cap, vl.capture(model, imgs, store=store, batch_size=2, resume=True, progress=False))
+    assert_same_capture(cap, vl.capture(model, imgs, store=store, batch_size=2, resume=True, progress=False))
 
 
 # -- 11: silent wrong inputs -------------------------------------------------------------
@@ -396,6 +390,7 @@ def test_12_a_fractional_target_is_named_as_such(model, imgs):
 # -- 13: memory is handed back after every batch -----------------------------------------------
 
 
+@pytest.mark.slow  # streams batch by batch, measuring memory
 def test_13_a_stream_returns_freed_memory_after_every_batch(model, imgs, tmp_path, monkeypatch):
     calls = []
     real = stream.release_memory

@@ -15,24 +15,12 @@ import pytest
 import timm
 import torch
 import xarray as xr
-from conftest import make_vit, random_images
+from conftest import assert_same_capture, make_vit, random_images
 
 import vitlens as vl
 from vitlens.capture.stream import committed
 
 TESTS = Path(__file__).resolve().parent
-
-
-def _assert_same_capture(a: xr.DataTree, b: xr.DataTree) -> None:
-    assert a.attrs == b.attrs
-    for path, node in a.subtree_with_keys:
-        da, db = node.to_dataset(inherit=False), b[path].to_dataset(inherit=False).load()
-        assert set(da.variables) == set(db.variables), path
-        for name in da.variables:
-            if da[name].dtype.kind == "f":
-                np.testing.assert_allclose(da[name].values, db[name].values, rtol=1e-4, atol=1e-6, err_msg=name)
-            else:
-                np.testing.assert_array_equal(da[name].values, db[name].values, err_msg=name)
 
 
 def test_streaming_capture_equals_in_memory_and_is_lazy(tmp_path, vit):
@@ -41,7 +29,7 @@ def test_streaming_capture_equals_in_memory_and_is_lazy(tmp_path, vit):
     att = lazy["stage0"].attention
     assert att.chunks is not None and att.chunksizes["sample"] == (3, 3, 1)
     assert lazy["sample"].values.tolist() == list(range(7))
-    _assert_same_capture(vl.capture(vit, imgs), lazy)
+    assert_same_capture(vl.capture(vit, imgs), lazy)
     xr.testing.assert_allclose(vl.explain(lazy, "all"), vl.explain(vl.capture(vit, imgs), "all"), rtol=1e-4)
 
 
@@ -65,14 +53,14 @@ def test_streaming_from_a_folder_a_dataset_and_a_dataloader(tmp_path, vit):
         Image.fromarray(a).save(folder / f"{i:02d}.png")
     from_folder = vl.capture(vit, str(folder), store=tmp_path / "f.zarr", batch_size=2, progress=False)
     reference = vl.capture(vit, imgs)
-    _assert_same_capture(reference, from_folder)
+    assert_same_capture(reference, from_folder)
 
     ds = xr.Dataset({"image": (("sample", "y", "x", "channel"), imgs.astype(np.float32) / 255)})
-    _assert_same_capture(reference, vl.capture(vit, ds, store=tmp_path / "d.zarr", batch_size=4, progress=False))
+    assert_same_capture(reference, vl.capture(vit, ds, store=tmp_path / "d.zarr", batch_size=4, progress=False))
 
     tensors = (torch.from_numpy(imgs.astype(np.float32) / 255).permute(0, 3, 1, 2) - 0.5) / 0.5
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tensors, torch.zeros(5)), batch_size=2)
-    _assert_same_capture(reference, vl.capture(vit, loader, store=tmp_path / "l.zarr", progress=False))
+    assert_same_capture(reference, vl.capture(vit, loader, store=tmp_path / "l.zarr", progress=False))
 
 
 def test_streaming_keeps_targets_and_options(tmp_path, vit):
@@ -143,7 +131,7 @@ def test_a_killed_run_loses_nothing_and_resumes_where_it_stopped(tmp_path):
     imgs = random_images(12, 32, seed=7)
     resumed = vl.capture(make_vit(), imgs, store=store, resume=True, batch_size=2, progress=False)
     assert resumed["sample"].values.tolist() == list(range(12))
-    _assert_same_capture(vl.capture(make_vit(), imgs), resumed)
+    assert_same_capture(vl.capture(make_vit(), imgs), resumed)
 
 
 def _explain_with_cluster(path: str):

@@ -21,17 +21,18 @@ import torch
 import torch.nn.functional as F
 from family_checks import (
     assert_all_maps_finite,
+    assert_attention_grads_equal_autograd,
     assert_geometry,
     assert_padding_gets_nothing,
     assert_parts_describe_the_attention,
     assert_state_restored,
-    assert_window_grads_equal_autograd,
     normalised,
     randomize_biases,
     relevance_totals,
     stacked,
     zero_biases,
 )
+from family_models import switch_on_res_post_norms
 from timm.models.swin_transformer import window_partition
 
 import vitlens as vl
@@ -47,17 +48,10 @@ NAMES = {"v1": "swin_tiny_patch4_window7_224", "v2": "swinv2_tiny_window8_256"}
 def _build(version: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = randomize_biases(timm.create_model(NAMES[version], **KW).eval())
-    if version == "v2":
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for blk in model.modules():
-                if type(blk).__name__ == "SwinTransformerV2Block":
-                    for norm in (blk.norm1, blk.norm2):
-                        norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=g))
-    return model
+    return switch_on_res_post_norms(model) if version == "v2" else model
 
 
-@pytest.fixture(scope="module", params=["v1", "v2"])
+@pytest.fixture(scope="module", params=["v1", pytest.param("v2", marks=pytest.mark.slow)])  # v2: in make test
 def model(request):
     return _build(request.param)
 
@@ -181,9 +175,7 @@ def test_adapter_parts_reproduce_the_attention(model):
 
 
 def test_attention_grad_equals_autograd(model):
-    images = _images()
-    cap = vl.capture(model, images, target=3)
-    assert_window_grads_equal_autograd(model, cap, images, 3)
+    cap = assert_attention_grads_equal_autograd(model, normalised(_images(), model), [3, 3])
     assert_padding_gets_nothing(cap)
 
 
@@ -219,7 +211,7 @@ def test_merge_shares_of_the_odd_merging_stay_on_real_parents(cap):
 # -- the maps ---------------------------------------------------------------------------------
 def test_all_seven_maps_finite_on_the_first_grid(cap):
     maps = assert_all_maps_finite(cap)
-    for m in vl.METHODS:
+    for m in maps.data_vars:
         assert maps[m].shape == (2, 14, 14), m
         if m != "gradcam":  # its ReLU can zero a random model's map: checked on five targets below
             assert float(maps[m].std()) > 0, m
@@ -230,13 +222,13 @@ def test_rollout_equals_a_dense_product_built_from_timms_windows(model, cap):
 
 
 def test_every_method_agrees_with_the_dense_operators(cap, monkeypatch):
-    fast = {m: vl.explain(cap, m) for m in vl.METHODS}
+    fast = {m: vl.explain(cap, m) for m in vl.methods.explainable_methods(cap)}
     lrp_merge = vl.explain(cap, "generic_attention", merge="lrp")
     from vitlens.methods import maps, operators
 
     monkeypatch.setattr(maps, "propagate", operators.propagate_dense)
     monkeypatch.setattr(sys.modules["vitlens.methods.attention"], "propagate", operators.propagate_dense)
-    for m in vl.METHODS:
+    for m in fast:
         dense = vl.explain(cap, m)
         np.testing.assert_allclose(fast[m].values, dense.values, rtol=1e-5, atol=1e-6 * float(abs(dense).max()), err_msg=m)
     dense = vl.explain(cap, "generic_attention", merge="lrp")
@@ -309,6 +301,7 @@ def test_entropy_head_weights_average_real_queries_only(model, cap):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # four-stage Swin-T layouts at 256 and 200 px
 @pytest.mark.parametrize("size", [256, 200])
 def test_swin_t_layout_at_256_and_200_px(size):
     """Swin-T's own windows (7) and patch (4), narrowed: at 256 px every stage pads

@@ -98,7 +98,7 @@ def test_each_targets_map_points_at_its_own_object_on_a_trained_model(family):
     if family == "swinv2":  # the windows hang over both stages' grids: padding is part of this check
         assert all((cap[s].window_token.values < 0).any() for s in ("stage0", "stage1"))
     maps = vl.explain(cap, "all", per_layer=False)
-    for name in vl.METHODS:
+    for name in maps.data_vars:
         v = vl.normalize(maps[name]).values  # (8, h, w), each map scaled to [0, 1]
         if not vl.methods.METHOD_INFO[name].class_specific:
             np.testing.assert_allclose(v[:4], v[4:], atol=1e-6, err_msg=name)

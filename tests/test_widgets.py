@@ -23,6 +23,7 @@ from vitlens.widgets import Compare, Explorer, HeadGrid, ModelView, TokenCurves,
 from vitlens.widgets import model_view as model_view_module
 from vitlens.widgets import panels as panels_module
 from vitlens.widgets.base import CaptureView
+from vitlens.widgets.text import escape
 
 
 # -- fixtures and independent expectations -----------------------------------------------
@@ -32,8 +33,8 @@ def vit_model():
 
 
 @pytest.fixture(scope="module")
-def vit_cap(vit_model):
-    return vl.capture(vit_model, random_images(2, 32, seed=7))
+def vit_cap(vit_model):  # every group: the widgets show every registered method, AttnLRP and LeGrad too
+    return vl.capture(vit_model, random_images(2, 32, seed=7), keep=("all", *vl.methods.extra_groups()))
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +180,8 @@ def test_method_dropdown_shows_each_method_up_to_the_layer(vit_cap, method):
         got = ex.panel_maps()["method"]
         if method == "gradcam":
             want = vl.explain(vit_cap, "gradcam", layers=layer).isel(sample=0).values
-        elif method == "attention":
-            want = vl.explain(vit_cap, "attention", layers=layer).isel(sample=0).values
+        elif method in ("attention", "attnlrp"):  # one block; AttnLRP: the relevance entering the block
+            want = vl.explain(vit_cap, method, layers=layer).isel(sample=0).values
         elif method == "transformer_attribution" and layer == 0:
             want = np.zeros_like(got)  # starts at block 1
             assert "starts at block 1" in ex.captions.value
@@ -230,7 +231,7 @@ def test_class_selector_lists_top5_and_recaptures_for_another_class(vit_cap, vit
     assert ex.target == other
     recap = vl.capture(vit_model, vit_cap.image.isel(sample=[0]).values, target=other)
     close(ex.panel_maps()["method"], cumulative(recap, "generic_attention", 2))
-    assert repr(str(vit_cap.class_name.values[other])) in ex.captions.value
+    assert escape(repr(str(vit_cap.class_name.values[other]))) in ex.captions.value  # the caption names it (escaped)
     # class-agnostic panels do not change with the class
     close(ex.panel_maps()["fusion"], cumulative(vit_cap, "lnstat", 2, grad=False))
 
@@ -741,3 +742,98 @@ def test_explorer_panels_can_wrap_into_rows_for_narrow_screens(vit_cap):
     click(ex.figure, ex.heatmap_trace(3), x, y)  # a panel of the second row
     assert ex.query == (3, 0)
     close(ex.panel_maps()["attention"], vit_attention(vit_cap, 0, 2, [0, 1, 2], 1 + 3 * 4))
+
+
+# -- what travels to the page is JSON: no NaN -----------------------------------------------
+@pytest.fixture
+def page_messages(monkeypatch):
+    """Every widget state and update sent to the (absent) page, as the kernel would serialise it."""
+    import ipywidgets.widgets.widget as widget_module
+
+    sent = []
+    create = widget_module.comm.create_comm
+    send = widget_module.Widget._send
+
+    def opened(**kw):
+        sent.append(kw.get("data"))
+        return create(**kw)
+
+    def sending(self, msg, buffers=None):
+        sent.append(msg)
+        return send(self, msg, buffers)
+
+    monkeypatch.setattr(widget_module.comm, "create_comm", opened)
+    monkeypatch.setattr(widget_module.Widget, "_send", sending)
+    return sent
+
+
+def test_no_widget_sends_nan_to_the_page(swin_cap, page_messages):
+    import json
+
+    ex = Explorer(swin_cap)  # Swin: stages with 2 and 4 heads, so the ModelView has empty tiles
+    widgets_ = [ex, ModelView(swin_cap, explorer=ex), HeadGrid(swin_cap, explorer=ex), TokenCurves(swin_cap, explorer=ex)]
+    ex.sample, ex.query, ex.layer = 1, (2, 3), 1
+    assert np.isnan(widgets_[1].tile_maps()).any()  # the empty tiles are still gaps
+    bad = []
+    for msg in page_messages:
+        try:  # what jupyter_client does with every message (allow_nan=False), buffers aside
+            json.dumps(msg, allow_nan=False, default=lambda o: None)
+        except ValueError:
+            bad.append(str(msg)[:200])
+    assert len(page_messages) > 20 and not bad, bad
+
+
+# -- a narrow output: the Explorer wraps its panels by itself -------------------------------------
+def _title_lines(fig) -> list[str]:
+    import re
+
+    return [line for a in fig.layout.annotations for line in re.split("<br>", str(a.text))]
+
+
+def test_explorer_wraps_to_two_columns_in_a_narrow_output_and_back(vit_cap):
+    from vitlens.widgets.figure import COLORBAR_PX, TITLE_CHAR_PX
+
+    ex = Explorer(vit_cap)
+    assert ex.grid == (1, 4) and len({round(a.y, 3) for a in ex.figure.layout.annotations}) == 1
+    ex.figure._bundle_requested(ex.figure, {"vitlens": "width", "width": 388}, [])  # what the page sends
+    assert ex.grid == (2, 2)
+    assert len({round(a.y, 3) for a in ex.figure.layout.annotations}) == 2
+    assert len({round(a.x, 3) for a in ex.figure.layout.annotations}) == 2
+    assert ex.figure.layout.height < 60 + 2 * 250  # panels of a narrow output are smaller: so are their rows
+    panel_px = (388 - COLORBAR_PX) / 2
+    assert all(len(line) * TITLE_CHAR_PX <= panel_px for line in _title_lines(ex.figure))  # titles never overlap
+    close(ex.panel_maps()["fusion"], cumulative(vit_cap, "lnstat", 2, grad=False))
+    x, y = patch_centre(vit_cap, 1, 2)
+    click(ex.figure, ex.heatmap_trace(3), x, y)  # a panel of the second row still picks the query
+    assert ex.query == (1, 2)
+    ex.layer = 1  # later updates keep the short titles
+    assert all(len(line) * TITLE_CHAR_PX <= panel_px for line in _title_lines(ex.figure))
+    ex.figure.page_width_changed(1300)
+    assert ex.grid == (1, 4) and len({round(a.y, 3) for a in ex.figure.layout.annotations}) == 1
+    assert ex.figure.layout.height == 300
+
+
+def test_explorer_cols_stays_an_override_at_any_width(vit_cap):
+    ex = Explorer(vit_cap, cols=4, compare_class=False)
+    ex.figure.page_width_changed(388)
+    assert ex.grid == (1, 4) and len({round(a.y, 3) for a in ex.figure.layout.annotations}) == 1
+    assert max(len(line) for line in _title_lines(ex.figure)) <= 12  # shortened to fit their 80-px panels
+    ex2 = Explorer(vit_cap, cols=1)
+    ex2.figure.page_width_changed(1400)
+    assert ex2.grid == (4, 1)
+
+
+def test_compare_wraps_its_panels_to_the_output_width(vit_cap):
+    cmp = Compare(vit_cap)
+    n = cmp.num_panels  # every method the capture holds passes for (nine: the fixture keeps every group)
+    assert n == len(vl.METHODS) == 9
+    assert cmp.grid == (3, 4) and cmp.figure.layout.height == 60 + 220 * 3  # at most 4 a row
+    cmp.figure.page_width_changed(388)
+    assert cmp.grid == (5, 2) and len({round(a.x, 3) for a in cmp.figure.layout.annotations}) == 2
+    cmp.layer = 1
+    assert all(len(line) <= 24 for line in _title_lines(cmp.figure))
+    cmp.figure.page_width_changed(1300)
+    assert cmp.grid == (3, 4)
+    fixed = Compare(vit_cap, cols=7)
+    fixed.figure.page_width_changed(388)
+    assert fixed.grid == (2, 7)

@@ -136,6 +136,7 @@ def test_held_out_scores(name, held_out):
         assert abs(recorded[key] - scores[key]) <= 0.003, (key, recorded, scores)
 
 
+@pytest.mark.slow  # trains a model (a few steps) and evaluates it
 @pytest.mark.parametrize("name", NAMES)
 def test_train_tiny_run_writes_loadable_files(name, tmp_path):
     info = train(name, steps=3, batch_size=8, chunk_size=16, val_every=2, val_n=8, eval_n=8,
@@ -152,6 +153,7 @@ def test_train_tiny_run_writes_loadable_files(name, tmp_path):
     assert (ZOO_DIR / f"{name}.safetensors").is_file()
 
 
+@pytest.mark.slow  # trains twice
 def test_train_is_reproducible(tmp_path):
     kw = dict(steps=2, batch_size=4, chunk_size=8, val_every=5, val_n=4, eval_n=4, progress=False)
     a = train("swin-shapes", out_dir=tmp_path / "a", **kw)
@@ -164,12 +166,16 @@ def test_train_is_reproducible(tmp_path):
     assert a["scores"] == b["scores"]
 
 
-def test_cli_and_bad_options(tmp_path, capsys):
+@pytest.mark.slow  # trains a model through the command line
+def test_cli_trains_and_records_its_command(tmp_path, capsys):
     assert main(["--model", "vit-shapes", "--steps", "2", "--batch-size", "4", "--eval-n", "4",
                  "--val-every", "5", "--out", str(tmp_path), "--quiet"]) == 0
     assert (tmp_path / "vit-shapes.json").is_file()
     cfg = json.loads((tmp_path / "vit-shapes.json").read_text())
     assert cfg["train"]["command"].startswith("python -m vitlens.zoo.train --model vit-shapes")
+
+
+def test_bad_options_are_refused():
     with pytest.raises(SystemExit):
         main(["--model", "resnet"])
     with pytest.raises(OptionError):
@@ -219,3 +225,17 @@ def test_distillation_from_a_shipped_teacher(tmp_path):
     a, b = load_file(str(tmp_path / "swin-shapes.safetensors")), load_file(str(tmp_path / "plain" / "swin-shapes.safetensors"))
     assert set(a) == set(b)  # the distillation heads are not part of the shipped model
     assert not all(torch.equal(a[k], b[k]) for k in a)  # and the teacher changed the training
+
+
+def test_available_shows_a_table_of_names_and_scores_and_curves_only_on_request():
+    import vitlens as vl
+
+    shown = repr(vl.models.available())
+    lines = shown.splitlines()
+    assert len(lines) == 3 and "one-object top-1" in lines[0]
+    assert lines[2].startswith("vit-shapes") and "96.3 %" in lines[2] and "93.3 %" in lines[2]
+    assert "step" not in shown and "curve" not in vl.models.available()["vit-shapes"]["train"]
+    assert vl.models.available()["vit-shapes"]["scores"]["one_object_top1"] == 0.963  # still the configs
+    with_curves = vl.models.available(curves=True)
+    assert "curve" in with_curves["vit-shapes"]["train"] and "| step |" in repr(with_curves)
+    assert "<table>" in vl.models.available()._repr_html_()

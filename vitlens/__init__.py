@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from ._version import __version__
 
-from . import datasets, figures, methods, metrics, models, registry, widgets
-from .capture import KEEP_GROUPS, capture, open, save  # noqa: A004
+from . import datasets, figures, methods, metrics, models, registry, stats, widgets
+from .capture import KEEP_GROUPS, Verification, capture, head_importance, open, patch, save, verify  # noqa: A004
+from .capture import targets
 from .figures import plot
 from .errors import (
     CaptureError,
@@ -27,6 +28,7 @@ from .errors import (
     ImageProcessorWarning,
     ModelLoadError,
     OptionError,
+    PrecisionWarning,
     RandomWeightsWarning,
     ResumeError,
     StorageError,
@@ -36,19 +38,22 @@ from .errors import (
     VitlensError,
 )
 from .methods import METHODS, explain, normalize, to_pixels
+from .stats import HEAD_STATS, head_stats
 from .metrics import evaluate
 from .models import load_model
 from .models.families.hf_headed import SimilarityHead, with_head
-from .widgets import Compare, Explorer, HeadGrid, ModelView, TokenCurves
+from .widgets import Compare, Explorer, HeadAtlas, HeadGrid, ModelView, TokenCurves
 
 __all__ = [
     "Compare",
     "Explorer",
+    "HeadAtlas",
     "HeadGrid",
     "ModelView",
     "TokenCurves",
     "KEEP_GROUPS",
     "METHODS",
+    "HEAD_STATS",
     "CaptureError",
     "CaptureFormatError",
     "DeviceError",
@@ -57,6 +62,7 @@ __all__ = [
     "ImageProcessorWarning",
     "ModelLoadError",
     "OptionError",
+    "PrecisionWarning",
     "RandomWeightsWarning",
     "SimilarityHead",
     "ResumeError",
@@ -69,7 +75,9 @@ __all__ = [
     "datasets",
     "evaluate",
     "explain",
+    "head_stats",
     "figures",
+    "head_importance",
     "methods",
     "normalize",
     "to_pixels",
@@ -79,7 +87,12 @@ __all__ = [
     "metrics",
     "models",
     "open",
+    "patch",
     "plot",
+    "verify",
+    "Verification",
     "registry",
     "save",
+    "stats",
+    "targets",
 ]

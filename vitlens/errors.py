@@ -16,6 +16,7 @@ __all__ = [
     "ModelLoadError",
     "OptionError",
     "ExportError",
+    "PrecisionWarning",
     "RandomWeightsWarning",
     "ImageProcessorWarning",
     "CaptureError",
@@ -56,6 +57,16 @@ class OptionError(VitlensError, ValueError):
 
 class ExportError(VitlensError, RuntimeError):
     """A figure could not be written to an image file (missing exporter or browser)."""
+
+
+class PrecisionWarning(UserWarning):
+    """A map rests on a float32 LRP pass that divided by nearly cancelling sums on some images.
+
+    ``vl.explain(cap, "transformer_attribution")`` warns with this class when the
+    capture's ``lrp_condition`` of a sample is below
+    :data:`vitlens.capture.precision.RELIABLE_CONDITION`; capture those images
+    again with ``lrp_dtype="float64"`` for a map that does not depend on rounding.
+    """
 
 
 class RandomWeightsWarning(UserWarning):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAX_SIZE = 8192  # --size: the longest side of a written PNG
 
 
 def expand_inputs(items: Sequence[str]) -> list[Path]:
@@ -39,12 +40,15 @@ def expand_inputs(items: Sequence[str]) -> list[Path]:
 def output_stems(paths: Sequence[Path]) -> list[str]:
     """A distinct file-name stem per input: the file's stem, with parent folders added where stems clash.
 
+    Names are compared without case (one file on macOS and Windows disks), and a
+    file given twice gets a numbered stem that no other input uses.
+
     Examples
     --------
     >>> output_stems([Path("a/img.png"), Path("b/img.png"), Path("c.png")])
     ['a_img', 'b_img', 'c']
-    >>> output_stems([Path("x.png"), Path("x.png")])
-    ['x', 'x-2']
+    >>> output_stems([Path("x-2.png"), Path("x.png"), Path("x.png")])
+    ['x-2', 'x', 'x-3']
     """
     resolved = [p.resolve() for p in paths]
     depth = [0] * len(paths)
@@ -55,18 +59,27 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
 
     while True:
         names = [stem(i) for i in range(len(paths))]
-        clashing = [i for i, n in enumerate(names) if names.count(n) > 1
+        keys = [n.casefold() for n in names]
+        clashing = [i for i, k in enumerate(keys) if keys.count(k) > 1
                     and depth[i] < len(resolved[i].parent.parts)
-                    and len({resolved[j] for j, m in enumerate(names) if m == n}) > 1]
+                    and len({resolved[j] for j, m in enumerate(keys) if m == k}) > 1]
         if not clashing:
             break
         for i in clashing:
             depth[i] += 1
-    seen: dict[str, int] = {}
+    taken = {n.casefold() for n in names}
+    first: dict[Path, str] = {}
     unique = []
-    for name in names:  # the same file given twice: number the repeats
-        seen[name] = seen.get(name, 0) + 1
-        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    for path, name in zip(resolved, names):  # the same file given twice: number the repeats
+        if path not in first:
+            first[path] = name
+            unique.append(name)
+            continue
+        k = 2
+        while f"{name}-{k}".casefold() in taken:
+            k += 1
+        taken.add(f"{name}-{k}".casefold())
+        unique.append(f"{name}-{k}")
     return unique
 
 
@@ -99,8 +112,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--target", help="class index or name to explain (default: each image's prediction)")
     p.add_argument("--out", default="vitlens-explain", help="output folder (default: ./vitlens-explain)")
     p.add_argument("--format", choices=("nc", "zarr"), default="nc", help="capture file format (default: nc)")
-    p.add_argument("--alpha", type=float, default=0.55, help="heat map opacity in the overlays")
-    p.add_argument("--size", type=int, default=448, help="longest side of the written PNGs in pixels (default 448)")
+    p.add_argument("--alpha", type=float, default=0.55, help="heat map opacity in the overlays, 0..1 (default 0.55)")
+    p.add_argument("--size", type=int, default=448, help=f"longest side of the written PNGs in pixels, 16..{MAX_SIZE} (default 448)")
     p.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     args = p.parse_args(list(argv))
 
@@ -113,6 +126,12 @@ def main(argv: Sequence[str]) -> int:
         raise OptionError(f"--out {str(out)!r} is a file, not a folder; give a folder (it is created if missing).")
     if args.size < 16:
         raise OptionError(f"--size {args.size}: give at least 16 pixels.")
+    if args.size > MAX_SIZE:  # refused before anything is allocated: 100000 px would take 30 GB per picture
+        raise OptionError(f"--size {args.size}: give at most {MAX_SIZE} pixels (the longest side of each PNG); "
+                          "larger pictures of a token-grid map show nothing more.")
+    if not 0.0 <= args.alpha <= 1.0:  # also NaN
+        raise OptionError(f"--alpha {args.alpha:g}: give an opacity between 0 and 1 (0: the picture alone, "
+                          "1: the heat map alone).")
     methods = vl.registry.resolve_methods(args.method)  # the one reader of method names (did-you-mean hint)
     paths = expand_inputs(args.images)
     stems = output_stems(paths)
@@ -136,7 +155,7 @@ def main(argv: Sequence[str]) -> int:
     names = cap.attrs.get("class_names") or [str(k) for k in range(cap.logits.shape[1])]
     probs = np.exp(cap.logits.values - cap.logits.values.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    written = 0
+    written: set[Path] = set()
     for i, path in enumerate(paths):
         t = int(cap.target.values[i])
         print(f"{path}: explaining class {t} ({names[t]}, p={probs[i, t]:.2f}) -> {stems[i]}_*.png")
@@ -145,9 +164,9 @@ def main(argv: Sequence[str]) -> int:
                                           for m in methods}}
         for kind, pixels in pictures.items():
             _write_png(_readable(Image.fromarray(pixels), args.size), out / f"{stems[i]}_{kind}.png")
-            written += 1
+            written.add(out / f"{stems[i]}_{kind}.png")
     saved = vl.save(cap, capture_path, overwrite=args.overwrite)
-    print(f"wrote {written} PNG files ({len(paths)} images x {len(methods) + 1}) and {saved.name} to {out}/")
+    print(f"wrote {len(written)} PNG files ({len(paths)} images x {len(methods) + 1}) and {saved.name} to {out}/")
     return 0
 
 

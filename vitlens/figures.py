@@ -35,14 +35,16 @@ import numpy as np
 import xarray as xr
 
 from .errors import ExportError, OptionError
-from .methods import METHOD_INFO, METHODS, explain, normalize, to_pixels
+from .methods import METHOD_INFO, METHODS, explain, minmax, normalize, to_pixels
 from .registry import method_info, resolve_methods
+from .methods import normalize as normalize_maps  # vl.plot's own argument is called normalize
 
-__all__ = ["render_panels", "grid", "layers", "plot", "overlay", "colormap", "save"]
+__all__ = ["render_panels", "grid", "layers", "head_atlas", "draw_head_atlas", "plot", "overlay", "colormap", "save"]
 
 DEFAULT_CMAP = "inferno"
 DEFAULT_COLORSCALE = DEFAULT_CMAP  # the old (plotly-era) name, kept for callers
 PANEL_INCHES = 1.9  # one panel's side in a static figure
+MAX_ROWS = 8  # samples a method grid shows unless told which (it says so when it leaves some out)
 TITLES = {name: info.title for name, info in METHOD_INFO.items()}  # from the method registry
 # fixed metadata: the same figure always writes the same bytes
 _METADATA = {
@@ -147,6 +149,7 @@ def render_panels(
     ncols: int | None = None,
     colorbar_label: str = "relevance",
     panel_inches: float = PANEL_INCHES,
+    caption: str | None = None,
 ) -> Any:
     """Draw panels (an image, a heat map over it, a title) into one static figure.
 
@@ -170,6 +173,9 @@ def render_panels(
         Panels per row (default: all in one row, at most 6).
     colorbar_label, panel_inches
         Colour bar label; size of one panel in inches.
+    caption
+        Small print under the panels (wrapped to the figure's width): full class
+        names that labels shortened, which samples were left out.
 
     Returns
     -------
@@ -203,8 +209,16 @@ def render_panels(
     has_overlay = any(p.get("overlay") is not None for p in panels)
     width = ncols * panel_inches + (0.35 if has_labels else 0) + (0.8 if colorbar and has_overlay else 0)
     height = nrows * (panel_inches + (0.3 if has_titles else 0)) + (0.4 if suptitle else 0)
+    height += 0.18 * str(suptitle or "").count("\n")  # a wrapped title's further lines
+    if caption:
+        caption = _wrap(caption, width)
+        height += 0.14 * (caption.count("\n") + 1) + 0.1
     fig = _figure_class()(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
+    # PDF and SVG: matplotlib would composite each panel's image and heat map into one
+    # picture first, and got the transparency wrong (lighter overlays than the PNG);
+    # drawn as two images, every format blends the heat map over the image alike.
+    fig.suppressComposite = True
     fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     mappable = None
@@ -257,6 +271,8 @@ def render_panels(
         bar.ax.tick_params(labelsize=8)
     if suptitle:
         fig.suptitle(str(suptitle), fontsize=10)
+    if caption:  # a figure-level x label: constrained layout keeps room for it under the panels
+        fig.supxlabel(caption, x=0.01, ha="left", multialignment="left", fontsize=7)
     # lay out once and keep it: constrained layout moves things a little on every
     # draw, so without this a figure saved twice would not give the same bytes
     fig.draw_without_rendering()
@@ -264,9 +280,70 @@ def render_panels(
     return fig
 
 
+# -- labels that fit -----------------------------------------------------------------------
+def _wrap(text: str, width_inches: float, fontsize: float = 7) -> str:
+    """``text`` wrapped to lines that fit ``width_inches`` at ``fontsize`` (each paragraph on its own)."""
+    import textwrap
+
+    chars = max(20, int(width_inches * 72 / (0.62 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in str(text).splitlines())
+
+
+def short_label(name: str, chars: int, lines: int = 2) -> str:
+    r"""A class name that fits a row label: its first synonym, wrapped to ``lines`` lines of ``chars``.
+
+    ImageNet names list synonyms ("sidewinder, horned rattlesnake, Crotalus
+    cerastes"): the label keeps the first; a name still too long is wrapped and
+    ends in "…". Figures give the full name in their caption.
+
+    Examples
+    --------
+    >>> short_label("sidewinder, horned rattlesnake, Crotalus cerastes", 14)
+    'sidewinder'
+    >>> short_label("a very long class name without any commas at all", 14)
+    'a very long\nclass name…'
+    """
+    import textwrap
+
+    first = str(name).split(",")[0].strip() or str(name)
+    wrapped = textwrap.wrap(first, chars, break_long_words=True) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][: chars - 1] + "…"
+    return "\n".join(wrapped)
+
+
+def figure_title(cap: xr.DataTree, text: str | None) -> str | None:
+    """A figure's title, marked "UNTRAINED (random weights)" when the capture's model had random weights.
+
+    :func:`vitlens.load_model` marks a timm model created without ``pretrained=``
+    or ``checkpoint=`` (it also warns, :class:`~vitlens.RandomWeightsWarning`), and
+    the capture records it (``attrs["weights"] == "random"``).
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> figure_title(xr.DataTree(xr.Dataset(attrs={"weights": "random"})), "Rollout")
+    'UNTRAINED (random weights) · Rollout'
+    """
+    if cap.attrs.get("weights") != "random":
+        return text
+    return "UNTRAINED (random weights)" + (f" · {text}" if text else "")
+
+
+def _class_names(cap: xr.DataTree) -> list[str] | None:
+    if "class_name" in cap.coords:
+        return [str(n) for n in cap["class_name"].values]
+    return [str(n) for n in cap.attrs.get("class_names", [])] or None
+
+
 # -- figures -----------------------------------------------------------------------------
-def _check_methods(methods: Sequence[str] | str | None) -> list[str]:
-    names = resolve_methods("all" if methods is None else methods)  # the one reader of method names
+def _check_methods(methods: Sequence[str] | str | None, cap: xr.DataTree | None = None) -> list[str]:
+    if methods is None or methods == "all":  # every method the capture holds what it reads for
+        from .methods import explainable_methods
+
+        return list(METHODS) if cap is None else list(explainable_methods(cap))
+    names = resolve_methods(methods)  # the one reader of method names (did-you-mean hint)
     if not names:
         raise OptionError(f"methods is empty; choose from {list(METHODS)} or 'all'.")
     return names
@@ -275,7 +352,9 @@ def _check_methods(methods: Sequence[str] | str | None) -> list[str]:
 def _token_maps(cap: xr.DataTree, methods: Sequence[str], options: dict[str, Any]) -> xr.Dataset:
     from .methods import options_of
 
-    if set(methods) == set(METHODS):
+    from .methods import explainable_methods
+
+    if set(methods) == set(explainable_methods(cap, options)):
         maps = explain(cap, "all", **options)
     else:
         maps = xr.Dataset({m: explain(cap, m, **{k: v for k, v in options.items() if k in options_of(m)})
@@ -309,9 +388,12 @@ def grid(
     cap
         A capture.
     methods
-        Methods as columns (default: all seven).
+        Methods as columns (default: every method the capture can explain:
+        :func:`vitlens.methods.explainable_methods`; AttnLRP and LeGrad when it was made
+        with their passes).
     samples
-        Sample indices as rows (default: all, at most 8).
+        Sample indices as rows (default: the first 8; a figure of more samples
+        says which it left out under its panels).
     opacity, cmap, colorbar, titles, smooth
         Look of the overlay: one colour map for every panel (maps are min-max
         normalised per image, so the colour bar runs 0–1), an optional shared
@@ -319,34 +401,50 @@ def grid(
         token blocks. ``colorscale`` is the old name of ``cmap``.
     cell
         Size of one panel in inches.
+    suptitle
+        A title over the figure (a model with random weights is marked "UNTRAINED").
     **options
         Passed to the methods that take them (e.g. ``heads=``, ``start_layer=``).
+
+    Row labels name each sample and its class; a long class name (ImageNet's
+    "sidewinder, horned rattlesnake, Crotalus cerastes") is shortened to fit
+    beside its row, with the full name under the panels.
 
     Returns
     -------
     matplotlib.figure.Figure
     """
-    methods = _check_methods(methods)
+    methods = _check_methods(methods, cap)
     n = int(cap["sample"].size)
-    samples = list(range(min(n, 8))) if samples is None else [int(s) for s in samples]
+    samples = list(range(min(n, MAX_ROWS))) if samples is None else [int(s) for s in samples]
     if not samples or any(not 0 <= s < n for s in samples):
         raise OptionError(f"samples {samples} must be a non-empty selection of 0..{n - 1}.")
     sub = cap.isel(sample=samples)
     maps = _token_maps(sub, methods, options)
     images = sub["image"].values
-    names = list(cap.attrs.get("class_names", [])) or None
+    names = _class_names(cap)
     targets = sub["target"].values
-    panels = []
+    chars = max(8, int(cell * 72 / (0.6 * 9)))  # characters that fit beside one row (9 pt)
+    panels, notes = [], []
     for r, s in enumerate(samples):
-        label = f"#{s}: {names[int(targets[r])]}" if names else f"#{s}: class {int(targets[r])}"
+        full = names[int(targets[r])] if names else f"class {int(targets[r])}"
+        short = short_label(full, chars - len(f"#{s}: "))
+        label = f"#{s}: {short}"
+        if short.replace("\n", " ") != full:
+            notes.append(f"#{s}: {full}")
         panels.append({"image": images[r], "title": "input" if titles and r == 0 else "",
                        "ylabel": label if titles else None})
         for m in methods:
             panels.append({"image": images[r], "overlay": maps[m].values[r], "vmin": 0.0, "vmax": 1.0,
                            "alpha": opacity, "cmap": _cmap_arg(cmap, colorscale), "smooth": smooth,
                            "title": _title(m) if titles and r == 0 else ""})
-    return render_panels(panels, ncols=1 + len(methods), colorbar=colorbar, suptitle=suptitle,
-                         colorbar_label="relevance (min-max per image)", panel_inches=cell)
+    if len(samples) < n and samples == list(range(len(samples))):
+        notes.append(f"Samples 0–{len(samples) - 1} of {n} shown; samples= picks others.")
+    elif len(samples) < n:
+        notes.append(f"{len(samples)} of {n} samples shown.")
+    return render_panels(panels, ncols=1 + len(methods), colorbar=colorbar, suptitle=figure_title(cap, suptitle),
+                         colorbar_label="relevance (min-max per image)", panel_inches=cell,
+                         caption="\n".join(notes) if titles and notes else None)
 
 
 def layers(
@@ -388,12 +486,17 @@ def layers(
     panels = [{"image": img, "overlay": per.values[0, i], "title": f"after block {layer}", "vmin": 0.0,
                "vmax": 1.0, "alpha": opacity, "cmap": _cmap_arg(cmap, colorscale), "smooth": smooth}
               for i, layer in enumerate(chosen)]
-    return render_panels(panels, ncols=min(columns, len(chosen)), suptitle=f"{_title(method)} by depth",
+    names = _class_names(cap)
+    c = int(sub["target"].values[0])
+    title = (f"{_title(method)} by depth · {cap.attrs.get('model', 'model')} · sample {sample} · "
+             f"class {names[c] if names else c!r}")
+    ncols = min(columns, len(chosen))
+    return render_panels(panels, ncols=ncols, suptitle=_wrap(figure_title(cap, title), ncols * cell + 0.8, 10),
                          colorbar_label="relevance (min-max per map)", panel_inches=cell)
 
 
 def plot(obj: xr.DataArray, *, image: xr.DataArray | xr.DataTree | None = None, ax: Any = None,
-         **kwargs: Any) -> Any:
+         normalize: bool = True, **kwargs: Any) -> Any:
     """xarray's ``.plot()`` / ``.plot.imshow()`` the right way up (row 0 at the top).
 
     ``map.plot()`` and ``cap["image"].plot.imshow()`` follow xarray's default
@@ -401,6 +504,12 @@ def plot(obj: xr.DataArray, *, image: xr.DataArray | xr.DataTree | None = None, 
     with ``yincrease=False`` and equal aspect. A map with a ``sample`` (or
     ``layer``) dimension is drawn as facets; an image (``channel`` dimension)
     as RGB.
+
+    **Maps are min-max normalised per facet by default** (each sample's, or each
+    layer's, map scaled to [0, 1], as :func:`vitlens.normalize` does), so a map
+    whose values are a thousand times smaller than its neighbour's is not drawn
+    black; the colour bar then runs 0–1. ``normalize=False`` draws the raw values
+    on one shared scale (xarray's default).
 
     Parameters
     ----------
@@ -410,6 +519,9 @@ def plot(obj: xr.DataArray, *, image: xr.DataArray | xr.DataTree | None = None, 
     image
         Optional picture under a single map: a capture or its ``image`` (one
         sample); the map is upsampled to it and drawn at ``alpha=0.5``.
+    normalize
+        Min-max scale each facet's map to [0, 1] (default); False: raw values,
+        one colour scale for all facets. Images are never rescaled.
     ax, **kwargs
         Passed on to xarray's plotting (``cmap=``, ``col_wrap=``, ...).
 
@@ -437,6 +549,10 @@ def plot(obj: xr.DataArray, *, image: xr.DataArray | xr.DataTree | None = None, 
         kwargs.setdefault("col_wrap", min(obj.sizes[facets[0]], 6))
     if "channel" in obj.dims:
         return obj.clip(0, 1).plot.imshow(rgb="channel", **kwargs)
+    if normalize:  # per facet: each map scaled to [0, 1] on its own
+        obj = normalize_maps(obj)
+        kwargs.setdefault("vmin", 0.0)
+        kwargs.setdefault("vmax", 1.0)
     if image is not None:
         if facets:
             raise OptionError("vl.plot(map, image=...) draws one map over one picture; select one sample first.")
@@ -550,3 +666,160 @@ def _atomic_write(path: Path, write: Any) -> Path:
         raise ExportError(f"could not write {str(path)!r} ({type(exc).__name__}: {exc}); "
                           "the previous file, if any, is unchanged.") from exc
     return path
+
+
+# -- the head atlas ---------------------------------------------------------------------------
+def head_atlas(
+    obj: xr.DataTree,
+    stat: str = "attention_distance",
+    *,
+    head: tuple[int, int] | None = None,
+    k: int = 4,
+    query: tuple[int, int] | None | str = "default",
+    model: Any = None,
+    images: Any = None,
+    cmap: str = "viridis",
+) -> Any:
+    """The head atlas of one statistic as a static figure: layers × heads, and the statistic by depth.
+
+    Left: the dataset mean of the statistic per block (rows) and head (columns).
+    Right: the ViT paper's view (Dosovitskiy et al. 2021, Fig. 7), the statistic
+    against depth, one dot per head, the mean of the heads as a line. With
+    ``head=(layer, h)`` two rows follow: the ``k`` images where that head's
+    statistic is highest and the ``k`` where it is lowest, each under the head's
+    attention of ``query`` (min-max per image).
+
+    Parameters
+    ----------
+    obj
+        A capture, or a store (full or reduced, see :func:`vitlens.head_stats`).
+    stat
+        One of :data:`vitlens.HEAD_STATS`.
+    head
+        ``(layer, head)`` whose extreme images to show (default: none).
+    k
+        Images per row.
+    query
+        ``"default"`` (CLS, or the centre patch without one), ``None`` (CLS) or a
+        patch ``(row, col)`` on the first-stage grid.
+    model, images
+        For a reduced store without attention: the model to capture the ``2k``
+        images again, and the images it was captured from if it kept none.
+    cmap
+        Colour map of the heat map.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
+    >>> cap = vl.capture(model, np.random.default_rng(0).random((4, 32, 32, 3)), grads=False)
+    >>> fig = vl.figures.head_atlas(cap, "attention_entropy", head=(1, 0), k=2)
+    >>> [ax.get_title() for ax in fig.axes[:2]]
+    ['Attention entropy: dataset mean', 'Attention entropy by depth']
+    """
+    from .stats import head_stats
+    from .stats.atlas import default_query, examples, extremes, summary
+
+    values = head_stats(obj, stat)
+    picked = None
+    if head is not None:
+        layer, h = (int(v) for v in head)
+        ext = extremes(values, layer, h, k)
+        q = default_query(obj) if isinstance(query, str) and query == "default" else query
+        rows = []
+        for label, positions in (("highest", ext.highest), ("lowest", ext.lowest)):
+            pictures, maps, _ = examples(obj, positions, layer, h, q, model=model, images=images)
+            samples = values["sample"].values[positions]
+            rows.append((label, [(pictures[i], maps[i], f"#{samples[i]} · {ext.value(p):.3g}")
+                                 for i, p in enumerate(positions)]))
+        picked = (layer, h, rows)
+    title = f"{obj.attrs.get('model', 'model')} · {values.sizes['sample']} images"
+    return draw_head_atlas(summary(values), stat, selected=picked, cmap=cmap, suptitle=title)
+
+
+def draw_head_atlas(table: xr.Dataset, stat: str, *, selected: Any = None, cmap: str = "viridis",
+                    suptitle: str | None = None) -> Any:
+    """Draw a head atlas from a :func:`vitlens.stats.atlas.summary` (what :func:`head_atlas` and the
+    widget's export call).
+
+    ``selected``: ``(layer, head, rows)``, ``rows`` a list of ``(label, [(image, map, title), ...])``
+    (image ``(H, W, 3)``, map on the token grid), drawn one row each under the overview.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.patches import Rectangle
+
+    from .registry import stat_info
+
+    info = stat_info(stat)
+    mean = table["mean"]
+    layers = [int(l) for l in mean["layer"].values]
+    heads = mean.sizes["head"]
+    rows = selected[2] if selected else []
+    ncols = max((len(r[1]) for r in rows), default=0)
+    width = max(8.0, 1.6 * ncols)
+    height = 3.2 + (1.9 * len(rows) if rows else 0) + (0.4 if suptitle else 0)
+    fig = _figure_class()(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = (fig.subfigures(2, 1, height_ratios=[3.2, 1.9 * len(rows)]) if rows else (fig, None))
+    ax_map, ax_dots = top.subplots(1, 2, width_ratios=[max(1.0, heads / max(len(layers), 1)) + 0.4, 1.6])
+    colours = _cmap(cmap).with_extremes(bad="#eeeeee")  # grey: a head the block does not have
+    im = ax_map.imshow(np.ma.masked_invalid(mean.values), cmap=colours, aspect="auto", interpolation="nearest")
+    ax_map.set_xticks(range(heads), [str(h) for h in range(heads)], fontsize=8)
+    ax_map.set_yticks(range(len(layers)), [f"block {l}" for l in layers], fontsize=8)
+    ax_map.set_xlabel("head", fontsize=9)
+    ax_map.set_title(f"{info.title}: dataset mean", fontsize=10)
+    bar = top.colorbar(im, ax=ax_map, shrink=0.9, aspect=25, pad=0.01)
+    bar.set_label(info.unit, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+    offsets = (np.arange(heads) - (heads - 1) / 2) * (0.5 / max(heads, 1))
+    for h in range(heads):
+        ax_dots.scatter(np.arange(len(layers)) + offsets[h], mean.values[:, h], s=14, color="#3b6ea8", alpha=0.8,
+                        linewidths=0)
+    with np.errstate(invalid="ignore"):
+        ax_dots.plot(range(len(layers)), np.nanmean(mean.values, axis=1), color="#888888", lw=1, zorder=0)
+    if "stage" in mean.coords:  # Swin: where each stage begins (its tokens are coarser from there on)
+        stages = [int(v) for v in mean["stage"].values]
+        for i in range(1, len(stages)):
+            if stages[i] != stages[i - 1]:
+                ax_map.axhline(i - 0.5, color="white", lw=1.5)
+                ax_dots.axvline(i - 0.5, color="#bbbbbb", lw=1, ls="--", zorder=0)
+                ax_dots.text(i - 0.45, 1.0, f"stage {stages[i]}", transform=ax_dots.get_xaxis_transform(),
+                             fontsize=7, color="#777777", va="top")
+    ax_dots.set_xticks(range(len(layers)), [str(l) for l in layers], fontsize=8)
+    ax_dots.set_xlabel("block", fontsize=9)
+    ax_dots.set_ylabel(info.unit, fontsize=9)
+    ax_dots.tick_params(labelsize=8)
+    ax_dots.set_title(f"{info.title} by depth", fontsize=10)
+    if selected:
+        layer, h = selected[0], selected[1]
+        li = layers.index(layer)
+        ax_map.add_patch(Rectangle((h - 0.5, li - 0.5), 1, 1, fill=False, edgecolor="#e4002b", lw=2))
+        ax_dots.scatter([li + offsets[h]], [mean.values[li, h]], s=40, facecolor="none", edgecolor="#e4002b", lw=1.5)
+        axes = bottom.subplots(len(rows), ncols, squeeze=False)
+        for r, (label, panels) in enumerate(rows):
+            for c, ax in enumerate(axes[r]):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c >= len(panels):
+                    ax.set_axis_off()
+                    continue
+                image, heat, text = panels[c]
+                image = np.clip(np.asarray(image, dtype=float), 0, 1)
+                heat = minmax(np.asarray(heat, dtype=float))
+                ax.imshow(image, interpolation="nearest")
+                ax.imshow(_upsample(heat, image.shape[:2], False), cmap=_cmap(DEFAULT_CMAP), vmin=0, vmax=1,
+                          alpha=0.6, interpolation="nearest")
+                ax.set_title(text, fontsize=8)
+                if c == 0:
+                    ax.set_ylabel(label, fontsize=9)
+        bottom.suptitle(f"block {layer}, head {h}: highest and lowest {info.title.lower()}, under its attention "
+                        f"(min-max per image)", fontsize=9)
+    if suptitle:
+        fig.suptitle(str(suptitle), fontsize=10)
+    fig.draw_without_rendering()  # lay out once: the same figure then always saves the same bytes
+    fig.set_layout_engine("none")
+    return fig

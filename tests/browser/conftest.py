@@ -10,6 +10,7 @@ the test, except Voila's two fontawesome stylesheets from a CDN).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -65,6 +66,7 @@ class Server:
     log: Path
     base: str = ""  # http://127.0.0.1:PORT
     token: str = ""
+    notebook: str = ""
 
     def api(self, path: str):
         """GET a Jupyter REST endpoint (JSON)."""
@@ -143,23 +145,25 @@ def http_ok(url: str) -> bool:
         return r.status == 200
 
 
-def served_folder(tmp_path_factory, name: str, **options) -> Path:
-    """A fresh folder holding the test notebook (its captures are written beside it)."""
+def served_folder(tmp_path_factory, name: str, writer=None, **options) -> Path:
+    """A fresh folder holding a test notebook (its captures are written beside it).
+
+    ``writer(folder, **options)`` writes the notebook (default: the widgets notebook,
+    ``explorer.ipynb``).
+    """
     from .notebook_template import write_notebook
 
     folder = tmp_path_factory.mktemp(name)
-    write_notebook(folder, **options)
+    (writer or write_notebook)(folder, **options)
     return folder
 
 
-@pytest.fixture(scope="module")
-def voila(tmp_path_factory) -> Iterator[Server]:
+@contextlib.contextmanager
+def voila_server(folder: Path, notebook: str = "explorer.ipynb") -> Iterator[Server]:
+    """Voila serving ``folder/notebook`` on a free port of 127.0.0.1, stopped afterwards."""
     port = free_port()
-    # Voila's page gets plotly's bundle from the kernel (its first figure, the carrier, is closed);
-    # JupyterLab's from the first figure, as usual.
-    folder = served_folder(tmp_path_factory, "voila", carrier=False)
     server = start("voila", [sys.executable, "-m", "voila", "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
-                             "explorer.ipynb"], folder, f"http://127.0.0.1:{port}/")
+                             notebook], folder, f"http://127.0.0.1:{port}/")
     try:
         # a TCP answer is enough: GET / would start a kernel and run the notebook
         wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None,
@@ -169,26 +173,84 @@ def voila(tmp_path_factory) -> Iterator[Server]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator[Server]:
+@contextlib.contextmanager
+def lab_server(folder: Path, notebook: str = "explorer.ipynb") -> Iterator[Server]:
+    """JupyterLab on a free port of 127.0.0.1 with ``folder`` as its root, opening ``notebook``."""
     port = free_port()
     token = secrets.token_hex(16)
-    folder = served_folder(tmp_path_factory, "lab")
     # Render every cell (no notebook windowing), so that outputs scrolled away stay drawn,
     # and start the notebook's kernel without asking which one.
     settings = folder / ".jupyter" / "lab-settings" / "@jupyterlab" / "notebook-extension"
-    settings.mkdir(parents=True)
+    settings.mkdir(parents=True, exist_ok=True)
     (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none", "autoStartDefaultKernel": true}')
     server = start("jupyterlab", [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", "--ip=127.0.0.1",
                                   f"--port={port}", f"--IdentityProvider.token={token}",
                                   f"--ServerApp.root_dir={folder}"],
-                   folder, f"http://127.0.0.1:{port}/lab/tree/explorer.ipynb?token={token}&reset")
-    server.base, server.token = f"http://127.0.0.1:{port}", token
+                   folder, f"http://127.0.0.1:{port}/lab/tree/{notebook}?token={token}&reset")
+    server.base, server.token, server.notebook = f"http://127.0.0.1:{port}", token, notebook
     try:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/api/status?token={token}"), "answering /api/status", server)
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def voila(tmp_path_factory) -> Iterator[Server]:
+    # Voila's page gets plotly's bundle from the kernel (its first figure, the carrier, is closed);
+    # JupyterLab's from the first figure, as usual.
+    with voila_server(served_folder(tmp_path_factory, "voila", carrier=False)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory) -> Iterator[Server]:
+    with lab_server(served_folder(tmp_path_factory, "lab")) as server:
+        yield server
+
+
+# -- opening a notebook in JupyterLab ---------------------------------------------------------
+KERNEL_DIALOG = ".jp-Dialog"
+IDLE = "!!document.querySelector(\".jp-Notebook-ExecutionIndicator[data-status='idle']\")"
+TIMEOUT_MS = 30_000
+
+
+def answer_kernel_dialog(page) -> bool:
+    """Accept JupyterLab's "Select Kernel" dialog (python3) if it is open; whether it was."""
+    if not page.locator(KERNEL_DIALOG).count():
+        return False
+    page.locator(f"{KERNEL_DIALOG} .jp-mod-accept").click()
+    page.wait_for_function(f"() => !document.querySelector('{KERNEL_DIALOG}') && {IDLE}", timeout=TIMEOUT_MS * 3)
+    return True
+
+
+def run_all(page) -> None:
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator("[data-command='runmenu:run-all']").click()
+
+
+def kernel_connected(lab: Server) -> bool:
+    """The server's word that the notebook's kernel is up, idle, and the page connected to it."""
+    return any(s["path"].endswith(lab.notebook) and s["kernel"]["execution_state"] == "idle"
+               and s["kernel"]["connections"] > 0 for s in lab.api("sessions"))
+
+
+def open_and_run_in_lab(page, lab: Server, plots: int) -> None:
+    """Open the server's notebook, wait for its kernel, run all cells, wait for ``plots`` plotly figures."""
+    drawn = f"document.querySelectorAll('.js-plotly-plot').length >= {plots}"
+    page.goto(lab.url, timeout=TIMEOUT_MS * 2)
+    page.wait_for_function(f"() => {IDLE} || !!document.querySelector('{KERNEL_DIALOG}')", timeout=TIMEOUT_MS * 3)
+    answer_kernel_dialog(page)
+    deadline = time.monotonic() + TIMEOUT_MS / 1000 * 3
+    while not kernel_connected(lab):  # the page shows "idle" before it has a kernel
+        assert time.monotonic() < deadline, f"no kernel connected: {lab.api('sessions')}"
+        answer_kernel_dialog(page)
+        page.wait_for_timeout(250)
+    run_all(page)
+    page.wait_for_function(f"() => {drawn} || !!document.querySelector('{KERNEL_DIALOG}')", timeout=TIMEOUT_MS * 4)
+    if answer_kernel_dialog(page):  # it can also open once the run has started: run again
+        run_all(page)
+        page.wait_for_function(f"() => {drawn}", timeout=TIMEOUT_MS * 4)
 
 
 # -- the browser -----------------------------------------------------------------------------
@@ -206,12 +268,14 @@ def browser():
 
 @dataclass
 class PageProblems:
-    """Page errors, console errors and requests that left 127.0.0.1, as they happened."""
+    """Page errors, console errors, dialogs (alert, confirm, ...) and requests that left 127.0.0.1."""
 
     errors: list[str] = field(default_factory=list)
     offline: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
 
     def check(self) -> None:
+        assert not self.dialogs, f"the page opened dialogs (script ran): {self.dialogs}"
         assert not self.errors, "the page reported errors:\n" + "\n".join(self.errors)
 
 
@@ -253,6 +317,12 @@ def page_factory(browser):
         page.on("console", on_console)
         page.on("pageerror", lambda exc: problems.errors.append(f"page error: {exc}"))
         page.on("requestfailed", on_request_failed)
+
+        def on_dialog(dialog) -> None:  # no vitlens page opens one: a dialog is script from data
+            problems.dialogs.append(f"{dialog.type}: {dialog.message}")
+            dialog.dismiss()
+
+        page.on("dialog", on_dialog)
         return page, problems
 
     yield make

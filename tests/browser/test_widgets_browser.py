@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from .conftest import CHROMIUM
+from .conftest import CHROMIUM, TIMEOUT_MS, open_and_run_in_lab
 
 try:
     from playwright.sync_api import expect
@@ -36,7 +36,6 @@ from vitlens.methods import METHOD_INFO, statistic_maps
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-TIMEOUT_MS = 30_000
 #: Panels of the Explorer, and the trace index of each panel's heatmap in figure.data.
 HEATMAP = {"attention": 1, "statistic": 3, "fusion": 5, "method": 7, "contrast": 9}
 GRID_TRACE, MARKER_TRACE = 10, 11
@@ -314,13 +313,22 @@ FIT_JS = """() => {
     const widget = gd.closest('.vitlens-explorer, .vitlens-head-grid, .vitlens-model-view, .vitlens-token-curves, .vitlens-compare');
     const svg = gd.querySelector('.main-svg'), box = gd.getBoundingClientRect(), abox = area.getBoundingClientRect();
     const bars = Array.from(gd.querySelectorAll('.colorbar')).map((c) => c.getBoundingClientRect().right);
-    const titles = Array.from(gd.querySelectorAll('.annotation-text')).map((t) => t.getBoundingClientRect());
+    const titles = Array.from(gd.querySelectorAll('.annotation-text')).map((t) => t.getBoundingClientRect())
+      .filter((t) => t.width > 0);
+    const overlapping = [];
+    for (let i = 0; i < titles.length; i++) for (let j = i + 1; j < titles.length; j++) {
+      const a = titles[i], b = titles[j];
+      if (a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 && b.top < a.bottom - 1)
+        overlapping.push([i, j]);
+    }
     const modebar = gd.querySelector('.modebar');
     out.push({widget: widget ? widget.className.match(/vitlens-[a-z-]+/)[0] : '?',
               fig: svg ? svg.getBoundingClientRect().width : 0, right: svg ? svg.getBoundingClientRect().right : 0,
               area: abox.width, areaRight: abox.right, bars, barMax: Math.max(0, ...bars),
               modebar: !!(modebar && modebar.getBoundingClientRect().width > 0),
               titlesInside: titles.every((t) => t.right <= abox.right + 1 && t.left >= abox.left - 1),
+              overlapping, columns: new Set(titles.map((t) => Math.round(t.left))).size, titles: titles.length,
+              drawnWidth: gd._fullLayout ? gd._fullLayout.width : 0, width: gd.getBoundingClientRect().width,
               // why a figure did not follow its area (shown when the fit check fails)
               css: getComputedStyle(gd).width, layoutWidth: gd.layout ? gd.layout.width : null,
               layoutHeight: gd.layout ? gd.layout.height : null, autosize: gd.layout ? gd.layout.autosize : null,
@@ -332,80 +340,59 @@ FIT_JS = """() => {
 }"""
 
 
-def wait_settled(page, condition: str, timeout_ms: int = TIMEOUT_MS) -> None:
-    """Wait until ``condition`` holds and the page's figures and output areas keep their widths
-    for a second (five polls 250 ms apart).
+AREAS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map((gd) => {
+  if (gd.offsetParent === null) return null;  // a hidden stage figure
+  const area = gd.closest('.jp-OutputArea-output') || gd.closest('.jp-Cell-outputArea') || document.body;
+  return Math.round(area.getBoundingClientRect().width);
+})"""
 
-    Right after a viewport change the page can still show the old layout: every figure
-    then "fits" an output area that has not been resized yet. A CI failure was exactly
-    this (the check passed at once on the old widths, and the measurement a moment later
-    found the areas resized while plotly's 100 ms resize timer was still running).
+#: The state every measurement waits for: plotly has laid out each shown figure at its element's width.
+DRAWN_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).filter((gd) => gd.offsetParent !== null)
+  .every((gd) => !!gd._fullLayout && Math.abs(gd._fullLayout.width - gd.getBoundingClientRect().width) <= 1)"""
+
+
+def resize(page, viewport: dict) -> None:
+    """Set the window's size and wait until the page's layout has followed it (a state, not a time).
+
+    Right after ``set_viewport_size`` the output areas still have their old widths,
+    and every figure "fits" them: measuring then passed on the old layout (the check
+    that failed one CI run in three). So first wait until every shown figure's output
+    area has a new width, then (in :func:`check_fit`) until plotly has drawn at it.
     """
-    widths = f"() => ({FIT_JS})().plots.map((p) => [p.fig, p.area])"
-    deadline = time.monotonic() + timeout_ms / 1000
-    last, steady = None, 0
-    while True:
-        ok = page.evaluate(condition)
-        now = page.evaluate(widths)
-        steady = steady + 1 if ok and now == last else 0
-        if steady >= 4:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not settled within {timeout_ms} ms: {now}")
-        last = now
-        page.wait_for_timeout(250)
+    before = page.evaluate(AREAS_JS)
+    page.set_viewport_size(viewport)
+    page.wait_for_function(f"""(before) => {{
+        const now = ({AREAS_JS})();
+        return now.length === before.length && now.every((w, i) => w === null || before[i] === null || w !== before[i]);
+    }}""", arg=before, timeout=TIMEOUT_MS)
+
+
+def wait_for_grids(page) -> None:
+    """Wait until every Explorer and Compare shows the grid its drawn width calls for (it wraps by itself)."""
+    from vitlens.widgets.compare import Compare
+    from vitlens.widgets.figure import grid_shape
+
+    widgets = {"explorer": None, "compare": Compare.max_cols}
+    for name, most in widgets.items():
+        for k, (width, n) in enumerate(page.evaluate(f"""() => Array.from(document.querySelectorAll(
+                '.vitlens-{name} .js-plotly-plot')).map((gd) => [gd.getBoundingClientRect().width,
+                gd.layout.annotations.length])""")):
+            rows, cols = grid_shape(n, width)
+            cols = min(cols, most or cols)
+            page.wait_for_function(f"""([k, cols]) => {{
+                const gd = document.querySelectorAll('.vitlens-{name} .js-plotly-plot')[k];
+                return new Set(gd.layout.annotations.map((a) => a.x.toFixed(3))).size === cols; }}""",
+                                   arg=[k, cols], timeout=TIMEOUT_MS)
 
 
 def check_fit(page, label: str) -> None:
-    """Every figure fits its output area (and fills most of it); colour bars inside; labels whole."""
+    """Every figure fits its output area (and fills most of it); colour bars inside; labels whole; titles apart."""
     page.wait_for_function(f"() => ({FIT_JS})().plots.length >= {PLOTS}", timeout=TIMEOUT_MS * 2)
-    # plotly follows a window resize asynchronously: wait until every figure fits and fills its area
-    fits = f"() => ({FIT_JS})().plots.every((p) => p.fig > 0.85 * p.area && p.fig <= p.area + 1)"
-    try:
-        wait_settled(page, fits)
-    except Exception:
-        # A real resize sends many resize events; set_viewport_size sends one, and on a
-        # loaded machine plotly can measure before the new layout has settled. One more
-        # event, as a dragged window would send; the assertions below still decide.
-        for _ in range(3):  # a few more, as a dragged window sends (failed once in CI after one)
-            page.evaluate("() => window.dispatchEvent(new Event('resize'))")
-            try:
-                wait_settled(page, fits, TIMEOUT_MS // 3)
-                break
-            except Exception:  # report the measured widths below
-                pass
+    page.wait_for_function(DRAWN_JS, timeout=TIMEOUT_MS)  # plotly follows a resize asynchronously
+    wait_for_grids(page)  # the Explorers and Compare chose their grid for this width (a kernel round trip)
+    page.wait_for_function(DRAWN_JS, timeout=TIMEOUT_MS)  # ... and plotly drew it
     found = page.evaluate(FIT_JS)
     plots = found["plots"]
-    if any(not (0.85 * p["area"] <= p["fig"] <= p["area"] + 1) for p in plots):
-        # a figure did not follow its area: ask plotly to resize it once more and record what it
-        # did, for the failure message below (before wait_settled, CI failed here about one run in
-        # three: the check had passed on the old widths, before the page's layout followed)
-        probe = page.evaluate("""async () => {
-          const out = [];
-          for (const gd of document.querySelectorAll('.js-plotly-plot')) {
-            if (gd.offsetParent === null) continue;
-            const svg = gd.querySelector('.main-svg');
-            const rec = {before: gd._fullLayout && gd._fullLayout.width, svg: svg && svg.getBoundingClientRect().width,
-                         timer: !!gd._redrawTimer, resolve: !!gd._resolveResize, promises: (gd._promises || []).length,
-                         transitioning: !!gd._transitioning, events: []};
-            const w = gd.getBoundingClientRect().width;
-            if (rec.svg <= w + 1 && rec.svg >= 0.85 * w) continue;
-            const log = (n) => (e) => rec.events.push(n);
-            gd.on('plotly_relayout', log('relayout')); gd.on('plotly_afterplot', log('afterplot'));
-            gd.on('plotly_autosize', log('autosize'));
-            try { gd._responsiveChartHandler(); } catch (e) { rec.error = String(e); }
-            await new Promise((r) => setTimeout(r, 1500));
-            rec.after = gd._fullLayout && gd._fullLayout.width;
-            rec.svgAfter = svg && svg.getBoundingClientRect().width;
-            rec.svgNow = gd.querySelector('.main-svg') && gd.querySelector('.main-svg').getBoundingClientRect().width;
-            rec.svgs = gd.querySelectorAll('.main-svg').length;
-            out.push(rec);
-          }
-          return out;
-        }""")
-        for p in plots:
-            if not 0.85 * p["area"] <= p["fig"] <= p["area"] + 1:
-                p["probe"] = probe
     widths = ", ".join(f"{p['widget'].removeprefix('vitlens-')} {p['fig']:.0f}/{p['area']:.0f}" for p in plots)
     WIDTHS.append(f"{label}: figure/output width px: {widths}")
     for p in plots:
@@ -415,11 +402,21 @@ def check_fit(page, label: str) -> None:
         assert p["barMax"] <= p["areaRight"] + 1, f"{where}: colour bar clipped: {p}"
         assert not p["modebar"], f"{where}: a modebar covers the titles"
         assert p["titlesInside"], f"{where}: a title sticks out of the output area: {p}"
+        assert not p["overlapping"], f"{where}: panel titles overlap: {p}"
     drawn = {p["widget"] for p in plots}
     assert {"vitlens-explorer", "vitlens-head-grid", "vitlens-model-view", "vitlens-token-curves",
             "vitlens-compare"} <= drawn, drawn
     assert any(p["bars"] for p in plots if p["widget"] == "vitlens-explorer"), "no colour bar in the Explorer"
     assert found["labels"] and all(ok for _, ok in found["labels"]), f"{label}: truncated labels {found['labels']}"
+
+
+def explorer_wraps(page, label: str) -> None:
+    """At JupyterLab's narrow window (an output of about 390 px) the ViT Explorer's panels are 2 × 2."""
+    width = page.evaluate(f"() => ({PLOT_JS})(0).getBoundingClientRect().width")
+    assert width < 560, f"{label}: expected a narrow output, got {width:.0f} px"
+    columns = page.evaluate(f"() => new Set(({PLOT_JS})(0).layout.annotations.map((a) => a.x.toFixed(3))).size")
+    rows = page.evaluate(f"() => new Set(({PLOT_JS})(0).layout.annotations.map((a) => a.y.toFixed(3))).size")
+    assert (rows, columns) in ((2, 2), (3, 2)), f"{label}: the Explorer's panels are {rows} × {columns}"
 
 
 def screenshot(page, server, name: str) -> Path:
@@ -480,53 +477,16 @@ def diagnosed(page, server, problems):
                              f"--- {server.name} log ---\n{server.tail()}") from exc
 
 
-KERNEL_DIALOG = ".jp-Dialog"
-IDLE = "!!document.querySelector(\".jp-Notebook-ExecutionIndicator[data-status='idle']\")"
-ALL_DRAWN = f"document.querySelectorAll('.js-plotly-plot').length >= {PLOTS}"
-
-
-def answer_kernel_dialog(page) -> bool:
-    """Accept JupyterLab's "Select Kernel" dialog (python3) if it is open; whether it was."""
-    if not page.locator(KERNEL_DIALOG).count():
-        return False
-    page.locator(f"{KERNEL_DIALOG} .jp-mod-accept").click()
-    page.wait_for_function(f"() => !document.querySelector('{KERNEL_DIALOG}') && {IDLE}", timeout=TIMEOUT_MS * 3)
-    return True
-
-
-def run_all(page) -> None:
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator("[data-command='runmenu:run-all']").click()
-
-
-def kernel_connected(lab) -> bool:
-    """The server's word that the notebook's kernel is up, idle, and the page connected to it."""
-    return any(s["path"].endswith("explorer.ipynb") and s["kernel"]["execution_state"] == "idle"
-               and s["kernel"]["connections"] > 0 for s in lab.api("sessions"))
-
-
 def test_widgets_in_jupyterlab_wide_then_narrow(page_factory, lab, latency_lines):
     page, problems = page_factory(viewport=WIDE)
     with diagnosed(page, lab, problems):
-        page.goto(lab.url, timeout=TIMEOUT_MS * 2)
-        page.wait_for_function(f"() => {IDLE} || !!document.querySelector('{KERNEL_DIALOG}')", timeout=TIMEOUT_MS * 3)
-        answer_kernel_dialog(page)
-        deadline = time.monotonic() + TIMEOUT_MS / 1000 * 3
-        while not kernel_connected(lab):  # the page shows "idle" before it has a kernel
-            assert time.monotonic() < deadline, f"no kernel connected: {lab.api('sessions')}"
-            answer_kernel_dialog(page)
-            page.wait_for_timeout(250)
-        run_all(page)
-        page.wait_for_function(f"() => {ALL_DRAWN} || !!document.querySelector('{KERNEL_DIALOG}')",
-                               timeout=TIMEOUT_MS * 4)
-        if answer_kernel_dialog(page):  # it can also open once the run has started: run again
-            run_all(page)
-            page.wait_for_function(f"() => {ALL_DRAWN}", timeout=TIMEOUT_MS * 4)
+        open_and_run_in_lab(page, lab, PLOTS)
         check_fit(page, "JupyterLab wide")
         screenshot(page, lab, "jupyterlab-wide")
         drive_widgets(page, lab, "JupyterLab")
-        page.set_viewport_size(NARROW)  # the figures follow the window
+        resize(page, NARROW)  # the figures follow the window
         check_fit(page, "JupyterLab narrow")
+        explorer_wraps(page, "JupyterLab narrow")
         screenshot(page, lab, "jupyterlab-narrow")
         report("JupyterLab", latency_lines)
     problems.check()
@@ -536,12 +496,13 @@ def test_widgets_in_voila_narrow_then_wide(page_factory, voila, latency_lines):
     page, problems = page_factory(allow_offline="fontawesome-free", viewport=NARROW)
     with diagnosed(page, voila, problems):
         page.goto(voila.url, timeout=TIMEOUT_MS * 4)
-        page.wait_for_function(f"() => {ALL_DRAWN}", timeout=TIMEOUT_MS * 4)
+        page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length >= {PLOTS}",
+                               timeout=TIMEOUT_MS * 4)
         check_fit(page, "Voila narrow")
         screenshot(page, voila, "voila-narrow")
         drive_widgets(page, voila, "Voila")
         export_from_the_page(page, voila)
-        page.set_viewport_size(WIDE)
+        resize(page, WIDE)
         check_fit(page, "Voila wide")
         screenshot(page, voila, "voila-wide")
         report("Voila", latency_lines)

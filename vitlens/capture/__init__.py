@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .api import KEEP_GROUPS, capture
-from .store import open, save  # noqa: A004 - public names
+from .api import EXTRA_GROUPS, KEEP_GROUPS, capture
+from .interventions import ABLATIONS, head_importance, patch
+from .store import Verification, open, save, verify  # noqa: A004 - public names
 
-__all__ = ["KEEP_GROUPS", "capture", "open", "save"]
+__all__ = ["ABLATIONS", "EXTRA_GROUPS", "KEEP_GROUPS", "Verification", "capture", "head_importance", "open", "patch",
+           "save", "verify"]

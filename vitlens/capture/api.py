@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from .text import bind_inputs
 from ..models.windows import window_tokens
 
 #: What ``capture(keep=...)`` can store (the raw groups: the registry's list, which the methods'
-#: ``needs`` name). ``"all"`` (default) stores everything.
+#: ``needs`` name). ``"all"`` (default) stores everything but the :data:`EXTRA_GROUPS`.
 KEEP_GROUPS = CAPTURE_GROUPS
 
 #: The pass each group needs besides the forward pass (which the hooks record): ``"backward"``
@@ -40,7 +40,24 @@ GROUP_PASSES: dict[str, tuple[str, ...]] = {
     "ln": (),
     "norms": (),
     "features": ("backward",),  # features_grad, for Grad-CAM on features
+    "head_output": (),
+    "ablation_effect": ("ablations",),  # one forward per head (capture/interventions.py), no backward
+    "attnlrp": ("attnlrp",),  # a forward and backward of their own (vitlens.capture.attnlrp)
+    "attnlrp_cp": ("attnlrp_cp",),
+    "legrad": ("legrad",),  # a forward and one small backward per block (vitlens.capture.legrad)
 }
+
+#: Groups stored only when named in ``keep=`` (not part of ``"all"``: they cost storage or forwards):
+#: ``head_output``, each head's output as it reaches the output projection (what mean-ablation
+#: averages, see :mod:`vitlens.capture.interventions`); ``ablation_effect``, the drop of the target
+#: logit and probability when each head alone is ablated (one forward per head, no backward);
+#: ``attnlrp`` / ``attnlrp_cp``, the AttnLRP passes (relevance through the softmax / CP-LRP), and
+#: ``legrad``, LeGrad's per-layer gradients — each a pass of its own, for those methods
+#: (``keep=("all", *vl.methods.extra_groups())`` records what every method reads).
+EXTRA_GROUPS = ("head_output", "ablation_effect", "attnlrp", "attnlrp_cp", "legrad")
+
+#: the extra groups that need the target's gradients (dropped under ``grads=False``)
+_GRADIENT_EXTRAS = ("attnlrp", "attnlrp_cp", "legrad")
 
 _TOKEN_VARS = (
     "token_norm",
@@ -60,13 +77,16 @@ def _resolve_keep(keep: str | Iterable[str], grads: bool) -> set[str]:
     if isinstance(keep, str):
         keep = KEEP_GROUPS if keep == "all" else (keep,)
     chosen = set(keep)
-    unknown = chosen - set(KEEP_GROUPS)
+    if "all" in chosen:  # e.g. keep=["all", "head_output"]
+        chosen = (chosen - {"all"}) | set(KEEP_GROUPS)
+    unknown = chosen - set(KEEP_GROUPS) - set(EXTRA_GROUPS)
     if unknown:
-        raise OptionError(f"keep= got {sorted(unknown)}; choose from {list(KEEP_GROUPS)} or 'all'.")
+        raise OptionError(f"keep= got {sorted(unknown)}; choose from {list(KEEP_GROUPS)} or 'all' "
+                          f"(and, named, {list(EXTRA_GROUPS)}).")
     if not chosen:
         raise OptionError(f"keep= is empty; choose from {list(KEEP_GROUPS)} or 'all'.")
     if not grads:
-        chosen -= {"attention_grad", "attention_relevance"}
+        chosen -= {"attention_grad", "attention_relevance", *_GRADIENT_EXTRAS}
     return chosen
 
 
@@ -192,12 +212,19 @@ class CapturePlan:
         The stored floating-point dtype.
     batch_size
         Images per forward pass.
+    intervention
+        The :class:`~vitlens.capture.interventions.Intervention` applied to every forward
+        pass (ablation, patching), or ``None``.
+    lrp_dtype
+        The dtype of the αβ LRP pass (:mod:`vitlens.capture.precision`).
     """
 
     kept: frozenset[str]
     grads: bool
     dtype: str
     batch_size: int
+    intervention: Any = None
+    lrp_dtype: str = "float32"
 
     @property
     def recorded(self) -> frozenset[str]:
@@ -214,18 +241,33 @@ class CapturePlan:
     @property
     def options(self) -> dict[str, Any]:
         """The options recorded in the capture's attrs and in a streaming run's fingerprint."""
-        return {"grads": self.grads, "keep": sorted(self.kept), "dtype": self.dtype}
+        options = {"grads": self.grads, "keep": sorted(self.kept), "dtype": self.dtype}
+        if self.lrp_dtype != "float32":  # (recorded only when asked: older stores' fingerprints stay valid)
+            options["lrp_dtype"] = self.lrp_dtype
+        return options
+
+    @property
+    def run_options(self) -> dict[str, Any]:
+        """What a streaming run's fingerprint holds: the options and the intervention's digest."""
+        if self.intervention is None:
+            return self.options
+        return {**self.options, "intervention": self.intervention.digest()}
 
 
-def _plan(keep: str | Iterable[str], grads: bool, dtype: str, batch_size: int | None) -> CapturePlan:
+def _plan(keep: str | Iterable[str], grads: bool, dtype: str, batch_size: int | None,
+          lrp_dtype: str = "float32") -> CapturePlan:
+    from .precision import LRP_DTYPES
+
     if dtype not in _DTYPES:
         raise OptionError(f"dtype={dtype!r}; choose 'float32' or 'float16'.")
+    if lrp_dtype not in LRP_DTYPES:
+        raise OptionError(f"lrp_dtype={lrp_dtype!r}; choose 'float32' or 'float64' (the αβ LRP pass's precision).")
     if batch_size is None:
         batch_size = 32
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
     return CapturePlan(kept=frozenset(_resolve_keep(keep, grads)), grads=bool(grads), dtype=dtype,
-                       batch_size=int(batch_size))
+                       batch_size=int(batch_size), lrp_dtype=lrp_dtype)
 
 
 def capture(
@@ -243,6 +285,11 @@ def capture(
     resume: bool = False,
     text: Sequence[str] | torch.Tensor | None = None,
     processor: Any = None,
+    ablate: Mapping[int, Any] | None = None,
+    ablation: str = "zero",
+    reference: Any = None,
+    intervention: Any = None,
+    lrp_dtype: str = "float32",
 ) -> xr.DataTree:
     """Run ``model`` once on ``images`` and record its internals into a labeled DataTree.
 
@@ -263,11 +310,19 @@ def capture(
         timm's eval transform for the model (a transformers model's image processor).
     target
         Class to explain: ``None`` (each image's predicted class), one int or
-        class name for all images, or one per image.
+        class name for all images, or one per image; or a callable
+        ``f(logits) -> (batch,)`` tensor, or a :class:`vitlens.targets.Target`
+        (``vl.targets.similarity(reference)``, ``vl.targets.patch_similarity(row, col)``):
+        every gradient, LRP pass and class-specific method then explains that
+        scalar (``attrs["target"]`` names it, ``target_score`` holds its values).
+        A headless ``transformers`` backbone (``Dinov2Model``, a SigLIP tower)
+        takes a :class:`~vitlens.targets.Target` without a head.
     grads
         Run the backward pass (needed by gradient-based methods and LRP).
     keep
-        ``"all"`` or a subset of :data:`KEEP_GROUPS` to bound storage.
+        ``"all"`` or a subset of :data:`KEEP_GROUPS` to bound storage; the groups of
+        :data:`EXTRA_GROUPS` are stored only when named (``keep=["all", "head_output"]``;
+        ``keep=("all", "legrad")`` for LeGrad's pass, ``"attnlrp_cp"``/``"attnlrp"`` for AttnLRP's).
     dtype
         ``"float32"`` or ``"float16"`` for the stored floating-point arrays.
     batch_size
@@ -297,6 +352,27 @@ def capture(
         ``text`` prompts, or a multimodal processor holding both. A ready tensor
         needs none: the maps do not depend on it, and without one the picture is
         the tensor itself (with an :class:`~vitlens.ImageProcessorWarning`).
+    ablate
+        Switch heads off in the model for this capture: ``{block: [heads]}`` (global
+        block indices; ``"all"`` for every head of a block). A head's output is its slice
+        of the input of the attention's output projection; in Swin it is switched off in
+        every window of its block. Everything is recorded from the ablated forward and
+        backward; the capture's ``intervention`` attribute says what was done.
+    ablation
+        ``"zero"`` (the heads' outputs become 0) or ``"mean"`` (their mean over
+        ``reference``, per token position).
+    reference
+        For ``ablation="mean"``: images, or a capture/store made with
+        ``keep=[..., "head_output"]``.
+    intervention
+        A ready :class:`~vitlens.capture.interventions.Intervention` (what
+        :func:`vitlens.patch` and the widgets pass) instead of ``ablate``/``ablation``/``reference``.
+    lrp_dtype
+        ``"float32"`` (default) or ``"float64"``: the precision of the αβ LRP
+        pass behind Transformer Attribution (:mod:`vitlens.capture.precision`).
+        Either way the capture records ``lrp_condition`` (sample): the worst
+        cancellation the pass divided by; a float32 map is unreliable where it is
+        small (docs/METHODS.md, "Sensitivity to rounding").
 
     Returns
     -------
@@ -313,15 +389,39 @@ def capture(
     >>> cap = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)))
     >>> cap["stage0"].attention.dims
     ('sample', 'layer', 'head', 'query', 'key')
+    >>> off = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)), ablate={11: [0, 1, 2]})
+    >>> off.attrs["intervention"]
+    '{"ablation": "zero", "heads": {"11": [0, 1, 2]}, "kind": "ablate"}'
     """
+    from .targets import Target, is_callable_target
+
+    if isinstance(target, Target):  # a headless backbone explains an embedding target without a head
+        from ..models import embedding_model
+
+        model = embedding_model(model) or model
     adapter = bind_inputs(adapter_for(model), text, processor)
-    plan = _plan(keep, grads, dtype, batch_size)
+    plan = _plan(keep, grads, dtype, batch_size, lrp_dtype)
+    if is_callable_target(target) and not grads:
+        raise OptionError("a callable target is explained through gradients: pass grads=True.")
+    if is_callable_target(target) and "ablation_effect" in plan.kept:
+        raise OptionError("ablation_effect measures the drop of a class's logit; a callable target has none: "
+                          "capture it with a class target.")
     device = check_model(model, device, grads)
+    if intervention is None:
+        from .interventions import resolve
+
+        intervention = resolve(adapter, ablate, ablation, reference, for_importance="ablation_effect" in plan.kept,
+                               batch_size=plan.batch_size, progress=progress)
+    elif ablate is not None or reference is not None:
+        raise OptionError("pass either intervention= or ablate=/ablation=/reference=, not both.")
+    plan = replace(plan, intervention=intervention)
     if store is not None:
-        from .fingerprint import run_fingerprint
+        from .fingerprint import run_fingerprint, text_fingerprint
         from .stream import capture_to_store
 
-        fingerprint = run_fingerprint(model, images, target, plan.options)
+        if intervention is not None and intervention.per_image:
+            raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
+        fingerprint = run_fingerprint(model, images, target, plan.run_options, text=text_fingerprint(adapter))
         part = functools.partial(_capture_part, adapter, model, plan, device)
         return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
                                 resume=resume, progress=progress, fingerprint=fingerprint)
@@ -349,7 +449,10 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
     adapter = adapter.for_input(tuple(batch.pixels.shape[-2:]))  # dynamic_img_size: grid follows the input
     n = batch.pixels.shape[0]
     names = adapter.class_names() if hasattr(adapter, "class_names") else class_names(model, adapter.num_classes)
-    targets = _resolve_target(target, n, names)
+    from .targets import is_callable_target
+
+    explained = target if is_callable_target(target) else None
+    targets = None if explained is not None else _resolve_target(target, n, names)
     param = next(model.parameters(), None)
     model_dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
 
@@ -361,13 +464,40 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="capture", unit="batch")
-    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False) as rec:
+    from .interventions import Intervening, stored_values
+
+    iv = plan.intervention
+    if iv is not None and iv.per_image:
+        _check_rows(iv, n)
+    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False) as rec, \
+            Intervening(adapter, iv, record_heads="head_output" in plan.recorded,
+                        every_block="ablations" in plan.passes) as hooks:
+        if iv is not None and iv.token_layer is not None:  # patched tokens: the LRP walk stops there
+            rec.constant_tokens = {iv.token_layer: list(iv.token_index)}
         for start in starts:
             rec.reset()
             x = batch.pixels[start : start + plan.batch_size].to(device, model_dtype)
-            _capture_batch(adapter, rec, x, targets, start, plan, buffers)
+            hooks.select(start, start + x.shape[0])
+            _capture_batch(adapter, rec, x, targets, start, plan, buffers, hooks, bool(progress), explained)
     check_finite(buffers.items())
-    return _assemble(adapter, model, batch, buffers, names, plan)
+    tree = _assemble(adapter, model, batch, buffers, names, plan, explained)
+    if iv is not None and (iv.heads or iv.token_layer is not None):
+        tree.attrs["intervention"] = json_text(iv.describe())
+        for name, variables in stored_values(iv, adapter).items():  # what redoing it needs (mean ablation)
+            node = tree[name].to_dataset(inherit=False)
+            tree[name].dataset = node.assign_coords(ablated_layer=variables.pop("ablated_layer")).assign(variables)
+    if "ablations" in plan.passes:  # how each head was ablated in turn
+        tree.attrs["ablation_effect"] = json_text({"ablation": iv.mode, **iv.source})
+    return tree
+
+
+def _check_rows(intervention: Any, n: int) -> None:
+    rows = {v.shape[0] for v in intervention.values.values()}
+    if intervention.token_values is not None:
+        rows.add(intervention.token_values.shape[0])
+    if rows - {1, n}:
+        raise OptionError(f"the intervention holds values for {sorted(rows - {1})} images; the capture has {n}: "
+                          "give one source image for all, or one per image.")
 
 
 def _input_samples(images: Any, n: int) -> np.ndarray | None:
@@ -382,47 +512,107 @@ def _input_samples(images: Any, n: int) -> np.ndarray | None:
 
 
 def _capture_batch(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarray | None, start: int,
-                   plan: CapturePlan, buffers: _Buffers) -> None:
+                   plan: CapturePlan, buffers: _Buffers, hooks: Any = None, progress: bool = False,
+                   explained: Any = None) -> None:
     """One batch: record the forward pass, run the plan's passes, store what the plan keeps."""
-    logits, tgt, feat_grad = _record(adapter, rec, x, targets, start, "backward" in plan.passes)
+    from .targets import score
+
+    recorded = _record(adapter, rec, x, targets, start, "backward" in plan.passes, explained)
+    logits, tgt, feat_grad = recorded.logits, recorded.target, recorded.features_grad
     buffers.put("logits", start, logits, torch.float32)
     buffers.put("target", start, tgt.to(torch.int64))
-    _store_blocks(adapter, rec, tgt, start, plan, buffers)
+    if recorded.scores is not None:
+        buffers.put("target_score", start, recorded.scores, torch.float32)
+    _store_interventions(adapter, rec, x, tgt, logits, start, plan, buffers, hooks, progress)
+    _store_blocks(adapter, rec, tgt, start, plan, buffers, recorded.seed, recorded.seed_tokens)
     _store_tokens(adapter, rec, start, plan, buffers, feat_grad)
+    _extra_passes(adapter, rec, x, start, plan, buffers, lambda out: score(explained, out, tgt))
+
+
+@dataclass
+class _Recorded:
+    """What :func:`_record` hands on: the logits, the explained class (-1 for a callable target), the
+    gradient of the features, and for a callable target its values and the LRP pass's seed."""
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    features_grad: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    seed: torch.Tensor | None = None  # (B, classes): the callable's gradient at the logits
+    seed_tokens: torch.Tensor | None = None  # (B, N, C): a Target's gradient × input at the final tokens
 
 
 def _record(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np.ndarray | None, start: int,
-            backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The forward pass (hooks record it) and, with ``backward``, the gradients of the target logit.
+            backward: bool, explained: Any = None) -> _Recorded:
+    """The forward pass (hooks record it) and, with ``backward``, the gradients of the target logit
+    (or of ``explained``, a callable target, per image)."""
+    from .targets import FinalTokens, Target, outputs_of, score
 
-    Returns the logits, the explained class of each image and the gradient of the features.
-    """
     b = x.shape[0]
-    feat_grad = None
-    with torch.inference_mode(False), torch.enable_grad() if backward else torch.no_grad():
+    out = _Recorded(logits=torch.empty(0), target=torch.empty(0))
+    with torch.inference_mode(False), torch.enable_grad() if backward else torch.no_grad(), \
+            FinalTokens(adapter) as final:
         if backward:
             x = x.clone().requires_grad_(True)  # a graph exists even for frozen models
         logits = adapter.logits(x) if hasattr(adapter, "logits") else adapter.model(x)
         if logits.ndim != 2 or logits.shape[0] != b:
             raise ImageError(f"the model returned logits of shape {tuple(logits.shape)}; expected ({b}, classes).")
-        if targets is None:
+        if explained is not None:
+            tgt = torch.full((b,), -1, dtype=torch.int64, device=logits.device)
+        elif targets is None:
             tgt = logits.detach().argmax(-1)
         else:
             tgt = torch.as_tensor(targets[start : start + b], device=logits.device)
         if backward:
-            y = logits.gather(1, tgt[:, None]).sum()  # sum over images: each keeps its own gradient
-            outs = torch.autograd.grad(y, rec.grad_targets() + [rec.batch.features], allow_unused=True)
+            given = None if explained is None else outputs_of(adapter, logits, final.output)
+            values = logits.gather(1, tgt[:, None]).squeeze(1) if given is None else score(explained, given, tgt)
+            extra = [] if given is None else [given.logits, given.tokens]
+            y = values.sum()  # sum over images: each keeps its own gradient
+            outs = list(torch.autograd.grad(y, rec.grad_targets() + [rec.batch.features] + extra, allow_unused=True))
             del y
-            rec.finish_attention(list(outs[:-1]))
-            feat_grad = outs[-1]
+            if given is not None:  # the LRP pass starts from what the callable makes of the output
+                g_tokens, g_logits = outs.pop(), outs.pop()
+                if isinstance(explained, Target):
+                    out.seed_tokens = given.tokens.detach() * (0 if g_tokens is None else g_tokens)
+                else:
+                    out.seed = torch.zeros_like(logits) if g_logits is None else g_logits.detach()
+                out.scores = values.detach()
+            del given, values
+            rec.finish_attention(outs[:-1])
+            out.features_grad = outs[-1]
             del outs
         else:
             rec.finish_attention()
-    return logits.detach(), tgt, feat_grad
+    out.logits, out.target = logits.detach(), tgt
+    return out
+
+
+def _store_interventions(adapter: Adapter, rec: Recorder, x: torch.Tensor, tgt: torch.Tensor, logits: torch.Tensor,
+                         start: int, plan: CapturePlan, buffers: _Buffers, hooks: Any, progress: bool) -> None:
+    """The heads' outputs (``head_output``) and, one forward per head, each head's ablation effect."""
+    b = x.shape[0]
+    if "head_output" in plan.recorded:
+        from .interventions import head_output_array
+
+        for stage in adapter.stages:
+            buffers.put(f"{stage.name}/head_output", start,
+                        [head_output_array(hooks.head_outputs.pop(l), b, stage.num_heads) for l in stage.layers])
+    if "ablations" in plan.passes:
+        from .interventions import ablation_effects
+
+        rec.paused = True
+        try:
+            effects = ablation_effects(adapter, x.detach(), tgt, logits, hooks, rows=plan.batch_size,
+                                       progress=progress)
+        finally:
+            rec.paused = False
+        for stage in adapter.stages:
+            for i, var in enumerate(("ablation_effect", "ablation_probability_drop")):
+                buffers.put(f"{stage.name}/{var}", start, [effects[l][i] for l in stage.layers], torch.float32)
 
 
 def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, start: int, plan: CapturePlan,
-                  buffers: _Buffers) -> None:
+                  buffers: _Buffers, seed: torch.Tensor | None = None, seed_tokens: torch.Tensor | None = None) -> None:
     """Each block's attention, its gradient and (LRP pass) relevance, stored as soon as it is ready."""
     b = tgt.shape[0]
     where = {l: (stage, stage.layers.index(l)) for stage in adapter.stages for l in stage.layers}
@@ -441,9 +631,16 @@ def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, start: int
         rec.release(layer)
 
     if "lrp" in plan.passes:  # each block is stored as soon as the LRP walk has passed it
+        from ..models.lrp_rules import conditioning
+        from .precision import lrp_precision
         from .relevance import attention_relevance
 
-        attention_relevance(adapter, rec, tgt, release=True, on_layer=store_layer)
+        with lrp_precision(adapter, rec, plan.lrp_dtype), conditioning() as seen:
+            attention_relevance(adapter, rec, tgt, release=True, on_layer=store_layer, seed=seed,
+                                seed_tokens=seed_tokens)
+        # per image, the worst cancellation a residual rescaling divided by (1: none)
+        worst = torch.stack(seen).amin(0) if seen else torch.ones(b, dtype=torch.float64)
+        buffers.put("lrp_condition", start, worst, torch.float64)
     else:
         for layer in range(len(adapter.blocks)):
             store_layer(layer, None)
@@ -477,6 +674,33 @@ def _store_tokens(adapter: Adapter, rec: Recorder, start: int, plan: CapturePlan
             buffers.put(f"{last}/features_grad", start, adapter.tokens(feat_grad))
 
 
+def _extra_passes(adapter: Adapter, rec: Recorder, x: torch.Tensor, start: int, plan: CapturePlan,
+                  buffers: _Buffers, explained: Any) -> None:
+    """The passes of the :data:`EXTRA_GROUPS` the plan records, each a forward and backward of its own
+    (the capture's hooks paused; the model's state is the capture's). ``explained(outputs) -> (B,)``."""
+    wanted = [g for g in EXTRA_GROUPS if g in plan.passes]
+    if not wanted:
+        return
+    rec.paused = True
+    try:
+        with torch.inference_mode(False):
+            for group in ("attnlrp", "attnlrp_cp"):
+                if group in wanted:
+                    from .attnlrp import token_relevance
+
+                    per_layer, _ = token_relevance(adapter, x, explained, "cp" if group == "attnlrp_cp" else "attnlrp")
+                    for stage in adapter.stages:
+                        buffers.put(f"{stage.name}/{group}_relevance", start, [per_layer[l] for l in stage.layers])
+            if "legrad" in wanted:
+                from .legrad import legrad_gradients
+
+                last = adapter.stages[-1]
+                for name, per_layer in legrad_gradients(adapter, x, explained).items():
+                    buffers.put(f"{last.name}/legrad_{name}", start, [per_layer[l] for l in last.layers])
+    finally:
+        rec.paused = False
+
+
 _DIMS = {
     "attention": ("sample", "layer", "head", "query", "key"),
     "ln_mean": ("sample", "layer", "norm", "token"),
@@ -487,11 +711,17 @@ _DIMS = {
 
 
 def _dims(var: str, windowed: bool) -> tuple[str, ...]:
+    if var in ("ablation_effect", "ablation_probability_drop"):
+        return ("sample", "layer", "head")
+    if var == "head_output":
+        return ("sample", "layer", "head", *(("window",) if windowed else ()), "query", "head_dim")
     if var.startswith("attention"):
         d = _DIMS["attention"]
         return d[:3] + ("window",) + d[3:] if windowed else d
     if var in ("merge_share", "readout_weights"):
         return ("sample", "token")
+    if var.startswith("legrad_"):
+        return ("sample", "layer", "head", "token")
     return _DIMS.get(var, ("sample", "layer", "token"))
 
 
@@ -502,7 +732,10 @@ def _assemble(
     stores: _Buffers,
     names: list[str],
     plan: CapturePlan,
+    explained: Any = None,
 ) -> xr.DataTree:
+    from .targets import describe
+
     np_dtype = _DTYPES[plan.dtype]
     n = batch.display.shape[0]
     h, w = adapter.input_size
@@ -530,11 +763,23 @@ def _assemble(
             "std": list(batch.std),
             "vitlens_version": __version__,
             "options": json_text(options),
+            # vl.load_model marks random weights; figures of such a capture say "untrained"
+            **({"weights": "random"} if getattr(model, "vitlens_weights", None) == "random" else {}),
+            **({} if explained is None else {"target": describe(explained)}),
         },
     )
+    if "lrp_condition" in stores.data:
+        root["lrp_condition"] = ("sample", stores["lrp_condition"])
+        root["lrp_condition"].attrs["description"] = (
+            f"LRP pass ({plan.lrp_dtype}): the smallest |Σ r|/Σ|r| of a residual branch it divided by; "
+            "float32 Transformer Attribution maps are unreliable where it is small")
+    if explained is not None:
+        root["target_score"] = ("sample", stores["target_score"])
+        root["target_score"].attrs["description"] = f"the explained scalar, {describe(explained)}, per image"
     root["image"].attrs["description"] = "model input shown as an RGB picture in [0, 1] (after resize/crop)"
     root["logits"].attrs["description"] = "pre-softmax class scores"
-    root["target"].attrs["description"] = "class explained for each image (gradients and LRP are of this logit)"
+    root["target"].attrs["description"] = ("class explained for each image (gradients and LRP are of this logit); "
+                                           "-1: a callable target, named in the attrs")
 
     tree: dict[str, xr.Dataset] = {"/": root}
     for stage in adapter.stages:
@@ -596,7 +841,15 @@ _DESCRIPTIONS = {
     "features_grad": "gradient of the target logit w.r.t. the features",
     "window_token": "stage token index of each window position (after the cyclic shift)",
     "readout_weights": "weight of each token in the attention-pool read-out (mean over heads): the read-out row",
+    "head_output": "each head's output as it reaches the attention's output projection (after any intervention)",
+    "ablation_effect": "drop of the target logit when this head alone is ablated (clean minus ablated)",
+    "ablation_probability_drop": "drop of the target's softmax probability when this head alone is ablated",
+    "ablation_mean": "the mean each ablated head's output was replaced with (mean ablation), per token position",
     "merge_share": "LRP share of each token in the relevance of the merged token it forms in the next stage",
+    "attnlrp_relevance": "AttnLRP relevance (x·∂y/∂x over channels) of each token entering the block",
+    "attnlrp_cp_relevance": "CP-LRP relevance (attention held constant) of each token entering the block",
+    "legrad_mean": "LeGrad: mean over queries of (∂s_l/∂A_l)⁺, s_l = head(norm(mean of block l's tokens))",
+    "legrad_readout": "LeGrad: mean over queries of (∂s_l/∂A_l)⁺, s_l = the model's read-out of block l's tokens",
 }
 
 

@@ -91,10 +91,10 @@ def decoded(attrs: Mapping[str, Any], where: str = "") -> dict[str, Any]:
             if k not in attrs:
                 raise KeyError(f"attribute {k!r} is listed as JSON-encoded but missing")
             attrs[k] = json.loads(attrs[k])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise CaptureFormatError(
-            f"damaged attributes{' of ' + where if where else ''}: {exc}. The capture's metadata cannot be "
-            "trusted; re-capture it or restore the file from a copy."
+            f"damaged attributes{' of ' + where if where else ''}: {type(exc).__name__}: {str(exc)[:200]}. "
+            "The capture's metadata cannot be trusted; re-capture it or restore the file from a copy."
         ) from exc
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
 

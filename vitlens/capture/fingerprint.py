@@ -1,7 +1,8 @@
 """A run's fingerprint: what a resumed streaming capture must share with the run it continues.
 
 Weights (a digest of every parameter and buffer), the capture options that
-change what is stored, the targets, and the input source and its order. A
+change what is stored, the targets, the text prompts of an image–text model
+(their token ids: the classes), and the input source and its order. A
 resume that differs in any of them would mix two runs into one store, so it is
 refused with a message that names what differs.
 """
@@ -87,10 +88,33 @@ def source_fingerprint(images: Any) -> dict[str, Any]:
     return {"kind": type(data).__name__, "count": n, "digest": h.hexdigest()}
 
 
-def run_fingerprint(model: nn.Module, images: Any, target: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """The fingerprint recorded in a streaming store and checked on ``resume=True``."""
-    if target is None or isinstance(target, (int, np.integer, str)):
-        tgt: Any = None if target is None else str(target)
+def text_fingerprint(adapter: Any) -> dict[str, Any] | None:
+    """The prompts an image–text adapter is bound to: their count and a digest of their token ids.
+
+    ``None`` for a model with class logits. Prompts given as strings and as the
+    same token ids are the same classes, so the ids (what the model sees) are hashed.
+    """
+    ids = getattr(adapter, "input_ids", None)
+    if ids is None:
+        return None
+    ids = ids.detach().cpu().to(torch.int64).contiguous()
+    h = hashlib.blake2b(f"{tuple(ids.shape)};".encode(), digest_size=16)
+    h.update(ids.numpy().tobytes())
+    return {"prompts": int(ids.shape[0]), "digest": h.hexdigest()}
+
+
+def run_fingerprint(model: nn.Module, images: Any, target: Any, options: dict[str, Any],
+                    text: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fingerprint recorded in a streaming store and checked on ``resume=True``.
+
+    ``text`` is :func:`text_fingerprint` of the adapter bound to the prompts.
+    """
+    if callable(target):  # a callable target (vl.targets): its name
+        from .targets import describe
+
+        tgt: Any = f"callable {describe(target)}"
+    elif target is None or isinstance(target, (int, np.integer, str)):
+        tgt = None if target is None else str(target)
     else:
         tgt = hashlib.blake2b(",".join(map(str, list(target))).encode(), digest_size=16).hexdigest()
     return {
@@ -98,6 +122,7 @@ def run_fingerprint(model: nn.Module, images: Any, target: Any, options: dict[st
         "weights": weights_digest(model),
         "options": dict(options),
         "target": tgt,
+        "text": text,
         "source": source_fingerprint(images),
     }
 
@@ -107,6 +132,7 @@ _WHAT = {
     "weights": "the model weights",
     "options": "the capture options",
     "target": "the targets",
+    "text": "the text prompts (the classes of an image-text model)",
     "source": "the input images (source, count or order)",
 }
 

@@ -154,6 +154,8 @@ class Recorder:
         self._value_from: dict[int, str] = {}  # layer -> the hooked Linear whose output gives the value path
         self._split_from: set[int] = set()  # layers whose fused q/k/v output is read where q is split off
         self.paused = False  # hooks do nothing while the LRP pass reruns modules
+        #: block → token indices entering it that an intervention replaced (constants: the LRP pass stops there)
+        self.constant_tokens: dict[int, list[int]] = {}
         self._saved_fused: list[tuple[nn.Module, bool]] = []
         self._saved_training: list[tuple[nn.Module, bool]] = []
         self.reset()

@@ -95,26 +95,81 @@ def _open(path: str | os.PathLike) -> Any:
         raise ImageError(f"{str(p)!r}: no such image file.")
     try:
         with Image.open(p) as im:
+            _check_pixels(im, repr(str(p)))
             im.load()
             return pil_pixels(im, repr(str(p)))
+    except Image.DecompressionBombError as exc:
+        raise ImageError(_bomb_message(repr(str(p)), exc)) from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageError(f"{str(p)!r} is not a readable image ({exc}).") from exc
 
 
+def _bomb_message(where: str, exc: Exception | None = None, pixels: int | None = None) -> str:
+    from PIL import Image
+
+    size = f"{pixels} pixels" if pixels is not None else str(exc)
+    return (
+        f"{where} is too large to decode safely ({size}; Pillow's limit PIL.Image.MAX_IMAGE_PIXELS is "
+        f"{Image.MAX_IMAGE_PIXELS}): it may be a decompression bomb. Resize it first, or, if you trust the "
+        "file, raise PIL.Image.MAX_IMAGE_PIXELS."
+    )
+
+
+def _check_pixels(im: Any, where: str) -> None:
+    """Refuse a picture larger than twice Pillow's limit before its pixels are decoded."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = im.size[0] * im.size[1]
+    if limit and pixels > 2 * limit:
+        raise ImageError(_bomb_message(where, pixels=pixels))
+
+
+def upright(im: Any) -> Any:
+    """The picture as it is meant to be seen: its EXIF orientation applied (``ImageOps.exif_transpose``).
+
+    A phone photo is stored as the sensor saw it and tagged with how to turn it;
+    without this it would be explained lying on its side.
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> im = Image.new("RGB", (4, 2)); exif = im.getexif(); exif[0x0112] = 6  # "rotate 90° clockwise"
+    >>> im.info["exif"] = exif.tobytes()
+    >>> upright(im).size
+    (2, 4)
+    """
+    from PIL import ImageOps
+
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # unreadable EXIF: Pillow's own viewer ignores it too
+        return im
+    if orientation in (None, 1):
+        return im
+    return ImageOps.exif_transpose(im)
+
+
 def pil_pixels(im: Any, where: str) -> np.ndarray:
-    """A PIL image as an array with its real range: 8-bit modes as uint8 RGB, 16-bit as uint16, ``F`` as float.
+    """A PIL image as an array with its real range, upright: 8-bit modes as uint8 RGB, 16-bit and ``I`` as
+    uint16, ``F`` as float.
 
     ``Image.convert("RGB")`` clips 16-bit and float pixels to 0..255, which turns
     a 16-bit picture white and a float picture in [0, 1] black; these modes are
-    read as arrays instead (then range-checked like any array).
+    read as arrays instead (then range-checked like any array). Mode ``I`` (32-bit
+    integers; Pillow opens 16-bit PNGs so) is scaled by the 16-bit range, like
+    ``I;16`` — never by the image's own maximum, which would make two pictures
+    incomparable. The EXIF orientation is applied (see :func:`upright`).
     """
+    _check_pixels(im, where)
+    im = upright(im)
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         return np.asarray(im).astype(np.uint16)
-    if mode == "I":  # 32-bit int; 16-bit PNGs open as "I" in some Pillow versions
+    if mode == "I":
         arr = np.asarray(im)
         if arr.min() >= 0 and arr.max() <= 65535:
-            return arr.astype(np.uint16) if arr.max() > 255 else arr.astype(np.uint8)
+            return arr.astype(np.uint16)
         raise ImageError(f"{where}: 32-bit integer pixels in [{arr.min()}, {arr.max()}] have no known range; "
                          "convert the image to 8 or 16 bits.")
     if mode == "F":

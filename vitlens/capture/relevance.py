@@ -92,7 +92,9 @@ def _mlp_input(part: BlockPart, lin: dict, x2: torch.Tensor) -> torch.Tensor:
 
 def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, *,
                         to_input: bool = False, release: bool = False,
-                        on_layer: Callable[[int, torch.Tensor], None] | None = None) -> dict[int, torch.Tensor]:
+                        on_layer: Callable[[int, torch.Tensor], None] | None = None,
+                        seed: torch.Tensor | None = None,
+                        seed_tokens: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """LRP relevance at every block's attention probabilities, keyed by global layer.
 
     Also stores, for tests and diagnostics, the relevance total entering each
@@ -105,15 +107,23 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, 
     the block (capture does this: the memory is free for the next step).
     ``on_layer(layer, relevance)`` is called as each block's relevance is
     ready (capture stores it, and the block's attention, right then); the
-    returned dict then stays empty.
+    returned dict then stays empty. ``seed`` (B, classes) replaces the one-hot
+    at the logits (a callable target: its gradient with respect to the
+    logits, which is the one-hot for ``lambda out: out[:, k]``);
+    ``seed_tokens`` (B, N, C) starts the pass at the final tokens instead
+    (a :class:`~vitlens.capture.targets.Target` that reads the embedding).
     """
     assert adapter.head is not None
     rec.paused = True
     try:
         with torch.no_grad():
             feats = adapter.tokens(rec.final_output)
-            onehot = F.one_hot(targets.to(feats.device), adapter.num_classes).to(feats.dtype)
-            r = adapter.head.relevance(feats, onehot)  # final norm: identity rule
+            if seed_tokens is not None:
+                r = seed_tokens.to(feats.dtype)
+            else:
+                onehot = (F.one_hot(targets.to(feats.device), adapter.num_classes).to(feats.dtype) if seed is None
+                          else seed.to(feats.dtype))
+                r = adapter.head.relevance(feats, onehot)  # final norm: identity rule
             out: dict[int, torch.Tensor] = {}
             rec.batch.relevance_totals = {}
             merges = adapter.merges()
@@ -121,6 +131,9 @@ def attention_relevance(adapter: Adapter, rec: Recorder, targets: torch.Tensor, 
                 for layer, part in zip(reversed(stage.layers), reversed(stage.parts)):
                     total_out = r.reshape(r.shape[0], -1).sum(1)
                     r, r_probs = _block(part, stage, rec, layer, r, to_input or layer > 0)
+                    cut = rec.constant_tokens.get(layer)
+                    if cut is not None and r is not None:  # patched tokens: constants, no relevance flows back
+                        r[:, cut] = 0
                     if on_layer is None:
                         out[layer] = r_probs
                     else:

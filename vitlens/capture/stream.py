@@ -36,7 +36,7 @@ import xarray as xr
 from ..errors import CaptureFormatError, ImageError, OptionError, ResumeError, StorageError
 from . import lock as _lock
 from .memory import release_memory
-from .store import MARKER, _encode, _map_attrs, is_capture, quiet_zarr, read_marker
+from .store import MARKER, for_disk, is_capture, quiet_zarr, read_marker, zarr_encoding
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 CHUNK_BYTES = 32 * 2**20  # target size of one stored chunk
@@ -249,9 +249,21 @@ def _trim(store: Path, n: int) -> None:
 
 def write_batch(tree: xr.DataTree, store: Path, first: bool, batch_size: int, marker: dict[str, Any]) -> None:
     """Append one captured batch to ``store``, then commit it in the marker."""
+    try:
+        _write_batch(tree, store, first, batch_size, marker)
+    except OSError as exc:  # a full disk, a lost mount: the committed batches are intact
+        done = (read_marker(store) or {}).get("images", 0)
+        raise StorageError(
+            f"could not write images {marker['images'] - int(tree['sample'].size)}–{marker['images'] - 1} to "
+            f"{str(store)!r} ({exc}). The {done} images committed before are intact; free disk space, then "
+            "continue with vl.capture(model, images, store=..., resume=True)."
+        ) from exc
+
+
+def _write_batch(tree: xr.DataTree, store: Path, first: bool, batch_size: int, marker: dict[str, Any]) -> None:
     import zarr
 
-    tree = _map_attrs(tree, _encode)
+    tree = for_disk(tree)  # attributes encoded, the layout recorded (checked at open)
     target = _store(store)
     with quiet_zarr():
         nodes = sorted(tree.subtree, key=lambda node: node.path == "/")  # root last
@@ -260,8 +272,10 @@ def write_batch(tree: xr.DataTree, store: Path, first: bool, batch_size: int, ma
             group = None if node.path == "/" else node.path.strip("/")
             _fault(f"group {node.path} begins")
             if first:
-                encoding = {name: {"chunks": _chunks(v.variable, batch_size)} for name, v in ds.data_vars.items()
-                            if "sample" in v.dims}
+                encoding = zarr_encoding(ds)  # every chunk checksummed (CRC32C), verified on every read
+                for name, v in ds.data_vars.items():
+                    if "sample" in v.dims:
+                        encoding[str(name)]["chunks"] = _chunks(v.variable, batch_size)
                 ds.to_zarr(target, group=group, mode="a", encoding=encoding, consolidated=False,
                            write_empty_chunks=True)
             else:
@@ -372,7 +386,7 @@ def capture_to_store(
             for start, part in batches(images, batch_size, skip=done):
                 part_target = target
                 count = _length(part) or (part.shape[0] if hasattr(part, "shape") else 1)
-                if target is not None and not isinstance(target, (int, np.integer, str)):
+                if target is not None and not isinstance(target, (int, np.integer, str)) and not callable(target):
                     part_target = list(target)[start : start + count]
                 tree = capture_batch(part, part_target, start)
                 size = int(tree["sample"].size)

@@ -93,8 +93,11 @@ def tokenize(model: Any, text: Any, processor: Any = None) -> tuple[torch.Tensor
         tok = _tokenizer(model, processor, required=False) if model is not None else None
         prompts = [f"prompt {i}" for i in range(text.shape[0])]
         if tok is not None and hasattr(tok, "batch_decode"):
-            decoded = [p.strip() for p in tok.batch_decode(text.tolist(), skip_special_tokens=True)]
-            if all(decoded) and len(set(decoded)) == len(decoded):
+            try:
+                decoded = [p.strip() for p in tok.batch_decode(text.tolist(), skip_special_tokens=True)]
+            except (OverflowError, IndexError, KeyError, TypeError, ValueError):  # ids it cannot decode:
+                decoded = []  # check_token_ids names them
+            if decoded and all(decoded) and len(set(decoded)) == len(decoded):
                 prompts = decoded
         return text.long(), None, prompts
     prompts = [text] if isinstance(text, str) else list(text)
@@ -137,6 +140,7 @@ def bind_text(adapter: Adapter, text: Any, tokenizer: Any = None) -> Adapter:
             "choose a class with target= instead."
         )
     ids, mask, prompts = tokenize(adapter.model, text, tokenizer)
+    check_token_ids(adapter.model, ids, prompts, mask)
     return adapter.bind_text(ids, mask, prompts)
 
 
@@ -166,3 +170,38 @@ def bind_inputs(adapter: Adapter, text: Any = None, processor: Any = None) -> Ad
         raise OptionError("processor= got a tokenizer, which tokenises the text= prompts: pass text=[...] too, or "
                           "an image processor to preprocess the pictures.")
     return bind_text(adapter, text, tokenizer)
+
+
+def check_token_ids(model: Any, ids: torch.Tensor, prompts: list[str], mask: torch.Tensor | None = None) -> None:
+    """Refuse token ids the text encoder cannot take: too many tokens, or ids outside its vocabulary.
+
+    Examples
+    --------
+    >>> import torch, types
+    >>> model = types.SimpleNamespace(config=types.SimpleNamespace(
+    ...     text_config=types.SimpleNamespace(vocab_size=10, max_position_embeddings=4)))
+    >>> check_token_ids(model, torch.tensor([[0, 3, 9]]), ["p"])
+    >>> check_token_ids(model, torch.tensor([[0, 3, 10]]), ["p"])
+    Traceback (most recent call last):
+    ...
+    vitlens.errors.OptionError: text=: prompt 0 ('p') holds token id 10, outside the text encoder's vocabulary (0..9); pass ids made by this model's tokenizer, or the prompts as strings.
+    """
+    config = getattr(getattr(model, "config", None), "text_config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    vocab = getattr(config, "vocab_size", None)
+    for i, row in enumerate(ids):
+        name = f"prompt {i}"
+        if i < len(prompts) and prompts[i] != name:  # not tokenize's placeholder for undecodable ids
+            name += f" ({prompts[i][:60]!r})"
+        length = int(mask[i].sum()) if mask is not None else int(row.numel())
+        if isinstance(limit, int) and row.numel() > limit and (length > limit or mask is None):
+            raise OptionError(
+                f"text=: {name} is {length} tokens long; the model's text encoder takes at most {limit}. "
+                "Shorten the prompt."
+            )
+        if isinstance(vocab, int) and row.numel() and (int(row.min()) < 0 or int(row.max()) >= vocab):
+            bad = int(row.min()) if int(row.min()) < 0 else int(row.max())
+            raise OptionError(
+                f"text=: {name} holds token id {bad}, outside the text encoder's vocabulary (0..{vocab - 1}); "
+                "pass ids made by this model's tokenizer, or the prompts as strings."
+            )

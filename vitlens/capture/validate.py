@@ -16,6 +16,30 @@ from torch import nn
 from ..errors import CaptureError, DeviceError, ModelLoadError
 
 
+def check_device(device: Any) -> torch.device:
+    """``device`` as a torch device that exists on this machine (a :class:`DeviceError` otherwise).
+
+    Examples
+    --------
+    >>> check_device("cpu")
+    device(type='cpu')
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"device={device!r} is not a torch device ({exc}); use 'cpu', 'cuda', 'cuda:1', 'mps'...") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            f"device={str(device)!r} but torch sees no CUDA GPU on this machine; use device='cpu' or leave "
+            "device=None (the model's own device)."
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device={str(device)!r} but only {torch.cuda.device_count()} CUDA device(s) exist.")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DeviceError(f"device={str(device)!r} but the MPS backend is not available; use device='cpu'.")
+    return device
+
+
 def check_model(model: nn.Module, device: Any, grads: bool) -> torch.device:
     """The device to run on; refuses meta weights, inference tensors under ``grads``, absent GPUs.
 
@@ -38,19 +62,7 @@ def check_model(model: nn.Module, device: Any, grads: bool) -> torch.device:
         )
     if device is None:
         return param.device if param is not None else torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise DeviceError(f"device={device!r} is not a torch device ({exc}); use 'cpu', 'cuda', 'cuda:1', 'mps'...") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(
-            f"device={str(device)!r} but torch sees no CUDA GPU on this machine; use device='cpu' or leave "
-            "device=None (the model's own device)."
-        )
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DeviceError(f"device={str(device)!r} but only {torch.cuda.device_count()} CUDA device(s) exist.")
-    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise DeviceError(f"device={str(device)!r} but the MPS backend is not available; use device='cpu'.")
+    device = check_device(device)
     if param is not None and not _same_device(param.device, device):
         raise DeviceError(
             f"device={str(device)!r} but the model's weights are on {str(param.device)!r}; vitlens never moves "

@@ -10,7 +10,7 @@ itself once (:mod:`.registry`); :data:`METHODS` and :data:`METHOD_INFO` list the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,9 +25,11 @@ from .transformer_attribution import transformer_attribution
 from .generic_attention import generic_attention
 from .lnstat import lnstat, statistic_maps
 from .tokentm import tokentm
+from .attnlrp import attnlrp
+from .legrad import legrad
 from .maps import minmax, normalize, to_pixels
-from ..capture.layout import MissingVariableError
-from ..registry import METHOD_INFO, MethodInfo, method_info, register_method, resolve_methods
+from ..capture.layout import MissingVariableError, capture_options
+from ..registry import CAPTURE_GROUPS, METHOD_INFO, MethodInfo, method_info, register_method, resolve_methods
 from .selection import check_target, explainable
 
 #: Names of the registered methods, in registration order (see :data:`METHOD_INFO`).
@@ -99,15 +101,17 @@ def explain(cap: xr.DataTree, method: str | Sequence[str] = "all", **options: An
     >>> import numpy as np, timm, vitlens as vl
     >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
     >>> cap = vl.capture(model, np.zeros((2, 32, 32, 3)))
-    >>> maps = vl.explain(cap, "all")
-    >>> sorted(maps.data_vars) == sorted(vl.METHODS)
+    >>> maps = vl.explain(cap, "all")    # every method this capture holds the passes for
+    >>> sorted(maps.data_vars) == sorted(vl.methods.explainable_methods(cap))
     True
     >>> list(vl.explain(cap, ["rollout", "tokentm"]).data_vars)
     ['rollout', 'tokentm']
+    >>> "legrad" in maps                   # LeGrad's pass is made only when asked: keep=("all", "legrad")
+    False
     """
-    names = resolve_methods(method)  # the one reader of method names (did-you-mean hint)
-    single = isinstance(method, str) and method != "all"
     cap, target = explainable(cap), options.pop("target", None)  # cap.sel(sample=k); a class index or name
+    single = isinstance(method, str) and method != "all"
+    names = _every(cap, options) if method == "all" else resolve_methods(method)  # the one reader of names
     other_class = None if target is None else check_target(cap, names, target)
     blocks = _sample_blocks(cap) if isinstance(cap, xr.DataTree) else None
     if blocks is not None:
@@ -116,7 +120,10 @@ def explain(cap: xr.DataTree, method: str | Sequence[str] = "all", **options: An
         import dask
 
         parts = [dask.delayed(_explain_block)(cap.isel(sample=slice(a, b)), method, options) for a, b in blocks]
-        out = xr.concat(dask.compute(*parts), "sample", combine_attrs="override")
+        results = dask.compute(*parts)
+        out = xr.concat(results, "sample", combine_attrs="override")
+        if all("lrp_unreliable" in r.attrs for r in results):  # every chunk's flagged samples, not the first's
+            out.attrs["lrp_unreliable"] = [s for r in results for s in r.attrs["lrp_unreliable"]]
     elif single:
         out = _explain_one(cap, names[0], options)
     else:
@@ -133,6 +140,84 @@ def _explain_one(cap: xr.DataTree, method: str, options: dict[str, Any]) -> xr.D
     if unknown:
         raise OptionError(f"{method} takes no option(s) {sorted(unknown)}; its options are {allowed}.")
     return info.function(cap, **{**info.defaults_for(cap), **options})
+
+
+def groups_of(method: str, options: Mapping[str, Any] | None = None) -> set[str]:
+    """The extra capture groups (:data:`vitlens.capture.api.EXTRA_GROUPS`) ``method`` reads under ``options``.
+
+    Most methods read only what every capture holds (an empty set); AttnLRP and LeGrad
+    read a pass of their own, made only when named in ``keep=`` (their registered ``needs``).
+
+    Examples
+    --------
+    >>> import vitlens as vl
+    >>> vl.methods.groups_of("attnlrp"), vl.methods.groups_of("attnlrp", {"softmax": "attnlrp"})
+    ({'attnlrp_cp'}, {'attnlrp'})
+    >>> vl.methods.groups_of("rollout")
+    set()
+    """
+    from ..capture.api import EXTRA_GROUPS
+
+    info = method_info(method)
+    given = {k: v for k, v in (options or {}).items() if k in info.options()}
+    return set(info.groups({}, given)) & set(EXTRA_GROUPS)
+
+
+def extra_groups(methods: Any = "all", options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The extra groups a capture needs so that every one of ``methods`` can be explained (for ``keep=``).
+
+    Examples
+    --------
+    >>> import vitlens as vl
+    >>> vl.methods.extra_groups(["rollout", "legrad"])
+    ('legrad',)
+    """
+    out: set[str] = set()
+    for name in resolve_methods(methods):
+        out |= groups_of(name, options)
+    return tuple(sorted(out))
+
+
+def _kept(cap: xr.DataTree) -> set[str]:
+    """The groups the capture stored (its recorded ``keep=``, resolved)."""
+    keep = capture_options(cap).get("keep", [])
+    return {keep} if isinstance(keep, str) else set(keep)
+
+
+def explainable_methods(cap: xr.DataTree, options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The registered methods ``cap`` holds what they read for (``vl.explain(cap, "all")`` computes these).
+
+    AttnLRP and LeGrad read a pass of their own: a capture made without it (the default)
+    explains every other method.
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)), keep=("all", "legrad"))
+    >>> "legrad" in vl.methods.explainable_methods(cap), "attnlrp" in vl.methods.explainable_methods(cap)
+    (True, False)
+    """
+    kept = _kept(cap)
+    out = []
+    for name, info in METHOD_INFO.items():
+        given = {k: v for k, v in (options or {}).items() if k in info.options()}
+        if info.groups(cap, given) <= kept:  # every group the map reads (its registered needs)
+            out.append(name)
+    return tuple(out)
+
+
+def _every(cap: xr.DataTree, options: Mapping[str, Any]) -> list[str]:
+    """What ``"all"`` asks for: every method but those reading a pass made only when named in ``keep=``
+    (AttnLRP, LeGrad) that the capture lacks. A method whose standard group is missing (the gradients
+    after ``grads=False``) is asked for, and left out by :func:`_explain_many` with the fix named."""
+    kept = _kept(cap)
+    out = []
+    for name, info in METHOD_INFO.items():
+        given = {k: v for k, v in options.items() if k in info.options()}
+        if info.groups(cap, given) - kept <= set(CAPTURE_GROUPS):
+            out.append(name)
+    return out
 
 
 def _explain_many(cap: xr.DataTree, names: list[str], options: dict[str, Any]) -> xr.Dataset:
@@ -165,5 +250,6 @@ def _explain_many(cap: xr.DataTree, names: list[str], options: dict[str, Any]) -
     return ds
 
 
-__all__ = ["METHODS", "METHOD_INFO", "MethodInfo", "explain", "method_info", "minmax", "normalize", "options_of",
+__all__ = ["METHODS", "METHOD_INFO", "MethodInfo", "explain", "explainable_methods", "extra_groups", "groups_of",
+           "method_info", "minmax", "normalize", "options_of",
            "register_method", "statistic_maps", "to_pixels", *METHODS]

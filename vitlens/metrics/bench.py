@@ -23,9 +23,10 @@ import xarray as xr
 
 from ..errors import OptionError
 
-__all__ = ["main", "format_table"]
+__all__ = ["main", "format_table", "COLUMNS", "legend", "scaled"]
 
-#: Columns as printed (name, header, format).
+#: Columns as printed (name, header, format): the one naming of score tables
+#: (``vitlens bench``, ``vitlens demo``, benchmarks/RESULTS.md).
 COLUMNS = (
     ("pixel_accuracy", "pix.acc", "{:.3f}"),
     ("miou", "mIoU", "{:.3f}"),
@@ -37,8 +38,31 @@ COLUMNS = (
     ("negative_auc_label", "neg.label↑", "{:.1f}"),
     ("deletion_auc", "del↓", "{:.3f}"),
     ("insertion_auc", "ins↑", "{:.3f}"),
-    ("seconds_per_image", "s/img", "{:.4f}"),
+    ("seconds_per_image", "ms/img", "{:.1f}"),
 )
+#: Printed value = table value × factor (the explain time is printed in milliseconds).
+FACTORS = {"seconds_per_image": 1000.0}
+def legend(steps: int = 10) -> str:
+    """What the columns mean, printed under a table of a ``steps``-step perturbation grid.
+
+    Examples
+    --------
+    >>> "0-80 % of pixels removed" in legend(5)
+    True
+    """
+    top = 100 * (int(steps) - 1) // int(steps)
+    return (
+        "pix.acc, mIoU, mAP, point: localisation against the object masks, fractions in [0, 1] (higher is better). "
+        f"pos/neg: area under the top-1 accuracy (in %) over 0-{top} % of pixels removed (in steps of "
+        f"{100 // int(steps)} %), most (pos) or least (neg) relevant first, for maps of the predicted (.pred) or "
+        f"label (.label) class, so 0-{top} (pos: lower is better; neg: higher). del/ins: deletion/insertion area. "
+        "ms/img: vl.explain time per image for the method (capture excluded)."
+    )
+
+
+def scaled(table: xr.Dataset, name: str) -> xr.DataArray:
+    """Column ``name`` of a score table in its printed unit (see :data:`FACTORS`)."""
+    return table[name] * FACTORS.get(name, 1.0)
 
 
 def format_table(table: xr.Dataset, markdown: bool = False) -> str:
@@ -47,7 +71,7 @@ def format_table(table: xr.Dataset, markdown: bool = False) -> str:
     rows = []
     for i, method in enumerate(table["method"].values):
         row = table.isel(method=i)  # not .sel(method=...): `method` is a keyword of .sel itself
-        rows.append([str(method)] + [fmt.format(float(row[name])) for name, _, fmt in COLUMNS])
+        rows.append([str(method)] + [fmt.format(float(scaled(row, name))) for name, _, fmt in COLUMNS])
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * len(COLUMNS)) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -87,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):  # noqa: ANN202
     import torch
 
+    from ..capture.validate import check_device
+    from ..errors import DeviceError
     from ..models import load_model
     from ..zoo import available
 
@@ -97,8 +123,14 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
             kwargs["num_classes"] = args.num_classes
     elif args.checkpoint:
         raise OptionError(f"{args.model} is shipped with vitlens; drop --checkpoint (or name a timm model).")
-    model = load_model(args.model, **kwargs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # before the model is built: torch's own error for a missing GPU says nothing about --device
+        check_device(device)
+    except DeviceError as exc:
+        exc.cli_message = (f"--device {device} is not available here ({exc}). Use --device cpu, or leave --device "
+                           "out (cuda when torch sees a GPU, else cpu).")
+        raise
+    model = load_model(args.model, **kwargs)
     return model.to(device).eval(), device
 
 
@@ -156,10 +188,7 @@ def main(argv: Sequence[str]) -> int:
           f"target={args.target}, clean accuracy {table.attrs['clean_accuracy']:.3f} "
           f"({table.attrs['accuracy_reference']}); {seconds:.0f} s on {table.attrs['machine']}")
     print(format_table(table))
-    print("pix.acc/mIoU/mAP/point: segmentation (higher is better); pos/neg: perturbation AUC for maps of the "
-          "predicted / label class (pos lower, neg higher is better); del/ins: deletion/insertion area; "
-          "s/img: explain time per image (capture: "
-          f"{float(table['capture_seconds_per_image'][0]):.4f} s/img).")
+    print(legend(args.steps) + f" Capture: {1000 * float(table['capture_seconds_per_image'][0]):.1f} ms/img.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_dataframe().to_csv(out / f"{name}.csv")

@@ -330,8 +330,12 @@ def _evaluate_batch(model: nn.Module, chunk: np.ndarray, s0: int, items: _Items,
 
     npix = size[0] * size[1]
     its, local = items.in_batch(s0, len(chunk))
+    from ..methods import groups_of
+
+    # the extra passes the evaluated methods read (AttnLRP, LeGrad), on top of what every capture holds
+    keep = ("all", *sorted({g for n in names for g in groups_of(n, opts.get(n))}))
     t = time.perf_counter()
-    cap = capture(model, chunk, target=None, batch_size=batch_size, device=device, progress=False)
+    cap = capture(model, chunk, target=None, batch_size=batch_size, device=device, progress=False, keep=keep)
     scores.capture_seconds += time.perf_counter() - t
     mean, std = tuple(cap.attrs["mean"]), tuple(cap.attrs["std"])
     pics = Pictures(chunk, mean, std)
@@ -342,7 +346,7 @@ def _evaluate_batch(model: nn.Module, chunk: np.ndarray, s0: int, items: _Items,
     cap_label = None
     if diff.any():
         cap_label = capture(model, chunk[local[diff]], target=lab[diff].tolist(), batch_size=batch_size,
-                            device=device, progress=False)
+                            device=device, progress=False, keep=keep)
         pics_label = Pictures(chunk[local[diff]], mean, std)
     base = removal_probabilities(model, pics, order, [(0, True), (npix, True)], batch_size=batch_size, device=device)
     clean, zero = base[local, 0], base[local, 1]

@@ -173,6 +173,14 @@ class Adapter:
         """A block's input/output as (B, N, C) tokens in the stage's order."""
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
+    def with_tokens(self, x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """A copy of the block input ``x`` whose tokens ``index`` (stage order, as :meth:`tokens`
+        numbers them) are ``values`` (B or 1, k, C); the other tokens keep their autograd graph."""
+        out = torch.clone(x, memory_format=torch.contiguous_format)
+        flat = out.view(out.shape[0], -1, out.shape[-1])
+        flat[:, index] = values.to(flat.dtype).expand(flat.shape[0], -1, -1)
+        return out
+
     def for_input(self, size: tuple[int, int]) -> "Adapter":
         """The adapter for an input of ``size`` (H, W) pixels; refuses sizes the model cannot take.
 

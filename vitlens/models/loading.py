@@ -147,6 +147,8 @@ def load_model(
             ) from exc
         raise ModelLoadError(f"timm could not create {name!r}: {exc}") from exc
     adapter_for(model)
+    if not pretrained:  # random weights (warned above, or asked for): captures and figures say "untrained"
+        model.vitlens_weights = "random"
     return model.eval().to(_device(device))
 
 

@@ -215,6 +215,18 @@ class AttentionPart:
             return self.inner_norm
         return self.proj.module
 
+    def heads_output_module(self) -> nn.Module:
+        """The module whose input holds each head's output as it reaches the output projection:
+        ``proj`` (after any inner norm), shaped (B[·nW], N, heads·hd), head ``h`` in channels
+        :meth:`head_channels` ``(h)``. Interventions (ablation, patching) replace a head's slice
+        there, so that head's term ``W_O,h·o_h`` is all that changes in the branch output."""
+        return self.proj.module
+
+    def head_channels(self, head: int) -> slice:
+        """The channels of head ``head`` in the heads' concatenation (heads are concatenated in order)."""
+        hd = int(self.proj.weight.shape[1]) // self.num_heads
+        return slice(head * hd, (head + 1) * hd)
+
     def value_path(self, h: torch.Tensor) -> torch.Tensor:
         """Each token's value vector after the output projection, without its bias.
 
@@ -450,10 +462,42 @@ class Readout:
     #: the LRP rule of ``head`` when it is not one Linear: ``(head input (B, C), relevance at the logits) ->
     #: relevance at the head input`` (e.g. a user's head, :mod:`vitlens.models.families.hf_headed`)
     head_rule: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    #: image–text similarities (CLIP, SigLIP): the logits are ``head(z) / embed_norm(z)`` (the length of the
+    #: image embedding); ``head`` alone is the Linear the LRP rule uses (``1/‖e‖`` passes relevance on)
+    embed_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in READOUTS:
             raise ValueError(f"read-out {self.kind!r}; one of {READOUTS}")
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The head's input (B, C) from the final tokens (B, N, C): the pooled embedding.
+
+        ``"cls"``: ``fc_norm`` of the CLS token; ``"avg"``/``"avg_with_prefix"``: of the token mean;
+        ``"map"``: of the attention pool's output.
+        """
+        if self.kind == "cls":
+            return self.fc_norm(tokens[:, 0])
+        x = tokens[:, self.pooled_tokens_start:]
+        if self.kind == "map":
+            assert self.pool is not None
+            return self.fc_norm(self.pool(x))
+        return self.fc_norm(x.mean(1))
+
+    def logits_of(self, z: torch.Tensor) -> torch.Tensor:
+        """The logits (B, classes) from the head's input ``z`` (B, C)."""
+        out = self.head(z)
+        return out if self.embed_norm is None else out / self.embed_norm(z)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The logits (B, classes) the read-out makes of final tokens (B, N, C) (differentiable).
+
+        The model's own read-out applied to any tokens of the last stage's width, e.g. an
+        intermediate block's (LeGrad's per-layer scores).
+        """
+        if self.kind == "cls" and self.head_dist is not None:  # distilled DeiT: the mean of its two heads
+            return (self.head(self.fc_norm(tokens[:, 0])) + self.head_dist(tokens[:, 1])) / 2
+        return self.logits_of(self.pooled(tokens))
 
     def head_relevance(self, z: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
         """Relevance on the head's input ``z`` from ``relevance`` at the logits: αβ through the head's Linear."""

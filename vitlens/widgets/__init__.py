@@ -1,5 +1,5 @@
 """Live widgets for Jupyter: :class:`Explorer`, :class:`HeadGrid`, :class:`ModelView`,
-:class:`TokenCurves` and :class:`Compare`.
+:class:`TokenCurves`, :class:`Compare` and :class:`HeadAtlas` (a dataset's heads).
 
 Widgets only read a capture (and call :func:`vitlens.explain`); they never touch
 hooks. The one exception is explaining another class (:class:`Explorer`,
@@ -15,8 +15,9 @@ from .base import link
 from .compare import Compare
 from .explorer import Explorer
 from .export import export_target
+from .head_atlas import HeadAtlas
 from .head_grid import HeadGrid
 from .model_view import ModelView
 from .token_curves import TokenCurves
 
-__all__ = ["Compare", "Explorer", "ExportError", "HeadGrid", "ModelView", "TokenCurves", "export_target", "link"]
+__all__ = ["Compare", "Explorer", "ExportError", "HeadAtlas", "HeadGrid", "ModelView", "TokenCurves", "export_target", "link"]

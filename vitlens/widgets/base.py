@@ -22,11 +22,12 @@ import xarray as xr
 from ..errors import ImageProcessorWarning, OptionError
 from .controls import class_label, top_classes
 from .export import ExportControls
-from .figure import heatmap_trace, image_trace, image_uri, zsmooth
+from .figure import grid_height, grid_shape, heatmap_trace, image_trace, image_uri, live_title, set_grid, title_chars, zsmooth
 from ..capture.attrs import json_attr
 from ..capture.layout import capture_options
 from .layout import CaptureLayout, Query, check_view, checked_query, explorable_layout
 from .panels import PanelMaps
+from .text import Markup, escape, html_text, markup
 
 #: Traits two views of one capture can share (each widget links those both have).
 LINKABLE = ("sample", "layer", "query", "heads")
@@ -36,8 +37,11 @@ def link(a: traitlets.HasTraits, b: traitlets.HasTraits, traits: Sequence[str] |
     """Link two widgets of the same capture: ``traitlets.link`` on every shared trait.
 
     By default the traits both widgets have among ``sample``, ``layer``, ``query``
-    and ``heads``; ``b`` takes ``a``'s values first. Returns the links
-    (``l.unlink()`` undoes one).
+    and ``heads`` (a widget's ``linkable`` may name fewer: the head atlas, a view of
+    a dataset, links no ``sample``); ``b`` takes ``a``'s values first. Returns the
+    links (``l.unlink()`` undoes one). Both widgets show one capture, except that
+    a :class:`~vitlens.widgets.HeadAtlas` links to a widget of any capture of the
+    same model (same blocks, heads and grids).
 
     Examples
     --------
@@ -50,13 +54,26 @@ def link(a: traitlets.HasTraits, b: traitlets.HasTraits, traits: Sequence[str] |
     >>> grid.layer
     1
     """
-    if getattr(a, "cap", None) is not getattr(b, "cap", None):
-        raise OptionError("link widgets of the same capture (make both from one cap).")
-    names = [t for t in (traits or LINKABLE) if a.has_trait(t) and b.has_trait(t)]
+    if getattr(a, "cap", None) is not getattr(b, "cap", None) and not _same_model(a, b):
+        raise OptionError("link widgets of the same capture (make both from one cap); the head atlas links to a "
+                          "widget of any capture of the same model.")
+    shared = [t for t in LINKABLE if t in getattr(a, "linkable", LINKABLE) and t in getattr(b, "linkable", LINKABLE)]
+    names = [t for t in (traits or shared) if a.has_trait(t) and b.has_trait(t)]
     if traits is not None and len(names) != len(traits):
         missing = sorted(set(traits) - set(names))
         raise OptionError(f"cannot link {missing}: not a trait of both widgets (shared: {names}).")
     return [traitlets.link((a, t), (b, t)) for t in names]
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    """Whether one of two widgets links across captures (the head atlas of a store) and both show
+    the same blocks, heads and token grids: their layer, query and heads then mean the same."""
+    if not (getattr(a, "links_across_captures", False) or getattr(b, "links_across_captures", False)):
+        return False
+    la, lb = getattr(a, "layout_info", None), getattr(b, "layout_info", None)
+    if la is None or lb is None:
+        return False
+    return [(s.layers, s.num_heads, s.grid) for s in la.stages] == [(s.layers, s.num_heads, s.grid) for s in lb.stages]
 
 
 def export_title(title: str) -> str:
@@ -90,9 +107,13 @@ class ClassChoice:
         self.names = [str(n) for n in cap["class_name"].values]
         self.targets = {s: int(t) for s, t in enumerate(np.asarray(cap["target"].values))}
         self.recaptures = PanelMaps(size=4)
+        self.intervention: Any = None  # applied to every recapture (the Explorer's ablate mode)
+        self.captured = _captured_intervention(cap, model)  # the one the capture itself was made with
+        self._intervention_key: Any = None
+        self._keep: Any = None  # () -> the groups a recapture stores (None: as the capture did)
         self.dropdown = widgets.Dropdown(description=description, layout=widgets.Layout(width="250px"))
         self.dropdown.add_class(css)
-        self.status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
+        self.status = html_text(css=f"{css}-status", margin="0 8px")
         if model is None:
             self.dropdown.disabled = True
             self.dropdown.tooltip = ("Explaining another class needs the model: pass it as the second argument, "
@@ -110,21 +131,32 @@ class ClassChoice:
     def probability(self, sample: int, c: int) -> float:
         return float(softmax(self.cap["logits"].isel(sample=sample).values)[c])
 
+    def set_intervention(self, intervention: Any, keep: Any = None) -> None:
+        """Recapture with ``intervention`` (an ablation) from now on, storing the groups ``keep()``
+        returns when it runs (default: what the capture stored); ``None``: read the capture again."""
+        self.intervention = intervention
+        self._keep = keep
+        self._intervention_key = None if intervention is None else intervention.digest()
+
+    def _groups(self) -> Any:
+        return None if self._keep is None else tuple(sorted(self._keep()))
+
     def source(self, sample: int, c: int) -> tuple[xr.DataTree, int, Any]:
         """The capture explaining class ``c`` of ``sample``, its sample index there, and a cache key."""
-        if c == int(self.cap["target"].values[sample]):
+        if c == int(self.cap["target"].values[sample]) and self.intervention is None:
             return self.cap, sample, "capture"
         if self.model is None:
             raise OptionError("explaining another class needs the model: pass it, e.g. vl.Explorer(cap, model).")
-        key = (sample, c)
-        return self.recaptures.get(key, lambda: self._recapture(sample, c)), 0, key
+        keep = self._groups()
+        key = (sample, c, self._intervention_key, keep)
+        return self.recaptures.get(key, lambda: self._recapture(sample, c, keep)), 0, key
 
-    def _recapture(self, sample: int, c: int) -> xr.DataTree:
+    def _recapture(self, sample: int, c: int, keep: Any = None) -> xr.DataTree:
         import torch
 
         from ..capture import capture
 
-        self.status.value = f"capturing sample {sample} again to explain {self.names[c]!r}…"
+        self.status.value = markup("capturing sample {} again to explain {}…", sample, repr(self.names[c]))
         try:
             options = capture_options(self.cap)
             image = np.asarray(self.cap["image"].isel(sample=[sample]).values, dtype=np.float32)
@@ -135,12 +167,36 @@ class ClassChoice:
             pixels = (torch.from_numpy(image).permute(0, 3, 1, 2) - mean) / std
             ids = json_attr(self.cap.attrs, "text_input_ids", [])  # image-text models: the same prompts
             text = {"text": torch.tensor(ids)} if ids else {}
+            keep = keep if keep is not None else options.get("keep", "all")
             with warnings.catch_warnings():  # the capture already said how its picture was made
                 warnings.simplefilter("ignore", ImageProcessorWarning)
-                return capture(self.model, pixels, target=c, keep=options.get("keep", "all"),
-                               grads=options.get("grads", True), progress=False, **text)
+                return capture(self.model, pixels, target=c, keep=keep,
+                               grads=options.get("grads", True), progress=False,
+                               intervention=self.intervention if self.intervention is not None else self.captured(),
+                               **text)
         finally:
             self.status.value = ""
+
+    def describe(self, sample: int, c: int) -> Markup:
+        """The status line for class ``c`` of ``sample``: empty for the captured class as captured, else where
+        it comes from (a recapture, for another class or with heads switched off)."""
+        ablated = " with heads switched off" if self.intervention is not None else ""
+        if c == int(self.cap["target"].values[sample]):
+            return markup("sample {} captured again{}", sample, ablated) if ablated else escape("")
+        return markup("sample {} captured again for {}{}", sample, repr(self.names[c]), ablated)
+
+
+def _captured_intervention(cap: xr.DataTree, model: Any):
+    """``() -> `` the intervention ``cap`` was made with (an ablated capture's recaptures repeat it)."""
+    def rebuild():
+        if model is None or not cap.attrs.get("intervention"):
+            return None
+        from ..capture.interventions import intervention_of
+        from ..models import adapter_for
+
+        return intervention_of(cap, adapter_for(model))
+
+    return rebuild
 
 
 class CaptureView(widgets.VBox):
@@ -234,6 +290,49 @@ class CaptureView(widgets.VBox):
     def _panels_in(self, fig: Any) -> int:
         return self.num_panels
 
+    # -- the grid of panels follows the width the page draws the figure at --------------------
+    #: The most panels a row when the widget chooses (None: as many as fit).
+    max_cols: int | None = None
+
+    def _init_grid(self, cols: int | None, height: int | None, default_cols: int) -> tuple[int, int]:
+        """The first grid: ``cols`` if given (then fixed), else ``default_cols`` until the page reports its width."""
+        self._cols_override, self._height_override = cols, height
+        cols = default_cols if cols is None else cols
+        cols = max(1, min(int(cols), self.num_panels))
+        self.grid = (-(-self.num_panels // cols), cols)
+        self._title_chars: int | None = None
+        self._titles: list[str] = []
+        return self.grid
+
+    def follow_width(self, width: float) -> None:
+        """Fit the panels to a figure drawn ``width`` pixels wide (the page reports it; tests call it).
+
+        Below :data:`~vitlens.widgets.figure.MIN_PANEL_PX` per panel the panels wrap
+        into more rows (the Explorer's 4 panels: 2 × 2 at a 388-px output); titles are
+        shortened to their panel's width, so neighbours never overlap. ``cols=``
+        given to the widget fixes the grid.
+        """
+        if self._cols_override is not None:
+            rows, cols = self.grid
+        else:
+            rows, cols = grid_shape(self.num_panels, width)
+            if self.max_cols is not None and cols > self.max_cols:
+                cols = self.max_cols
+                rows = -(-self.num_panels // cols)
+        chars = title_chars(width, cols)
+        if (rows, cols) != self.grid:
+            set_grid(self.figure, self.num_panels, rows, cols, self._height_override or grid_height(rows, cols, width))
+            self.grid = (rows, cols)
+        if chars != self._title_chars:
+            self._title_chars = chars
+            with self.figure.batch_update():
+                for ann, text in zip(self.figure.layout.annotations, self._titles, strict=False):
+                    ann.text = live_title(text, chars)
+
+    def _follow_page_width(self) -> None:
+        if hasattr(self.figure, "on_page_width"):  # vitlens' plotly widget (a plain FigureWidget says nothing)
+            self.figure.on_page_width(self.follow_width)
+
     def _opacity_of(self, panel: int, fig: Any) -> float:
         return self.opacity
 
@@ -278,9 +377,9 @@ class CaptureView(widgets.VBox):
 
     def export_figure(self, **options: Any) -> Any:
         """The current view as a static matplotlib figure (no browser), titled with :meth:`context`."""
-        from ..figures import render_panels
+        from ..figures import figure_title, render_panels
 
-        return render_panels(self.export_panels(), suptitle=self.context(), **options)
+        return render_panels(self.export_panels(), suptitle=figure_title(self.cap, self.context()), **options)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the current view to ``path`` (``.png``, ``.svg`` or ``.pdf``; matplotlib, no browser).

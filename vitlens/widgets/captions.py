@@ -5,6 +5,8 @@ Method captions come from each method's registration (:data:`vitlens.methods.MET
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..registry import METHOD_INFO, method_info
 from .layout import CaptureLayout, HeadChoice, Query
 
@@ -93,6 +95,26 @@ def method_caption(layout: CaptureLayout, method: str, layer: int, first: int, c
     text = info.caption_for(opts).format(l=layer, blocks=blocks_text(first, layer), readout=readout_text(layout),
                                          cls=repr(class_name))
     return text[0].upper() + text[1:] + "."
+
+
+def precision_note(cap: Any, sample: int, method: str, layout: CaptureLayout) -> str:
+    """A sentence for a panel whose map rests on a float32 LRP pass that divided by nearly cancelling
+    sums at position ``sample`` of ``cap`` (its ``lrp_condition``), else ``""``. Any method that reads
+    the LRP relevance (its registered ``needs``) gets it."""
+    from ..capture.layout import capture_options
+    from ..capture.precision import RELIABLE_CONDITION, unreliable
+
+    if "lrp_condition" not in cap.dataset:
+        return ""
+    info = method_info(method)
+    if "attention_relevance" not in info.groups(layout, info.defaults_for(layout)):
+        return ""
+    options = capture_options(cap)
+    condition = float(cap["lrp_condition"].values[sample])
+    if not unreliable(condition, str(options.get("lrp_dtype", "float32"))):
+        return ""
+    return (f" On this image the float32 LRP pass divided by nearly cancelling sums (lrp_condition {condition:.1e} "
+            f"< {RELIABLE_CONDITION:g}): the map depends on rounding; capture with lrp_dtype='float64'.")
 
 
 def method_title(method: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 from typing import Any
 
@@ -13,9 +12,10 @@ import xarray as xr
 from ..errors import VitlensError
 from . import captions
 from .base import CaptureView, ClassChoice
-from .controls import layer_slider, opacity_slider, probe, sample_dropdown
+from .controls import layer_slider, opacity_slider, probe, probe_text, sample_dropdown
 from .figure import as_widget, live_title, overlay_figure
 from .panels import PanelMaps, layer_dependent, method_maps, method_names, normalized
+from .text import html_text, join, markup
 
 
 class Compare(CaptureView):
@@ -41,9 +41,11 @@ class Compare(CaptureView):
     opacity, smooth
         Heatmap opacity; bilinear overlays instead of token blocks.
     cols
-        Panels per row.
+        Panels per row (default: 4, fewer where the output is too narrow for them;
+        a number given here is kept at any width).
     height
-        Figure height in pixels; the width follows the output area.
+        Figure height in pixels (default: 500 for two rows, less for the rows of a
+        narrow output); the width follows the output area.
     export_dir
         The only directory the "Save as" box writes into (default: the working directory).
 
@@ -59,6 +61,7 @@ class Compare(CaptureView):
     """
 
     export_name = "vitlens-compare.png"
+    max_cols = 4
 
     def __init__(
         self,
@@ -69,8 +72,8 @@ class Compare(CaptureView):
         layer: int | None = None,
         opacity: float = 0.6,
         smooth: bool = False,
-        cols: int = 4,
-        height: int = 500,
+        cols: int | None = None,
+        height: int | None = None,
         export_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
@@ -78,7 +81,7 @@ class Compare(CaptureView):
         layer = self._init_capture(cap, layer, sample)
         info = self.layout_info
         self.model = model
-        self.methods = method_names()
+        self.methods = method_names(cap)
         self.num_panels = len(self.methods)
         self.sample, self.layer, self.opacity, self.smooth = sample, layer, opacity, smooth
         self.classes = ClassChoice(cap, model)
@@ -95,17 +98,18 @@ class Compare(CaptureView):
             self._link_control(control, trait)
         self.smooth_toggle = self._smooth_toggle()
         self._fill_classes()
-        self.figure = overlay_figure(info, list(self.methods), "", cols=cols, height=height, opacity=opacity,
-                                     smooth=smooth)
+        rows, cols = self._init_grid(cols, height, default_cols=self.max_cols)
+        self.figure = overlay_figure(info, list(self.methods), "", cols=cols, height=height or 60 + 220 * rows,
+                                     opacity=opacity, smooth=smooth)
         self._show_image([self.figure])
-        self.captions = widgets.HTML()
-        self.captions.add_class("vitlens-captions")
+        self.captions = html_text(css="vitlens-captions")
         self.probe = probe("vitlens-probe")
         exporter = self._export_controls(export_dir)
         self._ready = True
         self.refresh()  # the first view goes into the plain figure, then it becomes a widget
         self.figure = as_widget(self.figure)
         self.figure.add_class("vitlens-figure")
+        self._follow_page_width()
         self.observe(lambda _: self.refresh(), "layer")
         self.observe(self._on_sample, "sample")
         self.observe(lambda _: self._style_heatmaps([self.figure]), ["opacity", "smooth"])
@@ -135,8 +139,8 @@ class Compare(CaptureView):
 
     def export_panels(self) -> list[dict]:
         maps = self.panel_maps()
-        return [self._overlay_panel(maps[m], ann.text)
-                for m, ann in zip(self.methods, self.figure.layout.annotations, strict=True)]
+        return [self._overlay_panel(maps[m], captions.panel_title(captions.method_title(m), self.layer))
+                for m in self.methods]
 
     def _method(self, src: xr.DataTree, key: Any, method: str) -> tuple[np.ndarray, int, str]:
         info = self.layout_info
@@ -163,18 +167,20 @@ class Compare(CaptureView):
         except VitlensError:
             src, si, key = self.cap, sample, "capture"
         lines = []
+        self._titles = [captions.panel_title(captions.method_title(m), layer) for m in self.methods]
         with self.figure.batch_update():
             for i, method in enumerate(self.methods):
                 maps, first, error = self._method(src, key, method)
                 self.figure.data[self.heatmap_trace(i)].z = normalized(maps[si, li])
-                self.figure.layout.annotations[i].text = live_title(captions.panel_title(captions.method_title(method), layer))
+                self.figure.layout.annotations[i].text = live_title(self._titles[i], self._title_chars)
                 text = error or captions.method_caption(info, method, layer, first, self.class_names[c],
                                                         not layer_dependent(info, method))
-                lines.append(f"<div><b>{html.escape(captions.method_title(method))}</b>: "
-                             f"{html.escape(text, quote=False)}</div>")
-        self.captions.value = "".join(lines)
+                text += captions.precision_note(src, si, method, info)
+                lines.append(markup("<div><b>{}</b>: {}</div>", captions.method_title(method), text))
+        self.captions.value = join(lines)
+        self.class_status.value = self.classes.describe(sample, c)
         self.version += 1
-        self.probe.value = f"layer={layer} sample={sample} class={c}"
+        self.probe.value = probe_text(layer=layer, sample=sample, **{"class": c})
 
     def _fill_classes(self) -> None:
         self._hold = True

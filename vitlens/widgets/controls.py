@@ -9,6 +9,7 @@ import numpy as np
 import xarray as xr
 
 from .layout import CaptureLayout
+from .text import HTMLText, html_text, markup
 
 
 class HeadToggles:
@@ -49,8 +50,7 @@ class HeadToggles:
         self.none_button.add_class("vitlens-heads-none")
         self.all_button.on_click(lambda _: self.set_stage(self.stage, range(self._num_heads)))
         self.none_button.on_click(lambda _: self.set_stage(self.stage, ()))
-        self.label = widgets.HTML(layout=widgets.Layout(width="auto", margin="0 6px 0 0"))
-        self.label.add_class("vitlens-heads-label")
+        self.label = html_text(css="vitlens-heads-label", width="auto", margin="0 6px 0 0")
         self.box = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap", align_items="center"))
         self.show(self.stage)
 
@@ -72,7 +72,7 @@ class HeadToggles:
 
     def _count(self) -> None:
         on = sum(t.value for t in self.toggles[self.stage])
-        self.label.value = f"Heads <b>{on}</b>/{self._num_heads}"
+        self.label.value = markup("Heads <b>{}</b>/{}", on, self._num_heads)
 
     def set_choice(self, choice: dict[int, frozenset[int]]) -> None:
         """Show ``choice`` without calling ``on_change``."""
@@ -157,8 +157,20 @@ def opacity_slider(value: float) -> widgets.FloatSlider:
     return slider
 
 
-def probe(css_class: str) -> widgets.HTML:
-    """A hidden text widget whose content tests (and curious users) can read in the page."""
-    w = widgets.HTML(layout=widgets.Layout(display="none"))
-    w.add_class(css_class)
-    return w
+def probe(css_class: str) -> HTMLText:
+    """A hidden text widget whose content tests (and curious users) can read in the page.
+
+    Set it with :func:`probe_text`.
+    """
+    return html_text(css=css_class, display="none")
+
+
+def probe_text(**fields: object) -> str:
+    """A probe's value: ``key=value`` pairs separated by spaces, escaped.
+
+    Examples
+    --------
+    >>> probe_text(layer=3, query="cls")
+    'layer=3 query=cls'
+    """
+    return markup(" ".join(f"{k}={{}}" for k in fields), *fields.values())

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import html
 import os
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import ipywidgets as widgets
 import numpy as np
+import plotly.graph_objects as go
 import traitlets
 import xarray as xr
 
 from ..errors import OptionError, VitlensError
+from ..methods import extra_groups
 from . import captions
 from .base import AttentionView, ClassChoice
-from .controls import HeadToggles, layer_slider, opacity_slider, probe, sample_dropdown, top_classes
-from .figure import as_widget, live_title, overlay_figure
-from .layout import Query, initial_query, parse_heads, patch_outline, window_edges, window_ids
+from .controls import HeadToggles, layer_slider, opacity_slider, probe, probe_text, sample_dropdown, top_classes
+from .figure import as_widget, grid_height, live_title, overlay_figure
+from .layout import Query, initial_query, parse_heads, patch_at, patch_outline, window_edges, window_ids
 from .panels import (
     STATISTICS,
     PanelMaps,
@@ -31,10 +33,36 @@ from .panels import (
     safe,
     statistic_array,
 )
+from .text import escape, html_text, join, markup
 
 #: The four panels, left to right (a fifth, ``contrast``, explains a second class).
 PANELS = ("attention", "statistic", "fusion", "method")
 DEFAULT_METHOD = "generic_attention"
+
+
+class PanelView(NamedTuple):
+    """What one panel shows: its map (token grid, not yet normalised), caption and title."""
+
+    map: np.ndarray
+    caption: str
+    title: str
+
+
+@dataclass(frozen=True)
+class ViewState:
+    """The selection every panel of one update reads: layer (and its index and stage), sample, heads, and
+    the capture the class-agnostic panels read (:meth:`Explorer._shown`)."""
+
+    layer: int
+    sample: int
+    li: int
+    stage: Any
+    choice: dict[int, frozenset[int]]
+    key: tuple[tuple[int, ...], ...]  # the head choice as a cache key
+    shape: tuple[int, ...]  # (sample, layer, gh, gw) of a per-layer map stack
+    cap: xr.DataTree  # the Explorer's capture, or in the ablate mode the shown image's ablated recapture
+    index: int  # the shown sample's index in ``cap``
+    cap_key: Any  # ``cap`` as a cache key
 
 
 class Explorer(AttentionView):
@@ -106,6 +134,15 @@ class Explorer(AttentionView):
     export_dir
         The only directory the "Save as" box writes into (default: the working
         directory); :meth:`save` from Python writes anywhere.
+    ablate
+        Start in ablate mode (needs ``model``; :mod:`vitlens.widgets.ablate`): a row of
+        head switches turns heads of the shown block off *in the model*, and every panel
+        and a top-5 probability bar (before/after) follow, one forward + backward of the
+        shown image per change. ``ablate=False`` keeps the mode's switch, off, whenever
+        ``model`` is given.
+    ablation, reference
+        How a switched-off head is replaced: ``"zero"``, or ``"mean"`` over the
+        ``reference`` images (see :func:`vitlens.capture`).
 
     Examples
     --------
@@ -141,44 +178,72 @@ class Explorer(AttentionView):
         cols: int | None = None,
         height: int | None = None,
         export_dir: str | os.PathLike | None = None,
+        ablate: bool = False,
+        ablation: str = "zero",
+        reference: Any = None,
     ) -> None:
         super().__init__()
-        self._hold = 1
+        self._hold = 1  # no view is drawn until every piece is there
         layer = self._init_capture(cap, layer, sample)
-        info = self.layout_info
+        self._check_options(model, stat, method, compare_class, ablate)
+        self._init_state(model, compare_class, layer=layer, sample=sample, heads=heads, query=query, stat=stat,
+                         method=method, opacity=opacity, smooth=smooth)
+        self._build_controls(fusion_grad)
+        fig = self._build_figure(cols, height)
+        self._build_text(export_dir)
+        self._connect()
+        self._build_ablate(ablate, ablation, reference)
+        self._hold = 0
+        self.refresh()  # draws the first view into the plain figure
+        self._go_live(fig)
+        self.children = self._arrange()
+        self.add_class("vitlens-explorer")
+
+    # -- construction, step by step ---------------------------------------------------------
+    def _check_options(self, model: Any, stat: str, method: str, compare_class: bool, ablate: bool) -> None:
         if stat not in STATISTICS:
             raise OptionError(f"stat={stat!r}; choose from {list(STATISTICS)}.")
-        if method not in method_names():
-            raise OptionError(f"method={method!r}; choose from {list(method_names())}.")
+        if method not in method_names(self.cap):
+            hint = (f" {method!r} reads a pass this capture was made without: capture with "
+                    f"keep=('all', {', '.join(map(repr, extra_groups([method])))})." if method in method_names() else "")
+            raise OptionError(f"method={method!r}; choose from {list(method_names(self.cap))}.{hint}")
+        if ablate and model is None:
+            raise OptionError("ablate=True switches heads off in the model: pass it, vl.Explorer(cap, model, "
+                              "ablate=True).")
         if compare_class and model is None:
             raise OptionError("compare_class=True explains a second class, which needs the model: "
                               "vl.Explorer(cap, model, compare_class=True).")
+
+    def _init_state(self, model: Any, compare_class: bool, *, layer: int, sample: int, heads: Any, query: Any,
+                    stat: str, method: str, opacity: float, smooth: bool) -> None:
+        """The panels, the class choices, the caches and the traits (before any control exists)."""
+        info = self.layout_info
         self.model = model
         self.panels = PANELS + (("contrast",) if compare_class else ())
         self.num_panels = len(self.panels)
         self._cache = PanelMaps()
-        self.classes = ClassChoice(cap, model)
+        self.classes = ClassChoice(self.cap, model)
         self.class_select, self.class_status = self.classes.dropdown, self.classes.status
         self._contrast: dict[int, int] = {}
         self.contrast_select = None
         if compare_class:
-            self.contrast = ClassChoice(cap, model, description="vs", css="vitlens-contrast")
+            self.contrast = ClassChoice(self.cap, model, description="vs", css="vitlens-contrast")
             self.contrast.recaptures = self.classes.recaptures  # one cache of recaptures
             self.contrast_select = self.contrast.dropdown
             self.contrast_select.tooltip = "the second class, explained by the fifth panel"
-        self._messages: dict[str, str] = {}
         self.timings: list[float] = []  # seconds per view update (server side)
         self.sample, self.layer, self.opacity, self.smooth = sample, layer, opacity, smooth
         self.stat, self.method = stat, method
         self.query = initial_query(info, query)
         self.heads = {s: tuple(sorted(h)) for s, h in parse_heads(info, heads).items()}
 
-        self.layer_slider = layer_slider(info, layer)
-        self.stage_label = widgets.HTML(layout=widgets.Layout(margin="0 12px"))
-        self.stage_label.add_class("vitlens-stage")
-        self.sample_select = sample_dropdown(self._sample_options(), sample, width="200px")
-        self._fill_classes(sample)
-
+    def _build_controls(self, fusion_grad: bool) -> None:
+        """Sliders, selectors and toggles, each linked to its trait."""
+        info = self.layout_info
+        self.layer_slider = layer_slider(info, self.layer)
+        self.stage_label = html_text(css="vitlens-stage", margin="0 12px")
+        self.sample_select = sample_dropdown(self._sample_options(), self.sample, width="200px")
+        self._fill_classes(self.sample)
         self.head_controls = HeadToggles(info, self.head_choice(), self._heads_clicked)
         self.head_toggles = self.head_controls.toggles
         self.query_button = widgets.Button(description="reset query", tooltip="query: back to "
@@ -186,29 +251,35 @@ class Explorer(AttentionView):
                                            layout=widgets.Layout(width="auto", margin="0 0 0 12px"))
         self.query_button.add_class("vitlens-query-reset")
         self.query_button.on_click(lambda _: self.select_query(info.default_query()))
-        self.stat_select = widgets.Dropdown(options=list(STATISTICS), value=stat, description="Statistic",
+        self.stat_select = widgets.Dropdown(options=list(STATISTICS), value=self.stat, description="Statistic",
                                             layout=widgets.Layout(width="180px"))
         self.stat_select.add_class("vitlens-stat")
         self.fusion_grad = widgets.ToggleButton(  # off: panels 1-3 stay class-agnostic
             value=bool(fusion_grad), description="gradient-weighted", layout=widgets.Layout(width="auto"),
             tooltip="fusion panel: lnstat's gradient-weighted reading (class-specific) instead of the gradient-free one")
         self.fusion_grad.add_class("vitlens-fusion-grad")
-        self.fusion_grad.observe(self._changed, "value")
-        self.method_select = widgets.Dropdown(options=[(captions.method_title(m), m) for m in method_names()],
-                                              value=method, description="Method", layout=widgets.Layout(width="300px"))
+        self.method_select = widgets.Dropdown(options=[(captions.method_title(m), m) for m in method_names(self.cap)],
+                                              value=self.method, description="Method",
+                                              layout=widgets.Layout(width="300px"))
         self.method_select.add_class("vitlens-method")
-        self.opacity_slider = opacity_slider(opacity)
+        self.opacity_slider = opacity_slider(self.opacity)
         for control, trait in ((self.layer_slider, "layer"), (self.sample_select, "sample"),
                                (self.stat_select, "stat"), (self.method_select, "method"),
                                (self.opacity_slider, "opacity")):
             self._link_control(control, trait)
         self.smooth_toggle = self._smooth_toggle()
 
-        cols = self.num_panels if cols is None else max(1, min(int(cols), self.num_panels))
-        rows = -(-self.num_panels // cols)
-        height = (300 if rows == 1 else 60 + 250 * rows) if height is None else height
-        fig = overlay_figure(info, list(self.panels), "", cols=cols, height=height, opacity=opacity,
-                             smooth=smooth)
+    def _build_figure(self, cols: int | None, height: int | None) -> go.Figure:
+        """The panels' figure (a plain plotly figure until :meth:`_go_live`), with the image in every panel.
+
+        ``cols=None``: all panels in one row until the page says how wide the figure
+        is drawn; then as many a row as stay readable (:meth:`follow_width`).
+        """
+        info = self.layout_info
+        rows, cols = self._init_grid(cols, height, default_cols=self.num_panels)
+        fig = overlay_figure(info, list(self.panels), "", cols=cols,
+                             height=grid_height(rows, cols) if height is None else height,
+                             opacity=self.opacity, smooth=self.smooth)
         self._grid_trace = len(fig.data)
         fig.add_scatter(x=[], y=[], mode="lines", line=dict(color="rgba(255,255,255,0.45)", width=1),
                         hoverinfo="skip", name="windows", row=1, col=1)
@@ -217,46 +288,58 @@ class Explorer(AttentionView):
                         name="query", row=1, col=1)
         self.figure = fig  # a plain figure until the first view is drawn into it (see as_widget)
         self._show_image([fig])
+        return fig
 
-        self.title = widgets.HTML()
-        self.title.add_class("vitlens-title")
-        self.captions = widgets.HTML(layout=widgets.Layout(margin="0 0 0 8px"))
-        self.captions.add_class("vitlens-captions")
+    def _build_text(self, export_dir: str | os.PathLike | None) -> None:
+        """Title, captions, the hidden probe and the export box."""
+        self.title = html_text(css="vitlens-title")
+        self.captions = html_text(css="vitlens-captions", margin="0 0 0 8px")
         self.probe = probe("vitlens-probe")
-        exporter = self._export_controls(export_dir)
+        self._export_controls(export_dir)
 
+    def _connect(self) -> None:
+        """Every trait and control to what it changes."""
         self.observe(self._changed, ["layer", "stat", "method", "query"])
         self.observe(self._on_heads, "heads")
         self.observe(self._on_sample, "sample")
         self.observe(lambda _: self._style_heatmaps([self.figure]), ["opacity", "smooth"])
+        self.fusion_grad.observe(self._changed, "value")
         self.class_select.observe(self._on_class, "value")
         if self.contrast_select is not None:
             self.contrast_select.observe(self._on_contrast, "value")
 
-        self._hold = 0
-        self.refresh()  # draws the first view into the plain figure
+    def _build_ablate(self, ablate: bool, ablation: str, reference: Any) -> None:
+        """The ablate mode (:mod:`vitlens.widgets.ablate`): a switch, off unless ``ablate``, whenever the model is given."""
+        from .ablate import AblateControls
+
+        self.ablation = None if self.model is None else AblateControls(self, ablation=ablation, reference=reference,
+                                                                       active=ablate)
+
+    def _go_live(self, fig: go.Figure) -> None:
+        """The drawn figure becomes the live widget: clicks choose the query, the page's width the grid."""
         self.figure = as_widget(fig)
         self.figure.add_class("vitlens-figure")
         for i in range(self.num_panels):
             self.figure.data[self.heatmap_trace(i)].on_click(self._clicked)
-        row = widgets.HBox
-        wrap = widgets.Layout(align_items="center", flex_flow="row wrap")
+        self._follow_page_width()
+
+    def control_rows(self) -> list[list[widgets.Widget]]:
+        """The rows of controls above the figure (a mode that adds controls adds a row here)."""
         classes = [self.sample_select, self.class_select, self.class_status]
         if self.contrast_select is not None:
             classes[2:2] = [self.contrast_select, self.contrast.status]
-        self.children = [
-            self.title,
-            row([self.layer_slider, self.stage_label], layout=wrap),
-            row(classes, layout=wrap),
-            row([self.head_controls.box, self.query_button], layout=wrap),
-            row([self.stat_select, self.fusion_grad, self.method_select, self.opacity_slider, self.smooth_toggle],
-                layout=wrap),
-            self.figure,
-            self.captions,
-            exporter.box,
-            self.probe,
+        return [
+            [self.layer_slider, self.stage_label],
+            classes,
+            [self.head_controls.box, self.query_button],
+            [self.stat_select, self.fusion_grad, self.method_select, self.opacity_slider, self.smooth_toggle],
         ]
-        self.add_class("vitlens-explorer")
+
+    def _arrange(self) -> list[widgets.Widget]:
+        wrap = dict(align_items="center", flex_flow="row wrap")
+        rows = [widgets.HBox(r, layout=widgets.Layout(**wrap)) for r in self.control_rows()]
+        below = [self.ablation.box] if self.ablation is not None else []  # below the maps: plots keep their order
+        return [self.title, *rows, self.figure, *below, self.captions, self.exporter.box, self.probe]
 
     # -- public state -------------------------------------------------------------------
     @property
@@ -310,70 +393,88 @@ class Explorer(AttentionView):
 
     def export_panels(self) -> list[dict]:
         maps = self.panel_maps()
-        return [self._overlay_panel(maps[name], ann.text)
-                for name, ann in zip(self.panels, self.figure.layout.annotations, strict=False)]
+        return [self._overlay_panel(maps[name], title) for name, title in zip(self.panels, self._titles, strict=True)]
 
     # -- computing the view ---------------------------------------------------------------
     def compute(self) -> dict[str, Any]:
-        """The maps (normalised), captions and titles for the current state."""
-        info = self.layout_info
-        layer, sample, stat, method = self.layer, self.sample, self.stat, self.method
-        stage = info.stage_of(layer)
-        li = info.layers.index(layer)
-        choice = self.head_choice()
-        key = tuple(tuple(sorted(choice[s.index])) for s in info.stages)
-        shape = (self.num_samples, len(info.layers), *info.grid)
-        messages = {}
+        """The maps (normalised), captions and titles for the current state, one :class:`PanelView` a panel."""
+        now = self._now()
+        views = [self._attention_view(now), self._statistic_view(now), self._fusion_view(now),
+                 *self._method_views(now)]
+        return {"maps": [normalized(v.map) for v in views], "captions": [v.caption for v in views],
+                "titles": [v.title for v in views]}
 
-        attention = query_attention(self.cap, info, sample, layer, sorted(choice[stage.index]), self.query)
-        stats = self._cache.get(("statistic", stat), lambda: statistic_array(self.cap, stat))
+    def _now(self) -> ViewState:
+        info = self.layout_info
+        choice = self.head_choice()
+        shown, index, shown_key = self._shown(self.sample)
+        return ViewState(layer=self.layer, sample=self.sample, li=info.layers.index(self.layer),
+                         stage=info.stage_of(self.layer), choice=choice,
+                         key=tuple(tuple(sorted(choice[s.index])) for s in info.stages),
+                         shape=(self.num_samples, len(info.layers), *info.grid),
+                         cap=shown, index=index, cap_key=shown_key)
+
+    def _attention_view(self, now: ViewState) -> PanelView:
+        info, query = self.layout_info, self.query
+        heads = sorted(now.choice[now.stage.index])
+        caption = (captions.attention_caption(info, now.layer, now.choice, query) if heads else
+                   f"No head selected in stage {now.stage.index}: select at least one head.")
+        where = "CLS" if query is None else f"({query[0]}, {query[1]})"
+        return PanelView(query_attention(now.cap, info, now.index, now.layer, heads, query), caption,
+                         captions.panel_title("attention", now.layer, where))
+
+    def _statistic_view(self, now: ViewState) -> PanelView:
+        stats = self._cache.get(("statistic", self.stat, now.cap_key), lambda: statistic_array(now.cap, self.stat))
+        return PanelView(stats[now.index, now.li], captions.statistic_caption(self.layout_info, now.layer, self.stat),
+                         captions.panel_title(f"{self.stat} statistic", now.layer))
+
+    def _fusion_view(self, now: ViewState) -> PanelView:
+        info, stat = self.layout_info, self.stat
         grad = bool(self.fusion_grad.value)
+        fcap, fi, fkey = now.cap, now.index, now.cap_key
         if grad:  # the gradient-weighted fusion explains a class: it reads the capture of the chosen class
             try:
-                fcap, fi, fkey = self.classes.source(sample, self.target)
+                fcap, fi, fkey = self.classes.source(now.sample, self.target)
             except VitlensError:
-                fcap, fi, fkey = self.cap, sample, "capture"
-        else:
-            fcap, fi, fkey = self.cap, sample, "capture"
-        fusion, messages["fusion"] = self._cache.get(
-            ("fusion", key, stat, grad, fkey),
-            lambda: safe(lambda: fusion_maps(fcap, info, choice, stat, grad), (int(fcap["sample"].size), *shape[1:])))
+                pass
+        fusion, message = self._cache.get(
+            ("fusion", now.key, stat, grad, fkey),
+            lambda: safe(lambda: fusion_maps(fcap, info, now.choice, stat, grad),
+                         (int(fcap["sample"].size), *now.shape[1:])))
+        caption = message or captions.fusion_caption(info, now.layer, now.choice, stat, grad,
+                                                     self.class_names[self.target])
+        detail = captions.heads_text(info, now.choice, now.layer) if len(now.key) == 1 else ""
+        return PanelView(fusion[fi, now.li], caption,
+                         captions.panel_title("lnstat fusion" + (" (grad)" if grad else ""), now.layer, detail))
+
+    def _method_views(self, now: ViewState) -> list[PanelView]:
+        """The method panel, and with ``compare_class`` the same method for the second class."""
+        info, method = self.layout_info, self.method
         classes = [self.target] + ([self.contrast_target] if self.contrast_select is not None else [])
-        method_maps_, method_text = [], []
         on_features = not layer_dependent(info, method)
+        views = []
         for c in classes:
+            title = captions.panel_title(captions.method_title(method), now.layer,
+                                         self._class_detail(c) if len(classes) > 1 else "")
             try:
-                src, si, src_key = self.classes.source(sample, c)
+                src, si, src_key = self.classes.source(now.sample, c)
             except VitlensError as exc:
-                method_maps_.append(np.zeros(info.grid, dtype=np.float32))
-                method_text.append(str(exc))
+                views.append(PanelView(np.zeros(info.grid, dtype=np.float32), str(exc), title))
                 continue
-            src_shape = (int(src["sample"].size), *shape[1:])
-            (per_layer, first), message = self._method(src, src_key, method, choice, key, src_shape)
-            method_maps_.append(per_layer[si, li])
-            method_text.append(message or captions.method_caption(info, method, layer, first, self.class_names[c],
-                                                                  on_features))
-        maps = [attention, stats[sample, li], fusion[fi, li], *method_maps_]
-        text = [
-            captions.attention_caption(info, layer, choice, self.query),
-            captions.statistic_caption(info, layer, stat),
-            messages["fusion"] or captions.fusion_caption(info, layer, choice, stat, grad, self.class_names[self.target]),
-            *method_text,
-        ]
-        if not choice[stage.index]:
-            text[0] = f"No head selected in stage {stage.index}: select at least one head."
-        heads_short = captions.heads_text(info, choice, layer)
-        query = self.query
-        titles = [
-            captions.panel_title("attention", layer, "CLS" if query is None else f"({query[0]}, {query[1]})"),
-            captions.panel_title(f"{stat} statistic", layer),
-            captions.panel_title("lnstat fusion" + (" (grad)" if grad else ""), layer,
-                                 heads_short if len(key) == 1 else ""),
-            captions.panel_title(captions.method_title(method), layer, self._class_detail(classes[0]) if len(classes) > 1 else ""),
-        ]
-        if len(classes) > 1:
-            titles.append(captions.panel_title(captions.method_title(method), layer, self._class_detail(classes[1])))
-        return {"maps": [normalized(m) for m in maps], "captions": text, "titles": titles}
+            src_shape = (int(src["sample"].size), *now.shape[1:])
+            (per_layer, first), message = self._method(src, src_key, method, now.choice, now.key, src_shape)
+            caption = message or captions.method_caption(info, method, now.layer, first, self.class_names[c],
+                                                         on_features)
+            caption += captions.precision_note(src, si, method, info)
+            views.append(PanelView(per_layer[si, now.li], caption, title))
+        return views
+
+    def _shown(self, sample: int) -> tuple[xr.DataTree, int, Any]:
+        """The capture the class-agnostic panels read: the Explorer's, or (heads switched off in the
+        ablate mode) the shown image's ablated recapture."""
+        if self.classes.intervention is None:
+            return self.cap, sample, "capture"
+        return self.classes.source(sample, self.target)
 
     def _class_detail(self, c: int) -> str:
         name = self.class_names[c]
@@ -407,18 +508,19 @@ class Explorer(AttentionView):
             fig.data[self._grid_trace].update(x=gx, y=gy)
             fig.data[self._marker_trace].update(x=mx, y=my)
             for ann, text in zip(fig.layout.annotations, view["titles"], strict=True):
-                ann.text = live_title(text)
-        self.stage_label.value = captions.stage_text(info, layer) if len(info.stages) > 1 or info.windowed else ""
-        self.captions.value = "".join(
-            f"<div><b>{i + 1}.</b> {html.escape(t, quote=False)}</div>" for i, t in enumerate(view["captions"])
-        )
+                ann.text = live_title(text, self._title_chars)
+        self._titles = list(view["titles"])  # plain text, for the static export
+        self.stage_label.value = escape(captions.stage_text(info, layer) if len(info.stages) > 1 or info.windowed else "")
+        self.captions.value = join(markup("<div><b>{}.</b> {}</div>", i + 1, t) for i, t in enumerate(view["captions"]))
         self.title.value = self._cache.get(("title", self.sample), self._title_html)
+        self.class_status.value = self.classes.describe(self.sample, self.target)
         self.version += 1
         heads = ",".join(map(str, self.heads[stage.index]))
         query = "cls" if self.query is None else f"{self.query[0]},{self.query[1]}"
-        self.probe.value = (f"v={self.version} layer={layer} sample={self.sample} heads={heads} query={query} "
-                            f"stat={self.stat} method={self.method} class={self.target}"
-                            + (f" vs={self.contrast_target}" if self.contrast_select is not None else ""))
+        vs = {} if self.contrast_select is None else {"vs": self.contrast_target}
+        self.probe.value = probe_text(v=self.version, layer=layer, sample=self.sample, heads=heads, query=query,
+                                      stat=self.stat, method=self.method, **{"class": self.target}, **vs,
+                                      **(self.ablation.probe() if self.ablation is not None else {}))
         self.timings.append(time.perf_counter() - start)
 
     def _window_lines(self, layer: int) -> tuple[list, list]:
@@ -434,9 +536,8 @@ class Explorer(AttentionView):
         s = self.sample
         top = top_classes(self.cap, s, 1)[0]
         heads = "/".join(str(st.num_heads) for st in info.stages)
-        return (f"<b>vitlens Explorer</b> · {html.escape(str(self.cap.attrs.get('model', '')))} · "
-                f"{len(info.layers)} blocks × {heads} heads · sample {s}: predicted "
-                f"<b>{html.escape(top[1])}</b> ({100 * top[2]:.1f} %)")
+        return markup("<b>vitlens Explorer</b> · {} · {} blocks × {} heads · sample {}: predicted <b>{}</b> ({:.1f} %)",
+                      self.cap.attrs.get("model", ""), len(info.layers), heads, s, top[1], 100 * top[2])
 
     # -- widget callbacks -------------------------------------------------------------------
     def _changed(self, change: Any = None) -> None:
@@ -492,8 +593,4 @@ class Explorer(AttentionView):
     def _clicked(self, trace: Any, points: Any, state: Any) -> None:
         if not points.xs:
             return
-        sy, sx = self.layout_info.stride
-        gh, gw = self.layout_info.grid
-        col = int(round((points.xs[0] - (sx - 1) / 2) / sx))
-        row = int(round((points.ys[0] - (sy - 1) / 2) / sy))
-        self.select_patch(min(max(row, 0), gh - 1), min(max(col, 0), gw - 1))
+        self.select_patch(*patch_at(self.layout_info, points.xs[0], points.ys[0]))

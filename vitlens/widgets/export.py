@@ -9,7 +9,6 @@ Python, ``widget.save(path)`` writes anywhere the caller asks.
 
 from __future__ import annotations
 
-import html
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import ipywidgets as widgets
 
 from ..errors import ExportError, VitlensError
+from .text import html_text, markup
 
 #: File types a widget exports (matplotlib, no browser involved).
 EXPORT_FORMATS = ("png", "svg", "pdf")
@@ -89,8 +89,7 @@ class ExportControls:
                                      layout=widgets.Layout(width="80px"))
         self.button.add_class("vitlens-export")
         self.button.on_click(lambda _: self.export())
-        self.status = widgets.HTML(layout=widgets.Layout(margin="0 8px"))
-        self.status.add_class("vitlens-export-status")
+        self.status = html_text(css="vitlens-export-status", margin="0 8px")
         self.box = widgets.HBox([self.filename, self.overwrite, self.button, self.status],
                                 layout=widgets.Layout(align_items="center", flex_flow="row wrap"))
 
@@ -102,7 +101,7 @@ class ExportControls:
             path = export_target(self.filename.value, self.directory, overwrite=self.overwrite.value)
             written = self.write(path)
         except (VitlensError, OSError) as exc:
-            self.status.value = f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
+            self.status.value = markup("<span style='color:#b00'>{}</span>", exc)
             return None
-        self.status.value = f"saved {html.escape(str(written))}"
+        self.status.value = markup("saved {}", written)
         return written

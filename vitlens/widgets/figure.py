@@ -22,9 +22,72 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .layout import CaptureLayout
+from .text import Markup, escape, join, markup
 
 #: Colour scale shared by every panel.
 COLORSCALE = "Inferno"
+#: The narrowest panel (CSS pixels) a live figure draws before it wraps its panels into more rows.
+MIN_PANEL_PX = 140
+#: What the colour bar and the margins take of a figure's width (CSS pixels).
+COLORBAR_PX = 70
+#: Average width of one title character at the live figures' 11 px font (CSS pixels).
+TITLE_CHAR_PX = 6.6
+
+
+def grid_shape(n: int, width: float, min_panel: float = MIN_PANEL_PX) -> tuple[int, int]:
+    """``(rows, cols)`` for ``n`` panels in an output ``width`` pixels wide.
+
+    As many panels a row as stay at least ``min_panel`` wide, then the rows
+    balanced (4 panels that do not fit in one row make 2 × 2, not 3 + 1).
+
+    Examples
+    --------
+    >>> grid_shape(4, 1300), grid_shape(4, 388), grid_shape(5, 560), grid_shape(4, 150)
+    ((1, 4), (2, 2), (2, 3), (4, 1))
+    """
+    fit = max(1, int((width - COLORBAR_PX) // min_panel))
+    rows = -(-n // min(n, fit))
+    return rows, -(-n // rows)
+
+
+def grid_height(rows: int, cols: int, width: float | None = None) -> int:
+    """The figure height (CSS pixels) of a ``rows × cols`` grid of square panels.
+
+    One row: 300. More rows: a row per panel height (at most 250; less in a
+    narrow output, whose panels are smaller) plus room for its titles.
+
+    Examples
+    --------
+    >>> grid_height(1, 4), grid_height(2, 2), grid_height(2, 2, width=388)
+    (300, 560, 458)
+    """
+    if rows == 1:
+        return 300
+    panel = 250 if width is None else min(250, int((width - COLORBAR_PX) / cols))
+    return 60 + rows * (panel + 40) if width is not None else 60 + 250 * rows
+
+
+def _grid(rows: int, cols: int, titles: Sequence[str] = ()) -> go.Figure:
+    """plotly's subplot grid (domains and title annotations) for ``rows × cols`` panels."""
+    return make_subplots(rows=rows, cols=cols, subplot_titles=list(titles) or None, horizontal_spacing=0.02,
+                         vertical_spacing=0.1 if rows > 1 else 0.0)
+
+
+def set_grid(fig: go.Figure, n: int, rows: int, cols: int, height: int) -> None:
+    """Move the ``n`` panels of an :func:`overlay_figure` onto a ``rows × cols`` grid (one batched update).
+
+    Panel ``i`` goes to row ``i // cols``, column ``i % cols``; its title stays at
+    its panel's top left corner.
+    """
+    template = _grid(rows, cols).layout
+    with fig.batch_update():
+        for i in range(n):
+            suffix = "" if i == 0 else str(i + 1)
+            x, y = template[f"xaxis{suffix}"].domain, template[f"yaxis{suffix}"].domain
+            fig.layout[f"xaxis{suffix}"].domain = x
+            fig.layout[f"yaxis{suffix}"].domain = y
+            fig.layout.annotations[i].update(x=x[0], y=y[1])
+        fig.layout.height = height
 
 
 def image_uri(image: np.ndarray) -> str:
@@ -71,8 +134,7 @@ def overlay_figure(
     """
     n = len(titles)
     rows = -(-n // cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=0.02,
-                        vertical_spacing=0.1 if rows > 1 else 0.0)
+    fig = _grid(rows, cols, titles)
     h, w = layout.input_size
     sy, sx = layout.stride
     gh, gw = layout.grid
@@ -111,16 +173,54 @@ def overlay_figure(
     return fig
 
 
-def live_title(title: str) -> str:
+def live_title(title: str, chars: int | None = None) -> Markup:
     """A panel title for the live figure: its name on one line, block and details on a second.
+
+    ``chars``: the most characters a line may have (the panel's width; longer
+    lines end in "…"), so that neighbouring titles never overlap. plotly renders
+    titles as (a little) HTML, so the text is escaped: a class name like
+    ``<b>x</b>`` is shown as it is written.
 
     Examples
     --------
     >>> live_title("attention · block 3 · CLS")
     'attention<br>block 3 · CLS'
+    >>> live_title("method · block 1 · class <i>")
+    'method<br>block 1 · class &lt;i&gt;'
+    >>> live_title("Transformer Attribution · block 11 · class hexagon", chars=16)
+    'Transformer Att…<br>block 11 · clas…'
     """
     name, _, rest = str(title).partition(" · ")
-    return name + ("<br>" + rest if rest else "")
+    if chars is not None:
+        fit = lambda line: line if len(line) <= chars else line[: max(1, chars - 1)] + "…"  # noqa: E731
+        name, rest = fit(name), fit(rest)
+    return join([escape(name), markup("<br>"), escape(rest)]) if rest else escape(name)
+
+
+def title_chars(width: float, cols: int) -> int:
+    """How many title characters fit over one of ``cols`` panels in an output ``width`` pixels wide.
+
+    Examples
+    --------
+    >>> title_chars(388, 2)
+    24
+    """
+    return max(8, int((width - COLORBAR_PX) / cols / TITLE_CHAR_PX))
+
+
+def with_gaps(values: np.ndarray) -> list:
+    """A heatmap's ``z`` for the page: NaN cells become ``None`` (a gap to plotly).
+
+    Widget state travels as JSON, which has no NaN: a NaN in it makes the kernel
+    print "Out of range float values are not JSON compliant" into the notebook.
+
+    Examples
+    --------
+    >>> with_gaps(np.array([[0.5, np.nan]]))
+    [[0.5, None]]
+    """
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(values), values, None).tolist()
 
 
 def heatmap_trace(panel: int, show_image: bool = True) -> int:
@@ -198,6 +298,23 @@ class _CompleteOnOpen:
     def _bundle_requested(self, widget, content, buffers) -> None:
         if isinstance(content, dict) and content.get("vitlens") == "bundle":
             self.send({"vitlens": "bundle"}, buffers=[self._bundle_source.encode("utf-8")])
+        elif isinstance(content, dict) and content.get("vitlens") == "width":
+            self.page_width_changed(float(content.get("width", 0)))
+
+    #: The width (CSS pixels) the page last drew this figure at (None before the page said).
+    page_width: float | None = None
+
+    def on_page_width(self, callback) -> None:
+        """Call ``callback(width)`` whenever the page draws this figure at another width."""
+        self._width_callbacks = [*getattr(self, "_width_callbacks", []), callback]
+
+    def page_width_changed(self, width: float) -> None:
+        """What the page's message does (and what tests call): record the width, tell the callbacks."""
+        if width <= 0 or width == self.page_width:
+            return
+        self.page_width = width
+        for callback in getattr(self, "_width_callbacks", []):
+            callback(width)
 
 
 @functools.cache

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -15,13 +14,16 @@ import xarray as xr
 from ..errors import OptionError
 from . import captions
 from .base import AttentionView
-from .controls import layer_slider, opacity_slider, probe, sample_dropdown
+from .controls import layer_slider, opacity_slider, probe, probe_text, sample_dropdown
 from .figure import as_widget, image_uri, overlay_figure, zsmooth
 from .layout import Query, initial_query, parse_heads, patch_outline
 from .panels import head_attention, normalized
+from .text import escape, html_text, markup
 
 #: Heatmap opacity of a deselected head, relative to the opacity slider.
 DIMMED = 0.2
+#: The title mark of a head switched off in the model (a linked Explorer's ablate mode).
+SWITCHED_OFF = markup(" · <span style='color:#d62728'>✕ switched off</span>")
 
 
 class HeadGrid(AttentionView):
@@ -34,7 +36,8 @@ class HeadGrid(AttentionView):
     ``opacity``, ``smooth``): ``HeadGrid(cap, explorer=ex)`` (or
     ``grid.link(ex)``) links the first four to an :class:`Explorer` with
     ``traitlets.link``, so the grid follows its layer, sample and query, and a
-    click toggles the head in the Explorer.
+    click toggles the head in the Explorer — or, while the Explorer is in its
+    ablate mode, switches the head off in the model (titled "✕ switched off").
 
     Parameters
     ----------
@@ -112,8 +115,7 @@ class HeadGrid(AttentionView):
                                (self.opacity_slider, "opacity")):
             self._link_control(control, trait)
         self.smooth_toggle = self._smooth_toggle()
-        self.caption = widgets.HTML()
-        self.caption.add_class("vitlens-captions")
+        self.caption = html_text(css="vitlens-captions")
         self.probe = probe("vitlens-probe")
         self._figure_box = widgets.VBox()
         exporter = self._export_controls(export_dir)
@@ -165,6 +167,16 @@ class HeadGrid(AttentionView):
         picked = set(self.heads[stage.index]) ^ {head}
         self.heads = {**self.heads, stage.index: tuple(sorted(picked))}
 
+    def click_head(self, head: int) -> None:
+        """What a click on a head's panel does: toggle it, or — the linked Explorer in its ablate
+        mode — switch it off (or on again) in the model at the shown block."""
+        ablate = getattr(self.explorer, "ablation", None)
+        if ablate is not None and ablate.mode.value:
+            ablate.toggle(head, self.layer)
+            self.refresh()
+        else:
+            self.toggle_head(head)
+
     def export_panels(self) -> list[dict]:
         return [self._overlay_panel(t.z, ann.text) for t, ann in zip(self.heatmaps(), self.figure.layout.annotations,
                                                                       strict=True)]
@@ -197,7 +209,7 @@ class HeadGrid(AttentionView):
         widget.add_class("vitlens-figure")
         for h in range(stage.num_heads):
             widget.data[self.heatmap_trace(h)].on_click(
-                lambda trace, points, state, h=h: self.toggle_head(h) if points.xs else None)
+                lambda trace, points, state, h=h: self.click_head(h) if points.xs else None)
         self._figures[stage_index] = widget
         self._boxes[stage_index] = widgets.VBox([widget])  # a column: the figure takes its full width
 
@@ -208,6 +220,11 @@ class HeadGrid(AttentionView):
         query = self.query
         maps = head_attention(self.cap, info, self.sample, layer, query)
         chosen = self.head_choice()[stage.index]
+        ablate = getattr(self.explorer, "ablation", None)
+        off = frozenset()
+        if ablate is not None:
+            ablate.follow(self.refresh)  # switched-off heads are marked here too, whoever switches them
+            off = ablate.switched_off(layer)
         mx, my = patch_outline(info, layer, query)
         n = stage.num_heads
         with fig.batch_update():
@@ -217,7 +234,8 @@ class HeadGrid(AttentionView):
                 trace.opacity = self.opacity if h in chosen else self.opacity * DIMMED
                 trace.zsmooth = zsmooth(self.smooth)
                 fig.data[2 * n + h].update(x=mx, y=my)  # the query marker of head h's panel
-                fig.layout.annotations[h].text = f"head {h}" + ("" if h in chosen else " (off)")
+                fig.layout.annotations[h].text = markup("head {}{}{}", h, "" if h in chosen else " (off)",
+                                                        SWITCHED_OFF if h in off else "")
         return chosen
 
     def refresh(self) -> None:
@@ -232,13 +250,13 @@ class HeadGrid(AttentionView):
                 box.layout.display = None if index == stage else "none"
             self._stage = stage
         linked = self.explorer is not None
-        self.caption.value = html.escape(
+        self.caption.value = escape(
             f"Each panel: the image under where {captions.query_text(self.query)} looks at block {layer}, one head "
             f"at a time (scaled to [0, 1]). Click a head to toggle it" + (" (linked)." if linked else ".")
         )
         heads = ",".join(map(str, sorted(chosen)))
         self.version += 1
-        self.probe.value = f"layer={layer} sample={sample} heads={heads}"
+        self.probe.value = probe_text(layer=layer, sample=sample, heads=heads)
 
     def _on_sample(self, change: Any) -> None:
         self._show_image(self._figures.values())

@@ -65,6 +65,23 @@ def initial_query(layout: CaptureLayout, query: Query | str) -> Query:
     return checked_query(layout, query)
 
 
+def patch_at(layout: CaptureLayout, x: float, y: float) -> tuple[int, int]:
+    """The first-stage patch ``(row, col)`` under a click at pixel ``(x, y)`` of a panel (clamped to the grid).
+
+    Examples
+    --------
+    >>> import numpy as np, timm, vitlens as vl
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=1)
+    >>> patch_at(capture_layout(vl.capture(model, np.zeros((1, 32, 32, 3)), grads=False)), 27.5, 3.5)
+    (0, 3)
+    """
+    sy, sx = layout.stride
+    gh, gw = layout.grid
+    col = int(round((x - (sx - 1) / 2) / sx))
+    row = int(round((y - (sy - 1) / 2) / sy))
+    return min(max(row, 0), gh - 1), min(max(col, 0), gw - 1)
+
+
 def query_token(layout: CaptureLayout, stage: StageLayout, query: Query) -> int:
     """Token index (in ``stage``) of a query on the first-stage grid; ``None`` → CLS (token 0)."""
     if query is None:

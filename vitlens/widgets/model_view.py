@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 from typing import Any
 
@@ -13,10 +12,11 @@ import xarray as xr
 
 from . import captions
 from .base import AttentionView
-from .controls import opacity_slider, probe, sample_dropdown
-from .figure import COLORSCALE, as_widget, image_uri
+from .controls import opacity_slider, probe, probe_text, sample_dropdown
+from .figure import COLORSCALE, as_widget, image_uri, with_gaps
 from .layout import Query, initial_query
 from .panels import head_attention, normalized, pooled
+from .text import escape, html_text
 
 #: Tiles show at most this many cells per side (finer Swin grids are averaged down).
 MAX_CELLS = 16
@@ -88,8 +88,7 @@ class ModelView(AttentionView):
         self.opacity_slider = opacity_slider(opacity)
         self._link_control(self.sample_select, "sample")
         self._link_control(self.opacity_slider, "opacity")
-        self.caption = widgets.HTML()
-        self.caption.add_class("vitlens-captions")
+        self.caption = html_text(css="vitlens-captions")
         self.probe = probe("vitlens-probe")
         exporter = self._export_controls(export_dir)
         if explorer is not None:
@@ -123,7 +122,7 @@ class ModelView(AttentionView):
         height_px, width_px = (L * py - 1) * p, (H * px - 1) * p
         fig = go.Figure()
         fig.add_trace(go.Image(source="", x0=0, dx=1, y0=0, dy=1, hoverinfo="skip", name="image"))
-        fig.add_trace(go.Heatmap(z=np.full((L * py - 1, H * px - 1), np.nan), x0=(p - 1) / 2, dx=p, y0=(p - 1) / 2,
+        fig.add_trace(go.Heatmap(z=with_gaps(np.full((L * py - 1, H * px - 1), np.nan)), x0=(p - 1) / 2, dx=p, y0=(p - 1) / 2,
                                  dy=p, colorscale=COLORSCALE, zmin=0, zmax=1, opacity=self.opacity, hoverongaps=False,
                                  colorbar=dict(title=dict(text="scaled 0–1", side="right"), thickness=10,
                                                tickvals=[0, 0.5, 1], len=0.6),
@@ -187,8 +186,8 @@ class ModelView(AttentionView):
         z = self._compute()
         with self.figure.batch_update():
             self.figure.data[0].source = image_uri(self._mosaic_image() / 255.0)
-            self.figure.data[1].z = z
-        self.caption.value = html.escape(
+            self.figure.data[1].z = with_gaps(z)  # gaps between tiles: None, never NaN (JSON)
+        self.caption.value = escape(
             f"Row = block, column = head. Each tile: the image under where {captions.query_text(self.query)} looks "
             f"(scaled to [0, 1] per tile). Click a patch in a tile to make it the query and that block the layer.")
         self.version += 1
@@ -205,7 +204,7 @@ class ModelView(AttentionView):
 
     def _probe(self) -> None:
         query = "cls" if self.query is None else f"{self.query[0]},{self.query[1]}"
-        self.probe.value = f"v={self.version} layer={self.layer} sample={self.sample} query={query}"
+        self.probe.value = probe_text(v=self.version, layer=self.layer, sample=self.sample, query=query)
 
     def _on_opacity(self, change: Any) -> None:
         self.figure.data[1].opacity = self.opacity

@@ -26,9 +26,16 @@ from .layout import CaptureLayout, HeadChoice, Query, heads_option, query_token,
 STATISTICS = CHOICES["stat"]
 
 
-def method_names() -> tuple[str, ...]:
-    """The methods the widgets offer: :data:`vitlens.METHODS` (the method registry's order)."""
-    return tuple(METHOD_INFO)
+def method_names(cap: xr.DataTree | None = None) -> tuple[str, ...]:
+    """The methods the widgets offer: :data:`vitlens.METHODS` (the method registry's order), or those
+    offered for ``cap``: AttnLRP and LeGrad only where it was made with their passes (a method that
+    reads gradients of a ``grads=False`` capture stays offered; its panel says to capture again)."""
+    if cap is None:
+        return tuple(METHOD_INFO)
+    from ..methods import explainable_methods, extra_groups
+
+    can = set(explainable_methods(cap))
+    return tuple(m for m in METHOD_INFO if m in can or not extra_groups([m]))
 
 
 def normalized(values: np.ndarray) -> np.ndarray:
@@ -175,7 +182,9 @@ def method_maps(cap: xr.DataTree, layout: CaptureLayout, method: str, heads: Hea
             if l in layers:
                 out[:, j] = explain(cap, method, layers=l, heads=opt, **extra).transpose("sample", "y", "x").values
         return out, layout.layers[0]
-    maps = explain(cap, method, heads=opt, per_layer=True, layers=layers, **extra)
+    if "heads" in info.options():  # (a method whose map is not made of heads, AttnLRP, takes none)
+        extra = {**extra, "heads": opt}
+    maps = explain(cap, method, per_layer=True, layers=layers, **extra)
     return _per_layer_array(maps, layout.layers), int(maps["layer"].values[0])
 
 

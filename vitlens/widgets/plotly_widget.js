@@ -59,12 +59,24 @@ export default () => {
       // then clear the element its successor draws into.
       if (context.signal?.aborted || !w.render) return undefined;
       const cleanup = await w.render(context);
+      // Tell the kernel the width the figure is drawn at, once per change: a widget whose
+      // panels would get too small there rearranges them into more rows (Python decides).
+      let reported = 0;
+      const report = () => {
+        const width = Math.round(el.clientWidth);
+        if (width > 0 && width !== reported) {
+          reported = width;
+          context.model.send({ vitlens: "width", width });
+        }
+      };
       // Follow the output area's width (a side panel opened, the window resized, the
       // view attached after it was drawn): plotly's own responsive handler re-measures.
       const observer = new ResizeObserver(() => {
         if (el._responsiveChartHandler) el._responsiveChartHandler();
+        report();
       });
       observer.observe(el);
+      report();
       return () => {
         observer.disconnect();
         if (typeof cleanup === "function") cleanup();

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,11 @@ from plotly.subplots import make_subplots
 from ..errors import VitlensError
 from . import captions
 from .base import CaptureView
-from .controls import probe, sample_dropdown
+from .controls import probe, probe_text, sample_dropdown
 from .figure import as_widget
 from .layout import Query, checked_query, initial_query
 from .panels import CURVES, token_curves
+from .text import escape, html_text
 
 TOKEN_COLOUR = "#d62728"
 PATCH_COLOUR = "#7f7f7f"
@@ -86,8 +86,7 @@ class TokenCurves(CaptureView):
         self.query = initial_query(self.layout_info, query)
         self.sample_select = sample_dropdown(list(range(self.num_samples)), sample)
         self._link_control(self.sample_select, "sample")
-        self.caption = widgets.HTML()
-        self.caption.add_class("vitlens-captions")
+        self.caption = html_text(css="vitlens-captions")
         self.probe = probe("vitlens-probe")
         exporter = self._export_controls(export_dir)
         if explorer is not None:
@@ -147,7 +146,7 @@ class TokenCurves(CaptureView):
         self._data = data
         self._marker()
         token = captions.query_text(self.query)
-        self.caption.value = html.escape(message or (
+        self.caption.value = escape(message or (
             f"Solid: {token}; dashed: the mean over all patch tokens. Norm of the token entering each block, and "
             "the std and mean over its features that the block's first LayerNorm divides and subtracts away."))
         self.version += 1
@@ -164,7 +163,7 @@ class TokenCurves(CaptureView):
                 hi = float(max(d["token"].max(), d["patches"].max()))
                 fig.data[3 * i + 2].update(x=[self.layer, self.layer], y=[lo, hi])
         query = "cls" if self.query is None else f"{self.query[0]},{self.query[1]}"
-        self.probe.value = f"v={self.version} layer={self.layer} sample={self.sample} query={query}"
+        self.probe.value = probe_text(v=self.version, layer=self.layer, sample=self.sample, query=query)
 
     def _clicked(self, trace: Any, points: Any, state: Any) -> None:
         if points.xs:
@@ -174,6 +173,8 @@ class TokenCurves(CaptureView):
     def export_figure(self, **options: Any) -> Any:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
+
+        from ..figures import figure_title
 
         fig = Figure(figsize=(3.2 * len(CURVES), 2.8), layout="constrained")
         axes = fig.subplots(1, len(CURVES))
@@ -187,7 +188,7 @@ class TokenCurves(CaptureView):
             ax.set_xlabel("block")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         np.atleast_1d(axes)[0].legend(fontsize=8)
-        fig.suptitle(self.context(), fontsize=10)
+        fig.suptitle(figure_title(self.cap, self.context()), fontsize=10)
         return fig
 
     def context(self) -> str:

@@ -34,6 +34,7 @@ __all__ = [
     "TIMM_CLASSES",
     "ConvStemPatchEmbed",
     "available",
+    "Catalog",
     "load_shipped",
     "build_from_config",
     "data_config",
@@ -133,6 +134,57 @@ def available(directory: str | Path | None = None) -> dict[str, dict[str, Any]]:
         if cfg_path.with_suffix(".safetensors").is_file():
             found[cfg_path.stem] = _read_json(cfg_path)
     return found
+
+
+class Catalog(dict):
+    """Shipped models ``{name: config}`` that show themselves as a table of names and scores.
+
+    ``curves=False`` drops each config's training curve (``train["curve"]``, hundreds
+    of rows); ``curves=True`` keeps it and the table is followed by each curve.
+    """
+
+    def __init__(self, configs: dict[str, dict[str, Any]], curves: bool = False) -> None:
+        if not curves:
+            configs = {name: {**cfg, "train": {k: v for k, v in cfg.get("train", {}).items() if k != "curve"}}
+                       for name, cfg in configs.items()}
+        super().__init__(configs)
+        self.curves = curves
+
+    def rows(self) -> list[list[str]]:
+        """The table: a header row, then one row per model."""
+        out = [["model", "family", "input", "classes", "one-object top-1", "two-object: both in top 2",
+                "held-out images"]]
+        for name, cfg in self.items():
+            scores = cfg.get("scores", {})
+            size = cfg.get("input_size", [0, 0, 0])
+            pct = lambda v: f"{100 * v:.1f} %" if isinstance(v, (int, float)) else "–"  # noqa: E731
+            out.append([name, str(cfg.get("family", "")), f"{size[-2]}×{size[-1]}", str(len(cfg.get("class_names", []))),
+                        pct(scores.get("one_object_top1")), pct(scores.get("two_object_both_in_top2")),
+                        f"{scores.get('n_per_set', '–')} + {scores.get('n_per_set', '–')}"])
+        return out
+
+    def __repr__(self) -> str:
+        rows = self.rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        numeric = {3, 4, 5}
+        text = "\n".join("  ".join(c.rjust(w) if i in numeric and k else c.ljust(w)
+                                   for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                          for k, r in enumerate(rows))
+        if self.curves:
+            from .train import curve_table
+
+            text += "".join(f"\n\n{name}: training curve\n{curve_table(cfg, every=10)}" for name, cfg in self.items())
+        return text
+
+    __str__ = __repr__
+
+    def _repr_html_(self) -> str:
+        import html
+
+        rows = self.rows()
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+        return f"<table><tr>{head}</tr>{body}</table>" + (f"<pre>{html.escape(repr(self))}</pre>" if self.curves else "")
 
 
 def data_config(config: dict[str, Any]) -> dict[str, Any]:

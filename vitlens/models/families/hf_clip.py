@@ -191,7 +191,9 @@ class HFCLIPAdapter(ImageTextAdapter):
     def _readout(self, text_embeds: torch.Tensor) -> Readout:
         head = self._similarity_head(text_embeds, self.model.visual_projection.weight)
         # post_layernorm on the CLS token, then W = scale · t̂ · W_proj
-        return Readout("cls", head, fc_norm=self.model.vision_model.post_layernorm)
+        projection = self.model.visual_projection.weight
+        return Readout("cls", head, fc_norm=self.model.vision_model.post_layernorm,
+                       embed_norm=lambda z: (z @ projection.T).norm(dim=-1, keepdim=True))
 
 
 def _byte_chars() -> list[str]:

@@ -277,7 +277,8 @@ class HFHeadedAdapter(HFAdapter):
         backbone, spec = model.backbone, model.declaration
         name = f"vl.with_head({spec.name})"
         layers = head_layers(model.head)
-        self._classes = _scoring(layers)[-1].out_features
+        scoring = _scoring(layers)  # none: an embedding model (its "logits" are the pooled embedding)
+        self._classes = scoring[-1].out_features if scoring else int(backbone.config.hidden_size)
         self.stages = [spec.stage(backbone, self.input_size, name)]
 
         def rule(before: Sequence[nn.Module]) -> Callable:
@@ -305,3 +306,18 @@ class HFHeadedAdapter(HFAdapter):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "backbone": type(self.model.backbone).__name__, "pool": self.model.pool}
+
+
+def embedding_model(backbone: nn.Module, pool: str | None = None) -> HeadedModel | None:
+    """A headless backbone as a model whose output is its pooled embedding (``vl.targets``), else None.
+
+    The head is ``nn.Identity``: the "logits" are the pooled vector (CLS after the final norm for
+    DINOv2, the attention pool for a SigLIP tower), one per embedding channel, which a
+    :class:`vitlens.targets.Target` such as ``similarity`` turns into the scalar to explain.
+    """
+    kind = type(backbone).__name__
+    known = backbones() if isinstance(backbone, nn.Module) and _is_transformers(backbone) else {}
+    if kind not in known:
+        return None
+    pools = known[kind].pools
+    return HeadedModel(backbone, nn.Identity(), pools[0] if pool is None else pool, None, None, known[kind])

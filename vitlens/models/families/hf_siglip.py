@@ -138,7 +138,8 @@ class HFSiglipAdapter(ImageTextAdapter):
 
     def _readout(self, text_embeds: torch.Tensor) -> Readout:
         head = self._similarity_head(text_embeds, None)
-        return ProbePoolReadout("map", head, start=0, pool=self.model.vision_model.head)
+        return ProbePoolReadout("map", head, start=0, pool=self.model.vision_model.head,
+                                embed_norm=lambda z: z.norm(dim=-1, keepdim=True))
 
     def logit_bias(self) -> torch.Tensor:
         return self.model.logit_bias

@@ -104,6 +104,9 @@ class ConcatReadout(Readout):
     the CLS token, the mean half to the patch tokens by LRP-0 through the mean.
     """
 
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([tokens[:, 0], tokens[:, self.start:].mean(1)], -1))
+
     def relevance(self, tokens: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         c = tokens.shape[-1]
         x = tokens[:, self.start:]
