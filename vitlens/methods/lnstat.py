@@ -158,13 +158,8 @@ def lnstat(
         read-out (as transformer_attribution's default), ``"keep"`` otherwise
         (so ``grad=False`` with a constant statistic is rollout exactly). Under
         a CLS read-out both give the same map. *vitlens' choice.*
-    layers, heads, start_layer, per_layer
-        As for rollout.
-    merge
-        Swin patch merging: ``"uniform"`` (1/4 to each parent, default) or
-        ``"lrp"`` (the shares the merging Linear's LRP rule gives; class-specific).
-    by_stage
-        Return a Dataset with each stage's map on its own grid instead.
+    layers, heads, start_layer, per_layer, merge, by_stage
+        As for :func:`~vitlens.methods.rollout`.
 
     Examples
     --------

@@ -108,11 +108,8 @@ def tokentm(
         rescaling, the same for every class — would otherwise dominate the map.
         With a CLS read-out that path ends on the prefix token, which the map
         excludes, so both settings give the same map.
-    merge
-        Swin patch merging: ``"uniform"`` (1/4 to each parent, default) or
-        ``"lrp"`` (the shares the merging Linear's LRP rule gives; class-specific).
-    by_stage
-        Return a Dataset with each stage's map on its own grid instead.
+    merge, by_stage
+        As for :func:`~vitlens.methods.rollout`.
 
     Examples
     --------
