@@ -120,3 +120,22 @@ def test_swin_gradcam_default_from_registry():
     cap = vl.capture(make_swin(seed=1), random_images(1, 64))
     assert METHOD_INFO["gradcam"].defaults_for(cap) == {"on": "attention"}
     assert vl.explain(cap, "gradcam").attrs["on"] == "attention"
+
+
+def test_every_name_check_is_the_registrys_one_message():
+    """One message for a name that is not registered, with a did-you-mean hint, wherever a name is given;
+    'all' is offered only where it is accepted (a list of methods, not one method)."""
+    from vitlens.registry import method_info, resolve_methods, resolve_stats, stat_info
+
+    with pytest.raises(vl.OptionError, match=r"unknown method 'rolout'; choose from \[.*\] or 'all'\. Did you mean"):
+        resolve_methods(["rolout"])
+    with pytest.raises(vl.OptionError, match=r"unknown method 'rolout'; choose from \[.*'legrad'\]\. Did you mean") as err:
+        method_info("rolout")
+    assert "'all'" not in str(err.value)
+    with pytest.raises(vl.OptionError, match=r"unknown head statistic 'attention_entropi'; choose from \[[^]]*\]\. Did"):
+        stat_info("attention_entropi")
+    with pytest.raises(vl.OptionError, match=r"or 'all'\. Did you mean 'attention_entropy'"):
+        resolve_stats("attention_entropi")
+    for call in (lambda: vl.explain(None, "rolout"), lambda: vl.figures.layers(None, "rolout")):
+        with pytest.raises(vl.OptionError, match="Did you mean 'rollout'"):
+            call()

@@ -267,12 +267,14 @@ def register_method(
     return decorate
 
 
-def _unknown(kind: str, name: Any, known: Mapping[str, Any]) -> OptionError:
+def _unknown(kind: str, name: Any, known: Mapping[str, Any], every: bool = True) -> OptionError:
+    """The one message for a name that is not registered (``every``: where ``'all'`` is accepted too)."""
     import difflib
 
     close = difflib.get_close_matches(str(name), list(known), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return OptionError(f"unknown {kind} {name!r}; choose from {list(known)} or 'all'.{hint}")
+    also = " or 'all'" if every else ""
+    return OptionError(f"unknown {kind} {name!r}; choose from {list(known)}{also}.{hint}")
 
 
 def _resolve(kind: str, spec: Any, known: Mapping[str, Any]) -> list[str]:
@@ -299,7 +301,7 @@ def _resolve(kind: str, spec: Any, known: Mapping[str, Any]) -> list[str]:
 def method_info(name: str) -> MethodInfo:
     """The registration of ``name``, or an OptionError listing the registered methods."""
     if not isinstance(name, str) or name not in METHOD_INFO:
-        raise _unknown("method", name, METHOD_INFO)
+        raise _unknown("method", name, METHOD_INFO, every=False)
     return METHOD_INFO[name]
 
 
@@ -378,7 +380,7 @@ def register_stat(name: str, *, title: str, unit: str, caption: str, needs_gradi
 def stat_info(name: str) -> StatInfo:
     """The registration of head statistic ``name``, or an OptionError listing them."""
     if not isinstance(name, str) or name not in STAT_INFO:
-        raise _unknown("head statistic", name, STAT_INFO)
+        raise _unknown("head statistic", name, STAT_INFO, every=False)
     return STAT_INFO[name]
 
 

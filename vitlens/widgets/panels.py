@@ -19,7 +19,7 @@ from ..capture.layout import missing_variable
 from ..errors import OptionError, VitlensError
 from ..registry import method_info
 from ..methods import METHOD_INFO, explain, minmax, statistic_maps
-from ..methods.options import CHOICES
+from ..methods.options import CHOICES, check
 from .layout import CaptureLayout, HeadChoice, Query, heads_option, query_token, upsample, usable_layers
 
 #: LayerNorm statistics the widgets offer (``vl.explain(..., "lnstat", stat=...)``): the options table's.
@@ -137,8 +137,7 @@ def fusion_maps(cap: xr.DataTree, layout: CaptureLayout, heads: HeadChoice, stat
 
 def statistic_array(cap: xr.DataTree, stat: str) -> np.ndarray:
     """The LayerNorm-input statistic of every layer: ``(sample, layer, gh, gw)``."""
-    if stat not in STATISTICS:
-        raise OptionError(f"statistic {stat!r}; choose from {list(STATISTICS)}.")
+    check("", stat=stat)  # the options table's statistics
     maps = statistic_maps(cap, stat=stat)
     return np.asarray(maps.transpose("sample", "layer", "y", "x").values, dtype=np.float32)
 
