@@ -139,3 +139,23 @@ def test_every_name_check_is_the_registrys_one_message():
     for call in (lambda: vl.explain(None, "rolout"), lambda: vl.figures.layers(None, "rolout")):
         with pytest.raises(vl.OptionError, match="Did you mean 'rollout'"):
             call()
+
+
+@pytest.mark.parametrize("method", list(METHOD_INFO))
+def test_every_choice_option_is_checked_against_the_one_options_table(cls_cap, method):
+    """Generated from the registry: each option a method annotates with a ``Literal`` is the options
+    table's entry, and a value outside it is refused with the table's one message."""
+    import typing
+
+    from vitlens.methods.options import CHOICES
+
+    hints = typing.get_type_hints(METHOD_INFO[method].function)
+    for name, hint in hints.items():
+        literal = [a for a in typing.get_args(hint) if typing.get_origin(a) is typing.Literal]
+        if typing.get_origin(hint) is typing.Literal:
+            literal = [hint]
+        if not literal:
+            continue
+        assert name in CHOICES and CHOICES[name] == typing.get_args(literal[0]), (method, name)
+        with pytest.raises(vl.OptionError, match=rf"^(?:{method} )?{name}='nope'; choose from \[.*\]\.$"):
+            vl.explain(cls_cap, method, **{name: "nope"})

@@ -70,9 +70,12 @@ def explain(cap: xr.DataTree, method: str | Sequence[str] = "all", **options: An
     method
         One of :data:`vitlens.METHODS` for a DataArray; ``"all"`` or a list of
         names for a Dataset with one variable per method (options apply to the
-        methods that take them). For a Dataset, methods whose inputs the capture
-        does not hold (e.g. the gradient methods after ``grads=False``) are left
-        out with a warning, and listed in its ``attrs["left_out"]``.
+        methods that take them). ``"all"`` leaves out the methods whose pass is
+        made only when named in ``keep=`` (AttnLRP, LeGrad) unless the capture
+        holds it (:func:`explainable_methods`). For a Dataset, methods whose
+        inputs the capture does not hold (e.g. the gradient methods after
+        ``grads=False``) are left out with a warning naming the fix, and listed
+        in its ``attrs["left_out"]``.
     target
         Optional: the class to explain (index, name such as ``"star"``, or one
         per sample). Class-agnostic methods give their map for any class;

@@ -29,6 +29,9 @@ HeadFusion = Literal["mean", "max", "entropy"]  # lnstat: how heads are fused
 Necc = Literal["range", "softmax", "none"]  # tokentm: the direction term
 Init = Literal["norm", "identity"]  # tokentm: C_0
 GradcamOn = Literal["attention", "features"]  # gradcam: heads or feature channels as channels
+# attnlrp: CP-LRP (attention held, lxt's choice for ViTs) or AttnLRP (relevance through the softmax)
+Softmax = Literal["cp", "attnlrp"]
+LegradScore = Literal["mean", "readout"]  # legrad: the authors' score (mean of the logits' rows, torchcam) or the read-out
 
 #: option name -> allowed values
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -40,6 +43,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "necc": get_args(Necc),
     "init": get_args(Init),
     "on": get_args(GradcamOn),
+    "softmax": get_args(Softmax),
+    "score": get_args(LegradScore),
 }
 
 
@@ -51,5 +56,5 @@ def check(method: str, **values: Any) -> None:
             raise OptionError(f"{method + ' ' if method else ''}{name}={value!r}; choose from {list(allowed)}.")
 
 
-__all__ = ["CHOICES", "GradcamOn", "HeadFusion", "IdentityPath", "Init", "Merge", "Necc", "Statistic",
-           "StatisticNorm", "check"]
+__all__ = ["CHOICES", "GradcamOn", "HeadFusion", "IdentityPath", "Init", "LegradScore", "Merge", "Necc", "Softmax",
+           "Statistic", "StatisticNorm", "check"]

@@ -110,11 +110,10 @@ def query_maps(cap: xr.DataTree, layer: int, head: int, query: Query) -> np.ndar
     ((2, 4, 4), True)
     """
     stages = stage_nodes(cap)
-    stage = next((s for s in stages if layer in s.layers), None)
-    if stage is None:
-        raise OptionError(f"layer {layer} is not in this capture (layers {[l for s in stages for l in s.layers]}).")
+    name = capture_layout(cap).stage_of(layer).name  # the one message for a layer not in the capture
+    stage = next(s for s in stages if s.name == name)
     first = stages[0]
-    heads = int(stage.ds.attrs["num_heads"])
+    heads = stage.num_heads
     if not 0 <= head < heads:
         raise OptionError(f"block {layer} has heads 0..{heads - 1}; got head {head}.")
     fy, fx = (a // b for a, b in zip(stage.stride, first.stride, strict=True))

@@ -147,7 +147,7 @@ def head_table(cap: xr.DataTree, per_layer: dict[int, np.ndarray], name: str) ->
 
     stages = stage_nodes(cap)
     layers = [l for s in stages for l in s.layers]
-    heads = max(int(s.ds.attrs["num_heads"]) for s in stages)
+    heads = max(s.num_heads for s in stages)
     samples = cap["sample"].values
     out = np.full((len(samples), len(layers), heads), np.nan)
     for j, layer in enumerate(layers):
