@@ -96,8 +96,9 @@ def explain(cap: xr.DataTree, method: str | Sequence[str] = "all", **options: An
     -----
     Options not given take the method's registered defaults for the capture's
     family and read-out (``vl.methods.METHOD_INFO[method].defaults_for(cap)``),
-    e.g. ``identity_path="drop"`` under an average read-out; the map's ``attrs``
-    record what was used.
+    e.g. ``identity_path="drop"`` under an average read-out, or gradcam's
+    ``on="features"`` under an average read-out other than Swin v1's; the
+    map's ``attrs`` record what was used.
 
     Examples
     --------
