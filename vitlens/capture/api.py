@@ -19,6 +19,7 @@ from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
 from ..registry import CAPTURE_GROUPS
 from .attrs import json_text
+from .layout import NORM_VARIABLES
 from .hooks import Recorder
 from .images import prepare
 from .validate import check_finite, check_model
@@ -59,16 +60,7 @@ EXTRA_GROUPS = ("head_output", "ablation_effect", "attnlrp", "attnlrp_cp", "legr
 #: the extra groups that need the target's gradients (dropped under ``grads=False``)
 _GRADIENT_EXTRAS = ("attnlrp", "attnlrp_cp", "legrad")
 
-_TOKEN_VARS = (
-    "token_norm",
-    "attn_value_norm",
-    "attn_value_cos",
-    "attn_out_norm",
-    "mlp_in_norm",
-    "mlp_out_norm",
-    "mlp_cos",
-    "block_out_norm",
-)
+_TOKEN_VARS = NORM_VARIABLES  # the "norms" group's variables (one list, beside the layout's KEPT_IN)
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 

@@ -168,6 +168,9 @@ def capture_layout(cap: xr.DataTree) -> CaptureLayout:
     return CaptureLayout(tuple(stages), str(cap.attrs["family"]), str(cap.attrs["readout"]), (h, w))
 
 
+#: The variables of the ``norms`` group (TokenTM's token and value-path norms and cosines), as capture stores them.
+NORM_VARIABLES = ("token_norm", "attn_value_norm", "attn_value_cos", "attn_out_norm", "mlp_in_norm", "mlp_out_norm",
+                  "mlp_cos", "block_out_norm")
 #: The ``keep=`` group of :func:`vitlens.capture` that stores each variable a view reads.
 KEPT_IN: dict[str, str] = {var: group for group, variables in {
     "attention": ("attention",),
@@ -175,8 +178,7 @@ KEPT_IN: dict[str, str] = {var: group for group, variables in {
     "attention_relevance": ("attention_relevance", "merge_share"),
     "ln": ("ln_mean", "ln_std"),
     "features": ("features", "features_grad"),
-    "norms": ("token_norm", "attn_value_norm", "attn_value_cos", "attn_out_norm", "mlp_in_norm", "mlp_out_norm",
-              "mlp_cos", "block_out_norm"),
+    "norms": NORM_VARIABLES,
 }.items() for var in variables}
 #: The variables that exist only with ``grads=True``: gradients and LRP relevances need the backward pass.
 NEED_GRADS = frozenset({"attention_grad", "attention_relevance", "merge_share", "features_grad"})
@@ -220,5 +222,5 @@ class MissingVariableError(CaptureFormatError):
         self.variable = variable
 
 
-__all__ = ["CaptureLayout", "KEPT_IN", "MissingVariableError", "NEED_GRADS", "Query", "StageLayout", "capture_layout",
+__all__ = ["CaptureLayout", "KEPT_IN", "MissingVariableError", "NEED_GRADS", "NORM_VARIABLES", "Query", "StageLayout", "capture_layout",
            "capture_options", "missing_variable", "stage_names"]
