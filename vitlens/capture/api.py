@@ -21,7 +21,7 @@ from ..registry import CAPTURE_GROUPS
 from .attrs import json_text
 from .layout import NORM_VARIABLES
 from .hooks import Recorder
-from .images import prepare
+from .images import image_sources, prepare
 from .validate import check_finite, check_model
 from .text import bind_inputs
 from ..models.windows import window_tokens
@@ -295,7 +295,9 @@ def capture(
         A model of a supported family: timm ViT/DeiT/EVA/BEiT/Swin v1-v2 or transformers
         ViT/DeiT/DINOv2/BEiT/Swin/CLIP/SigLIP (see :func:`vitlens.load_model`).
     images
-        A path or list of paths, PIL image(s), arrays ``(H, W, 3)`` or
+        A folder (its image files, sorted by name: see
+        :func:`~vitlens.capture.images.folder_images`), a path or list of
+        paths, PIL image(s), arrays ``(H, W, 3)`` or
         ``(sample, H, W, 3)`` in [0, 1] or uint8 (xarray too), or a ready,
         normalised tensor ``(B, 3, H, W)`` (e.g. a processor's ``pixel_values``).
         Arrays at the model's input size are only normalised; others go through
@@ -369,7 +371,8 @@ def capture(
     Returns
     -------
     xarray.DataTree
-        Root: ``image``, ``logits``, ``target``; one child per stage
+        Root: ``image``, ``logits``, ``target`` (and, for images read from files,
+        ``source``: each one's name in the folder or its path as given); one child per stage
         (``stage0``…) with ``attention``, ``attention_grad``, ``ln_mean``,
         ``ln_std``, token norms and value-path quantities, labeled by
         ``layer``, ``head``, ``token`` (with ``row``, ``col``, ``kind``).
@@ -407,6 +410,7 @@ def capture(
     elif ablate is not None or reference is not None:
         raise OptionError("pass either intervention= or ablate=/ablation=/reference=, not both.")
     plan = replace(plan, intervention=intervention)
+    sources = image_sources(images)
     if store is not None:
         from .fingerprint import run_fingerprint, text_fingerprint
         from .stream import capture_to_store
@@ -414,23 +418,35 @@ def capture(
         if intervention is not None and intervention.per_image:
             raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
         fingerprint = run_fingerprint(model, images, target, plan.run_options, text=text_fingerprint(adapter))
-        part = functools.partial(_capture_part, adapter, model, plan, device)
+        part = functools.partial(_capture_part, adapter, model, plan, device, sources=sources)
         return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
                                 resume=resume, progress=progress, fingerprint=fingerprint)
     if resume:
         raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
     tree = _capture_images(adapter, model, images, target, plan, device, progress)
-    samples = _input_samples(images, tree["sample"].size)
-    if samples is not None:  # keep the caller's labels (e.g. a subset of a dataset)
-        tree.dataset = tree.to_dataset(inherit=False).assign_coords(sample=samples)
-    return tree
+    # keep the caller's labels (e.g. a subset of a dataset)
+    return _label_samples(tree, _input_samples(images, tree["sample"].size), sources)
 
 
 def _capture_part(adapter: Adapter, model: nn.Module, plan: CapturePlan, device: torch.device,
-                  images: Any, target: Any, offset: int) -> xr.DataTree:
-    """One part of a streaming capture, its samples numbered from ``offset`` (what the store appends)."""
+                  images: Any, target: Any, offset: int, sources: list[str] | None = None) -> xr.DataTree:
+    """One part of a streaming capture, its samples numbered from ``offset`` (what the store appends);
+    ``sources``: those of the whole input (:func:`~vitlens.capture.images.image_sources`)."""
     tree = _capture_images(adapter, model, images, target, plan, device, progress=False)
-    tree.dataset = tree.to_dataset(inherit=False).assign_coords(sample=np.arange(offset, offset + tree["sample"].size))
+    n = int(tree["sample"].size)
+    return _label_samples(tree, np.arange(offset, offset + n), None if sources is None else sources[offset:offset + n])
+
+
+def _label_samples(tree: xr.DataTree, sample: np.ndarray | None, sources: list[str] | None) -> xr.DataTree:
+    """The root's ``sample`` labels and, for images read from files, the ``source`` coordinate on ``sample``."""
+    root = tree.to_dataset(inherit=False)
+    if sample is not None:
+        root = root.assign_coords(sample=sample)
+    if sources is not None and len(sources) == root.sizes["sample"]:
+        root = root.assign_coords(source=("sample", np.array(sources, dtype=object)))
+        root["source"].attrs["description"] = ("the image file of each sample: its name in the captured folder, or "
+                                               "the path as given; '' for an image not read from a file")
+    tree.dataset = root
     return tree
 
 
