@@ -477,7 +477,9 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
     iv = plan.intervention
     if iv is not None and iv.per_image:
         _check_rows(iv, n)
-    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False) as rec, \
+    # the per-token records (LayerNorm statistics, norms and value path) only when kept
+    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False,
+                  ln="ln" in plan.recorded, norms="norms" in plan.recorded) as rec, \
             Intervening(adapter, iv, record_heads="head_output" in plan.recorded,
                         every_block="ablations" in plan.passes) as hooks:
         if iv is not None and iv.token_layer is not None:  # patched tokens: the LRP walk stops there
