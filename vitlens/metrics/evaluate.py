@@ -40,17 +40,11 @@ _CURVES = [f"correct_{d}_{w}" for d in ("positive", "negative") for w in ("predi
 
 
 def _method_names(methods: str | Sequence[str]) -> list[str]:
-    from ..methods import METHODS
+    from ..registry import METHOD_INFO, resolve_methods
 
-    if isinstance(methods, str):
-        names = list(METHODS) if methods == "all" else [methods]
-    else:
-        names = list(methods)
+    names = resolve_methods(methods)  # the one reader of method names (did-you-mean hint)
     if not names:
-        raise OptionError(f"methods is empty; pass 'all' or names from {list(METHODS)}.")
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise OptionError(f"unknown method(s) {unknown}; choose from {list(METHODS)} or 'all'.")
+        raise OptionError(f"methods is empty; pass 'all' or names from {list(METHOD_INFO)}.")
     return names
 
 
