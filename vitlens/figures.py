@@ -35,7 +35,9 @@ import numpy as np
 import xarray as xr
 
 from .errors import ExportError, OptionError
-from .methods import METHOD_INFO, METHODS, explain, normalize, to_pixels
+from .capture.images import sample_sources
+from .methods import METHOD_INFO, METHODS, explain, minmax, normalize, to_pixels
+from .registry import method_info, resolve_methods
 from .methods import normalize as normalize_maps  # vl.plot's own argument is called normalize
 
 __all__ = ["render_panels", "grid", "layers", "head_atlas", "draw_head_atlas", "plot", "overlay", "colormap", "save"]
@@ -330,6 +332,33 @@ def figure_title(cap: xr.DataTree, text: str | None) -> str | None:
     return "UNTRAINED (random weights)" + (f" · {text}" if text else "")
 
 
+def file_label(source: str, chars: int) -> str:
+    """The file name of a sample's ``source`` (no folders), cut to ``chars`` characters with "…".
+
+    Examples
+    --------
+    >>> file_label("photos/holiday/cat.jpg", 20)
+    'cat.jpg'
+    >>> file_label("a_very_long_file_name_indeed.png", 12)
+    'a_very_long…'
+    """
+    from pathlib import PurePath
+
+    name = PurePath(str(source)).name or str(source)
+    return name if len(name) <= chars else name[: max(1, chars - 1)] + "…"
+
+
+def literal(text: str) -> str:
+    r"""``text`` as matplotlib shows it literally: a file name's ``$`` would start mathematics.
+
+    Examples
+    --------
+    >>> literal("$5 off.png")
+    '\\$5 off.png'
+    """
+    return str(text).replace("$", r"\$")
+
+
 def _class_names(cap: xr.DataTree) -> list[str] | None:
     if "class_name" in cap.coords:
         return [str(n) for n in cap["class_name"].values]
@@ -342,12 +371,10 @@ def _check_methods(methods: Sequence[str] | str | None, cap: xr.DataTree | None 
         from .methods import explainable_methods
 
         return list(METHODS) if cap is None else list(explainable_methods(cap))
-    if isinstance(methods, str):
-        methods = [methods]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise OptionError(f"methods {bad or '[]'} not known; choose from {list(METHODS)}.")
-    return list(methods)
+    names = resolve_methods(methods)  # the one reader of method names (did-you-mean hint)
+    if not names:
+        raise OptionError(f"methods is empty; choose from {list(METHODS)} or 'all'.")
+    return names
 
 
 def _token_maps(cap: xr.DataTree, methods: Sequence[str], options: dict[str, Any]) -> xr.Dataset:
@@ -407,9 +434,10 @@ def grid(
     **options
         Passed to the methods that take them (e.g. ``heads=``, ``start_layer=``).
 
-    Row labels name each sample and its class; a long class name (ImageNet's
-    "sidewinder, horned rattlesnake, Crotalus cerastes") is shortened to fit
-    beside its row, with the full name under the panels.
+    Row labels name each sample, its image file (a capture of files or a folder:
+    its ``source``) and its class; a long class name (ImageNet's
+    "sidewinder, horned rattlesnake, Crotalus cerastes") or file path is
+    shortened to fit beside its row, with the full text under the panels.
 
     Returns
     -------
@@ -425,6 +453,7 @@ def grid(
     images = sub["image"].values
     names = _class_names(cap)
     targets = sub["target"].values
+    sources = sample_sources(sub)
     chars = max(8, int(cell * 72 / (0.6 * 9)))  # characters that fit beside one row (9 pt)
     panels, notes = [], []
     for r, s in enumerate(samples):
@@ -433,6 +462,10 @@ def grid(
         label = f"#{s}: {short}"
         if short.replace("\n", " ") != full:
             notes.append(f"#{s}: {full}")
+        if sources and sources[r]:  # the image file above its class
+            label = f"{literal(file_label(sources[r], chars))}\n{label}"
+            if file_label(sources[r], chars) != sources[r]:
+                notes.append(f"#{s}: {literal(sources[r])}")
         panels.append({"image": images[r], "title": "input" if titles and r == 0 else "",
                        "ylabel": label if titles else None})
         for m in methods:
@@ -472,7 +505,7 @@ def layers(
     -------
     matplotlib.figure.Figure
     """
-    if method not in METHODS or not METHOD_INFO[method].per_layer:
+    if not method_info(method).per_layer:
         raise OptionError(f"layers() needs a method with a per-layer form: {[m for m in METHODS if METHOD_INFO[m].per_layer]}.")
     n = int(cap["sample"].size)
     if not 0 <= sample < n:
@@ -489,8 +522,9 @@ def layers(
               for i, layer in enumerate(chosen)]
     names = _class_names(cap)
     c = int(sub["target"].values[0])
-    title = (f"{_title(method)} by depth · {cap.attrs.get('model', 'model')} · sample {sample} · "
-             f"class {names[c] if names else c!r}")
+    source = literal((sample_sources(sub) or [""])[0])
+    title = (f"{_title(method)} by depth · {cap.attrs.get('model', 'model')} · sample {sample}"
+             f"{f' ({source})' if source else ''} · class {names[c] if names else c!r}")
     ncols = min(columns, len(chosen))
     return render_panels(panels, ncols=ncols, suptitle=_wrap(figure_title(cap, title), ncols * cell + 0.8, 10),
                          colorbar_label="relevance (min-max per map)", panel_inches=cell)
@@ -810,9 +844,7 @@ def draw_head_atlas(table: xr.Dataset, stat: str, *, selected: Any = None, cmap:
                     continue
                 image, heat, text = panels[c]
                 image = np.clip(np.asarray(image, dtype=float), 0, 1)
-                heat = np.asarray(heat, dtype=float)
-                span = heat.max() - heat.min()
-                heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+                heat = minmax(np.asarray(heat, dtype=float))
                 ax.imshow(image, interpolation="nearest")
                 ax.imshow(_upsample(heat, image.shape[:2], False), cmap=_cmap(DEFAULT_CMAP), vmin=0, vmax=1,
                           alpha=0.6, interpolation="nearest")

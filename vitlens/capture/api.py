@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,8 +19,10 @@ from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
 from ..registry import CAPTURE_GROUPS, METHOD_INFO, STAT_INFO
 from . import reduced
+from .attrs import json_text
+from .layout import NORM_VARIABLES
 from .hooks import Recorder
-from .images import prepare
+from .images import image_sources, prepare
 from .validate import check_finite, check_model
 from .text import bind_inputs
 from ..models.windows import window_tokens
@@ -60,16 +61,7 @@ EXTRA_GROUPS = ("head_output", "ablation_effect", "attnlrp", "attnlrp_cp", "legr
 #: the extra groups that need the target's gradients (dropped under ``grads=False``)
 _GRADIENT_EXTRAS = ("attnlrp", "attnlrp_cp", "legrad")
 
-_TOKEN_VARS = (
-    "token_norm",
-    "attn_value_norm",
-    "attn_value_cos",
-    "attn_out_norm",
-    "mlp_in_norm",
-    "mlp_out_norm",
-    "mlp_cos",
-    "block_out_norm",
-)
+_TOKEN_VARS = NORM_VARIABLES  # the "norms" group's variables (one list, beside the layout's KEPT_IN)
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -372,9 +364,12 @@ def capture(
     Parameters
     ----------
     model
-        A timm ViT / DeiT / Swin model (see :func:`vitlens.load_model`).
+        A model of a supported family: timm ViT/DeiT/EVA/BEiT/Swin v1-v2 or transformers
+        ViT/DeiT/DINOv2/BEiT/Swin/CLIP/SigLIP (see :func:`vitlens.load_model`).
     images
-        A path or list of paths, PIL image(s), arrays ``(H, W, 3)`` or
+        A folder (its image files, sorted by name: see
+        :func:`~vitlens.capture.images.folder_images`), a path or list of
+        paths, PIL image(s), arrays ``(H, W, 3)`` or
         ``(sample, H, W, 3)`` in [0, 1] or uint8 (xarray too), or a ready,
         normalised tensor ``(B, 3, H, W)`` (e.g. a processor's ``pixel_values``).
         Arrays at the model's input size are only normalised; others go through
@@ -462,7 +457,8 @@ def capture(
     Returns
     -------
     xarray.DataTree
-        Root: ``image``, ``logits``, ``target``; one child per stage
+        Root: ``image``, ``logits``, ``target`` (and, for images read from files,
+        ``source``: each one's name in the folder or its path as given); one child per stage
         (``stage0``…) with ``attention``, ``attention_grad``, ``ln_mean``,
         ``ln_std``, token norms and value-path quantities, labeled by
         ``layer``, ``head``, ``token`` (with ``row``, ``col``, ``kind``).
@@ -504,6 +500,7 @@ def capture(
     elif ablate is not None or reference is not None:
         raise OptionError("pass either intervention= or ablate=/ablation=/reference=, not both.")
     plan = replace(plan, intervention=intervention)
+    sources = image_sources(images)
     if store is not None:
         from .fingerprint import run_fingerprint, text_fingerprint
         from .stream import capture_to_store
@@ -511,23 +508,35 @@ def capture(
         if intervention is not None and intervention.per_image:
             raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
         fingerprint = run_fingerprint(model, images, target, plan.run_options, text=text_fingerprint(adapter))
-        part = functools.partial(_capture_part, adapter, model, plan, device)
+        part = functools.partial(_capture_part, adapter, model, plan, device, sources=sources)
         return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
                                 resume=resume, progress=progress, fingerprint=fingerprint)
     if resume:
         raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
     tree = _capture_images(adapter, model, images, target, plan, device, progress)
-    samples = _input_samples(images, tree["sample"].size)
-    if samples is not None:  # keep the caller's labels (e.g. a subset of a dataset)
-        tree.dataset = tree.to_dataset(inherit=False).assign_coords(sample=samples)
-    return tree
+    # keep the caller's labels (e.g. a subset of a dataset)
+    return _label_samples(tree, _input_samples(images, tree["sample"].size), sources)
 
 
 def _capture_part(adapter: Adapter, model: nn.Module, plan: CapturePlan, device: torch.device,
-                  images: Any, target: Any, offset: int) -> xr.DataTree:
-    """One part of a streaming capture, its samples numbered from ``offset`` (what the store appends)."""
+                  images: Any, target: Any, offset: int, sources: list[str] | None = None) -> xr.DataTree:
+    """One part of a streaming capture, its samples numbered from ``offset`` (what the store appends);
+    ``sources``: those of the whole input (:func:`~vitlens.capture.images.image_sources`)."""
     tree = _capture_images(adapter, model, images, target, plan, device, progress=False)
-    tree.dataset = tree.to_dataset(inherit=False).assign_coords(sample=np.arange(offset, offset + tree["sample"].size))
+    n = int(tree["sample"].size)
+    return _label_samples(tree, np.arange(offset, offset + n), None if sources is None else sources[offset:offset + n])
+
+
+def _label_samples(tree: xr.DataTree, sample: np.ndarray | None, sources: list[str] | None) -> xr.DataTree:
+    """The root's ``sample`` labels and, for images read from files, the ``source`` coordinate on ``sample``."""
+    root = tree.to_dataset(inherit=False)
+    if sample is not None:
+        root = root.assign_coords(sample=sample)
+    if sources is not None and len(sources) == root.sizes["sample"]:
+        root = root.assign_coords(source=("sample", np.array(sources, dtype=object)))
+        root["source"].attrs["description"] = ("the image file of each sample: its name in the captured folder, or "
+                                               "the path as given; '' for an image not read from a file")
+    tree.dataset = root
     return tree
 
 
@@ -559,7 +568,9 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
     iv = plan.intervention
     if iv is not None and iv.per_image:
         _check_rows(iv, n)
-    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False) as rec, \
+    # the per-token records (LayerNorm statistics, norms and value path) only when kept
+    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False,
+                  ln="ln" in plan.recorded, norms="norms" in plan.recorded) as rec, \
             Intervening(adapter, iv, record_heads="head_output" in plan.recorded,
                         every_block="ablations" in plan.passes) as hooks:
         if iv is not None and iv.token_layer is not None:  # patched tokens: the LRP walk stops there
@@ -578,12 +589,12 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
     check_finite((key, arr) for key, arr in buffers.items() if not key.startswith(reduced.STATS + "/"))
     tree = _assemble(adapter, model, batch, dict(buffers.items()), names, plan, explained, layouts)
     if iv is not None and (iv.heads or iv.token_layer is not None):
-        tree.attrs["intervention"] = json.dumps(iv.describe(), sort_keys=True)
+        tree.attrs["intervention"] = json_text(iv.describe())
         for name, variables in stored_values(iv, adapter).items():  # what redoing it needs (mean ablation)
             node = tree[name].to_dataset(inherit=False)
             tree[name].dataset = node.assign_coords(ablated_layer=variables.pop("ablated_layer")).assign(variables)
     if "ablations" in plan.passes:  # how each head was ablated in turn
-        tree.attrs["ablation_effect"] = json.dumps({"ablation": iv.mode, **iv.source}, sort_keys=True)
+        tree.attrs["ablation_effect"] = json_text({"ablation": iv.mode, **iv.source})
     return tree
 
 
@@ -875,7 +886,7 @@ def _assemble(
             "mean": list(batch.mean),
             "std": list(batch.std),
             "vitlens_version": __version__,
-            "options": json.dumps(options, sort_keys=True),
+            "options": json_text(options),
             # vl.load_model marks random weights; figures of such a capture say "untrained"
             **({"weights": "random"} if getattr(model, "vitlens_weights", None) == "random" else {}),
             **({} if explained is None else {"target": describe(explained)}),

@@ -40,17 +40,11 @@ _CURVES = [f"correct_{d}_{w}" for d in ("positive", "negative") for w in ("predi
 
 
 def _method_names(methods: str | Sequence[str]) -> list[str]:
-    from ..methods import METHODS
+    from ..registry import METHOD_INFO, resolve_methods
 
-    if isinstance(methods, str):
-        names = list(METHODS) if methods == "all" else [methods]
-    else:
-        names = list(methods)
+    names = resolve_methods(methods)  # the one reader of method names (did-you-mean hint)
     if not names:
-        raise OptionError(f"methods is empty; pass 'all' or names from {list(METHODS)}.")
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise OptionError(f"unknown method(s) {unknown}; choose from {list(METHODS)} or 'all'.")
+        raise OptionError(f"methods is empty; pass 'all' or names from {list(METHOD_INFO)}.")
     return names
 
 
@@ -206,8 +200,8 @@ class _Scores:
         self.deletion[m, its], self.insertion[m, its] = _deletion_insertion(curve_probs, clean, zero, explained)
 
     def dataset(self, names: list[str], items: _Items, n_images: int, npix: int, steps: int,
-                attrs: dict[str, Any]) -> xr.Dataset:
-        """The per-item Dataset :func:`evaluate_items` returns."""
+                attrs: dict[str, Any], sources: list[str] | None = None) -> xr.Dataset:
+        """The per-item Dataset :func:`evaluate_items` returns (``sources``: the dataset's, per image)."""
         fractions = np.arange(steps) / steps
         full = np.arange(steps + 1) / steps
         objects_in_image = np.bincount(items.sample, minlength=n_images)[items.sample]
@@ -241,6 +235,8 @@ class _Scores:
             },
             attrs=attrs,
         )
+        if sources is not None:  # the image file of each item
+            out = out.assign_coords(source=("item", np.asarray(sources, dtype=object)[items.sample]))
         out["reference"].attrs["description"] = ("class accuracy is measured against: the label, or the prediction "
                                                  "where unknown")
         out["explain_seconds"].attrs["description"] = "time spent in vl.explain for the predicted-class maps of all images"
@@ -265,14 +261,15 @@ def evaluate_items(
 
     Same parameters as :func:`evaluate`. Returns a Dataset over ``method`` and
     ``item`` (coords ``sample``, ``object``, ``label``, ``predicted``,
-    ``objects_in_image``) holding the segmentation counts, the hit arrays of the
+    ``objects_in_image``; ``source``, the image file, when the dataset has
+    one) holding the segmentation counts, the hit arrays of the
     four perturbation runs over ``removed``, the deletion / insertion probability
     curves, and the timings.
 
     Examples
     --------
     >>> import timm, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8, depth=2)
     >>> from vitlens.metrics import evaluate_items, summarize
     >>> items = evaluate_items(model, vl.datasets.shapes(2, objects=2), "rollout")
     >>> items.sizes["item"], summarize(items).sizes["method"]
@@ -289,6 +286,9 @@ def evaluate_items(
     device = model_device(model, device)
 
     images, masks, labels = _dataset_arrays(dataset, n)
+    from ..capture.images import sample_sources
+
+    sources = sample_sources(dataset["image"].isel(sample=slice(0, len(images))))
     size = tuple(int(s) for s in adapter.input_size)
     resized = images.shape[1:3] != size
     images, masks = _fit(images, masks, size)
@@ -318,7 +318,7 @@ def evaluate_items(
         "mean": list(mean),
         "std": list(std),
         "options": repr(opts),
-    })
+    }, sources=sources)
 
 
 def _groups(model: nn.Module, names: list[str], opts: dict[str, dict[str, Any]]) -> list[str]:
@@ -397,7 +397,7 @@ def summarize(items: xr.Dataset, dim: str = "item") -> xr.Dataset:
     Examples
     --------
     >>> import timm, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8, depth=2)
     >>> from vitlens.metrics import evaluate_items, summarize
     >>> items = evaluate_items(model, vl.datasets.shapes(4, objects=2), ["rollout", "gradcam"])
     >>> first_objects = summarize(items.isel(item=items.object.values == 0))
@@ -508,7 +508,7 @@ def evaluate(
     Examples
     --------
     >>> import timm, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8, depth=2)
     >>> from vitlens.metrics import evaluate
     >>> table = evaluate(model, vl.datasets.shapes(4), methods=["rollout", "tokentm"])
     >>> table.to_dataframe().shape[0]

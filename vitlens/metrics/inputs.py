@@ -52,16 +52,14 @@ def pixel_maps(maps: xr.DataArray, size: tuple[int, int]) -> np.ndarray:
 
     Constant maps become zeros and NaNs become 0, as in the reference evaluation.
     """
-    from ..methods import to_pixels
+    from ..methods import minmax, to_pixels
 
     maps = maps.transpose("sample", "y", "x")
     if (maps.sizes["y"], maps.sizes["x"]) != tuple(size):
         maps = to_pixels(maps, size)
     values = np.asarray(maps.values, dtype=np.float64)  # min-max in float64: keeps a tiny class-specific part
     values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-    lo = values.min(axis=(1, 2), keepdims=True)
-    span = values.max(axis=(1, 2), keepdims=True) - lo
-    return np.where(span > 0, (values - lo) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
+    return minmax(values).astype(np.float32)
 
 
 def mask_array(masks: Any, n: int) -> np.ndarray:
@@ -102,6 +100,21 @@ def label_array(labels: Any, n: int, what: str = "labels") -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.integer):
         raise OptionError(f"{what} must be integer class indices (-1 = unknown); got dtype {arr.dtype}.")
     return arr.astype(np.int64)
+
+
+def with_sources(ds: xr.Dataset, maps: xr.DataArray, dim: str = "sample") -> xr.Dataset:
+    """``ds`` (one row per map sample along ``dim``) with the maps' ``source``: the image files they explain.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> maps = xr.DataArray(np.zeros((1, 2, 2)), dims=("sample", "y", "x"), coords={"source": ("sample", ["a.png"])})
+    >>> with_sources(xr.Dataset({"ap": ("sample", [0.5])}), maps).source.values.tolist()
+    ['a.png']
+    """
+    if "source" not in maps.coords or dim not in ds.dims:
+        return ds
+    return ds.assign_coords(source=(dim, np.atleast_1d(maps["source"].values)))
 
 
 def per_method(maps: xr.DataArray | xr.Dataset, score: Callable[[xr.DataArray], xr.Dataset], what: str = "maps") -> xr.Dataset:

@@ -16,9 +16,12 @@ import xarray as xr
 
 from ..errors import OptionError, VitlensError
 from ..methods import extra_groups
+from ..methods.options import check
+from ..registry import method_info
 from . import captions
 from .base import AttentionView, ClassChoice
-from .controls import HeadToggles, layer_slider, opacity_slider, probe, probe_text, sample_dropdown, top_classes
+from .controls import (HeadToggles, layer_slider, opacity_slider, probe, probe_text, sample_dropdown, sample_options,
+                       top_classes)
 from .figure import as_widget, grid_height, live_title, overlay_figure
 from .layout import Query, initial_query, parse_heads, patch_at, patch_outline, window_edges, window_ids
 from .panels import (
@@ -66,7 +69,7 @@ class ViewState:
 
 
 class Explorer(AttentionView):
-    """Look inside a captured ViT or Swin: one layer slider drives four linked maps.
+    """Look inside a captured vision transformer: one layer slider drives four linked maps.
 
     Panels, each the input image under a heatmap (all min-max scaled to [0, 1],
     one shared colour scale, shown by the colour bar):
@@ -201,12 +204,12 @@ class Explorer(AttentionView):
 
     # -- construction, step by step ---------------------------------------------------------
     def _check_options(self, model: Any, stat: str, method: str, compare_class: bool, ablate: bool) -> None:
-        if stat not in STATISTICS:
-            raise OptionError(f"stat={stat!r}; choose from {list(STATISTICS)}.")
+        check("", stat=stat)  # the options table's statistics
+        method_info(method)  # an unknown name: the registry's message, with its did-you-mean hint
         if method not in method_names(self.cap):
-            hint = (f" {method!r} reads a pass this capture was made without: capture with "
-                    f"keep=('all', {', '.join(map(repr, extra_groups([method])))})." if method in method_names() else "")
-            raise OptionError(f"method={method!r}; choose from {list(method_names(self.cap))}.{hint}")
+            raise OptionError(f"method={method!r} reads a pass this capture was made without: capture with "
+                              f"keep=('all', {', '.join(map(repr, extra_groups([method])))}), or choose from "
+                              f"{list(method_names(self.cap))}.")
         if ablate and model is None:
             raise OptionError("ablate=True switches heads off in the model: pass it, vl.Explorer(cap, model, "
                               "ablate=True).")
@@ -553,7 +556,7 @@ class Explorer(AttentionView):
     def _sample_options(self) -> list[tuple[str, int]]:
         names = self.class_names
         pred = np.asarray(self.cap["logits"].values).argmax(-1)
-        return [(f"{i}: {names[int(p)]}", i) for i, p in enumerate(pred)]
+        return sample_options(self.cap, [str(names[int(p)]) for p in pred])
 
     def _default_contrast(self, sample: int) -> int:
         """The most probable class other than the explained one."""
