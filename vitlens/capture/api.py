@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -71,6 +71,9 @@ _TOKEN_VARS = (
 )
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
+
+#: Images per forward pass when ``batch_size=`` is left out.
+DEFAULT_BATCH_SIZE = 32
 
 
 def _resolve_keep(keep: str | Iterable[str], grads: bool) -> set[str]:
@@ -263,7 +266,7 @@ def _plan(keep: str | Iterable[str], grads: bool, dtype: str, batch_size: int | 
     if lrp_dtype not in LRP_DTYPES:
         raise OptionError(f"lrp_dtype={lrp_dtype!r}; choose 'float32' or 'float64' (the αβ LRP pass's precision).")
     if batch_size is None:
-        batch_size = 32
+        batch_size = DEFAULT_BATCH_SIZE
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
     return CapturePlan(kept=frozenset(_resolve_keep(keep, grads)), grads=bool(grads), dtype=dtype,
@@ -271,7 +274,7 @@ def _plan(keep: str | Iterable[str], grads: bool, dtype: str, batch_size: int | 
 
 
 def capture(
-    model: nn.Module,
+    model: nn.Module | str | Callable[[], nn.Module],
     images: Any,
     target: int | str | Sequence[int | str] | None = None,
     *,
@@ -290,6 +293,7 @@ def capture(
     reference: Any = None,
     intervention: Any = None,
     lrp_dtype: str = "float32",
+    client: Any = None,
 ) -> xr.DataTree:
     """Run ``model`` once on ``images`` and record its internals into a labeled DataTree.
 
@@ -300,7 +304,10 @@ def capture(
     Parameters
     ----------
     model
-        A timm ViT / DeiT / Swin model (see :func:`vitlens.load_model`).
+        A timm ViT / DeiT / Swin model (see :func:`vitlens.load_model`). For a
+        capture sharded over dask workers (``client=``): a name
+        :func:`vitlens.load_model` accepts, or a picklable function of no
+        arguments that builds the model (each worker builds it once).
     images
         A path or list of paths, PIL image(s), arrays ``(H, W, 3)`` or
         ``(sample, H, W, 3)`` in [0, 1] or uint8 (xarray too), or a ready,
@@ -372,6 +379,12 @@ def capture(
         Either way the capture records ``lrp_condition`` (sample): the worst
         cancellation the pass divided by; a float32 map is unreliable where it is
         small (docs/METHODS.md, "Sensitivity to rounding").
+    client
+        A ``dask.distributed.Client``: capture ``store=`` with its workers, each
+        writing whole batches into the one store (:mod:`vitlens.capture.shard`;
+        resumable, equal to a one-process capture). Left out, a Client that is
+        active is used when ``model`` is a name or a factory and ``store=`` is
+        given; ``False`` always captures in this process.
 
     Returns
     -------
@@ -391,6 +404,47 @@ def capture(
     >>> off = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)), ablate={11: [0, 1, 2]})
     >>> off.attrs["intervention"]
     '{"ablation": "zero", "heads": {"11": [0, 1, 2]}, "kind": "ablate"}'
+    """
+    from .shard import sharding_client
+
+    chosen = sharding_client(client, model, store)
+    if chosen is not None:
+        from .shard import capture_sharded
+
+        options = dict(grads=grads, keep=keep, dtype=dtype, batch_size=batch_size, device=device, text=text,
+                       processor=processor, ablate=ablate, ablation=ablation, reference=reference,
+                       intervention=intervention, lrp_dtype=lrp_dtype)
+        return capture_sharded(chosen, model, images, target, store=store, resume=resume, progress=progress,
+                               options=options)
+    model, adapter, plan, device = _prepare(model, target, grads=grads, keep=keep, dtype=dtype,
+                                            batch_size=batch_size, device=device, progress=progress, text=text,
+                                            processor=processor, ablate=ablate, ablation=ablation,
+                                            reference=reference, intervention=intervention, lrp_dtype=lrp_dtype)
+    if store is not None:
+        from .stream import capture_to_store
+
+        part, fingerprint = _stream_step(model, adapter, plan, device, images, target)
+        return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
+                                resume=resume, progress=progress, fingerprint=fingerprint)
+    if resume:
+        raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
+    tree = _capture_images(adapter, model, images, target, plan, device, progress)
+    samples = _input_samples(images, tree["sample"].size)
+    if samples is not None:  # keep the caller's labels (e.g. a subset of a dataset)
+        tree.dataset = tree.to_dataset(inherit=False).assign_coords(sample=samples)
+    return tree
+
+
+def _prepare(model: nn.Module, target: Any, *, grads: bool = True, keep: str | Iterable[str] = "all",
+             dtype: str = "float32", batch_size: int | None = None, device: Any = None,
+             progress: bool | None = None, text: Any = None, processor: Any = None,
+             ablate: Mapping[int, Any] | None = None, ablation: str = "zero", reference: Any = None,
+             intervention: Any = None, lrp_dtype: str = "float32",
+             ) -> tuple[nn.Module, Adapter, CapturePlan, torch.device]:
+    """``capture``'s options checked and resolved for ``model``: ``(model, adapter, plan, device)``.
+
+    What a streaming run's per-batch step (:func:`_capture_part`) is built from, in this process
+    or on each dask worker (:mod:`vitlens.capture.shard`).
     """
     from .targets import Target, is_callable_target
 
@@ -414,23 +468,19 @@ def capture(
     elif ablate is not None or reference is not None:
         raise OptionError("pass either intervention= or ablate=/ablation=/reference=, not both.")
     plan = replace(plan, intervention=intervention)
-    if store is not None:
-        from .fingerprint import run_fingerprint, text_fingerprint
-        from .stream import capture_to_store
+    return model, adapter, plan, device
 
-        if intervention is not None and intervention.per_image:
-            raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
-        fingerprint = run_fingerprint(model, images, target, plan.run_options, text=text_fingerprint(adapter))
-        part = functools.partial(_capture_part, adapter, model, plan, device)
-        return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
-                                resume=resume, progress=progress, fingerprint=fingerprint)
-    if resume:
-        raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
-    tree = _capture_images(adapter, model, images, target, plan, device, progress)
-    samples = _input_samples(images, tree["sample"].size)
-    if samples is not None:  # keep the caller's labels (e.g. a subset of a dataset)
-        tree.dataset = tree.to_dataset(inherit=False).assign_coords(sample=samples)
-    return tree
+
+def _stream_step(model: nn.Module, adapter: Adapter, plan: CapturePlan, device: torch.device, images: Any,
+                 target: Any) -> tuple[Callable[[Any, Any, int], xr.DataTree], dict[str, Any]]:
+    """A streaming run's per-batch step, ``step(images, target, offset) -> tree``, and the run's
+    fingerprint (checked on resume). The one-process stream and each dask worker use it."""
+    from .fingerprint import run_fingerprint, text_fingerprint
+
+    if plan.intervention is not None and plan.intervention.per_image:
+        raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
+    fingerprint = run_fingerprint(model, images, target, plan.run_options, text=text_fingerprint(adapter))
+    return functools.partial(_capture_part, adapter, model, plan, device), fingerprint
 
 
 def _capture_part(adapter: Adapter, model: nn.Module, plan: CapturePlan, device: torch.device,
