@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,9 @@ def _store(path: Path):
 
     class _Store(LocalStore):
         async def set(self, key: str, value) -> None:  # type: ignore[override]
-            _fault(f"set {key}")
+            # through the module, not a global: dask's tokenizer pickles this class by value when it names
+            # a lazy write (shard.py's layout), and the copy would count its steps apart from this module's
+            sys.modules[__name__]._fault(f"set {key}")
             await super().set(key, value)
 
     return _Store(path)
