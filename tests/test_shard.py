@@ -38,6 +38,19 @@ def tiny_factory(tmp_path: Path, seed: int = 0):
     return functools.partial(vl.load_model, "vit_tiny_patch16_224", checkpoint=str(path), **TINY)
 
 
+def one_thread(fn, *args, **kwargs):
+    """``fn`` with one torch thread, as on a dask worker (its nanny sets OMP_NUM_THREADS=1): float sums on
+    CPU depend on how many threads share them, so bit-for-bit equality is between equal thread counts."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def assert_same_store(reference: Path, other: Path) -> None:
     """Every group, variable, dtype, value (bit for bit) and attribute of two stores is the same."""
     a, b = vl.open(reference), vl.open(other)
@@ -153,7 +166,7 @@ def test_two_worker_processes_write_the_store_one_process_writes(tmp_path, clien
     imgs = random_images(16, 32, seed=3)
     targets = [i % 5 for i in range(16)]
     one = tmp_path / "one.zarr"
-    vl.capture(make_vit(), imgs, targets, store=one, batch_size=4, progress=False)
+    one_thread(vl.capture, make_vit(), imgs, targets, store=one, batch_size=4, progress=False)
     with get_task_stream(client) as ts:
         lazy = vl.capture(tiny_factory(tmp_path), imgs, targets, store=tmp_path / "two.zarr", batch_size=4,
                           progress=False, client=client)
@@ -184,7 +197,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_committed(tmp_path, client):
 
     imgs = random_images(16, 32, seed=5)
     one = tmp_path / "one.zarr"
-    vl.capture(make_vit(), imgs, store=one, batch_size=2, progress=False)
+    one_thread(vl.capture, make_vit(), imgs, store=one, batch_size=2, progress=False)
     two, log = tmp_path / "two.zarr", tmp_path / "steps.txt"
     errors = []
 
@@ -262,7 +275,7 @@ def test_a_killed_client_resumes_and_redoes_only_the_missing_batches(tmp_path, c
     assert 3 <= len(done) < 8 and not marker(store)["complete"]
     imgs = random_images(16, 32, seed=6)
     one = tmp_path / "one.zarr"
-    reference = vl.capture(make_vit(), imgs, store=one, batch_size=2, progress=False)
+    reference = one_thread(vl.capture, make_vit(), imgs, store=one, batch_size=2, progress=False)
     with pytest.warns(UserWarning, match="resume=True"):  # the committed prefix, and how to continue
         partial = vl.open(store)
     prefix = shard.ShardPlan(16, 2).prefix(done)

@@ -2,7 +2,8 @@
 
 ``vl.capture("vit-shapes", images, store="run.zarr", client=client)`` gives the
 store a one-process ``vl.capture(model, images, store="run.zarr")`` gives (bit
-for bit on CPU), captured by the workers of a ``dask.distributed`` cluster:
+for bit on CPU with as many torch threads: dask's workers use one each, and CPU
+sums depend on the thread count), captured by the workers of a ``dask.distributed`` cluster:
 
 - ``model`` is a name :func:`vitlens.load_model` accepts or a picklable
   function of no arguments; each worker builds it once (on its GPU when it has
