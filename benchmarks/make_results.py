@@ -7,12 +7,11 @@ shapes models, and the cost figures of capture and methods — all measured in o
 Quality: ``vl.metrics.evaluate_items`` on held-out shapes images (the zoo's evaluation
 seeds: ``EVAL_SEED`` for one-object pictures, ``EVAL_SEED + 1`` for two-object ones);
 every labelled object is one item, scored with its own class as target and its own
-mask. Cost: ``benchmarks/bench_methods.bench`` (capture and each method as ratios to a
-plain forward+backward, with pytorch-grad-cam's GradCAM and — given
-``$VITLENS_CHEFER_REF``, a copy of Chefer et al.'s repository — their reference
-Transformer Attribution in the same rounds) on ViT-B/16, Swin-T and EVA02-S; capture
-+ seven maps against plain at batch 1, 8, 32 and peak memory on ViT-B/16 (random
-init, 224×224).
+mask. Cost: ``benchmarks/bench_cost.section`` (capture + seven maps against the floor of
+exact αβ-LRP, the attention/rollout and gradient-method captures against the plain
+passes, peak memory, every step of ``benchmarks/bench_methods.bench``) on ViT-B/16,
+Swin-T and EVA02-S (random init, 224×224); capture + seven maps against plain at
+batch 1, 8, 32 on ViT-B/16.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from vitlens.metrics import evaluate_items, summarize  # noqa: E402
 from vitlens.metrics.bench import COLUMNS, format_table  # noqa: E402
 from vitlens.zoo import available  # noqa: E402
 from vitlens.zoo.train import EVAL_SEED  # noqa: E402
+from bench_cost import COST_END, COST_START  # noqa: E402
 
 SEED_METHODS = ("lnstat", "tokentm", "transformer_attribution")
 HIGHER = {"pixel_accuracy", "miou", "mean_ap", "pointing", "negative_auc_predicted", "negative_auc_label", "insertion_auc"}
@@ -161,7 +161,6 @@ CLAIM_PAIRS = (("lnstat, grad=True (gradient-weighted)", "transformer_attributio
                ("lnstat, grad=True (gradient-weighted)", "lnstat, grad=False (gradient-free)"),
                ("lnstat, grad=True (gradient-weighted)", "generic_attention"))
 CLAIM_START, CLAIM_END = "<!-- lnstat-claim:start -->", "<!-- lnstat-claim:end -->"
-COST_START, COST_END = "<!-- cost:start -->", "<!-- cost:end -->"
 
 
 def _claim_maps(cap: xr.DataTree, method: str, options: dict) -> xr.DataArray:
@@ -480,7 +479,7 @@ def plain():
 
 def capture():
     cap = vl.capture(model, x, target=target, batch_size=b, progress=False)
-    for method in vl.METHODS:
+    for method in vl.methods.explainable_methods(cap):  # the seven a default capture explains
         vl.explain(cap, method)
 
 def timed(fn):
@@ -519,88 +518,17 @@ def throughput(batches: tuple[int, ...]) -> list[str]:
     return rows
 
 
-# VmHWM (this process's own high-water mark): ru_maxrss would carry over the parent's
-# peak into a child spawned from it, since Linux keeps it across fork/exec.
-_MEMORY_CHILD = r"""
-import sys, torch, timm, vitlens as vl
-torch.manual_seed(0)
-mode, b = sys.argv[1], int(sys.argv[2])
-model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
-x = torch.randn(b, 3, 224, 224)
-if mode == "plain":
-    model(x)[:, 0].sum().backward()
-elif mode.startswith("capture"):
-    cap = vl.capture(model, x, batch_size=b, progress=False)
-    if mode == "capture+maps":
-        maps = vl.explain(cap, "all")
-peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(int(peak) / 1024)
-"""
-
-
-def memory(batch: int) -> list[str]:
-    peaks = {}
-    runs = (("model", "model", "1"), ("plain", "plain", "1"), ("capture", "capture", "1"),
-            ("capture+maps", "capture+maps", "1"), ("capture, no trim", "capture", "0"))
-    for label, mode, trim in runs:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "VITLENS_MALLOC_TRIM": trim}
-        out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, mode, str(batch)], capture_output=True,
-                             text=True, check=True, env=env)
-        peaks[label] = float(out.stdout.strip().splitlines()[-1])
-    base, plain = peaks["model"], peaks["plain"] - peaks["model"]
-
-    def row(text: str, label: str) -> str:
-        return f"| {text} | {peaks[label]:.0f} | {peaks[label] - base:.0f} | {(peaks[label] - base) / max(plain, 1e-9):.2f} |"
-
-    return [
-        f"Peak resident memory (VmHWM of a fresh process) for ViT-B/16 at 224, batch {batch}:",
-        "",
-        "| process | peak RSS (MiB) | above model-only (MiB) | ratio to plain |",
-        "|---|---:|---:|---:|",
-        f"| import + build model | {base:.0f} | 0 | |",
-        row("plain forward+backward", "plain"),
-        row("vl.capture (default: grads + LRP, float32)", "capture"),
-        row("vl.capture, then vl.explain(cap, 'all')", "capture+maps"),
-        row("vl.capture with `VITLENS_MALLOC_TRIM=0` (no heap trimming)", "capture, no trim"),
-    ]
-
-
-_BENCH_CHILD = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from bench_methods import bench
-print(json.dumps(bench(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), "cpu")))
-"""
-
-
-def fresh_bench(name: str, batch: int, repeat: int) -> list[tuple[str, float]]:
-    """``bench_methods.bench`` in a fresh process: in this one, after the quality run,
-    capture measured ~40 % slower (allocator state), which no user's session sees."""
-    out = subprocess.run([sys.executable, "-c", _BENCH_CHILD, str(HERE), name, str(batch), str(repeat)],
-                         capture_output=True, text=True, check=True)
-    return [(label, float(t)) for label, t in json.loads(out.stdout.strip().splitlines()[-1])]
-
-
 def cost(batch: int, repeat: int, batches: tuple[int, ...], memory_batch: int, spliced: bool = False) -> list[str]:
-    out = [COST_START, "## Cost", ""]
-    if spliced:
-        out += [f"Generated by `python benchmarks/make_results.py --only-cost` on {_dt.date.today().isoformat()} "
-                f"(spliced into this file; the sections above may be older). Machine: {machine()}.", ""]
-    for name, title in (("vit_base_patch16_224", "ViT-B/16"), ("swin_tiny_patch4_window7_224", "Swin-T"),
-                        ("eva02_small_patch14_224", "EVA02-S/14")):
-        rows = fresh_bench(name, batch, repeat)
-        base = rows[0][1]
-        out += [f"{title} (random init, 224×224), batch {batch}, median of {repeat} interleaved rounds after "
-                "a warm-up round (`benchmarks/bench_methods.py`'s `bench()`, in a fresh process; the last row "
-                "is the median of each round's own ratio):", "",
-                "| step | seconds | × plain fwd+bwd |", "|---|---:|---:|"]
-        out += [f"| {label.strip()} | {t:.3f} | {t / base:.2f} |" for label, t in rows]
-        out += [""]
-    out += ["Per-image cost against batch size, ViT-B/16 at 224 (capture + seven maps against plain "
-            "forward+backward; interleaved rounds after a warm-up):", ""]
-    out += throughput(batches)
-    out += [""] + memory(memory_batch) + ["", COST_END]
-    return out
+    """The cost section: ``bench_cost.section`` (targets, peak memory, every step of the three models),
+    then the per-image cost against batch size (``batches``; none: left out)."""
+    from bench_cost import COST_END as end, section
+
+    out = section(batch, repeat, int(torch.get_num_threads()), memory_batch, spliced=spliced)[:-1]
+    if batches:
+        out += ["", "Per-image cost against batch size, ViT-B/16 at 224 (capture + seven maps against plain "
+                "forward+backward; interleaved rounds after a warm-up):", ""]
+        out += throughput(batches)
+    return out + ["", end]
 
 
 def main() -> None:
@@ -645,7 +573,7 @@ def main() -> None:
                NEW_END, before="\n## Does the LN-statistics")
         print(f"spliced the new methods into {args.out} in {(time.perf_counter() - t) / 60:.1f} min")
         return
-    cost_args = dict(batch=8, repeat=5, batches=(1, 8, 32), memory_batch=8) if not args.quick else \
+    cost_args = dict(batch=8, repeat=3, batches=(1, 8, 32), memory_batch=8) if not args.quick else \
         dict(batch=1, repeat=1, batches=(1, 2), memory_batch=1)
     if args.only_cost:
         t = time.perf_counter()

@@ -114,3 +114,30 @@ def test_the_extra_passes_run_only_when_named(passes, vit):
     passes.clear()
     cap = vl.capture(vit, imgs, progress=False, keep=["attnlrp_cp"])
     assert list(cap["stage0"].data_vars) == ["attnlrp_cp_relevance"] and passes == ["backward"]  # its own, no other
+
+
+@pytest.mark.parametrize("keep, stats, cosines", [
+    (["attention"], False, False),
+    (["attention", "ln"], True, False),
+    (["attention", "norms"], False, True),
+    ("all", True, True),
+], ids=["attention", "ln", "norms", "all"])
+def test_the_per_token_records_are_computed_only_when_kept(monkeypatch, vit, keep, stats, cosines):
+    """The LayerNorm statistics (``ln``) and the token norms and value path (``norms``, a matmul
+    per block) are computed in the hooks only for a capture that keeps them (#30.5)."""
+    calls = {"stats": 0, "cosines": 0}
+    token_stats, cosine = hooks._token_stats, hooks._cosine
+
+    def counted_stats(*args):
+        calls["stats"] += 1
+        return token_stats(*args)
+
+    def counted_cosine(*args):
+        calls["cosines"] += 1
+        return cosine(*args)
+
+    monkeypatch.setattr(hooks, "_token_stats", counted_stats)
+    monkeypatch.setattr(hooks, "_cosine", counted_cosine)
+    cap = vl.capture(vit, random_images(2, 32), keep=keep, progress=False)
+    assert (calls["stats"] > 0, calls["cosines"] > 0) == (stats, cosines)
+    assert ("ln_mean" in cap["stage0"]) == stats and ("attn_value_cos" in cap["stage0"]) == cosines

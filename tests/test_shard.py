@@ -177,9 +177,19 @@ def test_two_worker_processes_write_the_store_one_process_writes(tmp_path, clien
     done = marker(tmp_path / "two.zarr")
     assert done["complete"] and done["done"] == [[0, 3]] and done["images"] == 16
     assert vl.verify(tmp_path / "two.zarr").checksums == "crc32c per chunk"
-    # a Client that is active is used without client= (the model is a factory, store= is given)
-    vl.capture(tiny_factory(tmp_path), imgs[:6], store=tmp_path / "implicit.zarr", batch_size=4, progress=False)
+    # a folder: each sample's source, named as in one process; a Client that is active is used without
+    # client= (the model is a factory, store= is given)
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, a in enumerate((imgs[:6] * 255).round().astype(np.uint8)):
+        Image.fromarray(a).save(folder / f"{i:02d}.png")
+    one_thread(vl.capture, make_vit(), str(folder), store=tmp_path / "one_folder.zarr", batch_size=4, progress=False)
+    vl.capture(tiny_factory(tmp_path), str(folder), store=tmp_path / "implicit.zarr", batch_size=4, progress=False)
     assert marker(tmp_path / "implicit.zarr")["format"] == stream.SHARD_FORMAT
+    assert_same_store(tmp_path / "one_folder.zarr", tmp_path / "implicit.zarr")
+    assert vl.open(tmp_path / "implicit.zarr")["source"].values.tolist() == [f"{i:02d}.png" for i in range(6)]
 
 
 def _arm(step: int, log: str) -> int:

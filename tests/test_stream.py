@@ -43,6 +43,12 @@ def test_lazy_explain_with_many_classes(tmp_path):
     xr.testing.assert_allclose(vl.explain(lazy, "rollout"), vl.explain(vl.capture(model, imgs), "rollout"), rtol=1e-4)
 
 
+def _without_source(tree: xr.DataTree) -> xr.DataTree:
+    out = tree.copy()
+    out.dataset = tree.to_dataset(inherit=False).drop_vars("source")
+    return out
+
+
 def test_streaming_from_a_folder_a_dataset_and_a_dataloader(tmp_path, vit):
     from PIL import Image
 
@@ -53,7 +59,9 @@ def test_streaming_from_a_folder_a_dataset_and_a_dataloader(tmp_path, vit):
         Image.fromarray(a).save(folder / f"{i:02d}.png")
     from_folder = vl.capture(vit, str(folder), store=tmp_path / "f.zarr", batch_size=2, progress=False)
     reference = vl.capture(vit, imgs)
-    assert_same_capture(reference, from_folder)
+    assert from_folder["source"].values.tolist() == [f"{i:02d}.png" for i in range(5)]  # where each image came from
+    assert_same_capture(vl.capture(vit, folder), from_folder)  # the same folder in memory: the same capture
+    assert_same_capture(reference, _without_source(from_folder))
 
     ds = xr.Dataset({"image": (("sample", "y", "x", "channel"), imgs.astype(np.float32) / 255)})
     assert_same_capture(reference, vl.capture(vit, ds, store=tmp_path / "d.zarr", batch_size=4, progress=False))

@@ -239,3 +239,75 @@ def test_available_shows_a_table_of_names_and_scores_and_curves_only_on_request(
     with_curves = vl.models.available(curves=True)
     assert "curve" in with_curves["vit-shapes"]["train"] and "| step |" in repr(with_curves)
     assert "<table>" in vl.models.available()._repr_html_()
+
+
+# ----------------------------------------------------------------- one-object accuracy on unseen seeds (#30.6)
+Z = 1.959963984540054
+
+
+@pytest.mark.parametrize("n", [1, 10, 1000])
+def test_wilson_interval_at_none_and_all_correct_is_the_closed_form(n):
+    from vitlens.zoo import wilson_interval
+
+    # with p = 0 the interval is [0, z²/(n + z²)]; with p = 1, [n/(n + z²), 1]
+    assert wilson_interval(0, n) == pytest.approx((0.0, Z * Z / (n + Z * Z)), abs=1e-12)
+    assert wilson_interval(n, n) == pytest.approx((n / (n + Z * Z), 1.0), abs=1e-12)
+
+
+def test_wilson_interval_is_symmetric_contains_the_proportion_and_narrows_with_n():
+    from vitlens.zoo import wilson_interval
+
+    for k, n in ((3, 10), (951, 1000), (1910, 2000)):
+        low, high = wilson_interval(k, n)
+        assert low < k / n < high
+        flipped = wilson_interval(n - k, n)
+        assert (1 - flipped[1], 1 - flipped[0]) == pytest.approx((low, high), abs=1e-12)
+        wide = wilson_interval(k, n, z=2 * Z)
+        assert wide[0] < low and wide[1] > high
+    assert wilson_interval(5, 10) == pytest.approx((0.2365931, 0.7634069), abs=1e-7)  # centred at 0.5
+    width = lambda k, n: wilson_interval(k, n)[1] - wilson_interval(k, n)[0]  # noqa: E731
+    assert width(500, 1000) < width(50, 100) < width(5, 10)
+    with pytest.raises(OptionError, match="correct <= n"):
+        wilson_interval(11, 10)
+
+
+def test_the_unseen_seeds_are_used_nowhere_else():
+    from vitlens.demo import DEMO_SEED
+    from vitlens.zoo.train import UNSEEN_SEEDS, _TRAIN_SEED_BASE
+
+    used = {EVAL_SEED, EVAL_SEED + 1, VAL_SEED, VAL_SEED + 1, DEMO_SEED}
+    assert len(set(UNSEEN_SEEDS)) == 2 and not set(UNSEEN_SEEDS) & used
+    assert max(UNSEEN_SEEDS) < train_seed(0, 0) == _TRAIN_SEED_BASE
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_shown_interval_agrees_with_the_stored_counts(name):
+    """`vl.models.available()` and the README show the interval computed from the json's counts."""
+    from pathlib import Path
+
+    import vitlens as vl
+    from vitlens.zoo import unseen_accuracy, wilson_interval
+    from vitlens.zoo.train import UNSEEN_SEEDS
+
+    record = available()[name]["scores"]["one_object_unseen"]
+    assert record["seeds"] == list(UNSEEN_SEEDS) and record["images_per_seed"] == 1000
+    correct, n = sum(record["correct"]), 2000
+    low, high = wilson_interval(correct, n)
+    acc = unseen_accuracy(available()[name])
+    assert (acc["correct"], acc["n"], acc["low"], acc["high"]) == (correct, n, low, high)
+    text = f"{100 * correct / n:.1f} % [{100 * low:.1f}, {100 * high:.1f}]"
+    row = next(line for line in repr(vl.models.available()).splitlines() if line.startswith(name))
+    assert row.endswith(text)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme_row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` |"))
+    assert readme_row.rstrip(" |").endswith(text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_the_stored_unseen_counts_are_the_models(name):
+    """The json's count for the first unseen seed is what the shipped weights score on its images."""
+    from vitlens.zoo.train import UNSEEN_SEEDS, unseen_one_object
+
+    stored = available()[name]["scores"]["one_object_unseen"]["correct"][0]
+    assert unseen_one_object(load_shipped(name), seeds=UNSEEN_SEEDS[:1])["correct"] == [stored]

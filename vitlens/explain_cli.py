@@ -16,22 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+from .capture.images import IMAGE_SUFFIXES, folder_images  # noqa: F401 - IMAGE_SUFFIXES: its old home
+
 MAX_SIZE = 8192  # --size: the longest side of a written PNG
 
 
 def expand_inputs(items: Sequence[str]) -> list[Path]:
-    """Image files, with each folder replaced by the images directly inside it (sorted)."""
-    from .errors import ImageError
-
+    """Image files, with each folder replaced by the images directly inside it, in the order
+    ``vl.capture`` takes them (:func:`~vitlens.capture.images.folder_images`)."""
     out: list[Path] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ImageError(f"folder {item!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
-            out += found
+            out += folder_images(path)
         else:
             out.append(path)  # vl.capture says clearly if it is missing or unreadable
     return out

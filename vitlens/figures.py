@@ -35,6 +35,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import ExportError, OptionError
+from .capture.images import sample_sources
 from .methods import METHOD_INFO, METHODS, explain, normalize, to_pixels
 from .methods import normalize as normalize_maps  # vl.plot's own argument is called normalize
 
@@ -330,6 +331,33 @@ def figure_title(cap: xr.DataTree, text: str | None) -> str | None:
     return "UNTRAINED (random weights)" + (f" · {text}" if text else "")
 
 
+def file_label(source: str, chars: int) -> str:
+    """The file name of a sample's ``source`` (no folders), cut to ``chars`` characters with "…".
+
+    Examples
+    --------
+    >>> file_label("photos/holiday/cat.jpg", 20)
+    'cat.jpg'
+    >>> file_label("a_very_long_file_name_indeed.png", 12)
+    'a_very_long…'
+    """
+    from pathlib import PurePath
+
+    name = PurePath(str(source)).name or str(source)
+    return name if len(name) <= chars else name[: max(1, chars - 1)] + "…"
+
+
+def literal(text: str) -> str:
+    r"""``text`` as matplotlib shows it literally: a file name's ``$`` would start mathematics.
+
+    Examples
+    --------
+    >>> literal("$5 off.png")
+    '\\$5 off.png'
+    """
+    return str(text).replace("$", r"\$")
+
+
 def _class_names(cap: xr.DataTree) -> list[str] | None:
     if "class_name" in cap.coords:
         return [str(n) for n in cap["class_name"].values]
@@ -407,9 +435,10 @@ def grid(
     **options
         Passed to the methods that take them (e.g. ``heads=``, ``start_layer=``).
 
-    Row labels name each sample and its class; a long class name (ImageNet's
-    "sidewinder, horned rattlesnake, Crotalus cerastes") is shortened to fit
-    beside its row, with the full name under the panels.
+    Row labels name each sample, its image file (a capture of files or a folder:
+    its ``source``) and its class; a long class name (ImageNet's
+    "sidewinder, horned rattlesnake, Crotalus cerastes") or file path is
+    shortened to fit beside its row, with the full text under the panels.
 
     Returns
     -------
@@ -425,6 +454,7 @@ def grid(
     images = sub["image"].values
     names = _class_names(cap)
     targets = sub["target"].values
+    sources = sample_sources(sub)
     chars = max(8, int(cell * 72 / (0.6 * 9)))  # characters that fit beside one row (9 pt)
     panels, notes = [], []
     for r, s in enumerate(samples):
@@ -433,6 +463,10 @@ def grid(
         label = f"#{s}: {short}"
         if short.replace("\n", " ") != full:
             notes.append(f"#{s}: {full}")
+        if sources and sources[r]:  # the image file above its class
+            label = f"{literal(file_label(sources[r], chars))}\n{label}"
+            if file_label(sources[r], chars) != sources[r]:
+                notes.append(f"#{s}: {literal(sources[r])}")
         panels.append({"image": images[r], "title": "input" if titles and r == 0 else "",
                        "ylabel": label if titles else None})
         for m in methods:
@@ -489,8 +523,9 @@ def layers(
               for i, layer in enumerate(chosen)]
     names = _class_names(cap)
     c = int(sub["target"].values[0])
-    title = (f"{_title(method)} by depth · {cap.attrs.get('model', 'model')} · sample {sample} · "
-             f"class {names[c] if names else c!r}")
+    source = literal((sample_sources(sub) or [""])[0])
+    title = (f"{_title(method)} by depth · {cap.attrs.get('model', 'model')} · sample {sample}"
+             f"{f' ({source})' if source else ''} · class {names[c] if names else c!r}")
     ncols = min(columns, len(chosen))
     return render_panels(panels, ncols=ncols, suptitle=_wrap(figure_title(cap, title), ncols * cell + 0.8, 10),
                          colorbar_label="relevance (min-max per map)", panel_inches=cell)

@@ -35,6 +35,18 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 KNOWN_OFFLINE = "fontawesome-free"
 
 
+def playwright_expect():
+    """Playwright's ``expect``; where playwright is missing, skips the calling test module, except
+    in CI or where chromium is installed (there a missing playwright is an error, never a skip)."""
+    try:
+        from playwright.sync_api import expect
+    except ImportError:
+        if os.environ.get("CI") or CHROMIUM.exists():
+            raise
+        pytest.skip(f"{CHROMIUM} is missing (and so is playwright)", allow_module_level=True)
+    return expect
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "browser: drives a real browser against a Jupyter server (chromium)")
 
@@ -251,6 +263,13 @@ def open_and_run_in_lab(page, lab: Server, plots: int) -> None:
     if answer_kernel_dialog(page):  # it can also open once the run has started: run again
         run_all(page)
         page.wait_for_function(f"() => {drawn}", timeout=TIMEOUT_MS * 4)
+
+
+def open_in_voila(page, voila: Server, plots: int) -> None:
+    """Open Voila's page (it runs the notebook) and wait for ``plots`` plotly figures."""
+    page.goto(voila.url, timeout=TIMEOUT_MS * 4)
+    page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length >= {plots}",
+                           timeout=TIMEOUT_MS * 4)
 
 
 # -- the browser -----------------------------------------------------------------------------

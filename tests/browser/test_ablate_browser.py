@@ -15,13 +15,10 @@ import nbformat
 import numpy as np
 import pytest
 
-from .conftest import TIMEOUT_MS, lab_server, open_and_run_in_lab, served_folder, voila_server
+from .conftest import TIMEOUT_MS, lab_server, open_and_run_in_lab, open_in_voila, playwright_expect, served_folder, voila_server
 from .test_widgets_browser import HEATMAP, diagnosed, expect_panels, explorer, minmax, wait_steady
 
-try:
-    from playwright.sync_api import expect
-except ImportError:  # test_widgets_browser has decided to skip the module already
-    pytest.skip("playwright is missing", allow_module_level=True)
+expect = playwright_expect()
 
 import vitlens as vl
 
@@ -158,8 +155,6 @@ def test_ablate_mode_in_jupyterlab(page_factory, ablate_lab):
 def test_ablate_mode_in_voila(page_factory, ablate_voila):
     page, problems = page_factory(allow_offline="fontawesome-free")
     with diagnosed(page, ablate_voila, problems):
-        page.goto(ablate_voila.url, timeout=TIMEOUT_MS * 4)
-        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3",
-                               timeout=TIMEOUT_MS * 4)
+        open_in_voila(page, ablate_voila, 3)
         drive_ablation(page, ablate_voila)
     problems.check()

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from .conftest import TIMEOUT_MS, lab_server, open_and_run_in_lab, voila_server
+from .conftest import TIMEOUT_MS, lab_server, open_and_run_in_lab, open_in_voila, voila_server
 from .notebook_template import write_atlas_notebook
 from .test_widgets_browser import (
     DRAWN_JS,
@@ -179,9 +179,7 @@ def test_head_atlas_in_voila_narrow_then_wide(page_factory, atlas_folder):
     with voila_server(atlas_folder, "atlas.ipynb") as voila:
         page, problems = page_factory(allow_offline="fontawesome-free", viewport=NARROW)
         with diagnosed(page, voila, problems):
-            page.goto(voila.url, timeout=TIMEOUT_MS * 4)
-            page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length >= {PLOTS}",
-                                   timeout=TIMEOUT_MS * 4)
+            open_in_voila(page, voila, PLOTS)
             check_fit(page, "Voila narrow")
             drive_atlas(page, atlas_folder, "Voila")
             resize(page, WIDE)

@@ -11,19 +11,13 @@ sample and class selectors, the status lines and the captions.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from .conftest import CHROMIUM, TIMEOUT_MS, lab_server, open_and_run_in_lab, served_folder, voila_server
+from .conftest import TIMEOUT_MS, lab_server, open_and_run_in_lab, open_in_voila, playwright_expect, served_folder, voila_server
 from .notebook_template import HOSTILE_NAMES, write_hostile_notebook
 
-try:
-    from playwright.sync_api import expect
-except ImportError:  # skipped only where the browser tests skip anyway (no chromium, not CI)
-    if os.environ.get("CI") or CHROMIUM.exists():
-        raise
-    pytest.skip(f"{CHROMIUM} is missing (and so is playwright)", allow_module_level=True)
+expect = playwright_expect()
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -106,7 +100,5 @@ def test_hostile_class_names_are_shown_not_run_in_voila(page_factory, tmp_path_f
     folder = served_folder(tmp_path_factory, "hostile-voila", write_hostile_notebook)
     with voila_server(folder, "hostile.ipynb") as voila:
         page, problems = page_factory(allow_offline="fontawesome-free")
-        page.goto(voila.url, timeout=TIMEOUT_MS * 4)
-        page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length >= {PLOTS}",
-                               timeout=TIMEOUT_MS * 4)
+        open_in_voila(page, voila, PLOTS)
         check_page(page, problems)

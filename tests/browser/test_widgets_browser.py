@@ -22,14 +22,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from .conftest import CHROMIUM, TIMEOUT_MS, open_and_run_in_lab
+from .conftest import TIMEOUT_MS, open_and_run_in_lab, open_in_voila, playwright_expect
 
-try:
-    from playwright.sync_api import expect
-except ImportError:  # skipped only where the browser tests skip anyway (no chromium, not CI)
-    if os.environ.get("CI") or CHROMIUM.exists():
-        raise
-    pytest.skip(f"{CHROMIUM} is missing (and so is playwright)", allow_module_level=True)
+expect = playwright_expect()
 
 import vitlens as vl
 from vitlens.methods import METHOD_INFO, statistic_maps
@@ -495,9 +490,7 @@ def test_widgets_in_jupyterlab_wide_then_narrow(page_factory, lab, latency_lines
 def test_widgets_in_voila_narrow_then_wide(page_factory, voila, latency_lines):
     page, problems = page_factory(allow_offline="fontawesome-free", viewport=NARROW)
     with diagnosed(page, voila, problems):
-        page.goto(voila.url, timeout=TIMEOUT_MS * 4)
-        page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length >= {PLOTS}",
-                               timeout=TIMEOUT_MS * 4)
+        open_in_voila(page, voila, PLOTS)
         check_fit(page, "Voila narrow")
         screenshot(page, voila, "voila-narrow")
         drive_widgets(page, voila, "Voila")

@@ -20,7 +20,7 @@ from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
 from ..registry import CAPTURE_GROUPS
 from .hooks import Recorder
-from .images import prepare
+from .images import image_sources, prepare
 from .validate import check_finite, check_model
 from .text import bind_inputs
 from ..models.windows import window_tokens
@@ -309,7 +309,9 @@ def capture(
         :func:`vitlens.load_model` accepts, or a picklable function of no
         arguments that builds the model (each worker builds it once).
     images
-        A path or list of paths, PIL image(s), arrays ``(H, W, 3)`` or
+        A folder (its image files, sorted by name: see
+        :func:`~vitlens.capture.images.folder_images`), a path or list of
+        paths, PIL image(s), arrays ``(H, W, 3)`` or
         ``(sample, H, W, 3)`` in [0, 1] or uint8 (xarray too), or a ready,
         normalised tensor ``(B, 3, H, W)`` (e.g. a processor's ``pixel_values``).
         Arrays at the model's input size are only normalised; others go through
@@ -389,7 +391,8 @@ def capture(
     Returns
     -------
     xarray.DataTree
-        Root: ``image``, ``logits``, ``target``; one child per stage
+        Root: ``image``, ``logits``, ``target`` (and, for images read from files,
+        ``source``: each one's name in the folder or its path as given); one child per stage
         (``stage0``…) with ``attention``, ``attention_grad``, ``ln_mean``,
         ``ln_std``, token norms and value-path quantities, labeled by
         ``layer``, ``head``, ``token`` (with ``row``, ``col``, ``kind``).
@@ -429,10 +432,8 @@ def capture(
     if resume:
         raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
     tree = _capture_images(adapter, model, images, target, plan, device, progress)
-    samples = _input_samples(images, tree["sample"].size)
-    if samples is not None:  # keep the caller's labels (e.g. a subset of a dataset)
-        tree.dataset = tree.to_dataset(inherit=False).assign_coords(sample=samples)
-    return tree
+    # keep the caller's labels (e.g. a subset of a dataset)
+    return _label_samples(tree, _input_samples(images, tree["sample"].size), image_sources(images))
 
 
 def _prepare(model: nn.Module, target: Any, *, grads: bool = True, keep: str | Iterable[str] = "all",
@@ -472,22 +473,37 @@ def _prepare(model: nn.Module, target: Any, *, grads: bool = True, keep: str | I
 
 
 def _stream_step(model: nn.Module, adapter: Adapter, plan: CapturePlan, device: torch.device, images: Any,
-                 target: Any) -> tuple[Callable[[Any, Any, int], xr.DataTree], dict[str, Any]]:
+                 target: Any) -> tuple[Callable[..., xr.DataTree], dict[str, Any]]:
     """A streaming run's per-batch step, ``step(images, target, offset) -> tree``, and the run's
-    fingerprint (checked on resume). The one-process stream and each dask worker use it."""
+    fingerprint (checked on resume). The one-process stream and each dask worker use it; ``images``
+    (the whole input) gives the step the ``source`` of each image (the workers pass theirs per batch)."""
     from .fingerprint import run_fingerprint, text_fingerprint
 
     if plan.intervention is not None and plan.intervention.per_image:
         raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
     fingerprint = run_fingerprint(model, images, target, plan.run_options, text=text_fingerprint(adapter))
-    return functools.partial(_capture_part, adapter, model, plan, device), fingerprint
+    return functools.partial(_capture_part, adapter, model, plan, device, sources=image_sources(images)), fingerprint
 
 
 def _capture_part(adapter: Adapter, model: nn.Module, plan: CapturePlan, device: torch.device,
-                  images: Any, target: Any, offset: int) -> xr.DataTree:
-    """One part of a streaming capture, its samples numbered from ``offset`` (what the store appends)."""
+                  images: Any, target: Any, offset: int, sources: list[str] | None = None) -> xr.DataTree:
+    """One part of a streaming capture, its samples numbered from ``offset`` (what the store appends);
+    ``sources``: those of the whole input (:func:`~vitlens.capture.images.image_sources`)."""
     tree = _capture_images(adapter, model, images, target, plan, device, progress=False)
-    tree.dataset = tree.to_dataset(inherit=False).assign_coords(sample=np.arange(offset, offset + tree["sample"].size))
+    n = int(tree["sample"].size)
+    return _label_samples(tree, np.arange(offset, offset + n), None if sources is None else sources[offset:offset + n])
+
+
+def _label_samples(tree: xr.DataTree, sample: np.ndarray | None, sources: list[str] | None) -> xr.DataTree:
+    """The root's ``sample`` labels and, for images read from files, the ``source`` coordinate on ``sample``."""
+    root = tree.to_dataset(inherit=False)
+    if sample is not None:
+        root = root.assign_coords(sample=sample)
+    if sources is not None and len(sources) == root.sizes["sample"]:
+        root = root.assign_coords(source=("sample", np.array(sources, dtype=object)))
+        root["source"].attrs["description"] = ("the image file of each sample: its name in the captured folder, or "
+                                               "the path as given; '' for an image not read from a file")
+    tree.dataset = root
     return tree
 
 
@@ -518,7 +534,9 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
     iv = plan.intervention
     if iv is not None and iv.per_image:
         _check_rows(iv, n)
-    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False) as rec, \
+    # the per-token records (LayerNorm statistics, norms and value path) only when kept
+    with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False,
+                  ln="ln" in plan.recorded, norms="norms" in plan.recorded) as rec, \
             Intervening(adapter, iv, record_heads="head_output" in plan.recorded,
                         every_block="ablations" in plan.passes) as hooks:
         if iv is not None and iv.token_layer is not None:  # patched tokens: the LRP walk stops there

@@ -139,12 +139,16 @@ class Recorder:
     read as attributes of the Recorder too (``rec.attention``). With
     ``param_grads=False`` the model's parameters stop requiring gradients inside
     the context (restored on exit), so autograd keeps only what the activation
-    gradients need and computes no weight gradients.
+    gradients need and computes no weight gradients. ``ln=False`` / ``norms=False``
+    skip the per-token LayerNorm statistics / token norms and value-path records (the
+    capture's ``ln`` and ``norms`` groups) when the capture does not keep them: the
+    value path costs a matmul per block, the statistics a few passes over the tokens.
     """
 
     def __init__(self, adapter: Adapter, *, keep_block_inputs: bool = False, param_grads: bool = True,
-                 fused: bool | None = None):
+                 fused: bool | None = None, ln: bool = True, norms: bool = True):
         self.adapter = adapter
+        self.ln, self.norms = ln, norms
         self.fused = FUSED_ATTENTION if fused is None else fused
         self.fused_layers: set[int] = set()
         self.keep_block_inputs = keep_block_inputs
@@ -272,10 +276,11 @@ class Recorder:
                 return
             with torch.no_grad():
                 u = self.adapter.tokens(inputs[0]).detach()
-                self.batch.records[layer]["token_norm"] = u.float().norm(dim=-1)
-                self.batch.pending[layer]["u"] = u
-                if part.post_norm:  # the attention reads the block input itself
-                    self._value_path(layer, part, u, u)
+                if self.norms:
+                    self.batch.records[layer]["token_norm"] = u.float().norm(dim=-1)
+                    self.batch.pending[layer]["u"] = u
+                    if part.post_norm:  # the attention reads the block input itself
+                        self._value_path(layer, part, u, u)
                 if self.keep_block_inputs:
                     self.batch.block_inputs[layer] = u
 
@@ -317,8 +322,9 @@ class Recorder:
                 return
             with torch.no_grad():
                 rec = self.batch.records[layer]
-                rec["ln1_mean"], rec["ln1_std"] = _token_stats(self.adapter.tokens(inputs[0]))
-                if not part.post_norm:
+                if self.ln:
+                    rec["ln1_mean"], rec["ln1_std"] = _token_stats(self.adapter.tokens(inputs[0]))
+                if self.norms and not part.post_norm:
                     self._value_path(layer, part, self.adapter.tokens(output.detach()), self.batch.pending[layer]["u"])
 
         return hook
@@ -458,7 +464,7 @@ class Recorder:
 
     def _on_norm2(self, layer: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if self.paused:
+            if self.paused or not self.ln:
                 return
             with torch.no_grad():
                 rec = self.batch.records[layer]
@@ -472,12 +478,13 @@ class Recorder:
                 return
             with torch.no_grad():
                 x2 = self.adapter.tokens(inputs[0]).detach()
-                rec = self.batch.records[layer]
-                rec["mlp_in_norm"] = x2.float().norm(dim=-1)
-                u = self.batch.pending[layer].pop("u")
-                rec["attn_out_norm"] = (x2.float() - u.float()).norm(dim=-1)
-                self._value_path_left(layer)
-                self.batch.pending[layer]["x2"] = x2
+                if self.norms:
+                    rec = self.batch.records[layer]
+                    rec["mlp_in_norm"] = x2.float().norm(dim=-1)
+                    u = self.batch.pending[layer].pop("u")
+                    rec["attn_out_norm"] = (x2.float() - u.float()).norm(dim=-1)
+                    self._value_path_left(layer)
+                    self.batch.pending[layer]["x2"] = x2
                 if self.keep_block_inputs:
                     self.batch.mlp_inputs[layer] = x2
 
@@ -485,7 +492,7 @@ class Recorder:
 
     def _on_mlp(self, layer: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if self.paused:
+            if self.paused or not self.norms:
                 return
             with torch.no_grad():
                 f = self.adapter.tokens(output).detach()
@@ -502,7 +509,8 @@ class Recorder:
                 return
             with torch.no_grad():
                 out = self.adapter.tokens(output).detach()
-                self.batch.records[layer]["block_out_norm"] = out.float().norm(dim=-1)
+                if self.norms:
+                    self.batch.records[layer]["block_out_norm"] = out.float().norm(dim=-1)
                 if self.keep_block_inputs:
                     self.batch.block_outputs[layer] = out
 

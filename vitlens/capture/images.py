@@ -87,10 +87,112 @@ def _as_rgb_float(array: np.ndarray, where: str) -> np.ndarray:
     return out
 
 
+#: The file name endings read as images from a folder (case-insensitive).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+#: The ``source`` of an image that was not read from a file, in a capture that mixes files with
+#: arrays or PIL images (a capture without any file has no ``source`` coordinate at all).
+NO_SOURCE = ""
+
+
+def folder_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly inside ``folder`` (:data:`IMAGE_SUFFIXES`), sorted by name.
+
+    The one reader of a folder of images: ``vl.capture`` in memory and with
+    ``store=``, and ``vitlens explain``, all take its files in this order.
+    Subfolders are not searched.
+
+    Raises
+    ------
+    ImageError
+        The folder is empty, or holds no image file.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> for name in ("b.png", "a.JPG", "notes.txt"):
+    ...     _ = (d / name).write_bytes(b"")
+    >>> [p.name for p in folder_images(d)]
+    ['a.JPG', 'b.png']
+    """
+    path = Path(folder)
+    entries = sorted(path.iterdir())
+    files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if files:
+        return files
+    kinds = ", ".join(IMAGE_SUFFIXES)
+    if not entries:
+        raise ImageError(f"folder {str(folder)!r} is empty: it holds no image files. Put image files in it "
+                         f"(vitlens reads {kinds}).")
+    raise ImageError(
+        f"folder {str(folder)!r} holds no image files: vitlens reads the files directly inside it that end in "
+        f"{kinds} (any case), not subfolders; it holds {len(entries)} other entries (e.g. {entries[0].name!r})."
+    )
+
+
+def readable_name(name: str) -> str:
+    """A file name as text that every format stores: undecodable bytes written as ``\\xNN``.
+
+    Linux file names are bytes; Python reads the ones that are not UTF-8 with
+    surrogates (PEP 383), which netCDF and zarr cannot write.
+
+    Examples
+    --------
+    >>> readable_name("caf\\udce9.png")
+    'caf\\\\xe9.png'
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def image_sources(images: Any) -> list[str] | None:
+    """The ``source`` of each image of ``images``, or ``None`` when no image comes from a file.
+
+    A folder gives its files' names relative to it (:func:`folder_images`); a path
+    or a list of paths gives each path as written; in a list that mixes files with
+    arrays or PIL images, those have :data:`NO_SOURCE`. Arrays, PIL images,
+    tensors, xarray objects and iterables of batches give ``None``.
+
+    Examples
+    --------
+    >>> image_sources(["photos/cat.jpg", "dog.png"])
+    ['photos/cat.jpg', 'dog.png']
+    >>> import numpy as np
+    >>> image_sources(np.zeros((2, 8, 8, 3))) is None
+    True
+    """
+    if isinstance(images, (str, os.PathLike)):
+        if Path(images).is_dir():
+            return [readable_name(p.name) for p in folder_images(images)]
+        return [readable_name(os.fspath(images))]
+    if isinstance(images, (list, tuple)) and any(isinstance(i, (str, os.PathLike)) for i in images):
+        return [readable_name(os.fspath(i)) if isinstance(i, (str, os.PathLike)) else NO_SOURCE for i in images]
+    return None
+
+
+def sample_sources(obj: Any) -> list[str] | None:
+    """The ``source`` of each sample of a capture, map or table (``None`` if it has none).
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> da = xr.DataArray([1, 2], dims="sample", coords={"source": ("sample", ["a.png", "b.png"])})
+    >>> sample_sources(da)
+    ['a.png', 'b.png']
+    """
+    coords = getattr(obj, "coords", {})
+    if "source" not in coords:
+        return None
+    return [str(v) for v in np.atleast_1d(coords["source"].values).ravel()]
+
+
 def _open(path: str | os.PathLike) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
+    if p.is_dir():
+        raise ImageError(f"{str(p)!r} is a folder: pass it on its own (vl.capture(model, {str(p)!r})) to capture "
+                         "every image in it; a list takes image files.")
     if not p.is_file():
         raise ImageError(f"{str(p)!r}: no such image file.")
     try:
@@ -193,7 +295,7 @@ def _split(images: Any) -> list[Any]:
             raise ImageError("a Dataset of images needs an 'image' variable (sample, y, x, channel).")
         return _split(images["image"])
     if isinstance(images, (str, os.PathLike)):
-        return [images]
+        return list(folder_images(images)) if Path(images).is_dir() else [images]
     if isinstance(images, np.ndarray):
         if images.ndim == 4:
             return list(images)
@@ -210,7 +312,7 @@ def _split(images: Any) -> list[Any]:
     raise ImageError(
         f"cannot read images from a {type(images).__name__}; pass a path, a list of paths, "
         "PIL images, arrays (H, W, 3) / (sample, H, W, 3) in [0, 1] or uint8, or a tensor. "
-        "To capture from a DataLoader, a folder or any iterable of batches, stream it to a "
+        "To capture from a DataLoader or any iterable of batches, stream it to a "
         "store: vl.capture(model, images, store='run.zarr')."
     )
 

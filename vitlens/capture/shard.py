@@ -260,10 +260,13 @@ def _write_rows(tree: xr.DataTree, path: Path, start: int) -> None:
                          write_empty_chunks=True)
 
 
-def _capture_batch(job: _Job, index: int, start: int, images: Any, target: Any, session: str, path: str,
-                   layout: tuple[int, int] | None, weights: str | None) -> dict[str, Any]:
-    """Task: capture batch ``index`` (images from ``start``) and write its rows (and, for the first
-    batch of a run, the store's layout: ``(count, batch_size)``); report what was written."""
+def _capture_batch(job: _Job, index: int, start: int, images: Any, target: Any, sources: list[str] | None,
+                   session: str, path: str, layout: tuple[int, int] | None, weights: str | None) -> dict[str, Any]:
+    """Task: capture batch ``index`` (images from ``start``; ``sources``: their files' names, or None)
+    and write its rows (and, for the first batch of a run, the store's layout: ``(count, batch_size)``);
+    report what was written."""
+    from .api import _label_samples
+
     built = _built(job)
     digest = built.fingerprint["weights"]
     where = _worker_address()
@@ -274,7 +277,8 @@ def _capture_batch(job: _Job, index: int, start: int, images: Any, target: Any, 
             "seed it inside the factory (torch.manual_seed), then resume=True; nothing of this batch was written."
         )
     with built.lock:
-        tree = built.step(images, target, start)
+        tree = built.step(images, target, 0, sources=sources)  # the batch's sources, from its first image on
+    tree = _label_samples(tree, np.arange(start, start + int(tree["sample"].size)), None)
     store = Path(path)
     marker = read_marker(store) or {}
     if marker.get("session") != session:  # a run that resumed this store has taken over
@@ -393,9 +397,12 @@ class _Run:
     """This process's side of a sharded capture: the marker it alone writes, and the tasks in flight."""
 
     def __init__(self, client: Any, path: Path, plan: ShardPlan, marker: dict[str, Any], job: _Job,
-                 source: Any, target: Any, bar: Any):
+                 images: Any, source: Any, target: Any, bar: Any):
         self.client, self.path, self.plan, self.marker, self.job = client, path, plan, marker, job
         self.source, self.target, self.bar = source, target, bar
+        from .images import image_sources
+
+        self.sources = image_sources(images)  # each image's file, named as one process names it
         self.done = _from_ranges(marker.get("done", []), plan.batches, path)
         self.weights = marker["run"]["weights"]
 
@@ -403,7 +410,8 @@ class _Run:
         start, stop = self.plan.rows(index)
         return self.client.submit(
             _capture_batch, self.job, index, start, _batch_images(self.source, start, stop),
-            _batch_targets(self.target, start, stop), self.marker["session"], str(self.path),
+            _batch_targets(self.target, start, stop), None if self.sources is None else self.sources[start:stop],
+            self.marker["session"], str(self.path),
             (self.plan.count, self.plan.batch_size) if layout else None, self.weights,
             key=f"vitlens-batch-{index}-{self.marker['session'][:8]}", pure=False,
             **({} if worker is None else {"workers": [worker], "allow_other_workers": True}),
@@ -564,7 +572,7 @@ def capture_sharded(client: Any, model: str | Callable[[], nn.Module], images: A
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=plan.count, desc=f"capture → {path.name} (dask)", unit="img")
-            run = _Run(client, path, plan, marker, job, source, target, bar)
+            run = _Run(client, path, plan, marker, job, images, source, target, bar)
             if bar is not None:
                 bar.update(sum(b - a for a, b in map(plan.rows, run.done)))
             run.run()

@@ -39,7 +39,8 @@ from . import lock as _lock
 from .memory import release_memory
 from .store import MARKER, for_disk, is_capture, quiet_zarr, read_marker, zarr_encoding
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+from .images import IMAGE_SUFFIXES, folder_images  # noqa: F401 - IMAGE_SUFFIXES: its old home
+
 CHUNK_BYTES = 32 * 2**20  # target size of one stored chunk
 
 
@@ -55,12 +56,10 @@ def _length(images: Any) -> int | None:
 
 
 def image_source(images: Any) -> Any:
-    """A folder path becomes its sorted image files; everything else is kept."""
+    """A folder path becomes its image files (:func:`~vitlens.capture.images.folder_images`); everything
+    else is kept."""
     if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
-        files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ImageError(f"{str(images)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
-        return [str(p) for p in files]
+        return [str(p) for p in folder_images(images)]
     return images
 
 
@@ -260,6 +259,12 @@ def _trim(store: Path, n: int) -> None:
 # -- writing ----------------------------------------------------------------------------
 
 
+def _without_source(tree: xr.DataTree) -> xr.DataTree:
+    root = tree.to_dataset(inherit=False).drop_vars("source")
+    tree.dataset = root
+    return tree
+
+
 def write_batch(tree: xr.DataTree, store: Path, first: bool, batch_size: int, marker: dict[str, Any]) -> None:
     """Append one captured batch to ``store``, then commit it in the marker."""
     try:
@@ -405,6 +410,8 @@ def capture_to_store(
                 if target is not None and not isinstance(target, (int, np.integer, str)) and not callable(target):
                     part_target = list(target)[start : start + count]
                 tree = capture_batch(part, part_target, start)
+                if start > 0 and "source" in tree.coords and not (path / "source").is_dir():
+                    tree = _without_source(tree)  # resuming a store written before vitlens recorded sources
                 size = int(tree["sample"].size)
                 marker = {**marker, "images": start + size}
                 write_batch(tree, path, first=(start == 0), batch_size=batch_size, marker=marker)

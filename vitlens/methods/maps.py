@@ -46,6 +46,8 @@ def token_map(
     da = xr.DataArray(values.detach().cpu().numpy().astype(dtype), dims=dims, coords=coords, name=method, attrs=attrs)
     if "target" in cv.tree:
         da = da.assign_coords(target=("sample", cv.tree["target"].values))
+    if "source" in cv.tree.coords:  # the image files the samples were read from
+        da = da.assign_coords(source=("sample", np.atleast_1d(cv.tree["source"].values)))
     return da
 
 

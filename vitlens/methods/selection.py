@@ -48,6 +48,8 @@ def explainable(cap: Any) -> Any:
                         if name not in SAMPLE_FREE})
         if key == ".":
             ds = ds.assign_coords(sample=value)
+            if "source" in ds.coords and ds["source"].ndim == 0:  # the selected image's file
+                ds = ds.assign_coords(source=("sample", [ds["source"].values.item()]))
         nodes["/" if key == "." else "/" + key] = ds
     return xr.DataTree.from_dict(nodes)
 

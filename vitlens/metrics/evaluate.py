@@ -206,8 +206,8 @@ class _Scores:
         self.deletion[m, its], self.insertion[m, its] = _deletion_insertion(curve_probs, clean, zero, explained)
 
     def dataset(self, names: list[str], items: _Items, n_images: int, npix: int, steps: int,
-                attrs: dict[str, Any]) -> xr.Dataset:
-        """The per-item Dataset :func:`evaluate_items` returns."""
+                attrs: dict[str, Any], sources: list[str] | None = None) -> xr.Dataset:
+        """The per-item Dataset :func:`evaluate_items` returns (``sources``: the dataset's, per image)."""
         fractions = np.arange(steps) / steps
         full = np.arange(steps + 1) / steps
         objects_in_image = np.bincount(items.sample, minlength=n_images)[items.sample]
@@ -241,6 +241,8 @@ class _Scores:
             },
             attrs=attrs,
         )
+        if sources is not None:  # the image file of each item
+            out = out.assign_coords(source=("item", np.asarray(sources, dtype=object)[items.sample]))
         out["reference"].attrs["description"] = ("class accuracy is measured against: the label, or the prediction "
                                                  "where unknown")
         out["explain_seconds"].attrs["description"] = "time spent in vl.explain for the predicted-class maps of all images"
@@ -265,7 +267,8 @@ def evaluate_items(
 
     Same parameters as :func:`evaluate`. Returns a Dataset over ``method`` and
     ``item`` (coords ``sample``, ``object``, ``label``, ``predicted``,
-    ``objects_in_image``) holding the segmentation counts, the hit arrays of the
+    ``objects_in_image``; ``source``, the image file, when the dataset has
+    one) holding the segmentation counts, the hit arrays of the
     four perturbation runs over ``removed``, the deletion / insertion probability
     curves, and the timings.
 
@@ -289,6 +292,9 @@ def evaluate_items(
     device = model_device(model, device)
 
     images, masks, labels = _dataset_arrays(dataset, n)
+    from ..capture.images import sample_sources
+
+    sources = sample_sources(dataset["image"].isel(sample=slice(0, len(images))))
     size = tuple(int(s) for s in adapter.input_size)
     resized = images.shape[1:3] != size
     images, masks = _fit(images, masks, size)
@@ -318,7 +324,7 @@ def evaluate_items(
         "mean": list(mean),
         "std": list(std),
         "options": repr(opts),
-    })
+    }, sources=sources)
 
 
 def _evaluate_batch(model: nn.Module, chunk: np.ndarray, s0: int, items: _Items, names: list[str],

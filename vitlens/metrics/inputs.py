@@ -104,6 +104,21 @@ def label_array(labels: Any, n: int, what: str = "labels") -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def with_sources(ds: xr.Dataset, maps: xr.DataArray, dim: str = "sample") -> xr.Dataset:
+    """``ds`` (one row per map sample along ``dim``) with the maps' ``source``: the image files they explain.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> maps = xr.DataArray(np.zeros((1, 2, 2)), dims=("sample", "y", "x"), coords={"source": ("sample", ["a.png"])})
+    >>> with_sources(xr.Dataset({"ap": ("sample", [0.5])}), maps).source.values.tolist()
+    ['a.png']
+    """
+    if "source" not in maps.coords or dim not in ds.dims:
+        return ds
+    return ds.assign_coords(source=(dim, np.atleast_1d(maps["source"].values)))
+
+
 def per_method(maps: xr.DataArray | xr.Dataset, score: Callable[[xr.DataArray], xr.Dataset], what: str = "maps") -> xr.Dataset:
     """Apply ``score`` to one map DataArray, or to each variable of a Dataset (→ ``method`` dim)."""
     arrays = map_arrays(maps, what)

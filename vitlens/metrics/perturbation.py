@@ -32,7 +32,8 @@ import xarray as xr
 from torch import nn
 
 from ..errors import OptionError
-from .inputs import Pictures, label_array, model_device, per_method, pictures_for, pixel_maps, progress_bar
+from .inputs import (Pictures, label_array, model_device, per_method, pictures_for, pixel_maps, progress_bar,
+                     with_sources)
 
 __all__ = ["perturbation", "deletion", "insertion", "ranking", "removal_probabilities", "area"]
 
@@ -244,7 +245,7 @@ def perturbation(
         top1 = probs.argmax(-1)
         reference = np.where(truth >= 0, truth, top1[:, 0])
         correct = top1 == reference[:, None]
-        return accuracy_dataset(correct, fractions, mode, labelled=int((truth >= 0).sum()))
+        return with_sources(accuracy_dataset(correct, fractions, mode, labelled=int((truth >= 0).sum())), da)
 
     return per_method(maps, score)
 
@@ -319,7 +320,7 @@ def _probability_curve(
         clean = probs[:, -1 if kind == "insertion" else 0].argmax(-1)
         classes = _explained(da, target, n, clean)
         curves = np.take_along_axis(probs, classes[:, None, None], 2)[..., 0]
-        return probability_dataset(curves, fractions, kind)
+        return with_sources(probability_dataset(curves, fractions, kind), da)
 
     return per_method(maps, score)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from .inputs import mask_array, per_method, pixel_maps
+from .inputs import mask_array, per_method, pixel_maps, with_sources
 
 __all__ = ["segmentation", "segmentation_counts", "segmentation_scores", "average_precision"]
 
@@ -141,7 +141,7 @@ def segmentation_counts(maps: xr.DataArray | xr.Dataset, masks: xr.DataArray | n
         ds = counts_dataset(values, gt)
         if "sample" in da.coords:
             ds = ds.assign_coords(sample=da["sample"].values)
-        return ds
+        return with_sources(ds, da)
 
     return per_method(maps, score)
 

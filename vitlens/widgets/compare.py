@@ -12,7 +12,7 @@ import xarray as xr
 from ..errors import VitlensError
 from . import captions
 from .base import CaptureView, ClassChoice
-from .controls import layer_slider, opacity_slider, probe, probe_text, sample_dropdown
+from .controls import layer_slider, opacity_slider, probe, probe_text, sample_dropdown, sample_options
 from .figure import as_widget, live_title, overlay_figure
 from .panels import PanelMaps, layer_dependent, method_maps, method_names, normalized
 from .text import html_text, join, markup
@@ -56,7 +56,7 @@ class Compare(CaptureView):
     >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
     >>> cap = vl.capture(model, np.random.default_rng(0).random((1, 32, 32, 3)))
     >>> cmp = Compare(cap)
-    >>> sorted(cmp.panel_maps()) == sorted(vl.METHODS)
+    >>> sorted(cmp.panel_maps()) == sorted(vl.methods.explainable_methods(cap))  # AttnLRP, LeGrad: with their passes
     True
     """
 
@@ -91,7 +91,7 @@ class Compare(CaptureView):
             self._method(cap, "capture", method)
 
         self.layer_slider = layer_slider(info, layer)
-        self.sample_select = sample_dropdown(list(range(self.num_samples)), sample)
+        self.sample_select = sample_dropdown(sample_options(self.cap), sample)
         self.opacity_slider = opacity_slider(opacity)
         for control, trait in ((self.layer_slider, "layer"), (self.sample_select, "sample"),
                                (self.opacity_slider, "opacity")):

@@ -141,6 +141,31 @@ def layer_slider(layout: CaptureLayout, value: int) -> widgets.IntSlider:
     return slider
 
 
+def sample_options(cap: xr.DataTree, extra: list[str] | None = None) -> list[tuple[str, int]]:
+    """The "Sample" selector's choices: ``"3"``, or ``"3: cat.jpg"`` for an image read from a file
+    (its ``source``), and ``extra[i]`` if given (``"3: cat.jpg · tabby"``, the predicted class).
+
+    A dropdown shows its labels as text, never as HTML, so a file name is shown as written.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> cap = xr.DataTree(xr.Dataset(coords={"sample": [0, 1], "source": ("sample", ["dir/a.png", ""])}))
+    >>> sample_options(cap)
+    [('0: a.png', 0), ('1', 1)]
+    """
+    from ..capture.images import sample_sources
+    from ..figures import file_label
+
+    n = int(cap["sample"].size)
+    sources = sample_sources(cap) or [""] * n
+    options = []
+    for i in range(n):
+        parts = [*([file_label(sources[i], 40)] if sources[i] else []), *([extra[i]] if extra else [])]
+        options.append((f"{i}: {' · '.join(parts)}" if parts else str(i), i))
+    return options
+
+
 def sample_dropdown(options: list, value: int, width: str = "160px") -> widgets.Dropdown:
     """The "Sample" selector, hidden when the capture holds one image."""
     dropdown = widgets.Dropdown(options=options, value=value, description="Sample",

@@ -18,7 +18,8 @@ from ..errors import OptionError, VitlensError
 from ..methods import extra_groups
 from . import captions
 from .base import AttentionView, ClassChoice
-from .controls import HeadToggles, layer_slider, opacity_slider, probe, probe_text, sample_dropdown, top_classes
+from .controls import (HeadToggles, layer_slider, opacity_slider, probe, probe_text, sample_dropdown, sample_options,
+                       top_classes)
 from .figure import as_widget, grid_height, live_title, overlay_figure
 from .layout import Query, initial_query, parse_heads, patch_at, patch_outline, window_edges, window_ids
 from .panels import (
@@ -553,7 +554,7 @@ class Explorer(AttentionView):
     def _sample_options(self) -> list[tuple[str, int]]:
         names = self.class_names
         pred = np.asarray(self.cap["logits"].values).argmax(-1)
-        return [(f"{i}: {names[int(p)]}", i) for i, p in enumerate(pred)]
+        return sample_options(self.cap, [str(names[int(p)]) for p in pred])
 
     def _default_contrast(self, sample: int) -> int:
         """The most probable class other than the explained one."""

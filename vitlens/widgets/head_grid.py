@@ -14,7 +14,7 @@ import xarray as xr
 from ..errors import OptionError
 from . import captions
 from .base import AttentionView
-from .controls import layer_slider, opacity_slider, probe, probe_text, sample_dropdown
+from .controls import layer_slider, opacity_slider, probe, probe_text, sample_dropdown, sample_options
 from .figure import as_widget, image_uri, overlay_figure, zsmooth
 from .layout import Query, initial_query, parse_heads, patch_outline
 from .panels import head_attention, normalized
@@ -109,7 +109,7 @@ class HeadGrid(AttentionView):
         self._stage: int | None = None
 
         self.layer_slider = layer_slider(info, layer)
-        self.sample_select = sample_dropdown(list(range(self.num_samples)), sample)
+        self.sample_select = sample_dropdown(sample_options(self.cap), sample)
         self.opacity_slider = opacity_slider(opacity)
         for control, trait in ((self.layer_slider, "layer"), (self.sample_select, "sample"),
                                (self.opacity_slider, "opacity")):

@@ -12,7 +12,7 @@ import xarray as xr
 
 from . import captions
 from .base import AttentionView
-from .controls import opacity_slider, probe, probe_text, sample_dropdown
+from .controls import opacity_slider, probe, probe_text, sample_dropdown, sample_options
 from .figure import COLORSCALE, as_widget, image_uri, with_gaps
 from .layout import Query, initial_query
 from .panels import head_attention, normalized, pooled
@@ -84,7 +84,7 @@ class ModelView(AttentionView):
         self.cells = (gh // self.factor, gw // self.factor)
         self.num_heads = max(s.num_heads for s in info.stages)
         self.tile_px = max(1, round(tile / self.cells[0]))  # image pixels per cell in the mosaic
-        self.sample_select = sample_dropdown(list(range(self.num_samples)), sample)
+        self.sample_select = sample_dropdown(sample_options(self.cap), sample)
         self.opacity_slider = opacity_slider(opacity)
         self._link_control(self.sample_select, "sample")
         self._link_control(self.opacity_slider, "opacity")

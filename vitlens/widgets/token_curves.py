@@ -15,7 +15,7 @@ from plotly.subplots import make_subplots
 from ..errors import VitlensError
 from . import captions
 from .base import CaptureView
-from .controls import probe, probe_text, sample_dropdown
+from .controls import probe, probe_text, sample_dropdown, sample_options
 from .figure import as_widget
 from .layout import Query, checked_query, initial_query
 from .panels import CURVES, token_curves
@@ -84,7 +84,7 @@ class TokenCurves(CaptureView):
         layer = self._init_capture(cap, layer, sample)
         self.layer, self.sample = layer, sample
         self.query = initial_query(self.layout_info, query)
-        self.sample_select = sample_dropdown(list(range(self.num_samples)), sample)
+        self.sample_select = sample_dropdown(sample_options(self.cap), sample)
         self._link_control(self.sample_select, "sample")
         self.caption = html_text(css="vitlens-captions")
         self.probe = probe("vitlens-probe")

@@ -23,11 +23,12 @@ from typing import Any
 
 import math
 
+import numpy as np
 import torch
 from timm.layers import PatchEmbed
 from torch import nn
 
-from vitlens.errors import ModelLoadError
+from vitlens.errors import ModelLoadError, OptionError
 
 __all__ = [
     "ZOO_DIR",
@@ -35,6 +36,8 @@ __all__ = [
     "ConvStemPatchEmbed",
     "available",
     "Catalog",
+    "wilson_interval",
+    "unseen_accuracy",
     "load_shipped",
     "build_from_config",
     "data_config",
@@ -136,6 +139,82 @@ def available(directory: str | Path | None = None) -> dict[str, dict[str, Any]]:
     return found
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``correct / n`` (95 % for the default ``z``).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or ``n``
+    correct, which is where an accuracy near 100 % sits.
+
+    Parameters
+    ----------
+    correct : int
+        Successes (images classified correctly).
+    n : int
+        Trials (images), at least 1.
+    z : float, default 1.96
+        The normal quantile of the two-sided level (1.96: 95 %).
+
+    Returns
+    -------
+    tuple of float
+        ``(low, high)``.
+
+    Examples
+    --------
+    >>> from vitlens.zoo import wilson_interval
+    >>> low, high = wilson_interval(951, 1000)
+    >>> round(low, 4), round(high, 4)
+    (0.9358, 0.9627)
+    """
+    if not (isinstance(n, (int, np.integer)) and n >= 1 and 0 <= correct <= n):
+        raise OptionError(f"wilson_interval({correct!r}, {n!r}): give 0 <= correct <= n and n >= 1 (counts of images).")
+    p, z2 = correct / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def unseen_accuracy(config: dict[str, Any]) -> dict[str, Any] | None:
+    """A zoo model's one-object accuracy on the unseen seeds its json records, with a 95 % Wilson interval.
+
+    The json stores counts (``scores["one_object_unseen"]``: ``seeds``, ``images_per_seed``,
+    ``correct`` per seed, made by :func:`vitlens.zoo.train.unseen_one_object`); the accuracy
+    and interval are computed from them here, never stored as text.
+
+    Parameters
+    ----------
+    config : dict
+        A zoo json (see :func:`available`).
+
+    Returns
+    -------
+    dict or None
+        ``correct``, ``n``, ``accuracy``, ``low``, ``high`` (all seeds pooled) and ``seeds``;
+        None for a json without the record.
+
+    Examples
+    --------
+    >>> from vitlens.zoo import available, unseen_accuracy
+    >>> acc = unseen_accuracy(available()["swin-shapes"])
+    >>> acc["n"], acc["low"] < acc["accuracy"] < acc["high"]
+    (2000, True)
+    """
+    record = config.get("scores", {}).get("one_object_unseen")
+    if not record:
+        return None
+    correct, n = int(sum(record["correct"])), int(record["images_per_seed"]) * len(record["correct"])
+    low, high = wilson_interval(correct, n)
+    return {"correct": correct, "n": n, "accuracy": correct / n, "low": low, "high": high,
+            "seeds": [int(s) for s in record["seeds"]]}
+
+
+def _interval_text(config: dict[str, Any]) -> str:
+    acc = unseen_accuracy(config)
+    if acc is None:
+        return "–"
+    return f"{100 * acc['accuracy']:.1f} % [{100 * acc['low']:.1f}, {100 * acc['high']:.1f}]"
+
+
 class Catalog(dict):
     """Shipped models ``{name: config}`` that show themselves as a table of names and scores.
 
@@ -153,20 +232,20 @@ class Catalog(dict):
     def rows(self) -> list[list[str]]:
         """The table: a header row, then one row per model."""
         out = [["model", "family", "input", "classes", "one-object top-1", "two-object: both in top 2",
-                "held-out images"]]
+                "held-out images", "one-object, 2 unseen seeds [95 % CI]"]]
         for name, cfg in self.items():
             scores = cfg.get("scores", {})
             size = cfg.get("input_size", [0, 0, 0])
             pct = lambda v: f"{100 * v:.1f} %" if isinstance(v, (int, float)) else "–"  # noqa: E731
             out.append([name, str(cfg.get("family", "")), f"{size[-2]}×{size[-1]}", str(len(cfg.get("class_names", []))),
                         pct(scores.get("one_object_top1")), pct(scores.get("two_object_both_in_top2")),
-                        f"{scores.get('n_per_set', '–')} + {scores.get('n_per_set', '–')}"])
+                        f"{scores.get('n_per_set', '–')} + {scores.get('n_per_set', '–')}", _interval_text(cfg)])
         return out
 
     def __repr__(self) -> str:
         rows = self.rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        numeric = {3, 4, 5}
+        numeric = {3, 4, 5, 7}
         text = "\n".join("  ".join(c.rjust(w) if i in numeric and k else c.ljust(w)
                                    for i, (c, w) in enumerate(zip(r, widths))).rstrip()
                           for k, r in enumerate(rows))
