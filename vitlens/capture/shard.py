@@ -230,7 +230,9 @@ def _write_layout(tree: xr.DataTree, path: Path, count: int, batch_size: int) ->
                     chunks = tuple(along if d == "sample" else s for d, s in zip(var.dims, var.shape))
                     shape = tuple(count if d == "sample" else s for d, s in zip(var.dims, var.shape))
                     encoding[str(name)]["chunks"] = chunks
-                    var = xr.Variable(var.dims, da.zeros(shape, dtype=var.dtype, chunks=chunks), var.attrs)
+                    # (strings, such as each image's source, lay out as strings: xarray encodes by the values)
+                    empty = "" if var.dtype == object else 0
+                    var = xr.Variable(var.dims, da.full(shape, empty, dtype=var.dtype, chunks=chunks), var.attrs)
                 variables[name] = var
             full = xr.Dataset({n: v for n, v in variables.items() if n not in ds.coords},
                               coords={n: v for n, v in variables.items() if n in ds.coords}, attrs=ds.attrs)
@@ -377,11 +379,11 @@ def _batch_images(source: Any, start: int, stop: int) -> Any:
 
 
 def _job(model: Any, options: dict[str, Any], target: Any) -> _Job:
-    import cloudpickle
+    from distributed.protocol.pickle import dumps  # how dask will send them
 
     scalar = target if _batch_targets(target, 0, 0) is target else None
     try:
-        blob = cloudpickle.dumps((model, options, scalar))
+        blob = dumps((model, options, scalar))
     except Exception as exc:  # noqa: BLE001 - whatever pickling raises, say what to change
         raise OptionError(
             f"client=: the model ({model!r}) and the capture options must be picklable to reach the workers; "
