@@ -129,6 +129,10 @@ def test_a_live_module_with_a_client_is_refused_saying_what_to_pass(tmp_path, vi
     assert shard.sharding_client(False, "vit-shapes", tmp_path / "r.zarr") is None
     client = _NotAClient()
     assert shard.sharding_client(client, "vit-shapes", tmp_path / "r.zarr") is client
+    import threading
+
+    with pytest.raises(vl.OptionError, match="picklable"):  # what cannot reach the workers is named here
+        shard._job(lambda: threading.Lock(), {"reference": threading.Lock()}, None)
 
 
 def test_a_source_of_unknown_length_is_refused(tmp_path):
