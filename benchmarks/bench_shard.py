@@ -128,7 +128,8 @@ def main() -> None:
                    "`python benchmarks/bench_shard.py` (spliced in by `--results`): images/s of "
                    "`vl.capture(..., store=...)` in one process and with `client=` on a LocalCluster; dask's "
                    "workers run torch with one thread each. Measured on a machine shared with other work: the "
-                   "ratios within the run are what carries over.", "", "```", *lines[:2], "```", "", *lines[3:],
+                   "ratios within the run are what carries over; where the cores are busy, a second worker "
+                   "process has no core to run on.", "", "```", *lines[:2], "```", "", *lines[3:],
                    "", END]
         splice(Path(__file__).parent / "RESULTS.md", section, START, END)
         print("spliced into benchmarks/RESULTS.md")
