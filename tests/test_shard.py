@@ -207,8 +207,6 @@ def _arm(step: int, log: str) -> int:
 def test_a_worker_killed_mid_batch_loses_nothing_committed(tmp_path):
     """Once the store is laid out, one worker exits (as SIGKILL would) half-way through writing a batch:
     dask captures that batch again elsewhere, and the store is the one-process store all the same."""
-    import threading
-
     from dask.distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster:
@@ -217,6 +215,8 @@ def test_a_worker_killed_mid_batch_loses_nothing_committed(tmp_path):
 
 
 def _kill_a_worker(tmp_path, client):
+    import threading
+
 
     imgs = random_images(16, 32, seed=5)
     one = tmp_path / "one.zarr"
