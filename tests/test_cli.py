@@ -167,3 +167,15 @@ def test_bench_on_a_missing_gpu_is_a_clear_error_before_any_work(monkeypatch, ca
     assert main(["bench", "--device", "cuda", "--n", "4"]) == 2
     err = capsys.readouterr().err
     assert "--device cuda is not available here" in err and "--device cpu" in err
+
+
+def test_explain_names_a_wrong_method_with_a_hint_and_records_the_pass_a_named_method_needs(tmp_path, capsys):
+    path = _image(tmp_path / "img.png", 3)
+    assert main(["explain", path, "--model", "vit-shapes", "--method", "rolout", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--method 'rolout'" in err and "Did you mean 'rollout'" in err
+    # LeGrad reads a pass of its own, made only when named: the command records it for that method
+    out = tmp_path / "legrad"
+    assert main(["explain", path, "--model", "vit-shapes", "--method", "legrad", "--out", str(out)]) == 0
+    assert (out / "img_legrad.png").exists()
+    assert float(vl.explain(vl.open(out / "capture.nc"), "legrad").std()) > 0

@@ -87,3 +87,13 @@ def test_demo_refuses_a_file_as_its_output_folder(tmp_path, capsys):
     (tmp_path / "f").write_text("mine")
     assert main(["demo", "--out", str(tmp_path / "f")]) == 2
     assert "is a file" in capsys.readouterr().err and (tmp_path / "f").read_text() == "mine"
+
+
+def test_demo_table_says_which_baselines_are_expected_to_be_weak_and_why():
+    import vitlens as vl
+    from vitlens.demo import weak_baselines
+
+    lines = weak_baselines(list(vl.METHODS))
+    assert [line.split(":")[0] for line in lines] == ["attention", "rollout", "gradcam"]
+    assert all("expected to be weak: " in line and len(line.split("expected to be weak: ")[1]) > 40 for line in lines)
+    assert "two-object" in lines[0] and "single-layer" in lines[2]

@@ -33,6 +33,7 @@ def items(shapes_vit, mixed):
     return evaluate_items(shapes_vit, mixed, ["rollout", "transformer_attribution"], batch_size=1, progress=False)
 
 
+@pytest.mark.slow  # every perturbation pass of a six-image table
 def test_every_labelled_object_is_one_item_with_its_own_class(items, mixed):
     labelled = np.argwhere(mixed.label.values >= 0)
     assert items.sizes["item"] == len(labelled)
@@ -41,6 +42,7 @@ def test_every_labelled_object_is_one_item_with_its_own_class(items, mixed):
     assert set(np.unique(items.objects_in_image)) <= {1, 2}
 
 
+@pytest.mark.slow  # every perturbation pass of a six-image table
 def test_evaluate_items_agrees_with_the_public_metrics_on_the_same_maps(items, shapes_vit, mixed):
     # The table shares captures and forward passes between items and runs; recompute each
     # item independently with the public functions and compare.
@@ -67,6 +69,7 @@ def test_evaluate_items_agrees_with_the_public_metrics_on_the_same_maps(items, s
                                    .sample_probability.values, atol=1e-5)
 
 
+@pytest.mark.slow  # every perturbation pass of a six-image table
 def test_evaluate_returns_one_row_per_method(shapes_vit, mixed):
     table = evaluate(shapes_vit, mixed, methods="all", progress=False)
     assert list(table.method.values) == list(vl.METHODS)

@@ -74,3 +74,39 @@ def test_swin_window_tables_survive_a_scalar_selection():
     assert {f.split(":")[1] for f in free} == set(SAMPLE_FREE)  # the one list of model-only variables
     got = vl.explain(cap.sel(sample=0), "transformer_attribution")
     np.testing.assert_allclose(got.values[0], vl.explain(cap, "transformer_attribution").values[0], rtol=1e-6)
+
+
+# -- a capture without gradients, and lists of methods (#32.6) --------------------------------------
+@pytest.fixture(scope="module")
+def no_grads(model):
+    return vl.capture(model, vl.datasets.shapes(2, seed=4).image, grads=False)
+
+
+def test_a_gradient_method_without_gradients_names_grads_true(no_grads):
+    for method in ("generic_attention", "transformer_attribution", "gradcam"):
+        with pytest.raises(vl.CaptureFormatError, match=r"grads=False.*grads=True") as err:
+            vl.explain(no_grads, method)
+        assert "keep=" not in str(err.value), str(err.value)  # keep was 'all' already: not the fix
+
+
+def test_all_on_a_capture_without_gradients_gives_the_class_agnostic_methods(no_grads):
+    with pytest.warns(UserWarning, match=r"left out .*tokentm.*grads=True"):
+        maps = vl.explain(no_grads, "all")
+    agnostic = [m for m in vl.METHODS if not vl.methods.METHOD_INFO[m].class_specific]
+    assert list(maps.data_vars) == agnostic == ["attention", "rollout"]
+    # the methods whose pass is made only when named in keep= (AttnLRP, LeGrad) are not asked for by 'all'
+    assert maps.attrs["left_out"] == [m for m in vl.METHODS if m not in agnostic and not vl.methods.groups_of(m)]
+    for m in agnostic:
+        np.testing.assert_array_equal(maps[m].values, vl.explain(no_grads, m).values)
+
+
+def test_a_list_of_methods_gives_a_dataset_like_all(cap):
+    maps = vl.explain(cap, ["rollout", "tokentm"], heads=[0, 1])
+    assert list(maps.data_vars) == ["rollout", "tokentm"] and "left_out" not in maps.attrs
+    for m in ("rollout", "tokentm"):
+        np.testing.assert_array_equal(maps[m].values, vl.explain(cap, m, heads=[0, 1]).values)
+    every, two = vl.explain(cap, "all"), vl.explain(cap, ["tokentm", "rollout"])
+    for m in ("rollout", "tokentm"):
+        np.testing.assert_array_equal(two[m].values, every[m].values)
+    with pytest.raises(vl.OptionError, match="Did you mean 'rollout'"):
+        vl.explain(cap, ["rolout", "tokentm"])

@@ -165,7 +165,8 @@ def test_glu_product_rule_on_a_hand_computed_case():
 
 
 @pytest.mark.parametrize("name,stride", [
-    ("vit_tiny_r_s16_p8_224", 32), ("vit_small_resnet26d_224", 32), ("vit_base_mci_224", 16)])
+    ("vit_tiny_r_s16_p8_224", 32), pytest.param("vit_small_resnet26d_224", 32, marks=pytest.mark.slow),
+    ("vit_base_mci_224", 16)])
 def test_hybrid_token_centres_sit_on_their_receptive_fields(name, stride):
     """Hybrid stems: one token per 32 (or 16) pixels, not per patch of the CNN's feature map."""
     torch.manual_seed(0)

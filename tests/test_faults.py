@@ -132,10 +132,16 @@ def _ci_points(trace: list[str]) -> dict[str, int]:
     }
 
 
-@pytest.mark.parametrize("point", [
-    "creating the store", "first batch, mid /stage0", "second batch, /stage0 done, root not begun",
-    "second batch, mid root write", "second batch, consolidating", "second batch, marker written not renamed",
-    "second batch, marker renamed", "last batch, mid root write", "completion marker",
+@pytest.mark.parametrize("point", [  # two points in the fast lane, every point in CI (-m slow too)
+    pytest.param('creating the store', marks=pytest.mark.slow),
+    pytest.param('first batch, mid /stage0', marks=pytest.mark.slow),
+    pytest.param('second batch, /stage0 done, root not begun', marks=pytest.mark.slow),
+    'second batch, mid root write',
+    pytest.param('second batch, consolidating', marks=pytest.mark.slow),
+    'second batch, marker written not renamed',
+    pytest.param('second batch, marker renamed', marks=pytest.mark.slow),
+    pytest.param('last batch, mid root write', marks=pytest.mark.slow),
+    pytest.param('completion marker', marks=pytest.mark.slow),
 ])
 def test_a_kill_at_a_write_step_loses_nothing_and_resumes(point, trace, reference, tmp_path):
     step = _ci_points(trace)[point]
@@ -171,7 +177,7 @@ def test_random_time_sigkills_lose_nothing(seed, reference, tmp_path):
     check_after_kill(store, reference)
 
 
-@pytest.mark.parametrize("resume_step", [1, 3, 20])
+@pytest.mark.parametrize("resume_step", [pytest.param(1, marks=pytest.mark.slow), 3, pytest.param(20, marks=pytest.mark.slow)])
 def test_a_kill_during_the_resume_itself_loses_nothing(resume_step, trace, reference, tmp_path):
     """The resume trims, re-consolidates and appends: killing it there too changes nothing committed."""
     store = tmp_path / "run.zarr"

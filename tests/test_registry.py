@@ -52,7 +52,10 @@ def test_defaults_follow_family_and_readout(avg_cap, cls_cap):
     assert gc.defaults_for(avg_cap) == {"on": "features"}
     assert gc.defaults_for(avg_cap.attrs) == {"on": "features"}
     assert gc.defaults_for(capture_layout(avg_cap)) == {"on": "features"}
-    assert gc.defaults_for({"family": "swin", "readout": "avg"}) == {"on": "features"}
+    # a family's entry is the most specific: Swin v1 takes heads as channels (docs/METHODS.md §3)
+    assert gc.defaults_for({"family": "swin", "readout": "avg"}) == {"on": "attention"}
+    assert gc.defaults_for({"family": "hf_swin", "readout": "avg"}) == {"on": "attention"}
+    assert gc.defaults_for({"family": "swinv2", "readout": "avg"}) == {"on": "features"}
     # other read-outs that read every token out (attention pool, mean with prefix) follow "avg"
     assert gc.defaults_for({"family": "vit", "readout": "map"}) == {"on": "features"}
     assert METHOD_INFO["transformer_attribution"].defaults_for({"readout": "avg_with_prefix"}) == {"identity_path": "drop"}
@@ -115,5 +118,44 @@ def test_registration_refuses_clashes_and_bad_defaults():
 
 def test_swin_gradcam_default_from_registry():
     cap = vl.capture(make_swin(seed=1), random_images(1, 64))
-    assert METHOD_INFO["gradcam"].defaults_for(cap) == {"on": "features"}
-    assert vl.explain(cap, "gradcam").attrs["on"] == "features"
+    assert METHOD_INFO["gradcam"].defaults_for(cap) == {"on": "attention"}
+    assert vl.explain(cap, "gradcam").attrs["on"] == "attention"
+
+
+def test_every_name_check_is_the_registrys_one_message():
+    """One message for a name that is not registered, with a did-you-mean hint, wherever a name is given;
+    'all' is offered only where it is accepted (a list of methods, not one method)."""
+    from vitlens.registry import method_info, resolve_methods, resolve_stats, stat_info
+
+    with pytest.raises(vl.OptionError, match=r"unknown method 'rolout'; choose from \[.*\] or 'all'\. Did you mean"):
+        resolve_methods(["rolout"])
+    with pytest.raises(vl.OptionError, match=r"unknown method 'rolout'; choose from \[.*'legrad'\]\. Did you mean") as err:
+        method_info("rolout")
+    assert "'all'" not in str(err.value)
+    with pytest.raises(vl.OptionError, match=r"unknown head statistic 'attention_entropi'; choose from \[[^]]*\]\. Did"):
+        stat_info("attention_entropi")
+    with pytest.raises(vl.OptionError, match=r"or 'all'\. Did you mean 'attention_entropy'"):
+        resolve_stats("attention_entropi")
+    for call in (lambda: vl.explain(None, "rolout"), lambda: vl.figures.layers(None, "rolout")):
+        with pytest.raises(vl.OptionError, match="Did you mean 'rollout'"):
+            call()
+
+
+@pytest.mark.parametrize("method", list(METHOD_INFO))
+def test_every_choice_option_is_checked_against_the_one_options_table(cls_cap, method):
+    """Generated from the registry: each option a method annotates with a ``Literal`` is the options
+    table's entry, and a value outside it is refused with the table's one message."""
+    import typing
+
+    from vitlens.methods.options import CHOICES
+
+    hints = typing.get_type_hints(METHOD_INFO[method].function)
+    for name, hint in hints.items():
+        literal = [a for a in typing.get_args(hint) if typing.get_origin(a) is typing.Literal]
+        if typing.get_origin(hint) is typing.Literal:
+            literal = [hint]
+        if not literal:
+            continue
+        assert name in CHOICES and CHOICES[name] == typing.get_args(literal[0]), (method, name)
+        with pytest.raises(vl.OptionError, match=rf"^(?:{method} )?{name}='nope'; choose from \[.*\]\.$"):
+            vl.explain(cls_cap, method, **{name: "nope"})

@@ -49,6 +49,7 @@ def _without_source(tree: xr.DataTree) -> xr.DataTree:
     return out
 
 
+@pytest.mark.slow  # three streams
 def test_streaming_from_a_folder_a_dataset_and_a_dataloader(tmp_path, vit):
     from PIL import Image
 

@@ -243,7 +243,7 @@ def test_gradcam_features_map_is_the_last_grid_upsampled_and_cropped(model):
     cam = np.maximum((g.mean(1, keepdims=True) * f).sum(-1), 0).reshape(5, 1, 4, 4)
     assert cam.max() > 0
     up = F.interpolate(torch.from_numpy(cam), size=(16, 16), mode="bilinear", align_corners=False)[:, 0, :14, :14]
-    np.testing.assert_allclose(vl.explain(cap, "gradcam").values, up.numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(vl.explain(cap, "gradcam", on="features").values, up.numpy(), rtol=1e-5, atol=1e-8)
 
 
 def test_bright_square_lands_on_its_token_and_pixels(model):

@@ -184,6 +184,7 @@ def test_bad_options_are_refused():
         evaluate_shipped(load_shipped("vit-shapes"), n=0)
 
 
+@pytest.mark.slow  # trains
 def test_grown_blocks_start_as_the_identity(tmp_path):
     """--init from a shallower Swin: new blocks get zero output projections, so the
     deeper model computes exactly what the trained one did before training on."""
@@ -210,6 +211,7 @@ def test_grown_blocks_start_as_the_identity(tmp_path):
               init_from=tmp_path / "small" / "swin-shapes.safetensors", **kw)
 
 
+@pytest.mark.slow  # trains with a teacher
 def test_distillation_from_a_shipped_teacher(tmp_path):
     """The second-stage recipe of swin-shapes: KD from vit-shapes (+ the stem hint)."""
     kw = dict(steps=2, batch_size=4, chunk_size=8, val_every=5, val_n=4, eval_n=4, progress=False)

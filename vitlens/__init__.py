@@ -1,6 +1,7 @@
 """vitlens — open Vision Transformers up inside Jupyter.
 
-Capture a timm ViT, DeiT or Swin model's internals into labeled xarray data,
+Capture a vision transformer's internals into labeled xarray data (timm ViT, DeiT,
+EVA, BEiT, Swin v1-v2; transformers ViT, DeiT, DINOv2, BEiT, Swin, CLIP, SigLIP),
 compute explanation maps from that one capture, and explore them live.
 
 Examples

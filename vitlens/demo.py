@@ -32,6 +32,33 @@ DEMO_COLUMNS = ("pixel_accuracy", "miou", "mean_ap", "pointing", "positive_auc_l
                 "seconds_per_image")
 
 
+#: Why a baseline is expected to score low on these tables (printed under each table).
+WEAK = {
+    "class-agnostic": "the same map for every class (it never sees the class): on a two-object image it cannot "
+                      "point at the object asked for",
+    "gradcam": "one block's attention heads as channels, on that block's coarse grid: a single-layer baseline "
+               "(docs/METHODS.md §3 compares its forms on both shipped models)",
+}
+
+
+def weak_baselines(methods: Sequence[str]) -> list[str]:
+    """One line per method of ``methods`` that is expected to be weak here, saying why.
+
+    Examples
+    --------
+    >>> weak_baselines(["rollout", "tokentm"])
+    ['rollout: expected to be weak: the same map for every class (it never sees the class): on a two-object image it cannot point at the object asked for']
+    """
+    from .registry import METHOD_INFO
+
+    out = []
+    for m in methods:
+        why = WEAK.get(m) or (WEAK["class-agnostic"] if m in METHOD_INFO and not METHOD_INFO[m].class_specific else None)
+        if why:
+            out.append(f"{m}: expected to be weak: {why}")
+    return out
+
+
 def demo_samples(n_images: int = 4, seed: int = DEMO_SEED):
     """Images and targets: every labelled object of each image becomes one row."""
     import vitlens as vl
@@ -74,6 +101,7 @@ def _index_html(out: Path, written: Sequence[Path], tables: Sequence[tuple[str, 
     for name, table in tables:
         parts.append(f"<h2>{html.escape(name)}: metrics on {n_eval} generated images</h2>")
         parts.append(metrics_frame(table).to_html())
+        parts.extend(f"<p>{html.escape(line)}</p>" for line in weak_baselines(table["method"].values.tolist()))
         parts.append(f"<p>{html.escape(legend(EVAL_STEPS))}</p>")
     return _atomic_write(out / "index.html", lambda h: h.write("\n".join(parts).encode()))
 
@@ -127,6 +155,8 @@ def main(argv: Sequence[str] = ()) -> int:
     for name, table in tables:
         print(f"\n{name}: localisation and faithfulness on {args.eval} generated images")
         print(metrics_frame(table).to_string())
+        for line in weak_baselines(table["method"].values.tolist()):
+            print(f"  {line}")
     if tables:
         print(textwrap.fill(legend(EVAL_STEPS) + f" A quick look: {args.eval} held-out one-object images; "
                             "`vitlens bench` scores 500 by default.", 110))

@@ -105,7 +105,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--model", default="vit-shapes", help="shipped model or timm name (default: vit-shapes)")
     p.add_argument("--checkpoint", help="local weights file for a timm model name")
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs network or cache)")
-    p.add_argument("--method", default="all", help="one of the seven methods, or 'all' (default)")
+    p.add_argument("--method", default="all", help="a method (vl.METHODS), or 'all' (default)")
     p.add_argument("--target", help="class index or name to explain (default: each image's prediction)")
     p.add_argument("--out", default="vitlens-explain", help="output folder (default: ./vitlens-explain)")
     p.add_argument("--format", choices=("nc", "zarr"), default="nc", help="capture file format (default: nc)")
@@ -129,9 +129,12 @@ def main(argv: Sequence[str]) -> int:
     if not 0.0 <= args.alpha <= 1.0:  # also NaN
         raise OptionError(f"--alpha {args.alpha:g}: give an opacity between 0 and 1 (0: the picture alone, "
                           "1: the heat map alone).")
-    if args.method != "all" and args.method not in vl.METHODS:
-        raise OptionError(f"--method {args.method!r}: choose one of {', '.join(vl.METHODS)} or 'all'.")
-    methods = list(vl.METHODS) if args.method == "all" else [args.method]
+    try:
+        methods = vl.registry.resolve_methods(args.method)  # the one reader of method names (did-you-mean hint)
+    except OptionError as exc:
+        raise OptionError(f"--method {args.method!r}: {exc}") from None
+    if args.method == "all":  # as vl.explain(cap, "all"): not the methods whose passes are made only when named
+        methods = [m for m in methods if not vl.methods.groups_of(m)]
     paths = expand_inputs(args.images)
     stems = output_stems(paths)
     planned = [out / f"{s}_{kind}.png" for s in stems for kind in ("input", *methods)]
@@ -146,7 +149,7 @@ def main(argv: Sequence[str]) -> int:
     target = args.target
     if target is not None and target.lstrip("-").isdigit():
         target = int(target)
-    cap = vl.capture(model, [str(q) for q in paths], target=target)
+    cap = vl.capture(model, [str(q) for q in paths], target=target, keep=("all", *vl.methods.extra_groups(methods)))
     maps = {m: vl.normalize(vl.to_pixels(vl.explain(cap, m))) for m in methods}
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image

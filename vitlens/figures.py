@@ -36,7 +36,8 @@ import xarray as xr
 
 from .errors import ExportError, OptionError
 from .capture.images import sample_sources
-from .methods import METHOD_INFO, METHODS, explain, normalize, to_pixels
+from .methods import METHOD_INFO, METHODS, explain, minmax, normalize, to_pixels
+from .registry import method_info, resolve_methods
 from .methods import normalize as normalize_maps  # vl.plot's own argument is called normalize
 
 __all__ = ["render_panels", "grid", "layers", "head_atlas", "draw_head_atlas", "plot", "overlay", "colormap", "save"]
@@ -370,12 +371,10 @@ def _check_methods(methods: Sequence[str] | str | None, cap: xr.DataTree | None 
         from .methods import explainable_methods
 
         return list(METHODS) if cap is None else list(explainable_methods(cap))
-    if isinstance(methods, str):
-        methods = [methods]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise OptionError(f"methods {bad or '[]'} not known; choose from {list(METHODS)}.")
-    return list(methods)
+    names = resolve_methods(methods)  # the one reader of method names (did-you-mean hint)
+    if not names:
+        raise OptionError(f"methods is empty; choose from {list(METHODS)} or 'all'.")
+    return names
 
 
 def _token_maps(cap: xr.DataTree, methods: Sequence[str], options: dict[str, Any]) -> xr.Dataset:
@@ -506,7 +505,7 @@ def layers(
     -------
     matplotlib.figure.Figure
     """
-    if method not in METHODS or not METHOD_INFO[method].per_layer:
+    if not method_info(method).per_layer:
         raise OptionError(f"layers() needs a method with a per-layer form: {[m for m in METHODS if METHOD_INFO[m].per_layer]}.")
     n = int(cap["sample"].size)
     if not 0 <= sample < n:
@@ -845,9 +844,7 @@ def draw_head_atlas(table: xr.Dataset, stat: str, *, selected: Any = None, cmap:
                     continue
                 image, heat, text = panels[c]
                 image = np.clip(np.asarray(image, dtype=float), 0, 1)
-                heat = np.asarray(heat, dtype=float)
-                span = heat.max() - heat.min()
-                heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+                heat = minmax(np.asarray(heat, dtype=float))
                 ax.imshow(image, interpolation="nearest")
                 ax.imshow(_upsample(heat, image.shape[:2], False), cmap=_cmap(DEFAULT_CMAP), vmin=0, vmax=1,
                           alpha=0.6, interpolation="nearest")

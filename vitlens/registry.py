@@ -21,6 +21,8 @@ Examples
 ('Grad-CAM', True, False)
 >>> info.defaults_for({"family": "vit", "readout": "avg"})
 {'on': 'features'}
+>>> info.defaults_for({"family": "swin", "readout": "avg"})
+{'on': 'attention'}
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ from .errors import OptionError
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: How a ``defaults`` table is read, in this order (later keys win): ``"*"`` (every
-#: capture), the capture's family (``"vit"``, ``"swin"``, ...), then its read-out
-#: (``"cls"``, ``"avg"``, ...). A read-out other than ``"cls"`` with no entry of its
-#: own (``"avg_with_prefix"``, ``"map"``) takes the ``"avg"`` entry: every token is
-#: read out, as under average pooling.
-DEFAULT_KEYS = ("*", "vit", "swin", "cls", "avg")
+#: capture), the capture's read-out (``"cls"``, ``"avg"``, ...), then its family
+#: (``"vit"``, ``"swin"``, ...: the most specific). A read-out other than ``"cls"`` with
+#: no entry of its own (``"avg_with_prefix"``, ``"map"``) takes the ``"avg"`` entry:
+#: every token is read out, as under average pooling.
+DEFAULT_KEYS = ("*", "cls", "avg", "vit", "swin")
 
 #: The groups of raw tensors a capture can record and store (``vl.KEEP_GROUPS``): what the
 #: ``needs`` of methods and statistics name. A method or statistic that declares no ``needs``
@@ -107,14 +109,14 @@ class MethodInfo:
         Examples
         --------
         >>> import vitlens as vl
-        >>> vl.methods.METHOD_INFO["gradcam"].defaults_for({"family": "swin", "readout": "avg"})
-        {'on': 'features'}
+        >>> vl.methods.METHOD_INFO["transformer_attribution"].defaults_for({"family": "swin", "readout": "avg"})
+        {'identity_path': 'drop'}
         """
         family, readout = _family_readout(cap_or_attrs)
         if readout and readout != "cls" and readout not in self.defaults:
             readout = "avg"  # other non-CLS read-outs (avg_with_prefix, map) read out every token too
         out: dict[str, Any] = {}
-        for key in ("*", family, readout):
+        for key in ("*", readout, family):
             out.update(self.defaults.get(key, {}))
         return out
 
@@ -145,7 +147,7 @@ class MethodInfo:
         >>> info = vl.methods.METHOD_INFO["gradcam"]
         >>> sorted(info.groups({"family": "vit", "readout": "cls"}))
         ['attention', 'attention_grad']
-        >>> sorted(info.groups({"family": "swin", "readout": "avg"}))
+        >>> sorted(info.groups({"family": "swinv2", "readout": "avg"}))
         ['features']
         """
         return _groups(self.needs, self.resolve(cap_or_attrs, options))
@@ -265,12 +267,14 @@ def register_method(
     return decorate
 
 
-def _unknown(kind: str, name: Any, known: Mapping[str, Any]) -> OptionError:
+def _unknown(kind: str, name: Any, known: Mapping[str, Any], every: bool = True) -> OptionError:
+    """The one message for a name that is not registered (``every``: where ``'all'`` is accepted too)."""
     import difflib
 
     close = difflib.get_close_matches(str(name), list(known), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return OptionError(f"unknown {kind} {name!r}; choose from {list(known)} or 'all'.{hint}")
+    also = " or 'all'" if every else ""
+    return OptionError(f"unknown {kind} {name!r}; choose from {list(known)}{also}.{hint}")
 
 
 def _resolve(kind: str, spec: Any, known: Mapping[str, Any]) -> list[str]:
@@ -297,7 +301,7 @@ def _resolve(kind: str, spec: Any, known: Mapping[str, Any]) -> list[str]:
 def method_info(name: str) -> MethodInfo:
     """The registration of ``name``, or an OptionError listing the registered methods."""
     if not isinstance(name, str) or name not in METHOD_INFO:
-        raise _unknown("method", name, METHOD_INFO)
+        raise _unknown("method", name, METHOD_INFO, every=False)
     return METHOD_INFO[name]
 
 
@@ -376,7 +380,7 @@ def register_stat(name: str, *, title: str, unit: str, caption: str, needs_gradi
 def stat_info(name: str) -> StatInfo:
     """The registration of head statistic ``name``, or an OptionError listing them."""
     if not isinstance(name, str) or name not in STAT_INFO:
-        raise _unknown("head statistic", name, STAT_INFO)
+        raise _unknown("head statistic", name, STAT_INFO, every=False)
     return STAT_INFO[name]
 
 

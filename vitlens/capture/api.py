@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -19,6 +18,8 @@ from ..errors import ImageError, OptionError, TargetError
 from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
 from ..registry import CAPTURE_GROUPS
+from .attrs import json_text
+from .layout import NORM_VARIABLES
 from .hooks import Recorder
 from .images import image_sources, prepare
 from .validate import check_finite, check_model
@@ -59,16 +60,7 @@ EXTRA_GROUPS = ("head_output", "ablation_effect", "attnlrp", "attnlrp_cp", "legr
 #: the extra groups that need the target's gradients (dropped under ``grads=False``)
 _GRADIENT_EXTRAS = ("attnlrp", "attnlrp_cp", "legrad")
 
-_TOKEN_VARS = (
-    "token_norm",
-    "attn_value_norm",
-    "attn_value_cos",
-    "attn_out_norm",
-    "mlp_in_norm",
-    "mlp_out_norm",
-    "mlp_cos",
-    "block_out_norm",
-)
+_TOKEN_VARS = NORM_VARIABLES  # the "norms" group's variables (one list, beside the layout's KEPT_IN)
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -304,7 +296,8 @@ def capture(
     Parameters
     ----------
     model
-        A timm ViT / DeiT / Swin model (see :func:`vitlens.load_model`). For a
+        A model of a supported family: timm ViT/DeiT/EVA/BEiT/Swin v1-v2 or transformers
+        ViT/DeiT/DINOv2/BEiT/Swin/CLIP/SigLIP (see :func:`vitlens.load_model`). For a
         capture sharded over dask workers (``client=``): a name
         :func:`vitlens.load_model` accepts, or a picklable function of no
         arguments that builds the model (each worker builds it once).
@@ -549,12 +542,12 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
     check_finite(buffers.items())
     tree = _assemble(adapter, model, batch, buffers, names, plan, explained)
     if iv is not None and (iv.heads or iv.token_layer is not None):
-        tree.attrs["intervention"] = json.dumps(iv.describe(), sort_keys=True)
+        tree.attrs["intervention"] = json_text(iv.describe())
         for name, variables in stored_values(iv, adapter).items():  # what redoing it needs (mean ablation)
             node = tree[name].to_dataset(inherit=False)
             tree[name].dataset = node.assign_coords(ablated_layer=variables.pop("ablated_layer")).assign(variables)
     if "ablations" in plan.passes:  # how each head was ablated in turn
-        tree.attrs["ablation_effect"] = json.dumps({"ablation": iv.mode, **iv.source}, sort_keys=True)
+        tree.attrs["ablation_effect"] = json_text({"ablation": iv.mode, **iv.source})
     return tree
 
 
@@ -829,7 +822,7 @@ def _assemble(
             "mean": list(batch.mean),
             "std": list(batch.std),
             "vitlens_version": __version__,
-            "options": json.dumps(options, sort_keys=True),
+            "options": json_text(options),
             # vl.load_model marks random weights; figures of such a capture say "untrained"
             **({"weights": "random"} if getattr(model, "vitlens_weights", None) == "random" else {}),
             **({} if explained is None else {"target": describe(explained)}),

@@ -23,7 +23,6 @@ after an exception), so the model is left exactly as it was:
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -36,6 +35,8 @@ from torch import nn
 
 from ..errors import CaptureFormatError, OptionError
 from ..models.adapter import Adapter
+from .attrs import json_attr, json_text
+from .layout import stage_names
 
 Ablation = Literal["zero", "mean"]
 #: How ablated heads are replaced: by zeros, or by their mean output over a reference set.
@@ -96,7 +97,7 @@ class Intervention:
 
     def digest(self) -> str:
         """blake2b of the description and every value (for run fingerprints and caches)."""
-        h = hashlib.blake2b(json.dumps(self.describe(), sort_keys=True).encode(), digest_size=16)
+        h = hashlib.blake2b(json_text(self.describe()).encode(), digest_size=16)
         for l in sorted(self.values):
             h.update(self.values[l].detach().float().cpu().contiguous().numpy().tobytes())
         if self.token_values is not None:
@@ -588,7 +589,7 @@ def importance_of(cap: xr.DataTree) -> xr.Dataset:
     >>> importance_of(cap)["ablation_effect"].dims
     ('sample', 'layer', 'head')
     """
-    stages = sorted((c for c in cap.children if c.startswith("stage")), key=lambda c: int(c.removeprefix("stage")))
+    stages = stage_names(cap)
     nodes = [cap[s].to_dataset(inherit=False) for s in stages]
     if not nodes or any("ablation_effect" not in ds for ds in nodes):
         raise CaptureFormatError(
@@ -605,7 +606,7 @@ def importance_of(cap: xr.DataTree) -> xr.Dataset:
                                         "ablated (clean minus ablated)")
     out["probability_drop"].attrs.update(unit="probability", description="drop of the target's softmax "
                                          "probability when the head alone is ablated")
-    how = json.loads(cap.attrs.get("ablation_effect", "{}"))
+    how = json_attr(cap.attrs, "ablation_effect", {})
     out.attrs.update(model=str(cap.attrs.get("model", "")), **{k: str(v) for k, v in how.items()})
     return out
 
@@ -678,7 +679,7 @@ def intervention_of(cap: xr.DataTree, adapter: Adapter) -> Intervention | None:
     text = cap.attrs.get("intervention")
     if not text:
         return None
-    about = json.loads(text)
+    about = json_attr(cap.attrs, "intervention")
     heads = parse_heads(adapter, {int(l): h for l, h in about.get("heads", {}).items()})
     if about.get("kind") != "ablate":
         raise CaptureFormatError("this capture was patched from other images, which it does not store: run "

@@ -44,8 +44,8 @@ import numpy as np
 import xarray as xr
 
 from ..errors import CaptureFormatError, OptionError, StorageError
+from .attrs import decode_tree as decode_attrs, decoded as _decode, encode as _encode  # the one attrs codec
 
-_JSON_KEY = "_vitlens_json_attrs"
 #: Commit marker of a streaming store (``vl.capture(..., store=...)``); see ``stream.py``.
 MARKER = "vitlens_committed.json"
 _TMP_TAG = ".vitlens-tmp-"
@@ -61,46 +61,6 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_CHUNK_BYTES = 2 * 2**30
 
 
-def _plain(value: Any) -> bool:
-    return isinstance(value, str) or (
-        isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    )
-
-
-def _encode(attrs: dict[str, Any]) -> dict[str, Any]:
-    out, encoded = {}, []
-    for k, v in attrs.items():
-        if k == _JSON_KEY:
-            continue
-        if _plain(v):
-            out[k] = v
-        else:
-            out[k] = json.dumps(v.tolist() if isinstance(v, np.ndarray) else v)
-            encoded.append(k)
-    if encoded:
-        out[_JSON_KEY] = json.dumps(encoded)
-    return out
-
-
-def _decode(attrs: dict[str, Any], where: str = "") -> dict[str, Any]:
-    attrs = dict(attrs)
-    raw = attrs.pop(_JSON_KEY, "[]")
-    try:
-        encoded = json.loads(raw) if isinstance(raw, str) else list(raw)
-        if not isinstance(encoded, list) or not all(isinstance(k, str) for k in encoded):
-            raise ValueError(f"expected a JSON list of attribute names, got {raw!r}")
-        for k in encoded:
-            if k not in attrs:
-                raise KeyError(f"attribute {k!r} is listed as JSON-encoded but missing")
-            attrs[k] = json.loads(attrs[k])
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise CaptureFormatError(
-            f"damaged attributes{' of ' + where if where else ''}: {type(exc).__name__}: {str(exc)[:200]}. "
-            "The capture's metadata cannot be trusted; re-capture it or restore the file from a copy."
-        ) from exc
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
-
-
 def _map_attrs(tree: xr.DataTree, fn) -> xr.DataTree:
     nodes = {}
     for node in tree.subtree:
@@ -110,33 +70,6 @@ def _map_attrs(tree: xr.DataTree, fn) -> xr.DataTree:
             ds[name].attrs = fn(ds[name].attrs)
         nodes[node.path] = ds
     return xr.DataTree.from_dict(nodes)
-
-
-def decode_attrs(tree: xr.DataTree) -> xr.DataTree:
-    """The capture with its JSON-stored attributes decoded (a no-op on a decoded one).
-
-    :func:`open` does this already; it matters for a capture read with plain
-    xarray (``xr.open_datatree("cap.zarr", engine="zarr")``), whose list-valued
-    attributes (``grid``, ``input_size``, ``class_names``…) are still JSON text.
-
-    Examples
-    --------
-    >>> import xarray as xr
-    >>> tree = xr.DataTree(xr.Dataset(attrs={"grid": "[4, 4]", "_vitlens_json_attrs": '["grid"]'}))
-    >>> decode_attrs(tree).attrs["grid"]
-    [4, 4]
-    """
-    if not any(_JSON_KEY in node.attrs or any(_JSON_KEY in v.attrs for v in node.variables.values())
-               for node in tree.subtree):
-        return tree
-    nodes = {}
-    for node in tree.subtree:
-        ds = node.to_dataset(inherit=False)
-        ds.attrs = _decode(ds.attrs, node.path)
-        for name in ds.variables:
-            ds[name].attrs = _decode(ds[name].attrs, f"{node.path.rstrip('/')}/{name}")
-        nodes[node.path] = ds
-    return xr.DataTree.from_dict(nodes, name=tree.name)
 
 
 def for_disk(tree: xr.DataTree) -> xr.DataTree:
@@ -560,7 +493,7 @@ def save(cap: xr.DataTree, path: str | os.PathLike, *, overwrite: bool = False) 
     Examples
     --------
     >>> import numpy as np, timm, tempfile, os, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
     >>> cap = vl.capture(model, np.zeros((1, 32, 32, 3)))
     >>> path = vl.save(cap, os.path.join(tempfile.mkdtemp(), "cap.nc"))
     >>> bool(vl.open(path)["stage0"].attention.identical(cap["stage0"].attention))
@@ -1043,7 +976,7 @@ def open(path: str | os.PathLike, *, chunks: dict | str | None = None) -> xr.Dat
     Examples
     --------
     >>> import numpy as np, timm, tempfile, os, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
     >>> path = vl.save(vl.capture(model, np.zeros((2, 32, 32, 3))), os.path.join(tempfile.mkdtemp(), "c.zarr"))
     >>> vl.open(path, chunks={})["stage0"].attention.sizes["sample"]
     2
@@ -1188,7 +1121,7 @@ def verify(path: str | os.PathLike) -> Verification:
     Examples
     --------
     >>> import numpy as np, timm, tempfile, os, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
     >>> path = vl.save(vl.capture(model, np.zeros((2, 32, 32, 3))), os.path.join(tempfile.mkdtemp(), "c.zarr"))
     >>> report = vl.verify(path)
     >>> report.images, report.checksums

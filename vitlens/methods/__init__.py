@@ -9,7 +9,9 @@ itself once (:mod:`.registry`); :data:`METHODS` and :data:`METHOD_INFO` list the
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -25,9 +27,10 @@ from .lnstat import lnstat, statistic_maps
 from .tokentm import tokentm
 from .attnlrp import attnlrp
 from .legrad import legrad
-from .maps import normalize, to_pixels
-from ..registry import METHOD_INFO, MethodInfo, method_info, register_method
-from .selection import explain_for_target, explainable
+from .maps import minmax, normalize, to_pixels
+from ..capture.layout import MissingVariableError, capture_options
+from ..registry import CAPTURE_GROUPS, METHOD_INFO, MethodInfo, method_info, register_method, resolve_methods
+from .selection import check_target, explainable
 
 #: Names of the registered methods, in registration order (see :data:`METHOD_INFO`).
 METHODS: tuple[str, ...] = tuple(METHOD_INFO)
@@ -53,11 +56,11 @@ def _sample_blocks(cap: xr.DataTree) -> list[tuple[int, int]] | None:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _explain_block(cap: xr.DataTree, method: str, options: dict[str, Any]) -> xr.DataArray | xr.Dataset:
+def _explain_block(cap: xr.DataTree, method: Any, options: dict[str, Any]) -> xr.DataArray | xr.Dataset:
     return explain(cap.load(), method, **options)
 
 
-def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArray | xr.Dataset:
+def explain(cap: xr.DataTree, method: str | Sequence[str] = "all", **options: Any) -> xr.DataArray | xr.Dataset:
     """Compute an explanation map from a capture, without running the model again.
 
     Parameters
@@ -65,8 +68,14 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     cap
         A capture from :func:`vitlens.capture` (or :func:`vitlens.open`).
     method
-        One of :data:`vitlens.METHODS`, or ``"all"`` for a Dataset with one
-        variable per method (options apply to the methods that take them).
+        One of :data:`vitlens.METHODS` for a DataArray; ``"all"`` or a list of
+        names for a Dataset with one variable per method (options apply to the
+        methods that take them). ``"all"`` leaves out the methods whose pass is
+        made only when named in ``keep=`` (AttnLRP, LeGrad) unless the capture
+        holds it (:func:`explainable_methods`). For a Dataset, methods whose
+        inputs the capture does not hold (e.g. the gradient methods after
+        ``grads=False``) are left out with a warning naming the fix, and listed
+        in its ``attrs["left_out"]``.
     target
         Optional: the class to explain (index, name such as ``"star"``, or one
         per sample). Class-agnostic methods give their map for any class;
@@ -78,16 +87,18 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
 
     Returns
     -------
-    xarray.DataArray
+    xarray.DataArray or xarray.Dataset
         ``(sample, y, x)`` on the token grid (Swin: the first-stage grid), or
-        ``(sample, layer, y, x)`` with ``per_layer=True``.
+        ``(sample, layer, y, x)`` with ``per_layer=True``; a Dataset of them for
+        ``"all"`` or a list.
 
     Notes
     -----
     Options not given take the method's registered defaults for the capture's
     family and read-out (``vl.methods.METHOD_INFO[method].defaults_for(cap)``),
-    e.g. gradcam ``on="features"`` and ``identity_path="drop"`` under an average
-    read-out; the map's ``attrs`` record what was used.
+    e.g. ``identity_path="drop"`` under an average read-out, or gradcam's
+    ``on="features"`` under an average read-out other than Swin v1's; the
+    map's ``attrs`` record what was used.
 
     Examples
     --------
@@ -97,12 +108,15 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
     >>> maps = vl.explain(cap, "all")    # every method this capture holds the passes for
     >>> sorted(maps.data_vars) == sorted(vl.methods.explainable_methods(cap))
     True
+    >>> list(vl.explain(cap, ["rollout", "tokentm"]).data_vars)
+    ['rollout', 'tokentm']
     >>> "legrad" in maps                   # LeGrad's pass is made only when asked: keep=("all", "legrad")
     False
     """
     cap, target = explainable(cap), options.pop("target", None)  # cap.sel(sample=k); a class index or name
-    if target is not None:
-        return explain_for_target(cap, method, target, explain, options)
+    single = isinstance(method, str) and method != "all"
+    names = _every(cap, options) if method == "all" else resolve_methods(method)  # the one reader of names
+    other_class = None if target is None else check_target(cap, names, target)
     blocks = _sample_blocks(cap) if isinstance(cap, xr.DataTree) else None
     if blocks is not None:
         # lazy (dask-backed) capture: one task per sample chunk, each loading only
@@ -114,10 +128,17 @@ def explain(cap: xr.DataTree, method: str = "all", **options: Any) -> xr.DataArr
         out = xr.concat(results, "sample", combine_attrs="override")
         if all("lrp_unreliable" in r.attrs for r in results):  # every chunk's flagged samples, not the first's
             out.attrs["lrp_unreliable"] = [s for r in results for s in r.attrs["lrp_unreliable"]]
-        return out
-    if method == "all":
-        return _explain_all(cap, options)
-    info = method_info(method)
+    elif single:
+        out = _explain_one(cap, names[0], options)
+    else:
+        out = _explain_many(cap, names, options)
+    if other_class is not None and "sample" in out.dims:  # class-agnostic: say which class it was asked for
+        out = out.assign_coords(target=("sample", other_class))
+    return out
+
+
+def _explain_one(cap: xr.DataTree, method: str, options: dict[str, Any]) -> xr.DataArray:
+    info = METHOD_INFO[method]
     allowed = info.options()
     unknown = set(options) - set(allowed)
     if unknown:
@@ -155,8 +176,6 @@ def extra_groups(methods: Any = "all", options: Mapping[str, Any] | None = None)
     >>> vl.methods.extra_groups(["rollout", "legrad"])
     ('legrad',)
     """
-    from ..registry import resolve_methods
-
     out: set[str] = set()
     for name in resolve_methods(methods):
         out |= groups_of(name, options)
@@ -164,15 +183,9 @@ def extra_groups(methods: Any = "all", options: Mapping[str, Any] | None = None)
 
 
 def _kept(cap: xr.DataTree) -> set[str]:
-    import json
-
-    options = cap.attrs.get("options", {})
-    if isinstance(options, str):
-        try:
-            options = json.loads(options)
-        except ValueError:
-            options = {}
-    return set(options.get("keep", [])) if isinstance(options, Mapping) else set()
+    """The groups the capture stored (its recorded ``keep=``, resolved)."""
+    keep = capture_options(cap).get("keep", [])
+    return {keep} if isinstance(keep, str) else set(keep)
 
 
 def explainable_methods(cap: xr.DataTree, options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
@@ -198,14 +211,26 @@ def explainable_methods(cap: xr.DataTree, options: Mapping[str, Any] | None = No
     return tuple(out)
 
 
-def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
-    """Every registered method with the options each takes, on top of its defaults for ``cap``."""
-    names = tuple(METHOD_INFO)
+def _every(cap: xr.DataTree, options: Mapping[str, Any]) -> list[str]:
+    """What ``"all"`` asks for: every method but those reading a pass made only when named in ``keep=``
+    (AttnLRP, LeGrad) that the capture lacks. A method whose standard group is missing (the gradients
+    after ``grads=False``) is asked for, and left out by :func:`_explain_many` with the fix named."""
+    kept = _kept(cap)
+    out = []
+    for name, info in METHOD_INFO.items():
+        given = {k: v for k, v in options.items() if k in info.options()}
+        if info.groups(cap, given) - kept <= set(CAPTURE_GROUPS):
+            out.append(name)
+    return out
+
+
+def _explain_many(cap: xr.DataTree, names: list[str], options: dict[str, Any]) -> xr.Dataset:
+    """``names`` with the options each takes, on top of its defaults for ``cap``; a method whose
+    inputs the capture lacks is left out (with a warning), unless every one is."""
     unused = set(options) - {o for n in names for o in METHOD_INFO[n].options()}
     if unused:
         raise OptionError(f"no method takes {sorted(unused)}.")
-    out = {}
-    names = explainable_methods(cap, options)  # "all": every method the capture holds what it reads for
+    out, left_out = {}, {}
     for name in names:
         info = METHOD_INFO[name]
         accepted = {**info.defaults_for(cap), **{k: v for k, v in options.items() if k in info.options()}}
@@ -213,14 +238,22 @@ def _explain_all(cap: xr.DataTree, options: dict[str, Any]) -> xr.Dataset:
             accepted = {k: v for k, v in accepted.items() if k not in ("layers", "heads")}
         elif not info.per_layer and "layers" in accepted and not isinstance(accepted["layers"], int):
             accepted.pop("layers")  # a single-block method under a list of blocks: its default block
-        out[name] = info.function(cap, **accepted)
+        try:
+            out[name] = info.function(cap, **accepted)
+        except MissingVariableError as exc:
+            left_out[name] = exc
+    if not out:
+        raise next(iter(left_out.values()))
+    if left_out:
+        reasons = {str(exc) for exc in left_out.values()}
+        warnings.warn(f"left out {', '.join(left_out)}: {' '.join(sorted(reasons))}", UserWarning, stacklevel=3)
     ds = xr.Dataset({n: da.drop_attrs() if hasattr(da, "drop_attrs") else da for n, da in out.items()})
     for n, da in out.items():
         ds[n].attrs = da.attrs
-    ds.attrs = {"methods": list(names)}
+    ds.attrs = {"methods": list(out), **({"left_out": list(left_out)} if left_out else {})}
     return ds
 
 
 __all__ = ["METHODS", "METHOD_INFO", "MethodInfo", "explain", "explainable_methods", "extra_groups", "groups_of",
-           "method_info", "normalize", "options_of",
+           "method_info", "minmax", "normalize", "options_of",
            "register_method", "statistic_maps", "to_pixels", *METHODS]

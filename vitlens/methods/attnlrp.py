@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import xarray as xr
 
-from ..errors import CaptureFormatError, OptionError
+from ..errors import CaptureFormatError
 from .maps import token_map
 from .operators import CaptureView, grid_factor, onto_grid, select_layers, view
 from ..registry import register_method
+from .options import Softmax, check
 
 #: ``softmax=`` → the capture group (and variable ``<group>_relevance``) the map reads
 GROUPS = {"cp": "attnlrp_cp", "attnlrp": "attnlrp"}
@@ -54,7 +55,7 @@ def _on_first_grid(cv: CaptureView, layer: int, r: torch.Tensor) -> torch.Tensor
 def attnlrp(
     cap: xr.DataTree,
     *,
-    softmax: Literal["cp", "attnlrp"] = "cp",
+    softmax: Softmax = "cp",
     layers: int | list[int] | None = None,
     per_layer: bool = False,
 ) -> xr.DataArray:
@@ -88,9 +89,7 @@ def attnlrp(
     >>> vl.explain(cap, "attnlrp").dims
     ('sample', 'y', 'x')
     """
-    if softmax not in GROUPS:
-        raise OptionError(f"attnlrp: softmax={softmax!r}; choose 'cp' (attention held, lxt's choice for ViTs) "
-                          "or 'attnlrp' (relevance through the softmax).")
+    check("attnlrp", softmax=softmax)
     cv = view(cap)
     chosen = select_layers(cv, layers)
     group = GROUPS[softmax]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import xarray as xr
 
 from .maps import finish
-from .operators import (HeadSelection, Step, head_fused, identity_baseline, resolve_identity_path,
+from .operators import (HeadSelection, Step, head_fused, resolve_identity_path,
                         select_layers, view)
 from ..registry import register_method
+from .options import IdentityPath, Merge
 
 
 @register_method(
@@ -27,9 +28,9 @@ def generic_attention(
     heads: HeadSelection = None,
     start_layer: int = 0,
     per_layer: bool = False,
-    merge: str = "uniform",
+    merge: Merge = "uniform",
     by_stage: bool = False,
-    identity_path: str | None = None,
+    identity_path: IdentityPath | None = None,
 ) -> xr.DataArray | xr.Dataset:
     """``R ← I``; per block ``R ← R + Ā·R`` with ``Ā = E_h[(∂y_c/∂A ⊙ A)⁺]`` (docs/METHODS.md §5).
 
@@ -54,4 +55,4 @@ def generic_attention(
     identity_path = resolve_identity_path(cv, "generic_attention", identity_path)
     options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "identity_path": identity_path}
     return finish(cv, steps, chosen, "generic_attention", options, per_layer=per_layer, merge=merge,
-                  by_stage=by_stage, baseline=identity_baseline(steps, identity_path))
+                  by_stage=by_stage, identity_path=identity_path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import xarray as xr
@@ -11,8 +11,8 @@ from ..errors import CaptureFormatError, OptionError
 from .maps import token_map
 from .operators import HeadSelection, heads_for, onto_grid, select_layers, view
 from ..registry import register_method
+from .options import LegradScore, check
 
-SCORES = ("mean", "readout")
 
 
 @register_method(
@@ -30,7 +30,7 @@ def legrad(
     *,
     layers: int | list[int] | None = None,
     heads: HeadSelection = None,
-    score: Literal["mean", "readout"] = "mean",
+    score: LegradScore = "mean",
     per_layer: bool = False,
 ) -> xr.DataArray:
     """LeGrad: ``mean_l E_h[mean_q (∂s^l/∂A^l)⁺]`` over the key tokens (docs/METHODS.md §9).
@@ -63,8 +63,7 @@ def legrad(
     >>> vl.explain(cap, "legrad", per_layer=True).dims
     ('sample', 'layer', 'y', 'x')
     """
-    if score not in SCORES:
-        raise OptionError(f"legrad: score={score!r}; choose 'mean' (the authors' code, torchcam) or 'readout'.")
+    check("legrad", score=score)
     cv = view(cap)
     last, first = cv.stages[-1], cv.stages[0]
     name = f"legrad_{score}"

@@ -16,18 +16,13 @@ import math
 import torch
 import xarray as xr
 
-from ..errors import OptionError
-from .maps import finish, token_map
-from .operators import (HeadSelection, StageView, Step, heads_for, identity_baseline,
+from .maps import finish, minmax, token_map
+from .operators import (HeadSelection, StageView, Step, heads_for,
                         onto_grid, pick_heads, resolve_identity_path, select_layers, view, with_spare)
 from ..registry import METHOD_INFO, register_method
+from .options import HeadFusion, IdentityPath, Merge, Statistic, StatisticNorm, check
 
-STATS = ("std", "mean", "var", "norm")
-STAT_NORMS = ("max", "minmax", "none")
-HEAD_FUSIONS = ("mean", "max", "entropy")
-
-
-def token_statistic(stage: StageView, layer: int, stat: str, stat_norm: str) -> torch.Tensor:
+def token_statistic(stage: StageView, layer: int, stat: Statistic, stat_norm: StatisticNorm) -> torch.Tensor:
     """``s_l[j]`` (B, N) at the input of block ``layer``'s first LayerNorm, normalised.
 
     Prefix tokens are excluded from the normalisation and get 1.
@@ -48,15 +43,14 @@ def token_statistic(stage: StageView, layer: int, stat: str, stat_norm: str) -> 
     if stat_norm == "max":
         patches = patches / patches.amax(1, keepdim=True).clamp_min(1e-12)
     elif stat_norm == "minmax":
-        lo = patches.amin(1, keepdim=True)
-        patches = (patches - lo) / (patches.amax(1, keepdim=True) - lo).clamp_min(1e-12)
+        patches = torch.from_numpy(minmax(patches.numpy(), axis=1))
     out = s.clone()
     out[:, :p] = 1.0
     out[:, p:] = patches
     return out
 
 
-def fuse_heads(stage: StageView, layer: int, heads: HeadSelection, head_fusion: str, grad: bool = False) -> torch.Tensor:
+def fuse_heads(stage: StageView, layer: int, heads: HeadSelection, head_fusion: HeadFusion, grad: bool = False) -> torch.Tensor:
     """``F_l = fuse_h(X[l])`` over the selected heads.
 
     ``X = A`` (``grad=False``), or ``X = (∂y_c/∂A ⊙ A)⁺`` per head (``grad=True``,
@@ -104,13 +98,6 @@ def fused_operator(stage: StageView, layer: int, f: torch.Tensor, s: torch.Tenso
     return m / m.abs().sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-def _check(stat: str, stat_norm: str, head_fusion: str) -> None:
-    for name, value, allowed in (("stat", stat, STATS), ("stat_norm", stat_norm, STAT_NORMS),
-                                 ("head_fusion", head_fusion, HEAD_FUSIONS)):
-        if value not in allowed:
-            raise OptionError(f"lnstat {name}={value!r}; choose from {list(allowed)}.")
-
-
 @register_method(
     "lnstat",
     title="LN-statistic",
@@ -130,13 +117,13 @@ def lnstat(
     heads: HeadSelection = None,
     start_layer: int = 0,
     per_layer: bool = False,
-    merge: str = "uniform",
+    merge: Merge = "uniform",
     by_stage: bool = False,
-    stat: str = "std",
-    stat_norm: str = "max",
-    head_fusion: str = "mean",
+    stat: Statistic = "std",
+    stat_norm: StatisticNorm = "max",
+    head_fusion: HeadFusion = "mean",
     grad: bool | None = None,
-    identity_path: str | None = None,
+    identity_path: IdentityPath | None = None,
 ) -> xr.DataArray | xr.Dataset:
     """LayerNorm-statistic × attention fusion (docs/METHODS.md §6), in either reading of the paper.
 
@@ -165,19 +152,14 @@ def lnstat(
         gradient-weighted reading; chosen from the evaluation on both shipped
         models, docs/METHODS.md §6). *vitlens' choice.*
     identity_path
-        ``"drop"`` subtracts the part of ``R`` that never crossed an attention
+        ``"drop"`` leaves out the part of ``R`` that never crossed an attention
         (the read-out row, scaled by ``0.5^L`` for ``grad=False``); ``"keep"``
         leaves it. ``None``: ``"drop"`` for ``grad=True`` under an average
         read-out (as transformer_attribution's default), ``"keep"`` otherwise
         (so ``grad=False`` with a constant statistic is rollout exactly). Under
         a CLS read-out both give the same map. *vitlens' choice.*
-    layers, heads, start_layer, per_layer
-        As for rollout.
-    merge
-        Swin patch merging: ``"uniform"`` (1/4 to each parent, default) or
-        ``"lrp"`` (the shares the merging Linear's LRP rule gives; class-specific).
-    by_stage
-        Return a Dataset with each stage's map on its own grid instead.
+    layers, heads, start_layer, per_layer, merge, by_stage
+        As for :func:`~vitlens.methods.rollout`.
 
     Examples
     --------
@@ -189,7 +171,7 @@ def lnstat(
     >>> vl.explain(cap, "lnstat", grad=False).attrs["grad"]
     'false'
     """
-    _check(stat, stat_norm, head_fusion)
+    check("lnstat", stat=stat, stat_norm=stat_norm, head_fusion=head_fusion)
     cv = view(cap)
     if grad is None:
         grad = bool(METHOD_INFO["lnstat"].defaults_for(cv).get("grad", True))
@@ -209,14 +191,14 @@ def lnstat(
     options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "stat": stat,
                "stat_norm": stat_norm, "head_fusion": head_fusion, "grad": grad, "identity_path": identity_path}
     return finish(cv, steps, chosen, "lnstat", options, per_layer=per_layer, merge=merge,
-                  by_stage=by_stage, baseline=identity_baseline(steps, identity_path))
+                  by_stage=by_stage, identity_path=identity_path)
 
 
 def statistic_maps(
     cap: xr.DataTree,
     *,
-    stat: str = "std",
-    stat_norm: str = "max",
+    stat: Statistic = "std",
+    stat_norm: StatisticNorm = "max",
     layers: list[int] | None = None,
 ) -> xr.DataArray:
     """The per-layer statistic ``s_l`` itself as maps ``(sample, layer, y, x)``.
@@ -231,7 +213,7 @@ def statistic_maps(
     >>> vl.methods.statistic_maps(cap).dims
     ('sample', 'layer', 'y', 'x')
     """
-    _check(stat, stat_norm, "mean")
+    check("lnstat", stat=stat, stat_norm=stat_norm)
     cv = view(cap)
     chosen = select_layers(cv, layers)
     maps = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 import xarray as xr
 
 from ..errors import OptionError
-from .operators import CaptureView, StageView, Step, json_safe, merge_shares, propagate
+from ..capture.attrs import attr_value
+from .operators import CaptureView, StageView, Step, merge_shares, propagate
 
 
 def token_map(
@@ -34,9 +36,9 @@ def token_map(
         coords["layer"] = np.asarray(layers, dtype=np.int64)
     attrs = {
         "method": method,
-        **{k: json_safe(v) for k, v in options.items()},
+        **{k: attr_value(v) for k, v in options.items()},
         "grid": list(grid_stage.grid),
-        "stride": [int(s) for s in grid_stage.ds.attrs["stride"]],
+        "stride": list(grid_stage.stride),
         "input_size": list(cv.tree.attrs["input_size"]),
         "model": cv.tree.attrs.get("model", ""),
     }
@@ -59,13 +61,13 @@ def chain_map(
     *,
     final: Callable[[torch.Tensor], torch.Tensor] | None = None,
     merge: str = "uniform",
+    drop_identity: bool = False,
 ) -> tuple[torch.Tensor, list[int] | None]:
     """The read-out map of the product, or one cumulative map after each selected block."""
-    shares = merge_shares(cv, merge)
+    kw = {"final": final, "shares": merge_shares(cv, merge), "drop_identity": drop_identity}
     if not per_layer:
-        return propagate(cv, steps, layers[-1], final=final, shares=shares), None
-    maps = [propagate(cv, {l: s for l, s in steps.items() if l <= top}, top, final=final, shares=shares)
-            for top in layers]
+        return propagate(cv, steps, layers[-1], **kw), None
+    maps = [propagate(cv, {l: s for l, s in steps.items() if l <= top}, top, **kw) for top in layers]
     return torch.stack(maps, 1), layers
 
 
@@ -80,35 +82,32 @@ def finish(
     merge: str = "uniform",
     by_stage: bool = False,
     final: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    baseline: Mapping[int, Step] | None = None,
+    identity_path: str = "keep",
 ) -> xr.DataArray | xr.Dataset:
     """Propagate ``steps`` and label the result (the common tail of every chain method).
 
     ``by_stage=True`` returns a Dataset with each stage's map on its own grid
     (``stage0`` … ; ViT has one stage) instead of the first-stage map.
-    ``baseline``: steps whose propagated map is subtracted before labelling (give
-    float64 steps when the difference is small against either term).
+    ``identity_path="drop"``: the map of the product's off-identity part, the
+    part that crossed at least one attention term (computed directly, see
+    :func:`~vitlens.methods.operators.propagate`).
     """
     options = {**options, "per_layer": per_layer, "merge": merge, "by_stage": by_stage}
+    drop = identity_path == "drop"
     if by_stage:
         if per_layer:
             raise OptionError("by_stage=True gives one map per stage; it does not combine with per_layer=True.")
         collect: dict[str, torch.Tensor] = {}
-        propagate(cv, steps, layers[-1], final=final, shares=merge_shares(cv, merge), collect=collect)
-        if baseline is not None:
-            base: dict[str, torch.Tensor] = {}
-            propagate(cv, baseline, layers[-1], final=final, shares=merge_shares(cv, merge), collect=base)
-            collect = {name: value - base[name] for name, value in collect.items()}
+        propagate(cv, steps, layers[-1], final=final, shares=merge_shares(cv, merge), collect=collect,
+                  drop_identity=drop)
         out = xr.Dataset()
         for stage in cv.stages:
             if stage.name in collect:
                 da = token_map(cv, collect[stage.name], method, options, stage=stage)
                 out[stage.name] = da.rename({"y": f"y_{stage.name}", "x": f"x_{stage.name}"})
-        out.attrs = {"method": method, **{k: json_safe(v) for k, v in options.items()}}
+        out.attrs = {"method": method, **{k: attr_value(v) for k, v in options.items()}}
         return out
-    values, per = chain_map(cv, steps, layers, per_layer, final=final, merge=merge)
-    if baseline is not None:
-        values = values - chain_map(cv, baseline, layers, per_layer, final=final, merge=merge)[0]
+    values, per = chain_map(cv, steps, layers, per_layer, final=final, merge=merge, drop_identity=drop)
     return token_map(cv, values, method, options, per)
 
 
@@ -152,10 +151,35 @@ def to_pixels(maps: xr.DataArray, size: int | tuple[int, int] | None = None) -> 
     return out
 
 
+def minmax(values: np.ndarray, axis: int | tuple[int, ...] = (-2, -1)) -> np.ndarray:
+    """The one min-max rule: each map (over ``axis``) to [0, 1]; a constant map becomes zeros.
+
+    NaN entries are left out of the minimum and maximum and stay NaN. The dtype
+    is kept (float64 keeps a tiny class-specific part of a map; see
+    docs/METHODS.md, "Average read-out"). :func:`normalize` applies it to labeled
+    maps; the metrics and the widgets call it on arrays.
+
+    Examples
+    --------
+    >>> minmax(np.array([[1.0, 3.0], [2.0, 2.0]])).tolist()
+    [[0.0, 1.0], [0.5, 0.5]]
+    >>> minmax(np.array([[1.0, 3.0], [2.0, 2.0]]), axis=-1).tolist()
+    [[0.0, 1.0], [0.0, 0.0]]
+    """
+    values = np.asarray(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN map has no minimum: it becomes zeros
+        lo = np.nanmin(values, axis=axis, keepdims=True)
+        span = np.nanmax(values, axis=axis, keepdims=True) - lo
+    ok = span > 0
+    out = np.where(ok, (values - lo) / np.where(ok, span, 1), 0)
+    return out.astype(values.dtype, copy=False) if np.issubdtype(values.dtype, np.floating) else out
+
+
 def normalize(maps: xr.DataArray) -> xr.DataArray:
     """Min-max normalise each map (per sample, and per layer if present) to [0, 1].
 
-    Constant maps become all zeros.
+    Constant maps become all zeros (the rule is :func:`minmax`).
 
     Examples
     --------
@@ -164,10 +188,8 @@ def normalize(maps: xr.DataArray) -> xr.DataArray:
     >>> vl.normalize(m).values.tolist()
     [[[0.0, 1.0]]]
     """
-    lo = maps.min(("y", "x"))
-    span = maps.max(("y", "x")) - lo
-    out = (maps - lo) / xr.where(span > 0, span, 1.0)
-    out = out.where(span > 0, 0.0).transpose(*maps.dims)
+    out = xr.apply_ufunc(minmax, maps, input_core_dims=[["y", "x"]], output_core_dims=[["y", "x"]],
+                         dask="parallelized", output_dtypes=[np.result_type(maps.dtype, np.float32)]).transpose(*maps.dims)
     out.attrs = {**maps.attrs, "normalized": "minmax"}
     out.name = maps.name
     return out

@@ -17,55 +17,48 @@ builds the dense matrices only for tests and teaching.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import xarray as xr
 
-from ..errors import CaptureFormatError, OptionError
+from ..capture.attrs import decode_tree
+from ..capture.layout import CaptureLayout, StageLayout, capture_layout, missing_variable
+from ..errors import OptionError
+from .options import IdentityPath, Merge, check
 
 
 # -- reading the capture -------------------------------------------------------------
 @dataclass
 class StageView:
-    """One stage of a capture as torch tensors (float32), plus its layout."""
+    """One stage of a capture as torch tensors (float32), plus its layout (:class:`StageLayout`)."""
 
-    name: str
-    index: int
-    layers: list[int]
-    grid: tuple[int, int]
-    num_prefix: int
+    layout: StageLayout
     ds: xr.Dataset
+    tree: xr.DataTree
     window_token: torch.Tensor | None = None  # (layer, window, M²) int64
     _cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:  # name, index, layers, grid, stride, num_prefix, num_tokens
+        if name.startswith("_") or name == "layout":
+            raise AttributeError(name)
+        return getattr(self.layout, name)
 
     @property
     def windowed(self) -> bool:
         return self.window_token is not None
 
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prefix + self.grid[0] * self.grid[1]
-
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self._cache:
             if name not in self.ds:
-                raise CaptureFormatError(
-                    f"this capture has no '{name}' in {self.name}; capture again with "
-                    f"keep='all' (or include the group that holds {name!r})."
-                )
+                raise missing_variable(self.tree, name, self.name)
             self._cache[name] = torch.from_numpy(np.asarray(self.ds[name].values, dtype=np.float32))
         return self._cache[name]
 
     def layer_index(self, layer: int) -> int:
         return self.layers.index(layer)
-
-    @property
-    def stride(self) -> tuple[int, int]:
-        """Input pixels per token along (y, x)."""
-        return tuple(int(v) for v in self.ds.attrs["stride"])  # type: ignore[return-value]
 
     def window_index(self, layer: int) -> torch.Tensor:
         """``window_token`` at ``layer`` with padded positions sent to the spare slot ``num_tokens``.
@@ -92,22 +85,26 @@ def with_spare(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CaptureView:
-    """What the methods need from a capture DataTree."""
+    """What the methods need from a capture DataTree: its layout and its stages' tensors."""
 
     tree: xr.DataTree
+    layout: CaptureLayout
     stages: list[StageView]
-    readout: str
-    family: str
+
+    @property
+    def readout(self) -> str:
+        return self.layout.readout
+
+    @property
+    def family(self) -> str:
+        return self.layout.family
 
     @property
     def all_layers(self) -> list[int]:
-        return [l for s in self.stages for l in s.layers]
+        return self.layout.layers
 
     def stage_of(self, layer: int) -> StageView:
-        for s in self.stages:
-            if layer in s.layers:
-                return s
-        raise OptionError(f"layer {layer} is not in this capture (layers {self.all_layers}).")
+        return self.stages[self.layout.stages.index(self.layout.stage_of(layer))]
 
     @property
     def num_samples(self) -> int:
@@ -115,30 +112,15 @@ class CaptureView:
 
 
 def view(cap: xr.DataTree) -> CaptureView:
-    if not isinstance(cap, xr.DataTree) or "vitlens_version" not in cap.attrs:
-        raise CaptureFormatError(
-            f"expected a capture from vl.capture (an xarray.DataTree); got {type(cap).__name__}."
-        )
-    from ..capture.store import decode_attrs
-
-    cap = decode_attrs(cap)  # a saved capture read with plain xr.open_datatree keeps JSON attrs
+    """The capture as the methods read it (its layout from :func:`~vitlens.capture.layout.capture_layout`)."""
+    layout = capture_layout(cap)  # refuses anything that is not a capture
+    cap = decode_tree(cap)  # a saved capture read with plain xr.open_datatree keeps JSON attrs
     stages = []
-    # a reduced store also holds /maps and /stats beside the stages
-    for name in sorted((n for n in cap.children if n.startswith("stage")), key=lambda n: int(n.removeprefix("stage"))):
-        ds = cap[name].to_dataset()
+    for stage in layout.stages:
+        ds = cap[stage.name].to_dataset()
         wt = torch.from_numpy(ds["window_token"].values.astype(np.int64)) if "window_token" in ds else None
-        stages.append(
-            StageView(
-                name=name,
-                index=int(ds.attrs["stage"]),
-                layers=[int(v) for v in ds["layer"].values],
-                grid=tuple(int(g) for g in ds.attrs["grid"]),  # type: ignore[arg-type]
-                num_prefix=int(ds.attrs["num_prefix_tokens"]),
-                ds=ds,
-                window_token=wt,
-            )
-        )
-    return CaptureView(cap, stages, str(cap.attrs["readout"]), str(cap.attrs["family"]))
+        stages.append(StageView(layout=stage, ds=ds, tree=cap, window_token=wt))
+    return CaptureView(cap, layout, stages)
 
 
 # -- options --------------------------------------------------------------------------
@@ -147,14 +129,10 @@ HeadSelection = None | int | Sequence[int] | Mapping[int, Sequence[int]]
 
 def select_layers(cv: CaptureView, layers: int | Iterable[int] | None, start_layer: int = 0) -> list[int]:
     """Global block indices entering the aggregation (sorted)."""
-    every = cv.all_layers
     if layers is None:
-        chosen = list(every)
+        chosen = list(cv.all_layers)
     else:
-        chosen = [int(layers)] if isinstance(layers, (int, np.integer)) else [int(l) for l in layers]
-        bad = [l for l in chosen if l not in every]
-        if bad:
-            raise OptionError(f"layers {bad} are not in this capture; it has layers {every[0]}..{every[-1]}.")
+        chosen = cv.layout.check_layers([layers] if isinstance(layers, (int, np.integer)) else layers)
     chosen = sorted({l for l in chosen if l >= start_layer})
     if not chosen:
         raise OptionError(
@@ -201,23 +179,6 @@ def head_mean(x: torch.Tensor, heads: list[int], clamp: bool = False, owned: boo
     return x.mean(1)
 
 
-def json_safe(value: Any) -> Any:
-    """Option values as attrs that survive netCDF/zarr (via vl.save)."""
-    if value is None:
-        return "none"
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, range):
-        return list(value)
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, bool):
-        return str(value).lower()
-    return value
-
-
 # -- the operator chain --------------------------------------------------------------------
 @dataclass
 class Step:
@@ -235,8 +196,9 @@ class Step:
     post: torch.Tensor | None = None
 
 
-def apply_row(stage: StageView, step: Step, r: torch.Tensor) -> torch.Tensor:
-    """``r · O`` for a batch of row vectors ``r`` (B, N), in ``r``'s precision.
+def row_parts(stage: StageView, step: Step, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r · O`` for a batch of row vectors ``r`` (B, N) as its two parts, in ``r``'s precision:
+    the identity part ``α·(r⊙pre)`` and the attention part ``β·((r⊙pre)·G(x))⊙post``.
 
     The step's float32 tensors are promoted to ``r``'s dtype (float64 in
     :func:`propagate`) before the products.
@@ -255,7 +217,13 @@ def apply_row(stage: StageView, step: Step, r: torch.Tensor) -> torch.Tensor:
         g = torch.einsum("bq,bqk->bk", r, x)
     if step.post is not None:
         g = g * step.post.to(r.dtype)
-    return step.alpha * r + step.beta * g
+    return step.alpha * r, step.beta * g
+
+
+def apply_row(stage: StageView, step: Step, r: torch.Tensor) -> torch.Tensor:
+    """``r · O`` for a batch of row vectors ``r`` (B, N), in ``r``'s precision (see :func:`row_parts`)."""
+    identity, attention = row_parts(stage, step, r)
+    return identity + attention
 
 
 def merge_row(r: torch.Tensor, grid_from: tuple[int, int], share: torch.Tensor | None = None,
@@ -274,13 +242,9 @@ def merge_row(r: torch.Tensor, grid_from: tuple[int, int], share: torch.Tensor |
     return r / 4 if share is None else r * share.to(r.dtype)
 
 
-MERGES = ("uniform", "lrp")
-
-
-def merge_shares(cv: "CaptureView", merge: str) -> dict[int, torch.Tensor | None]:
+def merge_shares(cv: "CaptureView", merge: Merge) -> dict[int, torch.Tensor | None]:
     """Per parent stage, the merge shares for ``merge`` (None = uniform)."""
-    if merge not in MERGES:
-        raise OptionError(f"merge={merge!r}; choose from {list(MERGES)}.")
+    check("", merge=merge)
     if merge == "uniform":
         return {}
     return {s.index: s.tensor("merge_share") for s in cv.stages[:-1]}
@@ -317,6 +281,7 @@ def propagate(
     shares: Mapping[int, torch.Tensor | None] | None = None,
     collect: dict[str, torch.Tensor] | None = None,
     dense: bool = False,
+    drop_identity: bool = False,
 ) -> torch.Tensor:
     """Read-out row of ``O_top ··· O_first`` (blocks missing from ``steps`` are identity).
 
@@ -327,34 +292,63 @@ def propagate(
     (from :func:`merge_shares`) picks the merge rule; ``collect`` receives each
     stage's map on its own grid (after its blocks, before merging down).
     ``dense=True`` multiplies dense matrices instead (tests and teaching only).
+
+    ``drop_identity=True`` returns the part of the product that crossed at least
+    one attention term: the full row minus its identity path (every ``β`` set to
+    0), computed directly rather than by subtraction. Two rows go down the chain,
+    the identity path ``b`` and the rest ``d``; each block adds to ``d`` what its
+    attention term takes from either::
+
+        b ← b·O_id,     d ← d·O + b·O_att,     O = O_id + O_att
+
+    (for the ``(I + Ē)`` chains: ``D_l = D_{l−1} + Ē_l·(I + D_{l−1})`` with
+    ``D = C − I``), so no scale of ``Ē`` is rounded away against the identity
+    (docs/METHODS.md, "Average read-out").
     """
     shares = shares or {}
     top_stage = cv.stage_of(top_layer)
-    r = readout_row(cv, top_stage)  # float64 (ACCUMULATE): every product below runs in it
+    start = readout_row(cv, top_stage)  # float64 (ACCUMULATE): every product below runs in it
+    # rows: the rest d (the whole row when the identity path is kept) and the identity path b.
+    # Every identity part is diagonal, so a read-out row that is 0 on the patches (CLS)
+    # keeps its identity path on the prefix tokens: the map has no identity part to drop
+    drop_identity = drop_identity and bool(start[:, top_stage.num_prefix :].any())
+    rest, base = (torch.zeros_like(start), start) if drop_identity else (start, None)
+
+    def parts(stage: StageView, step: Step, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not dense:
+            return row_parts(stage, step, r)
+        identity, attention = dense_parts(stage, step)
+        return (torch.einsum("bi,bij->bj", r, identity.to(r.dtype)),
+                torch.einsum("bi,bij->bj", r, attention.to(r.dtype)))
+
+    def merge(r: torch.Tensor, stage: StageView) -> torch.Tensor:
+        share = shares.get(stage.index - 1)
+        parent = cv.stages[cv.stages.index(stage) - 1].grid
+        if not dense:
+            return merge_row(r, stage.grid, share, parent)
+        pm = dense_merge(stage.grid, parent).to(r.dtype)
+        return torch.einsum("bi,ij->bj", r, pm) if share is None else torch.einsum("bi,ij->bj", r, pm * 4) * share.to(r.dtype)
+
     for stage in reversed(cv.stages[: cv.stages.index(top_stage) + 1]):
         for layer in reversed(stage.layers):
             if layer <= top_layer and layer in steps:
-                if dense:
-                    r = torch.einsum("bi,bij->bj", r, dense_operator(stage, steps[layer]).to(r.dtype))
-                else:
-                    r = apply_row(stage, steps[layer], r)
+                identity, attention = parts(stage, steps[layer], rest)
+                rest = identity + attention
+                if base is not None:
+                    identity, attention = parts(stage, steps[layer], base)
+                    rest, base = rest + attention, identity
         if collect is not None:
-            collect[stage.name] = r[:, stage.num_prefix :].reshape(-1, *stage.grid)
+            collect[stage.name] = rest[:, stage.num_prefix :].reshape(-1, *stage.grid)
         if stage.index > 0:
-            share = shares.get(stage.index - 1)
-            parent = cv.stages[cv.stages.index(stage) - 1].grid
-            if dense:
-                pm = dense_merge(stage.grid, parent).to(r.dtype)
-                r = torch.einsum("bi,ij->bj", r, pm) if share is None else torch.einsum("bi,ij->bj", r, pm * 4) * share.to(r.dtype)
-            else:
-                r = merge_row(r, stage.grid, share, parent)
+            rest = merge(rest, stage)
+            base = None if base is None else merge(base, stage)
     first = cv.stages[0]
     if final is not None:
-        r = final(r)
+        rest = final(rest)
     if collect is not None and final is not None:
-        collect[first.name] = r[:, first.num_prefix :].reshape(-1, *first.grid)
+        collect[first.name] = rest[:, first.num_prefix :].reshape(-1, *first.grid)
     gh, gw = first.grid
-    return r[:, first.num_prefix :].reshape(-1, gh, gw)
+    return rest[:, first.num_prefix :].reshape(-1, gh, gw)
 
 
 def grid_factor(stage: StageView, first: StageView) -> tuple[int, int]:
@@ -388,16 +382,25 @@ def dense_global(stage: StageView, layer: int, x: torch.Tensor) -> torch.Tensor:
     return g[:, :n, :n]
 
 
-def dense_operator(stage: StageView, step: Step) -> torch.Tensor:
-    """The block operator ``O`` as a dense (B, N, N) matrix, in float64 (:data:`ACCUMULATE`)."""
+def dense_parts(stage: StageView, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block operator ``O`` as dense (B, N, N) matrices, in float64 (:data:`ACCUMULATE`):
+    its identity part ``α·diag(pre)`` and its attention part ``β·diag(pre)·G·diag(post)``."""
     g = dense_global(stage, step.layer, step.x.to(ACCUMULATE))
     n = g.shape[-1]
     if step.post is not None:
         g = g * step.post.to(g.dtype)[:, None, :]
-    o = step.alpha * torch.eye(n, dtype=g.dtype).expand_as(g) + step.beta * g
+    identity = step.alpha * torch.eye(n, dtype=g.dtype).expand_as(g)
+    attention = step.beta * g
     if step.pre is not None:
-        o = step.pre.to(g.dtype)[:, :, None] * o
-    return o
+        identity = step.pre.to(g.dtype)[:, :, None] * identity
+        attention = step.pre.to(g.dtype)[:, :, None] * attention
+    return identity, attention
+
+
+def dense_operator(stage: StageView, step: Step) -> torch.Tensor:
+    """The block operator ``O`` as a dense (B, N, N) matrix, in float64 (:data:`ACCUMULATE`)."""
+    identity, attention = dense_parts(stage, step)
+    return identity + attention
 
 
 def dense_merge(grid_from: tuple[int, int], grid_to: tuple[int, int] | None = None) -> torch.Tensor:
@@ -432,28 +435,11 @@ def head_fused(stage: StageView, layer: int, heads: HeadSelection, *names: str, 
 
 
 # -- the identity path (average read-out) ---------------------------------------------------
-IDENTITY_PATHS = ("drop", "keep")
-
-
-def resolve_identity_path(cv: CaptureView, method: str, identity_path: str | None) -> str:
+def resolve_identity_path(cv: CaptureView, method: str, identity_path: IdentityPath | None) -> IdentityPath:
     """``identity_path``, or the registry's default for this capture's read-out when None."""
     if identity_path is None:
         from ..registry import METHOD_INFO
 
         identity_path = METHOD_INFO[method].defaults_for(cv).get("identity_path", "keep")
-    if identity_path not in IDENTITY_PATHS:
-        raise OptionError(f"{method} identity_path={identity_path!r}; choose from {list(IDENTITY_PATHS)}.")
+    check(method, identity_path=identity_path)
     return identity_path
-
-
-def identity_baseline(steps: Mapping[int, Step], identity_path: str) -> dict[int, Step] | None:
-    """The steps with every attention term off (``β = 0``), to subtract under ``"drop"``.
-
-    Their product is the part of the map that never crossed an attention: for
-    ``R ← R + Ā·R`` chains the read-out row itself (carried down the merges),
-    i.e. the uniform ``1/N`` under an average read-out and zero on the patches
-    under a CLS read-out (where ``"drop"`` and ``"keep"`` agree).
-    """
-    if identity_path == "keep":
-        return None
-    return {l: replace(step, beta=0.0) for l, step in steps.items()}

@@ -7,6 +7,7 @@ import xarray as xr
 from .maps import finish
 from .operators import HeadSelection, Step, head_fused, select_layers, view
 from ..registry import register_method
+from .options import Merge
 
 
 @register_method(
@@ -25,7 +26,7 @@ def rollout(
     heads: HeadSelection = None,
     start_layer: int = 0,
     per_layer: bool = False,
-    merge: str = "uniform",
+    merge: Merge = "uniform",
     by_stage: bool = False,
 ) -> xr.DataArray | xr.Dataset:
     """``R = Â_L···Â_s`` with ``Â_l = 0.5·(I + E_h[A[l]])``, read out (docs/METHODS.md §2).

@@ -3,14 +3,13 @@
 ``cap.sel(sample=0)`` / ``cap.isel(sample=0)`` drop the ``sample`` dimension;
 :func:`explainable` puts it back (length 1), so a selected sample stays
 explainable. ``vl.explain(cap, method, target=...)`` takes a class index, a
-class name or one per sample; :func:`explain_for_target` computes the map where
-the capture holds what is needed (class-agnostic methods, or the class the
-capture was made for) and otherwise says exactly how to re-capture.
+class name or one per sample; :func:`check_target` says whether the capture holds what
+the map needs (class-agnostic methods, or the class the capture was made for)
+and otherwise says exactly how to re-capture.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -54,12 +53,6 @@ def explainable(cap: Any) -> Any:
     return xr.DataTree.from_dict(nodes)
 
 
-def _class_specific(method: str) -> bool:
-    from ..registry import METHOD_INFO
-
-    return bool(METHOD_INFO[method].class_specific)
-
-
 def resolve_target(target: Any, cap: xr.DataTree) -> np.ndarray:
     """Class indices, one per sample, from an index, a class name or a list of either."""
     names = list(cap.attrs.get("class_names", []))
@@ -82,16 +75,22 @@ def resolve_target(target: Any, cap: xr.DataTree) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
-def explain_for_target(cap: xr.DataTree, method: str, target: Any,
-                       explain: Callable[..., Any], options: dict[str, Any]) -> Any:
-    """``explain(cap, method, **options)`` for the class(es) ``target``, or a TargetError saying how."""
+def check_target(cap: xr.DataTree, methods: list[str], target: Any) -> np.ndarray | None:
+    """Whether ``methods`` can be explained for ``target`` from this capture.
+
+    Returns ``None`` when ``target`` is the class the capture was made for, or the
+    class indices (one per sample) when it is another class and every method in
+    ``methods`` is class-agnostic (the map is the same for every class; the caller
+    labels it with the class asked for). Otherwise a TargetError that says how to
+    capture for that class.
+    """
     wanted = resolve_target(target, cap)
     captured = np.asarray(cap["target"].values, np.int64).ravel()
     if np.array_equal(wanted, captured):
-        return explain(cap, method, **options)
-    from . import METHODS
+        return None
+    from ..registry import METHOD_INFO
 
-    specific = [m for m in (METHODS if method == "all" else [method]) if _class_specific(m)]
+    specific = [m for m in methods if METHOD_INFO[m].class_specific]
     if specific:
         names = list(cap.attrs.get("class_names", []))
         label = (repr(names[wanted[0]]) if names else str(wanted[0])) if len(set(wanted)) == 1 else \
@@ -101,9 +100,7 @@ def explain_for_target(cap: xr.DataTree, method: str, target: Any,
             f"the gradients and relevances of class(es) {sorted(set(captured.tolist()))}, not {label}. Capture "
             f"again for that class: cap = vl.capture(model, cap['image'], target={label}) (with the same keep=/"
             "dtype= options), then vl.explain(cap, ...).")
-    # class-agnostic: the same map for every class; say which class it was asked for
-    out = explain(cap, method, **options)
-    return out.assign_coords(target=("sample", wanted)) if "sample" in out.dims else out
+    return wanted
 
 
-__all__ = ["SAMPLE_FREE", "explain_for_target", "explainable", "resolve_target"]
+__all__ = ["SAMPLE_FREE", "check_target", "explainable", "resolve_target"]

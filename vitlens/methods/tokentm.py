@@ -13,22 +13,16 @@ part is a switchable option recorded in the result's attrs.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 import xarray as xr
 
-from ..errors import OptionError
 from .maps import finish
 from .operators import HeadSelection, StageView, Step, head_fused, select_layers, view
 from ..registry import register_method
+from .options import IdentityPath, Init, Merge, Necc, check
 
-NECCS = ("range", "softmax", "none")
-INITS = ("norm", "identity")
-IDENTITY_PATHS = ("drop", "keep")
-
-
-def necc(cos: torch.Tensor, kind: str) -> torch.Tensor:
+def necc(cos: torch.Tensor, kind: Necc) -> torch.Tensor:
     """Normalised exponential cosine correlation of (B, N) cosines.
 
     ``"range"``: ``(exp(c) − e⁻¹)/(e − e⁻¹)`` ∈ [0, 1]; ``"softmax"``:
@@ -75,14 +69,14 @@ def tokentm(
     heads: HeadSelection = None,
     start_layer: int = 0,
     per_layer: bool = False,
-    merge: str = "uniform",
+    merge: Merge = "uniform",
     by_stage: bool = False,
-    necc: str = "range",
+    necc: Necc = "range",
     length: bool = True,
     grad: bool = True,
     ffn: bool = True,
-    init: str = "norm",
-    identity_path: str = "drop",
+    init: Init = "norm",
+    identity_path: IdentityPath = "drop",
 ) -> xr.DataArray | xr.Dataset:
     """Token-transformation-weighted attention propagation (docs/METHODS.md §7).
 
@@ -106,7 +100,7 @@ def tokentm(
     layers, heads, start_layer, per_layer
         As for rollout.
     identity_path
-        ``"drop"`` (default) subtracts the part of ``C_L`` that never crossed an
+        ``"drop"`` (default) leaves out the part of ``C_L`` that never crossed an
         attention (the product with every ``Ā`` set to 0: residual and FFN scaling
         only); ``"keep"`` returns ``C_L`` as it is.  *vitlens' choice, for
         average-pooled read-outs (Swin, ``global_pool="avg"`` ViTs)*: there every
@@ -114,11 +108,8 @@ def tokentm(
         rescaling, the same for every class — would otherwise dominate the map.
         With a CLS read-out that path ends on the prefix token, which the map
         excludes, so both settings give the same map.
-    merge
-        Swin patch merging: ``"uniform"`` (1/4 to each parent, default) or
-        ``"lrp"`` (the shares the merging Linear's LRP rule gives; class-specific).
-    by_stage
-        Return a Dataset with each stage's map on its own grid instead.
+    merge, by_stage
+        As for :func:`~vitlens.methods.rollout`.
 
     Examples
     --------
@@ -129,12 +120,7 @@ def tokentm(
     'softmax'
     """
     necc_kind = necc
-    if necc_kind not in NECCS:
-        raise OptionError(f"tokentm necc={necc_kind!r}; choose from {list(NECCS)}.")
-    if identity_path not in IDENTITY_PATHS:
-        raise OptionError(f"tokentm identity_path={identity_path!r}; choose from {list(IDENTITY_PATHS)}.")
-    if init not in INITS:
-        raise OptionError(f"tokentm init={init!r}; choose from {list(INITS)}.")
+    check("tokentm", necc=necc_kind, identity_path=identity_path, init=init)
     cv = view(cap)
     chosen = select_layers(cv, layers, start_layer)
     names = ("attention_grad", "attention") if grad else ("attention",)
@@ -152,16 +138,5 @@ def tokentm(
         final = lambda r: r * e0  # noqa: E731 - r·C_0 with C_0 = diag(‖e⁰‖)
     options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "necc": necc_kind,
                "length": length, "grad": grad, "ffn": ffn, "init": init, "identity_path": identity_path}
-    kw = {"per_layer": per_layer, "merge": merge, "by_stage": by_stage, "final": final}
-    if identity_path == "keep":
-        return finish(cv, steps, chosen, "tokentm", options, **kw)
-    # subtract the same product with every attention term switched off (beta = 0),
-    # in float64: with weak attention the difference is small against both terms
-    steps = {l: _double(step) for l, step in steps.items()}
-    no_attention = {l: replace(step, beta=0.0) for l, step in steps.items()}
-    return finish(cv, steps, chosen, "tokentm", options, baseline=no_attention, **kw)
-
-
-def _double(step: Step) -> Step:
-    as64 = lambda t: None if t is None else t.double()  # noqa: E731
-    return replace(step, x=step.x.double(), pre=as64(step.pre), post=as64(step.post))
+    return finish(cv, steps, chosen, "tokentm", options, per_layer=per_layer, merge=merge, by_stage=by_stage,
+                  final=final, identity_path=identity_path)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import xarray as xr
 
 from .maps import finish
-from .operators import (HeadSelection, Step, head_fused, identity_baseline, resolve_identity_path,
+from .operators import (HeadSelection, Step, head_fused, resolve_identity_path,
                         select_layers, view)
 from ..registry import register_method
+from .options import IdentityPath, Merge
 
 
 @register_method(
@@ -27,9 +28,9 @@ def transformer_attribution(
     heads: HeadSelection = None,
     start_layer: int = 1,
     per_layer: bool = False,
-    merge: str = "uniform",
+    merge: Merge = "uniform",
     by_stage: bool = False,
-    identity_path: str | None = None,
+    identity_path: IdentityPath | None = None,
 ) -> xr.DataArray | xr.Dataset:
     """``C = (I + Ē_L)···(I + Ē_s)``, ``Ē_l = E_h[(∂y_c/∂A ⊙ R_A)⁺]`` (docs/METHODS.md §4).
 
@@ -58,7 +59,7 @@ def transformer_attribution(
     identity_path = resolve_identity_path(cv, "transformer_attribution", identity_path)
     options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "identity_path": identity_path}
     out = finish(cv, steps, chosen, "transformer_attribution", options, per_layer=per_layer, merge=merge,
-                 by_stage=by_stage, baseline=identity_baseline(steps, identity_path))
+                 by_stage=by_stage, identity_path=identity_path)
     return with_lrp_condition(cap, out)
 
 
@@ -66,17 +67,15 @@ def with_lrp_condition(cap: xr.DataTree, out: xr.DataArray | xr.Dataset) -> xr.D
     """The map with the capture's LRP conditioning: coordinate ``lrp_condition`` (sample), attrs
     ``lrp_dtype`` and ``lrp_unreliable`` (the samples whose float32 map depends on rounding), and a
     :class:`~vitlens.PrecisionWarning` naming them (docs/METHODS.md, "Sensitivity to rounding")."""
-    import json
     import warnings
 
+    from ..capture.layout import capture_options
     from ..capture.precision import RELIABLE_CONDITION, unreliable
     from ..errors import PrecisionWarning
 
     if "lrp_condition" not in cap.dataset or "sample" not in out.dims:
         return out
-    options = cap.attrs.get("options", {})
-    options = json.loads(options) if isinstance(options, str) else dict(options)
-    dtype = str(options.get("lrp_dtype", "float32"))
+    dtype = str(capture_options(cap).get("lrp_dtype", "float32"))
     condition = cap["lrp_condition"].values
     bad = unreliable(condition, dtype)
     samples = [v.item() if hasattr(v, "item") else v for v in cap["sample"].values[bad]]

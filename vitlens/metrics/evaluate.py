@@ -40,17 +40,11 @@ _CURVES = [f"correct_{d}_{w}" for d in ("positive", "negative") for w in ("predi
 
 
 def _method_names(methods: str | Sequence[str]) -> list[str]:
-    from ..methods import METHODS
+    from ..registry import METHOD_INFO, resolve_methods
 
-    if isinstance(methods, str):
-        names = list(METHODS) if methods == "all" else [methods]
-    else:
-        names = list(methods)
+    names = resolve_methods(methods)  # the one reader of method names (did-you-mean hint)
     if not names:
-        raise OptionError(f"methods is empty; pass 'all' or names from {list(METHODS)}.")
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise OptionError(f"unknown method(s) {unknown}; choose from {list(METHODS)} or 'all'.")
+        raise OptionError(f"methods is empty; pass 'all' or names from {list(METHOD_INFO)}.")
     return names
 
 
@@ -275,7 +269,7 @@ def evaluate_items(
     Examples
     --------
     >>> import timm, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8, depth=2)
     >>> from vitlens.metrics import evaluate_items, summarize
     >>> items = evaluate_items(model, vl.datasets.shapes(2, objects=2), "rollout")
     >>> items.sizes["item"], summarize(items).sizes["method"]
@@ -393,7 +387,7 @@ def summarize(items: xr.Dataset, dim: str = "item") -> xr.Dataset:
     Examples
     --------
     >>> import timm, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8, depth=2)
     >>> from vitlens.metrics import evaluate_items, summarize
     >>> items = evaluate_items(model, vl.datasets.shapes(4, objects=2), ["rollout", "gradcam"])
     >>> first_objects = summarize(items.isel(item=items.object.values == 0))
@@ -504,7 +498,7 @@ def evaluate(
     Examples
     --------
     >>> import timm, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=16, num_classes=8, depth=2)
     >>> from vitlens.metrics import evaluate
     >>> table = evaluate(model, vl.datasets.shapes(4), methods=["rollout", "tokentm"])
     >>> table.to_dataframe().shape[0]

@@ -52,16 +52,14 @@ def pixel_maps(maps: xr.DataArray, size: tuple[int, int]) -> np.ndarray:
 
     Constant maps become zeros and NaNs become 0, as in the reference evaluation.
     """
-    from ..methods import to_pixels
+    from ..methods import minmax, to_pixels
 
     maps = maps.transpose("sample", "y", "x")
     if (maps.sizes["y"], maps.sizes["x"]) != tuple(size):
         maps = to_pixels(maps, size)
     values = np.asarray(maps.values, dtype=np.float64)  # min-max in float64: keeps a tiny class-specific part
     values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-    lo = values.min(axis=(1, 2), keepdims=True)
-    span = values.max(axis=(1, 2), keepdims=True) - lo
-    return np.where(span > 0, (values - lo) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
+    return minmax(values).astype(np.float32)
 
 
 def mask_array(masks: Any, n: int) -> np.ndarray:

@@ -219,7 +219,7 @@ def perturbation(
     Examples
     --------
     >>> import numpy as np, timm, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
     >>> cap = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)))
     >>> from vitlens.metrics import perturbation
     >>> out = perturbation(model, cap, vl.explain(cap, "rollout"), cap.target.values)
@@ -379,7 +379,7 @@ def deletion(
     Examples
     --------
     >>> import numpy as np, timm, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
     >>> cap = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)))
     >>> from vitlens.metrics import deletion
     >>> deletion(model, cap, vl.explain(cap, "rollout")).probability.sizes["deleted"]
@@ -413,7 +413,7 @@ def insertion(
     Examples
     --------
     >>> import numpy as np, timm, vitlens as vl
-    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2)
     >>> cap = vl.capture(model, np.random.default_rng(0).random((2, 32, 32, 3)))
     >>> from vitlens.metrics import insertion
     >>> out = insertion(model, cap, vl.explain(cap, "rollout"))

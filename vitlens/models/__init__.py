@@ -1,4 +1,5 @@
-"""Model loading and the adapters that give capture one surface over ViT and Swin."""
+"""Model loading and the adapters that give capture one surface over every supported family
+(timm ViT/DeiT/EVA/BEiT/Swin v1-v2, transformers ViT/DeiT/DINOv2/BEiT/Swin/CLIP/SigLIP)."""
 
 from __future__ import annotations
 

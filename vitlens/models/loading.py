@@ -34,8 +34,8 @@ def load_model(
     ----------
     name_or_module
         A shipped model (``"vit-shapes"``, ``"swin-shapes"``; see
-        ``vl.models.available()``), any timm model name of the ViT/DeiT/Swin
-        families, ``"hf:<repo id or directory>"`` for a Hugging Face
+        ``vl.models.available()``), any timm model name of a supported family
+        (ViT, DeiT, EVA, BEiT, Swin v1-v2; ``docs/COVERAGE.md``), ``"hf:<repo id or directory>"`` for a Hugging Face
         ``transformers`` model (see :mod:`vitlens.models.hf_loading`; a headless
         backbone such as ``ViTModel`` loads too, to be given a head with
         :func:`vitlens.with_head`), or an ``nn.Module`` (checked and returned as it is).

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ..capture.layout import Query, capture_layout
 from ..errors import CaptureFormatError, OptionError
 from .rows import attention_rows, holds_groups, stage_nodes
 
 #: A query token: a patch ``(row, col)`` on the first-stage grid, or ``None`` for the first prefix token (CLS).
-Query = tuple[int, int] | None
+
 
 
 def summary(values: xr.DataArray) -> xr.Dataset:
@@ -109,11 +110,10 @@ def query_maps(cap: xr.DataTree, layer: int, head: int, query: Query) -> np.ndar
     ((2, 4, 4), True)
     """
     stages = stage_nodes(cap)
-    stage = next((s for s in stages if layer in s.layers), None)
-    if stage is None:
-        raise OptionError(f"layer {layer} is not in this capture (layers {[l for s in stages for l in s.layers]}).")
+    name = capture_layout(cap).stage_of(layer).name  # the one message for a layer not in the capture
+    stage = next(s for s in stages if s.name == name)
     first = stages[0]
-    heads = int(stage.ds.attrs["num_heads"])
+    heads = stage.num_heads
     if not 0 <= head < heads:
         raise OptionError(f"block {layer} has heads 0..{heads - 1}; got head {head}.")
     fy, fx = (a // b for a, b in zip(stage.stride, first.stride, strict=True))
@@ -182,8 +182,4 @@ def default_query(cap: xr.DataTree) -> Query:
     >>> default_query(vl.capture(model, np.zeros((1, 32, 32, 3)), grads=False)) is None
     True
     """
-    first = cap[min((c for c in cap.children if c.startswith("stage")), key=lambda n: int(n[5:]))]
-    if str(cap.attrs.get("readout")) == "cls" and int(first.attrs["num_prefix_tokens"]) > 0:
-        return None
-    gh, gw = (int(g) for g in first.attrs["grid"])
-    return (gh // 2, gw // 2)
+    return capture_layout(cap).default_query()

@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 
+from ..capture.layout import missing_variable, stage_names
 from ..errors import CaptureFormatError
 from ..methods.operators import StageView, view
 
@@ -79,11 +80,9 @@ def stage_nodes(cap: xr.DataTree) -> list[StageView]:
     """The capture's stages (as the methods read them), each checked to hold attention."""
     stages = view(cap).stages
     missing = [s.name for s in stages if "attention" not in s.ds]
-    if missing:
-        raise CaptureFormatError(
-            f"this capture holds no attention in {missing}, so its head statistics cannot be computed; capture "
-            "again with keep='all' (or keep= including 'attention'), or with stats= to store them as it runs."
-        )
+    if missing:  # the one message for a missing variable, and where statistics can come from instead
+        raise CaptureFormatError(f"{missing_variable(cap, 'attention', missing[0])} Head statistics can also be "
+                                 "stored as the capture runs: vl.capture(..., stats=...).")
     return stages
 
 
@@ -93,7 +92,7 @@ def holds_groups(cap: xr.DataTree, groups: Iterable[str]) -> bool:
     A group is held where the stage has its variable (``attention``, ``attention_grad``,
     ``ablation_effect``) or variables named after it (``ln_mean``…, ``features``…).
     """
-    stages = [cap[c].to_dataset(inherit=False) for c in cap.children if c.startswith("stage")]
+    stages = [cap[c].to_dataset(inherit=False) for c in stage_names(cap)]
     return bool(stages) and all(any(v == g or str(v).startswith(f"{g}_") for v in ds.data_vars)
                                 for ds in stages for g in groups)
 
@@ -148,7 +147,7 @@ def head_table(cap: xr.DataTree, per_layer: dict[int, np.ndarray], name: str) ->
 
     stages = stage_nodes(cap)
     layers = [l for s in stages for l in s.layers]
-    heads = max(int(s.ds.attrs["num_heads"]) for s in stages)
+    heads = max(s.num_heads for s in stages)
     samples = cap["sample"].values
     out = np.full((len(samples), len(layers), heads), np.nan)
     for j, layer in enumerate(layers):

@@ -8,7 +8,6 @@ that two widgets follow each other with plain ``traitlets.link`` (see
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -24,7 +23,9 @@ from ..errors import ImageProcessorWarning, OptionError
 from .controls import class_label, top_classes
 from .export import ExportControls
 from .figure import grid_height, grid_shape, heatmap_trace, image_trace, image_uri, live_title, set_grid, title_chars, zsmooth
-from .layout import CaptureLayout, Query, capture_layout, check_view, checked_query
+from ..capture.attrs import json_attr
+from ..capture.layout import capture_options
+from .layout import CaptureLayout, Query, check_view, checked_query, explorable_layout
 from .panels import PanelMaps
 from .text import Markup, escape, html_text, markup
 
@@ -157,14 +158,14 @@ class ClassChoice:
 
         self.status.value = markup("capturing sample {} again to explain {}…", sample, repr(self.names[c]))
         try:
-            options = json.loads(self.cap.attrs.get("options", "{}"))
+            options = capture_options(self.cap)
             image = np.asarray(self.cap["image"].isel(sample=[sample]).values, dtype=np.float32)
             # the model's input again: the picture normalised as the capture recorded (also for a model
             # captured from a tensor, without the image processor that made it)
             mean = torch.tensor(self.cap.attrs["mean"], dtype=torch.float32).view(1, 3, 1, 1)
             std = torch.tensor(self.cap.attrs["std"], dtype=torch.float32).view(1, 3, 1, 1)
             pixels = (torch.from_numpy(image).permute(0, 3, 1, 2) - mean) / std
-            ids = json.loads(self.cap.attrs.get("text_input_ids", "[]"))  # image-text models: the same prompts
+            ids = json_attr(self.cap.attrs, "text_input_ids", [])  # image-text models: the same prompts
             text = {"text": torch.tensor(ids)} if ids else {}
             keep = keep if keep is not None else options.get("keep", "all")
             with warnings.catch_warnings():  # the capture already said how its picture was made
@@ -219,7 +220,7 @@ class CaptureView(widgets.VBox):
 
     def _init_capture(self, cap: xr.DataTree, layer: int | None, sample: int) -> int:
         self.cap = cap
-        self.layout_info: CaptureLayout = capture_layout(cap)
+        self.layout_info: CaptureLayout = explorable_layout(cap)
         layer = check_view(self.layout_info, cap, layer, sample)
         self.class_names = [str(n) for n in cap["class_name"].values]
         self.num_samples = int(cap["sample"].size)

@@ -101,8 +101,7 @@ def precision_note(cap: Any, sample: int, method: str, layout: CaptureLayout) ->
     """A sentence for a panel whose map rests on a float32 LRP pass that divided by nearly cancelling
     sums at position ``sample`` of ``cap`` (its ``lrp_condition``), else ``""``. Any method that reads
     the LRP relevance (its registered ``needs``) gets it."""
-    import json
-
+    from ..capture.layout import capture_options
     from ..capture.precision import RELIABLE_CONDITION, unreliable
 
     if "lrp_condition" not in cap.dataset:
@@ -110,8 +109,7 @@ def precision_note(cap: Any, sample: int, method: str, layout: CaptureLayout) ->
     info = method_info(method)
     if "attention_relevance" not in info.groups(layout, info.defaults_for(layout)):
         return ""
-    options = cap.attrs.get("options", {})
-    options = json.loads(options) if isinstance(options, str) else dict(options)
+    options = capture_options(cap)
     condition = float(cap["lrp_condition"].values[sample])
     if not unreliable(condition, str(options.get("lrp_dtype", "float32"))):
         return ""

@@ -16,6 +16,8 @@ import xarray as xr
 
 from ..errors import OptionError, VitlensError
 from ..methods import extra_groups
+from ..methods.options import check
+from ..registry import method_info
 from . import captions
 from .base import AttentionView, ClassChoice
 from .controls import (HeadToggles, layer_slider, opacity_slider, probe, probe_text, sample_dropdown, sample_options,
@@ -67,7 +69,7 @@ class ViewState:
 
 
 class Explorer(AttentionView):
-    """Look inside a captured ViT or Swin: one layer slider drives four linked maps.
+    """Look inside a captured vision transformer: one layer slider drives four linked maps.
 
     Panels, each the input image under a heatmap (all min-max scaled to [0, 1],
     one shared colour scale, shown by the colour bar):
@@ -202,12 +204,12 @@ class Explorer(AttentionView):
 
     # -- construction, step by step ---------------------------------------------------------
     def _check_options(self, model: Any, stat: str, method: str, compare_class: bool, ablate: bool) -> None:
-        if stat not in STATISTICS:
-            raise OptionError(f"stat={stat!r}; choose from {list(STATISTICS)}.")
+        check("", stat=stat)  # the options table's statistics
+        method_info(method)  # an unknown name: the registry's message, with its did-you-mean hint
         if method not in method_names(self.cap):
-            hint = (f" {method!r} reads a pass this capture was made without: capture with "
-                    f"keep=('all', {', '.join(map(repr, extra_groups([method])))})." if method in method_names() else "")
-            raise OptionError(f"method={method!r}; choose from {list(method_names(self.cap))}.{hint}")
+            raise OptionError(f"method={method!r} reads a pass this capture was made without: capture with "
+                              f"keep=('all', {', '.join(map(repr, extra_groups([method])))}), or choose from "
+                              f"{list(method_names(self.cap))}.")
         if ablate and model is None:
             raise OptionError("ablate=True switches heads off in the model: pass it, vl.Explorer(cap, model, "
                               "ablate=True).")

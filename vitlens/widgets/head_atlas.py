@@ -113,7 +113,7 @@ class HeadAtlas(AttentionView):
         super().__init__()
         self._ready = False
         self.cap, self.model, self.source_images = cap, model, images
-        self.layout_info = capture_layout(cap, attention=False)
+        self.layout_info = capture_layout(cap)  # a reduced store without attention is fine
         self.num_samples = int(cap["sample"].size)
         self.class_names = [str(n) for n in cap["class_name"].values] if "class_name" in cap.coords else []
         self.available = self._available()

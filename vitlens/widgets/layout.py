@@ -1,133 +1,34 @@
-"""Where things sit in a capture: stages, grids, heads, windows and query tokens.
+"""What the widgets need on top of a capture's layout: query tokens, heads, windows, outlines.
 
-Widgets draw every map on the *first-stage* token grid (ViT: the only grid; Swin:
-the finest, e.g. 56×56 for Swin-T at 224 px). A token of a coarser Swin stage
-covers a ``f×f`` block of first-stage tokens (``f = 2**stage``); its value is
-repeated over that block (nearest-neighbour), the same convention as
-:func:`vitlens.methods.statistic_maps`. A *query* is a patch ``(row, col)`` on
-the first-stage grid, or ``None`` for the read-out token (CLS).
+The layout itself (stages, grids, strides, windows, prefix tokens) has one reader,
+:func:`vitlens.capture.layout.capture_layout`. Widgets draw every map on the
+*first-stage* token grid (ViT: the only grid; Swin: the finest); a token of a coarser
+stage covers ``factor × factor`` first-stage tokens and its value is repeated over
+that block (nearest-neighbour), the same convention as
+:func:`vitlens.methods.statistic_maps`. A *query* is a patch ``(row, col)`` on the
+first-stage grid, or ``None`` for the read-out token (CLS).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 
-from ..errors import CaptureFormatError, OptionError
+from ..capture.layout import CaptureLayout, Query, StageLayout, capture_layout, missing_variable
+from ..errors import OptionError
 
-Query = tuple[int, int] | None
 #: Selected heads per stage index (a stage with an empty set contributes nothing).
 HeadChoice = Mapping[int, frozenset[int]]
 
 
-@dataclass(frozen=True)
-class StageLayout:
-    """One stage of a capture: its blocks, token grid and heads."""
-
-    name: str
-    index: int
-    layers: tuple[int, ...]
-    grid: tuple[int, int]
-    stride: tuple[int, int]
-    num_heads: int
-    num_prefix: int
-    window: tuple[int, int] | None
-    factor: int  # first-stage tokens per stage token, along each axis (stride ratio)
-    shifts: tuple[tuple[int, int], ...] = ()  # Swin: cyclic shift of each block's windows
-
-    def shift(self, layer: int) -> tuple[int, int]:
-        return self.shifts[self.layers.index(layer)] if self.shifts else (0, 0)
-
-    @property
-    def shape_text(self) -> str:
-        return f"{self.grid[0]}×{self.grid[1]}"
-
-
-@dataclass(frozen=True)
-class CaptureLayout:
-    """The stages of a capture and the first-stage grid every map is drawn on."""
-
-    stages: tuple[StageLayout, ...]
-    family: str
-    readout: str
-    input_size: tuple[int, int]
-
-    @property
-    def first(self) -> StageLayout:
-        return self.stages[0]
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.first.grid
-
-    @property
-    def stride(self) -> tuple[int, int]:
-        return self.first.stride
-
-    @property
-    def layers(self) -> list[int]:
-        return [l for s in self.stages for l in s.layers]
-
-    @property
-    def windowed(self) -> bool:
-        return self.first.window is not None
-
-    def stage_of(self, layer: int) -> StageLayout:
-        for stage in self.stages:
-            if layer in stage.layers:
-                return stage
-        raise OptionError(f"layer {layer} is not in this capture; it has layers {self.layers[0]}..{self.layers[-1]}.")
-
-    def default_query(self) -> Query:
-        """CLS for ViT with a CLS read-out; otherwise the centre patch."""
-        if self.readout == "cls" and self.first.num_prefix > 0:
-            return None
-        return (self.grid[0] // 2, self.grid[1] // 2)
-
-    def all_heads(self) -> dict[int, frozenset[int]]:
-        return {s.index: frozenset(range(s.num_heads)) for s in self.stages}
-
-
-def capture_layout(cap: xr.DataTree, attention: bool = True) -> CaptureLayout:
-    """Read the stage layout of a capture (no arrays are loaded).
-
-    ``attention=False``: a store that kept no attention (a reduced store) is fine too.
-    """
-    if not isinstance(cap, xr.DataTree) or "vitlens_version" not in cap.attrs:
-        raise CaptureFormatError(
-            f"widgets take a capture from vl.capture or vl.open (an xarray.DataTree); got {type(cap).__name__}."
-        )
-    # a reduced store also holds /maps and /stats beside the stages
-    names = sorted((n for n in cap.children if n.startswith("stage")), key=lambda n: int(n.removeprefix("stage")))
-    if not names or (attention and "attention" not in cap[names[0]]):
-        raise CaptureFormatError("this capture holds no attention; capture again with keep='all' to explore it.")
-    stages = []
-    first_stride = None
-    for name in names:
-        node = cap[name]
-        grid = tuple(int(g) for g in node.attrs["grid"])
-        stride = tuple(int(s) for s in node.attrs["stride"])
-        first_stride = first_stride or stride
-        window = node.attrs.get("window_size")
-        stages.append(
-            StageLayout(
-                name=name,
-                index=int(node.attrs["stage"]),
-                layers=tuple(int(v) for v in node["layer"].values),
-                grid=grid,  # type: ignore[arg-type]
-                stride=stride,  # type: ignore[arg-type]
-                num_heads=int(node.attrs["num_heads"]),
-                num_prefix=int(node.attrs["num_prefix_tokens"]),
-                window=tuple(int(w) for w in window) if window is not None else None,  # type: ignore[arg-type]
-                factor=stride[0] // first_stride[0],
-                shifts=tuple(tuple(int(v) for v in sh) for sh in node.attrs.get("shift_size", ())),  # type: ignore[misc]
-            )
-        )
-    h, w = (int(v) for v in cap.attrs["input_size"][-2:])
-    return CaptureLayout(tuple(stages), str(cap.attrs["family"]), str(cap.attrs["readout"]), (h, w))
+def explorable_layout(cap: xr.DataTree) -> CaptureLayout:
+    """The capture's layout (:func:`~vitlens.capture.layout.capture_layout`), for a capture that holds attention."""
+    layout = capture_layout(cap)
+    if "attention" not in cap[layout.first.name]:
+        raise missing_variable(cap, "attention", layout.first.name)
+    return layout
 
 
 def check_view(layout: CaptureLayout, cap: xr.DataTree, layer: int | None, sample: int) -> int:
@@ -135,8 +36,7 @@ def check_view(layout: CaptureLayout, cap: xr.DataTree, layer: int | None, sampl
     layers = layout.layers
     if layer is None:
         layer = layers[-1]
-    if layer not in layers:
-        raise OptionError(f"layer={layer}: this capture has layers {layers[0]}..{layers[-1]}.")
+    layout.check_layers([layer])
     n = int(cap["sample"].size)
     if not 0 <= sample < n:
         raise OptionError(f"sample={sample}: this capture has samples 0..{n - 1}.")

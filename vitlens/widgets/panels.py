@@ -15,12 +15,15 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ..capture.layout import missing_variable
 from ..errors import OptionError, VitlensError
-from ..methods import METHOD_INFO, explain, statistic_maps
+from ..registry import method_info
+from ..methods import METHOD_INFO, explain, minmax, statistic_maps
+from ..methods.options import CHOICES, check
 from .layout import CaptureLayout, HeadChoice, Query, heads_option, query_token, upsample, usable_layers
 
-#: LayerNorm statistics the widgets offer (``vl.explain(..., "lnstat", stat=...)``).
-STATISTICS = ("std", "mean", "var", "norm")
+#: LayerNorm statistics the widgets offer (``vl.explain(..., "lnstat", stat=...)``): the options table's.
+STATISTICS = CHOICES["stat"]
 
 
 def method_names(cap: xr.DataTree | None = None) -> tuple[str, ...]:
@@ -38,18 +41,14 @@ def method_names(cap: xr.DataTree | None = None) -> tuple[str, ...]:
 def normalized(values: np.ndarray) -> np.ndarray:
     """Min-max normalise one map to [0, 1] (a constant map becomes zeros), float32.
 
-    The same rule as :func:`vitlens.normalize`, so all panels share one colour scale.
+    The rule of :func:`vitlens.normalize` (:func:`vitlens.methods.minmax`), so all panels share one colour scale.
 
     Examples
     --------
     >>> normalized(np.array([[1.0, 3.0]])).tolist()
     [[0.0, 1.0]]
     """
-    values = np.asarray(values, dtype=np.float32)
-    lo, hi = float(values.min()), float(values.max())
-    if not hi > lo:
-        return np.zeros_like(values)
-    return (values - lo) / (hi - lo)
+    return np.nan_to_num(minmax(np.asarray(values, dtype=np.float32), axis=None))  # no NaN to the front end
 
 
 def query_attention(
@@ -138,8 +137,7 @@ def fusion_maps(cap: xr.DataTree, layout: CaptureLayout, heads: HeadChoice, stat
 
 def statistic_array(cap: xr.DataTree, stat: str) -> np.ndarray:
     """The LayerNorm-input statistic of every layer: ``(sample, layer, gh, gw)``."""
-    if stat not in STATISTICS:
-        raise OptionError(f"statistic {stat!r}; choose from {list(STATISTICS)}.")
+    check("", stat=stat)  # the options table's statistics
     maps = statistic_maps(cap, stat=stat)
     return np.asarray(maps.transpose("sample", "layer", "y", "x").values, dtype=np.float32)
 
@@ -166,15 +164,13 @@ def method_maps(cap: xr.DataTree, layout: CaptureLayout, method: str, heads: Hea
     map (the same at every layer) for feature Grad-CAM. Layers before a method's
     ``start_layer`` are zeros.
     """
-    if method not in METHOD_INFO:
-        raise OptionError(f"unknown method {method!r}; choose from {list(METHOD_INFO)}.")
+    info = method_info(method)  # the one reader of method names (did-you-mean hint)
     n = int(cap["sample"].size)
     layers = usable_layers(layout, heads)
     out = np.zeros((n, len(layout.layers), *layout.grid), dtype=np.float32)
     if not layers:
         return out, layout.layers[0]
     extra = method_options(layout, method)
-    info = METHOD_INFO[method]
     if not info.uses_layers(extra):  # one map for every layer (gradcam on the final feature map)
         single = explain(cap, method, **extra).transpose("sample", "y", "x").values
         out[:] = np.asarray(single, dtype=np.float32)[:, None]
@@ -258,8 +254,6 @@ def token_curves(cap: xr.DataTree, layout: CaptureLayout, sample: int, query: Qu
     >>> token_curves(cap, capture_layout(cap), 0, None)["token norm ‖x‖"]["token"].shape
     (2,)
     """
-    from ..errors import CaptureFormatError
-
     out: dict[str, dict[str, list]] = {label: {"layer": [], "token": [], "patches": []} for _, _, label in CURVES}
     for stage in layout.stages:
         node = cap[stage.name]
@@ -267,8 +261,7 @@ def token_curves(cap: xr.DataTree, layout: CaptureLayout, sample: int, query: Qu
         patch = np.flatnonzero(np.asarray(node["kind"].values) == "patch")
         for var, norm, label in CURVES:
             if var not in node:
-                raise CaptureFormatError(f"this capture holds no {var!r}; capture again with keep='all' "
-                                         "(or a keep= that includes 'norms' and 'ln') to see token curves.")
+                raise missing_variable(cap, var, stage.name)
             values = node[var].isel(sample=sample)
             if norm is not None:
                 values = values.sel(norm=norm)
