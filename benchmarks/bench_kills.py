@@ -16,8 +16,19 @@ Then ``--saves`` times a child runs ``vl.save(new, path, overwrite=True)`` over 
 saved capture (``.zarr`` and ``.nc`` in turn) and is SIGKILLed at a random
 moment of the save. The next ``vl.open(path)`` must give the old or the new
 capture whole, and leave nothing of the killed save beside ``path`` (its
-temporary copy, or a capture it moved aside). Reduced and sharded captures
-(issue 27) are not on main yet: their kills come when they land.
+temporary copy, or a capture it moved aside).
+
+Sharded captures (``vl.capture(factory, images, store=..., client=...)``, ``--shard-clients``,
+``--shard-workers``): a spawned client with an in-process LocalCluster of 2 worker
+threads is killed ``--shard-clients`` times, at write steps spread over its whole write
+path (its commit markers, the store's layout, the workers' rows) and by SIGKILL at
+random moments; and on a LocalCluster of 2 worker processes one worker is made to
+exit at a random write step of its own ``--shard-workers`` times while the run goes on.
+Every batch the marker lists as committed must hold exactly the one-process capture's
+values (1 torch thread on both sides), a killed client's store must resume to the
+one-process store, and a run that lost a worker must finish with it. A batch that
+does not counts as lost. Reduced captures are not on main yet: their kills come when
+they land.
 """
 
 from __future__ import annotations
@@ -122,6 +133,156 @@ def check(store: Path, ref) -> tuple[bool, bool, int, str]:
         return True, False, done, f"resume: {type(exc).__name__}: {exc}"
 
 
+# -- sharded captures -----------------------------------------------------------------------
+
+
+def _shard_child(store: str, fault: int | None, log: str | None, ready=None) -> None:
+    """A client with 2 worker threads in its own process; ``fault``: exit at that write step of the process."""
+    os.environ.pop(stream.FAULT_ENV, None)
+    os.environ.pop(stream.FAULT_LOG_ENV, None)
+    if fault is not None:
+        os.environ[stream.FAULT_ENV] = str(fault)
+    if log is not None:
+        os.environ[stream.FAULT_LOG_ENV] = log
+    torch.set_num_threads(1)
+    stream._fault = stream._Faults()
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        if ready is not None:
+            ready.set()
+        vl.capture(model, images(), store=store, batch_size=BATCH, progress=False, client=client)
+    os._exit(0)
+
+
+def run_shard_client(store: Path, fault=None, log=None, kill_after=None) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_shard_child, args=(str(store), fault, log, ready))
+    proc.start()
+    if kill_after is not None:
+        ready.wait(300)
+        proc.join(kill_after)
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGKILL)
+    proc.join(300)
+    return proc.exitcode
+
+
+def committed_batches(store: Path) -> set[int]:
+    import json
+
+    from vitlens.capture.shard import ShardPlan, _from_ranges
+
+    try:
+        marker = json.loads((store / stream.MARKER).read_text())
+    except (OSError, ValueError):
+        return set()
+    return _from_ranges(marker.get("done", []), ShardPlan(N, BATCH).batches, store)
+
+
+def lost_batches(ref1, store: Path, batches: set[int]) -> list[int]:
+    """Committed batches whose rows differ from the one-process capture (read raw: any batch, not a prefix)."""
+    import xarray as xr
+
+    from vitlens.capture.shard import ShardPlan
+
+    if not batches:
+        return []
+    from vitlens.capture.store import quiet_zarr
+
+    with quiet_zarr():
+        raw = xr.open_datatree(store, engine="zarr", consolidated=False, chunks=None, mask_and_scale=False)
+    lost = []
+    for b in sorted(batches):
+        start, stop = ShardPlan(N, BATCH).rows(b)
+        for node in ref1.subtree:
+            ds = node.to_dataset(inherit=False)
+            names = [n for n, v in ds.data_vars.items() if "sample" in v.dims]
+            if any(not same(ds[n].values[start:stop], raw[node.path][n].values[start:stop]) for n in names):
+                lost.append(b)
+                break
+    return lost
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit for bit (NaN where NaN: a prefix token's pixel centre)."""
+    return a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+
+
+def shard_equal(ref1, store: Path) -> bool:
+    tree = vl.open(store)
+    return all(same(node.to_dataset(inherit=False)[n].values, tree[node.path][n].values)
+               for node in ref1.subtree for n in node.to_dataset(inherit=False).variables)
+
+
+def _arm(step: int, log: str) -> int:
+    os.environ[stream.FAULT_ENV], os.environ[stream.FAULT_LOG_ENV] = str(step), log
+    stream._fault = stream._Faults()
+    return os.getpid()
+
+
+def kill_shards(d: Path, clients: int, workers: int, rng) -> dict[str, int]:
+    """Kill sharded captures: the client (with its worker threads) and single worker processes."""
+    import threading
+
+    from dask.distributed import Client, LocalCluster
+
+    torch.set_num_threads(1)  # the reference: one torch thread, as every worker
+    ref1 = vl.capture(model(), images(), batch_size=BATCH)
+    out = {"client kills": 0, "worker kills": 0, "committed batches checked": 0, "lost": 0, "resumed OK": 0,
+           "runs that finished before the kill": 0}
+    log = d / "shard-steps.txt"
+    assert run_shard_client(d / "shard-trace.zarr", log=str(log)) == 0
+    steps = len(log.read_text().splitlines())
+    fixed = clients - clients // 4
+    plan = [("step", int(s)) for s in sorted(set(np.linspace(1, steps, fixed).round().astype(int).tolist()))]
+    plan += [("random", None)] * (clients - len(plan))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        for i, (kind, step) in enumerate(plan):
+            store = d / f"shard{i}.zarr"
+            code = (run_shard_client(store, fault=step) if kind == "step"
+                    else run_shard_client(store, kill_after=rng.random() * 6.0))
+            if code == 0:
+                out["runs that finished before the kill"] += 1
+                continue
+            out["client kills"] += 1
+            done = committed_batches(store)
+            out["committed batches checked"] += len(done)
+            lost = lost_batches(ref1, store, done)
+            try:
+                vl.capture(model, images(), store=store, batch_size=BATCH, progress=False, client=client,
+                           resume=True)
+                ok = shard_equal(ref1, store)
+            except Exception as exc:  # noqa: BLE001 - a benchmark counts every failure
+                print(f"  shard client kill {i} ({kind} {step}): resume: {type(exc).__name__}: {exc}", file=sys.stderr)
+                ok = False
+            out["resumed OK"] += ok
+            out["lost"] += len(lost) + (not ok and not lost)
+            if lost:
+                print(f"  shard client kill {i} ({kind} {step}): committed batches {lost} differ", file=sys.stderr)
+    for i in range(workers):  # a fresh cluster each time: a nanny restarting a worker can be slow on a loaded machine
+        store, wlog = d / f"shardw{i}.zarr", d / f"shardw{i}.txt"
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            target = sorted(client.scheduler_info()["workers"])[int(rng.integers(2))]
+            pid = client.run(_arm, int(rng.integers(1, 90)), str(wlog), workers=[target])[target]
+            try:
+                vl.capture(model, images(), store=store, batch_size=BATCH, progress=False, client=client)
+                ok = shard_equal(ref1, store)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  shard worker kill {i}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                ok = False
+            killed = pid not in client.run(os.getpid).values()  # the worker that exited is gone
+        out["worker kills"] += killed
+        out["runs that finished before the kill"] += not killed
+        out["committed batches checked"] += len(committed_batches(store))
+        out["lost"] += not ok
+    return out
+
+
 def _save_child(cap, path: str, ready) -> None:
     ready.set()
     vl.save(cap, path, overwrite=True)
@@ -176,7 +337,12 @@ def main() -> None:
     p.add_argument("--random", type=int, default=12)
     p.add_argument("--saves", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-clients", type=int, default=16, help="kills of a sharded capture's client")
+    p.add_argument("--shard-workers", type=int, default=8, help="kills of one worker of a sharded capture")
+    p.add_argument("--only-shards", action="store_true", help="only the sharded captures' kills")
     args = p.parse_args()
+    if args.only_shards:
+        args.kills = args.random = args.saves = 0
     ref = vl.capture(model(), images())
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
@@ -220,6 +386,10 @@ def main() -> None:
             if note:
                 print(f"  kill {i} ({kind} {step}): {note}", file=sys.stderr)
         saves = kill_saves(d, ref.isel(sample=slice(0, 5)), ref, args.saves, rng) if args.saves else None
+        t1 = time.perf_counter()
+        shards = kill_shards(d, args.shard_clients, args.shard_workers, rng) \
+            if args.shard_clients or args.shard_workers else None
+        shard_seconds = time.perf_counter() - t1
     print(f"write path: {len(steps)} steps for {N} images in batches of {BATCH}; {time.perf_counter() - t0:.0f} s\n")
     print("| kills | resumed OK | stores lost | runs that finished before the kill |")
     print("|---:|---:|---:|---:|")
@@ -230,6 +400,11 @@ def main() -> None:
               "capture whole | something left after that open | lost |")
         print("|---:|---:|---:|---:|---:|")
         print("| " + " | ".join(map(str, saves)) + " |")
+    if shards is not None:
+        print(f"\nsharded captures ({N} images in batches of {BATCH}, 2 workers; {shard_seconds:.0f} s):\n")
+        print("| " + " | ".join(shards) + " |")
+        print("|" + "---:|" * len(shards))
+        print("| " + " | ".join(str(v) for v in shards.values()) + " |")
 
 
 if __name__ == "__main__":

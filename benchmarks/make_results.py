@@ -618,8 +618,23 @@ def main() -> None:
         "maps of the item's class (`target=\"label\"`). Default options of every method.",
         "",
     ]
+    body += kept_sections(Path(args.out), body)
     Path(args.out).write_text("\n".join(head + body) + "\n", encoding="utf-8")
     print(f"wrote {args.out} in {total / 60:.1f} min")
+
+
+def kept_sections(path: Path, body: list[str]) -> list[str]:
+    """The marked sections of the old file (``<!-- name:start -->`` … ``<!-- name:end -->``) that other
+    benchmarks splice in (e.g. bench_shard.py --results) and this run does not write: kept at the end."""
+    import re
+
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = "\n".join(body)
+    out: list[str] = []
+    for match in re.finditer(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", old, re.S):
+        if f"<!-- {match.group(1)}:start -->" not in text:
+            out += ["", match.group(0)]
+    return out
 
 
 if __name__ == "__main__":

@@ -294,7 +294,8 @@ def test_an_ablated_capture_explains_with_every_method(make, size, ablate):
     model = make()
     for ablation in ("zero", "mean"):
         cap = vl.capture(model, random_images(2, size), ablate=ablate, ablation=ablation,
-                         reference=random_images(2, size, seed=1) if ablation == "mean" else None)
+                         reference=random_images(2, size, seed=1) if ablation == "mean" else None,
+                         keep=("all", *vl.methods.extra_groups()))  # AttnLRP's and LeGrad's passes too
         every = vl.explain(cap, "all")
         for method in vl.METHODS:
             assert np.isfinite(every[method].values).all(), method

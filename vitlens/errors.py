@@ -24,6 +24,7 @@ __all__ = [
     "ResumeError",
     "StorageError",
     "StoreLockedError",
+    "ShardError",
 ]
 
 
@@ -105,3 +106,11 @@ class StorageError(VitlensError, OSError):
 
 class StoreLockedError(StorageError):
     """Another live process is writing the same store."""
+
+
+class ShardError(VitlensError, RuntimeError):
+    """A capture sharded over dask workers could not go on (workers disagree, keep dying, or are gone).
+
+    The batches committed before are intact: fix the cause the message names, then
+    continue with ``vl.capture(..., store=..., resume=True, client=client)``.
+    """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -64,6 +64,9 @@ _GRADIENT_EXTRAS = ("attnlrp", "attnlrp_cp", "legrad")
 _TOKEN_VARS = NORM_VARIABLES  # the "norms" group's variables (one list, beside the layout's KEPT_IN)
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
+
+#: Images per forward pass when ``batch_size=`` is left out.
+DEFAULT_BATCH_SIZE = 32
 
 
 def _resolve_keep(keep: str | Iterable[str] | None, grads: bool, answers: bool) -> tuple[set[str], bool]:
@@ -312,7 +315,7 @@ def _plan(adapter: Adapter, keep: str | Iterable[str] | None, grads: bool, dtype
     if lrp_dtype not in LRP_DTYPES:
         raise OptionError(f"lrp_dtype={lrp_dtype!r}; choose 'float32' or 'float64' (the αβ LRP pass's precision).")
     if batch_size is None:
-        batch_size = 32
+        batch_size = DEFAULT_BATCH_SIZE
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise OptionError(f"batch_size must be a positive int; got {batch_size!r}.")
     maps, stats = reduced.resolve_maps(maps), reduced.resolve_stat_options(stats)
@@ -333,7 +336,7 @@ def _plan(adapter: Adapter, keep: str | Iterable[str] | None, grads: bool, dtype
 
 
 def capture(
-    model: nn.Module,
+    model: nn.Module | str | Callable[[], nn.Module],
     images: Any,
     target: int | str | Sequence[int | str] | None = None,
     *,
@@ -354,6 +357,7 @@ def capture(
     lrp_dtype: str = "float32",
     maps: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
     stats: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
+    client: Any = None,
 ) -> xr.DataTree:
     """Run ``model`` once on ``images`` and record its internals into a labeled DataTree.
 
@@ -365,7 +369,10 @@ def capture(
     ----------
     model
         A model of a supported family: timm ViT/DeiT/EVA/BEiT/Swin v1-v2 or transformers
-        ViT/DeiT/DINOv2/BEiT/Swin/CLIP/SigLIP (see :func:`vitlens.load_model`).
+        ViT/DeiT/DINOv2/BEiT/Swin/CLIP/SigLIP (see :func:`vitlens.load_model`). For a
+        capture sharded over dask workers (``client=``): a name
+        :func:`vitlens.load_model` accepts, or a picklable function of no
+        arguments that builds the model (each worker builds it once).
     images
         A folder (its image files, sorted by name: see
         :func:`~vitlens.capture.images.folder_images`), a path or list of
@@ -453,6 +460,12 @@ def capture(
     stats
         Reduced capture: head statistics (``"all"`` or a list; ``vl.HEAD_STATS``)
         stored under ``/stats`` as ``(sample, layer, head)``.
+    client
+        A ``dask.distributed.Client``: capture ``store=`` with its workers, each
+        writing whole batches into the one store (:mod:`vitlens.capture.shard`;
+        resumable, equal to a one-process capture). Left out, a Client that is
+        active is used when ``model`` is a name or a factory and ``store=`` is
+        given; ``False`` always captures in this process.
 
     Returns
     -------
@@ -477,6 +490,46 @@ def capture(
     >>> small["maps"]["rollout"].dims, "attention" in small["stage0"]
     (('sample', 'map_y', 'map_x'), False)
     """
+    from .shard import sharding_client
+
+    chosen = sharding_client(client, model, store)
+    if chosen is not None:
+        from .shard import capture_sharded
+
+        options = dict(grads=grads, keep=keep, dtype=dtype, batch_size=batch_size, device=device, text=text,
+                       processor=processor, ablate=ablate, ablation=ablation, reference=reference,
+                       intervention=intervention, lrp_dtype=lrp_dtype, maps=maps, stats=stats)
+        return capture_sharded(chosen, model, images, target, store=store, resume=resume, progress=progress,
+                               options=options)
+    model, adapter, plan, device = _prepare(model, target, grads=grads, keep=keep, dtype=dtype,
+                                            batch_size=batch_size, device=device, progress=progress, text=text,
+                                            processor=processor, ablate=ablate, ablation=ablation,
+                                            reference=reference, intervention=intervention, lrp_dtype=lrp_dtype,
+                                            maps=maps, stats=stats)
+    if store is not None:
+        from .stream import capture_to_store
+
+        part, fingerprint = _stream_step(model, adapter, plan, device, images, target)
+        return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
+                                resume=resume, progress=progress, fingerprint=fingerprint)
+    if resume:
+        raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
+    tree = _capture_images(adapter, model, images, target, plan, device, progress)
+    # keep the caller's labels (e.g. a subset of a dataset)
+    return _label_samples(tree, _input_samples(images, tree["sample"].size), image_sources(images))
+
+
+def _prepare(model: nn.Module, target: Any, *, grads: bool = True, keep: str | Iterable[str] | None = None,
+             dtype: str = "float32", batch_size: int | None = None, device: Any = None,
+             progress: bool | None = None, text: Any = None, processor: Any = None,
+             ablate: Mapping[int, Any] | None = None, ablation: str = "zero", reference: Any = None,
+             intervention: Any = None, lrp_dtype: str = "float32", maps: Any = None, stats: Any = None,
+             ) -> tuple[nn.Module, Adapter, CapturePlan, torch.device]:
+    """``capture``'s options checked and resolved for ``model``: ``(model, adapter, plan, device)``.
+
+    What a streaming run's per-batch step (:func:`_capture_part`) is built from, in this process
+    or on each dask worker (:mod:`vitlens.capture.shard`).
+    """
     from .targets import Target, is_callable_target
 
     if isinstance(target, Target):  # a headless backbone explains an embedding target without a head
@@ -500,22 +553,20 @@ def capture(
     elif ablate is not None or reference is not None:
         raise OptionError("pass either intervention= or ablate=/ablation=/reference=, not both.")
     plan = replace(plan, intervention=intervention)
-    sources = image_sources(images)
-    if store is not None:
-        from .fingerprint import run_fingerprint, text_fingerprint
-        from .stream import capture_to_store
+    return model, adapter, plan, device
 
-        if intervention is not None and intervention.per_image:
-            raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
-        fingerprint = run_fingerprint(model, images, target, plan.run_options, text=text_fingerprint(adapter))
-        part = functools.partial(_capture_part, adapter, model, plan, device, sources=sources)
-        return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
-                                resume=resume, progress=progress, fingerprint=fingerprint)
-    if resume:
-        raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
-    tree = _capture_images(adapter, model, images, target, plan, device, progress)
-    # keep the caller's labels (e.g. a subset of a dataset)
-    return _label_samples(tree, _input_samples(images, tree["sample"].size), sources)
+
+def _stream_step(model: nn.Module, adapter: Adapter, plan: CapturePlan, device: torch.device, images: Any,
+                 target: Any) -> tuple[Callable[..., xr.DataTree], dict[str, Any]]:
+    """A streaming run's per-batch step, ``step(images, target, offset) -> tree``, and the run's
+    fingerprint (checked on resume). The one-process stream and each dask worker use it; ``images``
+    (the whole input) gives the step the ``source`` of each image (the workers pass theirs per batch)."""
+    from .fingerprint import run_fingerprint, text_fingerprint
+
+    if plan.intervention is not None and plan.intervention.per_image:
+        raise OptionError("a patched capture (one source per image) is made in memory: drop store=.")
+    fingerprint = run_fingerprint(model, images, target, plan.run_options, text=text_fingerprint(adapter))
+    return functools.partial(_capture_part, adapter, model, plan, device, sources=image_sources(images)), fingerprint
 
 
 def _capture_part(adapter: Adapter, model: nn.Module, plan: CapturePlan, device: torch.device,

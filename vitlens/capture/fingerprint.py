@@ -103,25 +103,28 @@ def text_fingerprint(adapter: Any) -> dict[str, Any] | None:
     return {"prompts": int(ids.shape[0]), "digest": h.hexdigest()}
 
 
+def target_fingerprint(target: Any) -> str | None:
+    """The targets as a run's fingerprint holds them: a class, a callable's name, or a digest of a list."""
+    if callable(target):  # a callable target (vl.targets): its name
+        from .targets import describe
+
+        return f"callable {describe(target)}"
+    if target is None or isinstance(target, (int, np.integer, str)):
+        return None if target is None else str(target)
+    return hashlib.blake2b(",".join(map(str, list(target))).encode(), digest_size=16).hexdigest()
+
+
 def run_fingerprint(model: nn.Module, images: Any, target: Any, options: dict[str, Any],
                     text: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fingerprint recorded in a streaming store and checked on ``resume=True``.
 
     ``text`` is :func:`text_fingerprint` of the adapter bound to the prompts.
     """
-    if callable(target):  # a callable target (vl.targets): its name
-        from .targets import describe
-
-        tgt: Any = f"callable {describe(target)}"
-    elif target is None or isinstance(target, (int, np.integer, str)):
-        tgt = None if target is None else str(target)
-    else:
-        tgt = hashlib.blake2b(",".join(map(str, list(target))).encode(), digest_size=16).hexdigest()
     return {
         "model": type(model).__name__,
         "weights": weights_digest(model),
         "options": dict(options),
-        "target": tgt,
+        "target": target_fingerprint(target),
         "text": text,
         "source": source_fingerprint(images),
     }

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,16 @@ def _chunks(var: xr.Variable, batch: int) -> tuple[int, ...]:
 
 COMMIT_FILE = MARKER
 FORMAT = "vitlens-stream/1"
+#: A store written by dask workers, batch by batch (``vl.capture(..., client=...)``; see ``shard.py``).
+SHARD_FORMAT = "vitlens-shard/1"
+#: How a store of each format is continued (named when a resume meets the other format).
+RESUME_WITH = {
+    FORMAT: "it was captured in one process: resume it there, vl.capture(model, images, store=..., "
+            "resume=True, client=False)",
+    SHARD_FORMAT: "it was captured over dask workers: resume it with vl.capture(name_or_factory, images, "
+                  "store=..., resume=True, client=client) (any number of workers; LocalCluster(n_workers=1) "
+                  "on one machine)",
+}
 
 # -- fault injection (tests only) ------------------------------------------------------
 
@@ -148,7 +159,9 @@ def _store(path: Path):
 
     class _Store(LocalStore):
         async def set(self, key: str, value) -> None:  # type: ignore[override]
-            _fault(f"set {key}")
+            # through the module, not a global: dask's tokenizer pickles this class by value when it names
+            # a lazy write (shard.py's layout), and the copy would count its steps apart from this module's
+            sys.modules[__name__]._fault(f"set {key}")
             await super().set(key, value)
 
     return _Store(path)
@@ -294,9 +307,11 @@ def _write_batch(tree: xr.DataTree, store: Path, first: bool, batch_size: int, m
     _write_marker(store, marker)
 
 
-def _open_store(path: Path, fingerprint: dict[str, Any], resume: bool) -> tuple[Any, dict[str, Any]]:
-    """Lock ``path`` and return ``(lock, marker)``: a fresh store, or a checked one to resume."""
-    fresh = {"format": FORMAT, "images": 0, "complete": False, "run": fingerprint}
+def _open_store(path: Path, fingerprint: dict[str, Any], resume: bool,
+                fresh: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Lock ``path`` and return ``(lock, marker)``: a fresh store (marker ``fresh``, by default a
+    one-process stream's), or a checked one of the same format to resume."""
+    fresh = fresh if fresh is not None else {"format": FORMAT, "images": 0, "complete": False, "run": fingerprint}
     if not path.exists():
         if not path.parent.is_dir():
             raise StorageError(f"store={str(path)!r}: the directory {str(path.parent)!r} does not exist; create it first.")
@@ -327,9 +342,10 @@ def _open_store(path: Path, fingerprint: dict[str, Any], resume: bool) -> tuple[
         handle = _lock.acquire(path)
         _write_marker(path, fresh)
         return handle, fresh
-    if marker.get("format") != FORMAT or "run" not in marker:
+    if marker.get("format") != fresh["format"] or "run" not in marker:
+        how = RESUME_WITH.get(marker.get("format")) if "run" in marker else None
         raise ResumeError(f"{str(path)!r} was written by another vitlens store format ({marker.get('format')!r}); "
-                          "capture into a new store path.")
+                          + (f"{how}." if how else "capture into a new store path."))
     from .fingerprint import differences
 
     diff = differences(marker["run"], fingerprint)
