@@ -196,6 +196,21 @@ def test_two_worker_processes_write_the_store_one_process_writes(tmp_path, clien
     assert vl.open(tmp_path / "implicit.zarr")["source"].values.tolist() == [f"{i:02d}.png" for i in range(6)]
 
 
+@pytest.mark.slow
+def test_two_worker_processes_write_the_reduced_store_one_process_writes(tmp_path, client):
+    """maps=/stats=/keep='none' sharded: the answers per batch on the workers, the same store as one process."""
+    imgs = random_images(12, 32, seed=4)
+    reduced = dict(maps=["rollout", "transformer_attribution"], stats=["attention_entropy", "attention_distance"],
+                   keep="none", batch_size=4, progress=False)
+    one_thread(vl.capture, make_vit(), imgs, store=tmp_path / "one.zarr", **reduced)
+    vl.capture(tiny_factory(tmp_path), imgs, store=tmp_path / "two.zarr", client=client, **reduced)
+    assert_same_store(tmp_path / "one.zarr", tmp_path / "two.zarr")
+    two = vl.open(tmp_path / "two.zarr")
+    assert {"maps", "stats"} <= set(two.children) and not two["stage0"].data_vars  # answers, no raw attention
+    np.testing.assert_array_equal(vl.explain(two, "rollout").values, vl.explain(vl.open(tmp_path / "one.zarr"), "rollout").values)
+    assert marker(tmp_path / "two.zarr")["format"] == stream.SHARD_FORMAT
+
+
 def _arm(step: int, log: str) -> int:
     """On a worker: exit (as SIGKILL would) at this process's ``step``-th write step from now."""
     os.environ[stream.FAULT_ENV], os.environ[stream.FAULT_LOG_ENV] = str(step), log
