@@ -27,8 +27,12 @@ exit at a random write step of its own ``--shard-workers`` times while the run g
 Every batch the marker lists as committed must hold exactly the one-process capture's
 values (1 torch thread on both sides), a killed client's store must resume to the
 one-process store, and a run that lost a worker must finish with it. A batch that
-does not counts as lost. Reduced captures are not on main yet: their kills come when
-they land.
+does not counts as lost.
+
+``--reduced``: the one-process kills (fixed steps and random SIGKILLs) on a reduced
+capture (``maps=["rollout", "transformer_attribution"]``, two head statistics,
+``keep="none"``): the committed part must equal the same reduced capture made in
+memory, and the resume must finish it (no save kills in this mode).
 """
 
 from __future__ import annotations
@@ -59,6 +63,19 @@ def model():
                              depth=3, num_heads=3).eval()
 
 
+#: ``--reduced``: the same kills on a reduced capture (maps=, stats=, keep="none"). Read from the
+#: environment, so that the spawned children capture the same way.
+REDUCED_ENV = "VITLENS_BENCH_KILLS_REDUCED"
+
+
+def options() -> dict:
+    """The capture options of every one-process run: none, or the reduced capture's under ``--reduced``."""
+    if os.environ.get(REDUCED_ENV) != "1":
+        return {}
+    return dict(maps=["rollout", "transformer_attribution"], stats=["attention_entropy", "attention_distance"],
+                keep="none")
+
+
 def images() -> np.ndarray:
     return np.random.default_rng(5).random((N, 32, 32, 3)).astype(np.float32)
 
@@ -80,7 +97,7 @@ def _child(store: str, fault: int | None, log: str | None, delay: float, ready=N
     net = model()
     if ready is not None:
         ready.set()  # imports done: a random kill lands in the capture, not in starting Python
-    vl.capture(net, slow() if delay else imgs, store=store, batch_size=BATCH, progress=False)
+    vl.capture(net, slow() if delay else imgs, store=store, batch_size=BATCH, progress=False, **options())
     os._exit(0)
 
 
@@ -126,7 +143,8 @@ def check(store: Path, ref) -> tuple[bool, bool, int, str]:
     except Exception as exc:  # noqa: BLE001 - a benchmark counts every failure
         return False, False, -1, f"open: {type(exc).__name__}: {exc}"
     try:
-        resumed = vl.capture(model(), images(), store=store, batch_size=BATCH, resume=True, progress=False)
+        resumed = vl.capture(model(), images(), store=store, batch_size=BATCH, resume=True, progress=False,
+                             **options())
         ok = equal(ref, resumed) and equal(ref, vl.open(store))
         return True, ok, done, "" if ok else "resumed store differs"
     except Exception as exc:  # noqa: BLE001
@@ -340,10 +358,15 @@ def main() -> None:
     p.add_argument("--shard-clients", type=int, default=16, help="kills of a sharded capture's client")
     p.add_argument("--shard-workers", type=int, default=8, help="kills of one worker of a sharded capture")
     p.add_argument("--only-shards", action="store_true", help="only the sharded captures' kills")
+    p.add_argument("--reduced", action="store_true",
+                   help="the one-process kills on a reduced capture (maps=, stats=, keep='none'); no save kills")
     args = p.parse_args()
+    if args.reduced:
+        os.environ[REDUCED_ENV] = "1"
+        args.saves = 0
     if args.only_shards:
         args.kills = args.random = args.saves = 0
-    ref = vl.capture(model(), images())
+    ref = vl.capture(model(), images(), **options())
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
