@@ -179,7 +179,7 @@ def test_an_in_memory_model_takes_a_ready_tensor_and_an_image_processor(pair):
     cap_attached, cap_timm = vl.capture(attached, x, target=target), vl.capture(model, x, target=target)
     maps = {name: vl.explain(c, "all") for name, c in
             (("bare", cap_bare), ("given", cap_given), ("attached", cap_attached), ("timm", cap_timm))}
-    for method in vl.METHODS:
+    for method in maps["timm"].data_vars:  # every method a default capture explains
         for name in ("bare", "given"):
             np.testing.assert_array_equal(maps[name][method].values, maps["attached"][method].values,
                                           err_msg=f"{name} {method}")

@@ -18,7 +18,6 @@ import pytest
 from .conftest import TIMEOUT_MS, lab_server, open_and_run_in_lab, open_in_voila, voila_server
 from .notebook_template import write_atlas_notebook
 from .test_widgets_browser import (
-    DRAWN_JS,
     FIT_JS,
     NARROW,
     WIDE,
@@ -26,6 +25,7 @@ from .test_widgets_browser import (
     minmax,
     resize,
     title_shows,
+    wait_drawn,
     wait_steady,
 )
 
@@ -127,9 +127,12 @@ def click_at(page, plot: int, axis: str, x: float, y: float, then: str) -> int:
 def check_fit(page, label: str) -> None:
     """Every figure fits its output area and fills most of it; colour bars inside; no modebar."""
     page.wait_for_function(f"() => ({FIT_JS})().plots.length >= {PLOTS}", timeout=TIMEOUT_MS * 2)
-    page.wait_for_function(DRAWN_JS, timeout=TIMEOUT_MS)  # plotly follows a resize asynchronously
+    wait_drawn(page)  # plotly follows a resize asynchronously (each figure looked at on screen)
     fits = f"() => ({FIT_JS})().plots.every((p) => p.fig > 0.85 * p.area && p.fig <= p.area + 1)"
-    page.wait_for_function(fits, timeout=TIMEOUT_MS)  # a state: every figure drawn at its area's width
+    try:
+        page.wait_for_function(fits, timeout=TIMEOUT_MS)  # a state: every figure drawn at its area's width
+    except Exception as exc:  # say which figure did not follow its area, and how
+        raise AssertionError(f"{label}: a figure does not fit its output area: {page.evaluate(FIT_JS)['plots']}") from exc
     plots = page.evaluate(FIT_JS)["plots"]
     print(f"\n{label}: figure/output width px: " + ", ".join(f"{p['fig']:.0f}/{p['area']:.0f}" for p in plots))
     for p in plots:

@@ -31,7 +31,7 @@ INJECTED_JS = f"""() => {{
   for (const el of document.querySelectorAll('[onerror], [onload]')) found.push(el.outerHTML.slice(0, 80));
   for (const el of document.querySelectorAll('img[src="x"], svg[onload]')) found.push(el.outerHTML.slice(0, 80));
   for (const root of document.querySelectorAll('{WIDGETS}')) {{
-    for (const el of root.querySelectorAll('img, script, style, i')) found.push(el.outerHTML.slice(0, 80));
+    for (const el of root.querySelectorAll('img, script, style, i:not(.fa)')) found.push(el.outerHTML.slice(0, 80));
     for (const el of root.querySelectorAll('b')) if (el.textContent === 'bold') found.push(el.outerHTML);
   }}
   if (getComputedStyle(document.body).display === 'none') found.push('body hidden by an injected style');

@@ -346,6 +346,34 @@ DRAWN_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).fil
   .every((gd) => !!gd._fullLayout && Math.abs(gd._fullLayout.width - gd.getBoundingClientRect().width) <= 1)"""
 
 
+#: One figure (by index) is laid out at its element's width, or hidden.
+DRAWN_ONE_JS = """(k) => { const gd = document.querySelectorAll('.js-plotly-plot')[k];
+  return !gd || gd.offsetParent === null
+    || (!!gd._fullLayout && Math.abs(gd._fullLayout.width - gd.getBoundingClientRect().width) <= 1); }"""
+
+
+def wait_drawn(page) -> None:
+    """Wait until every shown figure is laid out at its element's width, looking at each in turn.
+
+    A user sees a figure when it is on screen: each is scrolled into view, then waited for
+    (a state). A figure scrolled away while the window was resized re-measures itself when
+    it is drawn on screen again; one that never does fails here with its widths.
+    """
+    n = page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length")
+    for k in range(n):
+        page.evaluate("(k) => { const gd = document.querySelectorAll('.js-plotly-plot')[k]; "
+                      "if (gd && gd.offsetParent !== null) gd.scrollIntoView({block: 'center'}); }", k)
+        try:
+            page.wait_for_function(DRAWN_ONE_JS, arg=k, timeout=TIMEOUT_MS)
+        except Exception as exc:
+            widths = page.evaluate("(k) => { const gd = document.querySelectorAll('.js-plotly-plot')[k]; "
+                                   "return [gd.className, gd._fullLayout && gd._fullLayout.width, "
+                                   "gd.getBoundingClientRect().width, 'autosize', gd._fullLayout && gd._fullLayout.autosize, "
+                                   "'layout.width', gd.layout && gd.layout.width, 'handler', !!gd._responsiveChartHandler, "
+                                   "'on', typeof gd.on, 'css', getComputedStyle(gd).width]; }", k)
+            raise AssertionError(f"figure {k} of {n} is not laid out at its width: {widths}") from exc
+
+
 def resize(page, viewport: dict) -> None:
     """Set the window's size and wait until the page's layout has followed it (a state, not a time).
 
@@ -383,9 +411,9 @@ def wait_for_grids(page) -> None:
 def check_fit(page, label: str) -> None:
     """Every figure fits its output area (and fills most of it); colour bars inside; labels whole; titles apart."""
     page.wait_for_function(f"() => ({FIT_JS})().plots.length >= {PLOTS}", timeout=TIMEOUT_MS * 2)
-    page.wait_for_function(DRAWN_JS, timeout=TIMEOUT_MS)  # plotly follows a resize asynchronously
+    wait_drawn(page)  # plotly follows a resize asynchronously
     wait_for_grids(page)  # the Explorers and Compare chose their grid for this width (a kernel round trip)
-    page.wait_for_function(DRAWN_JS, timeout=TIMEOUT_MS)  # ... and plotly drew it
+    wait_drawn(page)  # ... and plotly drew it
     found = page.evaluate(FIT_JS)
     plots = found["plots"]
     widths = ", ".join(f"{p['widget'].removeprefix('vitlens-')} {p['fig']:.0f}/{p['area']:.0f}" for p in plots)

@@ -313,6 +313,10 @@ class _CompleteOnOpen:
         if width <= 0 or width == self.page_width:
             return
         self.page_width = width
+        # Draw at the element's width, said in the layout. Plotly's own resize gives up on a figure
+        # whose layout holds both a width and a height, and a height set from here (a new grid) makes
+        # plotly pin the width it had: after the page narrowed, the figure stayed at its old width.
+        self.layout.width = round(width)
         for callback in getattr(self, "_width_callbacks", []):
             callback(width)
 

@@ -167,6 +167,7 @@ class ImageTextAdapter(HFAdapter):
         return super().features()
 
     def describe(self) -> dict[str, Any]:
+        self._bound()  # no prompts: the error that says to pass text= (before any read-out is described)
         # the token ids let a widget capture again for another prompt (JSON: attrs stay flat)
         ids = [] if self.input_ids is None else self.input_ids.tolist()
         return {**super().describe(), "text_input_ids": json.dumps(ids)}
