@@ -341,10 +341,6 @@ AREAS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map
   return Math.round(area.getBoundingClientRect().width);
 })"""
 
-#: The state every measurement waits for: plotly has laid out each shown figure at its element's width.
-DRAWN_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).filter((gd) => gd.offsetParent !== null)
-  .every((gd) => !!gd._fullLayout && Math.abs(gd._fullLayout.width - gd.getBoundingClientRect().width) <= 1)"""
-
 
 #: One figure (by index) is laid out at its element's width, or hidden.
 DRAWN_ONE_JS = """(k) => { const gd = document.querySelectorAll('.js-plotly-plot')[k];
