@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 # This machine serves this torch pair from its own disk; elsewhere pip downloads it.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# The suite runs on pytest-xdist workers, one per core (at most 4: each holds its own torch and
+# fixtures); `make test WORKERS=0` runs it in this process.
+WORKERS ?= auto
+XDIST = -n $(WORKERS) --maxprocesses=4
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -22,10 +26,10 @@ demo: setup
 	$(VENV)/bin/vitlens demo
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow and not browser" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache vitlens-demo

@@ -14,6 +14,11 @@ import timm
 import torch
 import xarray as xr
 
+# Under pytest-xdist (`make test` runs two workers on two cores) each worker computes on one
+# thread, so that two workers do not fight over the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def make_vit(**kw):
     torch.manual_seed(kw.pop("seed", 0))

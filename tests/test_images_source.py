@@ -205,7 +205,8 @@ def test_figure_titles_show_the_file_name(folder, vit, tmp_path):
     long = vl.capture(vit, [str(tmp_path / "cash" / "$5 $off.png")])
     fig = vl.figures.grid(long, ["rollout"])
     assert fig.axes[0].get_ylabel().split("\n")[0] == r"\$5 \$off.png"
-    assert str(tmp_path / "cash" / r"\$5 \$off.png") in fig._supxlabel.get_text().replace("\n", " ")  # wrapped
+    # wrapped (at a space or after a hyphen of the temporary folder's name): compare without white space
+    assert "".join(str(tmp_path / "cash" / r"\$5 \$off.png").split()) in "".join(fig._supxlabel.get_text().split())
     vl.figures.save(fig, tmp_path / "cash.png")  # draws: no mathtext from the name
     plain = vl.figures.grid(vl.capture(vit, pixels[:2]), ["rollout"])  # no file: the old labels
     assert [ax.get_ylabel()[:4] for ax in plain.axes[:4:2]] == ["#0: ", "#1: "]
