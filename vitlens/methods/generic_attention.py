@@ -4,34 +4,21 @@ from __future__ import annotations
 
 import xarray as xr
 
-from .maps import finish
-from .operators import (HeadSelection, Step, head_fused, resolve_identity_path,
-                        select_layers, view)
-from ..registry import register_method
-from .options import IdentityPath, Merge
+from .chain import Chain, chain_method
+from .operators import Step, resolve_identity_path
+from .options import IdentityPath
 
 
-@register_method(
+@chain_method(
     "generic_attention",
     title="Generic Attention",
     caption="Chefer et al. 2021 (generic): gradient × attention, accumulated over {blocks}, for class {cls}",
     class_specific=True,
-    per_layer=True,
     defaults={"avg": {"identity_path": "drop"}},
     reference="Chefer, Gur & Wolf, ICCV 2021; docs/METHODS.md §5",
-    needs={"*": ("attention", "attention_grad"), ("merge", "lrp"): ("attention_relevance",)},
+    needs={"*": ("attention", "attention_grad")},
 )
-def generic_attention(
-    cap: xr.DataTree,
-    *,
-    layers: list[int] | None = None,
-    heads: HeadSelection = None,
-    start_layer: int = 0,
-    per_layer: bool = False,
-    merge: Merge = "uniform",
-    by_stage: bool = False,
-    identity_path: IdentityPath | None = None,
-) -> xr.DataArray | xr.Dataset:
+def generic_attention(chain: Chain, *, identity_path: IdentityPath | None = None) -> xr.DataArray | xr.Dataset:
     """``R ← I``; per block ``R ← R + Ā·R`` with ``Ā = E_h[(∂y_c/∂A ⊙ A)⁺]`` (docs/METHODS.md §5).
 
     Class-specific through the gradient of the explained logit; no LRP.
@@ -46,13 +33,6 @@ def generic_attention(
     >>> vl.explain(cap, "generic_attention").attrs["method"]
     'generic_attention'
     """
-    cv = view(cap)
-    chosen = select_layers(cv, layers, start_layer)
-    steps = {
-        l: Step(l, head_fused(cv.stage_of(l), l, heads, "attention_grad", "attention", clamp=True))
-        for l in chosen
-    }
-    identity_path = resolve_identity_path(cv, "generic_attention", identity_path)
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "identity_path": identity_path}
-    return finish(cv, steps, chosen, "generic_attention", options, per_layer=per_layer, merge=merge,
-                  by_stage=by_stage, identity_path=identity_path)
+    steps = {l: Step(l, chain.fused(l, "attention_grad", "attention", clamp=True)) for l in chain.chosen}
+    identity_path = resolve_identity_path(chain.cv, "generic_attention", identity_path)
+    return chain.finish("generic_attention", steps, {"identity_path": identity_path}, identity_path=identity_path)

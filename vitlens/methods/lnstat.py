@@ -16,11 +16,12 @@ import math
 import torch
 import xarray as xr
 
-from .maps import finish, minmax, token_map
+from .chain import Chain, chain_method
+from .maps import minmax, token_map
 from .operators import (HeadSelection, StageView, Step, heads_for,
                         onto_grid, pick_heads, resolve_identity_path, select_layers, view, with_spare)
-from ..registry import METHOD_INFO, register_method
-from .options import HeadFusion, IdentityPath, Merge, Statistic, StatisticNorm, check
+from ..registry import METHOD_INFO
+from .options import HeadFusion, IdentityPath, Statistic, StatisticNorm, check
 
 def token_statistic(stage: StageView, layer: int, stat: Statistic, stat_norm: StatisticNorm) -> torch.Tensor:
     """``s_l[j]`` (B, N) at the input of block ``layer``'s first LayerNorm, normalised.
@@ -98,7 +99,7 @@ def fused_operator(stage: StageView, layer: int, f: torch.Tensor, s: torch.Tenso
     return m / m.abs().sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-@register_method(
+@chain_method(
     "lnstat",
     title="LN-statistic",
     caption="LayerNorm statistic × gradient-weighted attention, accumulated with Chefer's rule over {blocks}, "
@@ -106,19 +107,12 @@ def fused_operator(stage: StageView, layer: int, f: torch.Tensor, s: torch.Tenso
     class_specific=True,
     defaults={"*": {"grad": True}},  # identity_path: "drop" for grad=True under a non-CLS read-out (below)
     variant_captions={("grad", False): "LayerNorm statistic × attention, accumulated like rollout over {blocks}"},
-    per_layer=True,
     reference="after Nguyen, Lee & Kim, arXiv 2311.11378; docs/METHODS.md §6",
-    needs={"*": ("attention", "ln"), ("grad", True): ("attention_grad",), ("merge", "lrp"): ("attention_relevance",)},
+    needs={"*": ("attention", "ln"), ("grad", True): ("attention_grad",)},
 )
 def lnstat(
-    cap: xr.DataTree,
+    chain: Chain,
     *,
-    layers: list[int] | None = None,
-    heads: HeadSelection = None,
-    start_layer: int = 0,
-    per_layer: bool = False,
-    merge: Merge = "uniform",
-    by_stage: bool = False,
     stat: Statistic = "std",
     stat_norm: StatisticNorm = "max",
     head_fusion: HeadFusion = "mean",
@@ -172,26 +166,24 @@ def lnstat(
     'false'
     """
     check("lnstat", stat=stat, stat_norm=stat_norm, head_fusion=head_fusion)
-    cv = view(cap)
+    cv = chain.cv
     if grad is None:
         grad = bool(METHOD_INFO["lnstat"].defaults_for(cv).get("grad", True))
     if identity_path is None:  # as transformer_attribution's default for the gradient-weighted chain
         identity_path = resolve_identity_path(cv, "transformer_attribution", None) if grad else "keep"
     identity_path = resolve_identity_path(cv, "lnstat", identity_path)
-    chosen = select_layers(cv, layers, start_layer)
     steps = {}
-    for l in chosen:
+    for l in chain.chosen:
         stage = cv.stage_of(l)
-        f = fuse_heads(stage, l, heads, head_fusion, grad=grad)
+        f = fuse_heads(stage, l, chain.heads, head_fusion, grad=grad)
         s = token_statistic(stage, l, stat, stat_norm)
         if grad:  # r·(I + Ā·diag(s)): each source token's column scaled by its statistic
             steps[l] = Step(l, f, post=s)
         else:
             steps[l] = Step(l, fused_operator(stage, l, f, s), alpha=0.5, beta=0.5)
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "stat": stat,
-               "stat_norm": stat_norm, "head_fusion": head_fusion, "grad": grad, "identity_path": identity_path}
-    return finish(cv, steps, chosen, "lnstat", options, per_layer=per_layer, merge=merge,
-                  by_stage=by_stage, identity_path=identity_path)
+    options = {"stat": stat, "stat_norm": stat_norm, "head_fusion": head_fusion, "grad": grad,
+               "identity_path": identity_path}
+    return chain.finish("lnstat", steps, options, identity_path=identity_path)
 
 
 def statistic_maps(

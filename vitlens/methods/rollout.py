@@ -4,31 +4,19 @@ from __future__ import annotations
 
 import xarray as xr
 
-from .maps import finish
-from .operators import HeadSelection, Step, head_fused, select_layers, view
-from ..registry import register_method
-from .options import Merge
+from .chain import Chain, chain_method
+from .operators import Step
 
 
-@register_method(
+@chain_method(
     "rollout",
     title="Rollout",
     caption="attention rollout: 0.5·(I + attention) multiplied over {blocks}, read out from {readout}",
     class_specific=False,
-    per_layer=True,
     reference="Abnar & Zuidema 2020; docs/METHODS.md §2",
-    needs={"*": ("attention",), ("merge", "lrp"): ("attention_relevance",)},
+    needs={"*": ("attention",)},
 )
-def rollout(
-    cap: xr.DataTree,
-    *,
-    layers: list[int] | None = None,
-    heads: HeadSelection = None,
-    start_layer: int = 0,
-    per_layer: bool = False,
-    merge: Merge = "uniform",
-    by_stage: bool = False,
-) -> xr.DataArray | xr.Dataset:
+def rollout(chain: Chain) -> xr.DataArray | xr.Dataset:
     """``R = Â_L···Â_s`` with ``Â_l = 0.5·(I + E_h[A[l]])``, read out (docs/METHODS.md §2).
 
     Parameters
@@ -55,11 +43,5 @@ def rollout(
     >>> vl.explain(cap, "rollout", per_layer=True).sizes["layer"]
     12
     """
-    cv = view(cap)
-    chosen = select_layers(cv, layers, start_layer)
-    steps = {
-        l: Step(l, head_fused(cv.stage_of(l), l, heads, "attention"), alpha=0.5, beta=0.5) for l in chosen
-    }
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer}
-    return finish(cv, steps, chosen, "rollout", options, per_layer=per_layer, merge=merge,
-                  by_stage=by_stage)
+    steps = {l: Step(l, chain.fused(l, "attention"), alpha=0.5, beta=0.5) for l in chain.chosen}
+    return chain.finish("rollout", steps)

@@ -17,10 +17,9 @@ import math
 import torch
 import xarray as xr
 
-from .maps import finish
-from .operators import HeadSelection, StageView, Step, head_fused, select_layers, view
-from ..registry import register_method
-from .options import IdentityPath, Init, Merge, Necc, check
+from .chain import Chain, chain_method
+from .operators import StageView, Step
+from .options import IdentityPath, Init, Necc, check
 
 def necc(cos: torch.Tensor, kind: Necc) -> torch.Tensor:
     """Normalised exponential cosine correlation of (B, N) cosines.
@@ -53,24 +52,17 @@ def transformation_weights(stage: StageView, layer: int, part: str, necc_kind: s
     return w
 
 
-@register_method(
+@chain_method(
     "tokentm",
     title="TokenTM",
     caption="TokenTM: attention × token-length and direction changes, accumulated over {blocks}, for class {cls}",
     class_specific=True,
-    per_layer=True,
     reference="Wu, Duan, Kang, Tang & Yan, CVPR 2024; docs/METHODS.md §7",
-    needs={"*": ("attention", "norms"), ("grad", True): ("attention_grad",), ("merge", "lrp"): ("attention_relevance",)},
+    needs={"*": ("attention", "norms"), ("grad", True): ("attention_grad",)},
 )
 def tokentm(
-    cap: xr.DataTree,
+    chain: Chain,
     *,
-    layers: list[int] | None = None,
-    heads: HeadSelection = None,
-    start_layer: int = 0,
-    per_layer: bool = False,
-    merge: Merge = "uniform",
-    by_stage: bool = False,
     necc: Necc = "range",
     length: bool = True,
     grad: bool = True,
@@ -121,13 +113,12 @@ def tokentm(
     """
     necc_kind = necc
     check("tokentm", necc=necc_kind, identity_path=identity_path, init=init)
-    cv = view(cap)
-    chosen = select_layers(cv, layers, start_layer)
+    cv = chain.cv
     names = ("attention_grad", "attention") if grad else ("attention",)
     steps = {}
-    for l in chosen:
+    for l in chain.chosen:
         stage = cv.stage_of(l)
-        a = head_fused(stage, l, heads, *names, clamp=grad)
+        a = chain.fused(l, *names, clamp=grad)
         w = transformation_weights(stage, l, "msa", necc_kind, length)
         wf = transformation_weights(stage, l, "ffn", necc_kind, length) if ffn else None
         # r·V·U = (r ⊙ (1 + w^F))·(I + G(Ā)·diag(w))
@@ -136,7 +127,6 @@ def tokentm(
     if init == "norm":
         e0 = cv.stages[0].tensor("token_norm")[:, 0]
         final = lambda r: r * e0  # noqa: E731 - r·C_0 with C_0 = diag(‖e⁰‖)
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "necc": necc_kind,
-               "length": length, "grad": grad, "ffn": ffn, "init": init, "identity_path": identity_path}
-    return finish(cv, steps, chosen, "tokentm", options, per_layer=per_layer, merge=merge, by_stage=by_stage,
-                  final=final, identity_path=identity_path)
+    options = {"necc": necc_kind, "length": length, "grad": grad, "ffn": ffn, "init": init,
+               "identity_path": identity_path}
+    return chain.finish("tokentm", steps, options, final=final, identity_path=identity_path)

@@ -4,34 +4,22 @@ from __future__ import annotations
 
 import xarray as xr
 
-from .maps import finish
-from .operators import (HeadSelection, Step, head_fused, resolve_identity_path,
-                        select_layers, view)
-from ..registry import register_method
-from .options import IdentityPath, Merge
+from .chain import Chain, chain_method
+from .operators import Step, resolve_identity_path
+from .options import IdentityPath
 
 
-@register_method(
+@chain_method(
     "transformer_attribution",
+    start_layer=1,
     title="Transformer Attr.",
     caption="Chefer et al. 2021: gradient × LRP relevance of the attention, accumulated over {blocks}, for class {cls}",
     class_specific=True,
-    per_layer=True,
     defaults={"avg": {"identity_path": "drop"}},
     reference="Chefer, Gur & Wolf, CVPR 2021; docs/METHODS.md §4",
     needs={"*": ("attention_grad", "attention_relevance")},
 )
-def transformer_attribution(
-    cap: xr.DataTree,
-    *,
-    layers: list[int] | None = None,
-    heads: HeadSelection = None,
-    start_layer: int = 1,
-    per_layer: bool = False,
-    merge: Merge = "uniform",
-    by_stage: bool = False,
-    identity_path: IdentityPath | None = None,
-) -> xr.DataArray | xr.Dataset:
+def transformer_attribution(chain: Chain, *, identity_path: IdentityPath | None = None) -> xr.DataArray | xr.Dataset:
     """``C = (I + Ē_L)···(I + Ē_s)``, ``Ē_l = E_h[(∂y_c/∂A ⊙ R_A)⁺]`` (docs/METHODS.md §4).
 
     ``R_A`` is the LRP relevance at each block's attention probabilities,
@@ -50,17 +38,11 @@ def transformer_attribution(
     >>> vl.explain(cap, "transformer_attribution").attrs["start_layer"]
     1
     """
-    cv = view(cap)
-    chosen = select_layers(cv, layers, start_layer)
-    steps = {
-        l: Step(l, head_fused(cv.stage_of(l), l, heads, "attention_grad", "attention_relevance", clamp=True))
-        for l in chosen
-    }
-    identity_path = resolve_identity_path(cv, "transformer_attribution", identity_path)
-    options = {"layers": chosen, "heads": heads, "start_layer": start_layer, "identity_path": identity_path}
-    out = finish(cv, steps, chosen, "transformer_attribution", options, per_layer=per_layer, merge=merge,
-                 by_stage=by_stage, identity_path=identity_path)
-    return with_lrp_condition(cap, out)
+    steps = {l: Step(l, chain.fused(l, "attention_grad", "attention_relevance", clamp=True)) for l in chain.chosen}
+    identity_path = resolve_identity_path(chain.cv, "transformer_attribution", identity_path)
+    out = chain.finish("transformer_attribution", steps, {"identity_path": identity_path},
+                       identity_path=identity_path)
+    return with_lrp_condition(chain.cap, out)
 
 
 def with_lrp_condition(cap: xr.DataTree, out: xr.DataArray | xr.Dataset) -> xr.DataArray | xr.Dataset:
