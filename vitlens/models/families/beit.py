@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from ...errors import UnsupportedModelError
-from ..adapter import Adapter
-from .eva import _Gamma, _qkv_bias
-from ..parts import AttentionPart, BlockPart, LinearPart, Readout
+from .eva import _Gamma
+from ..parts import BlockPart, Readout
 from ..registry import register_adapter, timm_class
-from .vit import mlp_part, require_linear_head, token_grid_stage
+from .vit import TokenGridAdapter, mlp_part, require_linear_head, timm_attention, timm_qkv
 
 is_beit = timm_class("beit", "Beit")
 
@@ -34,52 +33,34 @@ def _position_bias(attn: nn.Module):
 
 
 @register_adapter
-class BeitAdapter(Adapter):
+class BeitAdapter(TokenGridAdapter):
     """Token layout: the CLS token, then the patch grid row-major."""
 
     family = "beit"
     timm_modules = ("beit",)
+    matches = staticmethod(is_beit)
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return is_beit(model)
-
-    def __init__(self, model: nn.Module):
+    @staticmethod
+    def block_part(b: nn.Module, where: str) -> BlockPart:
         from timm.models.beit import Attention, Block
 
-        super().__init__(model)
-        name = type(model).__name__
-        if len(model.blocks) == 0:
-            raise UnsupportedModelError(f"{name} has no transformer blocks.")
-        parts = []
-        for i, b in enumerate(model.blocks):
-            where = f"{name} block {i}"
-            if type(b) is not Block or type(b.attn) is not Attention:
-                raise UnsupportedModelError(f"{where} is a {type(b).__name__}; vitlens explains BEiT's Block with its Attention.")
-            a = b.attn
-            extra = _qkv_bias(a) if getattr(a, "q_bias", None) is not None else None
-            attn = AttentionPart(
-                module=a,
-                probs=a.attn_drop,
-                num_heads=int(a.num_heads),
-                proj=LinearPart(a.proj),
-                qkv=LinearPart(a.qkv, extra_bias=extra),
-                scale=float(a.scale),
-                position_bias=_position_bias(a),
-            )
-            parts.append(BlockPart(
-                module=b, norm1=b.norm1, attn=attn, norm2=b.norm2, mlp=mlp_part(b.mlp, where),
-                ls1=None if b.gamma_1 is None else _Gamma(b.gamma_1),
-                ls2=None if b.gamma_2 is None else _Gamma(b.gamma_2),
-            ))
+        if type(b) is not Block or type(b.attn) is not Attention:
+            raise UnsupportedModelError(f"{where} is a {type(b).__name__}; vitlens explains BEiT's Block with its Attention.")
+        a = b.attn
+        attn = timm_attention(a, qkv=timm_qkv(a), scale=float(a.scale), position_bias=_position_bias(a))
+        return BlockPart(
+            module=b, norm1=b.norm1, attn=attn, norm2=b.norm2, mlp=mlp_part(b.mlp, where),
+            ls1=None if b.gamma_1 is None else _Gamma(b.gamma_1),
+            ls2=None if b.gamma_2 is None else _Gamma(b.gamma_2),
+        )
+
+    @staticmethod
+    def _readout(model: nn.Module, num_prefix: int) -> Readout:
         require_linear_head(model)
-        num_prefix = int(model.num_prefix_tokens)
         pool = model.global_pool
         if pool == "avg":
-            self.head = Readout("avg", model.head, fc_norm=model.fc_norm, start=num_prefix)
-        elif pool:
-            self.head = Readout("cls", model.head, fc_norm=model.fc_norm)
-        else:
-            raise UnsupportedModelError(f"{name} has no pooling (global_pool=''), so no class logits to explain.")
-        self.final = model.norm
-        self.stages = [token_grid_stage(model, parts)]
+            return Readout("avg", model.head, fc_norm=model.fc_norm, start=num_prefix)
+        if pool:
+            return Readout("cls", model.head, fc_norm=model.fc_norm)
+        raise UnsupportedModelError(f"{type(model).__name__} has no pooling (global_pool=''), so no class logits "
+                                    "to explain.")

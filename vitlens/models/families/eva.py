@@ -13,10 +13,9 @@ import torch
 from torch import nn
 
 from ...errors import UnsupportedModelError
-from ..adapter import Adapter
 from ..parts import AttentionPart, BlockPart, LinearPart, Readout
 from ..registry import register_adapter, timm_class
-from .vit import attention_pool_readout, mlp_part, require_linear_head, token_grid_stage
+from .vit import TokenGridAdapter, attention_pool_readout, mlp_part, require_linear_head, timm_attention, timm_qkv
 
 is_eva = timm_class("eva", "Eva")
 
@@ -50,13 +49,6 @@ def _rotary(attn: nn.Module):
     return rotary
 
 
-def _qkv_bias(attn: nn.Module):
-    def bias() -> torch.Tensor:
-        return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-
-    return bias
-
-
 def eva_attention(attn: nn.Module, where: str) -> AttentionPart:
     from timm.layers import AttentionRope
     from timm.models.eva import EvaAttention
@@ -73,15 +65,11 @@ def eva_attention(attn: nn.Module, where: str) -> AttentionPart:
             "last 8 blocks, which is every block of the 0.1B model)."
         )
     if attn.qkv is not None:
-        extra = _qkv_bias(attn) if getattr(attn, "q_bias", None) is not None else None
-        maps = dict(qkv=LinearPart(attn.qkv, extra_bias=extra))
+        maps = dict(qkv=timm_qkv(attn))
     else:
         maps = dict(q=LinearPart(attn.q_proj), k=LinearPart(attn.k_proj), v=LinearPart(attn.v_proj))
-    return AttentionPart(
-        module=attn,
-        probs=attn.attn_drop,
-        num_heads=int(attn.num_heads),
-        proj=LinearPart(attn.proj),
+    return timm_attention(
+        attn,
         q_norm=attn.q_norm,
         k_norm=attn.k_norm,
         scale=float(attn.scale),
@@ -92,43 +80,30 @@ def eva_attention(attn: nn.Module, where: str) -> AttentionPart:
 
 
 @register_adapter
-class EvaAdapter(Adapter):
+class EvaAdapter(TokenGridAdapter):
     """Token layout: ``num_prefix_tokens`` prefix tokens (CLS, registers), then the patch grid row-major."""
 
     family = "eva"
     timm_modules = ("eva",)
+    matches = staticmethod(is_eva)
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return is_eva(model)
-
-    def __init__(self, model: nn.Module):
+    @staticmethod
+    def block_part(b: nn.Module, where: str) -> BlockPart:
         from timm.models.eva import EvaBlock, EvaBlockPostNorm
 
-        super().__init__(model)
-        name = type(model).__name__
-        if len(model.blocks) == 0:
-            raise UnsupportedModelError(f"{name} has no transformer blocks.")
-        parts = []
-        for i, b in enumerate(model.blocks):
-            where = f"{name} block {i}"
-            if type(b) not in (EvaBlock, EvaBlockPostNorm):
-                raise UnsupportedModelError(f"{where} is a {type(b).__name__}; vitlens explains EvaBlock and EvaBlockPostNorm.")
-            gamma_1, gamma_2 = getattr(b, "gamma_1", None), getattr(b, "gamma_2", None)
-            parts.append(BlockPart(
-                module=b,
-                norm1=b.norm1,
-                attn=eva_attention(b.attn, where),
-                norm2=b.norm2,
-                mlp=mlp_part(b.mlp, where),
-                post_norm=type(b) is EvaBlockPostNorm,
-                ls1=None if gamma_1 is None else _Gamma(gamma_1),
-                ls2=None if gamma_2 is None else _Gamma(gamma_2),
-            ))
-        num_prefix = int(model.num_prefix_tokens)
-        self.final = model.norm
-        self.head = self._readout(model, num_prefix)
-        self.stages = [token_grid_stage(model, parts)]
+        if type(b) not in (EvaBlock, EvaBlockPostNorm):
+            raise UnsupportedModelError(f"{where} is a {type(b).__name__}; vitlens explains EvaBlock and EvaBlockPostNorm.")
+        gamma_1, gamma_2 = getattr(b, "gamma_1", None), getattr(b, "gamma_2", None)
+        return BlockPart(
+            module=b,
+            norm1=b.norm1,
+            attn=eva_attention(b.attn, where),
+            norm2=b.norm2,
+            mlp=mlp_part(b.mlp, where),
+            post_norm=type(b) is EvaBlockPostNorm,
+            ls1=None if gamma_1 is None else _Gamma(gamma_1),
+            ls2=None if gamma_2 is None else _Gamma(gamma_2),
+        )
 
     @staticmethod
     def _readout(model: nn.Module, num_prefix: int) -> Readout:

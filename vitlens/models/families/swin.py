@@ -9,10 +9,10 @@ from torch import nn
 
 from ...errors import UnsupportedModelError
 from ..adapter import Adapter, StageInfo
-from ..parts import AttentionPart, BlockPart, LinearPart, MergePart, Readout
+from ..parts import BlockPart, MergePart, Readout
 from ..registry import register_adapter, timm_class
 from ..windows import WindowBlock, window_stages
-from .vit import mlp_part
+from .vit import mlp_part, timm_attention, timm_qkv
 
 is_swin = timm_class("swin_transformer", "SwinTransformer")
 
@@ -73,9 +73,7 @@ class SwinAdapter(Adapter):
     family = "swin"
     timm_modules = ("swin_transformer",)
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return is_swin(model)
+    matches = staticmethod(is_swin)
 
     #: timm's patch merging normalises before its Linear in v1 (after it in v2)
     merge_norm_first = True
@@ -106,15 +104,7 @@ class SwinAdapter(Adapter):
         if type(b.mlp) is not Mlp:
             raise UnsupportedModelError(f"{where} has a {type(b.mlp).__name__} MLP.")
         attn = b.attn
-        part = AttentionPart(
-            module=attn,
-            probs=attn.attn_drop,
-            num_heads=int(attn.num_heads),
-            proj=LinearPart(attn.proj),
-            qkv=LinearPart(attn.qkv),
-            scale=float(attn.scale),
-            position_bias=swin_bias(attn),
-        )
+        part = timm_attention(attn, qkv=timm_qkv(attn), scale=float(attn.scale), position_bias=swin_bias(attn))
         return BlockPart(module=b, norm1=b.norm1, attn=part, norm2=b.norm2, mlp=mlp_part(b.mlp, where))
 
     def merges(self) -> dict[int, MergePart]:

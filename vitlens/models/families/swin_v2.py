@@ -11,19 +11,12 @@ import torch
 from torch import nn
 
 from ...errors import UnsupportedModelError
-from ..parts import AttentionPart, BlockPart, LinearPart
+from ..parts import BlockPart
 from ..registry import register_adapter, timm_class
 from .swin import SwinAdapter
-from .vit import mlp_part
+from .vit import mlp_part, timm_attention, timm_qkv
 
 is_swin_v2 = timm_class("swin_transformer_v2", "SwinTransformerV2")
-
-
-def _qkv_bias(attn: nn.Module):
-    def bias() -> torch.Tensor:
-        return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-
-    return bias
 
 
 def _logit_scale(attn: nn.Module):
@@ -59,9 +52,7 @@ class SwinV2Adapter(SwinAdapter):
     timm_modules = ("swin_transformer_v2",)
     merge_norm_first = False
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return is_swin_v2(model)
+    matches = staticmethod(is_swin_v2)
 
     @staticmethod
     def _block(b: nn.Module, where: str) -> BlockPart:
@@ -71,13 +62,5 @@ class SwinV2Adapter(SwinAdapter):
             raise UnsupportedModelError(f"{where} is a {type(b).__name__}; vitlens explains SwinTransformerV2Block "
                                         "with its WindowAttention.")
         a = b.attn
-        attn = AttentionPart(
-            module=a,
-            probs=a.attn_drop,
-            num_heads=int(a.num_heads),
-            proj=LinearPart(a.proj),
-            qkv=LinearPart(a.qkv, extra_bias=_qkv_bias(a) if a.q_bias is not None else None),
-            logit_scale=_logit_scale(a),
-            position_bias=_position_bias(a),
-        )
+        attn = timm_attention(a, qkv=timm_qkv(a), logit_scale=_logit_scale(a), position_bias=_position_bias(a))
         return BlockPart(module=b, norm1=b.norm1, attn=attn, norm2=b.norm2, mlp=mlp_part(b.mlp, where), post_norm=True)

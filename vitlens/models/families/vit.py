@@ -5,6 +5,7 @@ average read-outs with or without prefix tokens, hybrid (CNN-stem) patch embeddi
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ...errors import UnsupportedModelError
@@ -34,6 +35,26 @@ def mlp_part(mlp: nn.Module, where: str) -> MlpPart:
     )
 
 
+def timm_attention(attn: nn.Module, **terms: object) -> AttentionPart:
+    """A timm attention module as an :class:`AttentionPart`: its probabilities at ``attn_drop``,
+    ``num_heads`` heads, output ``proj``; ``terms`` are the family's own (q/k/v maps, norms,
+    scale, position terms), as :class:`AttentionPart` names them."""
+    return AttentionPart(module=attn, probs=attn.attn_drop, num_heads=int(attn.num_heads),
+                         proj=LinearPart(attn.proj), **terms)  # type: ignore[arg-type]
+
+
+def timm_qkv(attn: nn.Module) -> LinearPart:
+    """timm's fused ``qkv`` Linear, with the q/k/v biases that Eva, Beit and Swin v2 keep outside
+    it (``q_bias``, ``k_bias`` (zeros), ``v_bias``) where the module has them."""
+    if getattr(attn, "q_bias", None) is None:
+        return LinearPart(attn.qkv)
+
+    def bias() -> torch.Tensor:
+        return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+
+    return LinearPart(attn.qkv, extra_bias=bias)
+
+
 def residual_scale(module: nn.Module | None) -> nn.Module | None:
     return None if module is None or isinstance(module, nn.Identity) else module
 
@@ -58,11 +79,8 @@ def vit_block_part(block: nn.Module, where: str) -> BlockPart:
         )
     if getattr(attn, "gate", None) is not None:
         raise UnsupportedModelError(f"{where} has gated attention (a sigmoid gate on the heads), which vitlens cannot explain.")
-    part = AttentionPart(
-        module=attn,
-        probs=attn.attn_drop,
-        num_heads=int(attn.num_heads),
-        proj=LinearPart(attn.proj),
+    part = timm_attention(
+        attn,
         qkv=LinearPart(attn.qkv),
         q_norm=attn.q_norm,
         k_norm=attn.k_norm,
@@ -143,27 +161,44 @@ def attention_pool_readout(model: nn.Module, pool: nn.Module, start: int) -> Rea
     return Readout("map", model.head, fc_norm=model.fc_norm, start=start, pool=pool)
 
 
-@register_adapter
-class ViTAdapter(Adapter):
-    """Token layout: ``num_prefix_tokens`` prefix tokens, then the patch grid row-major."""
+class TokenGridAdapter(Adapter):
+    """A timm model of one plain token grid (ViT, Eva, Beit): ``model.blocks`` in order, each
+    described by :meth:`block_part`, then ``model.norm`` and the read-out :meth:`_readout`.
 
-    family = "vit"
-    timm_modules = ("vision_transformer", "vision_transformer_hybrid", "deit")
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return is_vit(model)
+    Subclasses give the two (and :meth:`matches`); the stage is :func:`token_grid_stage`.
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         name = type(model).__name__
         if len(model.blocks) == 0:
             raise UnsupportedModelError(f"{name} has no transformer blocks.")
-        parts = [vit_block_part(b, f"{name} block {i}") for i, b in enumerate(model.blocks)]
-        num_prefix = int(model.num_prefix_tokens)
+        parts = [self.block_part(b, f"{name} block {i}") for i, b in enumerate(model.blocks)]
         self.final = model.norm
-        self.head = self._readout(model, num_prefix)
+        self.head = self._readout(model, int(model.num_prefix_tokens))
         self.stages = [token_grid_stage(model, parts)]
+
+    @staticmethod
+    def block_part(block: nn.Module, where: str) -> BlockPart:
+        """Block ``block`` (named ``where`` in messages) as a :class:`BlockPart`, or a refusal."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _readout(model: nn.Module, num_prefix: int) -> Readout:
+        raise NotImplementedError
+
+
+@register_adapter
+class ViTAdapter(TokenGridAdapter):
+    """Token layout: ``num_prefix_tokens`` prefix tokens, then the patch grid row-major."""
+
+    family = "vit"
+    timm_modules = ("vision_transformer", "vision_transformer_hybrid", "deit")
+    matches = staticmethod(is_vit)
+
+    @staticmethod
+    def block_part(block: nn.Module, where: str) -> BlockPart:
+        return vit_block_part(block, where)
 
     @staticmethod
     def _readout(model: nn.Module, num_prefix: int) -> Readout:
