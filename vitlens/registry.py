@@ -298,11 +298,15 @@ def _resolve(kind: str, spec: Any, known: Mapping[str, Any]) -> list[str]:
     return names
 
 
+def _info(kind: str, name: Any, known: Mapping[str, Any]) -> Any:
+    if not isinstance(name, str) or name not in known:
+        raise _unknown(kind, name, known, every=False)
+    return known[name]
+
+
 def method_info(name: str) -> MethodInfo:
     """The registration of ``name``, or an OptionError listing the registered methods."""
-    if not isinstance(name, str) or name not in METHOD_INFO:
-        raise _unknown("method", name, METHOD_INFO, every=False)
-    return METHOD_INFO[name]
+    return _info("method", name, METHOD_INFO)
 
 
 def resolve_methods(spec: Any) -> list[str]:
@@ -379,9 +383,7 @@ def register_stat(name: str, *, title: str, unit: str, caption: str, needs_gradi
 
 def stat_info(name: str) -> StatInfo:
     """The registration of head statistic ``name``, or an OptionError listing them."""
-    if not isinstance(name, str) or name not in STAT_INFO:
-        raise _unknown("head statistic", name, STAT_INFO, every=False)
-    return STAT_INFO[name]
+    return _info("head statistic", name, STAT_INFO)
 
 
 def resolve_stats(spec: Any) -> list[str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -134,14 +134,18 @@ def bias_free(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def conservation_leak(model: nn.Module, x: torch.Tensor) -> float:
     """Largest relative relevance leak over blocks and the read-out, on a bias-free copy."""
+    m = bias_free(model)
+    return relevance_leak(adapter_for(m), m, x)
+
+
+def relevance_leak(ad: Any, logits_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
+    """Largest relative relevance leak over the blocks and the read-out of adapter ``ad`` (of a bias-free
+    model, whose logits of ``x`` are ``logits_of(x)``), explaining each input's top class."""
     from ..capture.hooks import Recorder
     from ..capture.relevance import attention_relevance
 
-    m = bias_free(model)
-    ad = adapter_for(m)
     with Recorder(ad, keep_block_inputs=True) as rec:
-        logits = m(x)
-        target = logits.argmax(-1)
+        target = logits_of(x).argmax(-1)
         attention_relevance(ad, rec, target, to_input=True)
     with torch.no_grad():
         onehot = torch.nn.functional.one_hot(target, ad.num_classes).float()

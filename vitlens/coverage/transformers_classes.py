@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..models.registry import adapter_for
-from .timm_names import TOLERANCE, Result
+from .timm_names import TOLERANCE, Result, relevance_leak
 
 #: how a headless backbone given a head by :func:`vitlens.with_head` is named in the table
 HEADED = " + vl.with_head"
@@ -97,21 +97,10 @@ def _bias_free(model: nn.Module) -> nn.Module:
 
 def conservation_leak(model: nn.Module, text: torch.Tensor | None, x: torch.Tensor) -> float:
     """Largest relative relevance leak over blocks and the read-out, on a bias-free copy."""
-    from ..capture.hooks import Recorder
-    from ..capture.relevance import attention_relevance
     from ..capture.text import bind_text
 
     ad = bind_text(adapter_for(_bias_free(model)), text)
-    with Recorder(ad, keep_block_inputs=True) as rec:
-        target = ad.logits(x).argmax(-1)
-        attention_relevance(ad, rec, target, to_input=True)
-    with torch.no_grad():
-        onehot = torch.nn.functional.one_hot(target, ad.num_classes).float()
-        head = ad.head.relevance(ad.tokens(rec.final_output), onehot).reshape(x.shape[0], -1).sum(1)  # type: ignore[union-attr]
-    leaks = [float((head - 1).abs().max())]
-    for r_in, r_out in rec.relevance_totals.values():
-        leaks.append(float((r_in - r_out).abs().max() / r_out.abs().max().clamp_min(1e-12)))
-    return max(leaks)
+    return relevance_leak(ad, ad.logits, x)
 
 
 def check(name: str, seed: int = 0) -> Result:
