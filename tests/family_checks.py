@@ -98,6 +98,33 @@ def attention_inputs(model: nn.Module, x: torch.Tensor, attn_modules: list[nn.Mo
     return [s[1:] for s in sorted(seen, key=lambda s: order[id(s[0])])]
 
 
+def swin_attention_by_hand(model: nn.Module, x: torch.Tensor, window_partition, logits, pre_norm: bool) -> list:
+    """Each block's probabilities ``(B, heads, nW, N, N)`` of a timm Swin (v1 or v2), recomputed from its
+    modules: (``norm1`` first for the pre-norm v1), roll by the shift, ``window_partition`` (the
+    family's own), ``logits(attn, windows)``, the shift mask, softmax."""
+    out = []
+    with torch.no_grad():
+        h = model.patch_embed(x)
+        for stage in model.layers:
+            h = stage.downsample(h)
+            for blk in stage.blocks:
+                t = blk.norm1(h) if pre_norm else h
+                sh, sw = blk.shift_size
+                t = torch.roll(t, (-sh, -sw), (1, 2))
+                win = window_partition(t, blk.window_size).flatten(1, 2)
+                a = blk.attn
+                bw, n, _ = win.shape
+                scores = logits(a, win)
+                if blk.attn_mask is not None:
+                    nw = blk.attn_mask.shape[0]
+                    scores = (scores.view(-1, nw, a.num_heads, n, n) + blk.attn_mask[None, :, None]).view(bw, -1, n, n)
+                probs = scores.softmax(-1)
+                nw = probs.shape[0] // x.shape[0]
+                out.append(probs.view(x.shape[0], nw, a.num_heads, n, n).transpose(1, 2))
+                h = blk(h)
+    return out
+
+
 def assert_attention_equals_by_hand(model: nn.Module, inputs, by_hand) -> tuple:
     """The captured attention of every block equals ``by_hand(attn, h, kwargs)``, computed from
     the model's own attention modules on the input each received (``inputs``: pictures or a

@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import make_swin, make_vit, random_images
-from family_checks import assert_attention_grads_equal_autograd
+from family_checks import assert_attention_grads_equal_autograd, swin_attention_by_hand
 
 import vitlens as vl
 
@@ -109,28 +109,12 @@ def test_vit_attention_equals_recomputation_from_q_and_k(vit, images32):
 def _swin_attention_by_hand(model, x):
     from timm.models.swin_transformer import window_partition
 
-    out = []
-    with torch.no_grad():
-        h = model.patch_embed(x)
-        for stage in model.layers:
-            h = stage.downsample(h)
-            for blk in stage.blocks:
-                t = blk.norm1(h)
-                sh, sw = blk.shift_size
-                t = torch.roll(t, (-sh, -sw), (1, 2))
-                win = window_partition(t, blk.window_size).flatten(1, 2)
-                a = blk.attn
-                bw, n, c = win.shape
-                q, k, _ = (win @ a.qkv.weight.T + a.qkv.bias).reshape(bw, n, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
-                logits = q @ k.transpose(-1, -2) * a.scale + a._get_rel_pos_bias()
-                if blk.attn_mask is not None:
-                    nw = blk.attn_mask.shape[0]
-                    logits = (logits.view(-1, nw, a.num_heads, n, n) + blk.attn_mask[None, :, None]).view(bw, -1, n, n)
-                probs = logits.softmax(-1)
-                nw = probs.shape[0] // x.shape[0]
-                out.append(probs.view(x.shape[0], nw, a.num_heads, n, n).transpose(1, 2))
-                h = blk(h)
-    return out
+    def logits(a, win):  # scaled dot products plus the relative position bias
+        bw, n, _ = win.shape
+        q, k, _ = (win @ a.qkv.weight.T + a.qkv.bias).reshape(bw, n, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return q @ k.transpose(-1, -2) * a.scale + a._get_rel_pos_bias()
+
+    return swin_attention_by_hand(model, x, window_partition, logits, pre_norm=True)
 
 
 def test_swin_attention_equals_recomputation_with_shifted_windows(swin, images64):

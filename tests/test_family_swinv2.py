@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from family_checks import normalised, relevance_totals, stacked, zero_biases
+from family_checks import normalised, relevance_totals, stacked, swin_attention_by_hand, zero_biases
 from family_models import images as _family_images
 from family_models import make_swin
 
@@ -34,32 +34,17 @@ def swinv2_attention_by_hand(model, x):
     times the clamped logit scale, 16·sigmoid(cpb) bias, shift mask."""
     from timm.models.swin_transformer_v2 import window_partition
 
-    out = []
-    with torch.no_grad():
-        h = model.patch_embed(x)
-        for stage in model.layers:
-            h = stage.downsample(h)
-            for blk in stage.blocks:
-                sh, sw = blk.shift_size
-                t = torch.roll(h, (-sh, -sw), (1, 2))
-                win = window_partition(t, blk.window_size).flatten(1, 2)
-                a = blk.attn
-                bw, n, _ = win.shape
-                bias = torch.cat((a.q_bias, a.k_bias, a.v_bias))
-                q, k, _ = F.linear(win, a.qkv.weight, bias).reshape(bw, n, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
-                logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-                logits = logits * torch.clamp(a.logit_scale, max=math.log(100.0)).exp()
-                table = a.cpb_mlp(a.relative_coords_table).view(-1, a.num_heads)
-                rpb = table[a.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
-                logits = logits + 16 * torch.sigmoid(rpb)
-                if blk.attn_mask is not None:
-                    nw = blk.attn_mask.shape[0]
-                    logits = (logits.view(-1, nw, a.num_heads, n, n) + blk.attn_mask[None, :, None]).view(bw, -1, n, n)
-                probs = logits.softmax(-1)
-                nw = probs.shape[0] // x.shape[0]
-                out.append(probs.view(x.shape[0], nw, a.num_heads, n, n).transpose(1, 2))
-                h = blk(h)
-    return out
+    def logits(a, win):
+        bw, n, _ = win.shape
+        bias = torch.cat((a.q_bias, a.k_bias, a.v_bias))
+        q, k, _ = F.linear(win, a.qkv.weight, bias).reshape(bw, n, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        logits = logits * torch.clamp(a.logit_scale, max=math.log(100.0)).exp()
+        table = a.cpb_mlp(a.relative_coords_table).view(-1, a.num_heads)
+        rpb = table[a.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        return logits + 16 * torch.sigmoid(rpb)
+
+    return swin_attention_by_hand(model, x, window_partition, logits, pre_norm=False)
 
 
 def test_branches_are_live(swinv2):
