@@ -217,6 +217,8 @@ class CaptureView(widgets.VBox):
     num_panels = 0
     show_image = True
     export_name = "vitlens-view.png"
+    #: Whether the constructor has built every piece: until then :meth:`refresh` draws nothing.
+    _ready = False
 
     def _init_capture(self, cap: xr.DataTree, layer: int | None, sample: int) -> int:
         self.cap = cap
@@ -335,6 +337,14 @@ class CaptureView(widgets.VBox):
 
     def _opacity_of(self, panel: int, fig: Any) -> float:
         return self.opacity
+
+    def _on_class(self, change: Any) -> None:
+        """A widget with a :class:`ClassChoice` (``self.classes``) explains the class chosen in its drop-down."""
+        if self._hold or change["new"] is None or self.model is None:
+            return
+        self.classes.targets[self.sample] = int(change["new"])
+        self.export_status.value = ""
+        self.refresh()
 
     # -- controls linked to the traits ---------------------------------------------------------
     def _link_control(self, control: widgets.Widget, trait: str) -> None:

@@ -77,7 +77,6 @@ class Compare(CaptureView):
         export_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        self._ready = False
         layer = self._init_capture(cap, layer, sample)
         info = self.layout_info
         self.model = model
@@ -190,13 +189,6 @@ class Compare(CaptureView):
             self.class_select.value = current
         finally:
             self._hold = False
-
-    def _on_class(self, change: Any) -> None:
-        if self._hold or change["new"] is None or self.model is None:
-            return
-        self.classes.targets[self.sample] = int(change["new"])
-        self.export_status.value = ""
-        self.refresh()
 
     def _on_sample(self, change: Any) -> None:
         self._fill_classes()

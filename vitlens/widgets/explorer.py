@@ -580,13 +580,6 @@ class Explorer(AttentionView):
         self._show_image([self.figure])
         self.refresh()
 
-    def _on_class(self, change: Any) -> None:
-        if self._hold or change["new"] is None or self.model is None:
-            return
-        self.classes.targets[self.sample] = int(change["new"])
-        self.export_status.value = ""
-        self.refresh()
-
     def _on_contrast(self, change: Any) -> None:
         if self._hold or change["new"] is None:
             return

@@ -111,7 +111,6 @@ class HeadAtlas(AttentionView):
         export_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        self._ready = False
         self.cap, self.model, self.source_images = cap, model, images
         self.layout_info = capture_layout(cap)  # a reduced store without attention is fine
         self.num_samples = int(cap["sample"].size)

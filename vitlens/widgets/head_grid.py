@@ -91,7 +91,6 @@ class HeadGrid(AttentionView):
         export_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        self._ready = False
         if explorer is not None and explorer.cap is not cap:
             raise OptionError("HeadGrid(cap, explorer=ex) needs the same capture as the Explorer: pass ex.cap.")
         layer = self._init_capture(cap, explorer.layer if explorer is not None else layer,

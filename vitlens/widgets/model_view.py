@@ -73,7 +73,6 @@ class ModelView(AttentionView):
         export_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        self._ready = False
         layer = self._init_capture(cap, layer, sample)
         info = self.layout_info
         self.layer, self.sample, self.opacity = layer, sample, opacity

@@ -80,7 +80,6 @@ class TokenCurves(CaptureView):
         export_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        self._ready = False
         layer = self._init_capture(cap, layer, sample)
         self.layer, self.sample = layer, sample
         self.query = initial_query(self.layout_info, query)

@@ -12,12 +12,7 @@ Command line (wired as ``vitlens train-zoo``)::
 
     python -m vitlens.zoo.train --model vit-shapes --threads 1 --out vitlens/zoo
 
-Examples
---------
->>> import tempfile
->>> from vitlens.zoo.train import train
->>> with tempfile.TemporaryDirectory() as tmp:  # doctest: +SKIP
-...     info = train("vit-shapes", steps=3, batch_size=8, out_dir=tmp, eval_n=16)
+From Python: :func:`train` (its docstring has an example).
 """
 
 from __future__ import annotations
