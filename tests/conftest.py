@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 # Tests never touch the network: make the Hugging Face hub fail fast and offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,3 +95,20 @@ def images32():
 @pytest.fixture
 def images64():
     return random_images(2, 64)
+
+
+def kill_when(script: Path, ready: Callable[[], bool], *, timeout: float, poll: float, never: str) -> None:
+    """Run ``script`` in a child Python (one thread) and SIGKILL it as soon as ``ready()`` holds;
+    ``pytest.fail(never)`` if the child exits or ``timeout`` seconds pass first (it is killed either way)."""
+    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if ready():
+                break
+            time.sleep(poll)
+        else:
+            pytest.fail(never)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

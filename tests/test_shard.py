@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -16,7 +14,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import make_vit, random_images
+from conftest import kill_when, make_vit, random_images
 
 import vitlens as vl
 from vitlens.capture import shard, stream
@@ -296,18 +294,8 @@ def test_a_killed_client_resumes_and_redoes_only_the_missing_batches(tmp_path, c
     script = tmp_path / "run.py"
     script.write_text(_CLIENT.format(tests=str(TESTS), tmp=str(tmp_path), store=str(store)))
     tiny_factory(tmp_path)  # the checkpoint, written before the client starts
-    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if sum(b - a + 1 for a, b in marker_now(store).get("done", [])) >= 3:
-                break
-            time.sleep(0.02)
-        else:
-            pytest.fail("the sharded run never committed 3 batches")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_when(script, lambda: sum(b - a + 1 for a, b in marker_now(store).get("done", [])) >= 3,
+              timeout=300, poll=0.02, never="the sharded run never committed 3 batches")
     done = shard._from_ranges(marker(store)["done"], 8, store)
     assert 3 <= len(done) < 8 and not marker(store)["complete"]
     imgs = random_images(16, 32, seed=6)

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +10,7 @@ import pytest
 import timm
 import torch
 import xarray as xr
-from conftest import assert_same_capture, make_vit, random_images
+from conftest import assert_same_capture, kill_when, make_vit, random_images
 
 import vitlens as vl
 from vitlens.capture.stream import committed
@@ -115,22 +110,14 @@ def test_a_killed_run_loses_nothing_and_resumes_where_it_stopped(tmp_path):
     store = tmp_path / "killed.zarr"
     script = tmp_path / "run.py"
     script.write_text(_RUNNER.format(tests=str(TESTS), store=str(store)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script)], env=env)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if store.exists() and committed(store) >= 4:
-                    break
-            except vl.CaptureFormatError:
-                pass  # store mid-creation
-            time.sleep(0.05)
-        else:
-            pytest.fail("the streaming run never committed 4 images")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+
+    def four_committed() -> bool:
+        try:
+            return store.exists() and committed(store) >= 4
+        except vl.CaptureFormatError:
+            return False  # store mid-creation
+
+    kill_when(script, four_committed, timeout=120, poll=0.05, never="the streaming run never committed 4 images")
     done = committed(store)
     assert 4 <= done < 12  # killed mid-way, with what was written kept
     with pytest.warns(UserWarning, match="resume=True"):  # opens the committed part, says how to continue
