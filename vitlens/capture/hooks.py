@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..models.adapter import Adapter
+from .handles import HookSet
 from .memory import trim_heap
 
 #: Run timm attention modules on their fused scaled-dot-product path during
@@ -127,7 +128,7 @@ _READABLE = {f.name: f.name for f in fields(BatchRecords) if f.name not in ("gra
 _READABLE["_filled"] = "filled"
 
 
-class Recorder:
+class Recorder(HookSet):
     """Record the internals of one forward pass per batch.
 
     After ``model(x)`` inside the context, :attr:`batch` (a :class:`BatchRecords`,
@@ -200,17 +201,12 @@ class Recorder:
                 self._explicit.__enter__()
             self._install()
         except BaseException:
-            self._restore()
+            self._remove()
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _remove(self) -> None:
+        super()._remove()
         for attn, flag in self._saved_fused:
             attn.fused_attn = flag
         self._saved_fused.clear()

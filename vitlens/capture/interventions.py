@@ -36,6 +36,7 @@ from torch import nn
 from ..errors import CaptureFormatError, OptionError
 from ..models.adapter import Adapter
 from .attrs import json_attr, json_text
+from .handles import HookSet
 from .layout import stage_names
 
 Ablation = Literal["zero", "mean"]
@@ -157,7 +158,7 @@ class _LayerState:
     value: torch.Tensor | None  # (S, nW, N, C), S = 1 or R
 
 
-class Intervening:
+class Intervening(HookSet):
     """Context manager: the hooks of one intervention on ``adapter``'s model (removed on exit).
 
     ``record_heads``: keep the heads' outputs as they reach the projection, per block,
@@ -184,21 +185,8 @@ class Intervening:
         self._handles: list[Any] = []
         self._rows: Intervention = self.intervention
 
-    def __enter__(self) -> "Intervening":
-        try:
-            self._install()
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._remove()
-
     def _remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        super()._remove()
         self.states.clear()
 
     def _install(self) -> None:
