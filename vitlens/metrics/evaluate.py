@@ -17,6 +17,7 @@ passes of the positive and negative perturbation runs (see
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -452,19 +453,7 @@ def summarize(items: xr.Dataset, dim: str = "item") -> xr.Dataset:
     return table
 
 
-def evaluate(
-    model: nn.Module | str,
-    dataset: xr.Dataset,
-    methods: str | Sequence[str] = "all",
-    n: int | None = None,
-    target: str = "label",
-    *,
-    options: Mapping[str, Mapping[str, Any]] | None = None,
-    steps: int = 10,
-    batch_size: int = 32,
-    device: str | torch.device | None = None,
-    progress: bool | None = None,
-) -> xr.Dataset:
+def evaluate(*args: Any, **kwargs: Any) -> xr.Dataset:
     """Score explanation methods on a dataset with masks: one row per method.
 
     Parameters
@@ -514,6 +503,9 @@ def evaluate(
     >>> table.to_dataframe().shape[0]
     2
     """
-    items = evaluate_items(model, dataset, methods, n, target, options=options, steps=steps,
-                           batch_size=batch_size, device=device, progress=progress)
-    return summarize(items)
+    return summarize(evaluate_items(*args, **kwargs))
+
+
+# evaluate is evaluate_items summarised: it takes evaluate_items' parameters (documented above), and
+# help() and inspect.signature show that one signature
+evaluate.__signature__ = inspect.signature(evaluate_items)  # type: ignore[attr-defined]
