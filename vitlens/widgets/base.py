@@ -20,7 +20,7 @@ import traitlets
 import xarray as xr
 
 from ..errors import ImageProcessorWarning, OptionError
-from .controls import class_label, top_classes
+from .controls import class_label, layer_slider, opacity_slider, sample_dropdown, sample_options, top_classes
 from .export import ExportControls
 from .figure import grid_height, grid_shape, heatmap_trace, image_trace, image_uri, live_title, set_grid, title_chars, zsmooth
 from ..capture.attrs import json_attr
@@ -349,6 +349,16 @@ class CaptureView(widgets.VBox):
     # -- controls linked to the traits ---------------------------------------------------------
     def _link_control(self, control: widgets.Widget, trait: str) -> None:
         widgets.link((self, trait), (control, "value"))
+
+    def _view_controls(self) -> None:
+        """The layer slider, sample drop-down, opacity slider and smooth toggle, each linked to its trait."""
+        self.layer_slider = layer_slider(self.layout_info, self.layer)
+        self.sample_select = sample_dropdown(sample_options(self.cap), self.sample)
+        self.opacity_slider = opacity_slider(self.opacity)
+        for control, trait in ((self.layer_slider, "layer"), (self.sample_select, "sample"),
+                               (self.opacity_slider, "opacity")):
+            self._link_control(control, trait)
+        self.smooth_toggle = self._smooth_toggle()
 
     def _smooth_toggle(self) -> widgets.Checkbox:
         box = widgets.Checkbox(value=self.smooth, description="smooth", indent=False,

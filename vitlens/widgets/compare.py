@@ -12,7 +12,7 @@ import xarray as xr
 from ..errors import VitlensError
 from . import captions
 from .base import CaptureView, ClassChoice
-from .controls import layer_slider, opacity_slider, probe, probe_text, sample_dropdown, sample_options
+from .controls import probe, probe_text
 from .figure import as_widget, live_title, overlay_figure
 from .panels import PanelMaps, layer_dependent, method_maps, method_names, normalized
 from .text import html_text, join, markup
@@ -89,13 +89,7 @@ class Compare(CaptureView):
         for method in self.methods:  # every sample of the capture at once
             self._method(cap, "capture", method)
 
-        self.layer_slider = layer_slider(info, layer)
-        self.sample_select = sample_dropdown(sample_options(self.cap), sample)
-        self.opacity_slider = opacity_slider(opacity)
-        for control, trait in ((self.layer_slider, "layer"), (self.sample_select, "sample"),
-                               (self.opacity_slider, "opacity")):
-            self._link_control(control, trait)
-        self.smooth_toggle = self._smooth_toggle()
+        self._view_controls()
         self._fill_classes()
         rows, cols = self._init_grid(cols, height, default_cols=self.max_cols)
         self.figure = overlay_figure(info, list(self.methods), "", cols=cols, height=height or 60 + 220 * rows,

@@ -14,7 +14,7 @@ import xarray as xr
 from ..errors import OptionError
 from . import captions
 from .base import AttentionView
-from .controls import layer_slider, opacity_slider, probe, probe_text, sample_dropdown, sample_options
+from .controls import probe, probe_text
 from .figure import as_widget, image_uri, overlay_figure, zsmooth
 from .layout import Query, initial_query, parse_heads, patch_outline
 from .panels import head_attention, normalized
@@ -107,13 +107,7 @@ class HeadGrid(AttentionView):
         self._boxes: dict[int, widgets.Box] = {}
         self._stage: int | None = None
 
-        self.layer_slider = layer_slider(info, layer)
-        self.sample_select = sample_dropdown(sample_options(self.cap), sample)
-        self.opacity_slider = opacity_slider(opacity)
-        for control, trait in ((self.layer_slider, "layer"), (self.sample_select, "sample"),
-                               (self.opacity_slider, "opacity")):
-            self._link_control(control, trait)
-        self.smooth_toggle = self._smooth_toggle()
+        self._view_controls()
         self.caption = html_text(css="vitlens-captions")
         self.probe = probe("vitlens-probe")
         self._figure_box = widgets.VBox()
