@@ -2,7 +2,8 @@
 
 ``vl.explain(cap, method, **options)`` dispatches to one module per method;
 shared maths lives in :mod:`.operators` (operator chains, Swin windows and
-merges). The LRP rules used at capture time live with the model parts
+merges), the chain methods' common options and pipeline in :mod:`.chain`. The
+LRP rules used at capture time live with the model parts
 (:mod:`vitlens.models.lrp_rules`); :mod:`.lrp` re-exports them. Each method registers
 itself once (:mod:`.registry`); :data:`METHODS` and :data:`METHOD_INFO` list them.
 """
