@@ -169,6 +169,19 @@ def _show(progress: bool | None, n: int, batch_size: int) -> bool:
     return bool(progress) if progress is not None else n > batch_size
 
 
+def _ranked_probabilities(model: nn.Module, pics: Pictures, da: xr.DataArray, removals: Sequence[tuple[int, bool]],
+                          desc: str, progress: bool | None, batch_size: int,
+                          device: str | torch.device | None) -> np.ndarray:
+    """:func:`probabilities` with the pixels ranked by the maps ``da`` (one per picture), under a progress bar."""
+    n = len(pics)
+    _check_count(da, n)
+    order = ranking(pixel_maps(da, pics.size))
+    bar = progress_bar(n, desc, _show(progress, n, batch_size))
+    probs = probabilities(model, pics, order, removals, batch_size=batch_size, device=device, bar=bar)
+    bar.close()
+    return probs
+
+
 def perturbation(
     model: nn.Module,
     images: Any,
@@ -233,15 +246,11 @@ def perturbation(
     pics = pictures_for(model, images)
     n = len(pics)
     truth = label_array(labels, n)
+    npix = pics.size[0] * pics.size[1]
+    removals = [(npix * i // steps, mode == "positive") for i in range(steps)]
 
     def score(da: xr.DataArray) -> xr.Dataset:
-        _check_count(da, n)
-        values = pixel_maps(da, pics.size)
-        npix = values.shape[1] * values.shape[2]
-        removals = [(npix * i // steps, mode == "positive") for i in range(steps)]
-        bar = progress_bar(n, f"perturbation ({mode})", _show(progress, n, batch_size))
-        probs = probabilities(model, pics, ranking(values), removals, batch_size=batch_size, device=device, bar=bar)
-        bar.close()
+        probs = _ranked_probabilities(model, pics, da, removals, f"perturbation ({mode})", progress, batch_size, device)
         top1 = probs.argmax(-1)
         reference = np.where(truth >= 0, truth, top1[:, 0])
         correct = top1 == reference[:, None]
@@ -305,18 +314,14 @@ def _probability_curve(
     fractions = np.arange(steps + 1) / steps
     pics = pictures_for(model, images)
     n = len(pics)
+    npix = pics.size[0] * pics.size[1]
+    if kind == "deletion":
+        removals = [(npix * i // steps, True) for i in range(steps + 1)]
+    else:
+        removals = [(npix * (steps - i) // steps, False) for i in range(steps + 1)]
 
     def score(da: xr.DataArray) -> xr.Dataset:
-        _check_count(da, n)
-        values = pixel_maps(da, pics.size)
-        npix = values.shape[1] * values.shape[2]
-        if kind == "deletion":
-            removals = [(npix * i // steps, True) for i in range(steps + 1)]
-        else:
-            removals = [(npix * (steps - i) // steps, False) for i in range(steps + 1)]
-        bar = progress_bar(n, kind, _show(progress, n, batch_size))
-        probs = probabilities(model, pics, ranking(values), removals, batch_size=batch_size, device=device, bar=bar)
-        bar.close()
+        probs = _ranked_probabilities(model, pics, da, removals, kind, progress, batch_size, device)
         clean = probs[:, -1 if kind == "insertion" else 0].argmax(-1)
         classes = _explained(da, target, n, clean)
         curves = np.take_along_axis(probs, classes[:, None, None], 2)[..., 0]
