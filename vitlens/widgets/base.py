@@ -20,9 +20,10 @@ import traitlets
 import xarray as xr
 
 from ..errors import ImageProcessorWarning, OptionError
-from .controls import class_label, layer_slider, opacity_slider, sample_dropdown, sample_options, top_classes
+from .controls import class_label, layer_slider, opacity_slider, probe, sample_dropdown, sample_options, top_classes
 from .export import ExportControls
-from .figure import grid_height, grid_shape, heatmap_trace, image_trace, image_uri, live_title, set_grid, title_chars, zsmooth
+from .figure import (as_widget, grid_height, grid_shape, heatmap_trace, image_trace, image_uri, live_title, set_grid,
+                     title_chars, zsmooth)
 from ..capture.attrs import json_attr
 from ..capture.layout import capture_options
 from .layout import CaptureLayout, Query, check_view, checked_query, explorable_layout
@@ -376,6 +377,20 @@ class CaptureView(widgets.VBox):
         self.export_status = self.exporter.status
         return self.exporter
 
+    def _text_controls(self, export_dir: str | os.PathLike | None) -> ExportControls:
+        """What goes under the figure: the captions line, the hidden probe and the export box."""
+        self.caption = html_text(css="vitlens-captions")
+        self.probe = probe("vitlens-probe")
+        return self._export_controls(export_dir)
+
+    def _draw_first_view(self, fig: Any) -> None:
+        """Draw the first view into the plain figure ``fig``, then make it the live widget ``self.figure``."""
+        self.figure = fig
+        self._ready = True
+        self.refresh()
+        self.figure = as_widget(fig)
+        self.figure.add_class("vitlens-figure")
+
     @property
     def export_dir(self) -> Path:
         """Where the "Save as" box writes (set in code: ``export_dir=`` or this attribute)."""
@@ -426,17 +441,22 @@ class CaptureView(widgets.VBox):
                 "cmap": "inferno", "vmin": 0.0, "vmax": 1.0, "alpha": float(self.opacity), "smooth": bool(self.smooth)}
 
 
-class AttentionView(CaptureView):
-    """A view of attention, with the query token and the selected heads as linkable traits."""
+class QueryView(CaptureView):
+    """A view of one query token, a linkable trait."""
 
     #: The query patch ``(row, col)`` on the first-stage grid, or ``None`` for CLS.
     query = traitlets.Any(None, allow_none=True)
-    #: Selected heads per stage index, ``{stage: (head, ...)}``.
-    heads = traitlets.Dict()
 
     @traitlets.validate("query")
     def _valid_query(self, proposal: Any) -> Query:
         return checked_query(self.layout_info, proposal["value"])
+
+
+class AttentionView(QueryView):
+    """A view of attention, with the query token and the selected heads as linkable traits."""
+
+    #: Selected heads per stage index, ``{stage: (head, ...)}``.
+    heads = traitlets.Dict()
 
     @traitlets.validate("heads")
     def _valid_heads(self, proposal: Any) -> dict[int, tuple[int, ...]]:

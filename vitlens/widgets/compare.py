@@ -13,7 +13,7 @@ from ..errors import VitlensError
 from . import captions
 from .base import CaptureView, ClassChoice
 from .controls import probe, probe_text
-from .figure import as_widget, live_title, overlay_figure
+from .figure import live_title, overlay_figure
 from .panels import PanelMaps, layer_dependent, method_maps, method_names, normalized
 from .text import html_text, join, markup
 
@@ -98,10 +98,7 @@ class Compare(CaptureView):
         self.captions = html_text(css="vitlens-captions")
         self.probe = probe("vitlens-probe")
         exporter = self._export_controls(export_dir)
-        self._ready = True
-        self.refresh()  # the first view goes into the plain figure, then it becomes a widget
-        self.figure = as_widget(self.figure)
-        self.figure.add_class("vitlens-figure")
+        self._draw_first_view(self.figure)
         self._follow_page_width()
         self.observe(lambda _: self.refresh(), "layer")
         self.observe(self._on_sample, "sample")

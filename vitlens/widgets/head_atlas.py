@@ -18,9 +18,9 @@ from ..stats import head_stats, holds_groups, stored_stats
 from ..stats.atlas import Extremes, examples, extremes, holds_attention, summary
 from . import captions
 from .base import AttentionView
-from .controls import probe, probe_text
+from .controls import probe_text
 from .figure import as_widget, image_uri, overlay_figure, zsmooth
-from .layout import Query, capture_layout, checked_query, initial_query, patch_at, patch_outline
+from .layout import Query, capture_layout, initial_query, patch_at, patch_outline
 from .panels import PanelMaps, normalized
 from .text import escape, html_text, markup
 
@@ -137,10 +137,7 @@ class HeadAtlas(AttentionView):
         self.stat_select.add_class("vitlens-stat")
         self._link_control(self.stat_select, "stat")
         self.status = html_text(margin="0 8px")
-        self.caption = html_text()
-        self.caption.add_class("vitlens-captions")
-        self.probe = probe("vitlens-probe")
-        exporter = self._export_controls(export_dir)
+        exporter = self._text_controls(export_dir)
 
         self.overview = as_widget(self._overview_figure())
         self.overview.add_class("vitlens-figure")
@@ -192,10 +189,6 @@ class HeadAtlas(AttentionView):
     @traitlets.validate("stat")
     def _valid_stat(self, proposal: Any) -> str:
         return self._checked_stat(str(proposal["value"]))
-
-    @traitlets.validate("query")
-    def _valid_query(self, proposal: Any) -> Query:
-        return checked_query(self.layout_info, proposal["value"])
 
     def values(self, stat: str | None = None) -> xr.DataArray:
         """The statistic of every image, block and head (in memory; computed once per statistic)."""

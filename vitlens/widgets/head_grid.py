@@ -14,11 +14,11 @@ import xarray as xr
 from ..errors import OptionError
 from . import captions
 from .base import AttentionView
-from .controls import probe, probe_text
+from .controls import probe_text
 from .figure import as_widget, image_uri, overlay_figure, zsmooth
 from .layout import Query, initial_query, parse_heads, patch_outline
 from .panels import head_attention, normalized
-from .text import escape, html_text, markup
+from .text import escape, markup
 
 #: Heatmap opacity of a deselected head, relative to the opacity slider.
 DIMMED = 0.2
@@ -108,10 +108,8 @@ class HeadGrid(AttentionView):
         self._stage: int | None = None
 
         self._view_controls()
-        self.caption = html_text(css="vitlens-captions")
-        self.probe = probe("vitlens-probe")
+        exporter = self._text_controls(export_dir)
         self._figure_box = widgets.VBox()
-        exporter = self._export_controls(export_dir)
         wrap = widgets.Layout(align_items="center", flex_flow="row wrap")
         self.children = [widgets.HBox([self.layer_slider, self.sample_select, self.opacity_slider, self.smooth_toggle],
                                       layout=wrap),

@@ -12,11 +12,11 @@ import xarray as xr
 
 from . import captions
 from .base import AttentionView
-from .controls import opacity_slider, probe, probe_text, sample_dropdown, sample_options
-from .figure import COLORSCALE, as_widget, image_uri, with_gaps
+from .controls import opacity_slider, probe_text, sample_dropdown, sample_options
+from .figure import COLORSCALE, image_uri, with_gaps
 from .layout import Query, initial_query
 from .panels import head_attention, normalized, pooled
-from .text import escape, html_text
+from .text import escape
 
 #: Tiles show at most this many cells per side (finer Swin grids are averaged down).
 MAX_CELLS = 16
@@ -87,18 +87,11 @@ class ModelView(AttentionView):
         self.opacity_slider = opacity_slider(opacity)
         self._link_control(self.sample_select, "sample")
         self._link_control(self.opacity_slider, "opacity")
-        self.caption = html_text(css="vitlens-captions")
-        self.probe = probe("vitlens-probe")
-        exporter = self._export_controls(export_dir)
+        exporter = self._text_controls(export_dir)
         if explorer is not None:
             self.link(explorer, ["sample", "layer", "query"])
 
-        fig = self._figure(tile)
-        self.figure = fig
-        self._ready = True
-        self.refresh()
-        self.figure = as_widget(fig)
-        self.figure.add_class("vitlens-figure")
+        self._draw_first_view(self._figure(tile))
         self.figure.data[1].on_click(self._clicked)
         self.observe(lambda _: self.refresh(), ["sample", "query"])
         self.observe(lambda _: self._outline(), "layer")

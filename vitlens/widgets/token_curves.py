@@ -8,18 +8,16 @@ from typing import Any
 
 import ipywidgets as widgets
 import numpy as np
-import traitlets
 import xarray as xr
 from plotly.subplots import make_subplots
 
 from ..errors import VitlensError
 from . import captions
-from .base import CaptureView
-from .controls import probe, probe_text, sample_dropdown, sample_options
-from .figure import as_widget
-from .layout import Query, checked_query, initial_query
+from .base import QueryView
+from .controls import probe_text, sample_dropdown, sample_options
+from .layout import Query, initial_query
 from .panels import CURVES, token_curves
-from .text import escape, html_text
+from .text import escape
 
 TOKEN_COLOUR = "#d62728"
 PATCH_COLOUR = "#7f7f7f"
@@ -27,7 +25,7 @@ PATCH_COLOUR = "#7f7f7f"
 SHORT = {"token norm ‖x‖": "token norm ‖x‖", "LayerNorm std (norm1)": "LN std", "LayerNorm mean (norm1)": "LN mean"}
 
 
-class TokenCurves(CaptureView):
+class TokenCurves(QueryView):
     """Curves across depth for the query token: its norm and its LayerNorm mean and std.
 
     Three small plots, block on the x axis: the norm of the token entering each
@@ -61,12 +59,7 @@ class TokenCurves(CaptureView):
     'LayerNorm mean (norm1)'
     """
 
-    query = traitlets.Any(None, allow_none=True)
     export_name = "vitlens-token-curves.png"
-
-    @traitlets.validate("query")
-    def _valid_query(self, proposal: Any) -> Query:
-        return checked_query(self.layout_info, proposal["value"])
 
     def __init__(
         self,
@@ -85,9 +78,7 @@ class TokenCurves(CaptureView):
         self.query = initial_query(self.layout_info, query)
         self.sample_select = sample_dropdown(sample_options(self.cap), sample)
         self._link_control(self.sample_select, "sample")
-        self.caption = html_text(css="vitlens-captions")
-        self.probe = probe("vitlens-probe")
-        exporter = self._export_controls(export_dir)
+        exporter = self._text_controls(export_dir)
         if explorer is not None:
             self.link(explorer, ["sample", "layer", "query"])
         labels = [label for _, _, label in CURVES]
@@ -108,11 +99,7 @@ class TokenCurves(CaptureView):
         for i, ann in enumerate(fig.layout.annotations):  # left-aligned over each plot: never clipped
             axis = fig.layout[f"xaxis{'' if i == 0 else i + 1}"]
             ann.update(x=axis.domain[0], xanchor="left", font=dict(size=11))
-        self.figure = fig
-        self._ready = True
-        self.refresh()
-        self.figure = as_widget(fig)
-        self.figure.add_class("vitlens-figure")
+        self._draw_first_view(fig)
         for i in range(len(labels)):
             self.figure.data[3 * i].on_click(self._clicked)
         self.observe(lambda _: self.refresh(), ["sample", "query"])
