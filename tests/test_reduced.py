@@ -117,6 +117,21 @@ def test_a_reduced_capture_keeps_no_raw_groups_unless_asked(vit, images32):
     assert "attention_relevance" in both["stage0"] and "image" in both
 
 
+def test_answers_are_stored_in_float32_and_a_near_uniform_map_keeps_the_digits_of_its_range(vit, images32):
+    """#27: float64 maps doubled a Swin-T image's store. An untrained model's rollout varies by 1e-2 of its
+    value: plain float32 would keep only 4 digits of its range, which min-max (the metrics) magnifies."""
+    full = vl.capture(vit, images32, progress=False)
+    small = vl.capture(vit, images32, maps=["rollout", "gradcam"], stats=["attention_entropy"], progress=False)
+    stored = [*small["maps"].to_dataset().data_vars.values(), *small["stats"].to_dataset().data_vars.values()]
+    assert [str(da.dtype) for da in stored] == ["float32"] * 3
+    want, got = vl.explain(full, "rollout"), vl.explain(small, "rollout")
+    spread = (want.max(("y", "x")) - want.min(("y", "x"))).values
+    assert (spread < 2e-2 * abs(want).max(("y", "x")).values).all()  # near-uniform: the case float32 alone fails
+    error = abs(got - want).max(("y", "x")).values
+    assert (error <= 2.0**-23 * spread).all(), error / spread
+    assert got.dtype == want.dtype and vl.explain(small, "gradcam").dtype == vl.explain(full, "gradcam").dtype
+
+
 def test_map_options_are_stored_and_another_variant_is_refused_with_the_call_that_makes_it(vit, images32):
     full = vl.capture(vit, images32, progress=False)
     small = vl.capture(vit, images32, maps={"rollout": {"start_layer": 1, "per_layer": True}, "gradcam": {}},

@@ -693,7 +693,9 @@ def _capture_batch(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np
 
 
 def _answer_batch(tree: xr.DataTree, plan: CapturePlan, sink: _Sink, layouts: dict[str, xr.DataArray]) -> None:
-    """A reduced capture's maps and statistics of one batch (``tree``), stored in its rows."""
+    """A reduced capture's maps and statistics of one batch (``tree``), stored in its rows, in the
+    dtypes :func:`reduced.answers` gives them (float32, a map's float64 minimum apart: see
+    :data:`reduced.ANSWER_DTYPE`)."""
     for key, da in reduced.answers(tree, plan.maps, plan.stats).items():
         values = torch.from_numpy(np.ascontiguousarray(da.transpose("sample", ...).values))
         sink.put(key, values, values.dtype)
@@ -1007,13 +1009,16 @@ def _assemble(
 def _answers_node(stored: Mapping[str, tuple[xr.DataArray, np.ndarray]]) -> xr.Dataset:
     """The ``/maps`` or ``/stats`` node: each answer's values for every image, with the labels
     (coordinates without ``sample``) and attrs of one batch's answer."""
-    data_vars = {}
+    data_vars, offsets = {}, {}
     for name, (layout, values) in stored.items():
         dims = ("sample", *(d for d in layout.dims if d != "sample"))
+        if name.endswith(reduced.OFFSET) and name[: -len(reduced.OFFSET)] in stored:  # a map's minimum
+            offsets[name] = (dims, values)
+            continue
         coords = {c: v.variable for c, v in layout.coords.items() if "sample" not in v.dims}
         data_vars[name] = xr.DataArray(values, dims=dims, coords=coords, attrs=dict(layout.attrs))
     try:
-        return xr.Dataset(data_vars)
+        return xr.Dataset(data_vars, coords=offsets)
     except ValueError as exc:  # e.g. two per-layer maps of different layers
         raise OptionError(f"the requested maps/statistics do not share their labels ({exc}); capture those "
                           "that differ separately.") from None

@@ -35,6 +35,17 @@ from ..registry import METHOD_INFO, STAT_INFO, method_info, resolve_methods, res
 #: The tree's nodes of stored answers.
 MAPS, STATS = "maps", "stats"
 
+#: The dtype of stored maps and statistics: float32, half the bytes of the float64 some methods compute in.
+#: A statistic changes by at most 6e-8 of its value. A map is stored as its float64 minimum over the
+#: grid (a coordinate ``<method>_offset``) plus the float32 rest, so that it changes by at most 6e-8 of
+#: its own range: a near-uniform map (rollout of an untrained model varies by 1e-4 of its value) keeps
+#: every digit its min-max normalised form, which the metrics score, depends on. A method's float32
+#: map is stored as it is, and read back in float32 (as ``vl.explain`` computes it).
+ANSWER_DTYPE = np.float32
+
+#: The suffix of the coordinate holding a stored map's minimum (see :data:`ANSWER_DTYPE`).
+OFFSET = "_offset"
+
 #: The token grid's dims as stored under ``/maps`` (the root's ``y``/``x`` are pixels).
 STORED_GRID = {"y": "map_y", "x": "map_x"}
 
@@ -142,18 +153,25 @@ def needed_groups(maps: Mapping[str, Mapping[str, Any]], stats: Mapping[str, Map
 def answers(tree: xr.DataTree, maps: Mapping[str, Mapping[str, Any]],
             stats: Mapping[str, Mapping[str, Any]]) -> dict[str, xr.DataArray]:
     """The requested maps and statistics of one batch's capture, keyed ``maps/<name>`` / ``stats/<name>``,
-    in their stored layout (the map grid renamed, the ``request`` attribute added)."""
+    in their stored layout (the map grid renamed, the ``request`` attribute added, the dtypes of
+    :data:`ANSWER_DTYPE`: each map as its minimum, ``maps/<name>_offset``, and the rest)."""
     out = {}
     for name, options in maps.items():
         info = METHOD_INFO[name]
         da = info.function(tree, **{**info.defaults_for(tree), **options})
         da = da.drop_vars([c for c in da.coords if c not in da.dims]).rename(STORED_GRID)
-        da.attrs["request"] = request(info, tree.attrs, options)
-        out[f"{MAPS}/{name}"] = da
+        attrs = {**da.attrs, "request": request(info, tree.attrs, options)}
+        if da.dtype == np.float64:  # its minimum, and the float32 rest (ANSWER_DTYPE); read back as float64
+            offset = da.min(list(STORED_GRID.values()))
+            out[f"{MAPS}/{name}{OFFSET}"] = offset
+            da = (da - offset).astype(ANSWER_DTYPE)
+        out[f"{MAPS}/{name}"] = da.assign_attrs(attrs)
     for name, options in stats.items():
         info = STAT_INFO[name]
         da = info.function(tree, **options)
         da = da.drop_vars([c for c in da.coords if "sample" in da[c].dims and c != "sample"])
+        if np.issubdtype(da.dtype, np.floating):
+            da = da.astype(ANSWER_DTYPE)
         da.attrs["request"] = request(info, tree.attrs, options)
         out[f"{STATS}/{name}"] = da
     return out
@@ -275,6 +293,8 @@ def _short(resolved: Mapping[str, Any], info: Any) -> str:
 
 def _as_explained(cap: xr.DataTree, method: str) -> xr.DataArray:
     da = cap[MAPS][method]
+    if f"{method}{OFFSET}" in da.coords:  # the map's minimum, apart from its float32 rest (ANSWER_DTYPE)
+        da = (da + da[f"{method}{OFFSET}"]).assign_attrs(da.attrs)
     da = da.drop_vars([c for c in da.coords if c not in da.dims and c != "sample"])
     da = da.rename({v: k for k, v in STORED_GRID.items()})
     da = da.assign_coords(y=np.arange(da.sizes["y"]), x=np.arange(da.sizes["x"]))
@@ -294,5 +314,5 @@ def _as_explained(cap: xr.DataTree, method: str) -> xr.DataArray:
     return da
 
 
-__all__ = ["GROUP_VARS", "MAPS", "STATS", "STORED_GRID", "answers", "group_of", "holds_map", "is_reduced",
+__all__ = ["ANSWER_DTYPE", "GROUP_VARS", "MAPS", "OFFSET", "STATS", "STORED_GRID", "answers", "group_of", "holds_map", "is_reduced",
            "needed_groups", "request", "resolve_maps", "resolve_stat_options", "stored_groups", "stored_map", "stored_requests"]
