@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -205,3 +207,89 @@ def test_bench_refuses_shapes_for_a_model_with_fewer_classes(monkeypatch, capsys
     monkeypatch.setattr(bench, "_load", lambda args: (make_vit(img_size=64, patch_size=16, num_classes=3), "cpu"))
     assert cli.main(["bench", "--n", "2"]) == 2
     assert "shapes-trained" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------- maps from a capture of the dataset (#27)
+def _scores(table: xr.Dataset) -> xr.Dataset:
+    return table.drop_vars(["seconds_per_image", "capture_seconds_per_image"])
+
+
+@pytest.mark.slow  # two evaluations and a store of six images: about 10 s of CPU
+def test_scores_from_a_reduced_store_equal_the_scores_computed_with_the_model(tmp_path, shapes_vit, mixed):
+    """The store's maps, read in batches other than the store's, give the table evaluate computes; only the
+    label-class maps of class-specific methods (the store explains the prediction) are computed."""
+    methods = ["attention", "rollout", "gradcam"]  # as "all" lists what the store holds: in the registry's order
+    vl.capture(shapes_vit, mixed, store=tmp_path / "val.zarr", maps=methods, stats=["attention_entropy"],
+               batch_size=4, progress=False)
+    for target in ("label",):
+        want = evaluate_items(shapes_vit, mixed, methods, target=target, batch_size=4, progress=False)
+        got = evaluate_items(shapes_vit, mixed, "all", target=target, maps=tmp_path / "val.zarr", batch_size=3,
+                             progress=False)
+        assert got.method.values.tolist() == methods and got.attrs["maps"].startswith("read from the store")
+        for name in ("sample", "object", "label", "predicted", "reference"):
+            np.testing.assert_array_equal(got[name].values, want[name].values)
+        for name in got.data_vars:  # float64 maps are stored as float32 above their minimum: 1e-7 of a range
+            if "seconds" not in name:
+                np.testing.assert_allclose(got[name].values, want[name].values, rtol=1e-6, atol=0, err_msg=name)
+        xr.testing.assert_allclose(_scores(summarize(got)), _scores(summarize(want)), rtol=1e-6, atol=0)
+        # every map the store holds is read: only gradcam's label maps of misclassified items are computed
+        misclassified = int((want.label.values != want.predicted.values).sum())
+        assert misclassified > 0
+        assert want.attrs["maps_computed"] == len(methods) * (mixed.sizes["sample"] + misclassified)
+        assert got.attrs["maps_computed"] == misclassified
+
+
+def test_an_in_memory_reduced_capture_is_scored_without_capturing_again(monkeypatch, shapes_vit):
+    ds = vl.datasets.shapes(2, seed=3)
+    small = vl.capture(shapes_vit, ds, maps=["rollout"], progress=False)
+    want = evaluate(shapes_vit, ds, ["rollout"], target="predicted", progress=False)
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("evaluate captured the images although maps= holds their maps")
+
+    monkeypatch.setattr(importlib.import_module("vitlens.capture"), "capture", no_capture)  # evaluate's capture
+    got = evaluate(shapes_vit, ds, target="predicted", maps=small, progress=False)
+    assert got.attrs["maps_computed"] == 0 and got.method.values.tolist() == ["rollout"]
+    xr.testing.assert_allclose(_scores(got), _scores(want), rtol=1e-6, atol=0)
+
+
+def test_a_capture_of_other_images_or_options_or_weights_is_refused(tmp_path, shapes_vit):
+    ds = vl.datasets.shapes(3, seed=3)
+    other = vl.datasets.shapes(3, seed=4)
+    fewer = vl.capture(shapes_vit, ds.isel(sample=slice(0, 2)), maps=["rollout"], progress=False)
+    with pytest.raises(ImageError, match="holds 2 images but the dataset 3"):
+        evaluate(shapes_vit, ds, maps=fewer, progress=False)
+    wrong = vl.capture(shapes_vit, other, maps=["rollout"], progress=False)
+    with pytest.raises(ImageError, match="image [0-9]: the model's class probabilities differ"):
+        evaluate(shapes_vit, ds, maps=wrong, progress=False)
+    vl.capture(shapes_vit, other, maps=["rollout"], store=tmp_path / "other.zarr", progress=False)
+    with pytest.raises(ImageError, match="captured from other images than this dataset's"):
+        evaluate(shapes_vit, ds, maps=tmp_path / "other.zarr", progress=False)
+    vl.capture(shapes_vit, ds, maps={"rollout": {"start_layer": 1}}, store=tmp_path / "layer1.zarr", progress=False)
+    with pytest.raises(vl.errors.CaptureFormatError, match="start_layer.*options=\\{'rollout'"):
+        evaluate(shapes_vit, ds, ["rollout"], maps=tmp_path / "layer1.zarr", progress=False)
+    retrained = make_vit(img_size=64, patch_size=16, num_classes=8, seed=5)
+    with pytest.raises(OptionError, match="other weights"):
+        evaluate(retrained, ds, maps=tmp_path / "layer1.zarr", options={"rollout": {"start_layer": 1}}, progress=False)
+    with pytest.raises(OptionError, match="maps= takes a capture"):
+        evaluate(shapes_vit, ds, maps=np.zeros((3, 4, 4)), progress=False)
+
+
+def test_bench_scores_the_maps_of_a_store(monkeypatch, tmp_path, capsys):
+    from vitlens import cli
+    from vitlens.metrics import bench
+    from vitlens.zoo.train import EVAL_SEED
+
+    model = make_vit(img_size=64, patch_size=16, num_classes=8)
+    monkeypatch.setattr(bench, "_load", lambda args: (model, "cpu"))
+    ds = vl.datasets.shapes(2, seed=EVAL_SEED, size=64, objects=(1, 2))  # what bench --n 2 scores
+    vl.capture(model, ds, maps=["rollout", "attention"], store=tmp_path / "val.zarr", progress=False)
+    assert cli.main(["bench", "--n", "2", "--store", str(tmp_path / "val.zarr"), "--out", str(tmp_path),
+                     "--no-progress", "--target", "predicted"]) == 0
+    printed = capsys.readouterr().out
+    assert f"maps read from {tmp_path / 'val.zarr'} (0 maps" in printed
+    saved = xr.open_dataset(next(tmp_path.glob("*.nc")))
+    assert list(saved.method.values) == ["attention", "rollout"] and saved.attrs["maps_computed"] == 0
+    saved.close()
+    assert cli.main(["bench", "--n", "3", "--store", str(tmp_path / "val.zarr"), "--out", str(tmp_path)]) == 2
+    assert "holds 2 images but the dataset 3" in capsys.readouterr().err

@@ -282,12 +282,25 @@ def stored_map(cap: xr.DataTree, method: str, options: Mapping[str, Any]) -> xr.
     )
 
 
+def given_options(resolved: Mapping[str, Any], info: Any) -> dict[str, Any]:
+    """Of a map's resolved options (as :func:`stored_requests` gives them), those that differ from the
+    method's own defaults: what a user passes to ask for that map.
+
+    Examples
+    --------
+    >>> from vitlens.registry import METHOD_INFO
+    >>> given_options({"start_layer": 1, "per_layer": False}, METHOD_INFO["rollout"])
+    {'start_layer': 1}
+    """
+    base = _canonical(info.resolve({}))  # the function's own defaults and the registry's for every capture
+    return {k: v for k, v in resolved.items() if base.get(k, object()) != v}
+
+
 def _short(resolved: Mapping[str, Any], info: Any) -> str:
     """The options that differ from the method's own defaults (what a user would have passed)."""
     if info is None:
         return json.dumps(resolved)
-    base = _canonical(info.resolve({}))  # the function's own defaults and the registry's for every capture
-    diff = {k: v for k, v in resolved.items() if base.get(k, object()) != v}
+    diff = given_options(resolved, info)
     return json.dumps(diff, sort_keys=True) if diff else "its default options"
 
 
@@ -315,4 +328,4 @@ def _as_explained(cap: xr.DataTree, method: str) -> xr.DataArray:
 
 
 __all__ = ["ANSWER_DTYPE", "GROUP_VARS", "MAPS", "OFFSET", "STATS", "STORED_GRID", "answers", "group_of", "holds_map", "is_reduced",
-           "needed_groups", "request", "resolve_maps", "resolve_stat_options", "stored_groups", "stored_map", "stored_requests"]
+           "given_options", "needed_groups", "request", "resolve_maps", "resolve_stat_options", "stored_groups", "stored_map", "stored_requests"]

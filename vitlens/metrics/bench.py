@@ -6,6 +6,7 @@ Examples
     vitlens bench --model swin-shapes --n 500 --objects 2 --out results/
     vitlens bench --model vit_base_patch16_224 --checkpoint vit_b16.safetensors \\
         --dataset imagenet-seg --path gtsegs_ijcv.mat --n 1000 --target predicted
+    vitlens bench --model vit-shapes --n 500 --store val.zarr   # the maps of a store of the same images
 
 Prints the table (one row per method) and saves it as CSV and netCDF in ``--out``.
 """
@@ -103,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="perturbation grid (10: 0, 10, ..., 90 %%)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (None: cuda if available)")
+    p.add_argument("--store", default=None,
+                   help="a capture of the same images by the same model (e.g. vl.capture(model, dataset, "
+                        "store=PATH, maps='all')): score its maps instead of computing them (--methods all: the "
+                        "methods it stores)")
     p.add_argument("--out", default=".", help="folder for the CSV and netCDF files")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -176,7 +181,7 @@ def main(argv: Sequence[str]) -> int:
     model, device = _load(args)
     dataset = _dataset(args, model)
     start = time.perf_counter()
-    table = evaluate(model, dataset, methods=methods, target=args.target, steps=args.steps,
+    table = evaluate(model, dataset, methods=methods, target=args.target, maps=args.store, steps=args.steps,
                      batch_size=args.batch_size, device=device, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"bench-{args.model}-{args.dataset}")
@@ -187,6 +192,10 @@ def main(argv: Sequence[str]) -> int:
     print(f"{args.model} on {args.dataset}: {args.n} images, {table.attrs['items']} items, "
           f"target={args.target}, clean accuracy {table.attrs['clean_accuracy']:.3f} "
           f"({table.attrs['accuracy_reference']}); {seconds:.0f} s on {table.attrs['machine']}")
+    if args.store:
+        table.attrs["store"] = args.store
+        print(f"maps read from {args.store} ({table.attrs['maps_computed']} maps of classes it does not explain "
+              "computed with the model)")
     print(format_table(table))
     print(legend(args.steps) + f" Capture: {1000 * float(table['capture_seconds_per_image'][0]):.1f} ms/img.")
     out = Path(args.out)

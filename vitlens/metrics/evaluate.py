@@ -18,6 +18,7 @@ passes of the positive and negative perturbation runs (see
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -188,6 +189,7 @@ class _Scores:
         self.insertion = np.zeros((n_methods, n_items, steps + 1), np.float32)
         self.explain_seconds = np.zeros(n_methods)
         self.capture_seconds = 0.0
+        self.maps_computed = 0  # (method, image, class) maps computed with the model: all of them without a store
 
     def put(self, m: int, its: np.ndarray, counts: xr.Dataset, probs: Mapping[str, np.ndarray], clean: np.ndarray,
             zero: np.ndarray, reference: np.ndarray, explained: np.ndarray, curve_probs: np.ndarray) -> None:
@@ -252,6 +254,7 @@ def evaluate_items(
     n: int | None = None,
     target: str = "label",
     *,
+    maps: xr.DataTree | str | os.PathLike | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     steps: int = 10,
     batch_size: int = 32,
@@ -265,7 +268,9 @@ def evaluate_items(
     ``objects_in_image``; ``source``, the image file, when the dataset has
     one) holding the segmentation counts, the hit arrays of the
     four perturbation runs over ``removed``, the deletion / insertion probability
-    curves, and the timings.
+    curves, and the timings; ``attrs["maps"]`` says where the maps came from and
+    ``attrs["maps_computed"]`` counts the (method, image, class) maps computed
+    with the model (none that a store given as ``maps=`` holds).
 
     Examples
     --------
@@ -281,7 +286,8 @@ def evaluate_items(
     if isinstance(model, str):
         model = load_model(model)
     adapter = adapter_for(model)
-    names = _method_names(methods)
+    stored = _open_maps(maps)
+    names = _method_names(_stored_methods(stored) if stored is not None and methods == "all" else methods)
     opts = _check_options(names, options, target, steps, batch_size)
     steps, batch_size = int(steps), int(batch_size)
     device = model_device(model, device)
@@ -290,6 +296,8 @@ def evaluate_items(
     from ..capture.images import sample_sources
 
     sources = sample_sources(dataset["image"].isel(sample=slice(0, len(images))))
+    if stored is not None:
+        stored = _StoredMaps(stored, model, dataset, len(images), sources, names, opts)
     size = tuple(int(s) for s in adapter.input_size)
     resized = images.shape[1:3] != size
     images, masks = _fit(images, masks, size)
@@ -305,7 +313,7 @@ def evaluate_items(
     for s0 in range(0, n_img, batch_size):
         chunk = images[s0 : s0 + batch_size]
         norm = _evaluate_batch(model, chunk, s0, items, names, opts, scores, runs, order_all[: len(chunk)], target,
-                               size, batch_size, device)
+                               size, batch_size, device, stored)
         bar.update(len(chunk))
     bar.close()
     mean, std, model_name = norm
@@ -319,6 +327,8 @@ def evaluate_items(
         "mean": list(mean),
         "std": list(std),
         "options": repr(opts),
+        "maps": "computed" if stored is None else stored.describe(),
+        "maps_computed": scores.maps_computed,
     }, sources=sources)
 
 
@@ -335,50 +345,250 @@ def _groups(model: nn.Module, names: list[str], opts: dict[str, dict[str, Any]])
     return sorted(groups)
 
 
+class _ComputedMaps:
+    """One batch's maps computed with the model: a capture per set of classes asked for (the
+    predicted classes of the whole batch, the labels of the images whose label differs), each once."""
+
+    def __init__(self, model: nn.Module, chunk: np.ndarray, names: list[str], opts: dict[str, dict[str, Any]],
+                 scores: _Scores, batch_size: int, device: Any, predict: bool = True):
+        self.model, self.chunk, self.opts, self.scores = model, chunk, opts, scores
+        self.batch_size, self.device = batch_size, device
+        self.keep = _groups(model, names, opts)  # the extra passes (AttnLRP, LeGrad) included, nothing unread
+        self.captures: dict[tuple[tuple[int, ...], tuple[int, ...] | None], xr.DataTree] = {}
+        if predict:  # the predicted classes of the batch, from its capture for them
+            root = self.capture(np.arange(len(chunk)), None)
+            self.predicted = root["target"].values.astype(np.int64)
+            self.mean, self.std = tuple(root.attrs["mean"]), tuple(root.attrs["std"])
+            self.model_name = str(root.attrs.get("model", ""))
+
+    def capture(self, rows: np.ndarray, classes: np.ndarray | None) -> xr.DataTree:
+        """The capture of images ``rows`` of the batch for ``classes`` (None: their predicted classes)."""
+        from ..capture import capture
+
+        key = (tuple(rows.tolist()), None if classes is None else tuple(classes.tolist()))
+        if key not in self.captures:
+            t = time.perf_counter()
+            self.captures[key] = capture(self.model, self.chunk[rows], target=None if classes is None else
+                                         classes.tolist(), keep=self.keep, batch_size=self.batch_size,
+                                         device=self.device, progress=False)
+            if classes is None:  # the predicted-class capture is the one evaluate times (as before stores)
+                self.scores.capture_seconds += time.perf_counter() - t
+        return self.captures[key]
+
+    def maps(self, name: str, rows: np.ndarray, classes: np.ndarray | None) -> xr.DataArray:
+        """``name``'s maps (sample, y, x) of images ``rows`` for ``classes`` (None: the predicted ones)."""
+        from ..methods import explain
+
+        self.scores.maps_computed += len(rows)
+        return explain(self.capture(rows, classes), name, **self.opts.get(name, {}))
+
+
+def _open_maps(maps: Any) -> tuple[xr.DataTree, str] | None:
+    """``maps=``: a capture, or the path of a store (opened lazily), with a word on where it is."""
+    if maps is None:
+        return None
+    if isinstance(maps, (str, os.PathLike)):
+        from ..capture import open as open_store
+
+        return open_store(maps, chunks={}), f"the store {os.fspath(maps)}"
+    if not isinstance(maps, xr.DataTree):
+        raise OptionError(f"maps= takes a capture of the dataset's images (vl.capture(model, dataset, maps='all')) or "
+                          f"the path of its store; got {type(maps).__name__}.")
+    return maps, "the capture given as maps="
+
+
+def _stored_methods(opened: tuple[xr.DataTree, str]) -> str | list[str]:
+    """``methods="all"`` with ``maps=``: the methods a reduced capture stores (every method for a full one)."""
+    from ..capture.reduced import is_reduced, stored_requests
+    from ..registry import METHOD_INFO
+
+    tree, where = opened
+    if not is_reduced(tree):
+        return "all"
+    held = stored_requests(tree)
+    if not held:
+        raise OptionError(f"{where} stores no maps (a reduced capture made with stats= alone); capture the dataset "
+                          "with maps='all' (or the methods to score), or leave maps= out to compute them.")
+    return [m for m in METHOD_INFO if m in held]
+
+
+class _StoredMaps:
+    """The maps of a capture of the dataset (``maps=``), checked to be of its images and of the model.
+
+    Each method's map is read where the capture explains the class asked for (any class for a
+    class-agnostic method); a class-specific map of another class (e.g. the label's, where the
+    capture explains the prediction) is computed with the model, for those images only.
+    """
+
+    def __init__(self, opened: tuple[xr.DataTree, str], model: nn.Module, dataset: xr.Dataset, n_images: int,
+                 sources: list[str] | None, names: list[str], opts: dict[str, dict[str, Any]]):
+        from ..errors import CaptureFormatError
+        from ..methods import explain
+
+        tree, self.where = opened
+        root = tree.to_dataset(inherit=False)
+        if "logits" not in root or "target" not in root or "mean" not in tree.attrs:
+            raise OptionError(f"{self.where} is not a vitlens capture (no logits, target or mean); pass "
+                              "vl.capture(model, dataset, maps=...)'s result or the path of its store.")
+        held, total = int(tree.sizes.get("sample", root.sizes.get("sample", 0))), int(dataset.sizes["sample"])
+        if held not in (total, n_images):
+            raise ImageError(
+                f"{self.where} holds {held} images but the dataset {total}"
+                f"{f' (of which evaluate scores the first {n_images})' if n_images != total else ''}: maps= must be "
+                "a capture of the dataset's images in the same order, e.g. vl.capture(model, dataset, maps='all').")
+        self._check_sources(root, sources, n_images)
+        self._check_run(opened, model, dataset)
+        self.tree, self.n, self.model = tree, n_images, model
+        self.target = np.asarray(root["target"].values[:n_images], dtype=np.int64)
+        logits = np.asarray(root["logits"].values[:n_images], dtype=np.float64)
+        self.predicted = logits.argmax(-1)
+        self.probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+        self.probabilities /= self.probabilities.sum(-1, keepdims=True)
+        self.names, self.opts = names, opts
+        self.explained: dict[str, xr.DataArray] = {}
+        for name in names:  # every map is readable (stored with these options, or computable), before any work
+            try:
+                self.explained[name] = explain(tree, name, **opts.get(name, {})).transpose("sample", "y", "x")
+            except CaptureFormatError as exc:
+                from ..capture.reduced import given_options, stored_requests
+                from ..registry import METHOD_INFO
+
+                held_opts = stored_requests(tree).get(name)
+                hint = (f" To score the map it stores, pass options="
+                        f"{{{name!r}: {given_options(held_opts, METHOD_INFO[name])!r}}} to evaluate."
+                        if held_opts is not None else "")
+                raise CaptureFormatError(f"maps=: {exc}{hint}") from None
+
+    def _check_sources(self, root: xr.Dataset, sources: list[str] | None, n_images: int) -> None:
+        if sources is None or "source" not in root.coords:
+            return
+        held = [str(v) for v in np.atleast_1d(root["source"].values)[:n_images]]
+        for i, (a, b) in enumerate(zip(held, sources)):
+            if a != b:
+                raise ImageError(f"image {i} of {self.where} is {a!r} but the dataset's image {i} is {b!r}: maps= must "
+                                 "be a capture of the dataset's images in the same order.")
+
+    def _check_run(self, opened: tuple[xr.DataTree, str], model: nn.Module, dataset: xr.Dataset) -> None:
+        """A store's commit marker: a finished run, of this model's weights and (where comparable) this dataset."""
+        if not self.where.startswith("the store "):
+            return
+        from ..capture.fingerprint import source_fingerprint, weights_digest
+        from ..capture.store import read_marker
+
+        path = self.where.removeprefix("the store ")
+        marker = read_marker(path)
+        if marker is None:
+            return
+        run = marker.get("run", {})
+        if not marker.get("complete", True):
+            raise ImageError(f"{self.where} is an unfinished capture ({marker.get('images')} images committed); "
+                             "finish it with vl.capture(..., resume=True) before scoring its maps.")
+        if run.get("weights") not in (None, weights_digest(model)):
+            raise OptionError(f"{self.where} was captured with other weights than this model's; score it with the "
+                              "model that made it, or capture the dataset again with this one.")
+        made, given = run.get("source") or {}, source_fingerprint(dataset)
+        comparable = (made.get("kind"), made.get("count")) == (given.get("kind"), given.get("count"))
+        if comparable and made.get("digest") != given.get("digest"):
+            raise ImageError(f"{self.where} was captured from other images than this dataset's "
+                             f"({given.get('count')} images, but another content or order); maps= must be a capture "
+                             "of the dataset's images in the same order.")
+
+    def describe(self) -> str:
+        return f"read from {self.where}"
+
+    def batch(self, s0: int, chunk: np.ndarray, scores: _Scores, batch_size: int, device: Any) -> _BatchOfStore:
+        return _BatchOfStore(self, s0, chunk, scores, batch_size, device)
+
+    def check_probabilities(self, s0: int, clean: np.ndarray) -> None:
+        """The model's class probabilities of the batch's pictures against those the capture stored."""
+        stored = self.probabilities[s0 : s0 + len(clean)]
+        gap = np.abs(stored - clean).max(-1)
+        if (gap > _SAME_PROBABILITY).any():
+            i = int(np.argmax(gap))
+            raise ImageError(
+                f"image {s0 + i}: the model's class probabilities differ by up to {gap[i]:.3g} from those stored in "
+                f"{self.where}: it is a capture of other images or of another model. maps= must be a capture of the "
+                "dataset's images in the same order by this model, e.g. vl.capture(model, dataset, maps='all').")
+
+
+#: The most a class probability may differ between the model now and a capture of the same images
+#: (float noise of other batches or another device is below 1e-5; other images or weights far above).
+_SAME_PROBABILITY = 1e-3
+
+
+class _BatchOfStore:
+    """One batch's maps from a :class:`_StoredMaps`, with the few it lacks computed."""
+
+    def __init__(self, stored: _StoredMaps, s0: int, chunk: np.ndarray, scores: _Scores, batch_size: int,
+                 device: Any):
+        self.stored, self.s0, self.chunk, self.scores = stored, s0, chunk, scores
+        self.batch_size, self.device = batch_size, device
+        rows = slice(s0, s0 + len(chunk))
+        self.predicted, self.target = stored.predicted[rows], stored.target[rows]
+        self.mean, self.std = tuple(stored.tree.attrs["mean"]), tuple(stored.tree.attrs["std"])
+        self.model_name = str(stored.tree.attrs.get("model", ""))
+        self.computed: _ComputedMaps | None = None
+
+    def maps(self, name: str, rows: np.ndarray, classes: np.ndarray | None) -> xr.DataArray:
+        """``name``'s maps (sample, y, x) of images ``rows`` for ``classes`` (None: the predicted ones)."""
+        from ..registry import METHOD_INFO
+
+        classes = self.predicted[rows] if classes is None else classes
+        da = self.stored.explained[name].isel(sample=self.s0 + rows)
+        values = np.array(da.values)
+        missing = (self.target[rows] != classes) if METHOD_INFO[name].class_specific else np.zeros(len(rows), bool)
+        if missing.any():  # stored for another class: computed for these images alone
+            if self.computed is None:
+                self.computed = _ComputedMaps(self.stored.model, self.chunk, self.stored.names, self.stored.opts,
+                                              self.scores, self.batch_size, self.device, predict=False)
+            other = self.computed.maps(name, rows[missing], classes[missing])
+            values[missing] = other.transpose("sample", "y", "x").values
+        return xr.DataArray(values, dims=("sample", "y", "x"))
+
+
 def _evaluate_batch(model: nn.Module, chunk: np.ndarray, s0: int, items: _Items, names: list[str],
                     opts: dict[str, dict[str, Any]], scores: _Scores, runs: list[tuple[int, bool]], order: np.ndarray,
-                    target: str, size: tuple[int, ...], batch_size: int, device: Any
-                    ) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+                    target: str, size: tuple[int, ...], batch_size: int, device: Any,
+                    stored: _StoredMaps | None = None) -> tuple[tuple[float, ...], tuple[float, ...], str]:
     """Score every method on one batch of images (and their items); returns the capture's
     normalisation and model name.
 
-    The batch is captured once for its predicted classes and, for items whose label differs,
-    once more for the labels; class-agnostic maps reuse the predicted-class runs.
+    The maps come from ``stored`` (a capture of the dataset) where it holds them; otherwise the
+    batch is captured once for its predicted classes and, for items whose label differs, once more
+    for the labels. Class-agnostic maps reuse the predicted-class runs.
     """
-    from ..capture import capture
-    from ..methods import explain
-
     npix = size[0] * size[1]
     its, local = items.in_batch(s0, len(chunk))
-    keep = _groups(model, names, opts)  # the extra passes (AttnLRP, LeGrad) included, nothing unread
-    t = time.perf_counter()
-    cap = capture(model, chunk, target=None, keep=keep, batch_size=batch_size, device=device, progress=False)
-    scores.capture_seconds += time.perf_counter() - t
-    mean, std = tuple(cap.attrs["mean"]), tuple(cap.attrs["std"])
+    source: _ComputedMaps | _BatchOfStore
+    if stored is None:
+        source = _ComputedMaps(model, chunk, names, opts, scores, batch_size, device)
+    else:
+        source = stored.batch(s0, chunk, scores, batch_size, device)
+    mean, std = source.mean, source.std
     pics = Pictures(chunk, mean, std)
-    pred = cap["target"].values.astype(np.int64)
+    pred = source.predicted
     lab = np.where(items.label[its] >= 0, items.label[its], pred[local])
     diff = lab != pred[local]
     items.predicted[its], items.reference[its] = pred[local], lab
-    cap_label = None
     if diff.any():
-        cap_label = capture(model, chunk[local[diff]], target=lab[diff].tolist(), keep=keep, batch_size=batch_size,
-                            device=device, progress=False)
         pics_label = Pictures(chunk[local[diff]], mean, std)
     base = removal_probabilities(model, pics, order, [(0, True), (npix, True)], batch_size=batch_size, device=device)
+    if stored is not None:
+        stored.check_probabilities(s0, base[:, 0])
     clean, zero = base[local, 0], base[local, 1]
     item_masks = items.masks[items.sample[its], items.object[its]]
+    everyone = np.arange(len(chunk))
 
     for m, name in enumerate(names):
         t = time.perf_counter()
-        maps_pred = explain(cap, name, **opts.get(name, {}))
+        maps_pred = source.maps(name, everyone, None)
         scores.explain_seconds[m] += time.perf_counter() - t
         values = pixel_maps(maps_pred, size)
         probs = removal_probabilities(model, pics, ranking(values), runs, batch_size=batch_size, device=device)
         probs_pred = probs[local]
         values_label, probs_label = values[local], probs_pred.copy()
-        if cap_label is not None:
-            v = pixel_maps(explain(cap_label, name, **opts.get(name, {})), size)
+        if diff.any():
+            v = pixel_maps(source.maps(name, local[diff], lab[diff]), size)
             # class-agnostic maps (attention, rollout, ...) differ from the predicted-class
             # ones only by float noise of the other batch: reuse those runs
             if not np.allclose(v, values_label[diff], rtol=0.0, atol=1e-5):
@@ -389,7 +599,7 @@ def _evaluate_batch(model: nn.Module, chunk: np.ndarray, s0: int, items: _Items,
         curve_probs, explained = (probs_label, lab) if target == "label" else (probs_pred, pred[local])
         scores.put(m, its, counts, {"predicted": probs_pred, "label": probs_label}, clean, zero, lab, explained,
                    curve_probs)
-    return mean, std, str(cap.attrs.get("model", ""))
+    return mean, std, source.model_name
 
 
 def summarize(items: xr.Dataset, dim: str = "item") -> xr.Dataset:
@@ -424,7 +634,8 @@ def summarize(items: xr.Dataset, dim: str = "item") -> xr.Dataset:
     clean = float((items["correct_positive_label"].isel(removed=0, method=0)).mean(dim))
     labelled = int((items["label"] >= 0).sum())
     table.attrs = {
-        **{k: v for k, v in items.attrs.items() if k in ("model", "target", "steps", "input_size", "resized")},
+        **{k: v for k, v in items.attrs.items() if k in ("model", "target", "steps", "input_size", "resized", "maps",
+                                                     "maps_computed")},
         "items": int(items.sizes[dim]),
         "images_in_items": int(np.unique(items["sample"].values).size),
         "labelled_items": labelled,
@@ -468,7 +679,8 @@ def evaluate(*args: Any, **kwargs: Any) -> xr.Dataset:
         return. Every non-empty mask is one evaluation item. Pictures of another
         size than the model input are resized together with their masks.
     methods
-        ``"all"`` or method names from :data:`vitlens.METHODS`.
+        ``"all"`` or method names from :data:`vitlens.METHODS` (with ``maps=``,
+        ``"all"`` is every method the capture stores).
     n
         Use the first ``n`` images (default: all).
     target
@@ -476,6 +688,21 @@ def evaluate(*args: Any, **kwargs: Any) -> xr.Dataset:
         ``"label"`` (the item's object class; the prediction where the label is
         unknown) or ``"predicted"`` (the model's top class, as Chefer et al. on
         ImageNet-segmentation). Perturbation AUCs are given for both.
+    maps
+        A capture of the dataset's images, in their order, by this model: a
+        reduced one (``vl.capture(model, dataset, maps="all")``, in memory, or
+        the path of its store, or ``vl.open(path)``) or a full one. Its maps are
+        scored instead of being computed; the pictures for the perturbation
+        runs come from ``dataset`` (a reduced capture keeps none) and the model
+        runs them. Only a class-specific map of a class the capture does not
+        explain (the label's, where it explains the prediction) is computed,
+        for those images alone (``attrs["maps_computed"]`` of
+        :func:`evaluate_items` counts them). The capture must hold the
+        dataset's images (same count; same ``source`` files and, for a store,
+        same fingerprint and weights where recorded; the same class
+        probabilities as the model gives now) and each map with the
+        ``options`` asked for; otherwise a :class:`vitlens.VitlensError` says
+        what differs.
     options
         Per-method options, e.g. ``{"rollout": {"start_layer": 1}}``.
     steps, batch_size, device, progress
@@ -502,6 +729,16 @@ def evaluate(*args: Any, **kwargs: Any) -> xr.Dataset:
     >>> table = evaluate(model, vl.datasets.shapes(4), methods=["rollout", "tokentm"])
     >>> table.to_dataframe().shape[0]
     2
+
+    Scoring the maps of a reduced store (kilobytes per image) instead of computing them:
+
+    >>> import tempfile, pathlib
+    >>> ds = vl.datasets.shapes(4)
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "val.zarr"
+    >>> _ = vl.capture(model, ds, store=path, maps=["rollout", "tokentm"], stats="all", progress=False)
+    >>> from_store = evaluate(model, ds, maps=path)
+    >>> from_store.method.values.tolist(), bool((from_store.miou == evaluate(model, ds, ["rollout", "tokentm"]).miou).all())
+    (['rollout', 'tokentm'], True)
     """
     return summarize(evaluate_items(*args, **kwargs))
 
