@@ -275,6 +275,7 @@ def test_a_capture_of_other_images_or_options_or_weights_is_refused(tmp_path, sh
         evaluate(shapes_vit, ds, maps=np.zeros((3, 4, 4)), progress=False)
 
 
+@pytest.mark.slow  # a store and two bench runs: about 2 s of CPU
 def test_bench_scores_the_maps_of_a_store(monkeypatch, tmp_path, capsys):
     from vitlens import cli
     from vitlens.metrics import bench
