@@ -1,6 +1,6 @@
 """A store of answers (#27.1): bytes per image, images/s and memory of a reduced capture.
 
-    python benchmarks/bench_reduced.py [--n 1] [--speed-n 64] [--stream-seconds 120] [--splice]
+    python benchmarks/bench_reduced.py [--n 1] [--speed-n 64] [--stream-n 2000] [--splice]
 
 Three tables, every number measured in this run (random-init timm models, no
 download; the shipped ``vit-shapes`` for the stream):
@@ -17,7 +17,8 @@ download; the shipped ``vit-shapes`` for the stream):
    maps and the statistics without ablation_effect, images made batch by batch
    so the source holds none): the
    process's peak RSS during each tenth of the stream. Flat means the store,
-   not the process, grows. The image count is what fits ``--stream-seconds``.
+   not the process, grows. ``--stream-n`` images (2,000 by default, the
+   issue's count), however long they take.
 
 ``--splice`` writes the tables between the ``reduced`` markers of
 benchmarks/RESULTS.md (atomically), with the machine and its load (``uptime``).
@@ -152,14 +153,9 @@ def stream_table(args, tmp: Path) -> list[str]:
                 marks.append(peak_rss_mb(reset=True))
             yield rng.random((batch, size, size, 3), dtype=np.float32)
 
-    # the seven original maps and the four statistics without ablation_effect (one forward per head):
-    # a stream long enough to show whether memory grows, in the time given
+    # the seven original maps and the four statistics without ablation_effect (one forward per head)
     maps, stats = list(vl.METHODS[:7]), [s for s in vl.HEAD_STATS if s != "ablation_effect"]
-    t = time.perf_counter()  # the rate, from a short run (the first batch pays the warm-up)
-    vl.capture(model, batches(3), store=tmp / "probe.zarr", maps=maps, stats=stats, progress=False)
-    per_batch = (time.perf_counter() - t) / 3
-    shutil.rmtree(tmp / "probe.zarr")
-    count = max(10, int(args.stream_seconds / per_batch))
+    count = max(10, -(-args.stream_n // batch))  # whole batches, at least ten (one per tenth)
     marks: list[float] = []
     t = time.perf_counter()
     vl.capture(model, batches(count, marks), store=tmp / "stream.zarr", maps=maps, stats=stats, progress=False)
@@ -203,7 +199,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1, help="images per store in the bytes table (one chunk each)")
     p.add_argument("--speed-n", type=int, default=64, help="images (one batch) for the images/s table")
-    p.add_argument("--stream-seconds", type=float, default=120)
+    p.add_argument("--stream-n", type=int, default=2000, help="images in the memory stream (whole batches)")
     p.add_argument("--stream-batch", type=int, default=32)
     p.add_argument("--splice", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     p.add_argument("--only", choices=("bytes", "speed", "stream"), default=None, help="print one table alone")
