@@ -29,10 +29,11 @@ values (1 torch thread on both sides), a killed client's store must resume to th
 one-process store, and a run that lost a worker must finish with it. A batch that
 does not counts as lost.
 
-``--reduced``: the one-process kills (fixed steps and random SIGKILLs) on a reduced
-capture (``maps=["rollout", "transformer_attribution"]``, two head statistics,
-``keep="none"``): the committed part must equal the same reduced capture made in
-memory, and the resume must finish it (no save kills in this mode).
+``--reduced``: the same kills on a reduced capture (``maps=["rollout",
+"transformer_attribution"]``, two head statistics, ``keep="none"``), one-process
+and sharded (no save kills in this mode): the committed part must equal the same
+reduced capture made in one process, and the resume must finish it.
+``--only-shards --reduced`` runs the sharded reduced kills alone.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def check(store: Path, ref) -> tuple[bool, bool, int, str]:
 
 
 def _shard_child(store: str, fault: int | None, log: str | None, ready=None) -> None:
-    """A client with 2 worker threads in its own process; ``fault``: exit at that write step of the process."""
+    """A client with 2 worker threads in its own process; ``fault``: exit at that write step of the process.
+    Captures with :func:`options` (the environment says whether reduced)."""
     os.environ.pop(stream.FAULT_ENV, None)
     os.environ.pop(stream.FAULT_LOG_ENV, None)
     if fault is not None:
@@ -170,7 +172,7 @@ def _shard_child(store: str, fault: int | None, log: str | None, ready=None) -> 
             Client(cluster) as client:
         if ready is not None:
             ready.set()
-        vl.capture(model, images(), store=store, batch_size=BATCH, progress=False, client=client)
+        vl.capture(model, images(), store=store, batch_size=BATCH, progress=False, client=client, **options())
     os._exit(0)
 
 
@@ -248,12 +250,13 @@ def kill_shards(d: Path, clients: int, workers: int, rng) -> dict[str, int]:
     from dask.distributed import Client, LocalCluster
 
     torch.set_num_threads(1)  # the reference: one torch thread, as every worker
-    ref1 = vl.capture(model(), images(), batch_size=BATCH)
+    ref1 = vl.capture(model(), images(), batch_size=BATCH, **options())
     out = {"client kills": 0, "worker kills": 0, "committed batches checked": 0, "lost": 0, "resumed OK": 0,
            "runs that finished before the kill": 0}
     log = d / "shard-steps.txt"
     assert run_shard_client(d / "shard-trace.zarr", log=str(log)) == 0
     steps = len(log.read_text().splitlines())
+    out["client write steps"] = steps
     fixed = clients - clients // 4
     plan = [("step", int(s)) for s in sorted(set(np.linspace(1, steps, fixed).round().astype(int).tolist()))]
     plan += [("random", None)] * (clients - len(plan))
@@ -272,7 +275,7 @@ def kill_shards(d: Path, clients: int, workers: int, rng) -> dict[str, int]:
             lost = lost_batches(ref1, store, done)
             try:
                 vl.capture(model, images(), store=store, batch_size=BATCH, progress=False, client=client,
-                           resume=True)
+                           resume=True, **options())
                 ok = shard_equal(ref1, store)
             except Exception as exc:  # noqa: BLE001 - a benchmark counts every failure
                 print(f"  shard client kill {i} ({kind} {step}): resume: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -286,9 +289,12 @@ def kill_shards(d: Path, clients: int, workers: int, rng) -> dict[str, int]:
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
                 Client(cluster) as client:
             target = sorted(client.scheduler_info()["workers"])[int(rng.integers(2))]
-            pid = client.run(_arm, int(rng.integers(1, 90)), str(wlog), workers=[target])[target]
+            # a step of the worker's own writes (about half the run's; a reduced store has fewer than 90)
+            pid = client.run(_arm, int(rng.integers(1, min(90, max(2, steps // 2)))), str(wlog),
+                             workers=[target])[target]
             try:
-                vl.capture(model, images(), store=store, batch_size=BATCH, progress=False, client=client)
+                vl.capture(model, images(), store=store, batch_size=BATCH, progress=False, client=client,
+                           **options())
                 ok = shard_equal(ref1, store)
             except Exception as exc:  # noqa: BLE001
                 print(f"  shard worker kill {i}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -424,7 +430,9 @@ def main() -> None:
         print("|---:|---:|---:|---:|---:|")
         print("| " + " | ".join(map(str, saves)) + " |")
     if shards is not None:
-        print(f"\nsharded captures ({N} images in batches of {BATCH}, 2 workers; {shard_seconds:.0f} s):\n")
+        kind = "reduced " if options() else ""
+        print(f"\nsharded {kind}captures ({N} images in batches of {BATCH}, 2 workers; {shard_seconds:.0f} s; "
+              f"{shards.pop('client write steps')} write steps in a client's run):\n")
         print("| " + " | ".join(shards) + " |")
         print("|" + "---:|" * len(shards))
         print("| " + " | ".join(str(v) for v in shards.values()) + " |")
