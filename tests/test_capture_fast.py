@@ -251,3 +251,25 @@ def test_a_bias_added_after_the_module_gives_the_same_capture(name):
     for var in one["stage0"].data_vars:
         np.testing.assert_allclose(two["stage0"][var].values, one["stage0"][var].values, rtol=1e-5, atol=1e-6,
                                    err_msg=var)
+
+
+@pytest.mark.parametrize("size", [64, 40], ids=["whole-windows", "padded-windows"])
+def test_swin_takes_the_value_path_from_the_qkv_map_it_ran_on_the_windows(monkeypatch, size):
+    """Swin's fused qkv map runs on the shifted (and padded) windows of the block's tokens: tokentm's
+    value path takes ``v`` from its recorded output, put back in token order (no second v matmul per
+    block), and equals the value path computed from the tokens."""
+    from vitlens.models.parts import AttentionPart
+
+    model = make_swin(img_size=size)  # 40 px: a 10×10 grid in 4×4 windows, padded to 12×12, then 5×5 in 4×4
+    images = np.random.default_rng(2).random((2, size, size, 3)).astype(np.float32)
+    calls = []
+    real = AttentionPart.value_path
+    monkeypatch.setattr(AttentionPart, "value_path", lambda self, h: (calls.append(1), real(self, h))[1])
+    got = vl.capture(model, images, keep=["norms"], progress=False)
+    assert calls == []
+    monkeypatch.setattr(hooks, "FUSED_ATTENTION", False)  # the explicit path records no q/k/v map here:
+    want = vl.capture(model, images, keep=["norms"], progress=False)  # the value path from the tokens
+    assert len(calls) == len(model.layers[0].blocks) + len(model.layers[1].blocks)
+    for stage in ("stage0", "stage1"):
+        for var in ("attn_value_norm", "attn_value_cos"):
+            np.testing.assert_allclose(got[stage][var].values, want[stage][var].values, rtol=1e-5, atol=1e-6)

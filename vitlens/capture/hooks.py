@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..models.adapter import Adapter
+from ..models.windows import from_windows, padded_size
 from .handles import HookSet
 from .memory import trim_heap
 
@@ -73,6 +74,12 @@ def _fused_output_of_q(q: torch.Tensor) -> torch.Tensor | None:
     if (offset + b * n * c3) * q.element_size() > q.untyped_storage().nbytes():
         return None
     return q.as_strided((b, n, c3), (n * c3, c3, 1), offset)
+
+
+def _windowed_shape(h: torch.Tensor, stage: Any) -> tuple[int, ...]:
+    """The shape of the tokens ``h`` (B, N, C) of a Swin stage cut into its (padded) windows: (B·nW, M², C)."""
+    (mh, mw), (ph, pw) = stage.window, padded_size(stage.grid, stage.window)
+    return (h.shape[0] * (ph // mh) * (pw // mw), mh * mw, h.shape[-1])
 
 
 def _per_layer() -> defaultdict[int, dict[str, Any]]:
@@ -255,7 +262,7 @@ class Recorder(HookSet):
             if split:  # F.linear with biases of the model's own: its output is read where q is split off
                 self._split_from.add(layer)
                 hook(part.attn.q_norm.register_forward_pre_hook(self._on_q_split(layer)))
-            if ad.stage_of_layer(layer).window is None and (split or part.attn.linears()[v_name].extra_bias is None):
+            if split or part.attn.linears()[v_name].extra_bias is None:  # (Swin: on the windows, put back)
                 self._value_from[layer] = v_name
             hook(part.attn.module.register_forward_pre_hook(self._on_attn_input(layer), with_kwargs=True))
             names = part.linears() if self.keep_block_inputs else part.attn.linears()
@@ -302,9 +309,18 @@ class Recorder(HookSet):
             return
         h, u = pending
         attn = self.adapter.parts[layer].attn
+        stage = self.adapter.stage_of_layer(layer)
         with torch.no_grad():
-            same = x.shape == h.shape and x.data_ptr() == h.data_ptr() and x.stride() == h.stride()
-            self._store_value_path(layer, attn.value_path_of(out.detach()) if same else attn.value_path(h), u)
+            if stage.window is None:
+                same = x.shape == h.shape and x.data_ptr() == h.data_ptr() and x.stride() == h.stride()
+                t = attn.value_path_of(out.detach()) if same else attn.value_path(h)
+            elif x.shape == _windowed_shape(h, stage):  # the map ran on the windows of the block's tokens
+                shift, b = stage.shifts[stage.layers.index(layer)], h.shape[0]
+                t = attn.value_path_of(out.detach(), lambda v: from_windows(
+                    v, stage.window, shift, stage.grid, stage.pad_first).reshape(b, -1, v.shape[-1]))
+            else:
+                t = attn.value_path(h)
+            self._store_value_path(layer, t, u)
 
     def _value_path_left(self, layer: int) -> None:
         """At the MLP: a value path the v map's hook did not take is computed from its tokens."""
@@ -390,7 +406,8 @@ class Recorder(HookSet):
         :meth:`probs_grad`, and let go of the fused blocks' graph tensors."""
         self.batch.grads = {} if grads is None else dict(enumerate(grads))
         self.batch.attn_out.clear()
-        trim_heap()  # the graph is gone: give its pages back before the outputs fill
+        if grads is not None:  # the graph is gone: give its pages back before the outputs fill
+            trim_heap()  # (without a backward pass there was no graph: a trim would only cost page faults)
 
     def attn_linears(self, layer: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
         """Block ``layer``'s Linear records, with the q/k/v maps' outputs filled in where
@@ -444,7 +461,10 @@ class Recorder(HookSet):
         self.batch.scores.pop(layer, None)
         for name in self.batch.filled.pop(layer, ()):
             self.batch.linears.get(layer, {}).pop(name, None)
-        if a is not None and a.device.type == "cpu":
+        # only the LRP walk frees what the forward pass kept (each block's records, as it passes): return
+        # their pages now and then. Otherwise what is freed here is the block's rebuilt attention, whose
+        # pages the next block's reuses: a trim would hand them back only to fault them in again.
+        if a is not None and a.device.type == "cpu" and self.keep_block_inputs:
             self.batch.freed += a.numel() * a.element_size()
             if self.batch.freed >= _TRIM_EVERY:  # the block's records went too (LRP walk): return their pages
                 self.batch.freed = 0

@@ -243,10 +243,13 @@ class AttentionPart:
             v = self.v.forward(h)
         return self._project_values(v)
 
-    def value_path_of(self, out: torch.Tensor) -> torch.Tensor:
+    def value_path_of(self, out: torch.Tensor,
+                      layout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """:meth:`value_path` from the recorded output of the map that gives ``v``
-        (``v`` itself, or the fused ``[q | k | v]``, whose last third it is)."""
-        return self._project_values(out[..., 2 * out.shape[-1] // 3:] if self.fused else out)
+        (``v`` itself, or the fused ``[q | k | v]``, whose last third it is).
+        ``layout`` puts ``v`` back in token order first (Swin: the map ran on windows)."""
+        v = out[..., 2 * out.shape[-1] // 3:] if self.fused else out
+        return self._project_values(v if layout is None else layout(v))
 
     def _project_values(self, v: torch.Tensor) -> torch.Tensor:
         return F.linear(self.inner_norm(v), self.proj.weight)
