@@ -75,6 +75,9 @@ def matmul_lrp0(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor, z: to
     Returns ``(R_a, R_b)``.
     """
     s = safe_div(relevance, a @ b if z is None else z)
+    if s.numel() < a.numel() + b.numel():  # (A·V: s is the small one) halving it halves both shares, exactly
+        s.mul_(0.5)
+        return (s @ b.transpose(-2, -1)).mul_(a), (a.transpose(-2, -1) @ s).mul_(b)
     r_a = (s @ b.transpose(-2, -1)).mul_(a).mul_(0.5)
     r_b = (a.transpose(-2, -1) @ s).mul_(b).mul_(0.5)
     return r_a, r_b
