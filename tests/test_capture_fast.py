@@ -125,6 +125,28 @@ def test_capture_does_not_keep_the_mlp_inputs_it_rebuilds(vit, images32):
         handle.remove()
 
 
+@pytest.mark.parametrize("name, firsts", [("eva02_tiny_patch14_224", ("fc1",)),
+                                          ("eva02_base_patch14_224.mim_in22k", ("fc1_g", "fc1_x"))],
+                         ids=["GluMlp", "SwiGLU"])
+def test_capture_does_not_keep_the_gated_mlp_inputs_it_rebuilds(name, firsts):
+    """The gated MLPs of EVA02 (timm's packed GluMlp and SwiGLU): fc2's input and the first Linears'
+    are rebuilt, not recorded; the rebuilt fc2 input is exactly what the model fed fc2."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3, depth=2, img_size=56).eval()
+    ad = adapter_for(model)
+    seen = {}
+    handle = model.blocks[1].mlp.fc2.register_forward_hook(lambda m, i, o: seen.update(fc2_in=i[0].detach()))
+    try:
+        with hooks.Recorder(ad, keep_block_inputs=True) as rec, torch.no_grad():
+            model(torch.randn(2, 3, 56, 56))
+            lin = rec.linears[1]
+            assert lin["fc2"][0] is None and all(lin[f][0] is None for f in firsts)
+            rebuilt = ad.parts[1].mlp.hidden(*(lin[f][1] for f in firsts))
+            assert torch.equal(rebuilt, seen["fc2_in"])
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("name, per_block", [("eva02_tiny_patch14_224", 1), ("beit_base_patch16_224", 2)])
 def test_a_qkv_map_the_model_calls_outside_its_module_is_computed_once_per_block(monkeypatch, name, per_block):
     """EVA and BEiT call ``F.linear`` on the fused qkv weight with q/v biases of their own, so

@@ -268,7 +268,7 @@ class Recorder(HookSet):
             names = part.linears() if self.keep_block_inputs else part.attn.linears()
             # inputs the LRP pass rebuilds cheaply are not kept: fc2's (from fc1's output) and,
             # before a pre-norm MLP, fc1's (norm2 of the kept MLP input)
-            rebuilt = {"fc1", "fc2"} if part.mlp.hidden is not None and not part.post_norm else set()
+            rebuilt = part.mlp.rebuilt_inputs() if not part.post_norm else set()
             for name, lin in names.items():
                 if self.keep_block_inputs or name != "proj":
                     hook(lin.module.register_forward_hook(self._on_linear(layer, name, name in rebuilt)))

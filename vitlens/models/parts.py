@@ -314,8 +314,9 @@ class MlpPart:
     (:func:`~vitlens.models.lrp_rules.product_half`); αβ through the first
     Linear(s), summed at the input.
 
-    ``hidden`` (plain kind): rebuilds ``fc2``'s input from ``fc1``'s output, so
-    capture need not keep it (it is the largest activation of a block).
+    ``hidden`` rebuilds ``fc2``'s input from the first Linear's output (plain and glu:
+    ``hidden(fc1 output)``; swiglu: ``hidden(fc1_g output, fc1_x output)``), so capture
+    need not keep it (it is the largest activation of a block).
     """
 
     module: nn.Module
@@ -325,11 +326,18 @@ class MlpPart:
     fc1_g: LinearPart | None = None
     fc1_x: LinearPart | None = None
     gate_last: bool = False
-    hidden: Callable[[torch.Tensor], torch.Tensor] | None = None
+    hidden: Callable[..., torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in MLP_KINDS:
             raise ValueError(f"MLP kind {self.kind!r}; one of {MLP_KINDS}")
+
+    def rebuilt_inputs(self) -> set[str]:
+        """The Linears whose inputs the LRP pass rebuilds (with :attr:`hidden`): ``fc2``'s from the first
+        Linear's output, the first Linear's from the block's norm (pre-norm blocks only, see the Recorder)."""
+        if self.hidden is None:
+            return set()
+        return {"fc1_g", "fc1_x", "fc2"} if self.kind == "swiglu" else {"fc1", "fc2"}
 
     def linears(self) -> dict[str, LinearPart]:
         names = {"fc1": self.fc1, "fc1_g": self.fc1_g, "fc1_x": self.fc1_x, "fc2": self.fc2}
@@ -340,7 +348,8 @@ class MlpPart:
         fc2_in = lin["fc2"][0]
         if fc2_in is None:  # not kept at capture: rebuilt from fc1's recorded output
             assert self.hidden is not None
-            fc2_in = self.hidden(lin["fc1"][1])
+            fc2_in = (self.hidden(lin["fc1_g"][1], lin["fc1_x"][1]) if self.kind == "swiglu"
+                      else self.hidden(lin["fc1"][1]))
         r_h = self.fc2.relevance(fc2_in, r_out, (fc2_in, lin["fc2"][1]))
         if self.kind == "plain":
             assert self.fc1 is not None

@@ -27,9 +27,11 @@ def mlp_part(mlp: nn.Module, where: str) -> MlpPart:
     if kind is GluMlp:
         if getattr(mlp, "chunk_dim", -1) != -1:
             raise UnsupportedModelError(f"{where}: a GluMlp gated along dim {mlp.chunk_dim} is not supported.")
-        return MlpPart(mlp, "glu", LinearPart(mlp.fc2), fc1=LinearPart(mlp.fc1), gate_last=bool(mlp.gate_last))
-    if kind is SwiGLU:
-        return MlpPart(mlp, "swiglu", LinearPart(mlp.fc2), fc1_g=LinearPart(mlp.fc1_g), fc1_x=LinearPart(mlp.fc1_x))
+        return MlpPart(mlp, "glu", LinearPart(mlp.fc2), fc1=LinearPart(mlp.fc1), gate_last=bool(mlp.gate_last),
+                       hidden=lambda h: mlp.norm(_glu(h, mlp.act, bool(mlp.gate_last))))
+    if kind is SwiGLU:  # eval: fc2's input is norm(act(fc1_g output) · fc1_x output), cheap to rebuild
+        return MlpPart(mlp, "swiglu", LinearPart(mlp.fc2), fc1_g=LinearPart(mlp.fc1_g), fc1_x=LinearPart(mlp.fc1_x),
+                       hidden=lambda g, x: mlp.norm(mlp.act(g) * x))
     raise UnsupportedModelError(
         f"{where} has a {type(mlp).__name__} MLP; vitlens explains timm's Mlp, GluMlp/SwiGLUPacked and SwiGLU."
     )
@@ -53,6 +55,12 @@ def timm_qkv(attn: nn.Module) -> LinearPart:
         return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
 
     return LinearPart(attn.qkv, extra_bias=bias)
+
+
+def _glu(h: torch.Tensor, act: nn.Module, gate_last: bool) -> torch.Tensor:
+    """timm's ``GluMlp`` gate on ``fc1``'s output ``h``: ``x1·act(x2)`` if ``gate_last``, else ``act(x1)·x2``."""
+    x1, x2 = h.chunk(2, dim=-1)
+    return x1 * act(x2) if gate_last else act(x1) * x2
 
 
 def residual_scale(module: nn.Module | None) -> nn.Module | None:
