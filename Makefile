@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make demo` (set up, run the main job) and
 # `make test` (set up, run the test suite). Both create .venv on first use.
-# `make test-fast` runs everything but the slow and browser tests (a few minutes).
+# `make test-fast` runs everything but the slow and browser tests (about 2½ minutes on 2 cores).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # This machine serves this torch pair from its own disk; elsewhere pip downloads it.
