@@ -8,7 +8,7 @@
   lnstat, TokenTM; a capture of what they read) against a plain forward+backward (≤ 1.15×),
 - peak memory of each against a plain forward+backward (≤ 1.25×).
 
-    python benchmarks/bench_cost.py [--batch 8] [--repeat 3] [--threads 2] [--splice benchmarks/RESULTS.md]
+    python benchmarks/bench_cost.py [--batch 8] [--repeat 3] [--threads 1] [--splice benchmarks/RESULTS.md]
 
 Random-init timm ViT-B/16, Swin-T and EVA02-S/14 at 224 px (no downloads). Each model's
 timings are ``bench_methods.bench`` in a fresh process: interleaved rounds after a
@@ -157,7 +157,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="torch threads of each measuring process")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each measuring process (1: the runs in RESULTS.md)")
     p.add_argument("--memory-batch", type=int, default=8)
     p.add_argument("--splice", default=None, help="also write the section into this RESULTS.md")
     p.add_argument("--models", nargs="+", default=None, help="timm names instead of the three (a smoke run)")
