@@ -296,3 +296,18 @@ def test_metrics_run_on_a_reduced_store(tmp_path, vit):
     xr.testing.assert_allclose(got, want, rtol=1e-5)
     with pytest.raises(vl.VitlensError, match="keep=\\['image'\\]"):
         deletion(vit, lazy, vl.explain(lazy, "rollout"), steps=4)
+
+
+@pytest.mark.parametrize("in_store", [False, True])
+def test_a_precision_warning_of_a_batch_names_the_runs_sample(tmp_path, monkeypatch, in_store):
+    """Transformer Attribution's PrecisionWarning names the samples whose float32 map depends on
+    rounding; computed batch by batch in a reduced capture, it names them in the run's numbering,
+    not the batch's (here: the last image of each batch of two is called unreliable)."""
+    from vitlens.capture import precision
+
+    monkeypatch.setattr(precision, "unreliable", lambda condition, dtype: np.arange(len(condition)) == len(condition) - 1)
+    store = {"store": tmp_path / "run.zarr", "progress": False} if in_store else {}
+    with pytest.warns(vl.PrecisionWarning) as caught:
+        vl.capture(make_vit(), random_images(6, 32), maps=["transformer_attribution"], keep="none", batch_size=2, **store)
+    named = [str(w.message).split("sample(s) ")[1].split(" ")[0] for w in caught if w.category is vl.PrecisionWarning]
+    assert named == ["[1]", "[3]", "[5]"]

@@ -573,7 +573,7 @@ def _capture_part(adapter: Adapter, model: nn.Module, plan: CapturePlan, device:
                   images: Any, target: Any, offset: int, sources: list[str] | None = None) -> xr.DataTree:
     """One part of a streaming capture, its samples numbered from ``offset`` (what the store appends);
     ``sources``: those of the whole input (:func:`~vitlens.capture.images.image_sources`)."""
-    tree = _capture_images(adapter, model, images, target, plan, device, progress=False)
+    tree = _capture_images(adapter, model, images, target, plan, device, progress=False, first_sample=offset)
     n = int(tree["sample"].size)
     return _label_samples(tree, np.arange(offset, offset + n), None if sources is None else sources[offset:offset + n])
 
@@ -592,8 +592,10 @@ def _label_samples(tree: xr.DataTree, sample: np.ndarray | None, sources: list[s
 
 
 def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any, plan: CapturePlan,
-                    device: torch.device, progress: bool | None) -> xr.DataTree:
-    """Prepare ``images``, capture them batch by batch into one set of buffers, assemble the tree."""
+                    device: torch.device, progress: bool | None, first_sample: int = 0) -> xr.DataTree:
+    """Prepare ``images``, capture them batch by batch into one set of buffers, assemble the tree.
+    ``first_sample``: the number of the first image in the whole run (a streamed part's offset), so that
+    what a reduced capture's methods say about a sample (e.g. a PrecisionWarning) names the run's sample."""
     batch = prepare(images, adapter)
     adapter = adapter.for_input(tuple(batch.pixels.shape[-2:]))  # dynamic_img_size: grid follows the input
     n = batch.pixels.shape[0]
@@ -634,8 +636,9 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
             _capture_batch(adapter, rec, x, targets, start, plan, sink, hooks, bool(progress), explained)
             if plan.answers:
                 rows = replace(batch, display=batch.display[start : start + x.shape[0]])
-                _answer_batch(_assemble(adapter, model, rows, sink.arrays(), names, plan, explained, image=False),
-                              plan, sink, layouts)
+                part = _assemble(adapter, model, rows, sink.arrays(), names, plan, explained, image=False)
+                first = first_sample + start
+                _answer_batch(_label_samples(part, np.arange(first, first + x.shape[0]), None), plan, sink, layouts)
     # a statistic is NaN where a block has no such head (Swin stages differ in heads): not damage
     check_finite((key, arr) for key, arr in buffers.items() if not key.startswith(reduced.STATS + "/"))
     tree = _assemble(adapter, model, batch, dict(buffers.items()), names, plan, explained, layouts)
