@@ -102,10 +102,12 @@ def _child(store: str, fault: int | None, log: str | None, delay: float, ready=N
     os._exit(0)
 
 
-def run(store: Path, fault=None, log=None, delay=0.0, kill_after=None) -> int:
+def spawn(target, args: tuple, kill_after=None) -> int:
+    """Exit code of ``target(*args, ready)`` in a spawned process, SIGKILLed ``kill_after`` s after it
+    sets ``ready`` (its imports done) if it is still running then."""
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
-    proc = ctx.Process(target=_child, args=(str(store), fault, log, delay, ready))
+    proc = ctx.Process(target=target, args=(*args, ready))
     proc.start()
     if kill_after is not None:
         ready.wait(300)
@@ -114,6 +116,10 @@ def run(store: Path, fault=None, log=None, delay=0.0, kill_after=None) -> int:
             os.kill(proc.pid, signal.SIGKILL)
     proc.join(300)
     return proc.exitcode
+
+
+def run(store: Path, fault=None, log=None, delay=0.0, kill_after=None) -> int:
+    return spawn(_child, (str(store), fault, log, delay), kill_after)
 
 
 def equal(ref, tree, n=None) -> bool:
@@ -177,17 +183,7 @@ def _shard_child(store: str, fault: int | None, log: str | None, ready=None) -> 
 
 
 def run_shard_client(store: Path, fault=None, log=None, kill_after=None) -> int:
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Event()
-    proc = ctx.Process(target=_shard_child, args=(str(store), fault, log, ready))
-    proc.start()
-    if kill_after is not None:
-        ready.wait(300)
-        proc.join(kill_after)
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGKILL)
-    proc.join(300)
-    return proc.exitcode
+    return spawn(_shard_child, (str(store), fault, log), kill_after)
 
 
 def committed_batches(store: Path) -> set[int]:
@@ -325,16 +321,7 @@ def kill_saves(d: Path, old, new, count: int, rng) -> tuple[int, int, int, int, 
         suffix = (".zarr", ".nc")[i % 2]
         path = d / f"save{i}{suffix}"
         vl.save(old, path)
-        ctx = multiprocessing.get_context("spawn")
-        ready = ctx.Event()
-        proc = ctx.Process(target=_save_child, args=(new, str(path), ready))
-        proc.start()
-        ready.wait(300)
-        proc.join(rng.random() * durations[suffix] * 1.2)
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.join(300)
-        if proc.exitcode == 0:
+        if spawn(_save_child, (new, str(path)), kill_after=rng.random() * durations[suffix] * 1.2) == 0:
             continue
         kills += 1
         removed += any(q.name.startswith(f".{path.name}.vitlens-") for q in d.iterdir())

@@ -97,6 +97,24 @@ def images64():
     return random_images(2, 64)
 
 
+def run_spawned(target: Callable[..., None], *args: object, kill_after: float | None = None,
+                timeout: float = 120) -> int:
+    """Exit code of ``target(*args)`` run in a spawned child process (a fork of a pytest process that
+    ran the browser tests can hang); ``-9`` if SIGKILLed after ``kill_after`` s. Fails the test if the
+    child is still running ``timeout`` s later."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    proc.start()
+    if kill_after is not None:
+        proc.join(kill_after)
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGKILL)
+    proc.join(timeout)
+    assert not proc.is_alive(), "the capture child hung"
+    return proc.exitcode
+
+
 def kill_when(script: Path, ready: Callable[[], bool], *, timeout: float, poll: float, never: str) -> None:
     """Run ``script`` in a child Python (one thread) and SIGKILL it as soon as ``ready()`` holds;
     ``pytest.fail(never)`` if the child exits or ``timeout`` seconds pass first (it is killed either way)."""

@@ -16,7 +16,6 @@ step. ``benchmarks/bench_kills.py`` runs the same loop ≥ 50 times.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import time
@@ -25,7 +24,7 @@ import warnings
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import assert_same_capture, make_vit, random_images
+from conftest import assert_same_capture, make_vit, random_images, run_spawned
 
 import vitlens as vl
 from vitlens.capture import stream
@@ -59,16 +58,8 @@ def _run(store: str, fault: int | None = None, log: str | None = None, delay: fl
 
 
 def run_child(store, fault=None, log=None, delay=0.0, kill_after=None, resume=False) -> int:
-    """Exit code of a child process (spawned: a fork of a pytest process that ran the browser tests can hang) running the capture (``-9`` if SIGKILLed after ``kill_after`` s)."""
-    proc = multiprocessing.get_context("spawn").Process(target=_run, args=(str(store), fault, log, delay, resume))
-    proc.start()
-    if kill_after is not None:
-        proc.join(kill_after)
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGKILL)
-    proc.join(120)
-    assert not proc.is_alive(), "the capture child hung"
-    return proc.exitcode
+    """Exit code of a spawned child running the capture (``-9`` if SIGKILLed after ``kill_after`` s)."""
+    return run_spawned(_run, str(store), fault, log, delay, resume, kill_after=kill_after)
 
 
 @pytest.fixture(scope="module")

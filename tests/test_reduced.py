@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from conftest import make_vit, random_images
+from conftest import make_vit, random_images, run_spawned
 
 import vitlens as vl
 from vitlens.capture import stream
@@ -232,13 +232,7 @@ def _run_reduced(store: str, fault: int | None, log: str | None = None) -> None:
 
 
 def _child(store, fault=None, log=None) -> int:
-    import multiprocessing
-
-    child = multiprocessing.get_context("spawn").Process(target=_run_reduced, args=(str(store), fault, log))
-    child.start()
-    child.join(120)
-    assert not child.is_alive(), "the capture child hung"
-    return child.exitcode
+    return run_spawned(_run_reduced, str(store), fault, log)
 
 
 @pytest.fixture(scope="module")
