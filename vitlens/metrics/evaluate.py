@@ -21,6 +21,7 @@ import inspect
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -383,26 +384,36 @@ class _ComputedMaps:
         return explain(self.capture(rows, classes), name, **self.opts.get(name, {}))
 
 
-def _open_maps(maps: Any) -> tuple[xr.DataTree, str] | None:
-    """``maps=``: a capture, or the path of a store (opened lazily), with a word on where it is."""
+@dataclass(frozen=True)
+class _MapSource:
+    """``maps=`` opened: the capture, where it is (for messages), and its store's path (None in memory)."""
+
+    tree: xr.DataTree
+    where: str
+    path: str | None = None
+
+
+def _open_maps(maps: Any) -> _MapSource | None:
+    """``maps=``: a capture, or the path of a store (opened lazily)."""
     if maps is None:
         return None
     if isinstance(maps, (str, os.PathLike)):
         from ..capture import open as open_store
 
-        return open_store(maps, chunks={}), f"the store {os.fspath(maps)}"
+        path = os.fspath(maps)
+        return _MapSource(open_store(maps, chunks={}), f"the store {path}", path)
     if not isinstance(maps, xr.DataTree):
         raise OptionError(f"maps= takes a capture of the dataset's images (vl.capture(model, dataset, maps='all')) or "
                           f"the path of its store; got {type(maps).__name__}.")
-    return maps, "the capture given as maps="
+    return _MapSource(maps, "the capture given as maps=")
 
 
-def _stored_methods(opened: tuple[xr.DataTree, str]) -> str | list[str]:
+def _stored_methods(opened: _MapSource) -> str | list[str]:
     """``methods="all"`` with ``maps=``: the methods a reduced capture stores (every method for a full one)."""
     from ..capture.reduced import is_reduced, stored_requests
     from ..registry import METHOD_INFO
 
-    tree, where = opened
+    tree, where = opened.tree, opened.where
     if not is_reduced(tree):
         return "all"
     held = stored_requests(tree)
@@ -420,12 +431,12 @@ class _StoredMaps:
     capture explains the prediction) is computed with the model, for those images only.
     """
 
-    def __init__(self, opened: tuple[xr.DataTree, str], model: nn.Module, dataset: xr.Dataset, n_images: int,
+    def __init__(self, opened: _MapSource, model: nn.Module, dataset: xr.Dataset, n_images: int,
                  sources: list[str] | None, names: list[str], opts: dict[str, dict[str, Any]]):
         from ..errors import CaptureFormatError
         from ..methods import explain
 
-        tree, self.where = opened
+        tree, self.where = opened.tree, opened.where
         root = tree.to_dataset(inherit=False)
         if "logits" not in root or "target" not in root or "mean" not in tree.attrs:
             raise OptionError(f"{self.where} is not a vitlens capture (no logits, target or mean); pass "
@@ -437,7 +448,8 @@ class _StoredMaps:
                 f"{f' (of which evaluate scores the first {n_images})' if n_images != total else ''}: maps= must be "
                 "a capture of the dataset's images in the same order, e.g. vl.capture(model, dataset, maps='all').")
         self._check_sources(root, sources, n_images)
-        self._check_run(opened, model, dataset)
+        if opened.path is not None:
+            self._check_run(opened.path, model, dataset)
         self.tree, self.n, self.model = tree, n_images, model
         self.target = np.asarray(root["target"].values[:n_images], dtype=np.int64)
         logits = np.asarray(root["logits"].values[:n_images], dtype=np.float64)
@@ -468,14 +480,11 @@ class _StoredMaps:
                 raise ImageError(f"image {i} of {self.where} is {a!r} but the dataset's image {i} is {b!r}: maps= must "
                                  "be a capture of the dataset's images in the same order.")
 
-    def _check_run(self, opened: tuple[xr.DataTree, str], model: nn.Module, dataset: xr.Dataset) -> None:
+    def _check_run(self, path: str, model: nn.Module, dataset: xr.Dataset) -> None:
         """A store's commit marker: a finished run, of this model's weights and (where comparable) this dataset."""
-        if not self.where.startswith("the store "):
-            return
         from ..capture.fingerprint import source_fingerprint, weights_digest
         from ..capture.store import read_marker
 
-        path = self.where.removeprefix("the store ")
         marker = read_marker(path)
         if marker is None:
             return
