@@ -107,6 +107,29 @@ def test_fused_capture_runs_scaled_dot_product_attention_and_restores_the_model(
     np.testing.assert_allclose(cap["stage0"].attention.sum("key").values, 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("keep", [["attention"], ["attention", "ln", "norms"]])
+def test_a_capture_with_no_pass_after_its_forward_takes_the_models_explicit_attention(monkeypatch, images32, keep):
+    """With nothing to differentiate or walk back, capture does not run the fused kernel and
+    compute the probabilities again: the model computes them explicitly and capture keeps those
+    (no scaled-dot-product call). They agree with a full (fused) capture's to rounding, and the
+    fused flags come back as they were."""
+    vit = make_vit()
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    flags = [blk.attn.fused_attn for blk in vit.blocks]
+    part = vl.capture(vit, images32, keep=keep, progress=False)
+    assert calls == [] and [blk.attn.fused_attn for blk in vit.blocks] == flags
+    full = vl.capture(vit, images32, progress=False)
+    assert len(calls) == len(vit.blocks)
+    np.testing.assert_allclose(part["stage0"].attention.values, full["stage0"].attention.values, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(part.logits.values, full.logits.values, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(hooks, "FUSED_ATTENTION", False)  # a full capture on the explicit path: the same bits
+    explicit = vl.capture(vit, images32, progress=False)
+    np.testing.assert_array_equal(part["stage0"].attention.values, explicit["stage0"].attention.values)
+
+
 def test_capture_does_not_keep_the_mlp_inputs_it_rebuilds(vit, images32):
     """fc2's input (the MLP's widest activation) and fc1's are rebuilt, not recorded; the
     rebuilt fc2 input equals what the model fed fc2."""
@@ -289,8 +312,9 @@ def test_swin_takes_the_value_path_from_the_qkv_map_it_ran_on_the_windows(monkey
     monkeypatch.setattr(AttentionPart, "value_path", lambda self, h: (calls.append(1), real(self, h))[1])
     got = vl.capture(model, images, keep=["norms"], progress=False)
     assert calls == []
-    monkeypatch.setattr(hooks, "FUSED_ATTENTION", False)  # the explicit path records no q/k/v map here:
-    want = vl.capture(model, images, keep=["norms"], progress=False)  # the value path from the tokens
+    # the value path from the tokens: the v map's output not used (left to the MLP's hook)
+    monkeypatch.setattr(hooks.Recorder, "_value_path_from_linear", lambda self, layer, x, out: None)
+    want = vl.capture(model, images, keep=["norms"], progress=False)
     assert len(calls) == len(model.layers[0].blocks) + len(model.layers[1].blocks)
     for stage in ("stage0", "stage1"):
         for var in ("attn_value_norm", "attn_value_cos"):

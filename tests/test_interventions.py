@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import vitlens as vl
+from vitlens.capture import api
 from vitlens.capture.interventions import importance_of
 from vitlens.errors import CaptureFormatError, OptionError
 from vitlens.models import adapter_for
@@ -341,7 +342,11 @@ def test_head_importance_equals_the_loop_of_single_ablations_exactly(make, size,
     images = random_images(3, size)
     reference = random_images(2, size, seed=7) if ablation == "mean" else None
     imp = vl.head_importance(model, images, ablation=ablation, reference=reference, batch_size=8)
-    clean = vl.capture(model, images, grads=False)
+    # head_importance's own forward runs the fused attention, as every capture with an intervention or an
+    # ablation pass does; a plain grads=False capture would run the explicit path (the same logits to rounding)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "EXPLICIT_WITHOUT_PASSES", False)
+        clean = vl.capture(model, images, grads=False)
     rows = np.arange(3), clean["target"].values
     logit, p = clean["logits"].values[rows], torch.from_numpy(clean["logits"].values).softmax(-1).numpy()[rows]
     ad = adapter_for(model)

@@ -151,9 +151,10 @@ def test_map_options_are_stored_and_another_variant_is_refused_with_the_call_tha
         vl.explain(small, "transformer_attribution")
     with pytest.raises(vl.OptionError, match="takes no option"):
         vl.explain(small, "rollout", colour="red")
-    # kept raw groups compute the variants that were not stored
+    # kept raw groups compute the variants that were not stored (this capture runs no pass after its
+    # forward, so its attention is the explicit path's: the full capture's to rounding)
     kept = vl.capture(vit, images32, maps={"rollout": {"start_layer": 1}}, keep=["attention"], progress=False)
-    np.testing.assert_array_equal(vl.explain(kept, "rollout").values, vl.explain(full, "rollout").values)
+    np.testing.assert_allclose(vl.explain(kept, "rollout").values, vl.explain(full, "rollout").values, rtol=1e-5)
 
 
 def test_a_reduced_capture_without_the_map_or_its_groups_says_which_capture_call_makes_it(vit, images32):

@@ -623,6 +623,7 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
         _check_rows(iv, n)
     # the per-token records (LayerNorm statistics, norms and value path) only when kept
     with Recorder(adapter, keep_block_inputs="lrp" in plan.passes, param_grads=False,
+                  fused=False if _explicit_attention(plan) else None,
                   ln="ln" in plan.recorded, norms="norms" in plan.recorded) as rec, \
             Intervening(adapter, iv, record_heads="head_output" in plan.recorded,
                         every_block="ablations" in plan.passes) as hooks:
@@ -650,6 +651,23 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
     if "ablations" in plan.passes:  # how each head was ablated in turn
         tree.attrs["ablation_effect"] = json_text({"ablation": iv.mode, **iv.source})
     return tree
+
+
+#: A capture that runs no pass after its forward (no gradient, no relevance, no ablation) and no
+#: intervention takes the probabilities where the model computes them (timm's explicit attention)
+#: instead of running the fused kernel and computing them again afterwards (docs/METHODS.md, "How
+#: capture computes what the methods read"). ``False``: every capture runs the fused path.
+EXPLICIT_WITHOUT_PASSES = True
+
+
+def _explicit_attention(plan: CapturePlan) -> bool:
+    """Whether ``plan``'s capture runs the model's explicit attention path (:data:`EXPLICIT_WITHOUT_PASSES`).
+
+    Not with an intervention or recorded head outputs: those are the references interventions
+    compare with, and those run the fused path (so an intervention's results stay bit for bit
+    those of the capture it is compared with)."""
+    return (EXPLICIT_WITHOUT_PASSES and not plan.passes and plan.intervention is None
+            and "head_output" not in plan.recorded)
 
 
 def _check_rows(intervention: Any, n: int) -> None:
@@ -683,7 +701,17 @@ def _capture_batch(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np
     """
     from .targets import score
 
-    recorded = _record(adapter, rec, x, targets, start, "backward" in plan.passes, explained)
+    where = {l: (stage, stage.layers.index(l)) for stage in adapter.stages for l in stage.layers}
+    if not plan.passes and "attention" in plan.recorded:  # nothing reads them after the forward: out at once
+        def store_attention(layer: int, probs: torch.Tensor) -> None:
+            stage, i = where[layer]
+            sink.put_layer(f"{stage.name}/attention", i, len(stage.layers), _attention_array(stage, probs, x.shape[0]))
+
+        rec.store_attention = store_attention
+    try:
+        recorded = _record(adapter, rec, x, targets, start, "backward" in plan.passes, explained)
+    finally:
+        rec.store_attention = None
     logits, tgt, feat_grad = recorded.logits, recorded.target, recorded.features_grad
     sink.put("logits", logits, torch.float32)
     sink.put("target", tgt.to(torch.int64))
@@ -797,7 +825,7 @@ def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, plan: Capt
         """Store block ``layer``'s attention, its gradient and relevance, then let them go."""
         stage, i = where[layer]
         size = len(stage.layers)
-        if "attention" in plan.recorded:
+        if "attention" in plan.recorded and layer not in rec.batch.stored_attention:
             sink.put_layer(f"{stage.name}/attention", i, size, _attention_array(stage, rec.probs(layer), b))
         if "attention_grad" in plan.recorded:
             sink.put_layer(f"{stage.name}/attention_grad", i, size, _attention_array(stage, rec.probs_grad(layer), b))

@@ -32,7 +32,10 @@ from .memory import trim_heap
 #: some, e.g. Swin) and rebuild the probabilities and their gradient from what
 #: the fused pass leaves (:meth:`Recorder.probs`, :meth:`Recorder.probs_grad`).
 #: The autograd graph then keeps no (B, heads, N, N) tensor. ``False`` switches
-#: every module to its explicit path instead. Either way the flags are restored.
+#: every module to its explicit path instead. A capture with no pass after its
+#: forward (no gradient, no LRP) asks for the explicit path itself (``fused=False``):
+#: with no graph to spare, keeping the probabilities the model computes is cheaper
+#: than computing them again. Either way the flags are restored.
 FUSED_ATTENTION = True
 
 _TRIM_EVERY = 32 * 2**20  # trim the heap after about this much attention (and its block's records) is released
@@ -124,6 +127,10 @@ class BatchRecords:
     filled: dict[int, list[str]] = field(default_factory=dict)
     """q/k/v records computed by :meth:`Recorder.attn_linears`, not hooked."""
     scores: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    stored_attention: set[int] = field(default_factory=set)
+    """Blocks whose hooked probabilities went to :attr:`Recorder.store_attention` as they were computed."""
+    heads: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """q, k, v per head (:meth:`Recorder.heads`), kept until the block is released."""
     freed: int = 0
     """Bytes of attention released since the last heap trim."""
 
@@ -166,6 +173,9 @@ class Recorder(HookSet):
         self._value_from: dict[int, str] = {}  # layer -> the hooked Linear whose output gives the value path
         self._split_from: set[int] = set()  # layers whose fused q/k/v output is read where q is split off
         self.paused = False  # hooks do nothing while the LRP pass reruns modules
+        #: where hooked probabilities go as the forward pass computes them, instead of being kept
+        #: (``(layer, probabilities)``; a capture with no pass after its forward sets it per batch)
+        self.store_attention: Any = None
         #: block → token indices entering it that an intervention replaced (constants: the LRP pass stops there)
         self.constant_tokens: dict[int, list[int]] = {}
         self._saved_fused: list[tuple[nn.Module, bool]] = []
@@ -251,27 +261,33 @@ class Recorder(HookSet):
             for stage, merge in ad.merges().items():
                 hook(merge.module.register_forward_hook(self._on_merge(stage)))
         # the attention input and keyword arguments, and every Linear's input and output (LRP);
-        # fused layers always keep the attention's input and q/k/v maps, to rebuild the probabilities
+        # fused layers always keep the attention's input and q/k/v maps, to rebuild the probabilities;
+        # other layers whose value path is recorded hook only the v map (its output gives the value path)
         self._value_from, self._split_from = {}, set()
         for layer, part in enumerate(ad.parts):
-            if not (self.keep_block_inputs or layer in self.fused_layers):
+            keeps = self.keep_block_inputs or layer in self.fused_layers
+            if not (keeps or self.norms):
                 continue
             # the value path (tokentm) from the hooked v map's output, where it runs on the tokens as they are
             v_name = "qkv" if part.attn.fused else "v"
             split = _reads_split_q(part.attn)
             if split:  # F.linear with biases of the model's own: its output is read where q is split off
                 self._split_from.add(layer)
-                hook(part.attn.q_norm.register_forward_pre_hook(self._on_q_split(layer)))
+                hook(part.attn.q_norm.register_forward_pre_hook(self._on_q_split(layer, keeps)))
             if split or part.attn.linears()[v_name].extra_bias is None:  # (Swin: on the windows, put back)
                 self._value_from[layer] = v_name
-            hook(part.attn.module.register_forward_pre_hook(self._on_attn_input(layer), with_kwargs=True))
-            names = part.linears() if self.keep_block_inputs else part.attn.linears()
+            if keeps or split:
+                hook(part.attn.module.register_forward_pre_hook(self._on_attn_input(layer), with_kwargs=True))
+            if keeps:
+                names = part.linears() if self.keep_block_inputs else part.attn.linears()
+            else:
+                names = {v_name: part.attn.linears()[v_name]} if layer in self._value_from and not split else {}
             # inputs the LRP pass rebuilds cheaply are not kept: fc2's (from fc1's output) and,
             # before a pre-norm MLP, fc1's (norm2 of the kept MLP input)
             rebuilt = part.mlp.rebuilt_inputs() if not part.post_norm else set()
             for name, lin in names.items():
                 if self.keep_block_inputs or name != "proj":
-                    hook(lin.module.register_forward_hook(self._on_linear(layer, name, name in rebuilt)))
+                    hook(lin.module.register_forward_hook(self._on_linear(layer, name, name in rebuilt, keeps)))
 
     def _on_block_input(self, layer: int, part: Any):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -350,7 +366,8 @@ class Recorder(HookSet):
 
         return hook
 
-    def _on_linear(self, layer: int, name: str, rebuilt: bool = False):
+    def _on_linear(self, layer: int, name: str, rebuilt: bool = False, record: bool = True):
+        """The Linear's input and output recorded (unless ``record`` is off) and, for the v map, the value path."""
         value = self._value_from.get(layer) == name and layer not in self._split_from
         # a map with a bias added outside its module whose module runs after all (timm's qkv_bias_separate):
         # the model adds that bias into the output in place, so the record takes a copy of it as it is now
@@ -359,17 +376,18 @@ class Recorder(HookSet):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if self.paused:
                 return
-            out = output.detach()
-            self.batch.linears[layer][name] = (None if rebuilt else inputs[0].detach(), out.clone() if copy else out)
+            if record:
+                out = output.detach()
+                self.batch.linears[layer][name] = (None if rebuilt else inputs[0].detach(), out.clone() if copy else out)
             if value:
                 self._value_path_from_linear(layer, inputs[0], output)
 
         return hook
 
-    def _on_q_split(self, layer: int):
+    def _on_q_split(self, layer: int, record: bool = True):
         """The fused q/k/v output a model computes with ``F.linear`` (q/v biases of its own), read off
-        the ``q`` view it hands its q norm: recorded like a hooked Linear's output, so it is not
-        computed again (:meth:`attn_linears`), and the value path is taken from it."""
+        the ``q`` view it hands its q norm: recorded like a hooked Linear's output (unless ``record``
+        is off), so it is not computed again (:meth:`attn_linears`), and the value path is taken from it."""
         attn = self.adapter.parts[layer].attn
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -383,7 +401,8 @@ class Recorder(HookSet):
                 full = full.detach()
                 # the map's input is the attention input (None); this replaces a hooked module's record
                 # whose output the model then added its biases into (qkv_bias_separate)
-                self.batch.linears[layer]["qkv"] = (None, full - attn.qkv.extra_bias())
+                if record:
+                    self.batch.linears[layer]["qkv"] = (None, full - attn.qkv.extra_bias())
                 self._value_path_from_linear(layer, h, full)
 
         return hook
@@ -430,6 +449,17 @@ class Recorder(HookSet):
         the LRP pass until :meth:`release` (None for a block whose probabilities were hooked)."""
         return self.batch.scores.get(layer)
 
+    def heads(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block ``layer``'s q, k, v per head (:meth:`AttentionPart.project` of its recorded input and
+        maps), computed once for the rebuilt probabilities, their gradient and the LRP step;
+        :meth:`release` drops them."""
+        got = self.batch.heads.get(layer)
+        if got is None:
+            with torch.no_grad():
+                got = self.adapter.parts[layer].attn.project(self.batch.attn_inputs[layer], self.attn_linears(layer))
+            self.batch.heads[layer] = got
+        return got
+
     def probs(self, layer: int) -> torch.Tensor:
         """Block ``layer``'s attention probabilities; a fused block's are rebuilt here
         (outside autograd, once) from its recorded input and q/k maps."""
@@ -437,7 +467,7 @@ class Recorder(HookSet):
             attn = self.adapter.parts[layer].attn
             with torch.no_grad():
                 kept = self.batch
-                scores = attn.scores(kept.attn_inputs[layer], kept.attn_ctx.get(layer, {}), self.attn_linears(layer))
+                scores = attn.scores(kept.attn_inputs[layer], kept.attn_ctx.get(layer, {}), heads=self.heads(layer))
                 self.batch.attention[layer] = scores[2].softmax(-1)
                 if self.keep_block_inputs:  # the LRP pass reuses them
                     self.batch.scores[layer] = scores
@@ -452,13 +482,14 @@ class Recorder(HookSet):
             return torch.zeros_like(self.probs(layer))
         with torch.no_grad():
             return self.adapter.parts[layer].attn.probabilities_grad(g, self.batch.attn_inputs[layer],
-                                                                     self.attn_linears(layer))
+                                                                     v=self.heads(layer)[2])
 
     def release(self, layer: int) -> None:
         """Drop what is kept of block ``layer``'s attention (once it is stored)."""
         a = self.batch.attention.pop(layer, None)
         self.batch.grads.pop(layer, None)
         self.batch.scores.pop(layer, None)
+        self.batch.heads.pop(layer, None)
         for name in self.batch.filled.pop(layer, ()):
             self.batch.linears.get(layer, {}).pop(name, None)
         # only the LRP walk frees what the forward pass kept (each block's records, as it passes): return
@@ -473,6 +504,10 @@ class Recorder(HookSet):
     def _on_attention(self, layer: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if self.paused:
+                return
+            if self.store_attention is not None:  # written out now and let go: the next block reuses the memory
+                self.store_attention(layer, output.detach())
+                self.batch.stored_attention.add(layer)
                 return
             self.batch.attention[layer] = output
 

@@ -73,7 +73,7 @@ def _block(part: BlockPart, stage: StageInfo, rec: Recorder, layer: int, r_out: 
         r_res, r_o = _scatter(r_res, rows, n), _scatter(r_o, rows, n)
     probs = rec.probs(layer)  # first: rebuilding them keeps the scores the relevance step reuses
     r_h, r_probs = part.attn.relevance(kept.attn_inputs[layer], probs, r_o, rec.attn_linears(layer),
-                                       kept.attn_ctx.get(layer, {}), to_input, rec.scores(layer))
+                                       kept.attn_ctx.get(layer, {}), to_input, rec.scores(layer), rec.heads(layer))
     if r_h is None:
         return None, r_probs
     if stage.window is not None:

@@ -18,7 +18,15 @@ EPS = 1e-9
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den`` with ``|den|`` clamped to at least 1e-9 and 0 where ``den == 0``."""
+    """``num / den`` with ``|den|`` clamped to at least 1e-9 and 0 where ``den == 0``.
+
+    When no ``|den|`` is below 1e-9 (the usual case) that is the plain quotient, bit for bit
+    (a NaN takes the careful path too), written contiguously whatever the operands' layout
+    (the attention rules multiply it with matrices next).
+    """
+    if den.numel() and den.abs().amin() >= EPS:
+        out = num.new_empty(torch.broadcast_shapes(num.shape, den.shape), dtype=torch.result_type(num, den))
+        return torch.div(num, den, out=out)
     d = den.abs().clamp_min_(EPS).copysign_(den)
     if d.shape == torch.broadcast_shapes(num.shape, d.shape) and d.dtype == torch.result_type(num, d):
         out = torch.div(num, d, out=d)  # the one temporary takes the quotient (no second allocation)
@@ -115,7 +123,7 @@ def conditioning() -> Iterator[list[torch.Tensor]]:
 
 
 def _relative_total(r: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    mass = _per_image_sum(r.abs())
+    mass = torch.linalg.vector_norm(r.reshape(r.shape[0], -1), 1, dim=1).reshape(total.shape)  # Σ|r|, one pass
     return torch.where(mass > 0, total.abs() / mass.clamp_min(torch.finfo(mass.dtype).tiny), 1.0).flatten()
 
 
@@ -126,7 +134,8 @@ def residual_add(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor) -> t
     incoming total of *each image* (images of a batch never mix).
     """
     s = safe_div(relevance, a + b)
-    r_a, r_b = a * s, b * s
+    r_a = a * s
+    r_b = s.mul_(b) if s.shape == b.shape and s.dtype == torch.result_type(s, b) else b * s
     sa, sb, total = _per_image_sum(r_a), _per_image_sum(r_b), _per_image_sum(relevance)
     if _CONDITIONING is not None:
         _CONDITIONING.append(torch.minimum(_relative_total(r_a, sa), _relative_total(r_b, sb)))

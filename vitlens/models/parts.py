@@ -148,16 +148,30 @@ class AttentionPart:
         return t.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def project(self, h: torch.Tensor, lin: Records | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v as (B, heads, N, head_dim), before q/k norms and rotary."""
+        """q, k, v as (B, heads, N, head_dim), before q/k norms and rotary, each contiguous.
+
+        The fused map's output is laid out head by head in one pass (with the bias a model
+        adds outside the module, where it has one), so the products of the attention rules
+        run on them without copying them again.
+        """
         lin = lin or {}
         if self.fused:
             assert self.qkv is not None
-            t = self.qkv.values(h, lin.get("qkv"))
+            rec = lin.get("qkv")
+            t = self.qkv.forward(h) if rec is None else rec[1]
+            extra = self.qkv.extra_bias() if rec is not None and self.qkv.extra_bias is not None else None
             b, n, c = t.shape
-            q, k, v = t.reshape(b, n, 3, self.num_heads, c // (3 * self.num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+            hd = c // (3 * self.num_heads)
+            heads = t.new_empty(3, b, self.num_heads, n, hd)
+            src = t.reshape(b, n, 3, self.num_heads, hd).permute(2, 0, 3, 1, 4)
+            if extra is None:
+                heads.copy_(src)
+            else:  # the recorded module output plus the outside bias, as LinearPart.values adds it
+                torch.add(src, extra.reshape(3, 1, self.num_heads, 1, hd), out=heads)
+            q, k, v = heads.unbind(0)
             return q, k, v
         assert self.q is not None and self.k is not None and self.v is not None
-        return tuple(self._heads(p.values(h, lin.get(name))) for name, p in  # type: ignore[return-value]
+        return tuple(self._heads(p.values(h, lin.get(name))).contiguous() for name, p in  # type: ignore[return-value]
                      (("q", self.q), ("k", self.k), ("v", self.v)))
 
     def operands(self, q: torch.Tensor, k: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,15 +197,17 @@ class AttentionPart:
             z.add_(bias)
         return z
 
-    def scores(self, h: torch.Tensor, ctx: dict | None = None, lin: Records | None = None) -> Scores:
-        """``(a, bᵀ, z)`` with the pre-softmax logits ``z = a @ bᵀ (+ bias)``, from the attention input ``h``.
+    def scores(self, h: torch.Tensor, ctx: dict | None = None, lin: Records | None = None,
+               heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Scores:
+        """``(a, bᵀ, z)`` with the pre-softmax logits ``z = a @ bᵀ (+ bias)``, from the attention input ``h``
+        (or from ``heads``, its :meth:`project` when the caller has it).
 
         A fused (scaled-dot-product) forward keeps none of this: capture rebuilds
         it here, outside autograd, after the backward pass has freed its graph,
         takes the probabilities as ``z.softmax(-1)`` and hands the same scores to
         :meth:`relevance` (``scores=``).
         """
-        q, k, _ = self.project(h, lin)
+        q, k, _ = heads if heads is not None else self.project(h, lin)
         return self._scores_of(q, k, ctx or {})
 
     def _scores_of(self, q: torch.Tensor, k: torch.Tensor, ctx: dict) -> Scores:
@@ -202,9 +218,12 @@ class AttentionPart:
         """Pre-softmax logits recomputed from the attention input ``h`` (tests, LRP)."""
         return self.scores(h, ctx, lin)[2]
 
-    def probabilities_grad(self, grad_out: torch.Tensor, h: torch.Tensor, lin: Records | None = None) -> torch.Tensor:
-        """``∂y/∂A`` from ``∂y/∂O`` at the heads' output ``O = A·V`` (B[·nW], N, C): ``(∂y/∂O)·Vᵀ`` per head."""
-        _, _, v = self.project(h, lin)
+    def probabilities_grad(self, grad_out: torch.Tensor, h: torch.Tensor, lin: Records | None = None,
+                           v: torch.Tensor | None = None) -> torch.Tensor:
+        """``∂y/∂A`` from ``∂y/∂O`` at the heads' output ``O = A·V`` (B[·nW], N, C): ``(∂y/∂O)·Vᵀ`` per head
+        (``v``: the values of :meth:`project`, when the caller has them)."""
+        if v is None:
+            _, _, v = self.project(h, lin)
         b, n, _ = grad_out.shape
         g = grad_out.reshape(b, n, self.num_heads, -1).transpose(1, 2)
         return g @ v.transpose(-2, -1)
@@ -255,15 +274,17 @@ class AttentionPart:
         return F.linear(self.inner_norm(v), self.proj.weight)
 
     def relevance(self, h: torch.Tensor, probs: torch.Tensor, r_o: torch.Tensor, lin: Records,
-                  ctx: dict, to_input: bool = True,
-                  scores: Scores | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+                  ctx: dict, to_input: bool = True, scores: Scores | None = None,
+                  heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Relevance at the attention input ``h`` and at the probabilities.
 
         ``r_o``: relevance at ``proj``'s input. With ``to_input=False`` the q/k/v
         step is skipped (no map needs it for the first block) and ``None`` returned.
-        ``scores``: :meth:`scores` of ``h`` when the caller has it (not recomputed).
+        ``scores`` and ``heads``: :meth:`scores` and :meth:`project` of ``h`` when the
+        caller has them (not recomputed).
         """
-        q, k, v = self.project(h, lin)
+        q, k, v = heads if heads is not None else self.project(h, lin)
         b, n, _ = r_o.shape
         proj_rec = lin.get("proj")
         # z = A·V is proj's recorded input where no norm sits between (saves recomputing the product)
