@@ -375,11 +375,14 @@ class MlpPart:
         if self.kind == "plain":
             assert self.fc1 is not None
             return self.fc1.relevance(x, r_h, lin.get("fc1"))
-        r_gate, r_value = product_half(r_h)
-        if self.kind == "glu":
+        if self.kind == "glu":  # gate and value packed in fc1's output: each half gets R/2, written in place
             assert self.fc1 is not None
-            halves = (r_value, r_gate) if self.gate_last else (r_gate, r_value)
-            return self.fc1.relevance(x, torch.cat(halves, -1), lin.get("fc1"))
+            packed = r_h.new_empty(*r_h.shape[:-1], 2 * r_h.shape[-1])
+            first, second = packed.chunk(2, dim=-1)
+            torch.mul(r_h, 0.5, out=first)  # product_half's rule: R·0.5 to each factor
+            second.copy_(first)
+            return self.fc1.relevance(x, packed, lin.get("fc1"))
+        r_gate, r_value = product_half(r_h)
         assert self.fc1_g is not None and self.fc1_x is not None
         return self.fc1_g.relevance(x, r_gate, lin.get("fc1_g")).add_(
             self.fc1_x.relevance(x, r_value, lin.get("fc1_x")))
