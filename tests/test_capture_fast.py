@@ -119,8 +119,11 @@ def test_a_capture_with_no_pass_after_its_forward_takes_the_models_explicit_atte
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     flags = [blk.attn.fused_attn for blk in vit.blocks]
+    kept = []  # probabilities the Recorder is asked for after the forward: none, each went out as computed
+    probs = hooks.Recorder.probs
+    monkeypatch.setattr(hooks.Recorder, "probs", lambda self, layer: kept.append(layer) or probs(self, layer))
     part = vl.capture(vit, images32, keep=keep, progress=False)
-    assert calls == [] and [blk.attn.fused_attn for blk in vit.blocks] == flags
+    assert calls == [] and kept == [] and [blk.attn.fused_attn for blk in vit.blocks] == flags
     full = vl.capture(vit, images32, progress=False)
     assert len(calls) == len(vit.blocks)
     np.testing.assert_allclose(part["stage0"].attention.values, full["stage0"].attention.values, rtol=1e-5, atol=1e-7)
@@ -128,6 +131,34 @@ def test_a_capture_with_no_pass_after_its_forward_takes_the_models_explicit_atte
     monkeypatch.setattr(hooks, "FUSED_ATTENTION", False)  # a full capture on the explicit path: the same bits
     explicit = vl.capture(vit, images32, progress=False)
     np.testing.assert_array_equal(part["stage0"].attention.values, explicit["stage0"].attention.values)
+
+
+@pytest.mark.parametrize("family", ["vit", "eva02"])
+def test_each_blocks_heads_are_laid_out_once_for_the_probabilities_their_gradient_and_the_lrp_step(monkeypatch,
+                                                                                                   family):
+    """q, k, v per head are formed once per block (one pass over the q/k/v output, EVA's outside biases
+    added), contiguous, and shared by the rebuilt probabilities, their gradient and the LRP step."""
+    from vitlens.models.parts import AttentionPart
+
+    if family == "vit":
+        model, size = make_vit(), 32
+    else:
+        torch.manual_seed(0)
+        model, size = timm.create_model("eva02_tiny_patch14_224", num_classes=5, depth=2, img_size=56).eval(), 56
+    images = np.random.default_rng(1).random((2, size, size, 3)).astype(np.float32)
+    made = []
+    real = AttentionPart.project
+    monkeypatch.setattr(AttentionPart, "project", lambda self, h, lin=None: made.append(real(self, h, lin)) or made[-1])
+    cap = vl.capture(model, images, progress=False)
+    assert len(made) == len(adapter_for(model).parts)
+    assert all(t.is_contiguous() for heads in made for t in heads)
+    monkeypatch.setattr(hooks, "FUSED_ATTENTION", False)  # the explicit path: probabilities as the model computed them
+    explicit = vl.capture(model, images, progress=False)
+    for var in ("attention", "attention_grad"):
+        np.testing.assert_allclose(cap["stage0"][var].values, explicit["stage0"][var].values, rtol=1e-4,
+                                   atol=1e-5 * np.abs(explicit["stage0"][var].values).max())
+    a, b = cap["stage0"].attention_relevance.values.ravel(), explicit["stage0"].attention_relevance.values.ravel()
+    assert np.corrcoef(a, b)[0, 1] > 0.9999  # LRP divides by sums that can nearly cancel: rounding moves entries
 
 
 def test_capture_does_not_keep_the_mlp_inputs_it_rebuilds(vit, images32):

@@ -108,6 +108,22 @@ def test_bilinear_rule_halves_and_conserves():
     torch.testing.assert_close(rb.sum(), r.sum() / 2)
 
 
+def test_safe_division_clamps_tiny_denominators_and_is_the_plain_quotient_otherwise():
+    """Hand-computed: |den| below 1e-9 is clamped (sign kept), den = 0 gives 0, a NaN stays NaN;
+    where no |den| is below 1e-9 the result is the plain quotient bit for bit, laid out
+    contiguously even from strided operands (the attention rules multiply it with matrices next)."""
+    num = torch.tensor([1.0, 2.0, -3.0, 4.0, 5.0], dtype=torch.float64)
+    den = torch.tensor([2.0, 1e-12, -1e-12, 0.0, -4.0], dtype=torch.float64)
+    torch.testing.assert_close(lrp.safe_div(num, den), torch.tensor([0.5, 2e9, 3e9, 0.0, -1.25], dtype=torch.float64))
+    assert torch.isnan(lrp.safe_div(num[:1], torch.tensor([float("nan")], dtype=torch.float64))).all()
+    torch.manual_seed(3)
+    n, d = torch.randn(4, 3, 5, 6).transpose(1, 2), torch.randn(4, 3, 5, 6).transpose(1, 2).add_(10.0)
+    got = lrp.safe_div(n, d)
+    assert got.is_contiguous() and torch.equal(got, n / d)
+    big = torch.full((2, 3), 2.0)  # broadcasting: the shape and dtype of num / den
+    assert torch.equal(lrp.safe_div(big, torch.tensor([1.0, 4.0, 8.0])), big / torch.tensor([1.0, 4.0, 8.0]))
+
+
 def test_alphabeta_gives_zero_not_nan_where_z_is_zero():
     x = torch.tensor([[0.0, 0.0], [1.0, 2.0]])  # a zero token: every Z of its row is 0
     w = torch.tensor([[1.0, -1.0], [0.5, 2.0]])
