@@ -701,13 +701,9 @@ def _capture_batch(adapter: Adapter, rec: Recorder, x: torch.Tensor, targets: np
     """
     from .targets import score
 
-    where = {l: (stage, stage.layers.index(l)) for stage in adapter.stages for l in stage.layers}
     if not plan.passes and "attention" in plan.recorded:  # nothing reads them after the forward: out at once
-        def store_attention(layer: int, probs: torch.Tensor) -> None:
-            stage, i = where[layer]
-            sink.put_layer(f"{stage.name}/attention", i, len(stage.layers), _attention_array(stage, probs, x.shape[0]))
-
-        rec.store_attention = store_attention
+        put = _block_writer(adapter, sink, x.shape[0])
+        rec.store_attention = lambda layer, probs: put("attention", layer, probs)
     try:
         recorded = _record(adapter, rec, x, targets, start, "backward" in plan.passes, explained)
     finally:
@@ -815,22 +811,32 @@ def _store_interventions(adapter: Adapter, rec: Recorder, x: torch.Tensor, tgt: 
                 sink.put(f"{stage.name}/{var}", [effects[l][i] for l in stage.layers], torch.float32)
 
 
+def _block_writer(adapter: Adapter, sink: _Sink, batch: int) -> Callable[[str, int, torch.Tensor], None]:
+    """``put(var, layer, t)``: block ``layer``'s (B[·nW], heads, Q, K) array ``t`` written to the batch's
+    rows of ``<stage>/<var>``, at the block's place in its stage."""
+    where = {l: (stage, stage.layers.index(l)) for stage in adapter.stages for l in stage.layers}
+
+    def put(var: str, layer: int, t: torch.Tensor) -> None:
+        stage, i = where[layer]
+        sink.put_layer(f"{stage.name}/{var}", i, len(stage.layers), _attention_array(stage, t, batch))
+
+    return put
+
+
 def _store_blocks(adapter: Adapter, rec: Recorder, tgt: torch.Tensor, plan: CapturePlan, sink: _Sink,
                   seed: torch.Tensor | None = None, seed_tokens: torch.Tensor | None = None) -> None:
     """Each block's attention, its gradient and (LRP pass) relevance, stored as soon as it is ready."""
     b = tgt.shape[0]
-    where = {l: (stage, stage.layers.index(l)) for stage in adapter.stages for l in stage.layers}
+    put = _block_writer(adapter, sink, b)
 
     def store_layer(layer: int, r_probs: torch.Tensor | None) -> None:
         """Store block ``layer``'s attention, its gradient and relevance, then let them go."""
-        stage, i = where[layer]
-        size = len(stage.layers)
         if "attention" in plan.recorded and layer not in rec.batch.stored_attention:
-            sink.put_layer(f"{stage.name}/attention", i, size, _attention_array(stage, rec.probs(layer), b))
+            put("attention", layer, rec.probs(layer))
         if "attention_grad" in plan.recorded:
-            sink.put_layer(f"{stage.name}/attention_grad", i, size, _attention_array(stage, rec.probs_grad(layer), b))
+            put("attention_grad", layer, rec.probs_grad(layer))
         if r_probs is not None:
-            sink.put_layer(f"{stage.name}/attention_relevance", i, size, _attention_array(stage, r_probs, b))
+            put("attention_relevance", layer, r_probs)
         rec.release(layer)
 
     if "lrp" in plan.passes:  # each block is stored as soon as the LRP walk has passed it

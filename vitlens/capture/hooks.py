@@ -16,6 +16,7 @@ as it was."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -175,7 +176,7 @@ class Recorder(HookSet):
         self.paused = False  # hooks do nothing while the LRP pass reruns modules
         #: where hooked probabilities go as the forward pass computes them, instead of being kept
         #: (``(layer, probabilities)``; a capture with no pass after its forward sets it per batch)
-        self.store_attention: Any = None
+        self.store_attention: Callable[[int, torch.Tensor], None] | None = None
         #: block → token indices entering it that an intervention replaced (constants: the LRP pass stops there)
         self.constant_tokens: dict[int, list[int]] = {}
         self._saved_fused: list[tuple[nn.Module, bool]] = []
