@@ -186,7 +186,7 @@ def bench(name: str, batch: int, repeat: int, device: str, references: bool = Tr
                 cpu[label].append(time.process_time() - c)
                 if fn is capture:
                     for key, into, total in (("", split_wall, wall[label][-1]), ("_cpu", split_cpu, cpu[label][-1])):
-                        for part in ("backward", "lrp", "alphabeta"):
+                        for part in ("backward", "lrp", "alphabeta", "lrp0", "rebuild", "store"):
                             into[part].append(phases.get(part + key, 0.0))
                         into["rest"].append(total - into["backward"][-1] - into["lrp"][-1])
     method_labels = [f"  explain {m}" for m in SEVEN]
@@ -223,7 +223,10 @@ def bench(name: str, batch: int, repeat: int, device: str, references: bool = Tr
 #: The capture's parts the bench times (indented under the capture row).
 _PHASES = {"rest": "  of which forward with hooks, and the rest", "backward": "  of which activation-gradient backward",
            "lrp": "  of which LRP pass (storing each block as it goes)",
-           "alphabeta": "    of which the αβ rule of the Linear layers"}
+           "alphabeta": "    of which the αβ rule of the Linear layers",
+           "lrp0": "    of which the attention products' LRP-0 (Q·Kᵀ and A·V)",
+           "rebuild": "    of which the probabilities and their gradient, rebuilt after fused attention",
+           "store": "    of which writing each block's three (B, heads, N, N) arrays out"}
 
 
 class _phase_timers:
@@ -249,17 +252,27 @@ class _phase_timers:
 
         from vitlens.models import parts
 
-        self._saved = (torch.autograd.grad, relevance.attention_relevance, parts.linear_alphabeta)
+        from vitlens.capture import api, hooks
+
+        self._saved = (torch.autograd.grad, relevance.attention_relevance, parts.linear_alphabeta, parts.matmul_lrp0,
+                       hooks.Recorder.probs, hooks.Recorder.probs_grad, api._Buffers.put_layer)
         torch.autograd.grad = self._timed("backward", torch.autograd.grad)
         relevance.attention_relevance = self._timed("lrp", relevance.attention_relevance)
         parts.linear_alphabeta = self._timed("alphabeta", parts.linear_alphabeta)
+        parts.matmul_lrp0 = self._timed("lrp0", parts.matmul_lrp0)
+        hooks.Recorder.probs = self._timed("rebuild", hooks.Recorder.probs)
+        hooks.Recorder.probs_grad = self._timed("rebuild", hooks.Recorder.probs_grad)
+        api._Buffers.put_layer = self._timed("store", api._Buffers.put_layer)
         return self
 
     def __exit__(self, *exc):
         from vitlens.capture import relevance
         from vitlens.models import parts
 
-        torch.autograd.grad, relevance.attention_relevance, parts.linear_alphabeta = self._saved
+        from vitlens.capture import api, hooks
+
+        (torch.autograd.grad, relevance.attention_relevance, parts.linear_alphabeta, parts.matmul_lrp0,
+         hooks.Recorder.probs, hooks.Recorder.probs_grad, api._Buffers.put_layer) = self._saved
 
 
 def main() -> None:
