@@ -294,15 +294,23 @@ def test_metrics_run_on_a_reduced_store(tmp_path, vit):
 
 
 @pytest.mark.parametrize("in_store", [False, True])
-def test_a_precision_warning_of_a_batch_names_the_runs_sample(tmp_path, monkeypatch, in_store):
+def test_a_reduced_capture_names_the_runs_unreliable_samples_once(tmp_path, monkeypatch, in_store):
     """Transformer Attribution's PrecisionWarning names the samples whose float32 map depends on
-    rounding; computed batch by batch in a reduced capture, it names them in the run's numbering,
-    not the batch's (here: the last image of each batch of two is called unreliable)."""
+    rounding. A reduced capture computes its maps batch by batch; it says so once for the run, and the
+    stored map's ``lrp_unreliable`` names the run's samples (in the caller's labels), not one batch's
+    (here every second image is called unreliable; batches of two)."""
     from vitlens.capture import precision
 
-    monkeypatch.setattr(precision, "unreliable", lambda condition, dtype: np.arange(len(condition)) == len(condition) - 1)
+    monkeypatch.setattr(precision, "unreliable", lambda condition, dtype: np.arange(len(condition)) % 2 == 1)
     store = {"store": tmp_path / "run.zarr", "progress": False} if in_store else {}
+    images = xr.DataArray(random_images(6, 32), dims=("sample", "y", "x", "channel"),
+                          coords={"sample": np.arange(10, 16)})
     with pytest.warns(vl.PrecisionWarning) as caught:
-        vl.capture(make_vit(), random_images(6, 32), maps=["transformer_attribution"], keep="none", batch_size=2, **store)
-    named = [str(w.message).split("sample(s) ")[1].split(" ")[0] for w in caught if w.category is vl.PrecisionWarning]
-    assert named == ["[1]", "[3]", "[5]"]
+        cap = vl.capture(make_vit(), images, maps=["transformer_attribution"], keep="none", batch_size=2, **store)
+    named = [str(w.message).split("sample(s) ")[1].split("]")[0] + "]" for w in caught
+             if w.category is vl.PrecisionWarning]
+    want = [11, 13, 15] if not in_store else [1, 3, 5]  # a store numbers its samples from 0
+    assert named == [str(want)]
+    assert cap["maps/transformer_attribution"].attrs["lrp_unreliable"] == want
+    if in_store:
+        assert vl.open(tmp_path / "run.zarr")["maps/transformer_attribution"].attrs["lrp_unreliable"] == want

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -14,7 +15,7 @@ import xarray as xr
 from torch import nn
 
 from .._version import __version__
-from ..errors import ImageError, OptionError, TargetError
+from ..errors import ImageError, OptionError, PrecisionWarning, TargetError
 from ..models import adapter_for
 from ..models.adapter import Adapter, StageInfo
 from ..registry import CAPTURE_GROUPS, METHOD_INFO, STAT_INFO
@@ -499,8 +500,8 @@ def capture(
         options = dict(grads=grads, keep=keep, dtype=dtype, batch_size=batch_size, device=device, text=text,
                        processor=processor, ablate=ablate, ablation=ablation, reference=reference,
                        intervention=intervention, lrp_dtype=lrp_dtype, maps=maps, stats=stats)
-        return capture_sharded(chosen, model, images, target, store=store, resume=resume, progress=progress,
-                               options=options)
+        return _said(capture_sharded(chosen, model, images, target, store=store, resume=resume, progress=progress,
+                                     options=options))
     model, adapter, plan, device = _prepare(model, target, grads=grads, keep=keep, dtype=dtype,
                                             batch_size=batch_size, device=device, progress=progress, text=text,
                                             processor=processor, ablate=ablate, ablation=ablation,
@@ -510,13 +511,22 @@ def capture(
         from .stream import capture_to_store
 
         part, fingerprint = _stream_step(model, adapter, plan, device, images, target)
-        return capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
-                                resume=resume, progress=progress, fingerprint=fingerprint)
+        return _said(capture_to_store(part, images, store, target=target, batch_size=plan.batch_size,
+                                      resume=resume, progress=progress, fingerprint=fingerprint))
     if resume:
         raise OptionError("resume=True continues a streaming capture: pass store='run.zarr' too.")
     tree = _capture_images(adapter, model, images, target, plan, device, progress)
     # keep the caller's labels (e.g. a subset of a dataset)
-    return _label_samples(tree, _input_samples(images, tree["sample"].size), image_sources(images))
+    return _said(_label_samples(tree, _input_samples(images, tree["sample"].size), image_sources(images)))
+
+
+def _said(tree: xr.DataTree) -> xr.DataTree:
+    """A reduced capture's maps computed batch by batch: their ``lrp_unreliable`` set for the whole run
+    and, where it names samples, one :class:`~vitlens.PrecisionWarning` for the run (none per batch)."""
+    from .precision import settle_unreliable, warn_unreliable
+
+    warn_unreliable(settle_unreliable(tree), stacklevel=3)
+    return tree
 
 
 def _prepare(model: nn.Module, target: Any, *, grads: bool = True, keep: str | Iterable[str] | None = None,
@@ -639,7 +649,10 @@ def _capture_images(adapter: Adapter, model: nn.Module, images: Any, target: Any
                 rows = replace(batch, display=batch.display[start : start + x.shape[0]])
                 part = _assemble(adapter, model, rows, sink.arrays(), names, plan, explained, image=False)
                 first = first_sample + start
-                _answer_batch(_label_samples(part, np.arange(first, first + x.shape[0]), None), plan, sink, layouts)
+                with warnings.catch_warnings():  # said once for the run, by capture (precision.settle_unreliable)
+                    warnings.simplefilter("ignore", PrecisionWarning)
+                    _answer_batch(_label_samples(part, np.arange(first, first + x.shape[0]), None), plan, sink,
+                                  layouts)
     # a statistic is NaN where a block has no such head (Swin stages differ in heads): not damage
     check_finite((key, arr) for key, arr in buffers.items() if not key.startswith(reduced.STATS + "/"))
     tree = _assemble(adapter, model, batch, dict(buffers.items()), names, plan, explained, layouts)

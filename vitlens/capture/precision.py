@@ -42,6 +42,61 @@ def unreliable(condition: Any, lrp_dtype: str) -> Any:
     condition = np.asarray(condition, dtype=float)
     return (condition < RELIABLE_CONDITION) & (lrp_dtype == "float32")
 
+def unreliable_samples(tree: Any) -> list:
+    """The samples of a capture (or a reduced capture's run) whose float32 Transformer Attribution
+    depends on rounding, from its per-sample ``lrp_condition`` ([] when it has none).
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> cap = xr.DataTree(xr.Dataset({"lrp_condition": ("sample", [0.3, 2e-6, 1e-5])}, coords={"sample": [7, 8, 9]}))
+    >>> unreliable_samples(cap)
+    [8, 9]
+    """
+    from .layout import capture_options
+
+    root = tree.to_dataset(inherit=False) if hasattr(tree, "to_dataset") else tree
+    if "lrp_condition" not in root or "sample" not in root["lrp_condition"].dims:
+        return []
+    bad = unreliable(root["lrp_condition"].values, str(capture_options(tree).get("lrp_dtype", "float32")))
+    return [v.item() if hasattr(v, "item") else v for v in root["sample"].values[bad]]
+
+
+def warn_unreliable(samples: list, stacklevel: int = 2) -> None:
+    """One :class:`~vitlens.PrecisionWarning` naming ``samples`` (the first 20, then how many more)."""
+    import warnings
+
+    from ..errors import PrecisionWarning
+
+    if not samples:
+        return
+    shown = ", ".join(map(str, samples[:20])) + (f", ... ({len(samples) - 20} more)" if len(samples) > 20 else "")
+    warnings.warn(f"transformer_attribution: the float32 LRP pass divided by nearly cancelling sums on "
+                  f"{len(samples)} sample(s) [{shown}] (lrp_condition < {RELIABLE_CONDITION:g}), so their maps "
+                  "depend on rounding; capture them again with vl.capture(..., lrp_dtype='float64').",
+                  PrecisionWarning, stacklevel=stacklevel + 1)
+
+
+def settle_unreliable(tree: Any) -> list:
+    """Set ``lrp_unreliable`` on each stored map that carries it (a reduced capture's ``/maps``) to the
+    whole run's :func:`unreliable_samples`, where each batch's answer had named its own; return them.
+
+    A reduced capture computes its maps batch by batch, and the attributes it stores are one batch's:
+    the samples one batch found unreliable are not the run's.
+    """
+    node = tree.children.get("maps") if hasattr(tree, "children") else None
+    if node is None:
+        return []
+    samples = unreliable_samples(tree)
+    ds = node.to_dataset(inherit=False)
+    marked = [name for name in ds.data_vars if "lrp_unreliable" in ds[name].attrs]
+    for name in marked:
+        ds[name].attrs["lrp_unreliable"] = list(samples)
+    if marked:
+        node.dataset = ds
+    return samples if marked else []
+
+
 #: the batch records the LRP pass reads (:class:`~vitlens.capture.hooks.BatchRecords`)
 _READ = ("attention", "final_input", "final_output", "block_inputs", "block_outputs", "mlp_inputs", "attn_inputs",
          "attn_ctx", "linears", "merge_inputs", "grads", "scores")

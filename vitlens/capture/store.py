@@ -1055,6 +1055,9 @@ def open(path: str | os.PathLike, *, chunks: dict | str | None = None) -> xr.Dat
         raise CaptureFormatError(f"{str(path)!r}: its groups do not fit together ({exc}); the store is damaged.") from exc
     if chunks is None:
         tree = tree.load()
+    from .precision import settle_unreliable
+
+    settle_unreliable(tree)  # a reduced store's maps: the run's unreliable samples, not its first batch's
     return tree
 
 

@@ -49,23 +49,13 @@ def with_lrp_condition(cap: xr.DataTree, out: xr.DataArray | xr.Dataset) -> xr.D
     """The map with the capture's LRP conditioning: coordinate ``lrp_condition`` (sample), attrs
     ``lrp_dtype`` and ``lrp_unreliable`` (the samples whose float32 map depends on rounding), and a
     :class:`~vitlens.PrecisionWarning` naming them (docs/METHODS.md, "Sensitivity to rounding")."""
-    import warnings
-
     from ..capture.layout import capture_options
-    from ..capture.precision import RELIABLE_CONDITION, unreliable
-    from ..errors import PrecisionWarning
+    from ..capture.precision import unreliable_samples, warn_unreliable
 
     if "lrp_condition" not in cap.dataset or "sample" not in out.dims:
         return out
-    dtype = str(capture_options(cap).get("lrp_dtype", "float32"))
-    condition = cap["lrp_condition"].values
-    bad = unreliable(condition, dtype)
-    samples = [v.item() if hasattr(v, "item") else v for v in cap["sample"].values[bad]]
-    out = out.assign_coords(lrp_condition=("sample", condition))
-    out.attrs.update(lrp_dtype=dtype, lrp_unreliable=samples)
-    if samples:
-        warnings.warn(f"transformer_attribution: the float32 LRP pass divided by nearly cancelling sums on "
-                      f"sample(s) {samples} (lrp_condition < {RELIABLE_CONDITION:g}), so their maps depend on "
-                      "rounding; capture them again with vl.capture(..., lrp_dtype='float64').",
-                      PrecisionWarning, stacklevel=3)
+    samples = unreliable_samples(cap)
+    out = out.assign_coords(lrp_condition=("sample", cap["lrp_condition"].values))
+    out.attrs.update(lrp_dtype=str(capture_options(cap).get("lrp_dtype", "float32")), lrp_unreliable=samples)
+    warn_unreliable(samples, stacklevel=3)
     return out
