@@ -37,6 +37,18 @@ function request(model) {
   model.send({ vitlens: "bundle" });
 }
 
+// plotly works out the point under the pointer at most every 50 ms: a pointer move within 50 ms
+// of the last one is looked at 50 ms later. If that deferred look runs while the button is down
+// (plotly's gd._dragging), plotly drops the hovered point, and a release within the next 50 ms
+// finds none (its own look is deferred too): plotly emits no click and the kernel never hears of
+// it. A quick click right after the pointer arrived was lost that way, silently. So while the
+// button is down, keep the point it was pressed on: plotly asks "plotly_beforehover" before it
+// drops the point, and a press that moves (a drag) is not asked. Where plotly has no such flag,
+// nothing changes.
+function keepPressedPoint(el) {
+  if (typeof el.on === "function") el.on("plotly_beforehover", () => !el._dragging);
+}
+
 export default () => {
   if (SOURCE !== null) provide(SOURCE);
   const widget = shared().promise.then((mod) => (typeof mod.default === "function" ? mod.default() : mod.default));
@@ -59,6 +71,7 @@ export default () => {
       // then clear the element its successor draws into.
       if (context.signal?.aborted || !w.render) return undefined;
       const cleanup = await w.render(context);
+      keepPressedPoint(el);
       // Tell the kernel the width the figure is drawn at, once per change: a widget whose
       // panels would get too small there rearranges them into more rows (Python decides).
       let reported = 0;
