@@ -97,31 +97,34 @@ def expect_examples(page, maps, what: str) -> None:
         expect_z(page, 1, 2 * i + 1, want, f"{what}: example {i}")
 
 
-def click_at(page, plot: int, axis: str, x: float, y: float, then: str) -> int:
-    """Click data point (x, y) of subplot ``axis`` ('' or '2', ...) of atlas plot ``plot`` until the atlas's
-    probe says ``then``; returns the clicks it took.
+def click_at(page, plot: int, axis: str, x: float, y: float, then: str) -> None:
+    """Click data point (x, y) of subplot ``axis`` ('' or '2', ...) of atlas plot ``plot``, once, and wait
+    until the atlas's probe says ``then``.
 
-    plotly turns a click into a point from the hover it has processed; on a loaded machine a
-    click that follows the mouse's arrival too closely can come before that hover and select
-    nothing. A user clicks again: so does this, at most three times.
+    plotly reports a click on the point it last worked out under the pointer (it looks at most every
+    50 ms): the click waits for that state, plotly's hover label in the plot, and is then a quick press
+    (35 ms), the click plotly used to lose when its deferred look ran while the button was down
+    (``keepPressedPoint`` in vitlens/widgets/plotly_widget.js). One click must do.
     """
-    for attempt in range(1, 4):
-        wait_steady(page, PLOT[plot])
-        px, py = page.evaluate(f"""([x, y]) => {{
-            const gd = {plot_js(plot)}, fl = gd._fullLayout, box = gd.getBoundingClientRect();
-            const xa = fl['xaxis{axis}'], ya = fl['yaxis{axis}'];
-            return [box.left + xa._offset + xa.l2p(x), box.top + ya._offset + ya.l2p(y)]; }}""", [x, y])
-        page.mouse.move(px - 2, py - 2)
-        page.mouse.move(px, py)
-        page.wait_for_timeout(100 * attempt)
-        page.mouse.click(px, py)
-        try:
-            page.wait_for_function("(t) => document.querySelector('.vitlens-head-atlas .vitlens-probe').textContent"
-                                   ".includes(t)", arg=then, timeout=5_000 * attempt)
-            return attempt
-        except Exception:
-            continue
-    raise AssertionError(f"three clicks at ({x}, {y}) of plot {plot}: the atlas says {probe(page)!r}, not {then!r}")
+    wait_steady(page, PLOT[plot])
+    px, py = page.evaluate(f"""([x, y]) => {{
+        const gd = {plot_js(plot)}, fl = gd._fullLayout, box = gd.getBoundingClientRect();
+        const xa = fl['xaxis{axis}'], ya = fl['yaxis{axis}'];
+        return [box.left + xa._offset + xa.l2p(x), box.top + ya._offset + ya.l2p(y)]; }}""", [x, y])
+    page.mouse.move(px, py)
+    hover = (f"() => {{ const t = ({plot_js(plot)}).querySelector('.hoverlayer .hovertext'); "
+             "return t ? t.textContent : null; }")
+    try:
+        page.wait_for_function(f"() => !!({hover})()", timeout=TIMEOUT_MS)
+    except Exception as exc:
+        raise AssertionError(f"pointing at ({x}, {y}) of plot {plot}: plotly shows no hover label there") from exc
+    page.mouse.click(px, py, delay=35)
+    try:
+        page.wait_for_function("(t) => document.querySelector('.vitlens-head-atlas .vitlens-probe').textContent"
+                               ".includes(t)", arg=then, timeout=TIMEOUT_MS)
+    except Exception as exc:
+        raise AssertionError(f"a click at ({x}, {y}) of plot {plot} (hover label {page.evaluate(hover)!r}): "
+                             f"the atlas says {probe(page)!r}, not {then!r}") from exc
 
 
 def check_fit(page, label: str) -> None:
@@ -148,9 +151,9 @@ def drive_atlas(page, folder, label: str) -> None:
     # a click on the heat map's cell (block 2, head 1): its images, and the linked Explorer moves to block 2
     page.locator(".vitlens-head-atlas").scroll_into_view_if_needed()
     t0 = time.perf_counter()
-    clicks = click_at(page, 0, "", 1, 2, then="layer=2 head=1")
+    click_at(page, 0, "", 1, 2, then="layer=2 head=1")
     expect_examples(page, expected_examples(cap, "attention_distance", 2, 1, None), "cell (2, 1) clicked")
-    print(f"{label}: cell click ({clicks} click(s)) → six example maps redrawn in {time.perf_counter() - t0:.2f} s")
+    print(f"{label}: cell click → six example maps redrawn in {time.perf_counter() - t0:.2f} s")
     title_shows(page, 0, 2)  # the Explorer (the page's first) shows block 2
 
     # the statistic drop-down
