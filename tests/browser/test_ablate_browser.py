@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from .conftest import TIMEOUT_MS, lab_server, open_and_run_in_lab, open_in_voila, playwright_expect, served_folder, voila_server
-from .test_widgets_browser import HEATMAP, diagnosed, expect_panels, explorer, minmax, wait_steady
+from .test_widgets_browser import HEATMAP, click_point, diagnosed, expect_panels, explorer, minmax, wait_steady
 
 expect = playwright_expect()
 
@@ -135,8 +135,7 @@ def drive_ablation(page, server) -> None:
         const box = gd.getBoundingClientRect();
         return [box.left + xa._offset + xa._length / 2, box.top + ya._offset + ya._length / 2]; }""",
                            grid.element_handle())
-    page.mouse.move(hx, hy)
-    page.mouse.click(hx, hy)
+    click_point(page, ".vitlens-head-grid", hx, hy, "row ")  # any patch of head 2's panel
     by_grid = vl.capture(model, cap["image"].values, target=target, ablate={3: [2]})
     expect_panels(page, 0, {"method": minmax(vl.explain(by_grid, method).isel(sample=0).values)},
                   "head 2 clicked in the HeadGrid")

@@ -150,7 +150,7 @@ def mean_lrp0(x: torch.Tensor, relevance: torch.Tensor, dim: int) -> torch.Tenso
     return (x / x.shape[dim]) * safe_div(relevance.unsqueeze(dim), z)
 
 
-def product_half(relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def product_half(relevance: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Elementwise product ``z = a ⊙ b`` (a GLU gate times its value): each factor gets half.
 
     LRP-0 for a bilinear product gives each factor ``a·b·R/z / 2 = R/2`` wherever
@@ -158,13 +158,24 @@ def product_half(relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     relevance in a conserving pass either, since its output is 0). This is the rule
     :func:`matmul_lrp0` applies to ``Q·Kᵀ`` and ``A·V``, for one element.
 
+    ``out`` (``(..., 2·C)`` for a ``(..., C)`` relevance) takes the two halves side by side, as a
+    packed GLU's first Linear lays out gate and value; its two views are returned.
+
     Examples
     --------
     >>> product_half(torch.tensor([2.0, -1.0]))
     (tensor([ 1.0000, -0.5000]), tensor([ 1.0000, -0.5000]))
+    >>> packed = torch.empty(4)
+    >>> _ = product_half(torch.tensor([2.0, -1.0]), out=packed); packed
+    tensor([ 1.0000, -0.5000,  1.0000, -0.5000])
     """
-    half = relevance * 0.5
-    return half, half.clone()
+    if out is None:
+        half = relevance * 0.5
+        return half, half.clone()
+    first, second = out.chunk(2, dim=-1)
+    torch.mul(relevance, 0.5, out=first)
+    second.copy_(first)
+    return first, second
 
 
 # -- AttnLRP / CP-LRP (Achtibat et al., ICML 2024; Ali et al., ICML 2022) -----------------------------

@@ -378,9 +378,7 @@ class MlpPart:
         if self.kind == "glu":  # gate and value packed in fc1's output: each half gets R/2, written in place
             assert self.fc1 is not None
             packed = r_h.new_empty(*r_h.shape[:-1], 2 * r_h.shape[-1])
-            first, second = packed.chunk(2, dim=-1)
-            torch.mul(r_h, 0.5, out=first)  # product_half's rule: R·0.5 to each factor
-            second.copy_(first)
+            product_half(r_h, out=packed)
             return self.fc1.relevance(x, packed, lin.get("fc1"))
         r_gate, r_value = product_half(r_h)
         assert self.fc1_g is not None and self.fc1_x is not None
