@@ -248,11 +248,8 @@ class _phase_timers:
         return run
 
     def __enter__(self):
-        from vitlens.capture import relevance
-
+        from vitlens.capture import api, hooks, relevance
         from vitlens.models import parts
-
-        from vitlens.capture import api, hooks
 
         self._saved = (torch.autograd.grad, relevance.attention_relevance, parts.linear_alphabeta, parts.matmul_lrp0,
                        hooks.Recorder.probs, hooks.Recorder.probs_grad, api._Buffers.put_layer)
@@ -266,10 +263,8 @@ class _phase_timers:
         return self
 
     def __exit__(self, *exc):
-        from vitlens.capture import relevance
+        from vitlens.capture import api, hooks, relevance
         from vitlens.models import parts
-
-        from vitlens.capture import api, hooks
 
         (torch.autograd.grad, relevance.attention_relevance, parts.linear_alphabeta, parts.matmul_lrp0,
          hooks.Recorder.probs, hooks.Recorder.probs_grad, api._Buffers.put_layer) = self._saved

@@ -87,14 +87,15 @@ def settle_unreliable(tree: Any) -> list:
     node = tree.children.get("maps") if hasattr(tree, "children") else None
     if node is None:
         return []
-    samples = unreliable_samples(tree)
     ds = node.to_dataset(inherit=False)
     marked = [name for name in ds.data_vars if "lrp_unreliable" in ds[name].attrs]
+    if not marked:  # no map that reads the relevance: lrp_condition is not read at all
+        return []
+    samples = unreliable_samples(tree)
     for name in marked:
         ds[name].attrs["lrp_unreliable"] = list(samples)
-    if marked:
-        node.dataset = ds
-    return samples if marked else []
+    node.dataset = ds
+    return samples
 
 
 #: the batch records the LRP pass reads (:class:`~vitlens.capture.hooks.BatchRecords`)
